@@ -1,0 +1,343 @@
+//! The fleet inventory (`kind: Inventory`, usually `fleet.yaml`): which machines exist, how
+//! they boot and how their BMCs are reached. The netboot services, the BMC CLI and the fleet
+//! controller all read this one format.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::{SpecError, ValidationErrors};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Inventory {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: InventorySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InventorySpec {
+    pub nodes: Vec<InventoryNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InventoryNode {
+    /// Host name of the node; unique in the inventory.
+    pub name: String,
+    #[serde(default)]
+    pub role: NodeRole,
+    /// MAC addresses the node may netboot from, `aa:bb:cc:dd:ee:ff`, lower or upper case.
+    #[serde(default, rename = "bootMACs")]
+    pub boot_macs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<BmcEndpoint>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Per-node overrides of the appliance spec (static addresses, disk rules, …), merged over
+    /// the appliance spec when the node's config is rendered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    ControlPlane,
+    #[default]
+    Worker,
+    Storage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BmcProtocol {
+    Ipmi,
+    Redfish,
+}
+
+impl BmcProtocol {
+    pub fn default_port(self) -> u16 {
+        match self {
+            BmcProtocol::Ipmi => 623,
+            BmcProtocol::Redfish => 443,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BmcEndpoint {
+    pub protocol: BmcProtocol,
+    /// Host name or IP address of the BMC.
+    pub address: String,
+    /// Defaults to 623 for IPMI and 443 for Redfish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub username: String,
+    /// Where the password is; never the secret itself.
+    pub password_ref: SecretRef,
+    /// Redfish only: PEM file with the CA that signed the BMC's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// Redfish only: accept any certificate. Must be asked for explicitly.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+impl BmcEndpoint {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or_else(|| self.protocol.default_port())
+    }
+}
+
+/// A reference to a secret kept outside the document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum SecretRef {
+    /// A file holding the secret (trailing newline ignored).
+    File(PathBuf),
+    /// An environment variable holding the secret.
+    Env(String),
+}
+
+impl SecretRef {
+    /// Reads the secret. Relative files resolve against `base` (the inventory's directory).
+    pub fn resolve(&self, base: &Path) -> Result<String, std::io::Error> {
+        match self {
+            SecretRef::File(p) => {
+                let text = std::fs::read_to_string(base.join(p))?;
+                Ok(text.trim_end_matches(['\r', '\n']).to_string())
+            }
+            SecretRef::Env(var) => std::env::var(var).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("environment variable {var} is not set"),
+                )
+            }),
+        }
+    }
+}
+
+/// Parses a MAC address written with `:` or `-` separators into its six bytes.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(&parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Formats six bytes as the canonical lower-case `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Inventory {
+    /// Parses and validates an inventory document.
+    pub fn from_yaml(text: &str) -> Result<Inventory, SpecError> {
+        let inv: Inventory = serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
+            what: "inventory".into(),
+            message: e.to_string(),
+        })?;
+        inv.validate().map_err(|errors| SpecError::Invalid {
+            what: "inventory".into(),
+            errors,
+        })?;
+        Ok(inv)
+    }
+
+    pub fn load(path: &Path) -> Result<Inventory, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Inventory::from_yaml(&text)
+    }
+
+    /// Every problem in the document, each with its field path.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.api_version != crate::API_VERSION {
+            errs.push(
+                "apiVersion",
+                format!("must be {:?}, found {:?}", crate::API_VERSION, self.api_version),
+            );
+        }
+        if self.kind != "Inventory" {
+            errs.push("kind", format!("must be \"Inventory\", found {:?}", self.kind));
+        }
+        let mut names = BTreeMap::new();
+        let mut macs = BTreeMap::new();
+        for (i, node) in self.spec.nodes.iter().enumerate() {
+            let at = format!("spec.nodes[{i}]");
+            if !is_dns_label(&node.name) {
+                errs.push(
+                    format!("{at}.name"),
+                    format!("{:?} is not a valid host name (lower-case letters, digits and '-', at most 63)", node.name),
+                );
+            }
+            if let Some(first) = names.insert(node.name.clone(), i) {
+                errs.push(
+                    format!("{at}.name"),
+                    format!("{:?} is already used by spec.nodes[{first}]", node.name),
+                );
+            }
+            for (j, mac) in node.boot_macs.iter().enumerate() {
+                match parse_mac(mac) {
+                    None => errs.push(
+                        format!("{at}.bootMACs[{j}]"),
+                        format!("{mac:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
+                    ),
+                    Some(bytes) => {
+                        if let Some(owner) = macs.insert(bytes, node.name.clone()) {
+                            errs.push(
+                                format!("{at}.bootMACs[{j}]"),
+                                format!("{mac} is already a boot MAC of node {owner}"),
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(bmc) = &node.bmc {
+                if bmc.address.trim().is_empty() {
+                    errs.push(format!("{at}.bmc.address"), "must not be empty");
+                }
+                if bmc.port == Some(0) {
+                    errs.push(format!("{at}.bmc.port"), "must be between 1 and 65535");
+                }
+                if bmc.username.is_empty() {
+                    errs.push(format!("{at}.bmc.username"), "must not be empty");
+                }
+                if bmc.protocol == BmcProtocol::Ipmi && (bmc.insecure || bmc.ca_cert.is_some()) {
+                    errs.push(
+                        format!("{at}.bmc"),
+                        "insecure and caCert apply to Redfish only",
+                    );
+                }
+            }
+        }
+        errs.into_result()
+    }
+
+    /// The node that netboots from `mac`, if any.
+    pub fn node_by_mac(&self, mac: &[u8; 6]) -> Option<&InventoryNode> {
+        self.spec
+            .nodes
+            .iter()
+            .find(|n| n.boot_macs.iter().any(|m| parse_mac(m).as_ref() == Some(mac)))
+    }
+
+    pub fn node(&self, name: &str) -> Option<&InventoryNode> {
+        self.spec.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+/// RFC 1123 label: what a Kubernetes node name and a host name both accept.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: Inventory
+metadata: {name: rack1}
+spec:
+  nodes:
+    - name: node-01
+      role: control-plane
+      bootMACs: ["52:54:00:00:00:01"]
+      bmc:
+        protocol: ipmi
+        address: 127.0.0.1
+        port: 9001
+        username: admin
+        passwordRef: {file: bmc-password}
+    - name: node-02
+      bootMACs: ["52-54-00-00-00-02"]
+"#;
+
+    #[test]
+    fn parses_a_good_inventory_and_finds_nodes_by_mac() {
+        let inv = Inventory::from_yaml(GOOD).unwrap();
+        assert_eq!(inv.spec.nodes.len(), 2);
+        assert_eq!(inv.spec.nodes[0].role, NodeRole::ControlPlane);
+        assert_eq!(inv.spec.nodes[1].role, NodeRole::Worker);
+        let n = inv.node_by_mac(&[0x52, 0x54, 0, 0, 0, 2]).unwrap();
+        assert_eq!(n.name, "node-02");
+        assert_eq!(inv.spec.nodes[0].bmc.as_ref().unwrap().port(), 9001);
+    }
+
+    #[test]
+    fn reports_every_error_with_its_path() {
+        let bad = GOOD
+            .replace("node-02", "Node_02")
+            .replace("52-54-00-00-00-02", "52:54:00:00:00:01")
+            .replace("port: 9001", "port: 0")
+            .replace("kind: Inventory", "kind: Fleet");
+        let err = Inventory::from_yaml(&bad).unwrap_err();
+        let SpecError::Invalid { errors, .. } = err else {
+            panic!("expected validation errors, got {err}")
+        };
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "kind",
+                "spec.nodes[0].bmc.port",
+                "spec.nodes[1].name",
+                "spec.nodes[1].bootMACs[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = GOOD.replace("role: control-plane", "rolle: control-plane");
+        assert!(matches!(
+            Inventory::from_yaml(&bad),
+            Err(SpecError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn secret_refs_read_files_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let f = SecretRef::File("pw".into());
+        assert_eq!(f.resolve(dir.path()).unwrap(), "s3cret");
+        let e = SecretRef::Env("KILN_TEST_SURELY_UNSET_VAR".into());
+        assert!(e.resolve(dir.path()).is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! One module per noun of the command line; each exposes its clap types and `run`.
+
+pub mod docs;
+pub mod output;
+pub mod spec;
+
+/// Logs go to stderr so that `--output json` on stdout stays machine-readable.
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// A tokio runtime for the commands that need one; most of kiln's CLI is synchronous.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One TLS provider for the whole process (rustls + ring), installed before any client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
