@@ -22,6 +22,9 @@ enum Cmd {
     /// Validate, show and describe appliance specs
     #[command(subcommand)]
     Spec(cli::spec::SpecCmd),
+    /// Day-2 operations on one node: status, plan, apply, maintenance
+    #[command(subcommand)]
+    Node(cli::node::NodeCmd),
     /// Print a shell completion script
     Completions(cli::docs::CompletionsArgs),
     /// Write man pages for every command
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     cli::init_logging(cli.verbose);
     let result = match cli.cmd {
         Cmd::Spec(c) => cli::spec::run(c),
+        Cmd::Node(c) => cli::node::run(c),
         Cmd::Completions(a) => cli::docs::completions(a, Cli::command()),
         Cmd::Man(a) => cli::docs::man(a, Cli::command()),
     };

@@ -1,6 +1,9 @@
 //! One module per noun of the command line; each exposes its clap types and `run`.
 
+pub mod agent;
+pub mod cluster;
 pub mod docs;
+pub mod node;
 pub mod output;
 pub mod spec;
 

@@ -1,0 +1,1 @@
+//! OpenIPMI `ipmi_sim` instances: configuration, start/stop, chassis control of a QEMU VM.

@@ -1,0 +1,1 @@
+//! Network namespaces, bridges, veth pairs and taps created (and removed) by tests and the lab.

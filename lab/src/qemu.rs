@@ -1,0 +1,1 @@
+//! QEMU machines: firmware, disks, NICs, serial console capture.
