@@ -19,12 +19,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Build the OS image, hybrid ISO and PXE bundle from an appliance spec
+    Build(cli::build::BuildArgs),
     /// Validate, show and describe appliance specs
     #[command(subcommand)]
     Spec(cli::spec::SpecCmd),
     /// Day-2 operations on one node: status, plan, apply, maintenance
     #[command(subcommand)]
     Node(cli::node::NodeCmd),
+    /// The node agent that keeps this host converged
+    #[command(subcommand)]
+    Agent(cli::agent::AgentCmd),
+    /// Out-of-band control over IPMI or Redfish: power, boot device, inventory, event log
+    #[command(subcommand)]
+    Bmc(cli::bmc::BmcCmd),
+    /// Netboot services (DHCP, TFTP, HTTP iPXE) and boot traces
+    #[command(subcommand)]
+    Pxe(cli::pxe::PxeCmd),
+    /// Install the appliance onto this machine's disk (run in the live system)
+    Install(cli::install::InstallArgs),
+    /// The local virtual rack: QEMU machines for trying and testing installs
+    #[command(subcommand)]
+    Lab(cli::lab::LabCmd),
     /// Print a shell completion script
     Completions(cli::docs::CompletionsArgs),
     /// Write man pages for every command
@@ -33,11 +49,25 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Multi-call: as the initramfs's /init (PID 1) this binary is stage-1 and never returns.
+    if std::process::id() == 1
+        || std::env::args_os()
+            .next()
+            .is_some_and(|a| a.to_string_lossy().ends_with("init"))
+    {
+        kiln_installer::stage1::run();
+    }
     let cli = Cli::parse();
     cli::init_logging(cli.verbose);
     let result = match cli.cmd {
+        Cmd::Build(a) => cli::build::run(a),
         Cmd::Spec(c) => cli::spec::run(c),
         Cmd::Node(c) => cli::node::run(c),
+        Cmd::Agent(c) => cli::agent::run(c),
+        Cmd::Bmc(c) => cli::bmc::run(c),
+        Cmd::Pxe(c) => cli::pxe::run(c),
+        Cmd::Install(a) => cli::install::run(a),
+        Cmd::Lab(c) => cli::lab::run(c),
         Cmd::Completions(a) => cli::docs::completions(a, Cli::command()),
         Cmd::Man(a) => cli::docs::man(a, Cli::command()),
     };

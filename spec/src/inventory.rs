@@ -43,6 +43,10 @@ pub struct InventoryNode {
     /// MAC addresses the node may netboot from, `aa:bb:cc:dd:ee:ff`, lower or upper case.
     #[serde(default, rename = "bootMACs")]
     pub boot_macs: Vec<String>,
+    /// IPv4 address the netboot DHCP server reserves for this node's boot MACs when it hands
+    /// out addresses itself (authoritative mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_address: Option<std::net::Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bmc: Option<BmcEndpoint>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -184,14 +188,22 @@ impl Inventory {
         if self.api_version != crate::API_VERSION {
             errs.push(
                 "apiVersion",
-                format!("must be {:?}, found {:?}", crate::API_VERSION, self.api_version),
+                format!(
+                    "must be {:?}, found {:?}",
+                    crate::API_VERSION,
+                    self.api_version
+                ),
             );
         }
         if self.kind != "Inventory" {
-            errs.push("kind", format!("must be \"Inventory\", found {:?}", self.kind));
+            errs.push(
+                "kind",
+                format!("must be \"Inventory\", found {:?}", self.kind),
+            );
         }
         let mut names = BTreeMap::new();
         let mut macs = BTreeMap::new();
+        let mut boot_addresses = BTreeMap::new();
         for (i, node) in self.spec.nodes.iter().enumerate() {
             let at = format!("spec.nodes[{i}]");
             if !is_dns_label(&node.name) {
@@ -222,6 +234,14 @@ impl Inventory {
                     }
                 }
             }
+            if let Some(addr) = node.boot_address
+                && let Some(owner) = boot_addresses.insert(addr, node.name.clone())
+            {
+                errs.push(
+                    format!("{at}.bootAddress"),
+                    format!("{addr} is already the boot address of node {owner}"),
+                );
+            }
             if let Some(bmc) = &node.bmc {
                 if bmc.address.trim().is_empty() {
                     errs.push(format!("{at}.bmc.address"), "must not be empty");
@@ -245,10 +265,11 @@ impl Inventory {
 
     /// The node that netboots from `mac`, if any.
     pub fn node_by_mac(&self, mac: &[u8; 6]) -> Option<&InventoryNode> {
-        self.spec
-            .nodes
-            .iter()
-            .find(|n| n.boot_macs.iter().any(|m| parse_mac(m).as_ref() == Some(mac)))
+        self.spec.nodes.iter().find(|n| {
+            n.boot_macs
+                .iter()
+                .any(|m| parse_mac(m).as_ref() == Some(mac))
+        })
     }
 
     pub fn node(&self, name: &str) -> Option<&InventoryNode> {
@@ -260,7 +281,8 @@ impl Inventory {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -320,6 +342,26 @@ spec:
                 "spec.nodes[1].bootMACs[0]"
             ]
         );
+    }
+
+    #[test]
+    fn boot_addresses_parse_and_must_be_unique() {
+        let with = GOOD
+            .replace(
+                "role: control-plane",
+                "role: control-plane\n      bootAddress: 10.0.0.11",
+            )
+            .replace(
+                "- name: node-02",
+                "- name: node-02\n      bootAddress: 10.0.0.12",
+            );
+        let inv = Inventory::from_yaml(&with).unwrap();
+        assert_eq!(inv.spec.nodes[0].boot_address, Some([10, 0, 0, 11].into()));
+        let clash = with.replace("10.0.0.12", "10.0.0.11");
+        let SpecError::Invalid { errors, .. } = Inventory::from_yaml(&clash).unwrap_err() else {
+            panic!("expected validation errors")
+        };
+        assert_eq!(errors.0[0].path, "spec.nodes[1].bootAddress");
     }
 
     #[test]

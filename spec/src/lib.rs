@@ -3,11 +3,23 @@
 //! Pure code only: parsing, validation (every error at once, with its field path) and the
 //! JSON schema of the documents. Nothing here touches disks, networks or processes.
 
+pub mod appliance;
+mod check;
+pub mod document;
 pub mod errors;
+pub mod hardware;
 pub mod inventory;
+pub mod layout;
+pub mod nodeconfig;
+pub mod size;
 
+pub use appliance::{Appliance, ApplianceSpec, Feature, ProfileName};
+pub use document::{Document, DocumentKind};
 pub use errors::{FieldError, SpecError, ValidationErrors};
+pub use hardware::{Disk, Firmware, HardwareInventory};
 pub use inventory::{BmcEndpoint, BmcProtocol, Inventory, InventoryNode, NodeRole, SecretRef};
+pub use nodeconfig::{NodeConfig, NodeSpec};
+pub use size::ByteSize;
 
 /// The `apiVersion` every kiln document carries.
 pub const API_VERSION: &str = "kiln.dev/v1alpha1";

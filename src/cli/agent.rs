@@ -1,8 +1,205 @@
 //! `kiln agent …` and the node-local part of `kiln node …`.
 
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kiln_agent::status::{NodeStatus, PlanReport};
+use kiln_agent::{AgentOptions, Client, DEFAULT_SOCKET};
+
+use super::output::OutputArgs;
+
 #[derive(Debug, clap::Subcommand)]
-pub enum NodeLocalCmd {}
+pub enum NodeLocalCmd {
+    /// Show this node's conditions and managed resources (from the local agent)
+    Status(LocalArgs),
+    /// Show what an apply would change now, without changing anything
+    Plan(LocalArgs),
+    /// Re-read the node config and converge the host now
+    Apply(LocalArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LocalArgs {
+    /// The agent's API socket
+    #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentCmd {
+    /// Run the node agent (kiln-agent.service runs it with the defaults)
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Root of the host tree to manage
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Installed node config [default: ROOT/var/lib/kiln/node.yaml]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Local override config [default: ROOT/etc/kiln/node.override.yaml]
+    #[arg(long = "override", value_name = "FILE")]
+    pub override_config: Option<PathBuf>,
+    /// API socket
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Seconds between full resyncs (drift is also repaired on file events)
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub resync_secs: u64,
+}
+
+pub fn run(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Run(a) => {
+            if a.resync_secs == 0 {
+                bail!("--resync-secs must be at least 1");
+            }
+            kiln_agent::run(AgentOptions {
+                root: a.root,
+                config: a.config,
+                override_config: a.override_config,
+                socket: a.socket,
+                resync: Duration::from_secs(a.resync_secs),
+            })
+            .context("running the node agent")
+        }
+    }
+}
 
 pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
-    match cmd {}
+    let rt = super::runtime()?;
+    match cmd {
+        NodeLocalCmd::Status(a) => {
+            let client = Client::new(&a.socket);
+            let (_, status): (_, NodeStatus) = rt
+                .block_on(client.json("GET", "/v1/status", &[]))
+                .context("asking the agent for its status")?;
+            a.output.emit(&status, status_text)
+        }
+        NodeLocalCmd::Plan(a) => {
+            let client = Client::new(&a.socket);
+            let (_, plan): (_, PlanReport) = rt
+                .block_on(client.json("GET", "/v1/plan", &[]))
+                .context("asking the agent for a plan")?;
+            a.output.emit(&plan, plan_text)?;
+            if !plan.config.valid {
+                bail!(
+                    "the node config is invalid ({} problem(s))",
+                    plan.config.errors.len()
+                );
+            }
+            Ok(())
+        }
+        NodeLocalCmd::Apply(a) => {
+            let client = Client::new(&a.socket);
+            let (_, status): (_, NodeStatus) = rt
+                .block_on(client.json("POST", "/v1/apply", &[422]))
+                .context("asking the agent to apply")?;
+            a.output.emit(&status, status_text)?;
+            if !status.config.valid {
+                bail!("the node config was rejected; the last good state stays applied");
+            }
+            if let Some(c) = status.condition("Failed").filter(|c| c.status) {
+                bail!("apply failed: {}", c.message);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "True" } else { "False" }
+}
+
+fn status_text(s: &NodeStatus) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node {}  slot {}  root {}",
+        s.hostname.as_deref().unwrap_or("?"),
+        s.slot,
+        s.root
+    );
+    let _ = writeln!(
+        o,
+        "config: {}  {}",
+        if s.config.valid { "valid" } else { "REJECTED" },
+        s.config.sources.join(", ")
+    );
+    for e in &s.config.errors {
+        let src = e
+            .source
+            .as_deref()
+            .map(|x| format!("{x}: "))
+            .unwrap_or_default();
+        let _ = writeln!(o, "  {src}{}: {}", e.path, e.reason);
+    }
+    let _ = writeln!(
+        o,
+        "\n{:<18} {:<7} {:<20} MESSAGE",
+        "CONDITION", "STATUS", "REASON"
+    );
+    for c in &s.conditions {
+        let _ = writeln!(
+            o,
+            "{:<18} {:<7} {:<20} {}",
+            c.kind,
+            yes_no(c.status),
+            c.reason,
+            c.message
+        );
+    }
+    let _ = writeln!(o, "\n{:<60} STATE", "RESOURCE");
+    for r in &s.resources {
+        let why = r
+            .reason
+            .as_deref()
+            .map(|x| format!("  ({x})"))
+            .unwrap_or_default();
+        let _ = writeln!(o, "{:<60} {:?}{why}", r.id, r.state);
+    }
+    if let Some(a) = &s.last_apply {
+        let _ = writeln!(
+            o,
+            "\nlast apply {}: {} change(s), {} failure(s){}",
+            a.at,
+            a.actions.len(),
+            a.failed.len(),
+            if a.drift { " (drift repair)" } else { "" }
+        );
+    }
+    let _ = writeln!(o, "drift repairs: {}", s.drift_repairs);
+    if let Some(r) = &s.recovered {
+        let _ = writeln!(o, "recovered: {r}");
+    }
+    o
+}
+
+fn plan_text(p: &PlanReport) -> String {
+    let mut o = String::new();
+    if !p.config.valid {
+        let _ = writeln!(o, "the node config is invalid:");
+        for e in &p.config.errors {
+            let src = e
+                .source
+                .as_deref()
+                .map(|x| format!("{x}: "))
+                .unwrap_or_default();
+            let _ = writeln!(o, "  {src}{}: {}", e.path, e.reason);
+        }
+        return o;
+    }
+    if p.actions.is_empty() {
+        let _ = writeln!(o, "no changes: the host matches the node config");
+    }
+    for a in &p.actions {
+        let _ = writeln!(o, "  {}", a.description);
+    }
+    o
 }

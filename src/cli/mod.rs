@@ -1,10 +1,15 @@
 //! One module per noun of the command line; each exposes its clap types and `run`.
 
 pub mod agent;
+pub mod bmc;
+pub mod build;
 pub mod cluster;
 pub mod docs;
+pub mod install;
+pub mod lab;
 pub mod node;
 pub mod output;
+pub mod pxe;
 pub mod spec;
 
 /// Logs go to stderr so that `--output json` on stdout stays machine-readable.

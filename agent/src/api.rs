@@ -1,0 +1,261 @@
+//! The local API: HTTP/1.1 with JSON bodies on a unix socket (`/run/kiln/agent.sock`).
+//!
+//! | method | path         | answer                                                  |
+//! |--------|--------------|---------------------------------------------------------|
+//! | GET    | /v1/status   | [`NodeStatus`]                                          |
+//! | GET    | /v1/plan     | [`PlanReport`]: what an apply would change now          |
+//! | POST   | /v1/apply    | re-reads the config, converges, answers [`NodeStatus`]  |
+//! |        |              | (422 when the config is rejected)                       |
+//! | GET    | /v1/events   | newline-delimited JSON [`Event`]s as they happen        |
+//! | GET    | /metrics     | Prometheus text format                                  |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use crate::controllers::{Shared, Sources, plan_now};
+use crate::engine::Trigger;
+use crate::host::Host;
+#[cfg(doc)]
+use crate::status::{Event, NodeStatus, PlanReport};
+
+pub const DEFAULT_SOCKET: &str = "/run/kiln/agent.sock";
+
+#[derive(Debug)]
+pub struct ApiState {
+    pub shared: Arc<Shared>,
+    pub trigger: Trigger,
+    pub host: Host,
+    pub sources: Sources,
+    /// The controller `apply` wakes (it re-reads the sources; the rest follows).
+    pub apply_controller: &'static str,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/plan", get(plan))
+        .route("/v1/apply", post(apply))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn json<T: serde::Serialize>(code: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(b) => (code, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn status(State(s): State<Arc<ApiState>>) -> Response {
+    let st = s
+        .shared
+        .status
+        .read()
+        .map(|g| g.clone())
+        .unwrap_or_default();
+    json(StatusCode::OK, &st)
+}
+
+async fn plan(State(s): State<Arc<ApiState>>) -> Response {
+    let r = tokio::task::spawn_blocking(move || {
+        plan_now(&s.host, &s.sources).map_err(|e| e.to_string())
+    })
+    .await;
+    match r {
+        Ok(Ok(p)) => json(StatusCode::OK, &p),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn apply(State(s): State<Arc<ApiState>>) -> Response {
+    let s2 = s.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        s2.trigger
+            .wake_and_wait(s2.apply_controller, Duration::from_secs(600))
+    })
+    .await
+    .unwrap_or(false);
+    if !done {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent did not finish the apply",
+        )
+            .into_response();
+    }
+    let st = s
+        .shared
+        .status
+        .read()
+        .map(|g| g.clone())
+        .unwrap_or_default();
+    let code = if st.config.valid {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    json(code, &st)
+}
+
+async fn events(State(s): State<Arc<ApiState>>) -> Response {
+    let rx = s.shared.events.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {path}: {source} (is kiln-agent running?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the agent: {0}")]
+    Http(String),
+    #[error("the agent answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("decoding the agent's answer: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// A client of the local API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "kiln-agent")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    /// The answer's status and body.
+    pub async fn call(&self, method: &str, path: &str) -> Result<(u16, Bytes), ClientError> {
+        let resp = self.send(method, path).await?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// A JSON answer; `accept` lists non-200 codes whose body is still the answer.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        accept: &[u16],
+    ) -> Result<(u16, T), ClientError> {
+        let (status, body) = self.call(method, path).await?;
+        if status != 200 && !accept.contains(&status) {
+            return Err(ClientError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Ok((status, serde_json::from_slice(&body)?))
+    }
+
+    /// The event stream, one JSON event per item, until the agent goes away.
+    pub async fn events(
+        &self,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::status::Event>, ClientError> {
+        let resp = self.send("GET", "/v1/events").await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut body = resp.into_body();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    if let Ok(ev) = serde_json::from_slice(&line)
+                        && tx.send(ev).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

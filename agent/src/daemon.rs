@@ -1,0 +1,230 @@
+//! `kiln agent run`: wires the engine, the controllers, the file watcher and the API, and
+//! speaks the systemd notification protocol.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{self, ApiState};
+use crate::apply::StateStore;
+use crate::controllers::{
+    ConfigController, HostController, INSTALLED_CONFIG, OVERRIDE_CONFIG, RenderController, Shared,
+    Sources,
+};
+use crate::engine::{EngineError, Runtime};
+use crate::host::Host;
+use crate::metrics::EngineMetrics;
+use crate::notify;
+use crate::status::Event;
+use crate::sysroot::Sysroot;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The host's root: `/` on a node, a directory tree elsewhere.
+    pub root: PathBuf,
+    /// The installed node config; default `<root>/var/lib/kiln/node.yaml`.
+    pub config: Option<PathBuf>,
+    /// The local override; default `<root>/etc/kiln/node.override.yaml` (optional).
+    pub override_config: Option<PathBuf>,
+    pub socket: PathBuf,
+    /// Every controller re-runs this often even without events.
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    State(#[from] crate::apply::StateError),
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let op = op.into();
+    move |source| AgentError::Io { op, source }
+}
+
+/// `kiln.slot=A` from the kernel command line.
+pub fn boot_slot(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kiln.slot="))
+        .map(String::from)
+}
+
+/// The agent's controllers on one runtime: config → render → host.
+pub fn agent_runtime(
+    host: Host,
+    sources: Sources,
+    shared: Arc<Shared>,
+    slot: String,
+    recovered: Option<String>,
+) -> Result<Runtime, EngineError> {
+    let mut rt = Runtime::new();
+    rt.set_observer(Box::new(EngineMetrics(shared.clone())));
+    rt.register(Box::new(ConfigController { sources }))?;
+    rt.register(Box::new(RenderController))?;
+    rt.register(Box::new(HostController::new(host, shared, slot, recovered)))?;
+    Ok(rt)
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let sysroot = Sysroot::new(&opts.root);
+    let cmdline = sysroot
+        .read("/proc/cmdline")
+        .map_err(io("reading /proc/cmdline"))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let slot = boot_slot(&cmdline).unwrap_or_else(|| "unknown".into());
+    let sources = Sources {
+        installed: opts
+            .config
+            .clone()
+            .unwrap_or_else(|| sysroot.path(INSTALLED_CONFIG)),
+        overrides: vec![
+            opts.override_config
+                .clone()
+                .unwrap_or_else(|| sysroot.path(OVERRIDE_CONFIG)),
+        ],
+    };
+    let shared = Arc::new(Shared::new());
+    let recovered = StateStore::new(&sysroot).recover()?.map(|j| {
+        let msg = format!(
+            "an apply of {} action(s) started {} was interrupted; converging again",
+            j.actions.len(),
+            j.started
+        );
+        tracing::warn!("{msg}");
+        msg
+    });
+
+    let mut rt = agent_runtime(
+        Host::real(&opts.root),
+        sources.clone(),
+        shared.clone(),
+        slot.clone(),
+        recovered.clone(),
+    )?;
+    let trigger = rt.trigger();
+    rt.run_until_idle();
+    if let Some(msg) = recovered {
+        shared.emit(Event::new("recovered", msg, None));
+    }
+    crate::watch::spawn(sysroot.clone(), shared.clone(), trigger.clone(), "host")
+        .map_err(io("starting the file watcher"))?;
+
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting the async runtime"))?;
+    let listener = tokio_rt.block_on(async {
+        if let Some(dir) = opts.socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket file left by a previous run that nobody answers on.
+        if opts.socket.exists() && tokio::net::UnixStream::connect(&opts.socket).await.is_err() {
+            std::fs::remove_file(&opts.socket)?;
+        }
+        let l = tokio::net::UnixListener::bind(&opts.socket)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))?;
+        Ok::<_, std::io::Error>(l)
+    });
+    let listener = listener.map_err(io(format!("listening on {}", opts.socket.display())))?;
+
+    let watchdog = notify::watchdog_interval();
+    let engine = {
+        let resync = opts.resync;
+        let tick = watchdog.unwrap_or(Duration::from_secs(30)).min(resync);
+        std::thread::Builder::new()
+            .name("kiln-engine".into())
+            .spawn(move || {
+                rt.run(resync, tick, |_| {
+                    if watchdog.is_some() {
+                        let _ = notify::notify("WATCHDOG=1");
+                    }
+                })
+            })
+            .map_err(io("starting the engine thread"))?
+    };
+
+    let hostname = shared
+        .status
+        .read()
+        .ok()
+        .and_then(|s| s.hostname.clone())
+        .unwrap_or_else(|| "localhost".into());
+    announce_ready(&sysroot, &hostname, &slot);
+
+    let state = Arc::new(ApiState {
+        shared: shared.clone(),
+        trigger: trigger.clone(),
+        host: Host::real(&opts.root),
+        sources,
+        apply_controller: "config",
+    });
+    let served = tokio_rt.block_on(async {
+        let hup_trigger = trigger.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the node config");
+                hup_trigger.wake("config");
+            }
+        });
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(_) => return std::future::pending().await,
+                    };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                tracing::info!("stopping");
+            })
+            .await
+    });
+    let _ = notify::notify("STOPPING=1");
+    trigger.stop();
+    let _ = engine.join();
+    let _ = std::fs::remove_file(&opts.socket);
+    served.map_err(io("serving the API"))
+}
+
+/// `READY=1` to systemd, and the line the install test and the console show.
+fn announce_ready(sysroot: &Sysroot, hostname: &str, slot: &str) {
+    let line = format!("kiln-agent ready node={hostname} slot={slot}");
+    if let Err(e) = notify::notify("READY=1") {
+        tracing::warn!("notifying systemd: {e}");
+    }
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+    if sysroot.is_live()
+        && let Ok(mut console) = std::fs::OpenOptions::new().write(true).open("/dev/console")
+    {
+        let _ = writeln!(console, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_slot_from_the_command_line() {
+        assert_eq!(boot_slot("root=x kiln.slot=B quiet").as_deref(), Some("B"));
+        assert_eq!(boot_slot("root=x quiet"), None);
+    }
+}

@@ -1,0 +1,240 @@
+//! Every host path the agent touches, resolved under one root directory (`/` in production, a
+//! temporary tree in tests), and the crash-safe file primitives on top of it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Sysroot {
+    root: PathBuf,
+}
+
+/// The agent's own state directory (record of managed resources, journal, backups), as a
+/// host path.
+pub const STATE_DIR: &str = "/var/lib/kiln/agent";
+
+impl Sysroot {
+    pub fn new(root: impl Into<PathBuf>) -> Sysroot {
+        Sysroot { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// True when this is the running system, not an offline tree.
+    pub fn is_live(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// `/etc/motd` → `<root>/etc/motd`. Host paths are absolute and normalised (validated by
+    /// the NodeConfig), so joining the components cannot leave the root.
+    pub fn path(&self, host_path: &str) -> PathBuf {
+        self.root.join(host_path.trim_start_matches('/'))
+    }
+
+    pub fn state_path(&self, name: &str) -> PathBuf {
+        self.path(STATE_DIR).join(name)
+    }
+
+    pub fn read(&self, host_path: &str) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.path(host_path)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if absent(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Metadata without following a final symlink; `None` when nothing is there.
+    pub fn stat(&self, host_path: &str) -> io::Result<Option<fs::Metadata>> {
+        match fs::symlink_metadata(self.path(host_path)) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if absent(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Users and groups of the tree's /etc/passwd and /etc/group, for owner names.
+    pub fn accounts(&self) -> io::Result<AccountDb> {
+        let read = |p: &str| -> io::Result<String> {
+            Ok(self
+                .read(p)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default())
+        };
+        Ok(AccountDb::parse(
+            &read("/etc/passwd")?,
+            &read("/etc/group")?,
+        ))
+    }
+}
+
+/// Nothing there: not found, or a parent is not a directory.
+fn absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// Owner and mode of a file or directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Meta {
+    pub fn of(m: &fs::Metadata) -> Meta {
+        Meta {
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        }
+    }
+}
+
+/// Replaces `path` atomically: the content goes to a temporary file in the same directory,
+/// is flushed to disk with its owner and mode already set, then renamed over the target. A
+/// crash leaves either the old file or the new one, never a mix. The caller syncs the
+/// directory (see [`sync_dir`]) before it records the write as durable.
+pub fn write_atomic(path: &Path, content: &[u8], meta: Meta) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.kiln-tmp"));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))?;
+        f.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes renames and unlinks in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+pub fn set_meta(path: &Path, meta: Meta) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
+}
+
+/// Names and ids from passwd/group files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountDb {
+    /// user → (uid, primary gid)
+    pub users: BTreeMap<String, (u32, u32)>,
+    pub shells: BTreeMap<String, String>,
+    /// group → (gid, members)
+    pub groups: BTreeMap<String, (u32, Vec<String>)>,
+}
+
+impl AccountDb {
+    pub fn parse(passwd: &str, group: &str) -> AccountDb {
+        let mut db = AccountDb::default();
+        for line in passwd.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() >= 7
+                && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
+            {
+                db.users.insert(f[0].to_string(), (uid, gid));
+                db.shells.insert(f[0].to_string(), f[6].to_string());
+            }
+        }
+        for line in group.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() >= 4
+                && let Ok(gid) = f[2].parse()
+            {
+                let members = f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(String::from)
+                    .collect();
+                db.groups.insert(f[0].to_string(), (gid, members));
+            }
+        }
+        db
+    }
+
+    /// `user[:group]` (names or ids) → uid, gid. A missing group means the user's primary one.
+    pub fn resolve_owner(&self, owner: &str) -> Option<(u32, u32)> {
+        let (u, g) = match owner.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (owner, None),
+        };
+        let (uid, primary) = match u.parse::<u32>() {
+            Ok(id) => (id, id),
+            Err(_) => *self.users.get(u)?,
+        };
+        let gid = match g {
+            None => primary,
+            Some(g) => match g.parse::<u32>() {
+                Ok(id) => id,
+                Err(_) => self.groups.get(g)?.0,
+            },
+        };
+        Some((uid, gid))
+    }
+
+    /// Supplementary groups of `user`, sorted.
+    pub fn groups_of(&self, user: &str) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|(_, (_, members))| members.iter().any(|m| m == user))
+            .map(|(g, _)| g.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_owners_by_name_and_id() {
+        let db = AccountDb::parse(
+            "root:x:0:0:root:/root:/bin/bash\nops:x:1000:1000::/home/ops:/bin/sh\n",
+            "root:x:0:\nops:x:1000:\nsudo:x:27:ops,other\n",
+        );
+        assert_eq!(db.resolve_owner("ops"), Some((1000, 1000)));
+        assert_eq!(db.resolve_owner("ops:sudo"), Some((1000, 27)));
+        assert_eq!(db.resolve_owner("5:6"), Some((5, 6)));
+        assert_eq!(db.resolve_owner("nobody"), None);
+        assert_eq!(db.groups_of("ops"), ["sudo"]);
+    }
+
+    #[test]
+    fn atomic_write_replaces_content_and_sets_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, "old").unwrap();
+        let me = Meta::of(&fs::metadata(&p).unwrap());
+        write_atomic(&p, b"new", Meta { mode: 0o640, ..me }).unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "new");
+        assert_eq!(Meta::of(&fs::metadata(&p).unwrap()).mode, 0o640);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+    }
+}

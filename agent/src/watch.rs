@@ -1,0 +1,175 @@
+//! inotify on the directories holding managed paths: any change to a managed path wakes the
+//! host controller, which repairs it. Directories are watched rather than files because an
+//! atomic replace (by kiln or an editor) swaps the inode a file watch would follow.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use inotify::{Inotify, WatchDescriptor, WatchMask, Watches};
+
+use crate::controllers::Shared;
+use crate::engine::Trigger;
+use crate::sysroot::Sysroot;
+
+fn mask() -> WatchMask {
+    WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::ATTRIB
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::ONLYDIR
+}
+
+/// Starts the watcher threads. `shared.managed` says what to watch; it is re-read whenever
+/// the host controller signals a change.
+pub fn spawn(
+    root: Sysroot,
+    shared: Arc<Shared>,
+    trigger: Trigger,
+    controller: &'static str,
+) -> std::io::Result<()> {
+    let inotify = Inotify::init()?;
+    let watches = inotify.watches();
+    let dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>> = Arc::default();
+    let (tx, rx) = mpsc::channel();
+    let root_for_events = root.clone();
+    *shared
+        .watch_changed
+        .lock()
+        .map_err(|_| std::io::Error::other("lock poisoned"))? = Some(tx.clone());
+    let _ = tx.send(());
+    {
+        let dirs = dirs.clone();
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("kiln-watch-set".into())
+            .spawn(move || update_loop(root, watches, dirs, shared, rx))?;
+    }
+    std::thread::Builder::new()
+        .name("kiln-watch".into())
+        .spawn(move || event_loop(root_for_events, inotify, dirs, shared, trigger, controller))?;
+    Ok(())
+}
+
+/// The nearest existing directory for every managed path's parent.
+fn wanted_dirs(root: &Sysroot, managed: &BTreeSet<String>) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for p in managed {
+        let mut dir = root.path(p);
+        while dir.pop() {
+            if dir.is_dir() {
+                out.insert(dir.clone());
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn update_loop(
+    root: Sysroot,
+    mut watches: Watches,
+    dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<()>,
+) {
+    let mut current: BTreeMap<PathBuf, WatchDescriptor> = BTreeMap::new();
+    while rx.recv().is_ok() {
+        while rx.try_recv().is_ok() {}
+        let managed = match shared.managed.read() {
+            Ok(m) => m.clone(),
+            Err(_) => return,
+        };
+        let wanted = wanted_dirs(&root, &managed);
+        let Ok(mut map) = dirs.lock() else { return };
+        current.retain(|dir, wd| {
+            let keep = wanted.contains(dir) && dir.is_dir();
+            if !keep {
+                let _ = watches.remove(wd.clone());
+                map.remove(wd);
+            }
+            keep
+        });
+        for dir in wanted {
+            if current.contains_key(&dir) {
+                continue;
+            }
+            match watches.add(&dir, mask()) {
+                Ok(wd) => {
+                    map.insert(wd.clone(), dir.clone());
+                    current.insert(dir, wd);
+                }
+                Err(e) => tracing::warn!("watching {}: {e}", dir.display()),
+            }
+        }
+    }
+}
+
+fn event_loop(
+    root: Sysroot,
+    mut inotify: Inotify,
+    dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>>,
+    shared: Arc<Shared>,
+    trigger: Trigger,
+    controller: &'static str,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let events = match inotify.read_events_blocking(&mut buf) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("reading inotify events: {e}");
+                return;
+            }
+        };
+        let mut wake = false;
+        let mut rewatch = false;
+        {
+            let Ok(map) = dirs.lock() else { return };
+            let Ok(managed) = shared.managed.read() else {
+                return;
+            };
+            for ev in events {
+                let Some(dir) = map.get(&ev.wd) else { continue };
+                if ev.mask.contains(inotify::EventMask::DELETE_SELF)
+                    || ev.mask.contains(inotify::EventMask::ISDIR)
+                {
+                    rewatch = true;
+                }
+                let name = ev.name.unwrap_or(OsStr::new(""));
+                if is_managed(&root, dir, name, &managed) {
+                    wake = true;
+                }
+            }
+        }
+        if rewatch
+            && let Ok(tx) = shared.watch_changed.lock()
+            && let Some(tx) = tx.as_ref()
+        {
+            let _ = tx.send(());
+        }
+        if wake {
+            trigger.wake(controller);
+        }
+    }
+}
+
+/// Whether `dir/name` (under the root) is a managed path or an ancestor of one.
+fn is_managed(root: &Sysroot, dir: &Path, name: &OsStr, managed: &BTreeSet<String>) -> bool {
+    let changed = dir.join(name);
+    let Ok(rel) = changed.strip_prefix(root.root()) else {
+        return false;
+    };
+    let host = format!("/{}", rel.to_string_lossy().trim_end_matches('/'));
+    managed.contains(&host)
+        || managed
+            .range(format!("{host}/")..)
+            .next()
+            .is_some_and(|m| m.starts_with(&format!("{host}/")))
+}

@@ -1,0 +1,872 @@
+//! The install plan: a pure function of (appliance spec, hardware snapshot, options) that
+//! decides everything the installer will do — which disk, which partitions, which boot
+//! loader, which files — before anything is written. `kiln install --dry-run` prints it;
+//! `apply` carries it out and decides nothing itself.
+//!
+//! Disk choice, in order:
+//! 1. A disk is out if it holds the boot medium, is read-only, is removable (unless
+//!    `install.disk.allowRemovable`), fails any rule of `install.disk`, or is too small for
+//!    the layout. Every reason is recorded.
+//! 2. Of the disks left, `install.disk.prefer` picks the smallest (default) or the largest;
+//!    `only` refuses when more than one is left. Ties go to the device path in natural
+//!    order (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`, `/dev/nvme2n1` < `/dev/nvme10n1`).
+//! 3. The disk's contents never influence the choice. A disk that is not blank is erased
+//!    only with consent: `install.wipe: always`, `install.wipe: kilnOnly` for a disk that
+//!    holds only an earlier kiln install, or `kiln install --wipe[=DISK]`.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use kiln_spec::appliance::{AfterInstall, DiskPreference, DiskRules, FirmwareChoice, WipePolicy};
+use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
+use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
+use kiln_spec::size::ByteSize;
+use kiln_spec::{API_VERSION, Appliance, NodeConfig, NodeSpec};
+
+/// How many times systemd-boot tries a new entry before falling back.
+pub const BOOT_TRIES: u32 = 3;
+
+/// Where the installed system finds its node config (the agent's lowest-priority source).
+pub const NODE_CONFIG_PATH: &str = "/var/lib/kiln/node.yaml";
+/// Where the installed system keeps the spec it was installed from.
+pub const APPLIANCE_SPEC_PATH: &str = "/etc/kiln/appliance.yaml";
+
+/// What the caller knows beyond the spec and the hardware.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanOptions {
+    pub image: ImageSource,
+    /// Consent given on the command line to erase a disk that holds data.
+    #[serde(default)]
+    pub wipe: WipeConsent,
+    /// The node's name from the inventory, for `{name}` in the host name pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// The OS image to install: the root file system and the kernel and initrd that boot it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    pub rootfs: Artifact,
+    pub kernel: Artifact,
+    pub initrd: Artifact,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    pub path: String,
+    pub size_bytes: u64,
+    /// Hex sha256, when the build manifest gives it; apply verifies what it wrote against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `kiln install --wipe` (any disk the rules select) or `--wipe=DISK` (only that one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WipeConsent {
+    #[default]
+    None,
+    Any,
+    /// A device path or one of its `/dev/disk/by-id` links.
+    Disk(String),
+}
+
+/// Everything the installer will do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstallPlan {
+    pub disk: SelectedDisk,
+    /// Disks not chosen, each with why.
+    pub rejected: Vec<DiskVerdict>,
+    pub layout: Layout,
+    /// The machine's firmware.
+    pub firmware: Firmware,
+    pub boot_loader: BootLoader,
+    pub image: ImageSource,
+    /// The installed system's kernel command line.
+    pub kernel_args: Vec<String>,
+    pub hostname: String,
+    /// Files written into `KILN_STATE`, by their path in the installed system.
+    pub seed: Vec<PlannedFile>,
+    pub after_install: AfterInstall,
+    /// The destructive steps, in order, as a person reads them.
+    pub steps: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectedDisk {
+    pub dev_path: String,
+    /// The path apply opens: the first by-id link (stable across reboots), else `dev_path`.
+    pub stable_path: String,
+    pub size_bytes: u64,
+    pub logical_sector_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Why this disk.
+    pub reasons: Vec<String>,
+    /// What is on it now and will be erased; empty for a blank disk.
+    pub erases: Vec<String>,
+    /// Which consent allows erasing it, when it is not blank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe_consent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskVerdict {
+    pub dev_path: String,
+    pub size_bytes: u64,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootLoaderKind {
+    /// systemd-boot on the ESP, with boot counting for automatic fallback.
+    SystemdBoot,
+    /// GRUB for BIOS: core image in `BIOSBOOT`, configuration on the ESP.
+    Grub,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootLoader {
+    pub kind: BootLoaderKind,
+    pub entries: Vec<BootEntry>,
+    /// Files written to the ESP besides kernels and initrds (loader configuration, entries),
+    /// by their path on the ESP.
+    pub files: Vec<PlannedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootEntry {
+    pub id: String,
+    pub title: String,
+    pub slot: Slot,
+    /// Kernel path on the ESP.
+    pub kernel: String,
+    /// Initrd path on the ESP.
+    pub initrd: String,
+    pub options: String,
+    /// Boot attempts left before the loader falls back (systemd-boot boot counting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tries_left: Option<u32>,
+}
+
+/// A file apply writes, with its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedFile {
+    pub path: String,
+    /// Octal permission bits, `"0644"`.
+    pub mode: String,
+    pub content: String,
+}
+
+/// Why no plan could be made. Nothing has been written when this is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no disks found on this machine")]
+    NoDisks,
+    #[error("no disk matches the install rules:{}", verdict_lines(.disks))]
+    NoMatchingDisk { disks: Vec<DiskVerdict> },
+    #[error(
+        "disk {disk} is too small: it has {} ({have} bytes), the layout needs {} ({needed} bytes); \
+         use a bigger disk or lower spec.install slotSize/stateSize/espSize",
+        ByteSize(*have).human(), ByteSize(*needed).human()
+    )]
+    DiskTooSmall {
+        disk: String,
+        needed: u64,
+        have: u64,
+    },
+    #[error(
+        "{} disks match the install rules and spec.install.disk.prefer is \"only\": {}; \
+         narrow the rules (model, serial, wwn, byIdPath) to one disk",
+        candidates.len(), candidates.join(", ")
+    )]
+    AmbiguousDisks { candidates: Vec<String> },
+    #[error(
+        "refusing to erase {disk}, it holds: {}; rerun with --wipe={disk} to erase it, or set \
+         spec.install.wipe",
+        found.join("; ")
+    )]
+    WipeNotConsented { disk: String, found: Vec<String> },
+    #[error(
+        "--wipe={given} names a disk the rules did not select (they selected {selected}); nothing was erased"
+    )]
+    ConsentForOtherDisk { given: String, selected: String },
+    #[error(
+        "the root image {} is {} but a slot holds {}; raise spec.install.slotSize",
+        path, ByteSize(*image).human(), ByteSize(*slot).human()
+    )]
+    ImageTooLarge { path: String, image: u64, slot: u64 },
+    #[error(
+        "kernel and initrd take {} per slot, two slots do not fit the {} ESP; raise spec.install.espSize",
+        ByteSize(*per_slot).human(), ByteSize(*esp).human()
+    )]
+    EspTooSmall { per_slot: u64, esp: u64 },
+    #[error("spec.install.firmware is uefi but this machine booted in BIOS mode")]
+    NotUefi,
+    #[error("cannot name the host: {0}")]
+    Hostname(String),
+}
+
+fn verdict_lines(disks: &[DiskVerdict]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            format!(
+                "\n  {} ({}): {}",
+                d.dev_path,
+                ByteSize(d.size_bytes).human(),
+                d.reasons.join("; ")
+            )
+        })
+        .collect()
+}
+
+/// Makes the install plan. Pure: same inputs, same plan.
+pub fn plan(
+    spec: &Appliance,
+    hw: &HardwareInventory,
+    opts: &PlanOptions,
+) -> Result<InstallPlan, PlanError> {
+    let install = &spec.spec.install;
+    let sizes = LayoutSizes::from_spec(install);
+
+    if opts.image.rootfs.size_bytes > install.slot_size.0 {
+        return Err(PlanError::ImageTooLarge {
+            path: opts.image.rootfs.path.clone(),
+            image: opts.image.rootfs.size_bytes,
+            slot: install.slot_size.0,
+        });
+    }
+    let per_slot = opts.image.kernel.size_bytes + opts.image.initrd.size_bytes;
+    // Two slots' kernels and initrds, plus room for FAT itself and the loader files.
+    if 2 * per_slot + 8 * ByteSize::mib(1).0 > install.esp_size.0 {
+        return Err(PlanError::EspTooSmall {
+            per_slot,
+            esp: install.esp_size.0,
+        });
+    }
+    let boot_loader_kind = match (install.firmware, hw.firmware) {
+        (FirmwareChoice::Uefi, Firmware::Bios) => return Err(PlanError::NotUefi),
+        (FirmwareChoice::Bios, _) | (FirmwareChoice::Auto, Firmware::Bios) => BootLoaderKind::Grub,
+        (FirmwareChoice::Uefi | FirmwareChoice::Auto, Firmware::Uefi) => {
+            BootLoaderKind::SystemdBoot
+        }
+    };
+    let hostname = spec
+        .hostname_for(opts.node_name.as_deref(), hw.primary_mac().as_ref())
+        .map_err(PlanError::Hostname)?;
+
+    let (disk, mut reasons, rejected) = choose_disk(&install.disk, &sizes, hw)?;
+    let (erases, wipe_consent) = check_consent(disk, install.wipe, &opts.wipe)?;
+    if erases.is_empty() {
+        reasons.push("it is blank".into());
+    }
+    let layout = layout::compute(disk.size_bytes, disk.logical_sector_size, &sizes)
+        .expect("choose_disk keeps only disks the layout fits");
+
+    let mut kernel_args = vec![Slot::A.kernel_arg()];
+    kernel_args.extend(spec.kernel_args());
+    let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
+    let seed = seed_files(spec, &hostname, &kernel_args);
+
+    let selected = SelectedDisk {
+        dev_path: disk.dev_path.clone(),
+        stable_path: disk
+            .by_id
+            .first()
+            .cloned()
+            .unwrap_or_else(|| disk.dev_path.clone()),
+        size_bytes: disk.size_bytes,
+        logical_sector_size: disk.logical_sector_size,
+        model: disk.model.clone(),
+        serial: disk.serial.clone(),
+        reasons,
+        erases,
+        wipe_consent,
+    };
+    let steps = steps(
+        &selected,
+        &layout,
+        &opts.image,
+        &boot_loader,
+        &seed,
+        install.after_install,
+    );
+    Ok(InstallPlan {
+        disk: selected,
+        rejected,
+        layout,
+        firmware: hw.firmware,
+        boot_loader,
+        image: opts.image.clone(),
+        kernel_args,
+        hostname,
+        seed,
+        after_install: install.after_install,
+        steps,
+    })
+}
+
+/// Picks the disk; returns it, why, and every other disk with why not.
+fn choose_disk<'a>(
+    rules: &DiskRules,
+    sizes: &LayoutSizes,
+    hw: &'a HardwareInventory,
+) -> Result<(&'a Disk, Vec<String>, Vec<DiskVerdict>), PlanError> {
+    if hw.disks.is_empty() {
+        return Err(PlanError::NoDisks);
+    }
+    let mut disks: Vec<&Disk> = hw.disks.iter().collect();
+    disks.sort_by(|a, b| device_order(&a.dev_path, &b.dev_path));
+
+    let mut candidates = Vec::new();
+    let mut rejected = Vec::new();
+    // The largest disk refused for its size alone: the error to give if nothing fits.
+    let mut too_small: Option<(&Disk, u64)> = None;
+    for d in disks {
+        let needed = layout::required_disk_bytes(sizes, d.logical_sector_size);
+        let mut why = rule_failures(rules, d);
+        if why.is_empty()
+            && d.size_bytes < needed
+            && too_small.is_none_or(|(t, _)| d.size_bytes > t.size_bytes)
+        {
+            too_small = Some((d, needed));
+        }
+        let esp_min = min_fat32_bytes(d.logical_sector_size);
+        if sizes.esp.0 < esp_min {
+            why.push(format!(
+                "its {}-byte sectors need an ESP of at least {} for FAT32 (spec.install.espSize is {})",
+                d.logical_sector_size,
+                ByteSize(esp_min),
+                sizes.esp
+            ));
+        }
+        if d.size_bytes < needed {
+            why.push(format!(
+                "{} is smaller than the {} the layout needs",
+                ByteSize(d.size_bytes).human(),
+                ByteSize(needed).human()
+            ));
+        }
+        if why.is_empty() {
+            candidates.push(d);
+        } else {
+            rejected.push(DiskVerdict {
+                dev_path: d.dev_path.clone(),
+                size_bytes: d.size_bytes,
+                reasons: why,
+            });
+        }
+    }
+    if candidates.is_empty() {
+        return Err(match too_small {
+            Some((d, needed)) => PlanError::DiskTooSmall {
+                disk: d.dev_path.clone(),
+                needed,
+                have: d.size_bytes,
+            },
+            None => PlanError::NoMatchingDisk { disks: rejected },
+        });
+    }
+    let mut reasons = vec![rules_summary(rules)];
+    let chosen = if candidates.len() == 1 {
+        candidates[0]
+    } else {
+        let n = candidates.len();
+        let word = match rules.prefer {
+            DiskPreference::Only => {
+                return Err(PlanError::AmbiguousDisks {
+                    candidates: candidates.iter().map(|d| d.dev_path.clone()).collect(),
+                });
+            }
+            DiskPreference::Smallest => {
+                candidates.sort_by(|a, b| {
+                    a.size_bytes
+                        .cmp(&b.size_bytes)
+                        .then_with(|| device_order(&a.dev_path, &b.dev_path))
+                });
+                "smallest"
+            }
+            DiskPreference::Largest => {
+                candidates.sort_by(|a, b| {
+                    b.size_bytes
+                        .cmp(&a.size_bytes)
+                        .then_with(|| device_order(&a.dev_path, &b.dev_path))
+                });
+                "largest"
+            }
+        };
+        let pick = candidates[0];
+        for d in candidates.iter().filter(|d| d.dev_path != pick.dev_path) {
+            rejected.push(DiskVerdict {
+                dev_path: d.dev_path.clone(),
+                size_bytes: d.size_bytes,
+                reasons: vec![format!(
+                    "matches too, but {} is the {word} of {n} matching disks",
+                    pick.dev_path
+                )],
+            });
+        }
+        rejected.sort_by(|a, b| device_order(&a.dev_path, &b.dev_path));
+        reasons.push(format!(
+            "the {word} of {n} matching disks (spec.install.disk.prefer)"
+        ));
+        pick
+    };
+    Ok((chosen, reasons, rejected))
+}
+
+/// The smallest FAT32 file system on a disk with this sector size: FAT32 needs 65525
+/// clusters and a cluster is at least one sector; 4 MiB covers the FATs and reserved sectors.
+fn min_fat32_bytes(logical_sector_size: u32) -> u64 {
+    (65525 * u64::from(logical_sector_size)).next_multiple_of(ByteSize::mib(1).0)
+        + ByteSize::mib(4).0
+}
+
+/// Why `d` fails the rules (empty when it passes).
+fn rule_failures(rules: &DiskRules, d: &Disk) -> Vec<String> {
+    let mut why = Vec::new();
+    if d.holds_boot_medium {
+        why.push("holds the boot medium".to_string());
+    }
+    if d.read_only {
+        why.push("is read-only".to_string());
+    }
+    if d.removable && !rules.allow_removable {
+        why.push("is removable (spec.install.disk.allowRemovable is false)".to_string());
+    }
+    if let Some(min) = rules.min_size
+        && d.size_bytes < min.0
+    {
+        why.push(format!(
+            "{} is below minSize {min}",
+            ByteSize(d.size_bytes).human()
+        ));
+    }
+    if let Some(max) = rules.max_size
+        && d.size_bytes > max.0
+    {
+        why.push(format!(
+            "{} is above maxSize {max}",
+            ByteSize(d.size_bytes).human()
+        ));
+    }
+    let text_rule =
+        |why: &mut Vec<String>, field: &str, pattern: &Option<String>, have: &Option<String>| {
+            if let Some(p) = pattern {
+                match have {
+                    Some(h) if glob_match(p, h.trim()) => {}
+                    Some(h) => why.push(format!("{field} {:?} does not match {p:?}", h.trim())),
+                    None => why.push(format!("has no {field} to match {p:?}")),
+                }
+            }
+        };
+    text_rule(&mut why, "model", &rules.model, &d.model);
+    text_rule(&mut why, "serial", &rules.serial, &d.serial);
+    if let Some(w) = &rules.wwn {
+        match &d.wwn {
+            Some(have) if normalize_wwn(have) == normalize_wwn(w) => {}
+            Some(have) => why.push(format!("wwn {have} is not {w}")),
+            None => why.push(format!("has no wwn to match {w}")),
+        }
+    }
+    if let Some(p) = &rules.by_id_path
+        && !d.by_id.iter().any(|id| glob_match(p, id))
+    {
+        why.push(format!("no /dev/disk/by-id link matches {p:?}"));
+    }
+    if let Some(r) = rules.rotational
+        && d.rotational != r
+    {
+        why.push(if d.rotational {
+            "is rotational (rules ask for a solid-state disk)".to_string()
+        } else {
+            "is solid-state (rules ask for a rotational disk)".to_string()
+        });
+    }
+    if !rules.transport.is_empty() && !rules.transport.contains(&d.transport) {
+        let allowed: Vec<&str> = rules.transport.iter().map(|t| t.as_str()).collect();
+        why.push(format!(
+            "transport {} is not {}",
+            d.transport.as_str(),
+            allowed.join(" or ")
+        ));
+    }
+    why
+}
+
+/// The rules a chosen disk met, in one line.
+fn rules_summary(rules: &DiskRules) -> String {
+    let mut held = vec!["not the boot medium".to_string()];
+    if let Some(m) = rules.min_size {
+        held.push(format!("minSize {m}"));
+    }
+    if let Some(m) = rules.max_size {
+        held.push(format!("maxSize {m}"));
+    }
+    for (field, v) in [
+        ("model", &rules.model),
+        ("serial", &rules.serial),
+        ("wwn", &rules.wwn),
+        ("byIdPath", &rules.by_id_path),
+    ] {
+        if let Some(v) = v {
+            held.push(format!("{field} {v:?}"));
+        }
+    }
+    if let Some(r) = rules.rotational {
+        held.push(if r { "rotational" } else { "solid-state" }.to_string());
+    }
+    if !rules.transport.is_empty() {
+        let t: Vec<&str> = rules.transport.iter().map(|t| t.as_str()).collect();
+        held.push(format!("transport {}", t.join("/")));
+    }
+    held.push("big enough for the layout".to_string());
+    format!("meets the install rules: {}", held.join(", "))
+}
+
+/// What will be erased and which consent allows it.
+fn check_consent(
+    disk: &Disk,
+    policy: WipePolicy,
+    cli: &WipeConsent,
+) -> Result<(Vec<String>, Option<String>), PlanError> {
+    if let WipeConsent::Disk(given) = cli
+        && given != &disk.dev_path
+        && !disk.by_id.contains(given)
+    {
+        return Err(PlanError::ConsentForOtherDisk {
+            given: given.clone(),
+            selected: disk.dev_path.clone(),
+        });
+    }
+    if disk.is_blank() {
+        return Ok((Vec::new(), None));
+    }
+    let found = disk.contents();
+    let consent = match (cli, policy) {
+        (WipeConsent::Disk(given), _) => Some(format!("--wipe={given}")),
+        (WipeConsent::Any, _) => Some("--wipe".to_string()),
+        (WipeConsent::None, WipePolicy::Always) => Some("spec.install.wipe is always".to_string()),
+        (WipeConsent::None, WipePolicy::KilnOnly) if disk.carries_kiln_layout() => Some(
+            "spec.install.wipe is kilnOnly and the disk holds only an earlier kiln install"
+                .to_string(),
+        ),
+        (WipeConsent::None, WipePolicy::Never | WipePolicy::KilnOnly) => None,
+    };
+    match consent {
+        Some(c) => Ok((found, Some(c))),
+        None => Err(PlanError::WipeNotConsented {
+            disk: disk.dev_path.clone(),
+            found,
+        }),
+    }
+}
+
+fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -> BootLoader {
+    let slot = Slot::A;
+    let dir = slot.esp_dir();
+    let entry = BootEntry {
+        id: format!("kiln-{}", slot.letter().to_ascii_lowercase()),
+        title: format!("{} (slot {})", spec.metadata.name, slot.letter()),
+        slot,
+        kernel: format!("{dir}/vmlinuz"),
+        initrd: format!("{dir}/initrd.img"),
+        options: kernel_args.join(" "),
+        tries_left: (kind == BootLoaderKind::SystemdBoot).then_some(BOOT_TRIES),
+    };
+    let files = match kind {
+        BootLoaderKind::SystemdBoot => vec![
+            PlannedFile {
+                path: "/loader/loader.conf".into(),
+                mode: "0644".into(),
+                content: format!(
+                    "default {}.conf\ntimeout 3\neditor no\nconsole-mode keep\n",
+                    entry.id
+                ),
+            },
+            PlannedFile {
+                // `+N` is systemd-boot's boot counter: tries left before the entry is bad.
+                path: format!("/loader/entries/{}+{BOOT_TRIES}.conf", entry.id),
+                mode: "0644".into(),
+                content: format!(
+                    "title   {}\nlinux   {}\ninitrd  {}\noptions {}\n",
+                    entry.title, entry.kernel, entry.initrd, entry.options
+                ),
+            },
+        ],
+        BootLoaderKind::Grub => vec![PlannedFile {
+            path: "/grub/grub.cfg".into(),
+            mode: "0644".into(),
+            content: format!(
+                "serial --unit=0 --speed=115200\nterminal_input console serial\n\
+                 terminal_output console serial\nset default={id}\nset timeout=3\n\n\
+                 menuentry \"{title}\" --id {id} {{\n    linux {kernel} {options}\n    initrd {initrd}\n}}\n",
+                id = entry.id,
+                title = entry.title,
+                kernel = entry.kernel,
+                options = entry.options,
+                initrd = entry.initrd,
+            ),
+        }],
+    };
+    BootLoader {
+        kind,
+        entries: vec![entry],
+        files,
+    }
+}
+
+/// The node config and the spec, seeded into `KILN_STATE` for the agent.
+fn seed_files(spec: &Appliance, hostname: &str, kernel_args: &[String]) -> Vec<PlannedFile> {
+    let node = NodeConfig {
+        api_version: API_VERSION.to_string(),
+        kind: "NodeConfig".to_string(),
+        metadata: kiln_spec::inventory::Metadata {
+            name: hostname.to_string(),
+        },
+        spec: NodeSpec {
+            hostname: Some(hostname.to_string()),
+            users: spec
+                .spec
+                .users
+                .iter()
+                .map(|u| kiln_spec::nodeconfig::User {
+                    name: u.name.clone(),
+                    uid: None,
+                    shell: None,
+                    groups: u.groups.clone(),
+                    ssh_authorized_keys: u.ssh_authorized_keys.clone(),
+                })
+                .collect(),
+            kernel_args: kernel_args.to_vec(),
+            ..NodeSpec::default()
+        },
+    };
+    vec![
+        PlannedFile {
+            path: NODE_CONFIG_PATH.into(),
+            mode: "0644".into(),
+            content: serde_saphyr::to_string(&node).expect("a node config serializes"),
+        },
+        PlannedFile {
+            // It may carry password hashes.
+            path: APPLIANCE_SPEC_PATH.into(),
+            mode: "0600".into(),
+            content: spec.to_yaml(),
+        },
+    ]
+}
+
+fn steps(
+    disk: &SelectedDisk,
+    layout: &Layout,
+    image: &ImageSource,
+    boot: &BootLoader,
+    seed: &[PlannedFile],
+    after: AfterInstall,
+) -> Vec<String> {
+    let part = |role| layout.partition(role);
+    let at = |role| {
+        let p = part(role);
+        format!(
+            "{} (LBA {}–{}, {})",
+            p.name,
+            p.first_lba,
+            p.last_lba,
+            ByteSize(p.size_bytes).human()
+        )
+    };
+    let mut s = Vec::new();
+    let dev = &disk.dev_path;
+    if disk.erases.is_empty() {
+        s.push(format!("zero the first and last MiB of {dev} (blank disk)"));
+    } else {
+        s.push(format!(
+            "erase {dev} ({}): zero its first and last MiB, destroying {}",
+            disk.wipe_consent.as_deref().unwrap_or_default(),
+            disk.erases.join("; ")
+        ));
+    }
+    let sha = |a: &Artifact| {
+        a.sha256
+            .as_deref()
+            .map(|h| format!(", sha256 {h}"))
+            .unwrap_or_default()
+    };
+    s.push(format!(
+        "write {} ({} bytes{}) to {} and verify it by reading it back",
+        image.rootfs.path,
+        image.rootfs.size_bytes,
+        sha(&image.rootfs),
+        at(PartitionRole::Slot(Slot::A)),
+    ));
+    s.push(format!(
+        "zero the first MiB of {} (no image yet)",
+        at(PartitionRole::Slot(Slot::B))
+    ));
+    s.push(format!(
+        "create a FAT32 file system on {} and copy {} to {}/vmlinuz and {} to {}/initrd.img",
+        at(PartitionRole::Esp),
+        image.kernel.path,
+        Slot::A.esp_dir(),
+        image.initrd.path,
+        Slot::A.esp_dir(),
+    ));
+    let seeded: Vec<&str> = seed.iter().map(|f| f.path.as_str()).collect();
+    s.push(format!(
+        "create an ext4 file system on {} holding {}",
+        at(PartitionRole::State),
+        seeded.join(", ")
+    ));
+    let free = if layout.free_bytes > 0 {
+        format!(
+            ", leaving {} free for data",
+            ByteSize(layout.free_bytes).human()
+        )
+    } else {
+        String::new()
+    };
+    s.push(format!(
+        "write the GPT on {dev}: {} partitions ({}){free}",
+        layout.partitions.len(),
+        layout
+            .partitions
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    let files: Vec<&str> = boot.files.iter().map(|f| f.path.as_str()).collect();
+    s.push(match boot.kind {
+        BootLoaderKind::SystemdBoot => format!(
+            "install systemd-boot to the ESP as the default EFI loader and write {} (slot A, {BOOT_TRIES} tries)",
+            files.join(", ")
+        ),
+        BootLoaderKind::Grub => format!(
+            "install GRUB for BIOS: boot code in the protective MBR, core image in {} (LBA {}), {} on the ESP",
+            layout::BIOSBOOT,
+            part(PartitionRole::BiosBoot).first_lba,
+            files.join(", ")
+        ),
+    });
+    s.push(match after {
+        AfterInstall::Reboot => "reboot".to_string(),
+        AfterInstall::Poweroff => "power off".to_string(),
+        AfterInstall::Stay => "stay in the live system".to_string(),
+    });
+    s
+}
+
+/// Natural order of device paths: digit runs compare as numbers, letter runs by length
+/// first (`sdb` < `sdaa`, as the kernel names them).
+fn device_order(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let ord = match (x, y) {
+            ((true, n), (true, m)) => n.len().cmp(&m.len()).then_with(|| n.cmp(m)),
+            ((_, n), (_, m)) => n.len().cmp(&m.len()).then_with(|| n.cmp(m)),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+fn normalize_wwn(w: &str) -> String {
+    let w = w.trim().to_ascii_lowercase();
+    w.strip_prefix("0x").map(str::to_string).unwrap_or(w)
+}
+
+/// Shell-style glob with `*` (any run) and `?` (any one character).
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("Samsung SSD 9*", "Samsung SSD 990 PRO 1TB"));
+        assert!(glob_match(
+            "/dev/disk/by-id/nvme-*",
+            "/dev/disk/by-id/nvme-eui.0025"
+        ));
+        assert!(glob_match("S?N*", "S4N123"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("QEMU*", "Samsung"));
+        assert!(!glob_match("a?", "a"));
+        assert!(glob_match("*b*c", "xxbyyc"));
+    }
+
+    #[test]
+    fn device_paths_sort_as_the_kernel_names_them() {
+        let mut v = vec![
+            "/dev/sdaa",
+            "/dev/sdb",
+            "/dev/nvme10n1",
+            "/dev/sda",
+            "/dev/nvme2n1",
+            "/dev/nvme0n1p2",
+        ];
+        v.sort_by(|a, b| device_order(a, b));
+        assert_eq!(
+            v,
+            [
+                "/dev/sda",
+                "/dev/sdb",
+                "/dev/sdaa",
+                "/dev/nvme0n1p2",
+                "/dev/nvme2n1",
+                "/dev/nvme10n1"
+            ]
+        );
+    }
+}

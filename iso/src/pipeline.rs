@@ -1,0 +1,224 @@
+//! The whole build, step by step, into a staging directory beside `--out` that is renamed into
+//! place only when every artifact and the manifest are written: a failed build leaves nothing.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_installer::stage1::ModulesDep;
+use serde::Serialize;
+
+use crate::cache::{Cache, rootfs_key};
+use crate::error::{BuildError, Result};
+use crate::initramfs::{self, STAGE1_MODULES};
+use crate::inputs::BuildInputs;
+use crate::manifest::{self, Manifest};
+use crate::progress::{Reporter, StepTiming};
+use crate::{LIVE_LABEL, iso, overlay, pxe, rootfs, squashfs, trim};
+
+/// Artifacts relative to the output directory, in manifest order.
+pub const ARTIFACTS: &[&str] = &[
+    "kiln.iso",
+    "pxe/vmlinuz",
+    "pxe/initrd.img",
+    "pxe/rootfs.squashfs",
+    "pxe/boot.ipxe",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    pub out: PathBuf,
+    pub manifest: Manifest,
+    /// Whether the base rootfs came from the cache (mmdebstrap did not run).
+    pub rootfs_cache_hit: bool,
+    pub timings: Vec<StepTiming>,
+    pub seconds: f64,
+}
+
+pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildReport> {
+    let started = Instant::now();
+    check_out(out)?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(BuildError::io(format!("creating {}", parent.display())))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".kiln-build-")
+        .tempdir_in(parent)
+        .map_err(BuildError::io(format!("creating a build directory in {}", parent.display())))?;
+    let stage = staging.path();
+    let work = stage.join(".work");
+    let root = work.join("rootfs");
+    let pxe_dir = stage.join("pxe");
+    std::fs::create_dir_all(&pxe_dir).map_err(BuildError::io("creating the pxe directory"))?;
+    let mut rep = Reporter::default();
+
+    // 1. Base rootfs, from the cache when the same inputs built one before.
+    let t = Instant::now();
+    let pb = rep.spinner("rootfs");
+    let packages = inputs.package_list();
+    let options = rootfs::mmdebstrap_options(&packages);
+    let key = rootfs_key(&inputs.suite, &inputs.mirror, &packages, &options);
+    let entry = format!("{key}.tar");
+    let (tarball, hit) = match cache.get("rootfs", &entry) {
+        Some(p) => (p, true),
+        None => {
+            let p = cache.put_with("rootfs", &entry, |tmp| {
+                rootfs::bootstrap(&options, &inputs.suite, &inputs.mirror, tmp, &pb)
+            })?;
+            (p, false)
+        }
+    };
+    let note = if hit { format!("cache hit {key}") } else { format!("cache miss {key}: built with mmdebstrap") };
+    rep.done(&pb, "rootfs", t, note);
+
+    let t = Instant::now();
+    let pb = rep.spinner("unpack");
+    rootfs::extract(&tarball, &root, &pb)?;
+    let kernel = rootfs::find_kernel(&root)?;
+    rep.done(&pb, "unpack", t, format!("kernel {}", kernel.release));
+
+    // 2. Trim.
+    let t = Instant::now();
+    let pb = rep.spinner("trim");
+    let stats = trim::trim(&root, &kernel, inputs.minimal_modules)?;
+    rep.done(&pb, "trim", t, format!("removed {} files, {} MiB", stats.files, stats.bytes >> 20));
+
+    // 3. Overlays and the kiln binary.
+    let t = Instant::now();
+    let pb = rep.spinner("overlay");
+    overlay::apply(&root, &inputs.files, &inputs.units_enabled)?;
+    let kiln = root.join("usr/bin/kiln");
+    overlay::install_kiln(&inputs.kiln_binary, &kiln)?;
+    rep.done(&pb, "overlay", t, format!("{} files, {} units", inputs.files.len(), inputs.units_enabled.len()));
+
+    // 4. Initramfs; a copy goes into the image so an installer or upgrade finds kernel and
+    // initramfs inside the slot it writes.
+    let t = Instant::now();
+    let pb = rep.spinner("initramfs");
+    let initrd = pxe_dir.join("initrd.img");
+    let module_count = build_initramfs(&kiln, &kernel, &initrd)?;
+    let in_image = root.join("boot").join(format!("initrd.img-{}", kernel.release));
+    std::fs::copy(&initrd, &in_image).map_err(BuildError::io(format!("copying the initramfs to {}", in_image.display())))?;
+    std::fs::copy(&kernel.vmlinuz, pxe_dir.join("vmlinuz")).map_err(BuildError::io("copying the kernel"))?;
+    rep.done(&pb, "initramfs", t, format!("{module_count} modules"));
+
+    let status_path = root.join("var/lib/dpkg/status");
+    let status = std::fs::read_to_string(&status_path)
+        .map_err(BuildError::io(format!("reading {}", status_path.display())))?;
+    let packages_installed = manifest::parse_dpkg_status(&status);
+
+    // 5. squashfs.
+    let t = Instant::now();
+    let pb = rep.bar("squashfs", 100);
+    let squash = pxe_dir.join("rootfs.squashfs");
+    squashfs::mksquashfs(&root, &squash, &pb)?;
+    std::fs::remove_dir_all(&root).map_err(BuildError::io("removing the rootfs tree"))?;
+    rep.done(&pb, "squashfs", t, "zstd");
+
+    // 6. ISO.
+    let t = Instant::now();
+    let pb = rep.spinner("iso");
+    let tree = work.join("iso");
+    for d in ["boot/grub", "live", "kiln"] {
+        std::fs::create_dir_all(tree.join(d)).map_err(BuildError::io(format!("creating {d} on the ISO tree")))?;
+    }
+    let write = |rel: &str, data: &[u8]| {
+        std::fs::write(tree.join(rel), data).map_err(BuildError::io(format!("writing {rel} on the ISO tree")))
+    };
+    write("boot/grub/grub.cfg", iso::grub_cfg(LIVE_LABEL, &inputs.kernel_args).as_bytes())?;
+    write(iso::SPEC_PATH, inputs.spec_yaml.as_bytes())?;
+    for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
+        let dest = tree.join("live").join(name);
+        std::fs::hard_link(pxe_dir.join(name), &dest)
+            .map_err(BuildError::io(format!("linking {}", dest.display())))?;
+    }
+    iso::make_iso(&tree, &stage.join("kiln.iso"), LIVE_LABEL, &pb)?;
+    rep.done(&pb, "iso", t, format!("label {LIVE_LABEL}"));
+
+    // 7. PXE script, manifest.
+    std::fs::write(pxe_dir.join("boot.ipxe"), pxe::boot_ipxe(&inputs.kernel_args))
+        .map_err(BuildError::io("writing boot.ipxe"))?;
+    std::fs::remove_dir_all(&work).map_err(BuildError::io("removing the work directory"))?;
+    let t = Instant::now();
+    let pb = rep.spinner("manifest");
+    let artifacts = ARTIFACTS
+        .iter()
+        .map(|a| {
+            pb.set_message(format!("sha256 {a}"));
+            manifest::artifact(stage, a)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let manifest = Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec_sha256: manifest::sha256_hex(inputs.spec_yaml.as_bytes()),
+        suite: inputs.suite.clone(),
+        mirror: inputs.mirror.clone(),
+        kernel: kernel.release.clone(),
+        kernel_args: inputs.kernel_args.clone(),
+        rootfs_cache_key: key,
+        artifacts,
+        packages: packages_installed,
+    };
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
+    std::fs::write(stage.join("manifest.json"), json).map_err(BuildError::io("writing manifest.json"))?;
+    rep.done(&pb, "manifest", t, format!("{} packages", manifest.packages.len()));
+
+    publish(staging, out)?;
+    Ok(BuildReport {
+        out: out.to_path_buf(),
+        manifest,
+        rootfs_cache_hit: hit,
+        timings: rep.timings,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `--out` may be missing, empty, or an earlier build (replaced); anything else is refused.
+fn check_out(out: &Path) -> Result<()> {
+    match std::fs::read_dir(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BuildError::Io { what: format!("reading {}", out.display()), source: e }),
+        Ok(mut entries) => {
+            if entries.next().is_none() || out.join("manifest.json").is_file() {
+                Ok(())
+            } else {
+                Err(BuildError::OutNotEmpty(out.to_path_buf()))
+            }
+        }
+    }
+}
+
+/// Moves the finished staging directory to `out`, replacing an earlier build.
+fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let stage = staging.keep();
+    let old = out.exists().then(|| {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".old-{}", std::process::id()));
+        out.with_file_name(name)
+    });
+    if let Some(old) = &old {
+        std::fs::rename(out, old).map_err(BuildError::io(format!("moving the earlier {} aside", out.display())))?;
+    }
+    std::fs::rename(&stage, out).map_err(BuildError::io(format!("moving the build to {}", out.display())))?;
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).map_err(BuildError::io(format!("removing {}", old.display())))?;
+    }
+    Ok(())
+}
+
+/// Writes kiln's initramfs to `out`; returns how many module files it holds.
+fn build_initramfs(kiln: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<usize> {
+    let read = |name: &str| {
+        let p = kernel.modules.join(name);
+        std::fs::read_to_string(&p).map_err(BuildError::io(format!("reading {}", p.display())))
+    };
+    let full_dep = read("modules.dep")?;
+    let deps = ModulesDep::parse(&full_dep)?;
+    let builtin = trim::builtin_names(&read("modules.builtin")?);
+    let modules: BTreeSet<String> = trim::modules_to_keep(&deps, &builtin, STAGE1_MODULES)?;
+    let libs = initramfs::shared_libraries(kiln)?;
+    let subset = initramfs::subset_modules_dep(&full_dep, &modules);
+    let entries = initramfs::plan(kiln, &libs, &kernel.release, &kernel.modules, &modules, &subset);
+    tracing::debug!("initramfs:\n{}", initramfs::listing(&entries));
+    initramfs::write(&entries, out)?;
+    Ok(modules.len())
+}

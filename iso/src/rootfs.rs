@@ -1,0 +1,150 @@
+//! The base root file system: Debian packages installed by mmdebstrap into a tarball.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+
+use crate::error::{BuildError, Result};
+use crate::progress::{MMDEBSTRAP, TAR};
+
+/// mmdebstrap options that shape the result (part of the cache key). `root` mode: the build
+/// runs as root, and it is the fastest mode.
+pub fn mmdebstrap_options(packages: &[String]) -> Vec<String> {
+    vec![
+        "--variant=minbase".into(),
+        "--mode=root".into(),
+        "--format=tar".into(),
+        format!("--include={}", packages.join(",")),
+    ]
+}
+
+/// The whole mmdebstrap command line writing `out`.
+pub fn mmdebstrap_args(options: &[String], suite: &str, out: &Path, mirror: &str) -> Vec<String> {
+    let mut args = options.to_vec();
+    args.extend([
+        suite.to_string(),
+        out.display().to_string(),
+        mirror.to_string(),
+    ]);
+    args
+}
+
+/// Runs mmdebstrap, showing its log lines on `pb`.
+pub fn bootstrap(options: &[String], suite: &str, mirror: &str, out: &Path, pb: &ProgressBar) -> Result<()> {
+    let mut cmd = MMDEBSTRAP.command();
+    cmd.args(mmdebstrap_args(options, suite, out, mirror));
+    let what = format!("building the base rootfs for {suite} from {mirror}");
+    MMDEBSTRAP
+        .run(cmd, &what, |line| pb.set_message(line.to_string()))
+        .map_err(|e| explain_mirror_failure(e, mirror))
+        .map(drop)
+}
+
+/// apt's messages for an unreachable mirror are buried in mmdebstrap's log: say it plainly.
+fn explain_mirror_failure(e: BuildError, mirror: &str) -> BuildError {
+    match e {
+        BuildError::ToolFailed { what, tool, status, log }
+            if ["Failed to fetch", "Could not connect", "Could not resolve", "Temporary failure", "Unable to connect"]
+                .iter()
+                .any(|m| log.contains(m)) =>
+        {
+            BuildError::ToolFailed {
+                what: format!("{what}: the mirror {mirror} is unreachable"),
+                tool,
+                status,
+                log,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Unpacks the base tarball into `dir`, keeping owners, modes and extended attributes.
+pub fn extract(tarball: &Path, dir: &Path, pb: &ProgressBar) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(BuildError::io(format!("creating {}", dir.display())))?;
+    pb.set_message(format!("unpacking {}", tarball.display()));
+    let mut cmd = TAR.command();
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
+        .arg(tarball);
+    TAR.output(cmd, "unpacking the base rootfs").map(drop)
+}
+
+/// The one kernel in the rootfs: its release and the paths of its image and modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    pub modules: PathBuf,
+}
+
+pub fn find_kernel(root: &Path) -> Result<Kernel> {
+    let modroot = root.join("usr/lib/modules");
+    let mut releases: Vec<String> = std::fs::read_dir(&modroot)
+        .map_err(BuildError::io(format!("listing {}", modroot.display())))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    releases.sort();
+    match releases.as_slice() {
+        [release] => {
+            let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+            if !vmlinuz.is_file() {
+                return Err(BuildError::Rootfs(format!(
+                    "kernel modules for {release} but no /boot/vmlinuz-{release}"
+                )));
+            }
+            Ok(Kernel {
+                release: release.clone(),
+                modules: modroot.join(release),
+                vmlinuz,
+            })
+        }
+        [] => Err(BuildError::Rootfs("no kernel (is linux-image-amd64 in the package list?)".into())),
+        many => Err(BuildError::Rootfs(format!("more than one kernel: {}", many.join(", ")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmdebstrap_command_line() {
+        let opts = mmdebstrap_options(&["kmod".into(), "udev".into()]);
+        let args = mmdebstrap_args(&opts, "bookworm", Path::new("/c/x.tar"), "http://deb.debian.org/debian");
+        assert_eq!(
+            args.join(" "),
+            "--variant=minbase --mode=root --format=tar --include=kmod,udev bookworm /c/x.tar http://deb.debian.org/debian"
+        );
+    }
+
+    #[test]
+    fn unreachable_mirror_is_named() {
+        let e = explain_mirror_failure(
+            BuildError::ToolFailed {
+                what: "building".into(),
+                tool: "mmdebstrap",
+                status: "exit status: 1".into(),
+                log: "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease".into(),
+            },
+            "http://127.0.0.1:9/debian",
+        );
+        assert!(e.to_string().contains("the mirror http://127.0.0.1:9/debian is unreachable"), "{e}");
+    }
+
+    #[test]
+    fn kernel_is_found_once() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(find_kernel(d.path()).is_err());
+        std::fs::create_dir_all(d.path().join("usr/lib/modules/6.1.0-9-amd64")).unwrap();
+        assert!(find_kernel(d.path()).unwrap_err().to_string().contains("no /boot/vmlinuz"));
+        std::fs::create_dir_all(d.path().join("boot")).unwrap();
+        std::fs::write(d.path().join("boot/vmlinuz-6.1.0-9-amd64"), b"k").unwrap();
+        let k = find_kernel(d.path()).unwrap();
+        assert_eq!(k.release, "6.1.0-9-amd64");
+        std::fs::create_dir_all(d.path().join("usr/lib/modules/6.1.0-10-amd64")).unwrap();
+        assert!(find_kernel(d.path()).unwrap_err().to_string().contains("more than one"));
+    }
+}

@@ -1,0 +1,283 @@
+//! `kiln pxe serve` settings: one struct for the command line and the YAML config file (keys
+//! are the long option names), merged (command line wins), then checked all at once.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend::UnknownMacs;
+use crate::dhcp::{AddressSettings, Mode};
+use crate::server::{Settings, interface_ipv4};
+use crate::tftp::session::Limits;
+
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Interface to serve on (its first IPv4 address is the server address)
+    #[arg(long, value_name = "IF")]
+    pub interface: Option<String>,
+    /// proxy: boot information only, next to an existing DHCP server; dhcp: also addresses
+    #[arg(long, value_name = "proxy|dhcp")]
+    pub mode: Option<Mode>,
+    /// PXE bundle directory (vmlinuz, initrd.img, rootfs.squashfs)
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: Option<PathBuf>,
+    /// Fleet inventory (kind: Inventory): which MACs boot what
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
+    /// HTTP listen address [default: SERVER_IP:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// State directory: leases and boot traces [default: /var/lib/kiln/pxe]
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Directory with the iPXE binaries, served over TFTP [default: /usr/lib/ipxe]
+    #[arg(long, value_name = "DIR")]
+    pub ipxe_dir: Option<PathBuf>,
+    /// iPXE build for x86-64 UEFI, e.g. snponly.efi [default: ipxe.efi]
+    #[arg(long, value_name = "FILE")]
+    pub efi_binary: Option<String>,
+    /// iPXE build for BIOS PXE [default: undionly.kpxe]
+    #[arg(long, value_name = "FILE")]
+    pub bios_binary: Option<String>,
+    /// First address of the pool (dhcp mode)
+    #[arg(long, value_name = "IP")]
+    pub pool_start: Option<Ipv4Addr>,
+    /// Last address of the pool (dhcp mode)
+    #[arg(long, value_name = "IP")]
+    pub pool_end: Option<Ipv4Addr>,
+    /// Lease time in seconds (dhcp mode) [default: 3600]
+    #[arg(long, value_name = "SECS")]
+    pub lease_time: Option<u64>,
+    /// Default gateway handed out (dhcp mode)
+    #[arg(long, value_name = "IP")]
+    pub router: Option<Ipv4Addr>,
+    /// DNS server handed out (dhcp mode); repeatable
+    #[arg(long, value_name = "IP")]
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// What machines missing from the inventory get: ignore or discovery [default: ignore]
+    #[arg(long, value_name = "POLICY")]
+    pub unknown_macs: Option<UnknownMacs>,
+    /// Extra kernel arguments in the iPXE script [default: console=tty0 console=ttyS0,115200]
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub kernel_args: Option<String>,
+    /// tera template for the iPXE script instead of the built-in one
+    #[arg(long, value_name = "FILE")]
+    pub script_template: Option<PathBuf>,
+    /// TFTP port [default: 69]
+    #[arg(long, value_name = "PORT")]
+    pub tftp_port: Option<u16>,
+    /// Largest TFTP block size agreed to [default: 65464]
+    #[arg(long, value_name = "BYTES")]
+    pub tftp_max_blksize: Option<usize>,
+    /// Largest TFTP window agreed to [default: 64]
+    #[arg(long, value_name = "BLOCKS")]
+    pub tftp_max_windowsize: Option<u16>,
+}
+
+impl ServeConfig {
+    /// Values from `self` (the command line) where given, else from `file`.
+    pub fn merged_over(self, file: ServeConfig) -> ServeConfig {
+        ServeConfig {
+            interface: self.interface.or(file.interface),
+            mode: self.mode.or(file.mode),
+            artifacts: self.artifacts.or(file.artifacts),
+            inventory: self.inventory.or(file.inventory),
+            http: self.http.or(file.http),
+            state: self.state.or(file.state),
+            ipxe_dir: self.ipxe_dir.or(file.ipxe_dir),
+            efi_binary: self.efi_binary.or(file.efi_binary),
+            bios_binary: self.bios_binary.or(file.bios_binary),
+            pool_start: self.pool_start.or(file.pool_start),
+            pool_end: self.pool_end.or(file.pool_end),
+            lease_time: self.lease_time.or(file.lease_time),
+            router: self.router.or(file.router),
+            dns: if self.dns.is_empty() { file.dns } else { self.dns },
+            unknown_macs: self.unknown_macs.or(file.unknown_macs),
+            kernel_args: self.kernel_args.or(file.kernel_args),
+            script_template: self.script_template.or(file.script_template),
+            tftp_port: self.tftp_port.or(file.tftp_port),
+            tftp_max_blksize: self.tftp_max_blksize.or(file.tftp_max_blksize),
+            tftp_max_windowsize: self.tftp_max_windowsize.or(file.tftp_max_windowsize),
+        }
+    }
+
+    pub fn from_yaml(text: &str) -> Result<ServeConfig, String> {
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks everything and resolves the interface address. Every problem is reported, each
+    /// with the option it concerns.
+    pub fn resolve(&self) -> Result<(Settings, PathBuf, UnknownMacs), Vec<String>> {
+        let mut errors = Vec::new();
+        let mut need = |name: &str, present: bool| {
+            if !present {
+                errors.push(format!("--{name} is required"));
+            }
+        };
+        need("interface", self.interface.is_some());
+        need("mode", self.mode.is_some());
+        need("artifacts", self.artifacts.is_some());
+        need("inventory", self.inventory.is_some());
+        let check_dir = |errors: &mut Vec<String>, name: &str, dir: Option<&Path>| {
+            if let Some(d) = dir
+                && !d.is_dir()
+            {
+                errors.push(format!("--{name}: {} is not a directory", d.display()));
+            }
+        };
+        check_dir(&mut errors, "artifacts", self.artifacts.as_deref());
+        let ipxe_dir = self.ipxe_dir.clone().unwrap_or_else(|| "/usr/lib/ipxe".into());
+        check_dir(&mut errors, "ipxe-dir", Some(&ipxe_dir));
+        let efi_file = self.efi_binary.clone().unwrap_or_else(|| "ipxe.efi".into());
+        let bios_file = self.bios_binary.clone().unwrap_or_else(|| "undionly.kpxe".into());
+        for (name, file) in [("efi-binary", &efi_file), ("bios-binary", &bios_file)] {
+            if ipxe_dir.is_dir() && crate::jail::resolve(&ipxe_dir, file).is_err() {
+                errors.push(format!("--{name}: {file} is not a file in {}", ipxe_dir.display()));
+            }
+        }
+        let mut addr = None;
+        if let Some(interface) = &self.interface {
+            match interface_ipv4(interface) {
+                Ok(a) => addr = Some(a),
+                Err(e) => errors.push(format!("--interface: {e}")),
+            }
+        }
+        let pool = match (self.mode, self.pool_start, self.pool_end) {
+            (Some(Mode::Dhcp), Some(start), Some(end)) => {
+                if u32::from(start) > u32::from(end) {
+                    errors.push(format!("--pool-start: {start} is after --pool-end {end}"));
+                }
+                Some((start, end))
+            }
+            (Some(Mode::Dhcp), _, _) => {
+                errors.push("--pool-start and --pool-end are required in dhcp mode".into());
+                None
+            }
+            (_, None, None) => None,
+            _ => {
+                errors.push("--pool-start and --pool-end apply to dhcp mode only".into());
+                None
+            }
+        };
+        let template = match &self.script_template {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!("--script-template: reading {}: {e}", path.display()));
+                    String::new()
+                }
+            },
+            None => crate::ipxe::DEFAULT_TEMPLATE.to_string(),
+        };
+        if self.lease_time == Some(0) {
+            errors.push("--lease-time must be at least 1 second".into());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let (server_ip, prefix) = addr.unwrap_or((Ipv4Addr::UNSPECIFIED, 24));
+        let http_listen = self.http.unwrap_or(SocketAddr::from((server_ip, 8080)));
+        let http_host = if http_listen.ip().is_unspecified() {
+            server_ip.into()
+        } else {
+            http_listen.ip()
+        };
+        let limits = Limits::default();
+        let settings = Settings {
+            interface: self.interface.clone().unwrap_or_default(),
+            server_ip,
+            mode: self.mode.unwrap_or_default(),
+            artifacts: self.artifacts.clone().unwrap_or_default(),
+            ipxe_dir,
+            state_dir: self.state.clone().unwrap_or_else(|| "/var/lib/kiln/pxe".into()),
+            http_listen,
+            http_base: format!("http://{http_host}:{}", http_listen.port()),
+            bios_file,
+            efi_file,
+            pool,
+            lease_secs: self.lease_time.unwrap_or(3600),
+            addressing: AddressSettings {
+                subnet_mask: Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)),
+                router: self.router,
+                dns: self.dns.clone(),
+            },
+            kernel_args: self
+                .kernel_args
+                .clone()
+                .unwrap_or_else(|| "console=tty0 console=ttyS0,115200".into()),
+            template,
+            tftp_port: self.tftp_port.unwrap_or(69),
+            tftp_limits: Limits {
+                max_blksize: self.tftp_max_blksize.unwrap_or(limits.max_blksize),
+                max_windowsize: self.tftp_max_windowsize.unwrap_or(limits.max_windowsize),
+                default_timeout: limits.default_timeout,
+            },
+        };
+        Ok((
+            settings,
+            self.inventory.clone().unwrap_or_default(),
+            self.unknown_macs.unwrap_or_default(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_are_the_option_names_and_unknown_keys_fail() {
+        let c = ServeConfig::from_yaml(
+            "interface: br0\nmode: dhcp\nartifacts: /srv/pxe\ninventory: fleet.yaml\npool-start: 10.0.0.100\npool-end: 10.0.0.200\ndns: [10.0.0.1]\nunknown-macs: discovery\n",
+        )
+        .unwrap();
+        assert_eq!(c.mode, Some(Mode::Dhcp));
+        assert_eq!(c.pool_start, Some(Ipv4Addr::new(10, 0, 0, 100)));
+        assert_eq!(c.unknown_macs, Some(UnknownMacs::Discovery));
+        assert!(ServeConfig::from_yaml("interfaces: br0\n").unwrap_err().contains("interfaces"));
+    }
+
+    #[test]
+    fn command_line_overrides_the_file() {
+        let file = ServeConfig {
+            interface: Some("br0".into()),
+            mode: Some(Mode::Proxy),
+            dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
+            ..Default::default()
+        };
+        let cli = ServeConfig {
+            mode: Some(Mode::Dhcp),
+            ..Default::default()
+        };
+        let m = cli.merged_over(file);
+        assert_eq!(m.interface.as_deref(), Some("br0"));
+        assert_eq!(m.mode, Some(Mode::Dhcp));
+        assert_eq!(m.dns, vec![Ipv4Addr::new(1, 1, 1, 1)]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let c = ServeConfig {
+            mode: Some(Mode::Dhcp),
+            artifacts: Some("/nonexistent/kiln".into()),
+            ipxe_dir: Some("/nonexistent/ipxe".into()),
+            lease_time: Some(0),
+            ..Default::default()
+        };
+        let errors = c.resolve().unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "--interface is required",
+                "--inventory is required",
+                "--artifacts: /nonexistent/kiln is not a directory",
+                "--ipxe-dir: /nonexistent/ipxe is not a directory",
+                "--pool-start and --pool-end are required in dhcp mode",
+                "--lease-time must be at least 1 second",
+            ]
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Runs DHCP (67 and 4011), TFTP and HTTP together on one interface until shutdown.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::UdpSocket;
+pub use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::dhcp::{self, AddressSettings, BootSettings, DhcpServer, DhcpSettings, Mode};
+use crate::http::{HttpState, router};
+use crate::leases::{self, LeasePool};
+use crate::tftp::{TftpServer, session::Limits};
+use crate::trace::Trace;
+
+/// Everything the services need, resolved (addresses known, files checked).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub interface: String,
+    pub server_ip: Ipv4Addr,
+    pub mode: Mode,
+    pub artifacts: PathBuf,
+    pub ipxe_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub http_listen: SocketAddr,
+    /// How clients reach the HTTP service: `http://10.0.0.1:8080`.
+    pub http_base: String,
+    pub bios_file: String,
+    pub efi_file: String,
+    /// Authoritative mode: first and last pool address, lease time.
+    pub pool: Option<(Ipv4Addr, Ipv4Addr)>,
+    pub lease_secs: u64,
+    pub addressing: AddressSettings,
+    pub kernel_args: String,
+    pub template: String,
+    pub tftp_port: u16,
+    pub tftp_limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("interface {0} has no IPv4 address")]
+    NoAddress(String),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
+    #[error(transparent)]
+    Leases(#[from] leases::StoreError),
+    #[error("creating state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// The first IPv4 address of `interface` and its prefix length.
+pub fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, u8), ServeError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|_| ServeError::NoAddress(interface.into()))?;
+    for ifa in addrs {
+        if ifa.interface_name != interface {
+            continue;
+        }
+        let Some(ip) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()) else {
+            continue;
+        };
+        let prefix = ifa
+            .netmask
+            .as_ref()
+            .and_then(|m| m.as_sockaddr_in())
+            .map(|m| u32::from(m.ip()).count_ones() as u8)
+            .unwrap_or(24);
+        return Ok((ip, prefix));
+    }
+    Err(ServeError::NoAddress(interface.into()))
+}
+
+/// A UDP socket on `addr`, tied to `device` (so broadcasts go out and come in there only),
+/// allowed to broadcast, sharing the port with other servers on the host.
+fn udp_socket(addr: SocketAddr, device: &str, what: &'static str) -> Result<UdpSocket, ServeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_address(true)?;
+        s.set_broadcast(true)?;
+        s.bind_device(Some(device.as_bytes()))?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        UdpSocket::from_std(s.into())
+    };
+    bind(addr).map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Binds every service, then serves until `shutdown` is cancelled; HTTP finishes in-flight
+/// requests first.
+pub async fn serve(
+    settings: Settings,
+    backend: Arc<dyn Backend>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&settings.state_dir).map_err(|source| ServeError::StateDir {
+        path: settings.state_dir.clone(),
+        source,
+    })?;
+    let trace = Arc::new(Trace::open(&settings.state_dir)?);
+    let pool = match (settings.mode, settings.pool) {
+        (Mode::Dhcp, Some((start, end))) => {
+            let mut pool = LeasePool::new(start, end, settings.lease_secs);
+            pool.restore(leases::load(&settings.state_dir)?);
+            pool.set_reservations(backend.reservations());
+            Some(Mutex::new(pool))
+        }
+        _ => None,
+    };
+    let any = Ipv4Addr::UNSPECIFIED;
+    let dhcp_socket = udp_socket((any, dhcp::SERVER_PORT).into(), &settings.interface, "DHCP")?;
+    let pxe_socket = udp_socket((any, dhcp::PXE_PORT).into(), &settings.interface, "proxyDHCP")?;
+    let tftp_socket = udp_socket(
+        (settings.server_ip, settings.tftp_port).into(),
+        &settings.interface,
+        "TFTP",
+    )?;
+    let http_listener = tokio::net::TcpListener::bind(settings.http_listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "HTTP",
+            addr: settings.http_listen,
+            source,
+        })?;
+
+    let dhcp_server = Arc::new(DhcpServer {
+        settings: DhcpSettings {
+            mode: settings.mode,
+            boot: BootSettings {
+                server_ip: settings.server_ip,
+                http_base: settings.http_base.clone(),
+                bios_file: settings.bios_file.clone(),
+                efi_file: settings.efi_file.clone(),
+            },
+            addressing: settings.addressing.clone(),
+        },
+        backend: backend.clone(),
+        pool,
+        state_dir: settings.state_dir.clone(),
+        trace: trace.clone(),
+    });
+    let tftp = Arc::new(TftpServer {
+        root: settings.ipxe_dir.clone(),
+        limits: settings.tftp_limits,
+        trace: trace.clone(),
+    });
+    let http_state = Arc::new(HttpState {
+        artifacts: settings.artifacts.clone(),
+        ipxe_dir: settings.ipxe_dir.clone(),
+        base_url: settings.http_base.clone(),
+        kernel_args: settings.kernel_args.clone(),
+        template: settings.template.clone(),
+        backend,
+        trace,
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        dhcp_server
+            .clone()
+            .serve(dhcp_socket, dhcp::SERVER_PORT, shutdown.clone()),
+    );
+    tasks.spawn(dhcp_server.serve(pxe_socket, dhcp::PXE_PORT, shutdown.clone()));
+    tasks.spawn(tftp.serve(tftp_socket, shutdown.clone()));
+    tracing::info!(
+        interface = settings.interface,
+        mode = ?settings.mode,
+        server = %settings.server_ip,
+        http = %settings.http_listen,
+        "netboot services ready: DHCP 67/4011, TFTP {}, HTTP {}",
+        settings.tftp_port,
+        settings.http_base
+    );
+    let app = router(http_state).into_make_service_with_connect_info::<SocketAddr>();
+    let http_shutdown = shutdown.clone();
+    let result = axum::serve(http_listener, app)
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await
+        .map_err(ServeError::Http);
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    result
+}

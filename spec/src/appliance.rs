@@ -1,0 +1,1111 @@
+//! The appliance spec (`kind: Appliance`, usually `kiln.yaml`): what to build and how to
+//! install it — OS packages, users, host name, network defaults, disk rules, cluster settings.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::{SpecError, ValidationErrors};
+use crate::inventory::{Metadata, NodeRole, format_mac, is_dns_label};
+use crate::size::{ByteSize, MIB};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Appliance {
+    /// Always `kiln.dev/v1alpha1`.
+    pub api_version: String,
+    /// Always `Appliance`.
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: ApplianceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplianceSpec {
+    /// A built-in spec this one adds to: objects merge field by field, lists are appended
+    /// and single values replaced by the ones written here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileName>,
+    /// Optional parts of the appliance; each adds its overlay layer to the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<Feature>,
+    #[serde(default)]
+    pub os: OsSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    /// Host name pattern. `{mac}` is the first Ethernet interface's MAC address without
+    /// separators, `{name}` the node's name from the inventory.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    #[serde(default)]
+    pub install: InstallSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+}
+
+fn default_hostname() -> String {
+    "kiln-{mac}".into()
+}
+
+/// The built-in specs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileName {
+    /// A minimal system that boots fast in a virtual machine.
+    Test,
+    /// The full hyperconverged node: Kubernetes, Ceph and KVM virtualisation.
+    Appliance,
+}
+
+impl ProfileName {
+    pub const ALL: [ProfileName; 2] = [ProfileName::Test, ProfileName::Appliance];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileName::Test => "test",
+            ProfileName::Appliance => "appliance",
+        }
+    }
+
+    /// The profile's YAML document, as shipped.
+    pub fn yaml(self) -> &'static str {
+        match self {
+            ProfileName::Test => include_str!("../profiles/test.yaml"),
+            ProfileName::Appliance => include_str!("../profiles/appliance.yaml"),
+        }
+    }
+}
+
+impl std::str::FromStr for ProfileName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ProfileName::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown profile {s:?} (known: test, appliance)"))
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Feature {
+    /// A Kubernetes node (k3s or RKE2, see `cluster`).
+    Kubernetes,
+    /// Ceph storage on the node's data disks. Needs `kubernetes`.
+    Ceph,
+    /// KubeVirt virtual machines. Needs `kubernetes`.
+    Kubevirt,
+}
+
+impl Feature {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Kubernetes => "kubernetes",
+            Feature::Ceph => "ceph",
+            Feature::Kubevirt => "kubevirt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OsSpec {
+    /// Debian release the root file system is built from.
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    /// Debian mirror (http, https or file URL).
+    #[serde(default = "default_mirror")]
+    pub mirror: String,
+    /// Packages added to the minimal Debian base the image builder always installs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apt_repositories: Vec<AptRepository>,
+    /// Extra kernel command-line arguments for the live and the installed system.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_args: Vec<String>,
+}
+
+fn default_suite() -> String {
+    "bookworm".into()
+}
+
+fn default_mirror() -> String {
+    "http://deb.debian.org/debian".into()
+}
+
+impl Default for OsSpec {
+    fn default() -> Self {
+        OsSpec {
+            suite: default_suite(),
+            mirror: default_mirror(),
+            packages: Vec::new(),
+            apt_repositories: Vec::new(),
+            kernel_args: Vec::new(),
+        }
+    }
+}
+
+/// An extra APT source, as a deb822 `.sources` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AptRepository {
+    /// File name of the source, `/etc/apt/sources.list.d/<name>.sources`.
+    pub name: String,
+    pub uri: String,
+    pub suite: String,
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
+    /// ASCII-armoured OpenPGP key that signs the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".into()]
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// crypt(3) hash (`$y$…`, `$6$…`); without one the account has no password login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+/// Host networking. Without explicit configuration every Ethernet interface uses DHCP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// DHCP on every Ethernet interface that no entry below configures.
+    #[serde(default = "yes")]
+    pub dhcp: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bonds: Vec<BondConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlans: Vec<VlanConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<BridgeConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_domains: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        NetworkSpec {
+            dhcp: true,
+            interfaces: Vec::new(),
+            bonds: Vec::new(),
+            vlans: Vec::new(),
+            bridges: Vec::new(),
+            nameservers: Vec::new(),
+            search_domains: Vec::new(),
+        }
+    }
+}
+
+/// A physical interface, by name or by MAC address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// Interface name (`eno1`) or a glob (`en*`).
+    pub name: String,
+    /// Match the interface by MAC address instead of name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub dhcp: bool,
+    /// Static addresses in CIDR notation, `10.0.0.5/24`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BondMode {
+    #[default]
+    ActiveBackup,
+    #[serde(rename = "802.3ad")]
+    Lacp,
+    BalanceRr,
+    BalanceXor,
+    BalanceTlb,
+    BalanceAlb,
+    Broadcast,
+}
+
+impl BondMode {
+    /// The name systemd-networkd and the kernel use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BondMode::ActiveBackup => "active-backup",
+            BondMode::Lacp => "802.3ad",
+            BondMode::BalanceRr => "balance-rr",
+            BondMode::BalanceXor => "balance-xor",
+            BondMode::BalanceTlb => "balance-tlb",
+            BondMode::BalanceAlb => "balance-alb",
+            BondMode::Broadcast => "broadcast",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BondConfig {
+    pub name: String,
+    #[serde(default)]
+    pub mode: BondMode,
+    /// Member interfaces.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub dhcp: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VlanConfig {
+    pub name: String,
+    /// 802.1Q VLAN id, 1–4094.
+    pub id: u16,
+    /// The interface, bond or bridge the VLAN rides on.
+    pub link: String,
+    #[serde(default)]
+    pub dhcp: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BridgeConfig {
+    pub name: String,
+    /// Ports of the bridge: interfaces, bonds or VLANs.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub stp: bool,
+    #[serde(default)]
+    pub dhcp: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// How the installer lays the appliance onto a disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstallSpec {
+    /// Which disk to install to. The disk holding the boot medium is never chosen.
+    #[serde(default)]
+    pub disk: DiskRules,
+    /// Whether the installer may erase a disk that already holds data.
+    #[serde(default)]
+    pub wipe: WipePolicy,
+    /// Size of each of the two OS slots (`KILN_A`, `KILN_B`).
+    #[serde(default = "default_slot_size")]
+    pub slot_size: ByteSize,
+    /// Size of the EFI system partition (kernels, initrds, boot entries).
+    #[serde(default = "default_esp_size")]
+    pub esp_size: ByteSize,
+    /// Size of `KILN_STATE` (/etc and /var overlays, node config); the rest stays free.
+    #[serde(default = "default_state_size")]
+    pub state_size: ByteSize,
+    /// Boot loader choice: `auto` follows the machine's firmware.
+    #[serde(default)]
+    pub firmware: FirmwareChoice,
+    /// What the installer does when it is done.
+    #[serde(default)]
+    pub after_install: AfterInstall,
+}
+
+fn default_slot_size() -> ByteSize {
+    ByteSize::gib(3)
+}
+
+fn default_esp_size() -> ByteSize {
+    ByteSize::mib(512)
+}
+
+fn default_state_size() -> ByteSize {
+    ByteSize::gib(4)
+}
+
+impl Default for InstallSpec {
+    fn default() -> Self {
+        InstallSpec {
+            disk: DiskRules::default(),
+            wipe: WipePolicy::default(),
+            slot_size: default_slot_size(),
+            esp_size: default_esp_size(),
+            state_size: default_state_size(),
+            firmware: FirmwareChoice::default(),
+            after_install: AfterInstall::default(),
+        }
+    }
+}
+
+/// Rules a disk must meet to be installed to; every rule given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskRules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_size: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+    /// Glob (`*`, `?`) on the disk model, e.g. `Samsung SSD 9*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Glob on the disk serial number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// World wide name, `0x5002538e40a1b2c3` (case-insensitive, exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    /// Glob on the disk's `/dev/disk/by-id/…` links, e.g. `/dev/disk/by-id/nvme-*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_id_path: Option<String>,
+    /// `false` for SSDs and NVMe, `true` for spinning disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotational: Option<bool>,
+    /// Allowed transports; empty allows any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transport: Vec<Transport>,
+    /// Removable disks (USB sticks, card readers) are skipped unless this is true.
+    #[serde(default)]
+    pub allow_removable: bool,
+    /// Which disk wins when several meet the rules.
+    #[serde(default)]
+    pub prefer: DiskPreference,
+}
+
+/// How the disk is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Nvme,
+    Sata,
+    Sas,
+    Scsi,
+    Usb,
+    Virtio,
+    Mmc,
+    Unknown,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Nvme => "nvme",
+            Transport::Sata => "sata",
+            Transport::Sas => "sas",
+            Transport::Scsi => "scsi",
+            Transport::Usb => "usb",
+            Transport::Virtio => "virtio",
+            Transport::Mmc => "mmc",
+            Transport::Unknown => "unknown",
+        }
+    }
+}
+
+/// When several disks meet the rules. Ties are broken by device path in natural order
+/// (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskPreference {
+    /// The smallest disk: big disks are usually meant for data.
+    #[default]
+    Smallest,
+    Largest,
+    /// Refuse to choose: the rules must single out one disk.
+    Only,
+}
+
+/// Consent to erase a disk that already holds partitions or a file system. Consent is
+/// never implied: without it the installer refuses and writes nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum WipePolicy {
+    /// Only blank disks; anything else needs `kiln install --wipe`.
+    #[default]
+    Never,
+    /// Blank disks, and disks that hold only an earlier kiln install (reinstall).
+    KilnOnly,
+    /// Whatever the disk rules select is erased.
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareChoice {
+    /// systemd-boot on UEFI machines, GRUB on BIOS machines.
+    #[default]
+    Auto,
+    /// Refuse to install on a machine not booted in UEFI mode.
+    Uefi,
+    /// Install GRUB even on a UEFI machine.
+    Bios,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterInstall {
+    #[default]
+    Reboot,
+    Poweroff,
+    /// Stay in the live system.
+    Stay,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    #[default]
+    K3s,
+    Rke2,
+}
+
+/// Kubernetes settings, used when the `kubernetes` feature is on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(default)]
+    pub distribution: Distribution,
+    /// Release of the distribution, e.g. `v1.31.4+k3s1`; the build pins it by sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Role of nodes the inventory does not give one.
+    #[serde(default)]
+    pub default_role: NodeRole,
+    #[serde(default = "default_cluster_cidr")]
+    pub cluster_cidr: String,
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+}
+
+fn default_cluster_cidr() -> String {
+    "10.42.0.0/16".into()
+}
+
+fn default_service_cidr() -> String {
+    "10.43.0.0/16".into()
+}
+
+fn default_cluster_domain() -> String {
+    "cluster.local".into()
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            distribution: Distribution::default(),
+            version: None,
+            default_role: NodeRole::default(),
+            cluster_cidr: default_cluster_cidr(),
+            service_cidr: default_service_cidr(),
+            cluster_domain: default_cluster_domain(),
+        }
+    }
+}
+
+impl Appliance {
+    /// The spec `kiln build` uses when given none: the `test` profile. A new user's first
+    /// build and lab install should finish in minutes on a laptop; the `appliance` profile
+    /// (Ceph, KVM, Kubernetes) is one `--profile appliance` or `profile: appliance` away.
+    pub fn default_spec() -> Appliance {
+        Appliance::profile(ProfileName::Test)
+    }
+
+    /// A built-in profile, parsed. The profiles are tested to be valid.
+    pub fn profile(name: ProfileName) -> Appliance {
+        Appliance::from_yaml(name.yaml())
+            .unwrap_or_else(|e| panic!("built-in profile {} is invalid: {e}", name.as_str()))
+    }
+
+    /// Parses and validates a spec. Reports every problem found, each with its field path:
+    /// first the shape (unknown fields, wrong types), then the values.
+    pub fn from_yaml(text: &str) -> Result<Appliance, SpecError> {
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
+                what: "appliance spec".into(),
+                message: e.to_string(),
+            })?;
+        Appliance::from_value(value)
+    }
+
+    /// Like [`Appliance::from_yaml`], from an already parsed document (JSON or YAML).
+    pub fn from_value(mut value: serde_json::Value) -> Result<Appliance, SpecError> {
+        let invalid = |errors| SpecError::Invalid {
+            what: "appliance spec".into(),
+            errors,
+        };
+        if let Some(profile) = value
+            .pointer("/spec/profile")
+            .and_then(|p| p.as_str())
+            .and_then(|p| p.parse::<ProfileName>().ok())
+        {
+            let mut base: serde_json::Value =
+                serde_saphyr::from_str(profile.yaml()).expect("built-in profiles are YAML");
+            crate::check::merge(&mut base, value);
+            value = base;
+        }
+        let schema = schemars::schema_for!(Appliance);
+        crate::check::parse_all(schema.as_value(), value, Appliance::validate).map_err(
+            |e| match e {
+                crate::check::ParseAll::Invalid(errors) => invalid(errors),
+                crate::check::ParseAll::Shape(message) => SpecError::Parse {
+                    what: "appliance spec".into(),
+                    message,
+                },
+            },
+        )
+    }
+
+    pub fn load(path: &Path) -> Result<Appliance, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Appliance::from_yaml(&text)
+    }
+
+    /// The spec as YAML, the form `kiln spec default` prints.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("an appliance spec always serializes")
+    }
+
+    /// The kernel command line the appliance needs, before the boot-specific arguments
+    /// (`kiln.slot=…`): what its features need, then `os.kernelArgs`.
+    pub fn kernel_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = Vec::new();
+        if self.has_feature(Feature::Kubevirt) {
+            // Device pass-through to virtual machines (AMD enables its IOMMU by default).
+            args.extend(["intel_iommu=on", "iommu=pt"].map(String::from));
+        }
+        for a in &self.spec.os.kernel_args {
+            if !args.contains(a) {
+                args.push(a.clone());
+            }
+        }
+        args
+    }
+
+    pub fn has_feature(&self, f: Feature) -> bool {
+        self.spec.features.contains(&f)
+    }
+
+    /// Host name for a node: the pattern with `{name}` and `{mac}` filled in.
+    pub fn hostname_for(
+        &self,
+        name: Option<&str>,
+        mac: Option<&[u8; 6]>,
+    ) -> Result<String, String> {
+        expand_hostname(&self.spec.hostname, name, mac)
+    }
+
+    /// Every value problem, each with its field path.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.api_version != crate::API_VERSION {
+            errs.push(
+                "apiVersion",
+                format!(
+                    "must be {:?}, found {:?}",
+                    crate::API_VERSION,
+                    self.api_version
+                ),
+            );
+        }
+        if self.kind != "Appliance" {
+            errs.push(
+                "kind",
+                format!("must be \"Appliance\", found {:?}", self.kind),
+            );
+        }
+        if !is_dns_label(&self.metadata.name) {
+            errs.push(
+                "metadata.name",
+                format!(
+                    "{:?} is not a valid name (lower-case letters, digits and '-', at most 63)",
+                    self.metadata.name
+                ),
+            );
+        }
+        let s = &self.spec;
+        for (i, f) in s.features.iter().enumerate() {
+            if matches!(f, Feature::Ceph | Feature::Kubevirt)
+                && !self.has_feature(Feature::Kubernetes)
+            {
+                errs.push(
+                    format!("spec.features[{i}]"),
+                    format!("{} needs the kubernetes feature", f.as_str()),
+                );
+            }
+        }
+        validate_os(&s.os, &mut errs);
+        validate_users(&s.users, &mut errs);
+        if let Err(reason) = check_hostname_pattern(&s.hostname) {
+            errs.push("spec.hostname", reason);
+        }
+        validate_network(&s.network, &mut errs);
+        validate_install(&s.install, &mut errs);
+        validate_cluster(&s.cluster, &mut errs);
+        errs.into_result()
+    }
+}
+
+fn validate_os(os: &OsSpec, errs: &mut ValidationErrors) {
+    if !is_suite(&os.suite) {
+        errs.push(
+            "spec.os.suite",
+            format!("{:?} is not a Debian suite name", os.suite),
+        );
+    }
+    if let Err(reason) = check_url(&os.mirror) {
+        errs.push("spec.os.mirror", reason);
+    }
+    for (i, p) in os.packages.iter().enumerate() {
+        if !is_package_name(p) {
+            errs.push(
+                format!("spec.os.packages[{i}]"),
+                format!("{p:?} is not a Debian package name"),
+            );
+        }
+    }
+    let mut names = BTreeSet::new();
+    for (i, r) in os.apt_repositories.iter().enumerate() {
+        let at = format!("spec.os.aptRepositories[{i}]");
+        if !is_file_stem(&r.name) {
+            errs.push(
+                format!("{at}.name"),
+                format!("{:?} is not a usable file name", r.name),
+            );
+        } else if !names.insert(r.name.as_str()) {
+            errs.push(format!("{at}.name"), format!("{:?} is used twice", r.name));
+        }
+        if let Err(reason) = check_url(&r.uri) {
+            errs.push(format!("{at}.uri"), reason);
+        }
+        if r.suite.is_empty() || r.suite.contains(char::is_whitespace) {
+            errs.push(format!("{at}.suite"), "must be one word");
+        }
+        if r.components.is_empty() {
+            errs.push(
+                format!("{at}.components"),
+                "must list at least one component",
+            );
+        }
+        if let Some(key) = &r.key
+            && !key.contains("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+        {
+            errs.push(
+                format!("{at}.key"),
+                "must be an ASCII-armoured OpenPGP public key",
+            );
+        }
+    }
+    for (i, a) in os.kernel_args.iter().enumerate() {
+        if a.is_empty() || a.contains(char::is_whitespace) {
+            errs.push(
+                format!("spec.os.kernelArgs[{i}]"),
+                format!("{a:?} must be one argument without spaces"),
+            );
+        }
+    }
+}
+
+fn validate_users(users: &[User], errs: &mut ValidationErrors) {
+    let mut seen = BTreeSet::new();
+    for (i, u) in users.iter().enumerate() {
+        let at = format!("spec.users[{i}]");
+        if !is_unix_name(&u.name) {
+            errs.push(
+                format!("{at}.name"),
+                format!("{:?} is not a valid user name", u.name),
+            );
+        } else if !seen.insert(u.name.as_str()) {
+            errs.push(
+                format!("{at}.name"),
+                format!("user {:?} is listed twice", u.name),
+            );
+        }
+        for (j, g) in u.groups.iter().enumerate() {
+            if !is_unix_name(g) {
+                errs.push(
+                    format!("{at}.groups[{j}]"),
+                    format!("{g:?} is not a valid group name"),
+                );
+            }
+        }
+        for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
+            if let Err(reason) = check_ssh_key(k) {
+                errs.push(format!("{at}.sshAuthorizedKeys[{j}]"), reason);
+            }
+        }
+        if let Some(h) = &u.password_hash
+            && !(h.starts_with('$')
+                && h.matches('$').count() >= 3
+                && !h.contains(char::is_whitespace))
+        {
+            errs.push(
+                format!("{at}.passwordHash"),
+                "must be a crypt(3) hash such as $y$… or $6$… (never a clear-text password)",
+            );
+        }
+    }
+}
+
+fn validate_network(n: &NetworkSpec, errs: &mut ValidationErrors) {
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let mut check_name = |name: &str, at: &str, errs: &mut ValidationErrors, glob_ok: bool| {
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name.chars().all(|c| {
+                c.is_ascii_alphanumeric() || "-_.".contains(c) || (glob_ok && "*?".contains(c))
+            });
+        if !ok {
+            errs.push(
+                format!("{at}.name"),
+                format!(
+                    "{name:?} is not an interface name (at most 15 letters, digits, '-', '_', '.')"
+                ),
+            );
+        } else if !names.insert(name.to_string()) {
+            errs.push(
+                format!("{at}.name"),
+                format!("{name:?} is configured twice"),
+            );
+        }
+    };
+    for (i, c) in n.interfaces.iter().enumerate() {
+        let at = format!("spec.network.interfaces[{i}]");
+        check_name(&c.name, &at, errs, true);
+        if let Some(mac) = &c.mac
+            && crate::inventory::parse_mac(mac).is_none()
+        {
+            errs.push(
+                format!("{at}.mac"),
+                format!("{mac:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
+            );
+        }
+        check_addressing(&at, c.dhcp, &c.addresses, c.gateway.as_deref(), c.mtu, errs);
+    }
+    for (i, b) in n.bonds.iter().enumerate() {
+        let at = format!("spec.network.bonds[{i}]");
+        check_name(&b.name, &at, errs, false);
+        if b.interfaces.is_empty() {
+            errs.push(
+                format!("{at}.interfaces"),
+                "a bond needs at least one member interface",
+            );
+        }
+        check_addressing(&at, b.dhcp, &b.addresses, b.gateway.as_deref(), b.mtu, errs);
+    }
+    for (i, v) in n.vlans.iter().enumerate() {
+        let at = format!("spec.network.vlans[{i}]");
+        check_name(&v.name, &at, errs, false);
+        if !(1..=4094).contains(&v.id) {
+            errs.push(
+                format!("{at}.id"),
+                format!("{} is not a VLAN id (1–4094)", v.id),
+            );
+        }
+        if v.link.is_empty() {
+            errs.push(
+                format!("{at}.link"),
+                "must name the interface the VLAN rides on",
+            );
+        }
+        check_addressing(&at, v.dhcp, &v.addresses, v.gateway.as_deref(), v.mtu, errs);
+    }
+    for (i, b) in n.bridges.iter().enumerate() {
+        let at = format!("spec.network.bridges[{i}]");
+        check_name(&b.name, &at, errs, false);
+        check_addressing(&at, b.dhcp, &b.addresses, b.gateway.as_deref(), b.mtu, errs);
+    }
+    for (i, s) in n.nameservers.iter().enumerate() {
+        if s.parse::<IpAddr>().is_err() {
+            errs.push(
+                format!("spec.network.nameservers[{i}]"),
+                format!("{s:?} is not an IP address"),
+            );
+        }
+    }
+    for (i, d) in n.search_domains.iter().enumerate() {
+        if d.is_empty() || !d.split('.').all(|l| is_dns_label(&l.to_ascii_lowercase())) {
+            errs.push(
+                format!("spec.network.searchDomains[{i}]"),
+                format!("{d:?} is not a domain name"),
+            );
+        }
+    }
+}
+
+fn check_addressing(
+    at: &str,
+    dhcp: bool,
+    addresses: &[String],
+    gateway: Option<&str>,
+    mtu: Option<u32>,
+    errs: &mut ValidationErrors,
+) {
+    for (i, a) in addresses.iter().enumerate() {
+        if a.parse::<ipnet::IpNet>().is_err() {
+            errs.push(
+                format!("{at}.addresses[{i}]"),
+                format!("{a:?} is not an address with prefix length, like 10.0.0.5/24"),
+            );
+        }
+    }
+    if let Some(g) = gateway {
+        if g.parse::<IpAddr>().is_err() {
+            errs.push(
+                format!("{at}.gateway"),
+                format!("{g:?} is not an IP address"),
+            );
+        } else if addresses.is_empty() && !dhcp {
+            errs.push(
+                format!("{at}.gateway"),
+                "a gateway needs a static address on the same link",
+            );
+        }
+    }
+    if let Some(m) = mtu
+        && !(68..=65535).contains(&m)
+    {
+        errs.push(format!("{at}.mtu"), format!("{m} is not an MTU (68–65535)"));
+    }
+}
+
+fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
+    let d = &i.disk;
+    if let (Some(min), Some(max)) = (d.min_size, d.max_size)
+        && min > max
+    {
+        errs.push(
+            "spec.install.disk.maxSize",
+            format!("{max} is smaller than minSize {min}"),
+        );
+    }
+    if let Some(w) = &d.wwn
+        && (w.is_empty() || w.contains(char::is_whitespace))
+    {
+        errs.push(
+            "spec.install.disk.wwn",
+            "must be a world wide name like 0x5002538e40a1b2c3",
+        );
+    }
+    if let Some(p) = &d.by_id_path
+        && !p.starts_with("/dev/disk/by-id/")
+    {
+        errs.push(
+            "spec.install.disk.byIdPath",
+            format!("{p:?} must start with /dev/disk/by-id/"),
+        );
+    }
+    for (field, size, min) in [
+        ("slotSize", i.slot_size, 64 * MIB),
+        ("espSize", i.esp_size, 64 * MIB),
+        ("stateSize", i.state_size, 64 * MIB),
+    ] {
+        if size.0 < min {
+            errs.push(
+                format!("spec.install.{field}"),
+                format!("{size} is too small (at least {})", ByteSize(min)),
+            );
+        } else if !size.0.is_multiple_of(MIB) {
+            errs.push(
+                format!("spec.install.{field}"),
+                format!("{size} is not a whole number of MiB"),
+            );
+        }
+    }
+}
+
+fn validate_cluster(c: &ClusterSpec, errs: &mut ValidationErrors) {
+    for (field, v) in [
+        ("clusterCidr", &c.cluster_cidr),
+        ("serviceCidr", &c.service_cidr),
+    ] {
+        if v.parse::<ipnet::IpNet>().is_err() {
+            errs.push(
+                format!("spec.cluster.{field}"),
+                format!("{v:?} is not a network like 10.42.0.0/16"),
+            );
+        }
+    }
+    if c.cluster_domain.is_empty() || !c.cluster_domain.split('.').all(is_dns_label) {
+        errs.push(
+            "spec.cluster.clusterDomain",
+            format!("{:?} is not a domain name", c.cluster_domain),
+        );
+    }
+    if let Some(v) = &c.version
+        && (v.is_empty() || v.contains(char::is_whitespace))
+    {
+        errs.push(
+            "spec.cluster.version",
+            "must be a release like v1.31.4+k3s1",
+        );
+    }
+}
+
+/// Fills in a host name pattern. `{mac}` needs `mac`, `{name}` needs `name`.
+pub fn expand_hostname(
+    pattern: &str,
+    name: Option<&str>,
+    mac: Option<&[u8; 6]>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("{pattern:?}: '{{' without '}}'"))?
+            + open;
+        match &rest[open + 1..close] {
+            "mac" => {
+                let mac =
+                    mac.ok_or("the pattern uses {mac} but the machine has no Ethernet interface")?;
+                out.push_str(&format_mac(mac).replace(':', ""));
+            }
+            "name" => {
+                let name = name.ok_or(
+                    "the pattern uses {name} but this node has no name (no inventory entry)",
+                )?;
+                out.push_str(name);
+            }
+            other => {
+                return Err(format!(
+                    "unknown placeholder {{{other}}} (known: {{mac}}, {{name}})"
+                ));
+            }
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    if !is_dns_label(&out) {
+        return Err(format!(
+            "{out:?} is not a valid host name (lower-case letters, digits and '-', at most 63)"
+        ));
+    }
+    Ok(out)
+}
+
+fn check_hostname_pattern(pattern: &str) -> Result<(), String> {
+    // A node name is a DNS label itself; "n" stands for any, "x"*63 would hide length limits.
+    expand_hostname(pattern, Some("n"), Some(&[0; 6])).map(|_| ())
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    match url.split_once("://") {
+        Some(("http" | "https", host))
+            if !host.is_empty() && !url.contains(char::is_whitespace) =>
+        {
+            Ok(())
+        }
+        Some(("file", path)) if path.starts_with('/') => Ok(()),
+        _ => Err(format!(
+            "{url:?} is not an http://, https:// or file:/// URL"
+        )),
+    }
+}
+
+fn is_suite(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Debian policy §5.6.1, with an optional `=version` pin.
+fn is_package_name(p: &str) -> bool {
+    let name = p
+        .split_once('=')
+        .map_or(p, |(n, v)| if v.is_empty() { "" } else { n });
+    name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+}
+
+fn is_unix_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn is_file_stem(n: &str) -> bool {
+    !n.is_empty()
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !n.starts_with('.')
+}
+
+fn check_ssh_key(key: &str) -> Result<(), String> {
+    const TYPES: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let mut parts = key.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let blob = parts.next().unwrap_or("");
+    if !TYPES.contains(&kind) {
+        return Err(format!(
+            "must start with a key type such as ssh-ed25519, found {:?}",
+            kind.chars().take(30).collect::<String>()
+        ));
+    }
+    let base64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
+    if blob.len() < 16 || !blob.chars().all(base64) {
+        return Err("the key data after the type is missing or not base64".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,364 @@
+//! Checks a document's shape against the JSON Schema of its type before the typed parse, so
+//! that every unknown field, wrong type and bad enum value is reported at once with its path
+//! (serde alone stops at the first). Understands the subset of JSON Schema schemars emits.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::errors::ValidationErrors;
+
+/// Why [`parse_all`] gave up.
+#[derive(Debug)]
+pub(crate) enum ParseAll {
+    /// Every problem found, shape and values.
+    Invalid(ValidationErrors),
+    /// The typed parse failed on something the shape check does not model.
+    Shape(String),
+}
+
+/// Shape check, typed parse, then `validate`. When the shape is wrong, the offending fields
+/// are dropped (falling back to their defaults) and the rest is still parsed and validated,
+/// so one run reports as much as it can.
+pub(crate) fn parse_all<T: DeserializeOwned>(
+    schema: &Value,
+    mut doc: Value,
+    validate: impl Fn(&T) -> Result<(), ValidationErrors>,
+) -> Result<T, ParseAll> {
+    let mut errs = ValidationErrors::default();
+    check(schema, schema, &doc, "", &mut errs);
+    if errs.is_empty() {
+        let typed: T = serde_json::from_value(doc).map_err(|e| ParseAll::Shape(e.to_string()))?;
+        return match validate(&typed) {
+            Ok(()) => Ok(typed),
+            Err(e) => Err(ParseAll::Invalid(e)),
+        };
+    }
+    let removed: Vec<String> = errs.0.iter().map(|e| droppable_field(&e.path)).collect();
+    for path in &removed {
+        remove(&mut doc, path);
+    }
+    if let Ok(typed) = serde_json::from_value::<T>(doc)
+        && let Err(more) = validate(&typed)
+    {
+        for e in more.0 {
+            if !removed.iter().any(|r| within(&e.path, r)) {
+                errs.0.push(e);
+            }
+        }
+    }
+    Err(ParseAll::Invalid(errs))
+}
+
+/// Merges `over` into `base`: objects field by field, lists appended (without repeating
+/// equal items), anything else replaced.
+pub(crate) fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(o)) => {
+            for v in o {
+                if !b.contains(&v) {
+                    b.push(v);
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn within(path: &str, prefix: &str) -> bool {
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// The object field to drop for an error at `path`. A bad list item is not dropped by
+/// itself (that would shift the indices of later errors): its whole list is.
+fn droppable_field(path: &str) -> String {
+    let mut p = path;
+    while p.ends_with(']') {
+        match p.rfind('[') {
+            Some(i) => p = &p[..i],
+            None => break,
+        }
+    }
+    p.to_string()
+}
+
+/// Removes the object field at a path like `spec.users[1].shell`.
+fn remove(doc: &mut Value, path: &str) {
+    let Some((parent, last)) = path.rsplit_once('.').map_or(Some(("", path)), Some) else {
+        return;
+    };
+    let mut cur = doc;
+    for seg in parent.split('.').filter(|s| !s.is_empty()) {
+        let (key, indices) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        match cur.get_mut(key) {
+            Some(next) => cur = next,
+            None => return,
+        }
+        for idx in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
+            match idx.parse::<usize>().ok().and_then(|i| cur.get_mut(i)) {
+                Some(next) => cur = next,
+                None => return,
+            }
+        }
+    }
+    if let Some(obj) = cur.as_object_mut() {
+        obj.remove(last);
+    }
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+fn at(path: &str) -> String {
+    if path.is_empty() {
+        "(document)".into()
+    } else {
+        path.into()
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a number",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+fn type_matches(t: &str, v: &Value) -> bool {
+    match t {
+        "null" => v.is_null(),
+        "boolean" => v.is_boolean(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "number" => v.is_number(),
+        "integer" => v.is_i64() || v.is_u64(),
+        _ => true,
+    }
+}
+
+fn type_name(t: &str) -> &str {
+    match t {
+        "null" => "nothing",
+        "boolean" => "true or false",
+        "object" => "a mapping",
+        "array" => "a list",
+        "string" => "a string",
+        "number" => "a number",
+        "integer" => "a whole number",
+        other => other,
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 40 {
+        format!("{}…", s.chars().take(40).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Allowed values when `schema` is an enumeration (`enum`, or `oneOf` of `const`s).
+fn enumeration(root: &Value, schema: &Value) -> Option<Vec<Value>> {
+    let schema = resolve(root, schema);
+    if let Some(e) = schema.get("enum").and_then(Value::as_array) {
+        return Some(e.clone());
+    }
+    if let Some(c) = schema.get("const") {
+        return Some(vec![c.clone()]);
+    }
+    let branches = schema
+        .get("oneOf")
+        .or_else(|| schema.get("anyOf"))
+        .and_then(Value::as_array)?;
+    let mut all = Vec::new();
+    for b in branches {
+        all.extend(enumeration(root, b)?);
+    }
+    Some(all)
+}
+
+fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => r
+            .strip_prefix('#')
+            .and_then(|p| root.pointer(p))
+            .map(|s| resolve(root, s))
+            .unwrap_or(schema),
+        None => schema,
+    }
+}
+
+fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut ValidationErrors) {
+    let schema = resolve(root, schema);
+    if schema == &Value::Bool(false) {
+        errs.push(at(path), "is not allowed here");
+        return;
+    }
+    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
+        for s in all {
+            check(root, s, v, path, errs);
+        }
+    }
+    if let Some(allowed) = enumeration(root, schema) {
+        if !allowed.contains(v) {
+            let list: Vec<String> = allowed
+                .iter()
+                .map(|a| a.as_str().map_or_else(|| a.to_string(), str::to_string))
+                .collect();
+            errs.push(
+                at(path),
+                format!("{} is not one of: {}", short(v), list.join(", ")),
+            );
+        }
+        return;
+    }
+    if let Some(branches) = schema
+        .get("oneOf")
+        .or_else(|| schema.get("anyOf"))
+        .and_then(Value::as_array)
+    {
+        let mut best: Option<ValidationErrors> = None;
+        for b in branches {
+            let mut e = ValidationErrors::default();
+            check(root, b, v, path, &mut e);
+            if e.is_empty() {
+                return;
+            }
+            // Report the branch whose type fits (an Option's value, not its null).
+            let fits =
+                declared_types(root, b).is_none_or(|ts| ts.iter().any(|t| type_matches(t, v)));
+            if fits && best.as_ref().is_none_or(|b| e.0.len() < b.0.len()) {
+                best = Some(e);
+            }
+        }
+        match best {
+            Some(e) => errs.0.extend(e.0),
+            None => errs.push(at(path), format!("{} does not fit here", kind_of(v))),
+        }
+        return;
+    }
+    if let Some(types) = declared_types(root, schema)
+        && !types.iter().any(|t| type_matches(t, v))
+    {
+        let want: Vec<&str> = types
+            .iter()
+            .filter(|t| **t != "null")
+            .map(|t| type_name(t))
+            .collect();
+        // YAML reads 0x55cd…, 0644, yes and 1.10 as numbers or booleans.
+        let hint = if types.contains(&"string") && (v.is_number() || v.is_boolean()) {
+            "; put it in quotes"
+        } else {
+            ""
+        };
+        errs.push(
+            at(path),
+            format!(
+                "expected {}, found {} ({}){hint}",
+                want.join(" or "),
+                kind_of(v),
+                short(v)
+            ),
+        );
+        return;
+    }
+    match v {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            if let Some(req) = schema.get("required").and_then(Value::as_array) {
+                for r in req.iter().filter_map(Value::as_str) {
+                    if !map.contains_key(r) {
+                        errs.push(join(path, r), "is required");
+                    }
+                }
+            }
+            for (k, item) in map {
+                let p = join(path, k);
+                if let Some(s) = props.and_then(|ps| ps.get(k)) {
+                    check(root, s, item, &p, errs);
+                    continue;
+                }
+                match schema.get("additionalProperties") {
+                    Some(Value::Bool(false)) => {
+                        let known: Vec<&str> = props
+                            .map(|ps| ps.keys().map(String::as_str).collect())
+                            .unwrap_or_default();
+                        errs.push(
+                            p,
+                            format!("unknown field (known here: {})", known.join(", ")),
+                        );
+                    }
+                    Some(s @ Value::Object(_)) => check(root, s, item, &p, errs),
+                    _ => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    check(root, s, item, &format!("{path}[{i}]"), errs);
+                }
+            }
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (items.len() as u64) < min
+            {
+                errs.push(at(path), format!("needs at least {min} item(s)"));
+            }
+        }
+        Value::Number(n) => {
+            if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+                && n.as_f64().is_some_and(|x| x < min)
+            {
+                errs.push(at(path), format!("{n} is below the minimum {min}"));
+            }
+            if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+                && n.as_f64().is_some_and(|x| x > max)
+            {
+                errs.push(at(path), format!("{n} is above the maximum {max}"));
+            }
+        }
+        Value::String(s) => {
+            if schema.get("format").and_then(Value::as_str) == Some(crate::size::BYTE_SIZE_FORMAT)
+                && let Err(e) = s.parse::<crate::size::ByteSize>()
+            {
+                errs.push(at(path), e.to_string());
+            }
+        }
+        _ => {}
+    }
+}
+
+fn declared_types<'a>(root: &'a Value, schema: &'a Value) -> Option<Vec<&'a str>> {
+    match resolve(root, schema).get("type")? {
+        Value::String(t) => Some(vec![t.as_str()]),
+        Value::Array(ts) => Some(ts.iter().filter_map(Value::as_str).collect()),
+        _ => None,
+    }
+}

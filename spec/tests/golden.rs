@@ -1,0 +1,102 @@
+//! Golden tests of the spec model: the built-in profiles, error reports and the JSON Schema.
+//! `KILN_BLESS=1 cargo test -p kiln-spec --test golden` rewrites the expected files.
+
+use std::path::{Path, PathBuf};
+
+use kiln_spec::{Appliance, ProfileName, SpecError};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Compares `actual` with the committed file, or rewrites it under `KILN_BLESS=1`.
+fn assert_golden(name: &str, actual: &str) {
+    let path = golden_dir().join(name);
+    if std::env::var_os("KILN_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading {}: {e} (run with KILN_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs (KILN_BLESS=1 regenerates it)",
+        path.display()
+    );
+}
+
+#[test]
+fn built_in_profiles_are_valid_and_test_is_the_default() {
+    for p in ProfileName::ALL {
+        let spec = Appliance::from_yaml(p.yaml()).unwrap_or_else(|e| panic!("{}: {e}", p.as_str()));
+        assert_eq!(spec.spec.profile, Some(p));
+        // What `kiln spec default` prints parses back to the same spec.
+        assert_eq!(Appliance::from_yaml(&spec.to_yaml()).unwrap(), spec);
+    }
+    assert_eq!(
+        Appliance::default_spec().spec.profile,
+        Some(ProfileName::Test)
+    );
+    let full = Appliance::profile(ProfileName::Appliance);
+    assert!(full.spec.os.packages.iter().any(|p| p == "ceph-osd"));
+    assert!(
+        full.spec
+            .os
+            .packages
+            .iter()
+            .any(|p| p == "libvirt-daemon-system")
+    );
+}
+
+#[test]
+fn a_spec_adds_to_its_profile() {
+    let spec = Appliance::from_yaml(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata: {name: lab}\n\
+         spec:\n  profile: appliance\n  os: {packages: [vim]}\n  install: {slotSize: 10GiB}\n",
+    )
+    .unwrap();
+    assert_eq!(spec.metadata.name, "lab");
+    let pk = &spec.spec.os.packages;
+    assert!(pk.contains(&"ceph-osd".to_string()) && pk.contains(&"vim".to_string()));
+    assert_eq!(spec.spec.install.slot_size.to_string(), "10GiB");
+    assert_eq!(
+        spec.spec.install.state_size.to_string(),
+        "16GiB",
+        "kept from the profile"
+    );
+}
+
+#[test]
+fn an_invalid_spec_reports_every_error_with_its_path() {
+    let text = std::fs::read_to_string(golden_dir().join("invalid.yaml")).unwrap();
+    let err = Appliance::from_yaml(&text).unwrap_err();
+    let SpecError::Invalid { errors, .. } = &err else {
+        panic!("expected validation errors, got {err}")
+    };
+    let listing: String = errors
+        .0
+        .iter()
+        .map(|e| format!("{}: {}\n", e.path, e.reason))
+        .collect();
+    assert_golden("invalid.errors.txt", &listing);
+}
+
+#[test]
+fn yaml_syntax_errors_are_parse_errors() {
+    let err = Appliance::from_yaml("spec: [unclosed").unwrap_err();
+    assert!(matches!(err, SpecError::Parse { .. }), "{err}");
+}
+
+#[test]
+fn json_schema_is_stable() {
+    let schema = schemars::schema_for!(Appliance);
+    assert_golden(
+        "appliance.schema.json",
+        &(serde_json::to_string_pretty(&schema).unwrap() + "\n"),
+    );
+}

@@ -1,0 +1,117 @@
+//! `kiln build`: an appliance spec becomes a hybrid ISO, a PXE bundle and a manifest.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use kiln_image::{BuildInputs, BuildReport, Cache};
+use kiln_spec::{Appliance, ProfileName};
+
+use crate::cli::output::{OutputArgs, OutputFormat};
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Appliance spec to build (default: the embedded default spec)
+    #[arg(long, value_name = "FILE", conflicts_with = "profile")]
+    pub spec: Option<PathBuf>,
+    /// Build a built-in profile instead of a spec file (test, appliance)
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<ProfileName>,
+    /// Directory for kiln.iso, pxe/ and manifest.json (replaced if it holds an earlier build)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Build cache [default: $KILN_CACHE or ~/.cache/kiln]
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// The kiln binary to put into the image [default: this program]
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub kiln_binary: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub fn run(args: BuildArgs) -> anyhow::Result<()> {
+    let (appliance, spec_yaml) = load_spec(&args)?;
+    let kiln_binary = match &args.kiln_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("finding the kiln binary")?,
+    };
+    let inputs = resolve(&appliance, spec_yaml, kiln_binary)?;
+    let cache = Cache::locate(args.cache.clone());
+    tracing::info!(
+        "building {} ({} packages) into {} with cache {}",
+        appliance.metadata.name,
+        inputs.package_list().len(),
+        args.out.display(),
+        cache.root().display()
+    );
+    let report = kiln_image::build(&inputs, &args.out, &cache)
+        .with_context(|| format!("building {}", args.out.display()))?;
+    args.output.emit(&report, summary)?;
+    if args.output.output == OutputFormat::Text {
+        eprintln!("kiln: built {} in {:.1} s", report.out.display(), report.seconds);
+    }
+    Ok(())
+}
+
+/// The spec to build and its text as embedded on the ISO.
+fn load_spec(args: &BuildArgs) -> anyhow::Result<(Appliance, String)> {
+    match (&args.spec, args.profile) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let appliance = Appliance::from_yaml(&text).with_context(|| format!("loading {}", path.display()))?;
+            Ok((appliance, text))
+        }
+        (None, Some(profile)) => Ok((Appliance::profile(profile), profile.yaml().to_string())),
+        (None, None) => {
+            let a = Appliance::default_spec();
+            let yaml = a.to_yaml();
+            Ok((a, yaml))
+        }
+    }
+}
+
+/// Build inputs from a validated spec and its rendered overlays.
+fn resolve(a: &Appliance, spec_yaml: String, kiln_binary: PathBuf) -> anyhow::Result<BuildInputs> {
+    let os = &a.spec.os;
+    Ok(BuildInputs {
+        suite: os.suite.clone(),
+        mirror: os.mirror.clone(),
+        packages: os.packages.clone(),
+        kernel_args: os.kernel_args.clone(),
+        minimal_modules: a.spec.profile == Some(ProfileName::Test),
+        spec_yaml,
+        files: Vec::new(),
+        units_enabled: Vec::new(),
+        kiln_binary,
+    })
+}
+
+fn summary(r: &BuildReport) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "base rootfs: {} ({})\n",
+        if r.rootfs_cache_hit { "cache hit" } else { "cache miss, built" },
+        r.manifest.rootfs_cache_key
+    ));
+    s.push_str("steps:\n");
+    for t in &r.timings {
+        s.push_str(&format!("  {:<10} {:>7.1} s  {}\n", t.step, t.seconds, t.note));
+    }
+    s.push_str(&format!("  {:<10} {:>7.1} s\n", "total", r.seconds));
+    s.push_str("artifacts:\n");
+    for a in &r.manifest.artifacts {
+        s.push_str(&format!(
+            "  {:<20} {:>8.1} MiB  sha256 {}\n",
+            a.path,
+            a.size as f64 / (1024.0 * 1024.0),
+            a.sha256
+        ));
+    }
+    s.push_str(&format!(
+        "kernel {}, {} packages, spec sha256 {}\n",
+        r.manifest.kernel,
+        r.manifest.packages.len(),
+        r.manifest.spec_sha256
+    ));
+    s
+}

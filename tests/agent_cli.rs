@@ -1,0 +1,371 @@
+//! `kiln agent run` as a process on a temporary root, driven through its unix socket by
+//! `kiln node status|plan|apply` and the API client: drift repair by the running agent,
+//! crash recovery, sd_notify, and starting without a config.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kiln_agent::status::{NodeStatus, PlanReport};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn host_tree(slot: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let etc = t.path().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    fs::write(etc.join("group"), "root:x:0:\n").unwrap();
+    fs::create_dir_all(t.path().join("proc")).unwrap();
+    fs::write(
+        t.path().join("proc/cmdline"),
+        format!("root=/dev/sda2 kiln.slot={slot} quiet\n"),
+    )
+    .unwrap();
+    fs::create_dir_all(t.path().join("var/lib/kiln")).unwrap();
+    t
+}
+
+fn write_config(root: &Path, spec_yaml: &str) {
+    fs::write(
+        root.join("var/lib/kiln/node.yaml"),
+        format!("apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nspec:\n{spec_yaml}"),
+    )
+    .unwrap();
+}
+
+/// A running `kiln agent run`; killed on drop.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(root: &Path, env: &[(&str, String)]) -> Agent {
+        let socket = root.join("agent.sock");
+        let mut cmd = Command::new(KILN);
+        cmd.args(["agent", "run", "--resync-secs", "3600", "--root"])
+            .arg(root)
+            .arg("--socket")
+            .arg(&socket)
+            .env("KILN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting kiln agent run");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Agent {
+            child,
+            lines,
+            socket,
+        }
+    }
+
+    /// The agent's first stdout line, which must be its ready line.
+    fn ready_line(&self) -> String {
+        self.lines
+            .recv_timeout(TIMEOUT)
+            .expect("the agent printed its ready line")
+    }
+
+    fn node(&self, args: &[&str]) -> Output {
+        Command::new(KILN)
+            .arg("node")
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> NodeStatus {
+        let out = self.node(&["status", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn plan(&self) -> PlanReport {
+        let out = self.node(&["plan", "-o", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cond(s: &NodeStatus, kind: &str) -> bool {
+    s.condition(kind)
+        .unwrap_or_else(|| panic!("no {kind} in {s:#?}"))
+        .status
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn status_plan_and_apply_through_the_socket() {
+    let t = host_tree("B");
+    let root = t.path();
+    write_config(
+        root,
+        "  hostname: cli-node\n  files: [{path: /etc/motd, content: \"one\\n\"}]\n  sysctls: {vm.swappiness: \"10\"}\n",
+    );
+    let agent = Agent::start(root, &[]);
+    assert_eq!(agent.ready_line(), "kiln-agent ready node=cli-node slot=B");
+
+    let s = agent.status();
+    assert!(cond(&s, "Ready"), "{s:#?}");
+    assert_eq!(s.slot, "B");
+    assert_eq!(fs::read_to_string(root.join("etc/motd")).unwrap(), "one\n");
+    assert_eq!(
+        fs::read_to_string(root.join("proc/sys/vm/swappiness")).unwrap(),
+        "10\n"
+    );
+    let text = agent.node(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("file:/etc/motd") && text.contains("Converged"),
+        "{text}"
+    );
+    assert!(agent.plan().actions.is_empty());
+
+    // A config change shows in plan and lands with apply.
+    write_config(
+        root,
+        "  hostname: cli-node\n  files: [{path: /etc/motd, content: \"two\\n\"}, {path: /etc/kiln-new, content: \"x\"}]\n",
+    );
+    let plan: Vec<String> = agent
+        .plan()
+        .actions
+        .into_iter()
+        .map(|a| a.description)
+        .collect();
+    assert_eq!(
+        plan,
+        [
+            "create file /etc/kiln-new",
+            "rewrite file /etc/motd",
+            "remove file /etc/sysctl.d/90-kiln.conf",
+            "remove directory /etc/sysctl.d",
+        ]
+    );
+    let out = agent.node(&["apply", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: NodeStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(cond(&s, "Ready"));
+    assert_eq!(fs::read_to_string(root.join("etc/motd")).unwrap(), "two\n");
+    assert_eq!(fs::read_to_string(root.join("etc/kiln-new")).unwrap(), "x");
+
+    // A bad config: exit status, field paths, and the last good state stays.
+    write_config(
+        root,
+        "  hostname: No_Good\n  files: [{path: /etc/motd, content: \"three\\n\", owner: \"a:b:c\"}]\n",
+    );
+    let out = agent.node(&["apply", "--output", "json"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected"));
+    let s: NodeStatus = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = s.config.errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["spec.hostname", "spec.files[0].owner"]);
+    assert_eq!(fs::read_to_string(root.join("etc/motd")).unwrap(), "two\n");
+    let plan = agent.node(&["plan"]);
+    assert!(!plan.status.success());
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("spec.hostname"));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (code, metrics) = rt
+        .block_on(kiln_agent::Client::new(&agent.socket).call("GET", "/metrics"))
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kiln_agent_reconciles_total{controller=\"host\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kiln_agent_actions_total"), "{metrics}");
+}
+
+#[test]
+fn the_running_agent_repairs_a_hand_edit_at_once() {
+    let t = host_tree("A");
+    let root = t.path();
+    write_config(
+        root,
+        "  files: [{path: /etc/app/app.conf, content: \"managed\\n\", mode: \"0644\"}]\n",
+    );
+    // Resync is an hour away: only the file watcher can bring the content back.
+    let agent = Agent::start(root, &[]);
+    agent.ready_line();
+    let conf = root.join("etc/app/app.conf");
+    assert_eq!(fs::read_to_string(&conf).unwrap(), "managed\n");
+    fs::write(root.join("etc/app/notes.txt"), "mine\n").unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut events = rt
+        .block_on(kiln_agent::Client::new(&agent.socket).events())
+        .unwrap();
+
+    fs::write(&conf, "edited by hand\n").unwrap();
+    wait_for("the edit to be repaired", || {
+        fs::read_to_string(&conf).is_ok_and(|c| c == "managed\n")
+    });
+    fs::remove_file(&conf).unwrap();
+    wait_for("the deleted file to come back", || {
+        fs::read_to_string(&conf).is_ok_and(|c| c == "managed\n")
+    });
+    let drift = rt.block_on(async {
+        tokio::time::timeout(TIMEOUT, async {
+            while let Some(ev) = events.recv().await {
+                if ev.kind == "drift" {
+                    return Some(ev);
+                }
+            }
+            None
+        })
+        .await
+    });
+    let drift = drift
+        .expect("a drift event in time")
+        .expect("the event stream stayed open");
+    assert_eq!(drift.resource.as_deref(), Some("file:/etc/app/app.conf"));
+    assert_eq!(
+        fs::read_to_string(root.join("etc/app/notes.txt")).unwrap(),
+        "mine\n"
+    );
+    // The status is published right after the repair it reports.
+    wait_for("both repairs in the status", || {
+        agent.status().drift_repairs >= 2
+    });
+    assert!(cond(&agent.status(), "Ready"));
+}
+
+#[test]
+fn a_crash_between_actions_converges_on_restart() {
+    let t = host_tree("A");
+    let root = t.path();
+    let files: Vec<String> = (0..20)
+        .map(|i| format!("{{path: /srv/crash/d{}/f{i}, content: \"{i}\\n\"}}", i % 4))
+        .collect();
+    write_config(root, &format!("  files: [{}]\n", files.join(", ")));
+
+    let mut crashing = Agent::start(
+        root,
+        &[("KILN_AGENT_FAILPOINT", "apply-abort-after:7".into())],
+    );
+    let status = crashing.child.wait().unwrap();
+    assert!(!status.success(), "the failpoint aborted the agent");
+    let journal = root.join("var/lib/kiln/agent/journal.json");
+    assert!(journal.exists(), "the interrupted apply left its journal");
+    let written = (0..20)
+        .filter(|i| root.join(format!("srv/crash/d{}/f{i}", i % 4)).exists())
+        .count();
+    assert!(
+        written > 0 && written < 20,
+        "crashed mid-apply ({written} of 20 written)"
+    );
+
+    let agent = Agent::start(root, &[]);
+    agent.ready_line();
+    let s = agent.status();
+    assert!(cond(&s, "Ready"), "{s:#?}");
+    assert!(
+        s.recovered
+            .as_deref()
+            .is_some_and(|r| r.contains("interrupted")),
+        "{s:#?}"
+    );
+    assert!(!journal.exists());
+    for i in 0..20 {
+        let f = root.join(format!("srv/crash/d{}/f{i}", i % 4));
+        assert_eq!(fs::read_to_string(&f).unwrap(), format!("{i}\n"));
+    }
+    // Nothing was lost from the record: dropping the files removes every one, and the
+    // directories kiln made for them.
+    write_config(root, "  files: []\n");
+    let out = agent.node(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !root.join("srv").exists(),
+        "everything kiln created is gone"
+    );
+}
+
+#[test]
+fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
+    let t = host_tree("A");
+    let root = t.path();
+    write_config(root, "  files: [{path: /etc/motd, content: \"x\"}]\n");
+    let notify = root.join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let agent = Agent::start(
+        root,
+        &[
+            ("NOTIFY_SOCKET", notify.display().to_string()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
+    let mut buf = [0u8; 256];
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|m| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let n = sock.recv(&mut buf).expect("a notification in time");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(agent.ready_line(), "kiln-agent ready node=localhost slot=A");
+}
+
+#[test]
+fn starts_without_a_config_and_reports_why_it_is_not_ready() {
+    let t = host_tree("B");
+    fs::create_dir_all(t.path().join("etc")).unwrap();
+    fs::write(t.path().join("etc/hostname"), "fresh\n").unwrap();
+    let agent = Agent::start(t.path(), &[]);
+    assert_eq!(agent.ready_line(), "kiln-agent ready node=fresh slot=B");
+    let s = agent.status();
+    assert!(!cond(&s, "Ready"));
+    let failed = s.condition("Failed").unwrap();
+    assert!(failed.status);
+    assert_eq!(failed.reason, "NoValidConfig");
+    assert!(failed.message.contains("node.yaml"), "{failed:?}");
+}

@@ -1,0 +1,355 @@
+//! `kiln build` end to end: the `test` profile is built once per test run (the base rootfs
+//! comes from the cache after the first run), then checked the way a user would check it:
+//! digests, the ISO's boot catalogue and partition tables, the initramfs contents, and real
+//! boots in QEMU (SeaBIOS from a CD, OVMF from a USB stick, and the PXE bundle over HTTP).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kiln_lab::qemu::{DirectBoot, Firmware, Nic, Vm};
+
+/// Budget for a live boot under software emulation (a full systemd boot of the image).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tool(name: &str, package: &str) -> Command {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "{name} is missing: install the Debian package {package} (scripts/install-deps.sh)");
+    Command::new(name)
+}
+
+/// Builds `spec` (None: the embedded default spec) into `out`; returns the JSON report.
+fn build(spec: Option<&Path>, out: &Path) -> serde_json::Value {
+    let mut cmd = kiln();
+    cmd.arg("build").arg("--out").arg(out).args(["--output", "json"]);
+    if let Some(spec) = spec {
+        cmd.arg("--spec").arg(spec);
+    }
+    let out = run(&mut cmd);
+    serde_json::from_slice(&out.stdout).expect("kiln build --output json prints JSON")
+}
+
+/// The default build, shared by the tests of this file. It lives under the cache directory
+/// with this process's id; builds of earlier runs (dead processes) are removed first.
+fn built() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cache = std::env::var_os("KILN_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln"));
+        let parent = cache.join("test-builds");
+        std::fs::create_dir_all(&parent).unwrap();
+        for e in std::fs::read_dir(&parent).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let alive = name
+                .strip_prefix("build-")
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let out = parent.join(format!("build-{}", std::process::id()));
+        let report = build(None, &out);
+        assert!(report["manifest"]["artifacts"].as_array().is_some_and(|a| a.len() == 5));
+        out
+    })
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn build_manifest_matches_the_artifacts() {
+    let dir = built();
+    let m = manifest(dir);
+    let artifacts = m["artifacts"].as_array().unwrap();
+    let paths: Vec<&str> = artifacts.iter().map(|a| a["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        ["kiln.iso", "pxe/vmlinuz", "pxe/initrd.img", "pxe/rootfs.squashfs", "pxe/boot.ipxe"]
+    );
+    for a in artifacts {
+        let path = dir.join(a["path"].as_str().unwrap());
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(a["size"].as_u64(), Some(size), "{}", path.display());
+        let sum = run(tool("sha256sum", "coreutils").arg(&path));
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        assert_eq!(Some(sum.split_whitespace().next().unwrap()), a["sha256"].as_str(), "{}", path.display());
+    }
+    let spec = kiln_spec::Appliance::default_spec().to_yaml();
+    let iso_spec = run(tool("xorriso", "xorriso").args(["-indev"]).arg(dir.join("kiln.iso")).args([
+        "-osirrox", "on", "-extract", "/kiln/spec.yaml", "/dev/stdout",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&iso_spec.stdout), spec, "the ISO embeds the spec");
+    let packages = m["packages"].as_array().unwrap();
+    for wanted in ["systemd-sysv", "linux-image-amd64", "e2fsprogs", "dosfstools", "systemd-boot-efi", "grub-pc-bin"] {
+        assert!(
+            packages.iter().any(|p| p["name"] == wanted && p["version"].as_str().is_some_and(|v| !v.is_empty())),
+            "{wanted} in the manifest's package list"
+        );
+    }
+    assert_eq!(m["spec_sha256"].as_str().map(str::len), Some(64));
+    let squash = artifacts.iter().find(|a| a["path"] == "pxe/rootfs.squashfs").unwrap();
+    assert!(squash["size"].as_u64().unwrap() < 150 << 20, "test profile rootfs stays small: {squash}");
+}
+
+#[test]
+fn iso_is_hybrid_for_bios_and_uefi() {
+    let iso = built().join("kiln.iso");
+    let out = run(tool("xorriso", "xorriso").arg("-indev").arg(&iso).args(["-report_el_torito", "plain"]));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let images: Vec<&str> = report.lines().filter(|l| l.starts_with("El Torito boot img :")).collect();
+    assert!(images.iter().any(|l| l.contains(" BIOS ")), "a BIOS boot image:\n{report}");
+    assert!(images.iter().any(|l| l.contains(" UEFI ")), "a UEFI boot image:\n{report}");
+    let out = run(tool("xorriso", "xorriso").arg("-indev").arg(&iso).args(["-report_system_area", "plain"]));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("MBR partition"), "an MBR partition table:\n{report}");
+    assert!(report.contains("GPT partition"), "a GPT:\n{report}");
+    let toc = run(tool("xorriso", "xorriso").arg("-indev").arg(&iso).args(["-pvd_info"]));
+    assert!(String::from_utf8_lossy(&toc.stdout).contains("Volume Id    : KILN_LIVE"));
+    let cfg = run(tool("xorriso", "xorriso").arg("-indev").arg(&iso).args([
+        "-osirrox", "on", "-extract", "/boot/grub/grub.cfg", "/dev/stdout",
+    ]));
+    let cfg = String::from_utf8_lossy(&cfg.stdout);
+    let titles: Vec<&str> = cfg.lines().filter(|l| l.starts_with("menuentry")).collect();
+    assert_eq!(
+        titles,
+        ["menuentry \"Install kiln (unattended)\" {", "menuentry \"Live shell\" {", "menuentry \"Rescue\" {"]
+    );
+    assert!(cfg.contains("set timeout=5") && cfg.contains("set default=0"));
+    assert!(cfg.contains("kiln.install=auto"));
+}
+
+#[test]
+fn initramfs_holds_stage1_and_its_modules() {
+    let dir = built();
+    let raw = run(tool("zstd", "zstd").arg("-dc").arg(dir.join("pxe/initrd.img")));
+    let mut cpio = tool("cpio", "cpio")
+        .args(["-t", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = cpio.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&raw.stdout));
+    let mut listing = String::new();
+    cpio.stdout.take().unwrap().read_to_string(&mut listing).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(cpio.wait().unwrap().success());
+    let names: Vec<&str> = listing.lines().collect();
+    for wanted in ["init", "dev/console", "lib64/ld-linux-x86-64.so.2"] {
+        assert!(names.contains(&wanted), "{wanted} in the initramfs:\n{listing}");
+    }
+    for module in ["isofs.ko", "squashfs.ko", "overlay.ko", "sr_mod.ko", "virtio_blk.ko", "ext4.ko", "loop.ko"] {
+        assert!(names.iter().any(|n| n.ends_with(&format!("/{module}"))), "{module} in the initramfs");
+    }
+    assert!(names.iter().any(|n| n.ends_with("/modules.dep")));
+}
+
+#[test]
+fn pxe_bundle_has_script_and_image_carries_boot_files() {
+    let dir = built();
+    let script = std::fs::read_to_string(dir.join("pxe/boot.ipxe")).unwrap();
+    assert!(script.starts_with("#!ipxe\n"));
+    assert!(script.contains("initrd --name initrd.img ${base}/initrd.img"));
+    assert!(script.contains("initrd=initrd.img"));
+    assert!(script.contains("kiln.root=${base}/rootfs.squashfs"));
+    let list = run(tool("unsquashfs", "squashfs-tools").args(["-l", "-d", ""]).arg(dir.join("pxe/rootfs.squashfs")));
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.lines().any(|l| l == "/usr/bin/kiln"), "the image carries kiln");
+    assert!(list.lines().any(|l| l.starts_with("/boot/initrd.img-")), "and kiln's initramfs");
+    assert!(!list.lines().any(|l| l.starts_with("/usr/share/man/")), "trimmed");
+}
+
+/// Boots the live system and waits for stage-1's hand-over and systemd's multi-user target.
+fn expect_live_boot(mut vm: Vm) {
+    vm.wait_for_console("kiln-stage1: found live medium", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 finds the medium: {e}"));
+    vm.wait_for_console("kiln-stage1: switching root", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 switches root: {e}"));
+    vm.wait_for_console("Multi-User System", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("systemd reaches the live system: {e}"));
+}
+
+fn vm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("kiln-build-vm-").tempdir().unwrap()
+}
+
+#[test]
+fn live_iso_boots_from_cd_on_bios() {
+    let iso = built().join("kiln.iso");
+    let work = vm_dir();
+    let vm = Vm::builder()
+        .name(format!("live-bios-{}", std::process::id()))
+        .firmware(Firmware::Bios)
+        .cdrom(&iso, Some(1))
+        .work_dir(work.path())
+        .no_reboot(true)
+        .spawn()
+        .expect("starting QEMU (Debian package qemu-system-x86)");
+    expect_live_boot(vm);
+}
+
+#[test]
+fn live_iso_boots_from_usb_stick_on_uefi() {
+    let iso = built().join("kiln.iso");
+    let work = vm_dir();
+    // A USB stick is written in place by a boot: boot a copy.
+    let stick = work.path().join("stick.img");
+    std::fs::copy(&iso, &stick).unwrap();
+    let vm = Vm::builder()
+        .name(format!("live-uefi-{}", std::process::id()))
+        .firmware(Firmware::Uefi)
+        .usb_stick(&stick, Some(1))
+        .work_dir(work.path())
+        .no_reboot(true)
+        .spawn()
+        .expect("starting QEMU with OVMF (Debian packages qemu-system-x86, ovmf)");
+    expect_live_boot(vm);
+}
+
+/// Serves one directory over HTTP/1.0 on loopback until the test ends (QEMU's user network
+/// reaches the host's loopback as 10.0.2.2).
+fn serve(dir: PathBuf) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut req = Vec::new();
+                let mut byte = [0u8; 1];
+                while !req.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    req.push(byte[0]);
+                }
+                let req = String::from_utf8_lossy(&req);
+                let path = req.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+                match std::fs::read(dir.join(&path)) {
+                    Ok(body) if !path.contains("..") => {
+                        let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = stream.write_all(&body);
+                    }
+                    _ => {
+                        let _ = write!(stream, "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn pxe_bundle_boots_with_root_over_http() {
+    let pxe = built().join("pxe");
+    let port = serve(pxe.clone());
+    let work = vm_dir();
+    let mut vm = Vm::builder()
+        .name(format!("live-http-{}", std::process::id()))
+        .firmware(Firmware::Bios)
+        .memory_mib(1536)
+        .direct_boot(DirectBoot {
+            kernel: pxe.join("vmlinuz"),
+            initrd: Some(pxe.join("initrd.img")),
+            append: format!("kiln.root=http://10.0.2.2:{port}/rootfs.squashfs console=ttyS0,115200"),
+        })
+        .nic(Nic::User { mac: "52:54:00:4b:00:01".into(), hostfwd: Vec::new(), bootindex: None })
+        .work_dir(work.path())
+        .no_reboot(true)
+        .spawn()
+        .expect("starting QEMU");
+    vm.wait_for_console("kiln-stage1: fetched", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 gets a lease and fetches the image: {e}"));
+    vm.wait_for_console("kiln-stage1: switching root", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 switches root: {e}"));
+    vm.wait_for_console("Multi-User System", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("systemd reaches the live system: {e}"));
+}
+
+#[test]
+fn rebuild_after_a_spec_change_reuses_the_cached_rootfs() {
+    let first = manifest(built());
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("kiln.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: rebuilt\n\
+         spec:\n  profile: test\n  os:\n    kernelArgs:\n      - kiln.test=rebuilt\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let report = build(Some(&spec), &out);
+    assert_eq!(report["rootfs_cache_hit"], true, "mmdebstrap did not run again: {report}");
+    assert_eq!(report["manifest"]["rootfs_cache_key"], first["rootfs_cache_key"]);
+    let steps: Vec<&str> = report["timings"].as_array().unwrap().iter().map(|t| t["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["rootfs", "unpack", "trim", "overlay", "initramfs", "squashfs", "iso", "manifest"]);
+    let cfg = run(tool("xorriso", "xorriso").arg("-indev").arg(out.join("kiln.iso")).args([
+        "-osirrox", "on", "-extract", "/boot/grub/grub.cfg", "/dev/stdout",
+    ]));
+    assert!(String::from_utf8_lossy(&cfg.stdout).contains("kiln.test=rebuilt"), "the change is in the new ISO");
+    assert_ne!(manifest(&out)["spec_sha256"], first["spec_sha256"]);
+}
+
+#[test]
+fn unreachable_mirror_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("kiln.yaml");
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    std::fs::write(
+        &spec,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: offline\n\
+         spec:\n  profile: test\n  os:\n    mirror: http://127.0.0.1:9/debian\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    let res = kiln()
+        .arg("build")
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "the build fails");
+    assert!(stderr.contains("the mirror http://127.0.0.1:9/debian is unreachable"), "a clear message:\n{stderr}");
+    assert!(!out.exists(), "nothing in --out");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".kiln-build-"))
+        .collect();
+    assert!(left.is_empty(), "no staging directory left: {left:?}");
+    let cached: Vec<_> = std::fs::read_dir(cache.join("rootfs")).map(|d| d.flatten().count()).into_iter().collect();
+    assert!(cached.iter().all(|&n| n == 0), "no cache entry, not even a temporary one");
+}
