@@ -14,6 +14,8 @@ packages=(
   openipmi ipmitool dnsmasq tftp-hpa curl isc-dhcp-client
   # misc
   ca-certificates python3-venv jq
+  # node agent tests (systemctl --root, useradd --root)
+  systemd passwd
 )
 
 sudo_cmd=()

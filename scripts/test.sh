@@ -12,6 +12,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "installing test dependencies"
 scripts/install-deps.sh
+scripts/redfish-sim.sh --install
 
 step "formatting and lints"
 cargo fmt --all -- --check

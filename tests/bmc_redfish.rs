@@ -8,7 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?}: {}",
@@ -28,13 +30,51 @@ fn free_port() -> u16 {
 /// A test CA and a server certificate for 127.0.0.1 signed by it (openssl).
 fn make_certs(dir: &Path) {
     let ossl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-    ossl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=kiln test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
-    ossl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "bmc.key", "-out", "bmc.csr"]);
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    ossl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "bmc.key",
+        "-out",
+        "bmc.csr",
+    ]);
     std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    ossl(&["x509", "-req", "-in", "bmc.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "bmc.pem"]);
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "bmc.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "bmc.pem",
+    ]);
 }
 
 /// sushy-emulator with the fake driver, HTTPS and basic authentication; killed on drop.
@@ -59,7 +99,9 @@ impl Sushy {
         // The users file takes bcrypt hashes only; the virtualenv has bcrypt.
         let hash = run(Command::new(cache.join("venv-sushy/bin/python")).args([
             "-c",
-            &format!("import bcrypt; print(bcrypt.hashpw(b'{PASSWORD}', bcrypt.gensalt()).decode())"),
+            &format!(
+                "import bcrypt; print(bcrypt.hashpw(b'{PASSWORD}', bcrypt.gensalt()).decode())"
+            ),
         ]))
         .stdout;
         std::fs::write(
@@ -98,7 +140,11 @@ impl Sushy {
             if let Ok(Some(status)) = s.child.try_wait() {
                 panic!("sushy-emulator exited ({status}): {}", s.log());
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "sushy-emulator did not listen: {}", s.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "sushy-emulator did not listen: {}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         std::fs::write(s.dir.path().join("pw"), PASSWORD).unwrap();
@@ -196,10 +242,16 @@ fn wait_power(s: &Sushy, want: &str) {
         if system["PowerState"] == want {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "power never became {want}: {system}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "power never became {want}: {system}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(s.kiln_ok(&["power", "status"]).trim(), format!("power {}", want.to_lowercase()));
+    assert_eq!(
+        s.kiln_ok(&["power", "status"]).trim(),
+        format!("power {}", want.to_lowercase())
+    );
 }
 
 #[test]
@@ -212,7 +264,11 @@ fn redfish_power_boot_override_media_and_tls() {
     assert!(!out.status.success());
     assert!(err.contains("TLS") && err.contains("--ca-cert"), "{err}");
     let out = s.kiln(&["--insecure"], &["power", "status"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Power, checked against the Redfish resource itself.
     assert_eq!(s.kiln_ok(&["power", "status"]).trim(), "power off");
@@ -224,7 +280,11 @@ fn redfish_power_boot_override_media_and_tls() {
     // Boot override: target and mode land in the ComputerSystem.
     let out = s.kiln_ok(&["bootdev", "pxe", "--once", "--uefi", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v["device"].as_str(), v["uefi"].as_bool()), (Some("pxe"), Some(true)), "{out}");
+    assert_eq!(
+        (v["device"].as_str(), v["uefi"].as_bool()),
+        (Some("pxe"), Some(true)),
+        "{out}"
+    );
     let boot = &s.system()["Boot"];
     assert_eq!(boot["BootSourceOverrideTarget"], "Pxe", "{boot}");
     assert_eq!(boot["BootSourceOverrideMode"], "UEFI", "{boot}");
@@ -250,14 +310,20 @@ fn redfish_power_boot_override_media_and_tls() {
     assert_ne!(cd["Inserted"], true, "{cd}");
 
     // Identity and capabilities.
-    let info: serde_json::Value = serde_json::from_str(&s.kiln_ok(&["info", "-o", "json"])).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&s.kiln_ok(&["info", "-o", "json"])).unwrap();
     let system = s.system();
-    for (ours, theirs) in [("vendor", "Manufacturer"), ("model", "Model"), ("serial", "SerialNumber")] {
+    for (ours, theirs) in [
+        ("vendor", "Manufacturer"),
+        ("model", "Model"),
+        ("serial", "SerialNumber"),
+    ] {
         if system[theirs].is_string() {
             assert_eq!(info[ours], system[theirs], "{ours}");
         }
     }
-    let probe: serde_json::Value = serde_json::from_str(&s.kiln_ok(&["probe", "-o", "json"])).unwrap();
+    let probe: serde_json::Value =
+        serde_json::from_str(&s.kiln_ok(&["probe", "-o", "json"])).unwrap();
     assert_eq!(probe["protocol"], "redfish");
     assert_eq!(probe["bootOverride"], true);
     assert_eq!(probe["virtualMedia"], true);

@@ -111,7 +111,10 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let out = install(&n, &["--dry-run"], &[]);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
-    assert!(all.contains(&format!("install to {}", n.disk.display())), "{all}");
+    assert!(
+        all.contains(&format!("install to {}", n.disk.display())),
+        "{all}"
+    );
     assert!(all.contains("host name node-525400abcdef"), "{all}");
     assert!(all.contains("write the GPT on"), "{all}");
     assert!(!all.contains("kiln-install: [wipe]"), "{all}");
@@ -140,10 +143,17 @@ fn install_writes_the_disk_with_json_progress() {
         .filter(|e| e["event"] == "step-done")
         .map(|e| e["step"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["wipe", "slot-write", "esp", "state", "partition-table"]);
+    assert_eq!(
+        steps,
+        ["wipe", "slot-write", "esp", "state", "partition-table"]
+    );
     assert_eq!(events.last().unwrap()["event"], "done");
     assert!(all.contains("kiln-install: done"), "{all}");
-    let v = Command::new("sgdisk").arg("-v").arg(&n.disk).output().unwrap();
+    let v = Command::new("sgdisk")
+        .arg("-v")
+        .arg(&n.disk)
+        .output()
+        .unwrap();
     assert!(text(&v).contains("No problems found"), "{}", text(&v));
 }
 
@@ -181,7 +191,10 @@ fn too_small_and_unmatched_disks_fail_clearly_and_write_nothing() {
     let all = text(&out);
     assert!(!out.status.success());
     assert!(all.contains("no disk matches the install rules"), "{all}");
-    assert!(all.contains(r#"serial "disk-1" does not match "S3Z9*""#), "{all}");
+    assert!(
+        all.contains(r#"serial "disk-1" does not match "S3Z9*""#),
+        "{all}"
+    );
     assert_eq!(sha256(&n.disk), before);
 }
 
@@ -192,7 +205,10 @@ fn a_crash_point_leaves_the_disk_unbootable_and_says_so() {
     let all = text(&out);
     assert!(!out.status.success());
     assert!(all.contains("failpoint after-esp reached"), "{all}");
-    assert!(all.contains("left without a partition table and will not boot"), "{all}");
+    assert!(
+        all.contains("left without a partition table and will not boot"),
+        "{all}"
+    );
     let bytes = std::fs::read(&n.disk).unwrap();
     assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
     assert!(bytes[bytes.len() - (1 << 20)..].iter().all(|&b| b == 0));

@@ -168,10 +168,13 @@ pub fn apply(
     desired: &Desired,
     actions: &[Action],
 ) -> Result<Outcome, StateError> {
-    let mut record = store.record()?;
+    let stored = store.record()?;
+    let mut record = stored.clone();
     prune(host, desired, &mut record);
     if actions.is_empty() {
-        store.save_record(&record)?;
+        if record != stored {
+            store.save_record(&record)?;
+        }
         return Ok(Outcome::default());
     }
     store.write_json(
@@ -182,7 +185,11 @@ pub fn apply(
         },
     )?;
     claim(host, store, &mut record, actions)?;
-    store.save_record(&record)?;
+    // A repair of paths kiln already owns claims nothing new: no record write needed.
+    if record != stored {
+        store.save_record(&record)?;
+    }
+    let claimed = record.clone();
 
     let abort_after = failpoint();
     let mut outcome = Outcome::default();
@@ -208,7 +215,9 @@ pub fn apply(
             sysroot::sync_dir(d).map_err(io_err("syncing", d))?;
         }
     }
-    store.save_record(&record)?;
+    if record != claimed {
+        store.save_record(&record)?;
+    }
     store.clear_journal()?;
     Ok(outcome)
 }
@@ -216,15 +225,10 @@ pub fn apply(
 /// Drops record entries for things that are neither desired nor there any more, and adopted
 /// directories that left the config (they stay on disk, unmanaged again).
 fn prune(host: &Host, desired: &Desired, record: &mut Record) {
+    let needed = crate::plan::needed_paths(desired);
     record.paths.retain(|p, m| {
-        let wanted = desired.files.contains_key(p)
-            || desired.dirs.contains_key(p)
-            || desired
-                .files
-                .keys()
-                .chain(desired.dirs.keys())
-                .any(|d| d.starts_with(&format!("{p}/")));
-        wanted || (host.sysroot.stat(p).ok().flatten().is_some() && !(m.dir && m.adopted))
+        needed.contains(p.as_str())
+            || (host.sysroot.stat(p).ok().flatten().is_some() && !(m.dir && m.adopted))
     });
     record.sysctls.retain(|key, original| {
         desired.sysctls.contains_key(key)

@@ -48,7 +48,11 @@ impl Resource for ConfigState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredState(pub Desired);
+pub struct DesiredState {
+    pub desired: Desired,
+    /// [`Desired::generation`], computed once per change.
+    pub generation: String,
+}
 impl Resource for DesiredState {
     const KIND: &'static str = "DesiredState";
 }
@@ -187,7 +191,14 @@ impl Controller for RenderController {
         };
         match desired::render(&m.spec) {
             Ok(d) => {
-                ctx.put(ID, DesiredState(d))?;
+                let generation = d.generation();
+                ctx.put(
+                    ID,
+                    DesiredState {
+                        desired: d,
+                        generation,
+                    },
+                )?;
                 ctx.put(ID, RenderState(vec![]))?;
             }
             Err(e) => {
@@ -242,6 +253,7 @@ pub struct HostController {
     /// Generation last applied without failure: differences found while it is still the
     /// desired one are drift.
     applied: Option<String>,
+    digests: plan::DigestCache,
     drift_repairs: u64,
     last_apply: Option<ApplyReport>,
     recovered: Option<String>,
@@ -261,6 +273,7 @@ impl HostController {
             shared,
             slot,
             applied: None,
+            digests: plan::DigestCache::default(),
             drift_repairs: 0,
             last_apply: None,
             recovered,
@@ -285,7 +298,7 @@ impl Controller for HostController {
             config.valid = false;
             config.errors.extend(render);
         }
-        let desired = ctx.get::<DesiredState>(ID)?.map(|d| d.0);
+        let desired = ctx.get::<DesiredState>(ID)?;
         let was_valid = self
             .shared
             .status
@@ -316,12 +329,16 @@ impl Controller for HostController {
             ));
         }
         let mut error = None;
-        if let Some(desired) = &desired {
+        if let Some(DesiredState {
+            desired,
+            generation,
+        }) = &desired
+        {
             let mut failed = Vec::new();
             let mut drift_ids = BTreeSet::new();
-            config.generation = Some(desired.generation());
+            config.generation = Some(generation.clone());
             let record = self.store.record()?;
-            let actual = plan::observe(&self.host, desired, &record)?;
+            let mut actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
             let actions = plan::plan(desired, &actual, &record);
             let drift =
                 !actions.is_empty() && self.applied.as_deref() == config.generation.as_deref();
@@ -370,9 +387,13 @@ impl Controller for HostController {
                 });
             }
             // Verify: what the host still lacks after the apply.
-            let record = self.store.record()?;
-            let actual = plan::observe(&self.host, desired, &record)?;
-            let remaining = plan::plan(desired, &actual, &record);
+            let mut remaining = Vec::new();
+            let mut record = record;
+            if !actions.is_empty() {
+                record = self.store.record()?;
+                actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
+                remaining = plan::plan(desired, &actual, &record);
+            }
             if failed.is_empty() && remaining.is_empty() {
                 self.applied = config.generation.clone();
             } else {

@@ -175,8 +175,46 @@ impl Action {
     }
 }
 
+/// Content digests of files by inode, size and change time, so an observation reads only
+/// files that changed since the last one. Any write, rename or chmod moves the ctime, which
+/// user space cannot set back.
+#[derive(Debug, Default)]
+pub struct DigestCache(BTreeMap<String, (FileStamp, String)>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
 /// Reads the parts of the host that `desired` and `record` mention.
 pub fn observe(host: &Host, desired: &Desired, record: &Record) -> std::io::Result<Actual> {
+    observe_cached(host, desired, record, &mut DigestCache::default())
+}
+
+/// [`observe`], reusing digests of files unchanged since the cache saw them.
+pub fn observe_cached(
+    host: &Host,
+    desired: &Desired,
+    record: &Record,
+    cache: &mut DigestCache,
+) -> std::io::Result<Actual> {
     let root = &host.sysroot;
     let mut a = Actual {
         live: root.is_live(),
@@ -193,9 +231,18 @@ pub fn observe(host: &Host, desired: &Desired, record: &Record) -> std::io::Resu
     for p in paths {
         let Some(m) = root.stat(p)? else { continue };
         let state = if m.is_file() {
-            let content = root.read(p)?.unwrap_or_default();
+            let stamp = FileStamp::of(&m);
+            let digest = match cache.0.get(p.as_str()) {
+                Some((s, d)) if *s == stamp => d.clone(),
+                _ => {
+                    let content = root.read(p)?.unwrap_or_default();
+                    let d = digest(&[&content]);
+                    cache.0.insert(p.clone(), (stamp, d.clone()));
+                    d
+                }
+            };
             PathState::File {
-                digest: digest(&[&content]),
+                digest,
                 meta: Meta::of(&m),
             }
         } else if m.is_dir() {
@@ -259,6 +306,16 @@ pub fn unit_hash(desired: &Desired, unit: &str) -> String {
     digest(&parts)
 }
 
+/// Every desired path and every directory above one.
+pub(crate) fn needed_paths(desired: &Desired) -> BTreeSet<&str> {
+    desired
+        .files
+        .keys()
+        .chain(desired.dirs.keys())
+        .flat_map(|p| ancestors(p).chain(std::iter::once(p.as_str())))
+        .collect()
+}
+
 fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     let mut cur = path;
     std::iter::from_fn(move || {
@@ -292,12 +349,7 @@ pub fn plan(desired: &Desired, actual: &Actual, record: &Record) -> Vec<Action> 
     }
     // Managed paths that leave the config or change type (file ↔ directory). Those standing
     // where a desired path must go, and everything kiln manages below them, go first.
-    let needed: BTreeSet<&str> = desired
-        .files
-        .keys()
-        .chain(desired.dirs.keys())
-        .flat_map(|p| ancestors(p).chain(std::iter::once(p.as_str())))
-        .collect();
+    let needed = needed_paths(desired);
     let type_change = |p: &str, m: &ManagedPath| {
         if m.dir {
             desired.files.contains_key(p)
@@ -546,6 +598,81 @@ mod tests {
                 "remove file /etc/gone"
             ]
         );
+    }
+
+    #[test]
+    fn running_units_restart_when_their_files_change() {
+        use crate::desired::DesiredUnit;
+        let mut desired = Desired::default();
+        desired.files.insert(
+            "/etc/systemd/system/web.service".into(),
+            file("[Service]\n"),
+        );
+        desired.units.insert(
+            "web.service".into(),
+            DesiredUnit {
+                enabled: Some(true),
+                started: Some(true),
+                files: vec!["/etc/systemd/system/web.service".into()],
+            },
+        );
+        let mut actual = Actual {
+            live: true,
+            accounts: root_db(),
+            ..Actual::default()
+        };
+        actual.paths.insert(
+            "/etc/systemd/system/web.service".into(),
+            PathState::File {
+                digest: digest(&[b"[Service]\n"]),
+                meta: Meta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                },
+            },
+        );
+        let unit = |enabled, active| UnitState {
+            enabled,
+            active: Some(active),
+        };
+        actual
+            .units
+            .insert("web.service".into(), unit(false, false));
+        let mut record = Record::default();
+        let shown = |a: &Actual, r: &Record| {
+            plan(&desired, a, r)
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(&actual, &record),
+            ["enable web.service", "start web.service"]
+        );
+
+        actual.units.insert("web.service".into(), unit(true, true));
+        assert_eq!(
+            shown(&actual, &record),
+            ["restart web.service (its files changed)"]
+        );
+        record.units.insert(
+            "web.service".into(),
+            ManagedUnit {
+                enabled_by_kiln: true,
+                started_hash: Some(unit_hash(&desired, "web.service")),
+            },
+        );
+        assert!(shown(&actual, &record).is_empty());
+        // Offline trees have no service manager: only enablement is planned.
+        actual.units.insert(
+            "web.service".into(),
+            UnitState {
+                enabled: false,
+                active: None,
+            },
+        );
+        assert_eq!(shown(&actual, &record), ["enable web.service"]);
     }
 
     #[test]

@@ -130,6 +130,8 @@ const FULL: &str = r#"  hostname: node-07
   network:
     interfaces: [{name: eth0, addresses: [10.0.0.5/24], gateway: 10.0.0.1}]
   kernelArgs: [intel_iommu=on]
+  virtualization: {kvm: true, hugepages2m: 8}
+  dataDisks: [{partLabel: KILN_DATA}]
 "#;
 
 #[test]
@@ -143,6 +145,16 @@ fn converges_from_empty_and_a_second_apply_changes_nothing() {
     assert!(
         condition(&s, "PendingReboot"),
         "kernel args wait for a reboot"
+    );
+    assert!(!condition(&s, "KvmReady"), "the tree has no /dev/kvm");
+    assert_eq!(
+        s.condition("DataDisksPresent").unwrap().message,
+        "KILN_DATA"
+    );
+    assert_eq!(a.read("/proc/sys/vm/nr_hugepages").as_deref(), Some("8\n"));
+    assert_eq!(
+        a.read("/var/lib/kiln/kernel-args").as_deref(),
+        Some("intel_iommu=on\n")
     );
 
     assert_eq!(a.read("/etc/hostname").as_deref(), Some("node-07\n"));
@@ -193,11 +205,11 @@ fn converges_from_empty_and_a_second_apply_changes_nothing() {
     );
     assert_eq!(
         a.read("/etc/sysctl.d/90-kiln.conf").as_deref(),
-        Some("net.ipv4.ip_forward = 1\n")
+        Some("net.ipv4.ip_forward = 1\nvm.nr_hugepages = 8\n")
     );
     assert_eq!(
         a.read("/etc/modules-load.d/kiln.conf").as_deref(),
-        Some("br_netfilter\n")
+        Some("br_netfilter\nkvm\n")
     );
     assert!(
         a.read("/etc/systemd/network/30-kiln-eth0.network")

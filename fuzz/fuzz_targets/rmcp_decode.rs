@@ -1,11 +1,11 @@
 //! Any datagram through kiln-bmc's RMCP/RMCP+ decoders (outside and inside a session), the
-//! IPMI message and RAKP parsers, and the FRU reader: typed errors, never a panic.
+//! IPMI message and RAKP parsers, and the FRU and sensor record readers: typed errors, never a panic.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use kiln_bmc::ipmi::wire;
-use kiln_bmc::ipmi::{CipherSuite, SessionKeys, parse_fru_identity};
+use kiln_bmc::ipmi::{CipherSuite, SessionKeys, parse_fru_identity, parse_full_sensor_record};
 use libfuzzer_sys::fuzz_target;
 
 fn keys() -> &'static [SessionKeys; 2] {
@@ -31,4 +31,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::parse_rakp4(data);
     let _ = wire::parse_auth_capabilities(data);
     let _ = parse_fru_identity(data);
+    if let Some(sensor) = parse_full_sensor_record(data) {
+        let _ = sensor.reading(data);
+    }
 });

@@ -73,7 +73,7 @@ impl Step {
         match self {
             Step::Wipe => "erasing the old partition tables",
             Step::SlotWrite => "writing and verifying the OS image in slot A",
-            Step::Esp => "creating the EFI system partition (systemd-boot, GRUB menu, kernel)",
+            Step::Esp => "creating the EFI system partition (boot loader files, kernel, initrd)",
             Step::BiosBoot => "installing GRUB for BIOS into BIOSBOOT",
             Step::State => "creating KILN_STATE with the node configuration",
             Step::PartitionTable => "writing the GPT and the protective MBR",
@@ -163,7 +163,13 @@ pub fn esp_files(plan: &InstallPlan) -> Vec<EspFile> {
 /// `KILN_STATE`'s files: the plan's seed files inside the root overlay's upper layer, plus
 /// `/etc/hostname` so the installed system comes up with its name.
 pub fn state_files(plan: &InstallPlan) -> Vec<StateFile> {
-    let upper = |path: &str| format!("{}/{}", statefs::OVERLAY_UPPER, path.trim_start_matches('/'));
+    let upper = |path: &str| {
+        format!(
+            "{}/{}",
+            statefs::OVERLAY_UPPER,
+            path.trim_start_matches('/')
+        )
+    };
     let mut files: Vec<StateFile> = plan
         .seed
         .iter()
@@ -357,13 +363,7 @@ impl Run<'_> {
                     offset,
                     len,
                     rootfs.sha256.as_deref(),
-                    |done, total| {
-                        progress(&Progress::Bytes {
-                            step,
-                            done,
-                            total,
-                        })
-                    },
+                    |done, total| progress(&Progress::Bytes { step, done, total }),
                 )?;
                 self.image = Some((written, t.elapsed().as_secs_f64()));
                 let (b_offset, b_len) = self.offset(PartitionRole::Slot(Slot::B));
@@ -450,9 +450,8 @@ fn write_gpt(
         .map_err(|e| gpt_err(e.to_string()))?;
     let mut device = disk.write().map_err(|e| gpt_err(e.to_string()))?;
     let sectors = layout.disk_bytes / u64::from(layout.logical_sector_size);
-    let mut mbr = gpt::mbr::ProtectiveMBR::with_lb_size(
-        u32::try_from(sectors - 1).unwrap_or(u32::MAX),
-    );
+    let mut mbr =
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
     mbr.set_bootcode(*bootcode);
     mbr.overwrite_lba0(&mut device)
         .map_err(|e| gpt_err(e.to_string()))?;

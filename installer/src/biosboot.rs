@@ -62,9 +62,7 @@ pub enum BiosBootError {
 /// `grub/grub.cfg` from it.
 pub fn early_config(esp_volume_id: u32) -> String {
     let (hi, lo) = (esp_volume_id >> 16, esp_volume_id & 0xffff);
-    format!(
-        "search --no-floppy --fs-uuid --set=root {hi:04x}-{lo:04x}\nset prefix=($root)/grub\n"
-    )
+    format!("search --no-floppy --fs-uuid --set=root {hi:04x}-{lo:04x}\nset prefix=($root)/grub\n")
 }
 
 /// Builds core.img with `grub-mkimage`.

@@ -289,7 +289,11 @@ mod tests {
         let all = t.read_at(0, (4 * MIB) as usize).unwrap();
         assert!(all[..MIB as usize].iter().all(|&b| b == 0));
         assert!(all[(3 * MIB) as usize..].iter().all(|&b| b == 0));
-        assert!(all[MIB as usize..(3 * MIB) as usize].iter().all(|&b| b == 0xaa));
+        assert!(
+            all[MIB as usize..(3 * MIB) as usize]
+                .iter()
+                .all(|&b| b == 0xaa)
+        );
     }
 
     #[test]
@@ -321,6 +325,9 @@ mod tests {
         let err = t
             .write_image_verified(&image, 0, 999, None, |_, _| {})
             .unwrap_err();
-        assert!(err.to_string().contains("larger than the 999-byte slot"), "{err}");
+        assert!(
+            err.to_string().contains("larger than the 999-byte slot"),
+            "{err}"
+        );
     }
 }

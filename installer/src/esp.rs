@@ -70,7 +70,16 @@ pub fn populate(
     let mut dirs: Vec<String> = Vec::new();
     for f in files {
         let mut dir = String::new();
-        for part in f.path.trim_start_matches('/').split('/').rev().skip(1).collect::<Vec<_>>().into_iter().rev() {
+        for part in f
+            .path
+            .trim_start_matches('/')
+            .split('/')
+            .rev()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             dir = format!("{dir}/{part}");
             if !dirs.contains(&dir) {
                 dirs.push(dir.clone());

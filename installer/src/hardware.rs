@@ -10,8 +10,8 @@ use std::io::Read;
 use std::path::Path;
 
 use kiln_spec::hardware::{
-    Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PartitionTable,
-    PartitionTableKind, Transport,
+    Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PartitionTable, PartitionTableKind,
+    Transport,
 };
 
 /// Where stage-1 mounts the live medium (ISO or USB stick).
@@ -68,7 +68,11 @@ fn sys_attr(dir: &Path, attr: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn read_disk(name: &str, by_id: &BTreeMap<String, Vec<String>>, boot: Option<&str>) -> Option<Disk> {
+fn read_disk(
+    name: &str,
+    by_id: &BTreeMap<String, Vec<String>>,
+    boot: Option<&str>,
+) -> Option<Disk> {
     if is_virtual_or_optical(name) {
         return None;
     }
@@ -138,7 +142,9 @@ pub fn transport_from_sysfs_path(path: &str) -> Transport {
 /// SCSI VPD page 0x80 (unit serial number): a 4-byte header, then the serial.
 pub fn serial_from_vpd80(page: &[u8]) -> Option<String> {
     let len = *page.get(3)? as usize;
-    let s = String::from_utf8_lossy(page.get(4..4 + len)?).trim().to_string();
+    let s = String::from_utf8_lossy(page.get(4..4 + len)?)
+        .trim()
+        .to_string();
     (!s.is_empty()).then_some(s)
 }
 
@@ -255,7 +261,9 @@ fn read_contents(dev: &Path, sector: u32) -> (Option<PartitionTable>, Option<Str
     (None, probe_signature(&head).map(|(t, _)| t))
 }
 
-fn read_gpt(dev: &Path, sector: u32) -> Option<PartitionTable> {
+/// The GPT on `dev` (a disk or a disk image) with each partition's name, type and the file
+/// system found in it; `None` when there is no valid GPT.
+pub fn read_gpt(dev: &Path, sector: u32) -> Option<PartitionTable> {
     let lb = if sector == 4096 {
         gpt::disk::LogicalBlockSize::Lb4096
     } else {
@@ -337,8 +345,12 @@ pub fn probe_signature(buf: &[u8]) -> Option<(String, Option<String>)> {
     let found = |t: &str, l: Option<String>| Some((t.to_string(), l));
     if at(1024 + 56, &[0x53, 0xef]) {
         // ext2/3/4: the journal and extent feature bits tell them apart.
-        let compat = buf.get(1024 + 92..1024 + 96).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        let incompat = buf.get(1024 + 96..1024 + 100).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+        let compat = buf
+            .get(1024 + 92..1024 + 96)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+        let incompat = buf
+            .get(1024 + 96..1024 + 100)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
         let kind = match (compat, incompat) {
             (_, Some(i)) if i & 0x40 != 0 => "ext4",
             (Some(c), _) if c & 0x4 != 0 => "ext3",
@@ -412,13 +424,38 @@ mod tests {
     #[test]
     fn transports_come_from_the_sysfs_path() {
         let t = transport_from_sysfs_path;
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:04.0/virtio1/block/vda"), Transport::Virtio);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda"), Transport::Sata);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:05.0/nvme/nvme0/nvme0n1"), Transport::Nvme);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb"), Transport::Usb);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:06.0/virtio2/host2/target2:0:0/2:0:0:0/block/sdc"), Transport::Virtio);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:03:00.0/host1/port-1:0/end_device-1:0/target1:0:0/1:0:0:0/block/sdd"), Transport::Sas);
-        assert_eq!(t("/sys/devices/platform/host3/target3:0:0/3:0:0:0/block/sde"), Transport::Scsi);
+        assert_eq!(
+            t("/sys/devices/pci0000:00/0000:00:04.0/virtio1/block/vda"),
+            Transport::Virtio
+        );
+        assert_eq!(
+            t("/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda"),
+            Transport::Sata
+        );
+        assert_eq!(
+            t("/sys/devices/pci0000:00/0000:00:05.0/nvme/nvme0/nvme0n1"),
+            Transport::Nvme
+        );
+        assert_eq!(
+            t(
+                "/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb"
+            ),
+            Transport::Usb
+        );
+        assert_eq!(
+            t("/sys/devices/pci0000:00/0000:00:06.0/virtio2/host2/target2:0:0/2:0:0:0/block/sdc"),
+            Transport::Virtio
+        );
+        assert_eq!(
+            t(
+                "/sys/devices/pci0000:00/0000:03:00.0/host1/port-1:0/end_device-1:0/target1:0:0/1:0:0:0/block/sdd"
+            ),
+            Transport::Sas
+        );
+        assert_eq!(
+            t("/sys/devices/platform/host3/target3:0:0/3:0:0:0/block/sde"),
+            Transport::Scsi
+        );
         assert_eq!(t("/sys/devices/virtual/block/xyz"), Transport::Unknown);
     }
 
@@ -428,8 +465,14 @@ mod tests {
         page.extend_from_slice(b"  S3Z9  ");
         assert_eq!(serial_from_vpd80(&page).as_deref(), Some("S3Z9"));
         assert_eq!(serial_from_vpd80(&[0, 0x80, 0, 40]), None);
-        assert_eq!(normalize_wwid("naa.5002538E40A1B2C3").as_deref(), Some("0x5002538e40a1b2c3"));
-        assert_eq!(normalize_wwid("eui.0025388b91b0ab3e").as_deref(), Some("eui.0025388b91b0ab3e"));
+        assert_eq!(
+            normalize_wwid("naa.5002538E40A1B2C3").as_deref(),
+            Some("0x5002538e40a1b2c3")
+        );
+        assert_eq!(
+            normalize_wwid("eui.0025388b91b0ab3e").as_deref(),
+            Some("eui.0025388b91b0ab3e")
+        );
         assert_eq!(normalize_wwid(" "), None);
     }
 
@@ -460,7 +503,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
         let make = |args: &[&str]| {
-            std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(64 << 20)
+                .unwrap();
             let out = std::process::Command::new(args[0])
                 .args(&args[1..])
                 .arg(&img)
@@ -485,7 +531,10 @@ mod tests {
 
     #[test]
     fn meminfo_total() {
-        assert_eq!(mem_total("MemTotal:        2048 kB\nMemFree: 1 kB\n"), 2048 * 1024);
+        assert_eq!(
+            mem_total("MemTotal:        2048 kB\nMemFree: 1 kB\n"),
+            2048 * 1024
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! kiln-installer
-pub mod stage1;
-pub mod plan;
-pub mod power;
 pub mod apply;
 pub mod biosboot;
 pub mod blockdev;
 pub mod esp;
 pub mod hardware;
+pub mod plan;
+pub mod power;
 pub mod source;
+pub mod stage1;
 pub mod statefs;
 pub mod tools;

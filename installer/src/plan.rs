@@ -9,7 +9,8 @@
 //!    the layout. Every reason is recorded.
 //! 2. Of the disks left, `install.disk.prefer` picks the smallest (default) or the largest;
 //!    `only` refuses when more than one is left. Ties go to the device path in natural
-//!    order (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`, `/dev/nvme2n1` < `/dev/nvme10n1`).
+//!    order (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`, `/dev/nvme2n1` < `/dev/nvme10n1`; see
+//!    [`device_order`]).
 //! 3. The disk's contents never influence the choice. A disk that is not blank is erased
 //!    only with consent: `install.wipe: always`, `install.wipe: kilnOnly` for a disk that
 //!    holds only an earlier kiln install, or `kiln install --wipe[=DISK]`.
@@ -771,32 +772,30 @@ fn steps(
     s
 }
 
-/// Natural order of device paths: digit runs compare as numbers, letter runs by length
-/// first (`sdb` < `sdaa`, as the kernel names them).
+/// Natural order of device paths: the path splits into runs of digits and of other
+/// characters; runs compare shorter first, then character by character. So numbers compare
+/// as numbers (`nvme2n1` < `nvme10n1`) and kernel disk names in their own order (`sdb` <
+/// `sdaa`). A total order, so ties between disks are always broken the same way.
 fn device_order(a: &str, b: &str) -> Ordering {
-    fn chunks(s: &str) -> Vec<(bool, &str)> {
+    fn runs(s: &str) -> Vec<&str> {
+        let bytes = s.as_bytes();
         let mut out = Vec::new();
         let mut start = 0;
-        let bytes = s.as_bytes();
         for i in 1..=bytes.len() {
             if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                out.push(&s[start..i]);
                 start = i;
             }
         }
         out
     }
-    let (ca, cb) = (chunks(a), chunks(b));
-    for (x, y) in ca.iter().zip(&cb) {
-        let ord = match (x, y) {
-            ((true, n), (true, m)) => n.len().cmp(&m.len()).then_with(|| n.cmp(m)),
-            ((_, n), (_, m)) => n.len().cmp(&m.len()).then_with(|| n.cmp(m)),
-        };
-        if ord != Ordering::Equal {
-            return ord;
-        }
-    }
-    ca.len().cmp(&cb.len())
+    let key = |s| {
+        runs(s)
+            .into_iter()
+            .map(|r: &str| (r.len(), r))
+            .collect::<Vec<_>>()
+    };
+    key(a).cmp(&key(b))
 }
 
 fn normalize_wwn(w: &str) -> String {
@@ -862,10 +861,10 @@ mod tests {
             [
                 "/dev/sda",
                 "/dev/sdb",
-                "/dev/sdaa",
                 "/dev/nvme0n1p2",
                 "/dev/nvme2n1",
-                "/dev/nvme10n1"
+                "/dev/nvme10n1",
+                "/dev/sdaa"
             ]
         );
     }

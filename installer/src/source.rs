@@ -59,9 +59,7 @@ pub fn spec_source(
 
 /// `true` when the kernel command line asks for an unattended install.
 pub fn unattended_requested(cmdline: &str) -> bool {
-    cmdline
-        .split_whitespace()
-        .any(|w| w == "kiln.install=auto")
+    cmdline.split_whitespace().any(|w| w == "kiln.install=auto")
 }
 
 /// Fetches a spec over HTTP(S).

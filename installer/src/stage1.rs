@@ -35,7 +35,9 @@ pub const STATE_PARTNAME: &str = "KILN_STATE";
 /// Why stage-1 cannot continue. Every variant says what it needed and what it found.
 #[derive(Debug, Error)]
 pub enum Stage1Error {
-    #[error("no root given on the kernel command line (need kiln.root=live:LABEL, kiln.root=http://…, or kiln.slot=A|B)")]
+    #[error(
+        "no root given on the kernel command line (need kiln.root=live:LABEL, kiln.root=http://…, or kiln.slot=A|B)"
+    )]
     NoRoot,
     #[error("kiln.root={0:?} is not understood (need live:LABEL or an http:// URL)")]
     BadRoot(String),
@@ -207,10 +209,12 @@ impl ModulesDep {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (path, deps) = line.split_once(':').ok_or_else(|| Stage1Error::ModulesDep {
-                line: i + 1,
-                reason: format!("no ':' in {line:?}"),
-            })?;
+            let (path, deps) = line
+                .split_once(':')
+                .ok_or_else(|| Stage1Error::ModulesDep {
+                    line: i + 1,
+                    reason: format!("no ':' in {line:?}"),
+                })?;
             let path = path.trim();
             if path.is_empty() {
                 return Err(Stage1Error::ModulesDep {
@@ -310,7 +314,9 @@ fn say(msg: &str) {
 fn emergency(err: &Stage1Error) -> ! {
     say(&format!("error: {err}"));
     say("emergency: the root file system could not be mounted; nothing more will happen.");
-    say("check the kernel command line (kiln.root=… or kiln.slot=…) and the boot medium, then power-cycle.");
+    say(
+        "check the kernel command line (kiln.root=… or kiln.slot=…) and the boot medium, then power-cycle.",
+    );
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -340,8 +346,20 @@ fn mount_kernel_filesystems() -> Result<(), Stage1Error> {
     for (src, dir, fstype, flags, data) in [
         ("proc", "/proc", "proc", nodev, None),
         ("sysfs", "/sys", "sysfs", nodev, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
     ] {
         fs::create_dir_all(dir).map_err(io_err(format!("creating {dir}")))?;
         mount(Some(src), dir, Some(fstype), flags, data)
@@ -495,7 +513,10 @@ fn block_devices() -> Vec<(PathBuf, Option<String>)> {
         ));
     }
     found.sort();
-    found.into_iter().map(|(_, dev, name)| (dev, name)).collect()
+    found
+        .into_iter()
+        .map(|(_, dev, name)| (dev, name))
+        .collect()
 }
 
 fn find_iso_by_label(label: &str) -> Option<PathBuf> {
@@ -522,7 +543,10 @@ fn mount_ro(dev: &Path, dir: &str, fstype: &str) -> Result<(), Stage1Error> {
         nix::mount::MsFlags::MS_RDONLY,
         None::<&str>,
     )
-    .map_err(sys_err(format!("mounting {} ({fstype}) on {dir}", dev.display())))
+    .map_err(sys_err(format!(
+        "mounting {} ({fstype}) on {dir}",
+        dev.display()
+    )))
 }
 
 fn mount_tmpfs(dir: &str) -> Result<(), Stage1Error> {
@@ -551,8 +575,11 @@ fn loop_attach(image: &Path) -> Result<PathBuf, Stage1Error> {
         .map_err(io_err(format!("opening {}", dev.display())))?;
     // A backing file opened read-only makes the loop device read-only.
     let backing = fs::File::open(image).map_err(io_err(format!("opening {}", image.display())))?;
-    loop_ioctl::set_fd(&loop_file, &backing)
-        .map_err(sys_err(format!("attaching {} to {}", image.display(), dev.display())))?;
+    loop_ioctl::set_fd(&loop_file, &backing).map_err(sys_err(format!(
+        "attaching {} to {}",
+        image.display(),
+        dev.display()
+    )))?;
     Ok(dev)
 }
 
@@ -598,7 +625,11 @@ fn switch_root(prepared: Prepared) -> Result<Never, Stage1Error> {
     )
     .map_err(sys_err(format!("mounting the overlay ({opts})")))?;
     // /sbin/init is usually an absolute symlink, only valid once the new root is `/`.
-    if Path::new(NEWROOT).join("sbin/init").symlink_metadata().is_err() {
+    if Path::new(NEWROOT)
+        .join("sbin/init")
+        .symlink_metadata()
+        .is_err()
+    {
         return Err(Stage1Error::Io {
             what: "the root image has no /sbin/init".into(),
             source: std::io::ErrorKind::NotFound.into(),
@@ -608,8 +639,14 @@ fn switch_root(prepared: Prepared) -> Result<Never, Stage1Error> {
     for dir in ["/dev", "/proc", "/sys", "/run"] {
         let target = format!("{NEWROOT}{dir}");
         fs::create_dir_all(&target).map_err(io_err(format!("creating {target}")))?;
-        mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .map_err(sys_err(format!("moving {dir} to {target}")))?;
+        mount(
+            Some(dir),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(sys_err(format!("moving {dir} to {target}")))?;
     }
     // Printed right before control passes to the real init; tests wait for it.
     say("switching root");
@@ -619,7 +656,7 @@ fn switch_root(prepared: Prepared) -> Result<Never, Stage1Error> {
     nix::unistd::chroot(".").map_err(sys_err("chroot into the new root"))?;
     nix::unistd::chdir("/").map_err(sys_err("entering /"))?;
     let init = CString::new("/sbin/init").expect("static path");
-    let err = nix::unistd::execv(&init, &[init.clone()]).unwrap_err();
+    let err = nix::unistd::execv(&init, std::slice::from_ref(&init)).unwrap_err();
     Err(Stage1Error::Sys {
         what: "executing /sbin/init".into(),
         source: err,
@@ -670,8 +707,14 @@ mod tests {
         );
         assert!(matches!(rs("quiet"), Err(Stage1Error::NoRoot)));
         assert!(matches!(rs("kiln.slot=C"), Err(Stage1Error::BadSlot(s)) if s == "C"));
-        assert!(matches!(rs("kiln.root=live:"), Err(Stage1Error::BadRoot(_))));
-        assert!(matches!(rs("kiln.root=https://x/y"), Err(Stage1Error::BadRoot(_))));
+        assert!(matches!(
+            rs("kiln.root=live:"),
+            Err(Stage1Error::BadRoot(_))
+        ));
+        assert!(matches!(
+            rs("kiln.root=https://x/y"),
+            Err(Stage1Error::BadRoot(_))
+        ));
     }
 
     const DEP: &str = "\
@@ -728,8 +771,9 @@ kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kerne
 
     #[test]
     fn uevent_partition_names() {
-        let (dev, part) =
-            uevent_names("MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nPARTN=2\nPARTNAME=KILN_A\n");
+        let (dev, part) = uevent_names(
+            "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nPARTN=2\nPARTNAME=KILN_A\n",
+        );
         assert_eq!((dev, part), (Some("vda2"), Some("KILN_A")));
         assert_eq!(uevent_names("DEVNAME=sr0\n"), (Some("sr0"), None));
     }

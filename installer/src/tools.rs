@@ -7,10 +7,7 @@ use std::process::{Command, Stdio};
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("{tool} is not installed (Debian package {package})")]
-    Missing {
-        tool: String,
-        package: &'static str,
-    },
+    Missing { tool: String, package: &'static str },
     #[error("running {tool}: {source}")]
     Spawn {
         tool: String,

@@ -21,8 +21,8 @@ fn tool(cmd: &str, args: &[&str]) -> (bool, String) {
         .env("MTOOLS_SKIP_CHECK", "1")
         .output()
         .unwrap_or_else(|e| panic!("{cmd} must be installed (scripts/install-deps.sh): {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -163,7 +163,13 @@ fn assert_common(f: &Fixture, report: &apply::ApplyReport, events: &[Progress]) 
         })
         .collect();
     assert_eq!(done, apply::steps(plan));
-    assert!(events.iter().any(|e| matches!(e, Progress::Bytes { step: Step::SlotWrite, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Progress::Bytes {
+            step: Step::SlotWrite,
+            ..
+        }
+    )));
     assert!(matches!(events.last(), Some(Progress::Done { .. })));
 
     // sgdisk finds a clean GPT.
@@ -189,7 +195,15 @@ fn assert_common(f: &Fixture, report: &apply::ApplyReport, events: &[Progress]) 
         .layout
         .partitions
         .iter()
-        .map(|p| (p.number, p.name.clone(), p.type_guid.clone(), p.first_lba, p.last_lba))
+        .map(|p| {
+            (
+                p.number,
+                p.name.clone(),
+                p.type_guid.clone(),
+                p.first_lba,
+                p.last_lba,
+            )
+        })
         .collect();
     assert_eq!(got, want);
 
@@ -200,7 +214,10 @@ fn assert_common(f: &Fixture, report: &apply::ApplyReport, events: &[Progress]) 
         bytes[slot..slot + f.image_bytes.len()] == f.image_bytes[..],
         "slot A differs from the image"
     );
-    assert_eq!(report.image_sha256, sha256_file(Path::new(&plan.image.rootfs.path)));
+    assert_eq!(
+        report.image_sha256,
+        sha256_file(Path::new(&plan.image.rootfs.path))
+    );
     assert_eq!(report.image_bytes, f.image_bytes.len() as u64);
 
     // The ESP is a clean FAT (checked on a copy: fsck.vfat has no offset option).
@@ -213,21 +230,38 @@ fn assert_common(f: &Fixture, report: &apply::ApplyReport, events: &[Progress]) 
     let esp = mtools_image(disk, esp_off as u64);
     let (ok, kernel) = tool("mtype", &["-i", &esp, "::/kiln/a/vmlinuz"]);
     assert!(ok, "{kernel}");
-    assert_eq!(kernel.as_bytes(), std::fs::read(&plan.image.kernel.path).unwrap());
+    assert_eq!(
+        kernel.as_bytes(),
+        std::fs::read(&plan.image.kernel.path).unwrap()
+    );
 
     // KILN_STATE: ext4 labelled KILN_STATE holding the seeded files in the root overlay.
-    let state = format!("{}?offset={}", disk.display(), offset(plan, PartitionRole::State));
+    let state = format!(
+        "{}?offset={}",
+        disk.display(),
+        offset(plan, PartitionRole::State)
+    );
     let (ok, sb) = tool("dumpe2fs", &["-h", &state]);
-    assert!(ok && sb.contains("Filesystem volume name:   KILN_STATE"), "{sb}");
+    assert!(
+        ok && sb.contains("Filesystem volume name:   KILN_STATE"),
+        "{sb}"
+    );
     for seeded in &plan.seed {
         let (ok, content) = tool(
             "debugfs",
             &["-R", &format!("cat /root/upper{}", seeded.path), &state],
         );
-        assert!(ok && content.contains(&seeded.content), "{}: {content}", seeded.path);
+        assert!(
+            ok && content.contains(&seeded.content),
+            "{}: {content}",
+            seeded.path
+        );
     }
     let (ok, host) = tool("debugfs", &["-R", "cat /root/upper/etc/hostname", &state]);
-    assert!(ok && host.contains(&format!("{}\n", plan.hostname)), "{host}");
+    assert!(
+        ok && host.contains(&format!("{}\n", plan.hostname)),
+        "{host}"
+    );
     bytes
 }
 
@@ -274,7 +308,10 @@ fn a_bios_install_puts_grub_into_the_mbr_and_biosboot() {
     assert_eq!(&bytes[core + 500..core + 508], &2049u64.to_le_bytes());
     let esp = mtools_image(&f.disk, offset(&f.plan, PartitionRole::Esp));
     let (ok, cfg) = tool("mtype", &["-i", &esp, "::/grub/grub.cfg"]);
-    assert!(ok && cfg.contains("linux /kiln/a/vmlinuz kiln.slot=A"), "{cfg}");
+    assert!(
+        ok && cfg.contains("linux /kiln/a/vmlinuz kiln.slot=A"),
+        "{cfg}"
+    );
 }
 
 #[test]
@@ -286,15 +323,25 @@ fn a_crash_after_the_slot_write_leaves_no_partition_table() {
     let msg = err.to_string();
     assert!(matches!(err, ApplyError::Failed { .. }), "{msg}");
     assert!(msg.contains("failpoint after-slot-write"), "{msg}");
-    assert!(msg.contains("left without a partition table and will not boot"), "{msg}");
+    assert!(
+        msg.contains("left without a partition table and will not boot"),
+        "{msg}"
+    );
     assert!(matches!(
         events.last(),
-        Some(Progress::Failed { step: Step::SlotWrite, disk_left: "without a partition table", .. })
+        Some(Progress::Failed {
+            step: Step::SlotWrite,
+            disk_left: "without a partition table",
+            ..
+        })
     ));
     let bytes = std::fs::read(&f.disk).unwrap();
     let mib = 1 << 20;
     assert!(bytes[..mib].iter().all(|&b| b == 0), "first MiB not zero");
-    assert!(bytes[bytes.len() - mib..].iter().all(|&b| b == 0), "last MiB not zero");
+    assert!(
+        bytes[bytes.len() - mib..].iter().all(|&b| b == 0),
+        "last MiB not zero"
+    );
     let (_, out) = tool("sgdisk", &["-p", f.disk.to_str().unwrap()]);
     assert!(!out.contains("KILN_A"), "a partition table survived: {out}");
 }
@@ -339,16 +386,29 @@ fn the_written_loaders_boot_under_seabios_and_ovmf() {
     use std::time::Duration;
     for (firmware, vm_firmware, kernel, expect) in [
         // GRUB's menu entry, drawn on the serial console.
-        (Firmware::Bios, qemu::Firmware::Bios, "/boot/ipxe.lkrn", "kiln-test (slot A)"),
+        (
+            Firmware::Bios,
+            qemu::Firmware::Bios,
+            "/boot/ipxe.lkrn",
+            "kiln-test (slot A)",
+        ),
         // iPXE's banner, printed by the EFI application systemd-boot started.
-        (Firmware::Uefi, qemu::Firmware::Uefi, "/boot/ipxe.efi", "iPXE"),
+        (
+            Firmware::Uefi,
+            qemu::Firmware::Uefi,
+            "/boot/ipxe.efi",
+            "iPXE",
+        ),
     ] {
-        assert!(Path::new(kernel).exists(), "{kernel} missing (Debian package ipxe)");
+        assert!(
+            Path::new(kernel).exists(),
+            "{kernel} missing (Debian package ipxe)"
+        );
         let f = fixture(firmware, Some(Path::new(kernel)));
         let (r, _) = run(&f);
         r.unwrap();
         let mut vm = Vm::builder()
-            .name(&format!("loader-{vm_firmware}"))
+            .name(format!("loader-{vm_firmware}"))
             .firmware(vm_firmware)
             .memory_mib(512)
             .cpus(1)

@@ -52,12 +52,17 @@ impl Cache {
         produce: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let dir = self.root.join(kind);
-        std::fs::create_dir_all(&dir)
-            .map_err(BuildError::io(format!("creating cache directory {}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(BuildError::io(format!(
+            "creating cache directory {}",
+            dir.display()
+        )))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempfile_in(&dir)
-            .map_err(BuildError::io(format!("creating a temporary file in {}", dir.display())))?
+            .map_err(BuildError::io(format!(
+                "creating a temporary file in {}",
+                dir.display()
+            )))?
             .into_temp_path();
         produce(&tmp)?;
         let dest = dir.join(key);
@@ -97,19 +102,39 @@ mod tests {
     #[test]
     fn key_changes_with_every_input() {
         let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let base = rootfs_key("bookworm", "http://m/debian", &pk(&["a", "b"]), &pk(&["--x"]));
+        let base = rootfs_key(
+            "bookworm",
+            "http://m/debian",
+            &pk(&["a", "b"]),
+            &pk(&["--x"]),
+        );
         assert_eq!(base.len(), 64);
         assert_eq!(
             base,
-            rootfs_key("bookworm", "http://m/debian", &pk(&["a", "b"]), &pk(&["--x"]))
+            rootfs_key(
+                "bookworm",
+                "http://m/debian",
+                &pk(&["a", "b"]),
+                &pk(&["--x"])
+            )
         );
         for other in [
             rootfs_key("trixie", "http://m/debian", &pk(&["a", "b"]), &pk(&["--x"])),
-            rootfs_key("bookworm", "http://n/debian", &pk(&["a", "b"]), &pk(&["--x"])),
+            rootfs_key(
+                "bookworm",
+                "http://n/debian",
+                &pk(&["a", "b"]),
+                &pk(&["--x"]),
+            ),
             rootfs_key("bookworm", "http://m/debian", &pk(&["a"]), &pk(&["--x"])),
             rootfs_key("bookworm", "http://m/debian", &pk(&["a", "b"]), &pk(&[])),
             // A package name must not be confused with an argument.
-            rootfs_key("bookworm", "http://m/debian", &pk(&["a", "b", "--x"]), &pk(&[])),
+            rootfs_key(
+                "bookworm",
+                "http://m/debian",
+                &pk(&["a", "b", "--x"]),
+                &pk(&[]),
+            ),
         ] {
             assert_ne!(base, other);
         }
@@ -125,8 +150,13 @@ mod tests {
         });
         assert!(err.is_err());
         assert!(cache.get("rootfs", "k1").is_none());
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("rootfs")).unwrap().collect();
-        assert!(leftovers.is_empty(), "temporary file removed: {leftovers:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("rootfs"))
+            .unwrap()
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary file removed: {leftovers:?}"
+        );
 
         let p = cache
             .put_with("rootfs", "k1", |tmp| {

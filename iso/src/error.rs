@@ -6,7 +6,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BuildError {
-    #[error("{tool} is not installed (Debian package {package}; scripts/install-deps.sh installs it)")]
+    #[error(
+        "{tool} is not installed (Debian package {package}; scripts/install-deps.sh installs it)"
+    )]
     MissingTool {
         tool: &'static str,
         package: &'static str,

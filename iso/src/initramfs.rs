@@ -15,9 +15,29 @@ use crate::progress::{LDD, ZSTD};
 /// Modules stage-1 needs to reach its root on QEMU and common hardware: disk and CD
 /// controllers, USB storage, NICs for a network root, and the file systems it mounts.
 pub const STAGE1_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "sd_mod", "sr_mod", "ahci",
-    "ata_piix", "ata_generic", "nvme", "usb_storage", "uas", "xhci_pci", "ehci_pci", "uhci_hcd",
-    "ohci_pci", "e1000", "e1000e", "isofs", "squashfs", "overlay", "loop", "ext4",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_net",
+    "sd_mod",
+    "sr_mod",
+    "ahci",
+    "ata_piix",
+    "ata_generic",
+    "nvme",
+    "usb_storage",
+    "uas",
+    "xhci_pci",
+    "ehci_pci",
+    "uhci_hcd",
+    "ohci_pci",
+    "e1000",
+    "e1000e",
+    "isofs",
+    "squashfs",
+    "overlay",
+    "loop",
+    "ext4",
     "crc32c_generic",
 ];
 
@@ -42,9 +62,14 @@ pub fn parse_ldd(output: &str) -> Vec<PathBuf> {
 pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let mut cmd = LDD.command();
     cmd.arg(binary);
-    match LDD.output(cmd, &format!("listing the libraries of {}", binary.display())) {
+    match LDD.output(
+        cmd,
+        &format!("listing the libraries of {}", binary.display()),
+    ) {
         Ok(out) => Ok(parse_ldd(&out)),
-        Err(BuildError::ToolFailed { log, .. }) if log.contains("not a dynamic executable") => Ok(Vec::new()),
+        Err(BuildError::ToolFailed { log, .. }) if log.contains("not a dynamic executable") => {
+            Ok(Vec::new())
+        }
         Err(e) => Err(e),
     }
 }
@@ -91,8 +116,16 @@ pub fn plan(
     modules_dep: &str,
 ) -> Vec<Entry> {
     let mut files: Vec<Entry> = vec![
-        Entry { path: "init".into(), mode: 0o755, source: Source::File(kiln.to_path_buf()) },
-        Entry { path: "dev/console".into(), mode: 0o600, source: Source::CharDevice { major: 5, minor: 1 } },
+        Entry {
+            path: "init".into(),
+            mode: 0o755,
+            source: Source::File(kiln.to_path_buf()),
+        },
+        Entry {
+            path: "dev/console".into(),
+            mode: 0o600,
+            source: Source::CharDevice { major: 5, minor: 1 },
+        },
     ];
     for lib in libs {
         files.push(Entry {
@@ -103,7 +136,11 @@ pub fn plan(
     }
     let mdir = format!("lib/modules/{release}");
     for m in modules {
-        files.push(Entry { path: format!("{mdir}/{m}"), mode: 0o644, source: Source::File(module_dir.join(m)) });
+        files.push(Entry {
+            path: format!("{mdir}/{m}"),
+            mode: 0o644,
+            source: Source::File(module_dir.join(m)),
+        });
     }
     files.push(Entry {
         path: format!("{mdir}/modules.dep"),
@@ -111,7 +148,9 @@ pub fn plan(
         source: Source::Data(modules_dep.as_bytes().to_vec()),
     });
     // Mount points stage-1 uses, and every parent directory of a file.
-    let mut dirs: BTreeSet<String> = ["proc", "sys", "dev", "run", "newroot"].map(String::from).into();
+    let mut dirs: BTreeSet<String> = ["proc", "sys", "dev", "run", "newroot"]
+        .map(String::from)
+        .into();
     for f in &files {
         let mut p = Path::new(&f.path).parent();
         while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
@@ -119,8 +158,14 @@ pub fn plan(
             p = d.parent();
         }
     }
-    let mut entries: Vec<Entry> =
-        dirs.into_iter().map(|path| Entry { path, mode: 0o755, source: Source::Dir }).collect();
+    let mut entries: Vec<Entry> = dirs
+        .into_iter()
+        .map(|path| Entry {
+            path,
+            mode: 0o755,
+            source: Source::Dir,
+        })
+        .collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     entries.extend(files);
     entries
@@ -146,12 +191,19 @@ pub fn write(entries: &[Entry], out: &Path) -> Result<()> {
     use cpio::newc::{Builder, ModeFileType};
     let raw = out.with_extension("cpio");
     {
-        let file = std::fs::File::create(&raw).map_err(BuildError::io(format!("creating {}", raw.display())))?;
+        let file = std::fs::File::create(&raw)
+            .map_err(BuildError::io(format!("creating {}", raw.display())))?;
         let mut w = BufWriter::new(file);
         for (ino, e) in entries.iter().enumerate() {
-            let b = Builder::new(&e.path).ino(ino as u32 + 1).uid(0).gid(0).mtime(0);
+            let b = Builder::new(&e.path)
+                .ino(ino as u32 + 1)
+                .uid(0)
+                .gid(0)
+                .mtime(0);
             let data: Vec<u8> = match &e.source {
-                Source::File(p) => std::fs::read(p).map_err(BuildError::io(format!("reading {}", p.display())))?,
+                Source::File(p) => {
+                    std::fs::read(p).map_err(BuildError::io(format!("reading {}", p.display())))?
+                }
                 Source::Data(d) => d.clone(),
                 Source::Dir | Source::CharDevice { .. } => Vec::new(),
             };
@@ -166,17 +218,27 @@ pub fn write(entries: &[Entry], out: &Path) -> Result<()> {
                 Source::File(_) | Source::Data(_) => b.mode(0o100000 | e.mode).nlink(1),
             };
             let mut writer = b.write(&mut w, data.len() as u32);
-            writer.write_all(&data).map_err(BuildError::io("writing the initramfs"))?;
-            writer.finish().map_err(BuildError::io("writing the initramfs"))?;
+            writer
+                .write_all(&data)
+                .map_err(BuildError::io("writing the initramfs"))?;
+            writer
+                .finish()
+                .map_err(BuildError::io("writing the initramfs"))?;
         }
         let w = cpio::newc::trailer(w).map_err(BuildError::io("writing the initramfs"))?;
         w.into_inner()
-            .map_err(|e| BuildError::Io { what: "writing the initramfs".into(), source: e.into_error() })?
+            .map_err(|e| BuildError::Io {
+                what: "writing the initramfs".into(),
+                source: e.into_error(),
+            })?
             .sync_all()
             .map_err(BuildError::io("writing the initramfs"))?;
     }
     let mut cmd = ZSTD.command();
-    cmd.args(["-q", "-f", "-T0", "-9", "--rm"]).arg(&raw).arg("-o").arg(out);
+    cmd.args(["-q", "-f", "-T0", "-9", "--rm"])
+        .arg(&raw)
+        .arg("-o")
+        .arg(out);
     ZSTD.output(cmd, "compressing the initramfs").map(drop)
 }
 
@@ -192,8 +254,12 @@ mod tests {
                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f0c2c8c0000)\n";
         assert_eq!(
             parse_ldd(out),
-            ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libgcc_s.so.1", "/lib64/ld-linux-x86-64.so.2"]
-                .map(PathBuf::from)
+            [
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
         );
         assert!(parse_ldd("\tstatically linked\n").is_empty());
     }
@@ -202,16 +268,23 @@ mod tests {
     fn modules_dep_subset() {
         let full = "kernel/a.ko: kernel/b.ko\nkernel/b.ko:\nkernel/c.ko:\n";
         let keep: BTreeSet<String> = ["kernel/a.ko", "kernel/b.ko"].map(String::from).into();
-        assert_eq!(subset_modules_dep(full, &keep), "kernel/a.ko: kernel/b.ko\nkernel/b.ko:\n");
+        assert_eq!(
+            subset_modules_dep(full, &keep),
+            "kernel/a.ko: kernel/b.ko\nkernel/b.ko:\n"
+        );
     }
 
     #[test]
     fn plan_matches_golden() {
         let modules: BTreeSet<String> =
-            ["kernel/drivers/cdrom/cdrom.ko", "kernel/fs/isofs/isofs.ko"].map(String::from).into();
+            ["kernel/drivers/cdrom/cdrom.ko", "kernel/fs/isofs/isofs.ko"]
+                .map(String::from)
+                .into();
         let entries = plan(
             Path::new("/build/kiln"),
-            &parse_ldd("\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n"),
+            &parse_ldd(
+                "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n",
+            ),
             "6.1.0-9-amd64",
             Path::new("/rootfs/usr/lib/modules/6.1.0-9-amd64"),
             &modules,
@@ -228,7 +301,11 @@ mod tests {
         let entries = plan(&f, &[], "r", d.path(), &BTreeSet::new(), "");
         let out = d.path().join("initrd.img");
         write(&entries, &out).unwrap();
-        let raw = std::process::Command::new("zstd").args(["-dc"]).arg(&out).output().unwrap();
+        let raw = std::process::Command::new("zstd")
+            .args(["-dc"])
+            .arg(&out)
+            .output()
+            .unwrap();
         assert!(raw.status.success());
         let mut names = Vec::new();
         let mut rest = std::io::Cursor::new(raw.stdout);
@@ -237,7 +314,11 @@ mod tests {
             if r.entry().is_trailer() {
                 break;
             }
-            names.push((r.entry().name().to_string(), r.entry().mode(), r.entry().rdev_major()));
+            names.push((
+                r.entry().name().to_string(),
+                r.entry().mode(),
+                r.entry().rdev_major(),
+            ));
             rest = r.finish().unwrap();
         }
         assert!(names.contains(&("init".to_string(), 0o100755, 0)));

@@ -38,12 +38,19 @@ pub struct BuildReport {
 pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildReport> {
     let started = Instant::now();
     check_out(out)?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(BuildError::io(format!("creating {}", parent.display())))?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(BuildError::io(format!("creating {}", parent.display())))?;
     let staging = tempfile::Builder::new()
         .prefix(".kiln-build-")
         .tempdir_in(parent)
-        .map_err(BuildError::io(format!("creating a build directory in {}", parent.display())))?;
+        .map_err(BuildError::io(format!(
+            "creating a build directory in {}",
+            parent.display()
+        )))?;
     let stage = staging.path();
     let work = stage.join(".work");
     let root = work.join("rootfs");
@@ -67,7 +74,11 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
             (p, false)
         }
     };
-    let note = if hit { format!("cache hit {key}") } else { format!("cache miss {key}: built with mmdebstrap") };
+    let note = if hit {
+        format!("cache hit {key}")
+    } else {
+        format!("cache miss {key}: built with mmdebstrap")
+    };
     rep.done(&pb, "rootfs", t, note);
 
     let t = Instant::now();
@@ -80,7 +91,12 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     let t = Instant::now();
     let pb = rep.spinner("trim");
     let stats = trim::trim(&root, &kernel, inputs.minimal_modules)?;
-    rep.done(&pb, "trim", t, format!("removed {} files, {} MiB", stats.files, stats.bytes >> 20));
+    rep.done(
+        &pb,
+        "trim",
+        t,
+        format!("removed {} files, {} MiB", stats.files, stats.bytes >> 20),
+    );
 
     // 3. Overlays and the kiln binary.
     let t = Instant::now();
@@ -88,7 +104,16 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     overlay::apply(&root, &inputs.files, &inputs.units_enabled)?;
     let kiln = root.join("usr/bin/kiln");
     overlay::install_kiln(&inputs.kiln_binary, &kiln)?;
-    rep.done(&pb, "overlay", t, format!("{} files, {} units", inputs.files.len(), inputs.units_enabled.len()));
+    rep.done(
+        &pb,
+        "overlay",
+        t,
+        format!(
+            "{} files, {} units",
+            inputs.files.len(),
+            inputs.units_enabled.len()
+        ),
+    );
 
     // 4. Initramfs; a copy goes into the image so an installer or upgrade finds kernel and
     // initramfs inside the slot it writes.
@@ -96,9 +121,15 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     let pb = rep.spinner("initramfs");
     let initrd = pxe_dir.join("initrd.img");
     let module_count = build_initramfs(&kiln, &kernel, &initrd)?;
-    let in_image = root.join("boot").join(format!("initrd.img-{}", kernel.release));
-    std::fs::copy(&initrd, &in_image).map_err(BuildError::io(format!("copying the initramfs to {}", in_image.display())))?;
-    std::fs::copy(&kernel.vmlinuz, pxe_dir.join("vmlinuz")).map_err(BuildError::io("copying the kernel"))?;
+    let in_image = root
+        .join("boot")
+        .join(format!("initrd.img-{}", kernel.release));
+    std::fs::copy(&initrd, &in_image).map_err(BuildError::io(format!(
+        "copying the initramfs to {}",
+        in_image.display()
+    )))?;
+    std::fs::copy(&kernel.vmlinuz, pxe_dir.join("vmlinuz"))
+        .map_err(BuildError::io("copying the kernel"))?;
     rep.done(&pb, "initramfs", t, format!("{module_count} modules"));
 
     let status_path = root.join("var/lib/dpkg/status");
@@ -119,12 +150,17 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     let pb = rep.spinner("iso");
     let tree = work.join("iso");
     for d in ["boot/grub", "live", "kiln"] {
-        std::fs::create_dir_all(tree.join(d)).map_err(BuildError::io(format!("creating {d} on the ISO tree")))?;
+        std::fs::create_dir_all(tree.join(d))
+            .map_err(BuildError::io(format!("creating {d} on the ISO tree")))?;
     }
     let write = |rel: &str, data: &[u8]| {
-        std::fs::write(tree.join(rel), data).map_err(BuildError::io(format!("writing {rel} on the ISO tree")))
+        std::fs::write(tree.join(rel), data)
+            .map_err(BuildError::io(format!("writing {rel} on the ISO tree")))
     };
-    write("boot/grub/grub.cfg", iso::grub_cfg(LIVE_LABEL, &inputs.kernel_args).as_bytes())?;
+    write(
+        "boot/grub/grub.cfg",
+        iso::grub_cfg(LIVE_LABEL, &inputs.kernel_args).as_bytes(),
+    )?;
     write(iso::SPEC_PATH, inputs.spec_yaml.as_bytes())?;
     for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
         let dest = tree.join("live").join(name);
@@ -135,8 +171,11 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     rep.done(&pb, "iso", t, format!("label {LIVE_LABEL}"));
 
     // 7. PXE script, manifest.
-    std::fs::write(pxe_dir.join("boot.ipxe"), pxe::boot_ipxe(&inputs.kernel_args))
-        .map_err(BuildError::io("writing boot.ipxe"))?;
+    std::fs::write(
+        pxe_dir.join("boot.ipxe"),
+        pxe::boot_ipxe(&inputs.kernel_args),
+    )
+    .map_err(BuildError::io("writing boot.ipxe"))?;
     std::fs::remove_dir_all(&work).map_err(BuildError::io("removing the work directory"))?;
     let t = Instant::now();
     let pb = rep.spinner("manifest");
@@ -159,8 +198,14 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         packages: packages_installed,
     };
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
-    std::fs::write(stage.join("manifest.json"), json).map_err(BuildError::io("writing manifest.json"))?;
-    rep.done(&pb, "manifest", t, format!("{} packages", manifest.packages.len()));
+    std::fs::write(stage.join("manifest.json"), json)
+        .map_err(BuildError::io("writing manifest.json"))?;
+    rep.done(
+        &pb,
+        "manifest",
+        t,
+        format!("{} packages", manifest.packages.len()),
+    );
 
     publish(staging, out)?;
     Ok(BuildReport {
@@ -176,7 +221,10 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
 fn check_out(out: &Path) -> Result<()> {
     match std::fs::read_dir(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(BuildError::Io { what: format!("reading {}", out.display()), source: e }),
+        Err(e) => Err(BuildError::Io {
+            what: format!("reading {}", out.display()),
+            source: e,
+        }),
         Ok(mut entries) => {
             if entries.next().is_none() || out.join("manifest.json").is_file() {
                 Ok(())
@@ -196,11 +244,18 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
         out.with_file_name(name)
     });
     if let Some(old) = &old {
-        std::fs::rename(out, old).map_err(BuildError::io(format!("moving the earlier {} aside", out.display())))?;
+        std::fs::rename(out, old).map_err(BuildError::io(format!(
+            "moving the earlier {} aside",
+            out.display()
+        )))?;
     }
-    std::fs::rename(&stage, out).map_err(BuildError::io(format!("moving the build to {}", out.display())))?;
+    std::fs::rename(&stage, out).map_err(BuildError::io(format!(
+        "moving the build to {}",
+        out.display()
+    )))?;
     if let Some(old) = old {
-        std::fs::remove_dir_all(&old).map_err(BuildError::io(format!("removing {}", old.display())))?;
+        std::fs::remove_dir_all(&old)
+            .map_err(BuildError::io(format!("removing {}", old.display())))?;
     }
     Ok(())
 }
@@ -217,7 +272,14 @@ fn build_initramfs(kiln: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<u
     let modules: BTreeSet<String> = trim::modules_to_keep(&deps, &builtin, STAGE1_MODULES)?;
     let libs = initramfs::shared_libraries(kiln)?;
     let subset = initramfs::subset_modules_dep(&full_dep, &modules);
-    let entries = initramfs::plan(kiln, &libs, &kernel.release, &kernel.modules, &modules, &subset);
+    let entries = initramfs::plan(
+        kiln,
+        &libs,
+        &kernel.release,
+        &kernel.modules,
+        &modules,
+        &subset,
+    );
     tracing::debug!("initramfs:\n{}", initramfs::listing(&entries));
     initramfs::write(&entries, out)?;
     Ok(modules.len())

@@ -50,7 +50,13 @@ impl Reporter {
     }
 
     /// Ends a step: clears its bar, records and logs the timing.
-    pub fn done(&mut self, pb: &ProgressBar, step: &str, started: Instant, note: impl Into<String>) {
+    pub fn done(
+        &mut self,
+        pb: &ProgressBar,
+        step: &str,
+        started: Instant,
+        note: impl Into<String>,
+    ) {
         pb.finish_and_clear();
         let note = note.into();
         let seconds = started.elapsed().as_secs_f64();
@@ -70,16 +76,46 @@ pub struct Tool {
     pub package: &'static str,
 }
 
-pub const MMDEBSTRAP: Tool = Tool { name: "mmdebstrap", package: "mmdebstrap" };
-pub const MKSQUASHFS: Tool = Tool { name: "mksquashfs", package: "squashfs-tools" };
-pub const GRUB_MKRESCUE: Tool = Tool { name: "grub-mkrescue", package: "grub-common" };
-pub const XORRISO: Tool = Tool { name: "xorriso", package: "xorriso" };
-pub const TAR: Tool = Tool { name: "tar", package: "tar" };
-pub const DEPMOD: Tool = Tool { name: "depmod", package: "kmod" };
-pub const LDD: Tool = Tool { name: "ldd", package: "libc-bin" };
-pub const STRIP: Tool = Tool { name: "strip", package: "binutils" };
-pub const ZSTD: Tool = Tool { name: "zstd", package: "zstd" };
-pub const SYSTEMCTL: Tool = Tool { name: "systemctl", package: "systemd" };
+pub const MMDEBSTRAP: Tool = Tool {
+    name: "mmdebstrap",
+    package: "mmdebstrap",
+};
+pub const MKSQUASHFS: Tool = Tool {
+    name: "mksquashfs",
+    package: "squashfs-tools",
+};
+pub const GRUB_MKRESCUE: Tool = Tool {
+    name: "grub-mkrescue",
+    package: "grub-common",
+};
+pub const XORRISO: Tool = Tool {
+    name: "xorriso",
+    package: "xorriso",
+};
+pub const TAR: Tool = Tool {
+    name: "tar",
+    package: "tar",
+};
+pub const DEPMOD: Tool = Tool {
+    name: "depmod",
+    package: "kmod",
+};
+pub const LDD: Tool = Tool {
+    name: "ldd",
+    package: "libc-bin",
+};
+pub const STRIP: Tool = Tool {
+    name: "strip",
+    package: "binutils",
+};
+pub const ZSTD: Tool = Tool {
+    name: "zstd",
+    package: "zstd",
+};
+pub const SYSTEMCTL: Tool = Tool {
+    name: "systemctl",
+    package: "systemd",
+};
 
 impl Tool {
     pub fn command(&self) -> Command {

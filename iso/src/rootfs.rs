@@ -30,7 +30,13 @@ pub fn mmdebstrap_args(options: &[String], suite: &str, out: &Path, mirror: &str
 }
 
 /// Runs mmdebstrap, showing its log lines on `pb`.
-pub fn bootstrap(options: &[String], suite: &str, mirror: &str, out: &Path, pb: &ProgressBar) -> Result<()> {
+pub fn bootstrap(
+    options: &[String],
+    suite: &str,
+    mirror: &str,
+    out: &Path,
+    pb: &ProgressBar,
+) -> Result<()> {
     let mut cmd = MMDEBSTRAP.command();
     cmd.args(mmdebstrap_args(options, suite, out, mirror));
     let what = format!("building the base rootfs for {suite} from {mirror}");
@@ -43,10 +49,20 @@ pub fn bootstrap(options: &[String], suite: &str, mirror: &str, out: &Path, pb: 
 /// apt's messages for an unreachable mirror are buried in mmdebstrap's log: say it plainly.
 fn explain_mirror_failure(e: BuildError, mirror: &str) -> BuildError {
     match e {
-        BuildError::ToolFailed { what, tool, status, log }
-            if ["Failed to fetch", "Could not connect", "Could not resolve", "Temporary failure", "Unable to connect"]
-                .iter()
-                .any(|m| log.contains(m)) =>
+        BuildError::ToolFailed {
+            what,
+            tool,
+            status,
+            log,
+        } if [
+            "Failed to fetch",
+            "Could not connect",
+            "Could not resolve",
+            "Temporary failure",
+            "Unable to connect",
+        ]
+        .iter()
+        .any(|m| log.contains(m)) =>
         {
             BuildError::ToolFailed {
                 what: format!("{what}: the mirror {mirror} is unreachable"),
@@ -101,8 +117,13 @@ pub fn find_kernel(root: &Path) -> Result<Kernel> {
                 vmlinuz,
             })
         }
-        [] => Err(BuildError::Rootfs("no kernel (is linux-image-amd64 in the package list?)".into())),
-        many => Err(BuildError::Rootfs(format!("more than one kernel: {}", many.join(", ")))),
+        [] => Err(BuildError::Rootfs(
+            "no kernel (is linux-image-amd64 in the package list?)".into(),
+        )),
+        many => Err(BuildError::Rootfs(format!(
+            "more than one kernel: {}",
+            many.join(", ")
+        ))),
     }
 }
 
@@ -113,7 +134,12 @@ mod tests {
     #[test]
     fn mmdebstrap_command_line() {
         let opts = mmdebstrap_options(&["kmod".into(), "udev".into()]);
-        let args = mmdebstrap_args(&opts, "bookworm", Path::new("/c/x.tar"), "http://deb.debian.org/debian");
+        let args = mmdebstrap_args(
+            &opts,
+            "bookworm",
+            Path::new("/c/x.tar"),
+            "http://deb.debian.org/debian",
+        );
         assert_eq!(
             args.join(" "),
             "--variant=minbase --mode=root --format=tar --include=kmod,udev bookworm /c/x.tar http://deb.debian.org/debian"
@@ -131,7 +157,11 @@ mod tests {
             },
             "http://127.0.0.1:9/debian",
         );
-        assert!(e.to_string().contains("the mirror http://127.0.0.1:9/debian is unreachable"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the mirror http://127.0.0.1:9/debian is unreachable"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -139,12 +169,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert!(find_kernel(d.path()).is_err());
         std::fs::create_dir_all(d.path().join("usr/lib/modules/6.1.0-9-amd64")).unwrap();
-        assert!(find_kernel(d.path()).unwrap_err().to_string().contains("no /boot/vmlinuz"));
+        assert!(
+            find_kernel(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no /boot/vmlinuz")
+        );
         std::fs::create_dir_all(d.path().join("boot")).unwrap();
         std::fs::write(d.path().join("boot/vmlinuz-6.1.0-9-amd64"), b"k").unwrap();
         let k = find_kernel(d.path()).unwrap();
         assert_eq!(k.release, "6.1.0-9-amd64");
         std::fs::create_dir_all(d.path().join("usr/lib/modules/6.1.0-10-amd64")).unwrap();
-        assert!(find_kernel(d.path()).unwrap_err().to_string().contains("more than one"));
+        assert!(
+            find_kernel(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("more than one")
+        );
     }
 }

@@ -48,9 +48,18 @@ mod tests {
 
     #[test]
     fn progress_lines() {
-        assert_eq!(parse_progress("[===========-    ] 1234/5678  21%"), Some((1234, 5678)));
-        assert_eq!(parse_progress("[====================] 5678/5678 100%"), Some((5678, 5678)));
-        assert_eq!(parse_progress("Parallel mksquashfs: Using 2 processors"), None);
+        assert_eq!(
+            parse_progress("[===========-    ] 1234/5678  21%"),
+            Some((1234, 5678))
+        );
+        assert_eq!(
+            parse_progress("[====================] 5678/5678 100%"),
+            Some((5678, 5678))
+        );
+        assert_eq!(
+            parse_progress("Parallel mksquashfs: Using 2 processors"),
+            None
+        );
         assert_eq!(parse_progress("[] x/y"), None);
     }
 }

@@ -13,12 +13,51 @@ use crate::rootfs::Kernel;
 /// Modules the minimal image keeps: QEMU's disks, CD-ROM, USB storage, NICs and consoles, and
 /// the file systems kiln boots from and installs (with their dependencies).
 pub const VM_MODULES: &[&str] = &[
-    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "virtio_rng", "virtio_console",
-    "virtio_balloon", "virtio_input", "sd_mod", "sr_mod", "ahci", "ata_piix", "ata_generic",
-    "usb_storage", "uas", "xhci_pci", "ehci_pci", "uhci_hcd", "ohci_pci", "usbhid", "hid_generic",
-    "isofs", "squashfs", "overlay", "loop", "ext4", "vfat", "nls_utf8", "nls_cp437", "nls_ascii",
-    "nls_iso8859_1", "efivarfs", "e1000", "e1000e", "crc32c_generic", "crc32c_intel",
-    "qemu_fw_cfg", "ipmi_si", "ipmi_devintf", "evdev", "tun", "bridge", "8021q", "bonding", "nvme",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_net",
+    "virtio_rng",
+    "virtio_console",
+    "virtio_balloon",
+    "virtio_input",
+    "sd_mod",
+    "sr_mod",
+    "ahci",
+    "ata_piix",
+    "ata_generic",
+    "usb_storage",
+    "uas",
+    "xhci_pci",
+    "ehci_pci",
+    "uhci_hcd",
+    "ohci_pci",
+    "usbhid",
+    "hid_generic",
+    "isofs",
+    "squashfs",
+    "overlay",
+    "loop",
+    "ext4",
+    "vfat",
+    "nls_utf8",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_iso8859_1",
+    "efivarfs",
+    "e1000",
+    "e1000e",
+    "crc32c_generic",
+    "crc32c_intel",
+    "qemu_fw_cfg",
+    "ipmi_si",
+    "ipmi_devintf",
+    "evdev",
+    "tun",
+    "bridge",
+    "8021q",
+    "bonding",
+    "nvme",
 ];
 
 /// Whether a path (relative to the rootfs, `/`-separated) is removed by the trim. Copyright
@@ -80,17 +119,27 @@ pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
             std::fs::read_to_string(&p).map_err(BuildError::io(format!("reading {}", p.display())))
         };
         let deps = ModulesDep::parse(&read("modules.dep")?)?;
-        Some(modules_to_keep(&deps, &builtin_names(&read("modules.builtin")?), VM_MODULES)?)
+        Some(modules_to_keep(
+            &deps,
+            &builtin_names(&read("modules.builtin")?),
+            VM_MODULES,
+        )?)
     } else {
         None
     };
     let module_dir = kernel.modules.join("kernel");
-    for entry in walkdir::WalkDir::new(root).into_iter().filter_map(|e| e.ok()) {
+    for entry in walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
         if entry.file_type().is_dir() {
             continue;
         }
         let path = entry.path();
-        let rel = path.strip_prefix(root).expect("walk stays under root").to_string_lossy();
+        let rel = path
+            .strip_prefix(root)
+            .expect("walk stays under root")
+            .to_string_lossy();
         let drop = is_trimmed(&rel)
             || keep_modules.as_ref().is_some_and(|keep| {
                 path.strip_prefix(&kernel.modules)
@@ -101,7 +150,31 @@ pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
         if drop {
             stats.files += 1;
             stats.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-            std::fs::remove_file(path).map_err(BuildError::io(format!("removing {}", path.display())))?;
+            std::fs::remove_file(path)
+                .map_err(BuildError::io(format!("removing {}", path.display())))?;
+        }
+    }
+    // Directories the trim emptied go too (children first, so nested ones empty out).
+    for entry in walkdir::WalkDir::new(root)
+        .contents_first(true)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        let path = entry.path();
+        if !entry.file_type().is_dir() {
+            continue;
+        }
+        let rel = path
+            .strip_prefix(root)
+            .expect("walk stays under root")
+            .to_string_lossy();
+        let trimmed_area = is_trimmed(&rel) || (minimal && path.starts_with(&module_dir));
+        if trimmed_area
+            && path != module_dir
+            && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+        {
+            std::fs::remove_dir(path)
+                .map_err(BuildError::io(format!("removing {}", path.display())))?;
         }
     }
     if minimal {
@@ -140,6 +213,37 @@ mod tests {
     }
 
     #[test]
+    fn trim_removes_files_and_the_directories_it_empties() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for f in [
+            "usr/share/man/cs/man1/ls.1.gz",
+            "usr/share/doc/bash/README.gz",
+            "usr/share/doc/bash/copyright",
+            "usr/share/doc/nolicence/NEWS.gz",
+            "usr/bin/ls",
+        ] {
+            std::fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
+            std::fs::write(root.join(f), b"x").unwrap();
+        }
+        let kernel = Kernel {
+            release: "r".into(),
+            vmlinuz: root.join("boot/vmlinuz-r"),
+            modules: root.join("usr/lib/modules/r"),
+        };
+        let stats = trim(root, &kernel, false).unwrap();
+        assert_eq!((stats.files, stats.bytes), (3, 3));
+        assert!(root.join("usr/share/doc/bash/copyright").is_file());
+        assert!(root.join("usr/bin/ls").is_file());
+        assert!(!root.join("usr/share/man/cs").exists());
+        assert!(!root.join("usr/share/doc/nolicence").exists());
+        assert!(
+            root.join("usr/share/man").is_dir(),
+            "the trimmed area itself stays"
+        );
+    }
+
+    #[test]
     fn kept_modules_include_dependencies_and_skip_builtins() {
         let deps = ModulesDep::parse(
             "kernel/fs/isofs/isofs.ko: kernel/drivers/cdrom/cdrom.ko\n\
@@ -154,6 +258,10 @@ mod tests {
             ["kernel/drivers/cdrom/cdrom.ko", "kernel/fs/isofs/isofs.ko"]
         );
         let err = modules_to_keep(&deps, &builtin, &["isofs", "nosuch", "other"]).unwrap_err();
-        assert!(err.to_string().contains("no kernel module named nosuch, other"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no kernel module named nosuch, other"),
+            "{err}"
+        );
     }
 }

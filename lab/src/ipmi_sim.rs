@@ -235,7 +235,7 @@ impl IpmiSimBuilder {
     }
 
     /// The `chassis_control` program: ipmi_sim runs it as `PROG get power|boot` (answer
-    /// `power:0|1`, `boot:DEV`) and `PROG set power 0|1 | boot DEV | reset 1`. It must return
+    /// `power:0|1`, `boot:DEV`) and `PROG set power 0|1 | boot DEV | reset 1 | shutdown 1`. It must return
     /// within a second or the BMC's client retransmits, so QEMU is started in the background.
     fn chassis_control(dir: &Path, qemu_argv: &[String]) -> String {
         let argv: Vec<String> = qemu_argv.iter().map(|a| sh_quote(a)).collect();
@@ -272,6 +272,8 @@ case "$1 $2" in
   "set power") if [ "$3" = 1 ]; then running || start; else stop; fi ;;
   "set boot") echo "$3" > "$dir/boot" ;;
   "set reset") stop; start ;;
+  # ACPI soft-off: recorded only; a firmware-only guest has no handler for it.
+  "set shutdown") ;;
 esac
 "#,
             dir = sh_quote(&dir.display().to_string()),
@@ -328,14 +330,17 @@ esac
             }
         };
         let conf = path.join("lan.conf");
-        fs::write(&conf, self.lan_conf(&path, port, vm_port)).map_err(io_err("writing lan.conf"))?;
+        fs::write(&conf, self.lan_conf(&path, port, vm_port))
+            .map_err(io_err("writing lan.conf"))?;
         let emu = path.join("sim.emu");
         fs::write(&emu, self.emu()).map_err(io_err("writing the emulation commands"))?;
         let state = path.join("state");
         fs::create_dir_all(&state).map_err(io_err("creating the state directory"))?;
         let log_path = path.join("ipmi_sim.log");
         let log = fs::File::create(&log_path).map_err(io_err("creating the ipmi_sim log"))?;
-        let log_err = log.try_clone().map_err(io_err("duplicating a log handle"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_err("duplicating a log handle"))?;
         let child = Command::new(IPMI_SIM)
             .arg("-c")
             .arg(&conf)
@@ -489,9 +494,7 @@ impl IpmiSim {
 
     fn stop_vm(&self) {
         if let Some(pid) = self.vm_pid() {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
 }

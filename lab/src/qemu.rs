@@ -471,6 +471,13 @@ impl VmBuilder {
             }
         }
         for (n, nic) in self.nics.iter().enumerate() {
+            // A NIC nobody boots from needs no PXE option ROM (it only slows the firmware).
+            let rom = match nic {
+                Nic::User {
+                    bootindex: None, ..
+                } => ",romfile=",
+                _ => "",
+            };
             let (netdev, mac, index) = match nic {
                 Nic::Tap {
                     ifname,
@@ -494,7 +501,10 @@ impl VmBuilder {
                 "-netdev",
                 &netdev,
                 "-device",
-                &format!("virtio-net-pci,netdev=net{n},mac={mac}{}", boot(*index)),
+                &format!(
+                    "virtio-net-pci,netdev=net{n},mac={mac}{rom}{}",
+                    boot(*index)
+                ),
             ]);
         }
         if let Some(b) = &self.direct_boot {
@@ -574,11 +584,7 @@ impl VmBuilder {
         self.prepare_work_dir(&work_dir)?;
         // QEMU must not outlive the thread that owns the `Vm`, even when this process is
         // killed and `Drop` never runs: util-linux `setpriv` sets its parent-death signal.
-        let mut argv = vec![
-            "setpriv".to_string(),
-            "--pdeathsig".into(),
-            "KILL".into(),
-        ];
+        let mut argv = vec!["setpriv".to_string(), "--pdeathsig".into(), "KILL".into()];
         argv.extend(self.command_line(&work_dir));
         let qemu_log_path = work_dir.join("qemu.log");
         let qemu_log = fs::File::create(&qemu_log_path)
@@ -665,6 +671,8 @@ pub struct ConsoleLog {
     path: PathBuf,
     offset: u64,
     partial: String,
+    /// Complete lines read but not yet looked at (a read can bring several matches).
+    pending: VecDeque<String>,
 }
 
 impl ConsoleLog {
@@ -673,6 +681,7 @@ impl ConsoleLog {
             path: path.into(),
             offset: 0,
             partial: String::new(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -680,11 +689,11 @@ impl ConsoleLog {
         &self.path
     }
 
-    /// Reads complete new lines since the last call (a trailing partial line is kept back).
-    fn new_lines(&mut self) -> io::Result<Vec<String>> {
+    /// Queues complete new lines (a trailing partial line is kept back).
+    fn read_new_lines(&mut self) -> io::Result<()> {
         let mut f = match fs::File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
         f.seek(SeekFrom::Start(self.offset))?;
@@ -692,12 +701,11 @@ impl ConsoleLog {
         f.read_to_end(&mut buf)?;
         self.offset += buf.len() as u64;
         self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let mut lines = Vec::new();
         while let Some(nl) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=nl).collect();
-            lines.push(clean_console_line(&line));
+            self.pending.push_back(clean_console_line(&line));
         }
-        Ok(lines)
+        Ok(())
     }
 
     /// The last `n` lines of the whole log, for error messages.
@@ -727,10 +735,9 @@ impl ConsoleLog {
         loop {
             // Check the exit before reading, so the last lines a dying VM wrote are still seen.
             let exited = alive();
-            for line in self
-                .new_lines()
-                .map_err(io_err(format!("reading {}", self.path.display())))?
-            {
+            self.read_new_lines()
+                .map_err(io_err(format!("reading {}", self.path.display())))?;
+            while let Some(line) = self.pending.pop_front() {
                 if pattern.matches(&line) {
                     return Ok(line);
                 }
@@ -1038,11 +1045,20 @@ mod tests {
     fn console_log_matches_lines_in_order_and_strips_escapes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("serial.log");
-        fs::write(&path, "\x1b[2Jboot\r\nkiln-install: done\npartial").unwrap();
+        fs::write(
+            &path,
+            "\x1b[2Jboot\r\nkiln-install: start\nkiln-install: done\npartial",
+        )
+        .unwrap();
         let mut log = ConsoleLog::new(&path);
         let none = || None;
         let line = log
-            .wait_for("t", &"done".into(), Duration::from_secs(1), none)
+            .wait_for("t", &"kiln-install".into(), Duration::from_secs(1), none)
+            .unwrap();
+        assert_eq!(line, "kiln-install: start");
+        // The second match arrived in the same read: it is not lost.
+        let line = log
+            .wait_for("t", &"kiln-install".into(), Duration::from_secs(1), none)
             .unwrap();
         assert_eq!(line, "kiln-install: done");
         // A partial line is not matched until its newline arrives.
@@ -1052,7 +1068,7 @@ mod tests {
         assert!(matches!(err, QemuError::ConsoleTimeout { .. }));
         assert!(
             err.to_string()
-                .contains("boot\nkiln-install: done\npartial")
+                .contains("boot\nkiln-install: start\nkiln-install: done\npartial")
         );
         fs::OpenOptions::new()
             .append(true)

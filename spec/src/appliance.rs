@@ -574,10 +574,6 @@ impl Appliance {
 
     /// Like [`Appliance::from_yaml`], from an already parsed document (JSON or YAML).
     pub fn from_value(mut value: serde_json::Value) -> Result<Appliance, SpecError> {
-        let invalid = |errors| SpecError::Invalid {
-            what: "appliance spec".into(),
-            errors,
-        };
         if let Some(profile) = value
             .pointer("/spec/profile")
             .and_then(|p| p.as_str())
@@ -588,16 +584,7 @@ impl Appliance {
             crate::check::merge(&mut base, value);
             value = base;
         }
-        let schema = schemars::schema_for!(Appliance);
-        crate::check::parse_all(schema.as_value(), value, Appliance::validate).map_err(
-            |e| match e {
-                crate::check::ParseAll::Invalid(errors) => invalid(errors),
-                crate::check::ParseAll::Shape(message) => SpecError::Parse {
-                    what: "appliance spec".into(),
-                    message,
-                },
-            },
-        )
+        crate::check::parse_document("appliance spec", value, Appliance::validate)
     }
 
     pub fn load(path: &Path) -> Result<Appliance, SpecError> {
@@ -1108,4 +1095,109 @@ fn check_ssh_key(key: &str) -> Result<(), String> {
         return Err("the key data after the type is missing or not base64".into());
     }
     Ok(())
+}
+
+/// Per-node changes to the appliance spec, as an inventory node's `overrides`. Values given
+/// replace the spec's; lists (users, interfaces, bonds, VLANs, bridges, nameservers, kernel
+/// arguments) are added to the spec's; `install.disk` replaces the spec's disk rules whole,
+/// so a node's rules never mix with the fleet's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplianceOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<User>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOverrides>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallOverrides>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bonds: Vec<BondConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vlans: Vec<VlanConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<BridgeConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstallOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRules>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe: Option<WipePolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_install: Option<AfterInstall>,
+}
+
+impl Appliance {
+    /// This spec with one node's overrides applied. The result still needs
+    /// [`Appliance::validate`]: overrides can make a valid spec invalid (a duplicate user).
+    pub fn with_overrides(&self, o: &ApplianceOverrides) -> Appliance {
+        let mut a = self.clone();
+        let s = &mut a.spec;
+        if let Some(h) = &o.hostname {
+            s.hostname = h.clone();
+        }
+        s.users.extend(o.users.iter().cloned());
+        s.os.kernel_args.extend(o.kernel_args.iter().cloned());
+        if let Some(n) = &o.network {
+            if let Some(d) = n.dhcp {
+                s.network.dhcp = d;
+            }
+            s.network.interfaces.extend(n.interfaces.iter().cloned());
+            s.network.bonds.extend(n.bonds.iter().cloned());
+            s.network.vlans.extend(n.vlans.iter().cloned());
+            s.network.bridges.extend(n.bridges.iter().cloned());
+            s.network.nameservers.extend(n.nameservers.iter().cloned());
+        }
+        if let Some(i) = &o.install {
+            if let Some(d) = &i.disk {
+                s.install.disk = d.clone();
+            }
+            if let Some(w) = i.wipe {
+                s.install.wipe = w;
+            }
+            if let Some(f) = i.firmware {
+                s.install.firmware = f;
+            }
+            if let Some(x) = i.after_install {
+                s.install.after_install = x;
+            }
+        }
+        a
+    }
+}
+
+impl ApplianceOverrides {
+    /// Problems in the overrides alone, with paths under `at` (e.g.
+    /// `spec.nodes[3].overrides`): they are checked as applied to an empty spec.
+    pub fn validate_into(&self, at: &str, errs: &mut ValidationErrors) {
+        let mut base = Appliance::profile(ProfileName::Test);
+        base.spec.users.clear();
+        base.spec.os.kernel_args.clear();
+        if let Err(found) = base.with_overrides(self).validate() {
+            for e in found.0 {
+                let rest = e.path.strip_prefix("spec.").unwrap_or(&e.path);
+                let rest = rest.strip_prefix("os.").unwrap_or(rest);
+                errs.push(format!("{at}.{rest}"), e.reason);
+            }
+        }
+    }
 }

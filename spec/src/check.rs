@@ -5,11 +5,11 @@
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::errors::ValidationErrors;
+use crate::errors::{SpecError, ValidationErrors};
 
 /// Why [`parse_all`] gave up.
 #[derive(Debug)]
-pub(crate) enum ParseAll {
+enum ParseAll {
     /// Every problem found, shape and values.
     Invalid(ValidationErrors),
     /// The typed parse failed on something the shape check does not model.
@@ -19,7 +19,7 @@ pub(crate) enum ParseAll {
 /// Shape check, typed parse, then `validate`. When the shape is wrong, the offending fields
 /// are dropped (falling back to their defaults) and the rest is still parsed and validated,
 /// so one run reports as much as it can.
-pub(crate) fn parse_all<T: DeserializeOwned>(
+fn parse_all<T: DeserializeOwned>(
     schema: &Value,
     mut doc: Value,
     validate: impl Fn(&T) -> Result<(), ValidationErrors>,
@@ -47,6 +47,25 @@ pub(crate) fn parse_all<T: DeserializeOwned>(
         }
     }
     Err(ParseAll::Invalid(errs))
+}
+
+/// [`parse_all`] against `T`'s own JSON Schema, with errors as a [`SpecError`] about `what`.
+pub(crate) fn parse_document<T: DeserializeOwned + schemars::JsonSchema>(
+    what: &str,
+    doc: Value,
+    validate: impl Fn(&T) -> Result<(), ValidationErrors>,
+) -> Result<T, SpecError> {
+    let schema = schemars::schema_for!(T);
+    parse_all(schema.as_value(), doc, validate).map_err(|e| match e {
+        ParseAll::Invalid(errors) => SpecError::Invalid {
+            what: what.into(),
+            errors,
+        },
+        ParseAll::Shape(message) => SpecError::Parse {
+            what: what.into(),
+            message,
+        },
+    })
 }
 
 /// Merges `over` into `base`: objects field by field, lists appended (without repeating
@@ -244,6 +263,18 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut Validat
         .or_else(|| schema.get("anyOf"))
         .and_then(Value::as_array)
     {
+        if let Some(tags) = tagged_variants(root, branches)
+            && v.is_object()
+        {
+            let present: Vec<&String> = v.as_object().into_iter().flat_map(|m| m.keys()).collect();
+            if present.len() != 1 || !tags.contains(&present[0].as_str()) {
+                errs.push(
+                    at(path),
+                    format!("needs exactly one of the fields: {}", tags.join(", ")),
+                );
+                return;
+            }
+        }
         let mut best: Option<ValidationErrors> = None;
         for b in branches {
             let mut e = ValidationErrors::default();
@@ -355,10 +386,104 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut Validat
     }
 }
 
+/// The variant names when every branch is an object with one required field (how serde
+/// writes an enum whose variants carry data, e.g. `{file: path}` or `{env: NAME}`).
+fn tagged_variants<'a>(root: &'a Value, branches: &'a [Value]) -> Option<Vec<&'a str>> {
+    branches
+        .iter()
+        .map(|b| {
+            let b = resolve(root, b);
+            match b
+                .get("required")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+            {
+                Some([only]) if b.get("type").and_then(Value::as_str) == Some("object") => {
+                    only.as_str()
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn declared_types<'a>(root: &'a Value, schema: &'a Value) -> Option<Vec<&'a str>> {
     match resolve(root, schema).get("type")? {
         Value::String(t) => Some(vec![t.as_str()]),
         Value::Array(ts) => Some(ts.iter().filter_map(Value::as_str).collect()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_appends_lists_and_replaces_values() {
+        let mut base = json!({"a": {"list": [1, 2], "x": 1, "keep": true}});
+        merge(&mut base, json!({"a": {"list": [2, 3], "x": 5}, "b": null}));
+        assert_eq!(
+            base,
+            json!({"a": {"list": [1, 2, 3], "x": 5, "keep": true}, "b": null})
+        );
+    }
+
+    #[test]
+    fn a_bad_list_item_drops_its_list_and_a_bad_field_only_itself() {
+        assert_eq!(droppable_field("spec.features[1]"), "spec.features");
+        assert_eq!(
+            droppable_field("spec.users[1].shell"),
+            "spec.users[1].shell"
+        );
+        assert_eq!(
+            droppable_field("spec.users[0].groups[2]"),
+            "spec.users[0].groups"
+        );
+        let mut doc = json!({"spec": {"users": [{"name": "a"}, {"name": "b", "shell": "x"}]}});
+        remove(&mut doc, "spec.users[1].shell");
+        assert_eq!(
+            doc,
+            json!({"spec": {"users": [{"name": "a"}, {"name": "b"}]}})
+        );
+        assert!(within("spec.users[1].name", "spec.users"));
+        assert!(!within("spec.usersx", "spec.users"));
+    }
+
+    #[test]
+    fn shape_errors_name_the_path_and_what_was_expected() {
+        let schema = json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "size": {"type": ["string", "integer"], "format": crate::size::BYTE_SIZE_FORMAT},
+                "mode": {"oneOf": [{"const": "a"}, {"const": "b"}]},
+                "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}}
+            }
+        });
+        let doc =
+            json!({"size": "8 gigs", "mode": "c", "ports": [80, 0, "x"], "extra": 1, "name2": 0});
+        let mut errs = ValidationErrors::default();
+        check(&schema, &schema, &doc, "", &mut errs);
+        let got: Vec<String> = errs
+            .0
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.reason))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "name: is required",
+                "extra: unknown field (known here: mode, name, ports, size)",
+                "mode: \"c\" is not one of: a, b",
+                "name2: unknown field (known here: mode, name, ports, size)",
+                "ports[1]: 0 is below the minimum 1",
+                "ports[2]: expected a whole number, found a string (\"x\")",
+                "size: \"8 gigs\" is not a size like \"512MiB\", \"8GiB\" or a number of bytes",
+            ]
+        );
     }
 }

@@ -54,7 +54,7 @@ pub struct InventoryNode {
     /// Per-node overrides of the appliance spec (static addresses, disk rules, …), merged over
     /// the appliance spec when the node's config is rendered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub overrides: Option<serde_json::Value>,
+    pub overrides: Option<crate::appliance::ApplianceOverrides>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -163,15 +163,13 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 impl Inventory {
     /// Parses and validates an inventory document.
     pub fn from_yaml(text: &str) -> Result<Inventory, SpecError> {
-        let inv: Inventory = serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
-            what: "inventory".into(),
-            message: e.to_string(),
-        })?;
-        inv.validate().map_err(|errors| SpecError::Invalid {
-            what: "inventory".into(),
-            errors,
-        })?;
-        Ok(inv)
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
+                what: "inventory".into(),
+                message: e.to_string(),
+            })?;
+        // Shape errors (unknown fields, wrong types) and value errors together, all at once.
+        crate::check::parse_document("inventory", value, Inventory::validate)
     }
 
     pub fn load(path: &Path) -> Result<Inventory, SpecError> {
@@ -241,6 +239,9 @@ impl Inventory {
                     format!("{at}.bootAddress"),
                     format!("{addr} is already the boot address of node {owner}"),
                 );
+            }
+            if let Some(o) = &node.overrides {
+                o.validate_into(&format!("{at}.overrides"), &mut errs);
             }
             if let Some(bmc) = &node.bmc {
                 if bmc.address.trim().is_empty() {
@@ -367,10 +368,47 @@ spec:
     #[test]
     fn unknown_fields_are_refused() {
         let bad = GOOD.replace("role: control-plane", "rolle: control-plane");
-        assert!(matches!(
-            Inventory::from_yaml(&bad),
-            Err(SpecError::Parse { .. })
-        ));
+        let Err(SpecError::Invalid { errors, .. }) = Inventory::from_yaml(&bad) else {
+            panic!("an unknown field was accepted")
+        };
+        assert_eq!(errors.0[0].path, "spec.nodes[0].rolle");
+    }
+
+    #[test]
+    fn overrides_are_typed_and_checked_with_their_paths() {
+        let with = GOOD.replace(
+            "    - name: node-02\n",
+            "    - name: node-02\n      overrides:\n        hostname: \"{name}\"\n        \
+             network:\n          interfaces:\n            - {name: eno1, addresses: [10.0.0.9]}\n        \
+             install:\n          disk: {serial: S1, minSize: 1TB}\n          wipe: please\n",
+        );
+        let Err(SpecError::Invalid { errors, .. }) = Inventory::from_yaml(&with) else {
+            panic!("bad overrides were accepted")
+        };
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.nodes[1].overrides.install.wipe",
+                "spec.nodes[1].overrides.network.interfaces[0].addresses[0]"
+            ]
+        );
+        let fixed = with.replace("wipe: please", "wipe: always");
+        let Err(SpecError::Invalid { errors, .. }) = Inventory::from_yaml(&fixed) else {
+            panic!("a bad address was accepted")
+        };
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["spec.nodes[1].overrides.network.interfaces[0].addresses[0]"]
+        );
+        let good = fixed.replace("10.0.0.9]", "10.0.0.9/24]");
+        let inv = Inventory::from_yaml(&good).unwrap();
+        let o = inv.spec.nodes[1].overrides.as_ref().unwrap();
+        let spec = crate::Appliance::default_spec().with_overrides(o);
+        assert_eq!(spec.spec.install.disk.serial.as_deref(), Some("S1"));
+        assert_eq!(spec.spec.install.wipe, crate::appliance::WipePolicy::Always);
+        assert_eq!(spec.hostname_for(Some("node-02"), None).unwrap(), "node-02");
     }
 
     #[test]

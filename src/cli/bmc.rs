@@ -173,7 +173,9 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map(|i| s.split_at(i))
         .unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -221,7 +223,11 @@ impl Reply {
             Reply::Boot(b) => format!(
                 "boot {} ({}, {})",
                 b.device,
-                if b.persistent { "every boot" } else { "next boot" },
+                if b.persistent {
+                    "every boot"
+                } else {
+                    "next boot"
+                },
                 if b.uefi { "UEFI" } else { "legacy" }
             ),
             Reply::Info(i) => {
@@ -245,7 +251,11 @@ impl Reply {
                     show(&i.identity.firmware),
                     c.power,
                     c.restore_policy,
-                    if faults.is_empty() { "none".into() } else { faults.join(", ") },
+                    if faults.is_empty() {
+                        "none".into()
+                    } else {
+                        faults.join(", ")
+                    },
                 )
             }
             Reply::Sel(entries) if entries.is_empty() => "event log empty".into(),
@@ -255,7 +265,9 @@ impl Reply {
                     format!(
                         "{:>5}  {:>10}  {}",
                         e.id,
-                        e.timestamp.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                        e.timestamp
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         e.message
                     )
                 })
@@ -412,8 +424,12 @@ fn common(cmd: &BmcCmd) -> &Common {
 
 impl Common {
     fn suite(&self) -> anyhow::Result<CipherSuite> {
-        CipherSuite::from_id(self.cipher_suite)
-            .with_context(|| format!("cipher suite {} is not supported (3 or 17)", self.cipher_suite))
+        CipherSuite::from_id(self.cipher_suite).with_context(|| {
+            format!(
+                "cipher suite {} is not supported (3 or 17)",
+                self.cipher_suite
+            )
+        })
     }
 
     fn timeout(&self, protocol: BmcProtocol) -> Duration {
@@ -436,9 +452,8 @@ impl Common {
         if let Some(host) = &self.host {
             let password = match &self.password_file {
                 Some(f) => read_secret(f)?,
-                None => std::env::var("KILN_BMC_PASSWORD").context(
-                    "no password: give --password-file FILE or set KILN_BMC_PASSWORD",
-                )?,
+                None => std::env::var("KILN_BMC_PASSWORD")
+                    .context("no password: give --password-file FILE or set KILN_BMC_PASSWORD")?,
             };
             let protocol = self.protocol();
             return Ok(vec![Member {
@@ -457,10 +472,16 @@ impl Common {
                 },
             }]);
         }
-        let path = self.inventory.as_ref().expect("clap requires --host or --inventory");
+        let path = self
+            .inventory
+            .as_ref()
+            .expect("clap requires --host or --inventory");
         let inventory = kiln_spec::Inventory::load(path)
             .with_context(|| format!("loading the inventory {}", path.display()))?;
-        let selector = self.nodes.as_deref().expect("clap requires --nodes with --inventory");
+        let selector = self
+            .nodes
+            .as_deref()
+            .expect("clap requires --nodes with --inventory");
         let nodes = fleet::select(&inventory, selector).map_err(anyhow::Error::msg)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut members = Vec::new();
@@ -471,7 +492,9 @@ impl Common {
                 continue;
             };
             match bmc.password_ref.resolve(base) {
-                Err(e) => problems.push(format!("node {}: reading its BMC password: {e}", node.name)),
+                Err(e) => {
+                    problems.push(format!("node {}: reading its BMC password: {e}", node.name))
+                }
                 Ok(password) => members.push(Member {
                     name: node.name.clone(),
                     target: BmcTarget {
@@ -539,7 +562,9 @@ pub fn run(cmd: BmcCmd) -> anyhow::Result<()> {
                 OutputFormat::Text => {
                     let body = match (&report.value, &report.error) {
                         (Some(v), _) => v.text(),
-                        (None, Some(e)) => format!("FAILED ({}): {e}", report.error_kind.unwrap_or("error")),
+                        (None, Some(e)) => {
+                            format!("FAILED ({}): {e}", report.error_kind.unwrap_or("error"))
+                        }
                         (None, None) => String::new(),
                     };
                     let mut lines = body.lines();

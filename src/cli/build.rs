@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use kiln_image::{BuildInputs, BuildReport, Cache};
+use kiln_image::{BuildInputs, BuildReport, Cache, OverlayFile};
 use kiln_spec::{Appliance, ProfileName};
 
 use crate::cli::output::{OutputArgs, OutputFormat};
@@ -48,7 +48,11 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         .with_context(|| format!("building {}", args.out.display()))?;
     args.output.emit(&report, summary)?;
     if args.output.output == OutputFormat::Text {
-        eprintln!("kiln: built {} in {:.1} s", report.out.display(), report.seconds);
+        eprintln!(
+            "kiln: built {} in {:.1} s",
+            report.out.display(),
+            report.seconds
+        );
     }
     Ok(())
 }
@@ -57,8 +61,10 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
 fn load_spec(args: &BuildArgs) -> anyhow::Result<(Appliance, String)> {
     match (&args.spec, args.profile) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let appliance = Appliance::from_yaml(&text).with_context(|| format!("loading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let appliance = Appliance::from_yaml(&text)
+                .with_context(|| format!("loading {}", path.display()))?;
             Ok((appliance, text))
         }
         (None, Some(profile)) => Ok((Appliance::profile(profile), profile.yaml().to_string())),
@@ -72,16 +78,25 @@ fn load_spec(args: &BuildArgs) -> anyhow::Result<(Appliance, String)> {
 
 /// Build inputs from a validated spec and its rendered overlays.
 fn resolve(a: &Appliance, spec_yaml: String, kiln_binary: PathBuf) -> anyhow::Result<BuildInputs> {
+    let rendered = kiln_overlays::render(a, None).context("rendering the overlays")?;
     let os = &a.spec.os;
     Ok(BuildInputs {
         suite: os.suite.clone(),
         mirror: os.mirror.clone(),
         packages: os.packages.clone(),
-        kernel_args: os.kernel_args.clone(),
+        kernel_args: rendered.kernel_args,
         minimal_modules: a.spec.profile == Some(ProfileName::Test),
         spec_yaml,
-        files: Vec::new(),
-        units_enabled: Vec::new(),
+        files: rendered
+            .files
+            .into_iter()
+            .map(|f| OverlayFile {
+                path: f.path,
+                contents: f.content,
+                mode: f.mode,
+            })
+            .collect(),
+        units_enabled: rendered.units_enabled,
         kiln_binary,
     })
 }
@@ -90,12 +105,19 @@ fn summary(r: &BuildReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "base rootfs: {} ({})\n",
-        if r.rootfs_cache_hit { "cache hit" } else { "cache miss, built" },
+        if r.rootfs_cache_hit {
+            "cache hit"
+        } else {
+            "cache miss, built"
+        },
         r.manifest.rootfs_cache_key
     ));
     s.push_str("steps:\n");
     for t in &r.timings {
-        s.push_str(&format!("  {:<10} {:>7.1} s  {}\n", t.step, t.seconds, t.note));
+        s.push_str(&format!(
+            "  {:<10} {:>7.1} s  {}\n",
+            t.step, t.seconds, t.note
+        ));
     }
     s.push_str(&format!("  {:<10} {:>7.1} s\n", "total", r.seconds));
     s.push_str("artifacts:\n");

@@ -1,7 +1,6 @@
 //! `kiln install`: on the node (live system), collect the hardware, plan, print the plan,
 //! and unless `--dry-run`, write the disk; unattended installs then reboot or power off.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -74,30 +73,24 @@ pub struct InstallArgs {
 pub fn run(args: InstallArgs) -> anyhow::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let unattended = args.unattended || source::unattended_requested(&cmdline);
-    let mut console = Console;
-    console.line(START_MARKER);
-    let result = install(&args, &cmdline, unattended, &mut console);
+    status(START_MARKER);
+    let result = install(&args, &cmdline);
     match &result {
         Ok(Some(after)) => {
-            console.line(DONE_MARKER);
+            status(DONE_MARKER);
             if unattended {
                 finish(*after)?;
             }
         }
         Ok(None) => {}
-        Err(e) => console.line(&format!("{FAILED_MARKER}: {e:#}")),
+        Err(e) => status(&format!("{FAILED_MARKER}: {e:#}")),
     }
     result.map(drop)
 }
 
 /// Plans and (unless dry-run) applies; returns what the spec wants done afterwards when it
 /// installed.
-fn install(
-    args: &InstallArgs,
-    cmdline: &str,
-    unattended: bool,
-    console: &mut Console,
-) -> anyhow::Result<Option<AfterInstall>> {
+fn install(args: &InstallArgs, cmdline: &str) -> anyhow::Result<Option<AfterInstall>> {
     let mut spec = load_spec(args, cmdline)?;
     override_rules(&mut spec, args);
     let hw: HardwareInventory = match &args.inventory {
@@ -117,7 +110,8 @@ fn install(
         },
         node_name: None,
     };
-    let plan = plan::plan(&spec, &hw, &opts).context("planning the install (nothing was written)")?;
+    let plan =
+        plan::plan(&spec, &hw, &opts).context("planning the install (nothing was written)")?;
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
         OutputFormat::Text => print!("{}", plan_text(&plan)),
@@ -131,8 +125,8 @@ fn install(
     };
     let started = Instant::now();
     let mut render = ProgressRender::new(args.progress);
-    let report = apply::apply(&plan, &apply_opts, &mut |p| render.show(p, console))?;
-    console.line(&format!(
+    let report = apply::apply(&plan, &apply_opts, &mut |p| render.show(p))?;
+    status(&format!(
         "kiln-install: installed {} on {} in {:.1}s (image {:.1} MiB/s)",
         plan.hostname,
         plan.disk.dev_path,
@@ -143,7 +137,11 @@ fn install(
 }
 
 fn load_spec(args: &InstallArgs, cmdline: &str) -> anyhow::Result<Appliance> {
-    let src = source::spec_source(args.spec.as_deref(), source::medium_spec().exists(), cmdline)?;
+    let src = source::spec_source(
+        args.spec.as_deref(),
+        source::medium_spec().exists(),
+        cmdline,
+    )?;
     let (text, from) = match src {
         source::SpecSource::File(p) => (
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
@@ -182,7 +180,10 @@ fn artifact(path: &Path, sha256: Option<String>) -> anyhow::Result<Artifact> {
 fn image_source(args: &InstallArgs) -> anyhow::Result<ImageSource> {
     let dir = args.image.parent().unwrap_or(Path::new("."));
     let kernel = args.kernel.clone().unwrap_or_else(|| dir.join("vmlinuz"));
-    let initrd = args.initrd.clone().unwrap_or_else(|| dir.join("initrd.img"));
+    let initrd = args
+        .initrd
+        .clone()
+        .unwrap_or_else(|| dir.join("initrd.img"));
     Ok(ImageSource {
         rootfs: artifact(&args.image, args.image_sha256.clone())?,
         kernel: artifact(&kernel, None)?,
@@ -198,11 +199,17 @@ pub fn plan_text(plan: &InstallPlan) -> String {
         "install to {} ({}{}{})\n",
         d.dev_path,
         ByteSize(d.size_bytes).human(),
-        d.model.as_deref().map(|m| format!(", {m}")).unwrap_or_default(),
-        d.serial.as_deref().map(|m| format!(", serial {m}")).unwrap_or_default(),
+        d.model
+            .as_deref()
+            .map(|m| format!(", {m}"))
+            .unwrap_or_default(),
+        d.serial
+            .as_deref()
+            .map(|m| format!(", serial {m}"))
+            .unwrap_or_default(),
     ));
     for r in &d.reasons {
-        s.push_str(&format!("  because it {r}\n"));
+        s.push_str(&format!("  - {r}\n"));
     }
     for r in &plan.rejected {
         s.push_str(&format!(
@@ -239,7 +246,7 @@ impl ProgressRender {
         }
     }
 
-    fn show(&mut self, p: &Progress, console: &mut Console) {
+    fn show(&mut self, p: &Progress) {
         if self.format == OutputFormat::Json {
             if let Ok(line) = serde_json::to_string(p) {
                 println!("{line}");
@@ -279,18 +286,14 @@ impl ProgressRender {
                 step.as_str()
             ),
         };
-        console.line(&text);
+        status(&text);
     }
 }
 
 /// Status lines go to stderr: stdout carries the plan and JSON progress. The install unit
 /// sends stderr to the console, where the lab and remote operators watch it.
-struct Console;
-
-impl Console {
-    fn line(&mut self, text: &str) {
-        eprintln!("{text}");
-    }
+fn status(text: &str) {
+    eprintln!("{text}");
 }
 
 fn finish(after: AfterInstall) -> anyhow::Result<()> {

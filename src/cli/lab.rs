@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kiln_lab::qemu::{self, Disk, Firmware, Regex, Vm};
+use kiln_lab::qemu::{self, Disk, Firmware, Nic, Regex, Vm};
 use kiln_spec::size::ByteSize;
 use serde::Serialize;
 
@@ -46,6 +46,17 @@ pub struct LabInstallArgs {
     output: OutputArgs,
 }
 
+/// The lab node's NIC (user-mode network): its MAC names the host (`kiln-{mac}`).
+const LAB_MAC: &str = "52:54:00:4b:49:4c";
+
+fn lab_nic() -> Nic {
+    Nic::User {
+        mac: LAB_MAC.into(),
+        hostfwd: Vec::new(),
+        bootindex: None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum FirmwareArg {
     Bios,
@@ -80,7 +91,9 @@ pub struct LabInstallSummary {
 
 /// `90`, `90s`, `15m`, `1h`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(s.trim().trim_end_matches(['s', 'm', 'h']).len());
+    let (num, unit) = s
+        .trim()
+        .split_at(s.trim().trim_end_matches(['s', 'm', 'h']).len());
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 90s, 15m or 1h"))?;
@@ -123,7 +136,10 @@ fn summary_text(s: &LabInstallSummary) -> String {
 
 fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     if !a.iso.exists() {
-        bail!("{} does not exist (build one with `kiln build --out DIR`)", a.iso.display());
+        bail!(
+            "{} does not exist (build one with `kiln build --out DIR`)",
+            a.iso.display()
+        );
     }
     if !a.disk.exists() {
         eprintln!("creating {} ({}, sparse)", a.disk.display(), a.disk_size);
@@ -145,13 +161,18 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     let total = Instant::now();
 
     // Stage 1: the live ISO with the blank disk; the installer's reboot ends QEMU.
-    eprintln!("booting {} ({firmware}) with {}", a.iso.display(), a.disk.display());
+    eprintln!(
+        "booting {} ({firmware}) with {}",
+        a.iso.display(),
+        a.disk.display()
+    );
     let mut live = Vm::builder()
-        .name(&format!("kiln-lab-install-{firmware}"))
+        .name(format!("kiln-lab-install-{firmware}"))
         .firmware(firmware)
         .memory_mib(a.memory)
         .cdrom(&a.iso, Some(1))
         .disk(Disk::new(&a.disk).bootindex(2).serial("kiln-lab-disk"))
+        .nic(lab_nic())
         .no_reboot(true)
         .serial_log(&install_log)
         .spawn()?;
@@ -185,10 +206,11 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     // Stage 2: the installed disk alone.
     eprintln!("booting the installed disk ({firmware})");
     let mut node = Vm::builder()
-        .name(&format!("kiln-lab-node-{firmware}"))
+        .name(format!("kiln-lab-node-{firmware}"))
         .firmware(firmware)
         .memory_mib(a.memory)
         .disk(Disk::new(&a.disk).bootindex(1).serial("kiln-lab-disk"))
+        .nic(lab_nic())
         .serial_log(&boot_log)
         .spawn()?;
     let ready = Regex::new(r"kiln-agent ready node=(\S+) slot=(\S+)").expect("static regex");

@@ -129,16 +129,24 @@ fn summary(doc: &Document) -> Vec<String> {
     match doc {
         Document::Appliance(a) => appliance_summary(a),
         Document::Inventory(inv) => {
-            let mut lines = vec![format!("name: {}", inv.metadata.name)];
+            let mut lines = Vec::new();
+            if !inv.metadata.name.is_empty() {
+                lines.push(format!("name: {}", inv.metadata.name));
+            }
             lines.push(format!("nodes: {}", inv.spec.nodes.len()));
             for n in &inv.spec.nodes {
                 let bmc = n.bmc.as_ref().map_or("no BMC".to_string(), |b| {
-                    format!("{:?} BMC at {}:{}", b.protocol, b.address, b.port())
+                    format!(
+                        "{} BMC at {}:{}",
+                        serde_name(&b.protocol),
+                        b.address,
+                        b.port()
+                    )
                 });
                 lines.push(format!(
-                    "  {} ({:?}, {} boot MAC(s), {bmc})",
+                    "  {} ({}, {} boot MAC(s), {bmc})",
                     n.name,
-                    n.role,
+                    serde_name(&n.role),
                     n.boot_macs.len()
                 ));
             }
@@ -186,12 +194,17 @@ fn appliance_summary(a: &Appliance) -> Vec<String> {
             s.install.slot_size,
             s.install.state_size,
             ByteSize(layout::required_disk_bytes(&sizes, 512)).human(),
-            serde_json::to_value(s.install.wipe)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
+            serde_name(&s.install.wipe)
         ),
     ]
+}
+
+/// How a unit enum value is written in a document (`control-plane`, `kilnOnly`).
+fn serde_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn schema(args: SchemaArgs) -> anyhow::Result<()> {

@@ -43,10 +43,15 @@ pub fn parse_http_url(url: &str) -> Result<(SocketAddr, String), Stage1Error> {
         ),
         None => (hostport, 80),
     };
-    let ip: Ipv4Addr = host
-        .parse()
-        .map_err(|_| fetch_err(format!("{url}: the host must be an IPv4 address, not {host:?}")))?;
-    Ok((SocketAddr::V4(SocketAddrV4::new(ip, port)), path.to_string()))
+    let ip: Ipv4Addr = host.parse().map_err(|_| {
+        fetch_err(format!(
+            "{url}: the host must be an IPv4 address, not {host:?}"
+        ))
+    })?;
+    Ok((
+        SocketAddr::V4(SocketAddrV4::new(ip, port)),
+        path.to_string(),
+    ))
 }
 
 /// Status code and `Content-Length` of an HTTP response head (the lines before the blank one).
@@ -154,7 +159,8 @@ pub(super) fn fetch_root(url: &str, dest: &Path) -> Result<(), Stage1Error> {
         lease.netmask,
         lease.router.map_or("none".into(), |r| r.to_string())
     ));
-    ifconfig::configure(&iface, &lease).map_err(|e| fetch_err(format!("configuring {iface}: {e}")))?;
+    ifconfig::configure(&iface, &lease)
+        .map_err(|e| fetch_err(format!("configuring {iface}: {e}")))?;
     say(&format!("fetching {url}"));
     http_get(addr, &path, dest)
 }
@@ -187,13 +193,28 @@ fn ethernet_interfaces() -> Vec<(String, [u8; 6])> {
 /// One DHCP exchange on `iface` (DISCOVER → OFFER → REQUEST → ACK), a few tries.
 fn dhcp(iface: &str, mac: &[u8; 6]) -> Result<Lease, Stage1Error> {
     ifconfig::up(iface).map_err(|e| fetch_err(format!("bringing up {iface}: {e}")))?;
-    let sock = ifconfig::dhcp_socket(iface).map_err(|e| fetch_err(format!("DHCP socket on {iface}: {e}")))?;
+    let sock = ifconfig::dhcp_socket(iface)
+        .map_err(|e| fetch_err(format!("DHCP socket on {iface}: {e}")))?;
     let server = SocketAddr::from((Ipv4Addr::BROADCAST, 67));
     let xid = std::process::id() ^ u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]);
     for attempt in 0..4u32 {
-        let offer = exchange(&sock, server, &discover(xid, mac), xid, MessageType::Offer, attempt)?;
+        let offer = exchange(
+            &sock,
+            server,
+            &discover(xid, mac),
+            xid,
+            MessageType::Offer,
+            attempt,
+        )?;
         let Some(offer) = offer else { continue };
-        let ack = exchange(&sock, server, &request(xid, mac, &offer)?, xid, MessageType::Ack, attempt)?;
+        let ack = exchange(
+            &sock,
+            server,
+            &request(xid, mac, &offer)?,
+            xid,
+            MessageType::Ack,
+            attempt,
+        )?;
         if let Some(ack) = ack {
             return lease_from_ack(&ack);
         }
@@ -219,7 +240,14 @@ fn exchange(
     while Instant::now() < deadline {
         let n = match sock.recv(&mut rx) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(fetch_err(format!("receiving DHCP: {e}"))),
         };
         // Anything that is not our answer (other clients' traffic, garbage) is skipped.
@@ -238,18 +266,28 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
         let what = what.to_string();
         move |e: std::io::Error| fetch_err(format!("{what}: {e}"))
     };
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).map_err(io(&format!("connecting to {addr}")))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .map_err(io(&format!("connecting to {addr}")))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io("setting a timeout"))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: kiln-stage1\r\n\r\n")
-        .map_err(io("sending the request"))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: kiln-stage1\r\n\r\n"
+    )
+    .map_err(io("sending the request"))?;
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let mut head = String::new();
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).map_err(io("reading the response"))? == 0 {
-            return Err(fetch_err("the server closed the connection before the body"));
+        if reader
+            .read_line(&mut line)
+            .map_err(io("reading the response"))?
+            == 0
+        {
+            return Err(fetch_err(
+                "the server closed the connection before the body",
+            ));
         }
         if line == "\r\n" || line == "\n" {
             break;
@@ -258,9 +296,12 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
     }
     let (code, length) = parse_response_head(&head)?;
     if code != 200 {
-        return Err(fetch_err(format!("http://{addr}{path}: HTTP status {code}")));
+        return Err(fetch_err(format!(
+            "http://{addr}{path}: HTTP status {code}"
+        )));
     }
-    let mut file = std::fs::File::create(dest).map_err(io(&format!("creating {}", dest.display())))?;
+    let mut file =
+        std::fs::File::create(dest).map_err(io(&format!("creating {}", dest.display())))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     let mut next_report = 0u64;
@@ -269,7 +310,8 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).map_err(io(&format!("writing {}", dest.display())))?;
+        file.write_all(&buf[..n])
+            .map_err(io(&format!("writing {}", dest.display())))?;
         total += n as u64;
         if total >= next_report {
             say(&format!("fetched {} MiB", total >> 20));
@@ -297,13 +339,22 @@ mod ifconfig {
     use super::Lease;
 
     fn control_socket() -> nix::Result<OwnedFd> {
-        socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        socket::socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
     }
 
     fn ifreq(name: &str) -> libc::ifreq {
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        for (dst, src) in req
+            .ifr_name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
             *dst = src as libc::c_char;
         }
         req
@@ -313,7 +364,9 @@ mod ifconfig {
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
             sin_zero: [0; 8],
         };
         // SAFETY: sockaddr_in and sockaddr have the same size; this is how the API is used.
@@ -324,7 +377,11 @@ mod ifconfig {
         // SAFETY: every caller passes a pointer to the struct the request expects, alive for
         // the duration of the call.
         let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn up(name: &str) -> std::io::Result<()> {
@@ -358,7 +415,12 @@ mod ifconfig {
 
     /// A UDP socket on port 68 bound to `name`, able to broadcast before it has an address.
     pub fn dhcp_socket(name: &str) -> std::io::Result<UdpSocket> {
-        let fd = socket::socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
         socket::setsockopt(&fd, sockopt::Broadcast, &true)?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(name))?;
@@ -377,10 +439,21 @@ mod tests {
     #[test]
     fn http_urls() {
         let (a, p) = parse_http_url("http://10.0.2.2:8080/pxe/rootfs.squashfs").unwrap();
-        assert_eq!((a.to_string().as_str(), p.as_str()), ("10.0.2.2:8080", "/pxe/rootfs.squashfs"));
+        assert_eq!(
+            (a.to_string().as_str(), p.as_str()),
+            ("10.0.2.2:8080", "/pxe/rootfs.squashfs")
+        );
         let (a, p) = parse_http_url("http://192.168.1.1").unwrap();
-        assert_eq!((a.to_string().as_str(), p.as_str()), ("192.168.1.1:80", "/"));
-        assert!(parse_http_url("http://boot.example/x").unwrap_err().to_string().contains("IPv4"));
+        assert_eq!(
+            (a.to_string().as_str(), p.as_str()),
+            ("192.168.1.1:80", "/")
+        );
+        assert!(
+            parse_http_url("http://boot.example/x")
+                .unwrap_err()
+                .to_string()
+                .contains("IPv4")
+        );
         assert!(parse_http_url("http://1.2.3.4:99999/x").is_err());
         assert!(parse_http_url("ftp://1.2.3.4/x").is_err());
     }
@@ -388,10 +461,14 @@ mod tests {
     #[test]
     fn response_heads() {
         assert_eq!(
-            parse_response_head("HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length: 1234\r\n").unwrap(),
+            parse_response_head("HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length: 1234\r\n")
+                .unwrap(),
             (200, Some(1234))
         );
-        assert_eq!(parse_response_head("HTTP/1.0 404 Not Found\r\n").unwrap(), (404, None));
+        assert_eq!(
+            parse_response_head("HTTP/1.0 404 Not Found\r\n").unwrap(),
+            (404, None)
+        );
         assert!(parse_response_head("SSH-2.0-OpenSSH\r\n").is_err());
         assert!(parse_response_head("").is_err());
     }
@@ -404,20 +481,36 @@ mod tests {
         assert!(d.opts().has_msg_type(MessageType::Discover));
         assert_eq!(d.chaddr(), &mac);
 
-        let mut offer = Message::new_with_id(7, Ipv4Addr::UNSPECIFIED, [10, 0, 2, 15].into(),
-            Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
-        offer.opts_mut().insert(DhcpOption::MessageType(MessageType::Offer));
-        assert!(request(7, &mac, &offer).is_err(), "an offer without a server id is refused");
-        offer.opts_mut().insert(DhcpOption::ServerIdentifier([10, 0, 2, 2].into()));
+        let mut offer = Message::new_with_id(
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            [10, 0, 2, 15].into(),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
+        offer
+            .opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Offer));
+        assert!(
+            request(7, &mac, &offer).is_err(),
+            "an offer without a server id is refused"
+        );
+        offer
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier([10, 0, 2, 2].into()));
         let r = request(7, &mac, &offer).unwrap();
         assert!(r.opts().has_msg_type(MessageType::Request));
         assert!(matches!(r.opts().get(OptionCode::RequestedIpAddress),
             Some(DhcpOption::RequestedIpAddress(a)) if *a == Ipv4Addr::new(10, 0, 2, 15)));
 
         let mut ack = offer.clone();
-        ack.opts_mut().insert(DhcpOption::MessageType(MessageType::Ack));
-        ack.opts_mut().insert(DhcpOption::SubnetMask([255, 255, 255, 0].into()));
-        ack.opts_mut().insert(DhcpOption::Router(vec![[10, 0, 2, 2].into()]));
+        ack.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Ack));
+        ack.opts_mut()
+            .insert(DhcpOption::SubnetMask([255, 255, 255, 0].into()));
+        ack.opts_mut()
+            .insert(DhcpOption::Router(vec![[10, 0, 2, 2].into()]));
         assert_eq!(
             lease_from_ack(&ack).unwrap(),
             Lease {
@@ -431,6 +524,9 @@ mod tests {
         let mut buf = Vec::new();
         ack.encode(&mut Encoder::new(&mut buf)).unwrap();
         let back = Message::decode(&mut Decoder::new(&buf)).unwrap();
-        assert_eq!(lease_from_ack(&back).unwrap().address, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(
+            lease_from_ack(&back).unwrap().address,
+            Ipv4Addr::new(10, 0, 2, 15)
+        );
     }
 }

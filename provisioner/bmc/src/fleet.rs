@@ -89,7 +89,8 @@ impl<T: Serialize> From<Outcome<T>> for OutcomeReport<T> {
     }
 }
 
-pub type Operation<T> = Arc<dyn Fn(Arc<dyn BmcDriver>) -> BoxFuture<'static, Result<T>> + Send + Sync>;
+pub type Operation<T> =
+    Arc<dyn Fn(Arc<dyn BmcDriver>) -> BoxFuture<'static, Result<T>> + Send + Sync>;
 
 /// Starts `op` on every member and returns a channel that yields each outcome as soon as it
 /// is known. Members that share a BMC (same host and port) share its driver and run one
@@ -106,7 +107,11 @@ pub fn run<T: Send + 'static>(
     let mut per_bmc: HashMap<String, Slot> = HashMap::new();
     for member in members {
         let slot = per_bmc
-            .entry(format!("{:?}:{}", member.target.protocol, member.target.label()))
+            .entry(format!(
+                "{:?}:{}",
+                member.target.protocol,
+                member.target.label()
+            ))
             .or_default()
             .clone();
         let (tx, limit, op, options) = (tx.clone(), limit.clone(), op.clone(), options.clone());
@@ -115,7 +120,10 @@ pub fn run<T: Send + 'static>(
             let bmc = member.target.label();
             // The per-BMC lock first, so that waiting for a busy BMC holds no global slot.
             let mut driver_slot = slot.lock().await;
-            let _permit = limit.acquire().await.expect("the semaphore is never closed");
+            let _permit = limit
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             let mut attempts = 0;
             let result = loop {
                 attempts += 1;
@@ -180,7 +188,9 @@ pub fn select<'a>(
     let matches = |node: &kiln_spec::inventory::InventoryNode, term: &str| -> bool {
         match term.split_once('=') {
             Some(("role", want)) => {
-                serde_json::to_value(node.role).ok().and_then(|v| v.as_str().map(str::to_string))
+                serde_json::to_value(node.role)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
                     == Some(want.to_string())
             }
             Some((key, want)) => node.labels.get(key).is_some_and(|v| glob(want, v)),
@@ -277,7 +287,10 @@ spec:
         assert_eq!(names("cp-1,rack=b"), ["cp-1", "w-2"]);
         assert_eq!(names("w-*"), ["w-1", "w-2"]);
         let err = select(&inv, "w-9,role=storage").unwrap_err();
-        assert!(err.contains("\"w-9\"") && err.contains("role=storage"), "{err}");
+        assert!(
+            err.contains("\"w-9\"") && err.contains("role=storage"),
+            "{err}"
+        );
     }
 
     /// A stand-in driver for the scheduling properties only (the drivers themselves are
@@ -301,7 +314,7 @@ spec:
             IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
             // BMCs on even ports fail once, transiently.
             let mut failed = FAILED_ONCE.lock().unwrap();
-            if self.port % 2 == 0 && !failed.contains(&self.port) {
+            if self.port.is_multiple_of(2) && !failed.contains(&self.port) {
                 failed.push(self.port);
                 return Err(BmcError::Timeout {
                     target: "probe".into(),
@@ -373,13 +386,19 @@ spec:
             backoff: Duration::from_millis(1),
             timeout: Duration::from_secs(5),
         };
-        let op: Operation<PowerState> = Arc::new(|d| Box::pin(async move { d.power_status().await }));
-        let mut rx = run(members, options, |t| Ok(Box::new(Probe { port: t.port })), op);
+        let op: Operation<PowerState> =
+            Arc::new(|d| Box::pin(async move { d.power_status().await }));
+        let mut rx = run(
+            members,
+            options,
+            |t| Ok(Box::new(Probe { port: t.port })),
+            op,
+        );
         let mut ok = 0;
         while let Some(o) = rx.recv().await {
             assert!(o.result.is_ok(), "{:?}", o.result);
             let port: u16 = o.bmc.rsplit(':').next().unwrap().parse().unwrap();
-            assert_eq!(o.attempts, if port % 2 == 0 { 2 } else { 1 }, "{}", o.name);
+            assert_eq!(o.attempts, if port.is_multiple_of(2) { 2 } else { 1 }, "{}", o.name);
             ok += 1;
         }
         assert_eq!(ok, 30);

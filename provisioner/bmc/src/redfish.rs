@@ -13,7 +13,10 @@ use crate::{
 
 #[derive(Debug, Clone)]
 enum Auth {
-    Token { token: String, location: Option<String> },
+    Token {
+        token: String,
+        location: Option<String>,
+    },
     Basic,
 }
 
@@ -37,7 +40,9 @@ fn boot_target(device: BootDevice) -> &'static str {
 }
 
 fn parse_boot(boot: &Value) -> BootOverride {
-    let enabled = boot["BootSourceOverrideEnabled"].as_str().unwrap_or("Disabled");
+    let enabled = boot["BootSourceOverrideEnabled"]
+        .as_str()
+        .unwrap_or("Disabled");
     let device = match boot["BootSourceOverrideTarget"].as_str().unwrap_or("None") {
         _ if enabled == "Disabled" => BootDevice::None,
         "Pxe" => BootDevice::Pxe,
@@ -196,10 +201,8 @@ impl RedfishDriver {
         match auth {
             Some(Auth::Token { token, .. }) => request = request.header("X-Auth-Token", token),
             Some(Auth::Basic) => {
-                request = request.basic_auth(
-                    &self.target.username,
-                    Some(self.target.password.expose()),
-                )
+                request =
+                    request.basic_auth(&self.target.username, Some(self.target.password.expose()))
             }
             None => {}
         }
@@ -223,9 +226,9 @@ impl RedfishDriver {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Err(BmcError::Auth(format!("{what}: HTTP {}", status.as_u16())))
             }
-            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => {
-                Err(BmcError::Unsupported(what))
-            }
+            StatusCode::NOT_FOUND
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED => Err(BmcError::Unsupported(what)),
             s => Err(BmcError::Http {
                 request: what,
                 status: s.as_u16(),
@@ -245,9 +248,7 @@ impl RedfishDriver {
                 guard.clone().expect("logged in above")
             };
             match self.send(method.clone(), path, body, Some(&auth)).await {
-                Err(BmcError::Auth(_))
-                    if attempt == 0 && matches!(auth, Auth::Token { .. }) =>
-                {
+                Err(BmcError::Auth(_)) if attempt == 0 && matches!(auth, Auth::Token { .. }) => {
                     *self.auth.lock().await = None;
                 }
                 r => return r,
@@ -376,7 +377,9 @@ impl BmcDriver for RedfishDriver {
             && boot.device != BootDevice::None
             && !allowed.iter().any(|a| a.as_str() == Some(target))
         {
-            return Err(BmcError::Unsupported(format!("boot override target {target}")));
+            return Err(BmcError::Unsupported(format!(
+                "boot override target {target}"
+            )));
         }
         let body = if boot.device == BootDevice::None {
             json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}})
@@ -425,8 +428,8 @@ impl BmcDriver for RedfishDriver {
     async fn sel(&self) -> Result<Vec<SelEntry>> {
         let service = self.log_service().await?;
         let s = self.call(Method::GET, &service, None).await?;
-        let entries = odata_id(&s["Entries"])
-            .ok_or_else(|| BmcError::Unsupported("log entries".into()))?;
+        let entries =
+            odata_id(&s["Entries"]).ok_or_else(|| BmcError::Unsupported("log entries".into()))?;
         let list = self.call(Method::GET, &entries, None).await?;
         Ok(list["Members"]
             .as_array()
@@ -456,7 +459,9 @@ impl BmcDriver for RedfishDriver {
             .as_str()
             .ok_or_else(|| BmcError::Unsupported("LogService.ClearLog".into()))?
             .to_string();
-        self.call(Method::POST, &target, Some(&json!({}))).await.map(drop)
+        self.call(Method::POST, &target, Some(&json!({})))
+            .await
+            .map(drop)
     }
 
     async fn sensors(&self) -> Result<Vec<SensorReading>> {
@@ -492,13 +497,17 @@ impl BmcDriver for RedfishDriver {
         let slot = self.virtual_media_slot().await?;
         let body = json!({"Image": image_url, "Inserted": true, "WriteProtected": true});
         let action = format!("{slot}/Actions/VirtualMedia.InsertMedia");
-        self.call(Method::POST, &action, Some(&body)).await.map(drop)
+        self.call(Method::POST, &action, Some(&body))
+            .await
+            .map(drop)
     }
 
     async fn eject_media(&self) -> Result<()> {
         let slot = self.virtual_media_slot().await?;
         let action = format!("{slot}/Actions/VirtualMedia.EjectMedia");
-        self.call(Method::POST, &action, Some(&json!({}))).await.map(drop)
+        self.call(Method::POST, &action, Some(&json!({})))
+            .await
+            .map(drop)
     }
 
     async fn probe(&self) -> Result<Capabilities> {

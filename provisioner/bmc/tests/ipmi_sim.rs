@@ -38,13 +38,12 @@ async fn power_status(t: BmcTarget) -> Result<PowerState, BmcError> {
     r
 }
 
+/// Rewrites the `n`th reply datagram.
+type Mangle = fn(usize, &[u8]) -> Vec<u8>;
+
 /// A UDP relay to `upstream` that delays every datagram by `delay` and passes replies through
 /// `mangle`.
-async fn relay(
-    upstream: SocketAddr,
-    delay: Duration,
-    mangle: fn(usize, &[u8]) -> Vec<u8>,
-) -> u16 {
+async fn relay(upstream: SocketAddr, delay: Duration, mangle: fn(usize, &[u8]) -> Vec<u8>) -> u16 {
     let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     back.connect(upstream).await.unwrap();
@@ -68,7 +67,9 @@ async fn relay(
         let mut buf = [0u8; 2048];
         let mut count = 0;
         while let Ok(n) = back.recv(&mut buf).await {
-            let Some(to) = *client.lock().await else { continue };
+            let Some(to) = *client.lock().await else {
+                continue;
+            };
             let (front, data) = (front.clone(), mangle(count, &buf[..n]));
             count += 1;
             tokio::spawn(async move {
@@ -138,7 +139,10 @@ async fn a_slow_bmc_still_answers() {
     let sim = IpmiSim::builder("kiln-fault-slow").start().unwrap();
     // 150 ms each way: 300 ms per exchange, inside the 500 ms per-attempt wait.
     let port = relay(sim.addr(), Duration::from_millis(150), |_, d| d.to_vec()).await;
-    assert_eq!(power_status(target(&sim, port)).await.unwrap(), PowerState::Off);
+    assert_eq!(
+        power_status(target(&sim, port)).await.unwrap(),
+        PowerState::Off
+    );
 }
 
 #[tokio::test]
@@ -147,13 +151,16 @@ async fn a_bmc_slower_than_one_attempt_is_answered_across_retransmissions() {
     // 800 ms per exchange against a 500 ms wait: the reply to the first transmission arrives
     // while the driver waits on the retransmission, and is accepted.
     let port = relay(sim.addr(), Duration::from_millis(400), |_, d| d.to_vec()).await;
-    assert_eq!(power_status(target(&sim, port)).await.unwrap(), PowerState::Off);
+    assert_eq!(
+        power_status(target(&sim, port)).await.unwrap(),
+        PowerState::Off
+    );
 }
 
 #[tokio::test]
 async fn malformed_replies_are_protocol_errors() {
     let sim = IpmiSim::builder("kiln-fault-garbage").start().unwrap();
-    let manglers: [fn(usize, &[u8]) -> Vec<u8>; 4] = [
+    let manglers: [Mangle; 4] = [
         // Truncated datagrams.
         |_, d| d[..d.len() / 2].to_vec(),
         // Bit flips in the handshake.

@@ -203,6 +203,11 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
             continue;
         }
         let group = api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+        if kind == "Namespace" && group.is_empty() {
+            // The API server sets this label on every namespace; applying it too keeps the
+            // label's ownership stable, so a second apply is a no-op.
+            v["metadata"]["labels"]["kubernetes.io/metadata.name"] = Value::String(name.clone());
+        }
         let (phase, namespaced) = match custom.get(&(group.clone(), kind.clone())) {
             Some(&namespaced) => (Phase::CustomResources, namespaced),
             None if kind == "CustomResourceDefinition" => (Phase::Crds, false),
@@ -255,7 +260,7 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
             kind: "Namespace".into(),
             namespace: None,
             name: ns.clone(),
-            object: json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            object: json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}),
         });
     }
 

@@ -90,19 +90,23 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding an ephemeral port")
 }
 
-/// Runs `bin args` under `sh` that kills it when the test process exits or on SIGTERM.
-fn spawn_guarded(bin: &Path, args: &[String], log: &Path) -> Child {
-    const WATCHDOG: &str = r#"parent=$1; shift
+/// Runs `bin args` under `sh` that kills it when the test process exits or on SIGTERM, then
+/// removes `cleanup` (the shared cluster is a static: nothing drops it). SIGKILL: test servers
+/// need no graceful shutdown, and an API server whose etcd is gone would take long.
+fn spawn_guarded(bin: &Path, args: &[String], log: &Path, cleanup: Option<&Path>) -> Child {
+    const WATCHDOG: &str = r#"parent=$1; cleanup=$2; shift 2
 "$@" & child=$!
-trap 'kill $child 2>/dev/null; wait $child; exit 0' TERM
+finish() { kill -9 $child 2>/dev/null; wait $child; [ -n "$cleanup" ] && rm -rf "$cleanup"; exit 0; }
+trap finish TERM
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.5; done
-kill $child 2>/dev/null; wait $child"#;
+finish"#;
     let log_file = std::fs::File::create(log).expect("creating a log file");
     Command::new("sh")
         .arg("-c")
         .arg(WATCHDOG)
         .arg("kiln-test-watchdog")
         .arg(std::process::id().to_string())
+        .arg(cleanup.map(Path::as_os_str).unwrap_or_default())
         .arg(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -215,7 +219,7 @@ impl TestCluster {
             // Test data: durability across power loss does not matter, speed does.
             "--unsafe-no-fsync".into(),
         ];
-        let etcd = spawn_guarded(&bins.etcd, &etcd_args, &d.join("etcd.log"));
+        let etcd = spawn_guarded(&bins.etcd, &etcd_args, &d.join("etcd.log"), Some(d));
 
         let mut apiserver_args: Vec<String> = vec![
             format!("--etcd-servers=http://127.0.0.1:{client_port}"),
@@ -269,7 +273,7 @@ impl TestCluster {
 
     fn start_apiserver(&mut self) {
         let log = self.dir.path().join("kube-apiserver.log");
-        self.apiserver = Some(spawn_guarded(&self.bins.kube_apiserver, &self.apiserver_args, &log));
+        self.apiserver = Some(spawn_guarded(&self.bins.kube_apiserver, &self.apiserver_args, &log, None));
         let kubeconfig = self.kubeconfig.clone();
         // Own thread and runtime: callers may already be inside a tokio runtime.
         let ready = std::thread::spawn(move || {
@@ -433,6 +437,18 @@ pub mod workload {
 
     pub fn vmim_resource() -> ApiResource {
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstanceMigration"), "virtualmachineinstancemigrations")
+    }
+
+    /// Creates `pod` and reports it Running and Ready, as its kubelet would (eviction only
+    /// consults PodDisruptionBudgets for running pods).
+    pub async fn run_pod(client: &Client, pod: &Pod) -> Result<(), kube::Error> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        api.create(&PostParams::default(), pod).await?;
+        let status = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+        Ok(())
     }
 
     /// Creates a namespace, ignoring one that exists.

@@ -71,7 +71,7 @@ async fn bootstrap_applies_the_addon_set_in_order_and_a_second_run_changes_nothi
         .unwrap();
     let dry = bootstrap(&client, &plan, &opts(true)).await.unwrap();
     let text = dry.render();
-    assert!(text.contains("would configure  apps/v1 Deployment kubevirt-hyperconverged/virt-operator (spec.replicas)"), "{text}");
+    assert!(text.contains("would configure apps/v1 Deployment kubevirt-hyperconverged/virt-operator (spec.replicas)"), "{text}");
     assert_eq!(dry.changed(), 1, "{text}");
     assert_eq!(deployments.get("virt-operator").await.unwrap().spec.replicas, Some(5));
     let repair = bootstrap(&client, &plan, &opts(false)).await.unwrap();

@@ -94,7 +94,11 @@ impl ServeConfig {
             pool_end: self.pool_end.or(file.pool_end),
             lease_time: self.lease_time.or(file.lease_time),
             router: self.router.or(file.router),
-            dns: if self.dns.is_empty() { file.dns } else { self.dns },
+            dns: if self.dns.is_empty() {
+                file.dns
+            } else {
+                self.dns
+            },
             unknown_macs: self.unknown_macs.or(file.unknown_macs),
             kernel_args: self.kernel_args.or(file.kernel_args),
             script_template: self.script_template.or(file.script_template),
@@ -129,13 +133,22 @@ impl ServeConfig {
             }
         };
         check_dir(&mut errors, "artifacts", self.artifacts.as_deref());
-        let ipxe_dir = self.ipxe_dir.clone().unwrap_or_else(|| "/usr/lib/ipxe".into());
+        let ipxe_dir = self
+            .ipxe_dir
+            .clone()
+            .unwrap_or_else(|| "/usr/lib/ipxe".into());
         check_dir(&mut errors, "ipxe-dir", Some(&ipxe_dir));
         let efi_file = self.efi_binary.clone().unwrap_or_else(|| "ipxe.efi".into());
-        let bios_file = self.bios_binary.clone().unwrap_or_else(|| "undionly.kpxe".into());
+        let bios_file = self
+            .bios_binary
+            .clone()
+            .unwrap_or_else(|| "undionly.kpxe".into());
         for (name, file) in [("efi-binary", &efi_file), ("bios-binary", &bios_file)] {
             if ipxe_dir.is_dir() && crate::jail::resolve(&ipxe_dir, file).is_err() {
-                errors.push(format!("--{name}: {file} is not a file in {}", ipxe_dir.display()));
+                errors.push(format!(
+                    "--{name}: {file} is not a file in {}",
+                    ipxe_dir.display()
+                ));
             }
         }
         let mut addr = None;
@@ -166,7 +179,10 @@ impl ServeConfig {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(t) => t,
                 Err(e) => {
-                    errors.push(format!("--script-template: reading {}: {e}", path.display()));
+                    errors.push(format!(
+                        "--script-template: reading {}: {e}",
+                        path.display()
+                    ));
                     String::new()
                 }
             },
@@ -192,7 +208,10 @@ impl ServeConfig {
             mode: self.mode.unwrap_or_default(),
             artifacts: self.artifacts.clone().unwrap_or_default(),
             ipxe_dir,
-            state_dir: self.state.clone().unwrap_or_else(|| "/var/lib/kiln/pxe".into()),
+            state_dir: self
+                .state
+                .clone()
+                .unwrap_or_else(|| "/var/lib/kiln/pxe".into()),
             http_listen,
             http_base: format!("http://{http_host}:{}", http_listen.port()),
             bios_file,
@@ -200,7 +219,9 @@ impl ServeConfig {
             pool,
             lease_secs: self.lease_time.unwrap_or(3600),
             addressing: AddressSettings {
-                subnet_mask: Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)),
+                subnet_mask: Ipv4Addr::from(
+                    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0),
+                ),
                 router: self.router,
                 dns: self.dns.clone(),
             },
@@ -237,7 +258,11 @@ mod tests {
         assert_eq!(c.mode, Some(Mode::Dhcp));
         assert_eq!(c.pool_start, Some(Ipv4Addr::new(10, 0, 0, 100)));
         assert_eq!(c.unknown_macs, Some(UnknownMacs::Discovery));
-        assert!(ServeConfig::from_yaml("interfaces: br0\n").unwrap_err().contains("interfaces"));
+        assert!(
+            ServeConfig::from_yaml("interfaces: br0\n")
+                .unwrap_err()
+                .contains("interfaces")
+        );
     }
 
     #[test]

@@ -152,7 +152,10 @@ impl BootFile {
 
 /// The URL of the per-MAC iPXE script.
 pub fn script_url(http_base: &str, mac: &[u8; 6]) -> String {
-    format!("{http_base}/boot/{}/boot.ipxe", format_mac(mac).replace(':', "-"))
+    format!(
+        "{http_base}/boot/{}/boot.ipxe",
+        format_mac(mac).replace(':', "-")
+    )
 }
 
 /// Chooses the boot file: iPXE gets its script over HTTP (so it does not chain-load itself
@@ -198,7 +201,7 @@ pub enum Outcome {
 
 /// Answers one decoded request that arrived on `port` from `src`. `pool` is the authoritative
 /// server's pool (`None` in proxy mode); `now` is in Unix seconds. The bool says whether the
-/// pool changed (to persist it).
+/// pool's bound leases changed (to persist them).
 pub fn handle(
     settings: &DhcpSettings,
     backend: &dyn Backend,
@@ -228,7 +231,10 @@ pub fn handle(
             (MessageType::Request | MessageType::Inform, Some(b)) => {
                 let mut reply = base_reply(msg, &client, MessageType::Ack, settings);
                 add_boot(&mut reply, &b, settings);
-                (reply_to(reply, SocketAddrV4::new(*src.ip(), src.port()), Some(b)), false)
+                (
+                    reply_to(reply, SocketAddrV4::new(*src.ip(), src.port()), Some(b)),
+                    false,
+                )
             }
             _ => (Outcome::Silent, false),
         };
@@ -271,7 +277,8 @@ fn authoritative(
                 if let Some(b) = &boot {
                     add_boot(&mut reply, b, settings);
                 }
-                (reply_to(reply, destination(msg, false), boot), true)
+                // Offers are transient: nothing to persist yet.
+                (reply_to(reply, destination(msg, false), boot), false)
             }
             Err(e) => (Outcome::Ignored(e.to_string()), false),
         },
@@ -279,7 +286,9 @@ fn authoritative(
             if server_id.is_some_and(|id| id != settings.boot.server_ip) {
                 return (Outcome::Silent, false);
             }
-            let Some(ip) = requested.or_else(|| Some(msg.ciaddr()).filter(|ip| !ip.is_unspecified())) else {
+            let Some(ip) =
+                requested.or_else(|| Some(msg.ciaddr()).filter(|ip| !ip.is_unspecified()))
+            else {
                 return (Outcome::Ignored("request names no address".into()), false);
             };
             match pool.bind(&client.mac, ip, now) {
@@ -294,9 +303,7 @@ fn authoritative(
                 }
                 Err(e) => {
                     let mut reply = base_reply(msg, client, MessageType::Nak, settings);
-                    reply
-                        .opts_mut()
-                        .insert(DhcpOption::Message(e.to_string()));
+                    reply.opts_mut().insert(DhcpOption::Message(e.to_string()));
                     (reply_to(reply, destination(msg, true), None), false)
                 }
             }
@@ -384,9 +391,14 @@ fn add_lease_options(m: &mut Message, s: &DhcpSettings, lease_secs: Option<u64>)
 fn add_boot(m: &mut Message, boot: &BootFile, s: &DhcpSettings) {
     let (name, class) = match boot {
         BootFile::Tftp(f) => (f.as_str(), "PXEClient"),
-        BootFile::Http { url, http_client } => {
-            (url.as_str(), if *http_client { "HTTPClient" } else { "PXEClient" })
-        }
+        BootFile::Http { url, http_client } => (
+            url.as_str(),
+            if *http_client {
+                "HTTPClient"
+            } else {
+                "PXEClient"
+            },
+        ),
     };
     // The legacy file field holds 127 bytes; option 67 carries longer names.
     if name.len() < 128 {
@@ -444,16 +456,21 @@ impl DhcpServer {
                     continue;
                 }
             };
-            if let Some((outcome, to)) = self.answer(&msg, port, src) {
-                if let Err(e) = socket.send_to(&outcome, to).await {
-                    tracing::warn!("dhcp: sending to {to}: {e}");
-                }
+            if let Some((reply, to)) = self.answer(&msg, port, src)
+                && let Err(e) = socket.send_to(&reply, to).await
+            {
+                tracing::warn!("dhcp: sending to {to}: {e}");
             }
         }
     }
 
     /// Handles one message: trace, pool persistence, encoding.
-    fn answer(&self, msg: &Message, port: u16, src: SocketAddrV4) -> Option<(Vec<u8>, SocketAddrV4)> {
+    fn answer(
+        &self,
+        msg: &Message,
+        port: u16,
+        src: SocketAddrV4,
+    ) -> Option<(Vec<u8>, SocketAddrV4)> {
         let client = classify(msg)?;
         let mac = format_mac(&client.mac);
         self.trace.record(
@@ -492,8 +509,16 @@ impl DhcpServer {
             result.0
         };
         match outcome {
-            Outcome::Reply { msg: reply, to, boot_file } => {
-                let kind = reply.opts().msg_type().map(message_name).unwrap_or_default();
+            Outcome::Reply {
+                msg: reply,
+                to,
+                boot_file,
+            } => {
+                let kind = reply
+                    .opts()
+                    .msg_type()
+                    .map(message_name)
+                    .unwrap_or_default();
                 let address = Some(reply.yiaddr()).filter(|ip| !ip.is_unspecified());
                 if let Some(ip) = address {
                     self.trace.learn(ip.into(), &mac);
@@ -563,7 +588,13 @@ mod tests {
         InventoryBackend::new(inv, unknown)
     }
 
-    fn request(mac: [u8; 6], kind: MessageType, arch: Option<u16>, class: Option<&[u8]>, ipxe: bool) -> Message {
+    fn request(
+        mac: [u8; 6],
+        kind: MessageType,
+        arch: Option<u16>,
+        class: Option<&[u8]>,
+        ipxe: bool,
+    ) -> Message {
         let mut m = Message::default();
         m.set_chaddr(&mac).set_xid(7);
         let o = m.opts_mut();
@@ -594,10 +625,22 @@ mod tests {
     fn option_93_and_ipxe_choose_the_boot_file() {
         let b = settings(Mode::Proxy).boot;
         let tftp = |f: &str| Ok(Some(BootFile::Tftp(f.into())));
-        assert_eq!(boot_file(&client(Some(0), true, false), &b), tftp("undionly.kpxe"));
-        assert_eq!(boot_file(&client(None, true, false), &b), tftp("undionly.kpxe"));
-        assert_eq!(boot_file(&client(Some(7), true, false), &b), tftp("ipxe.efi"));
-        assert_eq!(boot_file(&client(Some(9), true, false), &b), tftp("ipxe.efi"));
+        assert_eq!(
+            boot_file(&client(Some(0), true, false), &b),
+            tftp("undionly.kpxe")
+        );
+        assert_eq!(
+            boot_file(&client(None, true, false), &b),
+            tftp("undionly.kpxe")
+        );
+        assert_eq!(
+            boot_file(&client(Some(7), true, false), &b),
+            tftp("ipxe.efi")
+        );
+        assert_eq!(
+            boot_file(&client(Some(9), true, false), &b),
+            tftp("ipxe.efi")
+        );
         assert_eq!(
             boot_file(&client(Some(16), true, false), &b),
             Ok(Some(BootFile::Http {
@@ -609,22 +652,32 @@ mod tests {
             url: "http://10.0.0.1:8080/boot/52-54-00-00-00-01/boot.ipxe".into(),
             http_client: false,
         }));
-        assert_eq!(boot_file(&client(Some(7), true, true), &b), script, "iPXE never gets iPXE again");
+        assert_eq!(
+            boot_file(&client(Some(7), true, true), &b),
+            script,
+            "iPXE never gets iPXE again"
+        );
         assert_eq!(boot_file(&client(None, false, true), &b), script);
         assert_eq!(boot_file(&client(None, false, false), &b), Ok(None));
-        assert!(boot_file(&client(Some(11), true, false), &b).unwrap_err().contains("ARM64"));
+        assert!(
+            boot_file(&client(Some(11), true, false), &b)
+                .unwrap_err()
+                .contains("ARM64")
+        );
     }
 
     #[test]
     fn user_class_is_read_in_both_encodings_and_option_175_counts() {
         let mut m = request(KNOWN, MessageType::Discover, None, None, false);
-        m.opts_mut().insert(DhcpOption::UserClass(b"\x04iPXE\x03foo".to_vec()));
+        m.opts_mut()
+            .insert(DhcpOption::UserClass(b"\x04iPXE\x03foo".to_vec()));
         assert!(classify(&m).unwrap().ipxe);
         let mut m = request(KNOWN, MessageType::Discover, None, None, false);
-        m.opts_mut().insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
-            OptionCode::Unknown(175),
-            vec![1, 1, 1],
-        )));
+        m.opts_mut()
+            .insert(DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                OptionCode::Unknown(175),
+                vec![1, 1, 1],
+            )));
         assert!(classify(&m).unwrap().ipxe);
         let m = request(KNOWN, MessageType::Discover, None, None, false);
         assert!(!classify(&m).unwrap().ipxe);
@@ -643,7 +696,13 @@ mod tests {
     fn proxy_offers_boot_information_without_an_address() {
         let s = settings(Mode::Proxy);
         let b = backend(UnknownMacs::Ignore);
-        let req = request(KNOWN, MessageType::Discover, Some(7), Some(b"PXEClient:Arch:00007"), false);
+        let req = request(
+            KNOWN,
+            MessageType::Discover,
+            Some(7),
+            Some(b"PXEClient:Arch:00007"),
+            false,
+        );
         let (msg, to) = reply(handle(&s, &b, None, &req, SERVER_PORT, SRC, 0).0);
         assert_eq!(msg.opts().msg_type(), Some(MessageType::Offer));
         assert_eq!(msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
@@ -657,7 +716,13 @@ mod tests {
         ));
 
         // The boot-server request on 4011 is answered to its sender.
-        let mut req = request(KNOWN, MessageType::Request, Some(7), Some(b"PXEClient"), false);
+        let mut req = request(
+            KNOWN,
+            MessageType::Request,
+            Some(7),
+            Some(b"PXEClient"),
+            false,
+        );
         req.set_ciaddr(Ipv4Addr::new(10, 0, 0, 50));
         let from = SocketAddrV4::new([10, 0, 0, 50].into(), 68);
         let (msg, to) = reply(handle(&s, &b, None, &req, PXE_PORT, from, 0).0);
@@ -665,18 +730,46 @@ mod tests {
         assert_eq!(to, from);
 
         // Requests on 67 belong to the real DHCP server; plain clients are not ours.
-        assert_eq!(handle(&s, &b, None, &req, SERVER_PORT, SRC, 0).0, Outcome::Silent);
+        assert_eq!(
+            handle(&s, &b, None, &req, SERVER_PORT, SRC, 0).0,
+            Outcome::Silent
+        );
         let plain = request(KNOWN, MessageType::Discover, None, None, false);
-        assert_eq!(handle(&s, &b, None, &plain, SERVER_PORT, SRC, 0).0, Outcome::Silent);
+        assert_eq!(
+            handle(&s, &b, None, &plain, SERVER_PORT, SRC, 0).0,
+            Outcome::Silent
+        );
     }
 
     #[test]
     fn unknown_macs_are_ignored_or_sent_to_discovery() {
         let s = settings(Mode::Proxy);
-        let req = request(STRANGER, MessageType::Discover, Some(0), Some(b"PXEClient"), false);
-        let (out, _) = handle(&s, &backend(UnknownMacs::Ignore), None, &req, SERVER_PORT, SRC, 0);
+        let req = request(
+            STRANGER,
+            MessageType::Discover,
+            Some(0),
+            Some(b"PXEClient"),
+            false,
+        );
+        let (out, _) = handle(
+            &s,
+            &backend(UnknownMacs::Ignore),
+            None,
+            &req,
+            SERVER_PORT,
+            SRC,
+            0,
+        );
         assert!(matches!(out, Outcome::Ignored(r) if r.contains("not in the inventory")));
-        let (out, _) = handle(&s, &backend(UnknownMacs::Discovery), None, &req, SERVER_PORT, SRC, 0);
+        let (out, _) = handle(
+            &s,
+            &backend(UnknownMacs::Discovery),
+            None,
+            &req,
+            SERVER_PORT,
+            SRC,
+            0,
+        );
         assert_eq!(reply(out).0.fname_str().unwrap().unwrap(), "undionly.kpxe");
     }
 
@@ -688,7 +781,7 @@ mod tests {
         let discover = request(KNOWN, MessageType::Discover, None, None, false);
         let (out, changed) = handle(&s, &b, Some(&mut pool), &discover, SERVER_PORT, SRC, 0);
         let (offer, _) = reply(out);
-        assert!(changed);
+        assert!(!changed, "offers are not persisted");
         assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 0, 0, 100));
         assert_eq!(offer.fname(), None, "not a netboot client: no boot file");
         assert!(matches!(
@@ -697,9 +790,13 @@ mod tests {
         ));
 
         let mut req = request(KNOWN, MessageType::Request, None, None, false);
-        req.opts_mut().insert(DhcpOption::RequestedIpAddress([10, 0, 0, 100].into()));
-        req.opts_mut().insert(DhcpOption::ServerIdentifier([10, 0, 0, 1].into()));
-        let (ack, to) = reply(handle(&s, &b, Some(&mut pool), &req, SERVER_PORT, SRC, 1).0);
+        req.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress([10, 0, 0, 100].into()));
+        req.opts_mut()
+            .insert(DhcpOption::ServerIdentifier([10, 0, 0, 1].into()));
+        let (out, changed) = handle(&s, &b, Some(&mut pool), &req, SERVER_PORT, SRC, 1);
+        let (ack, to) = reply(out);
+        assert!(changed);
         assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
         assert_eq!(to.ip(), &Ipv4Addr::BROADCAST);
 
@@ -712,15 +809,25 @@ mod tests {
 
         // A foreign address is refused; another server's transaction is not ours.
         let mut wrong = request(KNOWN, MessageType::Request, None, None, false);
-        wrong.opts_mut().insert(DhcpOption::RequestedIpAddress([192, 168, 1, 5].into()));
+        wrong
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress([192, 168, 1, 5].into()));
         let (nak, _) = reply(handle(&s, &b, Some(&mut pool), &wrong, SERVER_PORT, SRC, 3).0);
         assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
-        wrong.opts_mut().insert(DhcpOption::ServerIdentifier([10, 0, 0, 2].into()));
-        assert_eq!(handle(&s, &b, Some(&mut pool), &wrong, SERVER_PORT, SRC, 3).0, Outcome::Silent);
+        wrong
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier([10, 0, 0, 2].into()));
+        assert_eq!(
+            handle(&s, &b, Some(&mut pool), &wrong, SERVER_PORT, SRC, 3).0,
+            Outcome::Silent
+        );
 
         let mut release = request(KNOWN, MessageType::Release, None, None, false);
         release.set_ciaddr(Ipv4Addr::new(10, 0, 0, 100));
-        assert_eq!(handle(&s, &b, Some(&mut pool), &release, SERVER_PORT, SRC, 4), (Outcome::Silent, true));
+        assert_eq!(
+            handle(&s, &b, Some(&mut pool), &release, SERVER_PORT, SRC, 4),
+            (Outcome::Silent, true)
+        );
         assert_eq!(pool.leases().count(), 0);
     }
 
@@ -731,7 +838,9 @@ mod tests {
         let mut m = request(KNOWN, MessageType::Discover, None, None, false);
         m.set_opcode(Opcode::BootReply);
         assert_eq!(classify(&m), None, "replies from other servers");
-        let mut bytes = request(KNOWN, MessageType::Discover, None, None, false).to_vec().unwrap();
+        let mut bytes = request(KNOWN, MessageType::Discover, None, None, false)
+            .to_vec()
+            .unwrap();
         bytes[2] = 200; // hlen beyond chaddr
         if let Ok(m) = decode(&bytes) {
             assert_eq!(classify(&m), None);

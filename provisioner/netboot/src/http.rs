@@ -128,7 +128,10 @@ async fn boot_file(
     let path = format!("/boot/{mac_text}/{file}");
     let Some(mac) = mac_from_path(&mac_text) else {
         let access = access(&state, String::new(), client, method, path);
-        return access.fail(StatusCode::BAD_REQUEST, format!("{mac_text:?} is not a MAC address"));
+        return access.fail(
+            StatusCode::BAD_REQUEST,
+            format!("{mac_text:?} is not a MAC address"),
+        );
     };
     let mac_str = format_mac(&mac);
     state.trace.learn(client.ip(), &mac_str);
@@ -142,7 +145,13 @@ async fn boot_file(
     serve_file(&state.artifacts, &file, &headers, access).await
 }
 
-fn access(state: &HttpState, mac: String, client: SocketAddr, method: Method, path: String) -> Access<'_> {
+fn access(
+    state: &HttpState,
+    mac: String,
+    client: SocketAddr,
+    method: Method,
+    path: String,
+) -> Access<'_> {
     Access {
         state,
         mac,
@@ -209,7 +218,10 @@ async fn ipxe_binary(
 pub enum RangeRequest {
     Full,
     /// Inclusive byte positions.
-    Partial { start: u64, end: u64 },
+    Partial {
+        start: u64,
+        end: u64,
+    },
     Unsatisfiable,
 }
 
@@ -309,7 +321,9 @@ async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access
     };
     let (status, start, count) = match parse_range(range_header, len) {
         RangeRequest::Full => (StatusCode::OK, 0, len),
-        RangeRequest::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        RangeRequest::Partial { start, end } => {
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
         RangeRequest::Unsatisfiable => {
             access.record(
                 StatusCode::RANGE_NOT_SATISFIABLE,
@@ -342,7 +356,10 @@ async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access
     if start > 0
         && let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await
     {
-        return access.fail(StatusCode::INTERNAL_SERVER_ERROR, format!("seeking {name}: {e}"));
+        return access.fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("seeking {name}: {e}"),
+        );
     }
     let mut tally = Tally {
         trace: access.state.trace.clone(),
@@ -411,7 +428,10 @@ async fn node_config(
     let path = format!("/config/{mac_text}");
     let Some(mac) = mac_from_path(&mac_text) else {
         let a = access(&state, String::new(), client, Method::GET, path);
-        return a.fail(StatusCode::BAD_REQUEST, format!("{mac_text:?} is not a MAC address"));
+        return a.fail(
+            StatusCode::BAD_REQUEST,
+            format!("{mac_text:?} is not a MAC address"),
+        );
     };
     let a = access(&state, format_mac(&mac), client, Method::GET, path);
     match state.backend.node_config(&mac) {
@@ -448,7 +468,10 @@ async fn phone_home(
     let path = format!("/phone-home/{mac_text}");
     let Some(mac) = mac_from_path(&mac_text) else {
         let a = access(&state, String::new(), client, Method::POST, path);
-        return a.fail(StatusCode::BAD_REQUEST, format!("{mac_text:?} is not a MAC address"));
+        return a.fail(
+            StatusCode::BAD_REQUEST,
+            format!("{mac_text:?} is not a MAC address"),
+        );
     };
     let a = access(&state, format_mac(&mac), client, Method::POST, path);
     match body {
@@ -463,7 +486,10 @@ async fn phone_home(
             );
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => a.fail(StatusCode::BAD_REQUEST, format!("bad report: {}", e.body_text())),
+        Err(e) => a.fail(
+            StatusCode::BAD_REQUEST,
+            format!("bad report: {}", e.body_text()),
+        ),
     }
 }
 
@@ -496,11 +522,26 @@ mod tests {
     fn ranges_follow_rfc_9110() {
         use RangeRequest::*;
         assert_eq!(parse_range(None, 100), Full);
-        assert_eq!(parse_range(Some("bytes=0-9"), 100), Partial { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=90-"), 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=90-500"), 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-10"), 100), Partial { start: 90, end: 99 });
-        assert_eq!(parse_range(Some("bytes=-500"), 100), Partial { start: 0, end: 99 });
+        assert_eq!(
+            parse_range(Some("bytes=0-9"), 100),
+            Partial { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=90-"), 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=90-500"), 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-10"), 100),
+            Partial { start: 90, end: 99 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-500"), 100),
+            Partial { start: 0, end: 99 }
+        );
         assert_eq!(parse_range(Some("bytes=100-"), 100), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-0"), 100), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);

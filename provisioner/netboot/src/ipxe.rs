@@ -31,13 +31,18 @@ mod tests {
     use super::*;
 
     fn check_golden(name: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
         if std::env::var_os("KILN_BLESS").is_some() {
             std::fs::write(&path, actual).unwrap();
         }
         let expected = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (KILN_BLESS=1 writes it)", path.display()));
-        assert_eq!(actual, expected, "{name} differs (KILN_BLESS=1 rewrites it)");
+        assert_eq!(
+            actual, expected,
+            "{name} differs (KILN_BLESS=1 rewrites it)"
+        );
     }
 
     fn ctx(node: Option<&str>) -> ScriptContext {
@@ -52,12 +57,18 @@ mod tests {
 
     #[test]
     fn renders_the_node_script() {
-        check_golden("boot-node.ipxe", &render(DEFAULT_TEMPLATE, &ctx(Some("node-01"))).unwrap());
+        check_golden(
+            "boot-node.ipxe",
+            &render(DEFAULT_TEMPLATE, &ctx(Some("node-01"))).unwrap(),
+        );
     }
 
     #[test]
     fn renders_the_discovery_script() {
-        check_golden("boot-discovery.ipxe", &render(DEFAULT_TEMPLATE, &ctx(None)).unwrap());
+        check_golden(
+            "boot-discovery.ipxe",
+            &render(DEFAULT_TEMPLATE, &ctx(None)).unwrap(),
+        );
     }
 
     #[test]

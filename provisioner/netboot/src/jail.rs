@@ -69,8 +69,15 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(resolve(&root, "link").unwrap(), root.join("link"), "operator's symlink");
-        assert!(matches!(resolve(&root, "/etc/passwd"), Err(JailError::NotFound(_))));
+        assert_eq!(
+            resolve(&root, "link").unwrap(),
+            root.join("link"),
+            "operator's symlink"
+        );
+        assert!(matches!(
+            resolve(&root, "/etc/passwd"),
+            Err(JailError::NotFound(_))
+        ));
         assert!(matches!(resolve(&root, "sub"), Err(JailError::NotFound(_))));
         assert_eq!(resolve(&root, "/"), Err(JailError::Empty));
         assert_eq!(resolve(&root, "a\0b"), Err(JailError::Nul));

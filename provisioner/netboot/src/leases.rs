@@ -92,11 +92,7 @@ impl LeasePool {
         if self.declined.get(&ip).is_some_and(|&until| until > now) {
             return false;
         }
-        if self
-            .reservations
-            .iter()
-            .any(|(m, r)| *r == ip && m != mac)
-        {
+        if self.reservations.iter().any(|(m, r)| *r == ip && m != mac) {
             return false;
         }
         !self
@@ -296,13 +292,22 @@ mod tests {
         assert_eq!(p.offer(&A, None, 100).unwrap(), ip, "same address again");
         assert_eq!(p.bind(&A, ip, 200).unwrap().expires, 3800, "renewal");
         assert!(p.bind(&B, ip, 300).is_err(), "someone else's address");
-        assert!(p.bind(&B, [10, 0, 0, 7].into(), 300).is_err(), "outside the range");
+        assert!(
+            p.bind(&B, [10, 0, 0, 7].into(), 300).is_err(),
+            "outside the range"
+        );
     }
 
     #[test]
     fn reservations_win_and_are_kept_from_others() {
         let mut p = pool();
-        p.set_reservations([(B, Ipv4Addr::new(10, 0, 0, 100)), (C, Ipv4Addr::new(10, 0, 0, 50))].into());
+        p.set_reservations(
+            [
+                (B, Ipv4Addr::new(10, 0, 0, 100)),
+                (C, Ipv4Addr::new(10, 0, 0, 50)),
+            ]
+            .into(),
+        );
         assert_eq!(p.offer(&A, None, 0).unwrap(), Ipv4Addr::new(10, 0, 0, 101));
         assert_eq!(p.offer(&C, None, 0).unwrap(), Ipv4Addr::new(10, 0, 0, 50));
         assert!(p.bind(&C, [10, 0, 0, 50].into(), 0).is_ok());

@@ -68,7 +68,12 @@ pub fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, u8), ServeError> {
         if ifa.interface_name != interface {
             continue;
         }
-        let Some(ip) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip()) else {
+        let Some(ip) = ifa
+            .address
+            .as_ref()
+            .and_then(|a| a.as_sockaddr_in())
+            .map(|a| a.ip())
+        else {
             continue;
         };
         let prefix = ifa
@@ -121,7 +126,11 @@ pub async fn serve(
     };
     let any = Ipv4Addr::UNSPECIFIED;
     let dhcp_socket = udp_socket((any, dhcp::SERVER_PORT).into(), &settings.interface, "DHCP")?;
-    let pxe_socket = udp_socket((any, dhcp::PXE_PORT).into(), &settings.interface, "proxyDHCP")?;
+    let pxe_socket = udp_socket(
+        (any, dhcp::PXE_PORT).into(),
+        &settings.interface,
+        "proxyDHCP",
+    )?;
     let tftp_socket = udp_socket(
         (settings.server_ip, settings.tftp_port).into(),
         &settings.interface,

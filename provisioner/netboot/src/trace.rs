@@ -409,12 +409,67 @@ mod tests {
     fn sample() -> Vec<Event> {
         let client: IpAddr = [10, 0, 0, 100].into();
         vec![
-            at(0, EventKind::DhcpReceived { message: "discover".into(), port: 67, arch: Some(7), ipxe: false }),
-            at(3, EventKind::DhcpSent { message: "offer".into(), address: Some([10, 0, 0, 100].into()), boot_file: Some("ipxe.efi".into()) }),
-            at(2100, EventKind::Tftp { client, file: "ipxe.efi".into(), bytes: 1_024_000, blksize: 1468, windowsize: 1, duration_ms: 310, error: None }),
-            at(9000, EventKind::Http { client, method: "GET".into(), path: "/boot/52-54-00-00-00-01/boot.ipxe".into(), status: 200, bytes: 420, duration_ms: 2, error: None }),
-            at(9500, EventKind::Http { client, method: "GET".into(), path: "/boot/52-54-00-00-00-01/initrd.img".into(), status: 404, bytes: 0, duration_ms: 1, error: Some("\"initrd.img\" does not exist or is not a regular file".into()) }),
-            at(20000, EventKind::PhoneHome { phase: "installing".into(), ok: false, message: Some("no disk matched the rules".into()) }),
+            at(
+                0,
+                EventKind::DhcpReceived {
+                    message: "discover".into(),
+                    port: 67,
+                    arch: Some(7),
+                    ipxe: false,
+                },
+            ),
+            at(
+                3,
+                EventKind::DhcpSent {
+                    message: "offer".into(),
+                    address: Some([10, 0, 0, 100].into()),
+                    boot_file: Some("ipxe.efi".into()),
+                },
+            ),
+            at(
+                2100,
+                EventKind::Tftp {
+                    client,
+                    file: "ipxe.efi".into(),
+                    bytes: 1_024_000,
+                    blksize: 1468,
+                    windowsize: 1,
+                    duration_ms: 310,
+                    error: None,
+                },
+            ),
+            at(
+                9000,
+                EventKind::Http {
+                    client,
+                    method: "GET".into(),
+                    path: "/boot/52-54-00-00-00-01/boot.ipxe".into(),
+                    status: 200,
+                    bytes: 420,
+                    duration_ms: 2,
+                    error: None,
+                },
+            ),
+            at(
+                9500,
+                EventKind::Http {
+                    client,
+                    method: "GET".into(),
+                    path: "/boot/52-54-00-00-00-01/initrd.img".into(),
+                    status: 404,
+                    bytes: 0,
+                    duration_ms: 1,
+                    error: Some("\"initrd.img\" does not exist or is not a regular file".into()),
+                },
+            ),
+            at(
+                20000,
+                EventKind::PhoneHome {
+                    phase: "installing".into(),
+                    ok: false,
+                    message: Some("no disk matched the rules".into()),
+                },
+            ),
         ]
     }
 
@@ -425,7 +480,8 @@ mod tests {
         if std::env::var_os("KILN_BLESS").is_some() {
             std::fs::write(&path, &text).unwrap();
         }
-        let expected = std::fs::read_to_string(&path).expect("golden file (KILN_BLESS=1 writes it)");
+        let expected =
+            std::fs::read_to_string(&path).expect("golden file (KILN_BLESS=1 writes it)");
         assert_eq!(text, expected, "KILN_BLESS=1 rewrites the golden file");
         assert!(timeline("x", &[]).contains("never reached"));
     }
@@ -437,12 +493,27 @@ mod tests {
         for e in sample() {
             trace.record(&e.mac, e.kind);
         }
-        trace.record("52:54:00:00:00:02", EventKind::PhoneHome { phase: "done".into(), ok: true, message: None });
+        trace.record(
+            "52:54:00:00:00:02",
+            EventKind::PhoneHome {
+                phase: "done".into(),
+                ok: true,
+                message: None,
+            },
+        );
         let mine = trace.events_for("52:54:00:00:00:01").unwrap();
         assert_eq!(mine.len(), 6);
         assert_eq!(mine[2].kind, sample()[2].kind);
         let metrics = trace.metrics();
-        assert!(metrics.contains("kiln_netboot_events_total{service=\"http\",event=\"get\",result=\"failed\"} 1"), "{metrics}");
-        assert!(metrics.contains("kiln_netboot_bytes_total{service=\"tftp\"} 1024000"), "{metrics}");
+        assert!(
+            metrics.contains(
+                "kiln_netboot_events_total{service=\"http\",event=\"get\",result=\"failed\"} 1"
+            ),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("kiln_netboot_bytes_total{service=\"tftp\"} 1024000"),
+            "{metrics}"
+        );
     }
 }

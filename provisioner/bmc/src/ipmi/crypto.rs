@@ -229,7 +229,7 @@ impl SessionKeys {
 
     /// Inverse of [`SessionKeys::encrypt`]; `None` when the data is not a valid ciphertext.
     pub fn decrypt(&self, data: &[u8]) -> Option<Vec<u8>> {
-        if data.len() < 32 || data.len() % 16 != 0 {
+        if data.len() < 32 || !data.len().is_multiple_of(16) {
             return None;
         }
         let (iv, body) = data.split_at(16);
@@ -283,11 +283,20 @@ mod tests {
         for (suite, tag) in [(CipherSuite::Suite3, "s3"), (CipherSuite::Suite17, "s17")] {
             let ctx = context(suite);
             let pw = b"s3cret";
-            assert_eq!(hex::encode(ctx.rakp2_auth_code(pw)), golden(&format!("{tag}-rakp2")));
-            assert_eq!(hex::encode(ctx.rakp3_auth_code(pw)), golden(&format!("{tag}-rakp3")));
+            assert_eq!(
+                hex::encode(ctx.rakp2_auth_code(pw)),
+                golden(&format!("{tag}-rakp2"))
+            );
+            assert_eq!(
+                hex::encode(ctx.rakp3_auth_code(pw)),
+                golden(&format!("{tag}-rakp3"))
+            );
             let sik = ctx.session_integrity_key(pw);
             assert_eq!(hex::encode(&sik), golden(&format!("{tag}-sik")));
-            assert_eq!(hex::encode(ctx.rakp4_icv(&sik)), golden(&format!("{tag}-rakp4")));
+            assert_eq!(
+                hex::encode(ctx.rakp4_icv(&sik)),
+                golden(&format!("{tag}-rakp4"))
+            );
             let keys = SessionKeys::derive(suite, &sik);
             assert_eq!(hex::encode(&keys.k1), golden(&format!("{tag}-k1")));
             assert_eq!(hex::encode(keys.aes_key), golden(&format!("{tag}-aes")));

@@ -8,7 +8,6 @@ pub mod wire;
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use ipmi_rs::connection::{IpmiCommand, Message, NetFn, NotEnoughData};
-use ipmi_rs::storage::sdr::record::{RecordContents, WithSensorRecordCommon};
 use tokio::sync::Mutex;
 
 pub use crypto::{CipherSuite, RakpContext, SessionKeys};
@@ -162,7 +161,9 @@ impl IpmiCommand for GetBootFlags {
 
     fn parse_success_response(data: &[u8]) -> Result<BootOverride, NotEnoughData> {
         // Parameter version, parameter selector, then the five flag bytes.
-        data.get(2..).and_then(parse_boot_flags).ok_or(NotEnoughData)
+        data.get(2..)
+            .and_then(parse_boot_flags)
+            .ok_or(NotEnoughData)
     }
 }
 
@@ -261,10 +262,7 @@ impl IpmiDriver {
 
     /// Runs `f` on the open session, opening it first if needed. A transport failure drops the
     /// session so that the next call starts a fresh one.
-    async fn with_session<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Session) -> Result<T>,
-    ) -> Result<T> {
+    async fn with_session<T>(&self, f: impl AsyncFnOnce(&mut Session) -> Result<T>) -> Result<T> {
         let mut guard = self.session.lock().await;
         if guard.is_none() {
             *guard = Some(Session::open(self.config(self.target.cipher_suite)?).await?);
@@ -283,7 +281,9 @@ impl IpmiDriver {
     /// Reads one SDR repository record in pieces (many BMCs, ipmi_sim among them, refuse to
     /// return a whole record at once); returns the next record ID and the record bytes.
     async fn read_sdr(session: &mut Session, id: u16) -> Result<(u16, Vec<u8>)> {
-        let reservation = session.raw("reserve SDR repository", 0x0A, 0x22, &[]).await?;
+        let reservation = session
+            .raw("reserve SDR repository", 0x0A, 0x22, &[])
+            .await?;
         let [r0, r1] = [
             reservation.first().copied().unwrap_or(0),
             reservation.get(1).copied().unwrap_or(0),
@@ -295,7 +295,12 @@ impl IpmiDriver {
         while record.len() < total {
             let count = (total - record.len()).min(16) as u8;
             let reply = session
-                .raw("get SDR", 0x0A, 0x23, &[r0, r1, i0, i1, record.len() as u8, count])
+                .raw(
+                    "get SDR",
+                    0x0A,
+                    0x23,
+                    &[r0, r1, i0, i1, record.len() as u8, count],
+                )
                 .await?;
             if reply.len() < 3 {
                 return Err(BmcError::Protocol(format!("SDR {id:#06x}: short reply")));
@@ -311,7 +316,9 @@ impl IpmiDriver {
     }
 
     async fn read_fru(session: &mut Session) -> Result<Vec<u8>> {
-        let info = session.raw("get FRU inventory area info", 0x0A, 0x10, &[0]).await?;
+        let info = session
+            .raw("get FRU inventory area info", 0x0A, 0x10, &[0])
+            .await?;
         if info.len() < 2 {
             return Err(BmcError::Protocol("FRU area info is too short".into()));
         }
@@ -449,32 +456,12 @@ impl BmcDriver for IpmiDriver {
                     Err(BmcError::BmcError { code: 0xCB, .. }) if out.is_empty() => break,
                     r => r?,
                 };
-                let record = ipmi_rs::storage::sdr::Record::parse(&bytes)
-                    .map_err(|e| BmcError::Protocol(format!("SDR {next:#06x}: {e:?}")))?;
-                if let RecordContents::FullSensor(full) = &record.contents {
-                    let common = full.common();
-                    let name = common.sensor_id.to_string();
+                // Only full sensor records (type 01h) carry analog readings.
+                if let Some(sensor) = parse_full_sensor_record(&bytes) {
                     let reading = s
-                        .execute(
-                            ipmi_rs::sensor_event::GetSensorReading::for_sensor_key(&common.key),
-                        )
+                        .raw("get sensor reading", 0x04, 0x2D, &[sensor.number])
                         .await?;
-                    let raw = ipmi_rs::sensor_event::ThresholdReading::from(&reading).reading;
-                    let display = match raw {
-                        Some(r) => full
-                            .display_reading(r)
-                            .unwrap_or_else(|| format!("{r:#04x}")),
-                        None => "unavailable".to_string(),
-                    };
-                    out.push(SensorReading {
-                        name,
-                        value: raw.and_then(|r| convert_reading(full, r)),
-                        unit: display
-                            .split_once(' ')
-                            .map(|(_, u)| u.to_string())
-                            .unwrap_or_default(),
-                        display,
-                    });
+                    out.push(sensor.reading(&reading));
                 }
                 if following == next {
                     break;
@@ -518,9 +505,7 @@ impl BmcDriver for IpmiDriver {
                     caps.cipher_suites.push(suite.id());
                     let _ = s.close().await;
                 }
-                Err(e) => caps
-                    .notes
-                    .push(format!("cipher suite {}: {e}", suite.id())),
+                Err(e) => caps.notes.push(format!("cipher suite {}: {e}", suite.id())),
             }
         }
         caps.cipher_suites.sort_unstable();
@@ -537,22 +522,93 @@ impl BmcDriver for IpmiDriver {
     }
 }
 
-/// y = (M·x + B·10^Bexp) · 10^Rexp (IPMI 2.0 §36.3), for linear analog sensors.
-fn convert_reading(
-    full: &ipmi_rs::storage::sdr::record::FullSensorRecord,
-    raw: u8,
-) -> Option<f64> {
-    use ipmi_rs::storage::sdr::record::DataFormat;
-    let x = match full.analog_data_format? {
-        DataFormat::Unsigned => raw as f64,
-        DataFormat::OnesComplement => {
-            let v = raw as i8;
-            if v < 0 { (v + 1) as f64 } else { v as f64 }
+/// The fields of a full sensor record (SDR type 01h, IPMI 2.0 §43.1) that turn a raw reading
+/// into a value. Parsed here because ipmi-rs's SDR parsers panic on short records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullSensor {
+    pub number: u8,
+    pub name: String,
+    /// 0 unsigned, 1 one's complement, 2 two's complement; `None`: not an analog reading.
+    format: Option<u8>,
+    linear: bool,
+    m: i16,
+    b: i16,
+    b_exp: i8,
+    r_exp: i8,
+    unit: &'static str,
+}
+
+/// Sign-extends the low `bits` bits of `v`.
+fn signed(v: i16, bits: u32) -> i16 {
+    let shift = 16 - bits;
+    (v << shift) >> shift
+}
+
+pub fn parse_full_sensor_record(r: &[u8]) -> Option<FullSensor> {
+    if r.len() < 48 || r[3] != 0x01 {
+        return None;
+    }
+    let id_len = (r[47] & 0x1F) as usize;
+    let name = r.get(48..48 + id_len).unwrap_or(&r[48..]);
+    let units = r[20];
+    Some(FullSensor {
+        number: r[7],
+        name: String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_string(),
+        format: (units >> 6 != 3).then_some(units >> 6),
+        linear: r[23] & 0x7F == 0,
+        m: signed(r[24] as i16 | ((r[25] as i16 & 0xC0) << 2), 10),
+        b: signed(r[26] as i16 | ((r[27] as i16 & 0xC0) << 2), 10),
+        r_exp: signed((r[29] >> 4) as i16, 4) as i8,
+        b_exp: signed((r[29] & 0x0F) as i16, 4) as i8,
+        unit: match r[21] {
+            1 => "degrees C",
+            2 => "degrees F",
+            3 => "degrees K",
+            4 => "Volts",
+            5 => "Amps",
+            6 => "Watts",
+            18 => "RPM",
+            19 => "Hz",
+            _ => "",
+        },
+    })
+}
+
+impl FullSensor {
+    /// y = (M·x + B·10^Bexp) · 10^Rexp (IPMI 2.0 §36.3) for the Get Sensor Reading answer.
+    pub fn reading(&self, answer: &[u8]) -> SensorReading {
+        // Byte 2 bit 5: reading unavailable; bit 6 clear: scanning disabled.
+        let available = answer.len() >= 2 && answer[1] & 0x20 == 0 && answer[1] & 0x40 != 0;
+        let value = match (available, self.format) {
+            (true, Some(format)) if self.linear => {
+                let raw = answer[0];
+                let x = match format {
+                    0 => raw as f64,
+                    1 => {
+                        let v = raw as i8;
+                        if v < 0 { (v as f64) + 1.0 } else { v as f64 }
+                    }
+                    _ => raw as i8 as f64,
+                };
+                let b = self.b as f64 * 10f64.powi(self.b_exp as i32);
+                Some((self.m as f64 * x + b) * 10f64.powi(self.r_exp as i32))
+            }
+            _ => None,
+        };
+        let display = match value {
+            Some(v) => format!("{v} {}", self.unit).trim_end().to_string(),
+            None if !available => "unavailable".into(),
+            None => format!("{:#04x}", answer.first().copied().unwrap_or(0)),
+        };
+        SensorReading {
+            name: self.name.clone(),
+            value,
+            unit: self.unit.to_string(),
+            display,
         }
-        DataFormat::TwosComplement => raw as i8 as f64,
-    };
-    let b = full.b as f64 * 10f64.powi(full.b_exponent as i32);
-    Some((full.m as f64 * x + b) * 10f64.powi(full.result_exponent as i32))
+    }
 }
 
 fn describe_sel(entry: &ipmi_rs::storage::sel::Entry) -> String {
@@ -616,6 +672,48 @@ mod tests {
             }),
             [0xA0, 0x04, 0, 0, 0]
         );
+    }
+
+    proptest::proptest! {
+        // The BMC's SEL bytes go through ipmi-rs's parser.
+        #[test]
+        fn record_parsers_never_panic(data: Vec<u8>) {
+            let _ = ipmi_rs::storage::sel::Entry::parse(&data);
+            let _ = GetBootFlags::parse_success_response(&data);
+            let _ = GetChassisStatus::parse_success_response(&data);
+        }
+
+        #[test]
+        fn full_sensor_records_never_panic(body: Vec<u8>, answer: Vec<u8>) {
+            let mut record = vec![0x01, 0x00, 0x51, 0x01, body.len().min(255) as u8];
+            record.extend_from_slice(&body);
+            if let Some(sensor) = parse_full_sensor_record(&record) {
+                let _ = sensor.reading(&answer);
+            }
+        }
+    }
+
+    #[test]
+    fn sensor_readings_apply_the_record_conversion() {
+        // Full sensor record: sensor 7, volts, M = 5, B = -2, Rexp = -2, Bexp = 1.
+        let mut r = vec![0u8; 48];
+        r[3] = 0x01;
+        r[7] = 7;
+        r[21] = 4;
+        r[24] = 5;
+        r[26] = 0xFE;
+        r[27] = 0xC0;
+        r[29] = 0xE1;
+        r[47] = 0xC0 | 4;
+        r.extend_from_slice(b"Vcpu");
+        let s = parse_full_sensor_record(&r).unwrap();
+        assert_eq!((s.number, s.name.as_str()), (7, "Vcpu"));
+        // (5·240 + (-2)·10) · 10⁻² = 11.8
+        let got = s.reading(&[240, 0x40]);
+        assert!((got.value.unwrap() - 11.8).abs() < 1e-9, "{got:?}");
+        assert_eq!(got.unit, "Volts");
+        assert_eq!(s.reading(&[240, 0x60]).display, "unavailable");
+        assert_eq!(parse_full_sensor_record(&r[..47]), None);
     }
 
     #[test]

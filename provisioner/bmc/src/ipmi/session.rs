@@ -57,7 +57,10 @@ async fn exchange<T>(
         if attempt > 0 {
             tracing::debug!(bmc = %cfg.label, what, attempt, "retransmitting");
         }
-        socket.send(&build()).await.map_err(|e| unreachable(cfg, &e))?;
+        socket
+            .send(&build())
+            .await
+            .map_err(|e| unreachable(cfg, &e))?;
         let deadline = Instant::now() + cfg.timeout;
         loop {
             let received = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
@@ -109,8 +112,8 @@ async fn auth_capabilities(
         || packet.clone(),
         |data| {
             let p = wire::decode(data, None).map_err(|e| malformed("capabilities", e))?;
-            let r = wire::parse_ipmb_response(&p.payload)
-                .map_err(|e| malformed("capabilities", e))?;
+            let r =
+                wire::parse_ipmb_response(&p.payload).map_err(|e| malformed("capabilities", e))?;
             if r.cmd != 0x38 {
                 return Ok(None);
             }
@@ -178,10 +181,9 @@ impl Session {
         if open.status != 0 {
             let reason = wire::rakp_status_meaning(open.status);
             return Err(match open.status {
-                0x04..=0x07 | 0x10 | 0x11 => BmcError::Unsupported(format!(
-                    "cipher suite {} ({reason})",
-                    cfg.suite.id()
-                )),
+                0x04..=0x07 | 0x10 | 0x11 => {
+                    BmcError::Unsupported(format!("cipher suite {} ({reason})", cfg.suite.id()))
+                }
                 0x09 | 0x0A => BmcError::Auth(reason.into()),
                 _ => BmcError::BmcError {
                     command: format!("open session ({reason})"),
@@ -204,7 +206,9 @@ impl Session {
         let role = PRIV_ADMIN | NAME_ONLY_LOOKUP;
         let username = cfg.username.as_bytes().to_vec();
         if username.len() > 16 {
-            return Err(BmcError::Auth("user names are at most 16 bytes in IPMI".into()));
+            return Err(BmcError::Auth(
+                "user names are at most 16 bytes in IPMI".into(),
+            ));
         }
         let rakp1 = wire::rakp1(
             tag,

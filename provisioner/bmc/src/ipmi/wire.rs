@@ -190,7 +190,9 @@ fn decode_v20(body: &[u8], keys: Option<&SessionKeys>) -> Result<Packet, WireErr
     let covered_end = body.len() - icv_len;
     let pad_len = body[covered_end - 2] as usize;
     if 12 + len + pad_len + 2 != covered_end {
-        return Err(WireError::Field("integrity pad length is inconsistent".into()));
+        return Err(WireError::Field(
+            "integrity pad length is inconsistent".into(),
+        ));
     }
     let code = keys.auth_code(&body[..covered_end]);
     if code != body[covered_end..] {
@@ -464,7 +466,10 @@ mod tests {
         let sum = checksum(&msg[3..msg.len() - 1]);
         *msg.last_mut().unwrap() = sum;
         let r = parse_ipmb_response(&msg).unwrap();
-        assert_eq!((r.netfn, r.cmd, r.rq_seq, r.completion_code), (0x07, 0x01, 1, 0));
+        assert_eq!(
+            (r.netfn, r.cmd, r.rq_seq, r.completion_code),
+            (0x07, 0x01, 1, 0)
+        );
         assert_eq!(r.data, [0x11]);
         msg[7] ^= 1;
         assert_eq!(parse_ipmb_response(&msg), Err(WireError::Checksum));

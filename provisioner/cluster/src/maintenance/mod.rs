@@ -223,8 +223,11 @@ async fn migrate(client: &Client, node: &str, vms: &[&VmPlan], deadline: Instant
         .iter()
         .map(|v| (format!("{}/{}", v.namespace, migration_name(node, &v.name)), (v.namespace.clone(), v.name.clone())))
         .collect();
-    futures::stream::iter(vms.iter())
-        .map(|vm| start_migration(client, &ar, node, vm))
+    // Owned items: borrowed ones make this future not `Send` (higher-ranked lifetimes).
+    let owned: Vec<VmPlan> = vms.iter().map(|v| (*v).clone()).collect();
+    let ar_ref = &ar;
+    futures::stream::iter(owned)
+        .map(|vm| async move { start_migration(client, ar_ref, node, &vm).await })
         .buffer_unordered(PARALLEL_REQUESTS)
         .try_collect::<Vec<()>>()
         .await?;
@@ -300,8 +303,8 @@ async fn drain(client: &Client, evictions: &[PodEviction], deadline: Instant, ti
     if !evictions.is_empty() {
         tracing::info!("evicting {} pods", evictions.len());
     }
-    futures::stream::iter(evictions)
-        .map(|e| evict(client, e, deadline, timeout))
+    futures::stream::iter(evictions.to_vec())
+        .map(|e| async move { evict(client, &e, deadline, timeout).await })
         .buffer_unordered(PARALLEL_REQUESTS)
         .try_collect::<Vec<()>>()
         .await?;

@@ -73,7 +73,10 @@ impl TftpServer {
                     ErrorCode::IllegalOperation,
                     "expected a read request".into(),
                 ),
-                Err(e) => (ErrorCode::IllegalOperation, format!("malformed request: {e}")),
+                Err(e) => (
+                    ErrorCode::IllegalOperation,
+                    format!("malformed request: {e}"),
+                ),
             };
             let _ = socket.send_to(&error(reply.0, &reply.1), peer).await;
         }
@@ -145,7 +148,8 @@ impl TftpServer {
             "octet" => false,
             "netascii" => true,
             other => {
-                return refuse(&socket, 
+                return refuse(
+                    &socket,
                     ErrorCode::IllegalOperation,
                     format!("transfer mode {other:?} is not supported"),
                 )
@@ -162,7 +166,12 @@ impl TftpServer {
         let mut data = match tokio::fs::read(&path).await {
             Ok(d) => d,
             Err(e) => {
-                return refuse(&socket, ErrorCode::AccessViolation, format!("reading {filename}: {e}")).await;
+                return refuse(
+                    &socket,
+                    ErrorCode::AccessViolation,
+                    format!("reading {filename}: {e}"),
+                )
+                .await;
             }
         };
         if netascii {

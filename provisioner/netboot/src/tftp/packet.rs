@@ -262,7 +262,10 @@ mod tests {
             Packet::Rrq {
                 filename: "ipxe.efi".into(),
                 mode: "octet".into(),
-                options: vec![("blksize".into(), "1468".into()), ("tsize".into(), "0".into())],
+                options: vec![
+                    ("blksize".into(), "1468".into()),
+                    ("tsize".into(), "0".into()),
+                ],
             },
             Packet::Wrq {
                 filename: "x".into(),

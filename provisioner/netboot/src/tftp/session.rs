@@ -255,7 +255,13 @@ mod tests {
         // Client lost block 3: acknowledges 2, sender restarts at 3.
         assert_eq!(t.on_ack(2), Step::Send { first: 3, last: 6 });
         assert_eq!(t.on_ack(6), Step::Send { first: 7, last: 10 });
-        assert_eq!(t.on_ack(10), Step::Send { first: 11, last: 11 });
+        assert_eq!(
+            t.on_ack(10),
+            Step::Send {
+                first: 11,
+                last: 11
+            }
+        );
         assert_eq!(t.on_ack(11), Step::Done);
     }
 
