@@ -41,6 +41,9 @@ enum Cmd {
     /// The local virtual rack: QEMU machines for trying and testing installs
     #[command(subcommand)]
     Lab(cli::lab::LabCmd),
+    /// The Kubernetes layer: addon bootstrap from pinned manifests, cluster status
+    #[command(subcommand)]
+    Cluster(cli::cluster::ClusterCmd),
     /// Print a shell completion script
     Completions(cli::docs::CompletionsArgs),
     /// Write man pages for every command
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Pxe(c) => cli::pxe::run(c),
         Cmd::Install(a) => cli::install::run(a),
         Cmd::Lab(c) => cli::lab::run(c),
+        Cmd::Cluster(c) => cli::cluster::run(c),
         Cmd::Completions(a) => cli::docs::completions(a, Cli::command()),
         Cmd::Man(a) => cli::docs::man(a, Cli::command()),
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use kiln_lab::ipmi_sim::IpmiSim;
+use kiln_lab::ipmi_sim::{IpmiSim, SimBoot};
 use kiln_lab::qemu::{Nic, Vm};
 
 struct Bmc {
@@ -78,23 +78,49 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+impl Bmc {
+    /// Waits for the VM's serial console to satisfy `check`; on failure shows the console,
+    /// QEMU's own output and what the chassis control program was asked.
+    fn wait_console(&self, what: &str, check: impl Fn(&str) -> bool) {
+        let log = self.sim.serial_log().unwrap();
+        let start = Instant::now();
+        while !check(&serial(log)) {
+            if start.elapsed() > Duration::from_secs(120) {
+                panic!(
+                    "timed out waiting for {what}\nserial:\n{}\nqemu:\n{}\nchassis calls: {:?}",
+                    serial(log),
+                    std::fs::read_to_string(self.sim.dir().join("qemu.log")).unwrap_or_default(),
+                    self.sim.chassis_calls()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn serial(path: &Path) -> String {
     String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).replace('\r', "")
 }
 
 fn vm_sim(name: &str) -> IpmiSim {
-    // A machine without disks whose only NIC is QEMU's internal user network: iPXE can ask
-    // QEMU's built-in DHCP server and nothing leaves the QEMU process.
-    let vm = Vm::builder()
-        .name(name)
-        .memory_mib(128)
-        .cpus(1)
-        .nic(Nic::User {
-            mac: "52:54:00:4b:4c:01".into(),
-            hostfwd: Vec::new(),
-            bootindex: None,
-        });
-    IpmiSim::builder(name).vm(vm).start().unwrap()
+    // A machine without disks whose only NIC is on QEMU's internal user network: iPXE can ask
+    // QEMU's built-in DHCP server and nothing leaves the QEMU process. The NIC is a boot
+    // device (with its iPXE ROM) only when the BMC says PXE.
+    let vm_name = name.to_string();
+    IpmiSim::builder(name)
+        .vm(move |boot| {
+            Vm::builder()
+                .name(&vm_name)
+                .memory_mib(128)
+                .cpus(1)
+                .nic(Nic::User {
+                    mac: "52:54:00:4b:4c:01".into(),
+                    hostfwd: Vec::new(),
+                    bootindex: (boot == SimBoot::Pxe).then_some(1),
+                })
+        })
+        .start()
+        .unwrap()
 }
 
 #[test]
@@ -119,14 +145,9 @@ fn power_and_pxe_boot_reach_the_vm_and_agree_with_ipmitool() {
         bmc.sim.vm_pid().is_some()
     });
     assert_eq!(bmc.sim.power_ons(), ["power-on boot=pxe"]);
-    wait_until(
-        "SeaBIOS and iPXE on the serial console",
-        Duration::from_secs(90),
-        || {
-            let s = serial(&log);
-            s.contains("SeaBIOS") && s.contains("iPXE") && s.contains("net0: 52:54:00:4b:4c:01")
-        },
-    );
+    bmc.wait_console("SeaBIOS and iPXE on the serial console", |s| {
+        s.contains("SeaBIOS") && s.contains("iPXE") && s.contains("net0: 52:54:00:4b:4c:01")
+    });
     let s = serial(&log);
     let ipxe = s.find("iPXE").unwrap();
     assert!(
@@ -162,8 +183,8 @@ fn power_and_pxe_boot_reach_the_vm_and_agree_with_ipmitool() {
     // ipmi_sim names the hard disk "default" to its chassis control program.
     assert_eq!(bmc.sim.power_ons().last().unwrap(), "power-on boot=default");
     assert_eq!(bmc.kiln_ok(&["power", "status"]).trim(), "power on");
-    wait_until("SeaBIOS trying the disk", Duration::from_secs(90), || {
-        serial(&log).contains("Booting from Hard Disk")
+    bmc.wait_console("SeaBIOS trying the disk", |s| {
+        s.contains("Booting from Hard Disk")
     });
 
     // Reset restarts the machine; a soft power-off reaches the BMC as an ACPI shutdown

@@ -420,7 +420,7 @@ fn pxe_bundle_boots_with_root_over_http() {
 }
 
 #[test]
-fn rebuild_after_a_spec_change_reuses_the_cached_rootfs() {
+fn rebuild_after_an_overlay_change_reuses_the_cached_rootfs() {
     let first = manifest(built());
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("kiln.yaml");
@@ -465,6 +465,12 @@ fn rebuild_after_a_spec_change_reuses_the_cached_rootfs() {
         "the change is in the new ISO"
     );
     assert_ne!(manifest(&out)["spec_sha256"], first["spec_sha256"]);
+    // The overlay's /etc/hostname follows the spec's name: the changed file is in the image.
+    let hostname = run(tool("unsquashfs", "squashfs-tools")
+        .arg("-cat")
+        .arg(out.join("pxe/rootfs.squashfs"))
+        .arg("/etc/hostname"));
+    assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "rebuilt");
 }
 
 #[test]

@@ -190,3 +190,26 @@ fn no_help_line_is_wider_than_80_columns() {
         too_wide.join("\n")
     );
 }
+
+#[test]
+fn validate_lists_shape_and_value_errors_of_a_node_config_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nmetadata: {name: n1}\nspec:\n  \
+         hostname: Bad_Name\n  files:\n    - {path: /etc/x, content: a, mode: 644}\n  unitz: []\n",
+    )
+    .unwrap();
+    let out = kiln(&["spec", "validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    for needle in [
+        "spec.files[0].mode: expected a string, found an integer (644); put it in quotes",
+        "spec.unitz: unknown field",
+        "spec.hostname: \"Bad_Name\" is not a valid host name",
+        "3 error(s)",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}

@@ -79,7 +79,8 @@ fn udhcpc_leases_reservations_renewal_and_restart() {
     // Node a: a pool address, then a forced renewal (SIGUSR1), unicast to the server.
     let log_a = lab.path("a.log");
     let mut cmd = lab.clients[a].command("busybox");
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     cmd.env("LOG", &log_a)
         .args(["udhcpc", "-f", "-i", "eth0", "-t", "5", "-T", "1", "-s"])
         .arg(&script);
@@ -186,21 +187,27 @@ fn file_lab(mode: &str) -> Lab {
     )
     .unwrap();
     std::fs::copy("/usr/lib/ipxe/snponly.efi", lab.path("ipxe/ipxe.efi")).unwrap();
-    let mut args: Vec<String> = [
-        "--mode",
-        mode,
-        "--artifacts",
-        lab.path("artifacts").to_str().unwrap(),
-        "--ipxe-dir",
-        lab.path("ipxe").to_str().unwrap(),
-        "--inventory",
-        inventory.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    if mode == "dhcp" {
-        args.extend(["--pool-start", "10.33.0.100", "--pool-end", "10.33.0.110"].map(String::from));
-    }
+    // The same settings as a config file (keys = long option names) for proxy mode, as
+    // command-line options for dhcp mode: both paths get exercised.
+    let mut yaml = format!(
+        "mode: {mode}\nartifacts: {}\nipxe-dir: {}\ninventory: {}\n",
+        lab.path("artifacts").display(),
+        lab.path("ipxe").display(),
+        inventory.display()
+    );
+    let args: Vec<String> = if mode == "dhcp" {
+        yaml.push_str("pool-start: 10.33.0.100\npool-end: 10.33.0.110\n");
+        let mut args = vec![];
+        for line in yaml.lines() {
+            let (key, value) = line.split_once(": ").unwrap();
+            args.extend([format!("--{key}"), value.to_string()]);
+        }
+        args
+    } else {
+        let config = lab.path("pxe.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        vec!["--config".into(), config.display().to_string()]
+    };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.serve(&args);
     lab

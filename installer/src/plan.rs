@@ -10,7 +10,7 @@
 //! 2. Of the disks left, `install.disk.prefer` picks the smallest (default) or the largest;
 //!    `only` refuses when more than one is left. Ties go to the device path in natural
 //!    order (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`, `/dev/nvme2n1` < `/dev/nvme10n1`; see
-//!    [`device_order`]).
+//!    `device_order`).
 //! 3. The disk's contents never influence the choice. A disk that is not blank is erased
 //!    only with consent: `install.wipe: always`, `install.wipe: kilnOnly` for a disk that
 //!    holds only an earlier kiln install, or `kiln install --wipe[=DISK]`.

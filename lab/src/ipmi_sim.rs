@@ -116,8 +116,40 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// The boot device ipmi_sim hands its chassis control program (`set boot DEV`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimBoot {
+    /// No override (also what ipmi_sim calls the hard disk).
+    Default,
+    Pxe,
+    Cdrom,
+    Bios,
+}
+
+impl SimBoot {
+    const ALL: [SimBoot; 4] = [
+        SimBoot::Default,
+        SimBoot::Pxe,
+        SimBoot::Cdrom,
+        SimBoot::Bios,
+    ];
+
+    fn word(self) -> &'static str {
+        match self {
+            SimBoot::Default => "default",
+            SimBoot::Pxe => "pxe",
+            SimBoot::Cdrom => "cdrom",
+            SimBoot::Bios => "bios",
+        }
+    }
+}
+
+/// The machine as it is started for a given boot device (the firmware of a real machine reads
+/// the device from its BMC; QEMU's firmware cannot, so the boot order is set at start).
+pub type MachineFor = std::sync::Arc<dyn Fn(SimBoot) -> VmBuilder + Send + Sync>;
+
 /// Describes one simulated BMC.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IpmiSimBuilder {
     name: String,
     username: String,
@@ -125,7 +157,17 @@ pub struct IpmiSimBuilder {
     port: Option<u16>,
     fru: FruInfo,
     temperature: u8,
-    vm: Option<VmBuilder>,
+    vm: Option<MachineFor>,
+}
+
+impl std::fmt::Debug for IpmiSimBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpmiSimBuilder")
+            .field("name", &self.name)
+            .field("port", &self.port)
+            .field("vm", &self.vm.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl IpmiSimBuilder {
@@ -169,11 +211,11 @@ impl IpmiSimBuilder {
         self
     }
 
-    /// The machine this BMC powers. Its serial console shows the firmware (SeaBIOS is told to
-    /// use the serial port) and it reaches the simulator over `ipmi-bmc-extern`. Give its NIC
-    /// no `bootindex`: the BMC's boot device picks the boot order.
-    pub fn vm(mut self, vm: VmBuilder) -> Self {
-        self.vm = Some(vm);
+    /// The machine this BMC powers, described per boot device (e.g. a NIC with a `bootindex`
+    /// for [`SimBoot::Pxe`]). Its serial console shows the firmware (SeaBIOS is told to use
+    /// the serial port) and it reaches the simulator over `ipmi-bmc-extern`.
+    pub fn vm(mut self, machine: impl Fn(SimBoot) -> VmBuilder + Send + Sync + 'static) -> Self {
+        self.vm = Some(std::sync::Arc::new(machine));
         self
     }
 
@@ -237,8 +279,14 @@ impl IpmiSimBuilder {
     /// The `chassis_control` program: ipmi_sim runs it as `PROG get power|boot` (answer
     /// `power:0|1`, `boot:DEV`) and `PROG set power 0|1 | boot DEV | reset 1 | shutdown 1`. It must return
     /// within a second or the BMC's client retransmits, so QEMU is started in the background.
-    fn chassis_control(dir: &Path, qemu_argv: &[String]) -> String {
-        let argv: Vec<String> = qemu_argv.iter().map(|a| sh_quote(a)).collect();
+    fn chassis_control(dir: &Path, argv_for: &[(SimBoot, Vec<String>)]) -> String {
+        let cases: String = argv_for
+            .iter()
+            .map(|(boot, argv)| {
+                let argv: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+                format!("    {}) set -- {} ;;\n", boot.word(), argv.join(" "))
+            })
+            .collect();
         format!(
             r#"#!/bin/sh
 # ipmi_sim chassis_control program written by kiln-lab: power and boot device of one VM.
@@ -251,9 +299,11 @@ running() {{
 }}
 bootdev() {{ cat "$dir/boot" 2>/dev/null || echo default; }}
 start() {{
-  case "$(bootdev)" in pxe) order=n ;; cdrom) order=d ;; *) order=c ;; esac
+  case "$(bootdev)" in
+{cases}    *) return 1 ;;
+  esac
   echo "power-on boot=$(bootdev)" >> "$dir/boots.log"
-  setsid {argv} -boot order=$order >"$dir/qemu.log" 2>&1 </dev/null &
+  setsid "$@" >"$dir/qemu.log" 2>&1 </dev/null &
   echo $! > "$dir/vm.pid"
 }}
 stop() {{
@@ -277,7 +327,6 @@ case "$1 $2" in
 esac
 "#,
             dir = sh_quote(&dir.display().to_string()),
-            argv = argv.join(" "),
         )
     }
 
@@ -299,31 +348,32 @@ esac
         let mut serial_log = None;
         let vm_port = match &self.vm {
             None => None,
-            Some(vm) => {
+            Some(machine) => {
                 let vm_port = free_port(true)?;
                 let sercon = path.join("sercon-port.bin");
                 // SeaBIOS mirrors its screen to the serial port named in this fw_cfg file.
                 fs::write(&sercon, 0x3F8u16.to_le_bytes())
                     .map_err(io_err("writing the SeaBIOS serial console setting"))?;
-                let vm = vm.clone().extra_args([
-                    "-fw_cfg".to_string(),
-                    format!("name=etc/sercon-port,file={}", sercon.display()),
-                    "-chardev".into(),
-                    format!("socket,id=ipmi0,host=127.0.0.1,port={vm_port},reconnect=10"),
-                    "-device".into(),
-                    "ipmi-bmc-extern,chardev=ipmi0,id=bmc0".into(),
-                    "-device".into(),
-                    "isa-ipmi-kcs,bmc=bmc0".into(),
-                ]);
                 let work = path.join("vm");
-                vm.prepare_work_dir(&work)?;
-                serial_log = Some(vm.serial_log_path(&work));
+                let mut argv_for = Vec::new();
+                for boot in SimBoot::ALL {
+                    let vm = machine(boot).work_dir(&work).extra_args([
+                        "-fw_cfg".to_string(),
+                        format!("name=etc/sercon-port,file={}", sercon.display()),
+                        "-chardev".into(),
+                        format!("socket,id=ipmi0,host=127.0.0.1,port={vm_port},reconnect=10"),
+                        "-device".into(),
+                        "ipmi-bmc-extern,chardev=ipmi0,id=bmc0".into(),
+                        "-device".into(),
+                        "isa-ipmi-kcs,bmc=bmc0".into(),
+                    ]);
+                    vm.prepare_work_dir(&work)?;
+                    serial_log = Some(vm.serial_log_path(&work));
+                    argv_for.push((boot, vm.command_line(&work)));
+                }
                 let program = path.join("chassis-control");
-                fs::write(
-                    &program,
-                    Self::chassis_control(&path, &vm.command_line(&work)),
-                )
-                .map_err(io_err("writing the chassis control program"))?;
+                fs::write(&program, Self::chassis_control(&path, &argv_for))
+                    .map_err(io_err("writing the chassis control program"))?;
                 fs::set_permissions(&program, fs::Permissions::from_mode(0o755))
                     .map_err(io_err("making the chassis control program executable"))?;
                 Some(vm_port)

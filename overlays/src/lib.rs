@@ -5,8 +5,9 @@
 //! A layer is a directory with a `layer.yaml` (file modes, units to enable, pinned upstream
 //! manifests) and a `files/` tree placed at `/` of the root file system. Files ending in
 //! `.tera` are templates rendered with the spec; the suffix is dropped, and a template that
-//! renders to nothing but white space places no file. A path segment `{user}`, `{interface}`,
-//! `{bond}`, `{vlan}`, `{vlan_parent}` or `{bridge}` renders the file once per such item of
+//! renders to nothing but white space places no file. A path segment `{user}`,
+//! `{apt_repository}`, `{interface}`, `{bond}`, `{vlan}`, `{vlan_parent}` or `{bridge}`
+//! renders the file once per such item of
 //! the spec, with the item in the template context under that name. Layers apply in the
 //! order of [`LAYER_ORDER`]; a later layer's file replaces an earlier one's.
 
@@ -252,6 +253,10 @@ fn expansions(spec: &Appliance) -> Expansions {
     let n = &spec.spec.network;
     let mut e = Expansions::new();
     e.insert("user", named(&spec.spec.users, |u| &u.name));
+    e.insert(
+        "apt_repository",
+        named(&spec.spec.os.apt_repositories, |r| &r.name),
+    );
     e.insert("interface", named(&n.interfaces, |i| &i.name));
     e.insert("bond", named(&n.bonds, |b| &b.name));
     e.insert("vlan", named(&n.vlans, |v| &v.name));

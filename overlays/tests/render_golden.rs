@@ -160,7 +160,8 @@ fn network_spec_renders_every_interface_kind_and_user() {
         "network.files.txt",
         &(contents(&r, "/etc/systemd/network/")
             + &contents(&r, "/usr/lib/")
-            + &contents(&r, "/etc/ssh/authorized_keys/")),
+            + &contents(&r, "/etc/ssh/authorized_keys/")
+            + &contents(&r, "/etc/apt/")),
     );
     assert_eq!(text(&r, "/etc/hostname"), "edge-01\n");
     assert!(text(&r, "/etc/hosts").contains("127.0.1.1\tedge-01"));
@@ -180,6 +181,15 @@ fn network_spec_renders_every_interface_kind_and_user() {
     assert!(text(&r, "/etc/systemd/network/20-kiln-bond0.network").contains("VLAN=vlan10"));
     assert!(text(&r, "/etc/systemd/network/31-kiln-eno4-vlans.network").contains("VLAN=vlan20"));
     assert!(text(&r, "/etc/systemd/network/20-kiln-bond0.netdev").contains("Mode=802.3ad"));
+    let sources = text(&r, "/etc/apt/sources.list.d/kiln-extras.sources");
+    assert!(
+        sources.contains("Components: main contrib\nSigned-By: /etc/apt/keyrings/kiln-extras.asc"),
+        "{sources}"
+    );
+    assert!(
+        text(&r, "/etc/apt/keyrings/kiln-extras.asc")
+            .starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    );
 }
 
 #[test]

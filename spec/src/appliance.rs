@@ -574,6 +574,7 @@ impl Appliance {
 
     /// Like [`Appliance::from_yaml`], from an already parsed document (JSON or YAML).
     pub fn from_value(mut value: serde_json::Value) -> Result<Appliance, SpecError> {
+        let mut origins = crate::check::ListOrigins::new();
         if let Some(profile) = value
             .pointer("/spec/profile")
             .and_then(|p| p.as_str())
@@ -581,10 +582,18 @@ impl Appliance {
         {
             let mut base: serde_json::Value =
                 serde_saphyr::from_str(profile.yaml()).expect("built-in profiles are YAML");
-            crate::check::merge(&mut base, value);
+            crate::check::merge(&mut base, value, "", &mut origins);
             value = base;
         }
-        crate::check::parse_document("appliance spec", value, Appliance::validate)
+        crate::check::parse_document("appliance spec", value, Appliance::validate).map_err(|e| {
+            match e {
+                SpecError::Invalid { what, mut errors } => {
+                    crate::check::renumber(&mut errors, &origins);
+                    SpecError::Invalid { what, errors }
+                }
+                other => other,
+            }
+        })
     }
 
     pub fn load(path: &Path) -> Result<Appliance, SpecError> {

@@ -68,14 +68,19 @@ pub(crate) fn parse_document<T: DeserializeOwned + schemars::JsonSchema>(
     })
 }
 
+/// For each list [`merge`] appended to: its path and, per item of the merged list, the
+/// item's index in the document merged over (`None` for the base's own items).
+pub(crate) type ListOrigins = Vec<(String, Vec<Option<usize>>)>;
+
 /// Merges `over` into `base`: objects field by field, lists appended (without repeating
-/// equal items), anything else replaced.
-pub(crate) fn merge(base: &mut Value, over: Value) {
+/// equal items), anything else replaced. `path` is where `base` sits in the document;
+/// `origins` records where appended list items came from, for [`renumber`].
+pub(crate) fn merge(base: &mut Value, over: Value, path: &str, origins: &mut ListOrigins) {
     match (base, over) {
         (Value::Object(b), Value::Object(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
+                    Some(slot) => merge(slot, v, &join(path, &k), origins),
                     None => {
                         b.insert(k, v);
                     }
@@ -83,13 +88,44 @@ pub(crate) fn merge(base: &mut Value, over: Value) {
             }
         }
         (Value::Array(b), Value::Array(o)) => {
-            for v in o {
-                if !b.contains(&v) {
-                    b.push(v);
+            let mut from: Vec<Option<usize>> = vec![None; b.len()];
+            for (j, v) in o.into_iter().enumerate() {
+                match b.iter().position(|x| *x == v) {
+                    // The same item written again: errors in it are the document's.
+                    Some(k) => from[k] = Some(j),
+                    None => {
+                        b.push(v);
+                        from.push(Some(j));
+                    }
                 }
             }
+            origins.push((path.to_string(), from));
         }
         (b, o) => *b = o,
+    }
+}
+
+/// Rewrites error paths into merged lists (`spec.os.packages[17]`) to the index the item
+/// has in the document that was merged (`spec.os.packages[0]`), so they point at what the
+/// user wrote.
+pub(crate) fn renumber(errors: &mut ValidationErrors, origins: &ListOrigins) {
+    for e in &mut errors.0 {
+        for (list, from) in origins {
+            let Some(rest) = e
+                .path
+                .strip_prefix(list.as_str())
+                .and_then(|r| r.strip_prefix('['))
+            else {
+                continue;
+            };
+            let Some((index, tail)) = rest.split_once(']') else {
+                continue;
+            };
+            if let Some(Some(orig)) = index.parse::<usize>().ok().and_then(|i| from.get(i)) {
+                e.path = format!("{list}[{orig}]{tail}");
+            }
+            break;
+        }
     }
 }
 
@@ -423,11 +459,24 @@ mod tests {
     #[test]
     fn merge_appends_lists_and_replaces_values() {
         let mut base = json!({"a": {"list": [1, 2], "x": 1, "keep": true}});
-        merge(&mut base, json!({"a": {"list": [2, 3], "x": 5}, "b": null}));
+        let mut origins = ListOrigins::new();
+        let over = json!({"a": {"list": [2, 3], "x": 5}, "b": null});
+        merge(&mut base, over, "", &mut origins);
         assert_eq!(
             base,
             json!({"a": {"list": [1, 2, 3], "x": 5, "keep": true}, "b": null})
         );
+        assert_eq!(
+            origins,
+            [("a.list".to_string(), vec![None, Some(0), Some(1)])]
+        );
+        let mut errs = ValidationErrors::default();
+        errs.push("a.list[2]", "bad");
+        errs.push("a.list[0]", "from the base");
+        errs.push("a.listing[2]", "another list");
+        renumber(&mut errs, &origins);
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a.list[1]", "a.list[0]", "a.listing[2]"]);
     }
 
     #[test]

@@ -76,7 +76,9 @@ impl Document {
             }
             Some(DocumentKind::Inventory) => Inventory::from_yaml(text).map(Document::Inventory),
             Some(DocumentKind::NodeConfig) => {
-                NodeConfig::from_yaml(text).map(|c| Document::NodeConfig(Box::new(c)))
+                // Through the shape check, so every error is listed, not only serde's first.
+                crate::check::parse_document("node config", value, NodeConfig::validate)
+                    .map(|c| Document::NodeConfig(Box::new(c)))
             }
             None => {
                 let mut errors = ValidationErrors::default();

@@ -87,6 +87,20 @@ fn an_invalid_spec_reports_every_error_with_its_path() {
 }
 
 #[test]
+fn errors_in_lists_added_to_a_profile_point_at_the_users_items() {
+    let err = Appliance::from_yaml(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata: {name: lab}\n\
+         spec:\n  profile: appliance\n  os: {packages: [ceph-osd, vim, \"Bad Name\"], kernelArgs: [7]}\n",
+    )
+    .unwrap_err();
+    let SpecError::Invalid { errors, .. } = &err else {
+        panic!("expected validation errors, got {err}")
+    };
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["spec.os.kernelArgs[0]", "spec.os.packages[2]"]);
+}
+
+#[test]
 fn yaml_syntax_errors_are_parse_errors() {
     let err = Appliance::from_yaml("spec: [unclosed").unwrap_err();
     assert!(matches!(err, SpecError::Parse { .. }), "{err}");

@@ -10,13 +10,13 @@ use crate::cli::output::{OutputArgs, OutputFormat};
 
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// Appliance spec to build (default: the embedded default spec)
+    /// Spec file [default: the embedded default spec]
     #[arg(long, value_name = "FILE", conflicts_with = "profile")]
     pub spec: Option<PathBuf>,
-    /// Build a built-in profile instead of a spec file (test, appliance)
+    /// Build a built-in profile: test or appliance
     #[arg(long, value_name = "NAME")]
     pub profile: Option<ProfileName>,
-    /// Directory for kiln.iso, pxe/ and manifest.json (replaced if it holds an earlier build)
+    /// Output directory (an earlier build there is replaced)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Build cache [default: $KILN_CACHE or ~/.cache/kiln]

@@ -398,7 +398,12 @@ spec:
         while let Some(o) = rx.recv().await {
             assert!(o.result.is_ok(), "{:?}", o.result);
             let port: u16 = o.bmc.rsplit(':').next().unwrap().parse().unwrap();
-            assert_eq!(o.attempts, if port.is_multiple_of(2) { 2 } else { 1 }, "{}", o.name);
+            assert_eq!(
+                o.attempts,
+                if port.is_multiple_of(2) { 2 } else { 1 },
+                "{}",
+                o.name
+            );
             ok += 1;
         }
         assert_eq!(ok, 30);

@@ -45,7 +45,11 @@ pub struct LeasePool {
     end: u32,
     lease_secs: u64,
     reservations: BTreeMap<[u8; 6], Ipv4Addr>,
+    /// Reverse index of `reservations`.
+    reserved_ips: BTreeMap<Ipv4Addr, [u8; 6]>,
     leases: BTreeMap<[u8; 6], Lease>,
+    /// Reverse index of `leases`: which MAC holds an address.
+    holders: BTreeMap<Ipv4Addr, [u8; 6]>,
     declined: BTreeMap<Ipv4Addr, u64>,
 }
 
@@ -56,7 +60,9 @@ impl LeasePool {
             end: u32::from(end),
             lease_secs,
             reservations: BTreeMap::new(),
+            reserved_ips: BTreeMap::new(),
             leases: BTreeMap::new(),
+            holders: BTreeMap::new(),
             declined: BTreeMap::new(),
         }
     }
@@ -67,6 +73,7 @@ impl LeasePool {
 
     /// Static reservations by MAC; a reserved address may lie outside the dynamic range.
     pub fn set_reservations(&mut self, reservations: BTreeMap<[u8; 6], Ipv4Addr>) {
+        self.reserved_ips = reservations.iter().map(|(m, ip)| (*ip, *m)).collect();
         self.reservations = reservations;
     }
 
@@ -78,7 +85,7 @@ impl LeasePool {
     pub fn restore(&mut self, leases: Vec<Lease>) {
         for lease in leases {
             if let Some(mac) = kiln_spec::inventory::parse_mac(&lease.mac) {
-                self.leases.insert(mac, lease);
+                self.insert(mac, lease);
             }
         }
     }
@@ -92,13 +99,13 @@ impl LeasePool {
         if self.declined.get(&ip).is_some_and(|&until| until > now) {
             return false;
         }
-        if self.reservations.iter().any(|(m, r)| *r == ip && m != mac) {
+        if self.reserved_ips.get(&ip).is_some_and(|m| m != mac) {
             return false;
         }
-        !self
-            .leases
-            .iter()
-            .any(|(m, l)| l.ip == ip && m != mac && l.expires > now)
+        match self.holders.get(&ip) {
+            Some(m) if m != mac => self.leases.get(m).is_none_or(|l| l.expires <= now),
+            _ => true,
+        }
     }
 
     /// The address this server would give `mac`: its reservation, its current lease, the
@@ -146,7 +153,7 @@ impl LeasePool {
             .get(mac)
             .is_some_and(|l| l.ip == ip && l.state == LeaseState::Bound && l.expires > now);
         if !keep_bound {
-            self.leases.insert(
+            self.insert(
                 *mac,
                 Lease {
                     mac: kiln_spec::inventory::format_mac(mac),
@@ -177,14 +184,30 @@ impl LeasePool {
             state: LeaseState::Bound,
             expires: now + self.lease_secs,
         };
-        self.leases.insert(*mac, lease.clone());
+        self.insert(*mac, lease.clone());
         Ok(lease)
+    }
+
+    /// Records `lease`, replacing the MAC's previous one and any lapsed holder of its address.
+    fn insert(&mut self, mac: [u8; 6], lease: Lease) {
+        if let Some(old) = self.leases.get(&mac)
+            && self.holders.get(&old.ip) == Some(&mac)
+        {
+            self.holders.remove(&old.ip);
+        }
+        if let Some(previous) = self.holders.insert(lease.ip, mac)
+            && previous != mac
+        {
+            self.leases.remove(&previous);
+        }
+        self.leases.insert(mac, lease);
     }
 
     /// DHCPRELEASE: forgets the binding if it is this client's.
     pub fn release(&mut self, mac: &[u8; 6], ip: Ipv4Addr) -> bool {
         if self.leases.get(mac).is_some_and(|l| l.ip == ip) {
             self.leases.remove(mac);
+            self.holders.remove(&ip);
             return true;
         }
         false

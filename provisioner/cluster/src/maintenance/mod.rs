@@ -90,12 +90,21 @@ fn parse<T: serde::de::DeserializeOwned>(o: DynamicObject) -> Option<T> {
 }
 
 /// Lists custom objects; none when their CRD is not installed (no KubeVirt on the cluster).
+/// Right after an API server (re)start, custom resource storage answers 429 "storage is
+/// (re)initializing" for a moment: retried for up to 10 s.
 async fn list_custom<T: serde::de::DeserializeOwned>(client: &Client, ar: &ApiResource, lp: &ListParams) -> Result<Vec<T>, Error> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
-    match api.list(lp).await {
-        Ok(list) => Ok(list.items.into_iter().filter_map(parse).collect()),
-        Err(e) if api_code(&e) == Some(404) => Ok(Vec::new()),
-        Err(e) => Err(Error::Kube { context: format!("listing {}", ar.plural), source: e }),
+    let mut attempts = 0;
+    loop {
+        match api.list(lp).await {
+            Ok(list) => return Ok(list.items.into_iter().filter_map(parse).collect()),
+            Err(e) if api_code(&e) == Some(404) => return Ok(Vec::new()),
+            Err(e) if api_code(&e) == Some(429) && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(POLL).await;
+            }
+            Err(e) => return Err(Error::Kube { context: format!("listing {}", ar.plural), source: e }),
+        }
     }
 }
 
