@@ -3,15 +3,15 @@
 # (streamed with sha256, synced, read back and verified) against `dd` writing the same bytes
 # to the same offset of the same target (conv=fsync). Prints MiB/s of both and the ratio.
 # Usage: benches/install.sh [IMAGE]   (default: out/pxe/rootfs.squashfs, else 512 MiB of
-# random bytes). Needs a built kiln (release preferred) and jq.
+# random bytes). Needs a built kiln (release, or KILN=PATH) and jq.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
-kiln="$CARGO_TARGET_DIR/release/kiln"
-[ -x "$kiln" ] || kiln="$CARGO_TARGET_DIR/debug/kiln"
-[ -x "$kiln" ] || { echo "build kiln first (cargo build --release)" >&2; exit 1; }
+kiln="${KILN:-$CARGO_TARGET_DIR/release/kiln}"
+"$kiln" install --help >/dev/null 2>&1 \
+  || { echo "no kiln with 'install' at $kiln: cargo build --release, or set KILN=PATH" >&2; exit 1; }
 runs="${RUNS:-3}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/kiln-bench-install.XXXXXX")"
@@ -56,22 +56,36 @@ slot_offset=$(( (1 + 1 + 64) << 20 ))
 echo "image: $img_bytes bytes; target: $disk (sparse file, $(df --output=fstype "$work" | tail -1))"
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-kiln_rates=(); dd_rates=()
+kiln_rates=(); dd_rates=(); ddv_rates=()
+rate_of() { awk -v b="$img_bytes" -v s="$1" -v e="$2" 'BEGIN {print b / 1048576 / (e - s)}'; }
 cat "$image" > /dev/null   # both read the image from the page cache
 for i in $(seq "$runs"); do
   rm -f "$disk"; truncate -s "$disk_bytes" "$disk"
   start=$(date +%s.%N)
   dd if="$image" of="$disk" bs=4M seek="$slot_offset" oflag=seek_bytes conv=notrunc,fsync status=none
   end=$(date +%s.%N)
-  dd_rates+=("$(awk -v b="$img_bytes" -v s="$start" -v e="$end" 'BEGIN {print b / 1048576 / (e - s)}')")
+  dd_rates+=("$(rate_of "$start" "$end")")
+  # The same write plus what kiln adds: read the slot back from the device (O_DIRECT, past
+  # the page cache) and hash it.
+  dd if="$disk" bs=1M skip="$slot_offset" count="$img_bytes" iflag=direct,skip_bytes,count_bytes \
+    status=none | sha256sum > /dev/null
+  verified=$(date +%s.%N)
+  ddv_rates+=("$(rate_of "$start" "$verified")")
 
   rm -f "$disk"; truncate -s "$disk_bytes" "$disk"
   rate=$("$kiln" install --spec "$work/kiln.yaml" --inventory "$work/hw.json" --image "$image" \
-      --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second')
+      --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second')
   kiln_rates+=("$rate")
-  printf 'run %d: dd %.1f MiB/s, kiln %.1f MiB/s\n' "$i" "${dd_rates[-1]}" "$rate"
+  printf 'run %d: dd %.1f MiB/s, dd + read-back sha256 %.1f MiB/s, kiln %.1f MiB/s\n' \
+    "$i" "${dd_rates[-1]}" "${ddv_rates[-1]}" "$rate"
 done
 dd_med=$(printf '%s\n' "${dd_rates[@]}" | median)
+ddv_med=$(printf '%s\n' "${ddv_rates[@]}" | median)
 kiln_med=$(printf '%s\n' "${kiln_rates[@]}" | median)
-printf '\nmedian of %d: dd %.1f MiB/s, kiln (write + fsync + read-back verify) %.1f MiB/s, kiln/dd = %.2f\n' \
-  "$runs" "$dd_med" "$kiln_med" "$(awk -v k="$kiln_med" -v d="$dd_med" 'BEGIN {print k / d}')"
+ratio() { awk -v k="$1" -v d="$2" 'BEGIN {print k / d}'; }
+printf '\nmedian of %d runs (MiB/s):\n' "$runs"
+printf '  dd write + fsync                    %8.1f\n' "$dd_med"
+printf '  dd write + fsync + read-back sha256 %8.1f\n' "$ddv_med"
+printf '  kiln (hash, write, fsync, verify)   %8.1f\n' "$kiln_med"
+printf 'kiln/dd = %.2f, kiln/(dd + verify) = %.2f\n' \
+  "$(ratio "$kiln_med" "$dd_med")" "$(ratio "$kiln_med" "$ddv_med")"

@@ -27,11 +27,12 @@ fn main() {
         .filter(|p| p.join("layer.yaml").is_file())
         .collect();
     layers.sort();
+    // The whole crate directory, so a new layer is picked up as well as changed files.
+    println!("cargo::rerun-if-changed={}", root.display());
     let mut code = String::from(
         "/// (layer, path inside the layer, content)\npub(crate) static EMBEDDED: &[(&str, &str, &[u8])] = &[\n",
     );
     for layer in &layers {
-        println!("cargo::rerun-if-changed={}", layer.display());
         let name = layer
             .file_name()
             .unwrap()

@@ -7,7 +7,7 @@ packages=(
   # image build
   mmdebstrap debootstrap squashfs-tools xorriso mtools dosfstools e2fsprogs cpio zstd
   grub-pc-bin grub-efi-amd64-bin grub-common systemd-boot-efi gdisk busybox-static
-  musl-tools kmod
+  musl-tools kmod binutils
   # virtual lab
   qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu ipxe iproute2
   # BMC and netboot peers

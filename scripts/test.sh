@@ -13,6 +13,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "installing test dependencies"
 scripts/install-deps.sh
 scripts/redfish-sim.sh --install
+scripts/kube-fixtures.sh
 
 step "formatting and lints"
 cargo fmt --all -- --check

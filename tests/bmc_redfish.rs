@@ -329,6 +329,33 @@ fn redfish_power_boot_override_media_and_tls() {
     assert_eq!(probe["virtualMedia"], true);
     assert_eq!(probe["version"], s.curl("/redfish/v1/")["RedfishVersion"]);
 
+    // With -vv the HTTP exchanges are logged, the password (sent as basic auth) is not.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["-vv", "bmc", "power", "status", "--protocol", "redfish"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &s.port.to_string(),
+            "--ca-cert",
+            &ca,
+        ])
+        .args(["--user", "admin", "--password-file"])
+        .arg(s.dir.path().join("pw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains("redfish request"),
+        "no debug output at -vv:\n{all}"
+    );
+    assert!(!all.contains(PASSWORD), "password in output:\n{all}");
+
     // Wrong password: an authentication error.
     std::fs::write(s.dir.path().join("pw"), "wrong").unwrap();
     let out = s.kiln(&["--ca-cert", &ca], &["power", "status"]);

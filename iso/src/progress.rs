@@ -220,8 +220,3 @@ fn send_line(bytes: &[u8], is_stdout: bool, tx: &mpsc::Sender<(bool, String)>) -
     let line = String::from_utf8_lossy(bytes).trim_end().to_string();
     line.is_empty() || tx.send((is_stdout, line)).is_ok()
 }
-
-/// Seconds since `start`, for summaries.
-pub fn since(start: Instant) -> f64 {
-    start.elapsed().as_secs_f64()
-}

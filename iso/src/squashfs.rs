@@ -13,6 +13,10 @@ pub fn mksquashfs_args(root: &Path, out: &Path) -> Vec<String> {
         out.display().to_string(),
         "-comp".into(),
         "zstd".into(),
+        // Measured on the test profile's 286 MB tree (2 cores): level 10 takes 5.6 s for
+        // 93 MiB, mksquashfs's default 15 takes 42-64 s for 88 MiB.
+        "-Xcompression-level".into(),
+        "10".into(),
         "-noappend".into(),
         // Same bytes for the same tree: no build time in the superblock, no owner surprises.
         "-mkfs-time".into(),

@@ -544,7 +544,10 @@ impl IpmiSim {
 
     fn stop_vm(&self) {
         if let Some(pid) = self.vm_pid() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -2,8 +2,8 @@
 //! (`base/`, `network/`, `kubernetes/`, `ceph/`, `kubevirt/` beside this crate's `src/`),
 //! rendered from an appliance spec. Pure: the layers are embedded at build time.
 //!
-//! A layer is a directory with a `layer.yaml` (file modes, units to enable, pinned upstream
-//! manifests) and a `files/` tree placed at `/` of the root file system. Files ending in
+//! A layer is a directory with a `layer.yaml` (file modes, units to enable, cluster addons
+//! by their name in `upstream.lock.yaml`) and a `files/` tree placed at `/` of the root file system. Files ending in
 //! `.tera` are templates rendered with the spec; the suffix is dropped, and a template that
 //! renders to nothing but white space places no file. A path segment `{user}`,
 //! `{apt_repository}`, `{interface}`, `{bond}`, `{vlan}`, `{vlan_parent}` or `{bridge}`
@@ -47,19 +47,6 @@ pub struct RenderedFile {
     pub layer: String,
 }
 
-/// An upstream manifest, pinned by digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Manifest {
-    pub name: String,
-    pub url: String,
-    pub sha256: String,
-    /// Path of the file in an offline mirror directory.
-    pub mirror_path: String,
-    #[serde(default)]
-    pub layer: String,
-}
-
 /// Everything the spec adds to the root file system.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -71,8 +58,9 @@ pub struct Rendered {
     pub units_enabled: Vec<String>,
     /// Kernel arguments the image needs (before the boot-specific ones).
     pub kernel_args: Vec<String>,
-    /// Upstream manifests of the enabled layers, in apply order.
-    pub manifests: Vec<Manifest>,
+    /// Cluster addons of the enabled layers: names of addons in `overlays/upstream.lock.yaml`,
+    /// which pins their upstream manifests (URL and sha256).
+    pub addons: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +89,7 @@ struct LayerMeta {
     #[serde(default)]
     enable: Vec<String>,
     #[serde(default)]
-    manifests: Vec<Manifest>,
+    addons: Vec<String>,
 }
 
 /// The layers a spec uses, in apply order.
@@ -133,15 +121,12 @@ pub fn render(spec: &Appliance, node: Option<&NodeContext>) -> Result<Rendered, 
 
     let mut files: BTreeMap<String, RenderedFile> = BTreeMap::new();
     let mut units = BTreeSet::new();
-    let mut manifests = Vec::new();
+    let mut addons = Vec::new();
     let layers = layers_for(spec);
     for layer in &layers {
         let meta = layer_meta(layer)?;
         units.extend(meta.enable.iter().cloned());
-        manifests.extend(meta.manifests.into_iter().map(|mut m| {
-            m.layer = layer.to_string();
-            m
-        }));
+        addons.extend(meta.addons);
         for (l, rel, content) in EMBEDDED {
             let Some(path) = rel.strip_prefix("files/").filter(|_| l == layer) else {
                 continue;
@@ -202,7 +187,7 @@ pub fn render(spec: &Appliance, node: Option<&NodeContext>) -> Result<Rendered, 
         files: files.into_values().collect(),
         units_enabled: units.into_iter().collect(),
         kernel_args: spec.kernel_args(),
-        manifests,
+        addons,
     })
 }
 

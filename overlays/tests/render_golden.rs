@@ -89,7 +89,7 @@ fn test_profile_renders_the_base_system() {
         );
     }
     assert_eq!(r.kernel_args, ["console=tty0", "console=ttyS0,115200"]);
-    assert!(r.manifests.is_empty());
+    assert!(r.addons.is_empty());
     // The spec travels in the image, readable by root only (it may hold password hashes).
     assert_eq!(r.file("/etc/kiln/appliance.yaml").unwrap().mode, 0o600);
     let embedded = Appliance::from_yaml(&text(&r, "/etc/kiln/appliance.yaml")).unwrap();
@@ -104,7 +104,7 @@ fn test_profile_renders_the_base_system() {
 }
 
 #[test]
-fn appliance_profile_adds_cluster_layers_and_pinned_manifests() {
+fn appliance_profile_adds_cluster_layers_and_their_addons() {
     let r = render(&Appliance::profile(ProfileName::Appliance), None).unwrap();
     assert_eq!(
         r.layers,
@@ -118,29 +118,23 @@ fn appliance_profile_adds_cluster_layers_and_pinned_manifests() {
         "rke2 config for a k3s cluster"
     );
     assert!(r.kernel_args.contains(&"intel_iommu=on".to_string()));
-    let names: Vec<&str> = r.manifests.iter().map(|m| m.name.as_str()).collect();
-    for m in [
-        "rook-crds",
-        "hco-operator",
-        "multus",
-        "snapshot-crd-volumesnapshots",
-    ] {
-        assert!(names.contains(&m), "{m} missing from {names:?}");
-    }
-    for m in &r.manifests {
-        assert_eq!(m.sha256.len(), 64, "{}", m.name);
+    assert_eq!(
+        r.addons,
+        ["volume-snapshots", "multus", "rook-ceph", "kubevirt"]
+    );
+    // Every addon a layer names is pinned in the lock.
+    let lock: serde_json::Value =
+        serde_saphyr::from_str(include_str!("../upstream.lock.yaml")).unwrap();
+    let pinned: Vec<&str> = lock["addons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for a in &r.addons {
         assert!(
-            m.url.ends_with(
-                m.mirror_path
-                    .split_once('/')
-                    .unwrap()
-                    .1
-                    .split_once('/')
-                    .unwrap()
-                    .1
-            ),
-            "{}",
-            m.name
+            pinned.contains(&a.as_str()),
+            "addon {a} is not in upstream.lock.yaml"
         );
     }
 }

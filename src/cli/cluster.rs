@@ -130,7 +130,9 @@ pub fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             ClusterCmd::Bootstrap(a) => run_bootstrap(a).await,
             ClusterCmd::Status(a) => {
                 let client = a.kube.client().await?;
-                let st = status::fetch(&client).await.context("reading cluster status")?;
+                let st = status::fetch(&client)
+                    .await
+                    .context("reading cluster status")?;
                 a.output.emit(&st, status::ClusterStatus::render)
             }
         }
@@ -140,7 +142,8 @@ pub fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
 async fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     let lock = match &a.lock {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             Lock::parse(&text, &path.display().to_string())?
         }
         None => Lock::embedded()?,
@@ -153,14 +156,24 @@ async fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     let files = manifests::fetch_all(&lock, &source).await?;
     let plan = plan::plan_bootstrap(&files, plan::kiln_objects())?;
     let client = a.kube.client().await?;
-    let report = bootstrap::bootstrap(&client, &plan, &BootstrapOptions { dry_run: a.dry_run, timeout: a.timeout }).await?;
+    let report = bootstrap::bootstrap(
+        &client,
+        &plan,
+        &BootstrapOptions {
+            dry_run: a.dry_run,
+            timeout: a.timeout,
+        },
+    )
+    .await?;
     a.output.emit(&report, bootstrap::BootstrapReport::render)
 }
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("KILN_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
+        })
 }
 
 pub fn run_node(cmd: NodeClusterCmd) -> anyhow::Result<()> {
@@ -179,7 +192,10 @@ pub fn run_node(cmd: NodeClusterCmd) -> anyhow::Result<()> {
             NodeClusterCmd::Maintenance(MaintenanceCmd::Enter(a)) => {
                 let client = a.target.kube.client().await?;
                 let ceph = CephCli::new(&a.ceph.ceph_command)?;
-                let opts = EnterOptions { dry_run: a.dry_run, timeout: a.timeout };
+                let opts = EnterOptions {
+                    dry_run: a.dry_run,
+                    timeout: a.timeout,
+                };
                 let report = maintenance::enter(&client, &a.target.node, &ceph, &opts).await?;
                 a.output.emit(&report, |r| {
                     let mut text = r.plan.render();

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -66,7 +66,11 @@ impl BootstrapReport {
     /// The changes, one line each, then the totals.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for o in self.outcomes.iter().filter(|o| o.change != Change::Unchanged) {
+        for o in self
+            .outcomes
+            .iter()
+            .filter(|o| o.change != Change::Unchanged)
+        {
             let verb = match (o.change, self.dry_run) {
                 (Change::Created, false) => "created",
                 (Change::Created, true) => "would create",
@@ -86,22 +90,42 @@ impl BootstrapReport {
             self.count(Change::Created),
             self.count(Change::Configured),
             self.count(Change::Unchanged),
-            if self.dry_run { " (dry run: nothing applied)" } else { "" }
+            if self.dry_run {
+                " (dry run: nothing applied)"
+            } else {
+                ""
+            }
         ));
         out
     }
 }
 
 /// Applies `plan` in phase order. Idempotent: a second run reports 0 changed.
-pub async fn bootstrap(client: &Client, plan: &BootstrapPlan, opts: &BootstrapOptions) -> Result<BootstrapReport, Error> {
-    let resolver = Resolver { client: client.clone(), cache: Mutex::new(HashMap::new()) };
+pub async fn bootstrap(
+    client: &Client,
+    plan: &BootstrapPlan,
+    opts: &BootstrapOptions,
+) -> Result<BootstrapReport, Error> {
+    let resolver = Resolver {
+        client: client.clone(),
+        cache: Mutex::new(HashMap::new()),
+    };
     let mut outcomes = Vec::new();
-    for phase in [Phase::Crds, Phase::Namespaces, Phase::Resources, Phase::CustomResources] {
+    for phase in [
+        Phase::Crds,
+        Phase::Namespaces,
+        Phase::Resources,
+        Phase::CustomResources,
+    ] {
         let objects: Vec<&PlannedObject> = plan.phase(phase).collect();
         if objects.is_empty() {
             continue;
         }
-        tracing::info!("{} {} {phase}", if opts.dry_run { "checking" } else { "applying" }, objects.len());
+        tracing::info!(
+            "{} {} {phase}",
+            if opts.dry_run { "checking" } else { "applying" },
+            objects.len()
+        );
         let done: Vec<Outcome> = futures::stream::iter(objects.iter().copied())
             .map(|o| apply_one(&resolver, o, opts.dry_run))
             .buffered(PARALLEL_APPLIES)
@@ -113,7 +137,10 @@ pub async fn bootstrap(client: &Client, plan: &BootstrapPlan, opts: &BootstrapOp
             wait_established(client, names, opts.timeout).await?;
         }
     }
-    Ok(BootstrapReport { dry_run: opts.dry_run, outcomes })
+    Ok(BootstrapReport {
+        dry_run: opts.dry_run,
+        outcomes,
+    })
 }
 
 /// Resolves kinds to API resources once per kind (discovery of their group version).
@@ -135,14 +162,23 @@ impl Resolver {
             Ok((ar, _)) => Some(ar),
             Err(kube::Error::Discovery(_)) => None,
             Err(e) if api_code(&e) == Some(404) => None,
-            Err(e) => return Err(Error::Kube { context: format!("discovering {api_version} {kind}"), source: e }),
+            Err(e) => {
+                return Err(Error::Kube {
+                    context: format!("discovering {api_version} {kind}"),
+                    source: e,
+                });
+            }
         };
         self.cache.lock().await.insert(key, found.clone());
         Ok(found)
     }
 }
 
-async fn apply_one(resolver: &Resolver, o: &PlannedObject, dry_run: bool) -> Result<Outcome, Error> {
+async fn apply_one(
+    resolver: &Resolver,
+    o: &PlannedObject,
+    dry_run: bool,
+) -> Result<Outcome, Error> {
     let outcome = |change, fields| Outcome {
         phase: o.phase,
         addon: o.addon.clone(),
@@ -175,7 +211,12 @@ async fn apply_one(resolver: &Resolver, o: &PlannedObject, dry_run: bool) -> Res
         Err(e) if dry_run && before.is_none() && api_code(&e) == Some(404) => {
             return Ok(outcome(Change::Created, vec![]));
         }
-        Err(e) => return Err(Error::Kube { context: context(), source: e }),
+        Err(e) => {
+            return Err(Error::Kube {
+                context: context(),
+                source: e,
+            });
+        }
     };
     let Some(before) = before else {
         return Ok(outcome(Change::Created, vec![]));
@@ -187,7 +228,11 @@ async fn apply_one(resolver: &Resolver, o: &PlannedObject, dry_run: bool) -> Res
     } else {
         before["metadata"]["resourceVersion"] != after["metadata"]["resourceVersion"]
     };
-    Ok(if changed { outcome(Change::Configured, fields) } else { outcome(Change::Unchanged, vec![]) })
+    Ok(if changed {
+        outcome(Change::Configured, fields)
+    } else {
+        outcome(Change::Unchanged, vec![])
+    })
 }
 
 fn to_value(o: &DynamicObject) -> Value {
@@ -203,7 +248,13 @@ pub fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
             o.remove("status");
         }
         if let Some(m) = v["metadata"].as_object_mut() {
-            for k in ["managedFields", "resourceVersion", "generation", "uid", "creationTimestamp"] {
+            for k in [
+                "managedFields",
+                "resourceVersion",
+                "generation",
+                "uid",
+                "creationTimestamp",
+            ] {
                 m.remove(k);
             }
         }
@@ -214,8 +265,17 @@ pub fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
             (Value::Object(a), Value::Object(b)) => {
                 let keys: std::collections::BTreeSet<_> = a.keys().chain(b.keys()).collect();
                 for k in keys {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    walk(&p, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &p,
+                        a.get(k).unwrap_or(&Value::Null),
+                        b.get(k).unwrap_or(&Value::Null),
+                        out,
+                    );
                 }
             }
             _ if a != b => out.push(path.to_string()),
@@ -232,7 +292,11 @@ pub fn changed_fields(before: &Value, after: &Value) -> Vec<String> {
 }
 
 /// Waits until every named CRD has condition Established=True, reporting progress.
-pub async fn wait_established(client: &Client, names: Vec<String>, timeout: Duration) -> Result<(), Error> {
+pub async fn wait_established(
+    client: &Client,
+    names: Vec<String>,
+    timeout: Duration,
+) -> Result<(), Error> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let start = Instant::now();
     let total = names.len();
@@ -242,15 +306,27 @@ pub async fn wait_established(client: &Client, names: Vec<String>, timeout: Dura
         let mut still = Vec::new();
         let mut last_seen = String::new();
         for name in pending {
-            let crd = api.get(&name).await.map_err(Error::kube(format!("reading CustomResourceDefinition {name}")))?;
+            let crd = api.get(&name).await.map_err(Error::kube(format!(
+                "reading CustomResourceDefinition {name}"
+            )))?;
             let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-            if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+            {
                 continue;
             }
             if still.is_empty() {
                 last_seen = conditions
                     .iter()
-                    .map(|c| format!("{}={} {}", c.type_, c.status, c.message.as_deref().unwrap_or("")))
+                    .map(|c| {
+                        format!(
+                            "{}={} {}",
+                            c.type_,
+                            c.status,
+                            c.message.as_deref().unwrap_or("")
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("; ");
             }
@@ -266,12 +342,20 @@ pub async fn wait_established(client: &Client, names: Vec<String>, timeout: Dura
                 condition: format!(
                     "CustomResourceDefinition {} condition Established=True (last seen: {})",
                     still[0],
-                    if last_seen.is_empty() { "no conditions" } else { last_seen.trim() }
+                    if last_seen.is_empty() {
+                        "no conditions"
+                    } else {
+                        last_seen.trim()
+                    }
                 ),
             });
         }
         if last_report.elapsed() >= Duration::from_secs(2) {
-            tracing::info!("{}/{total} CRDs Established, waiting for {}", total - still.len(), still[0]);
+            tracing::info!(
+                "{}/{total} CRDs Established, waiting for {}",
+                total - still.len(),
+                still[0]
+            );
             last_report = Instant::now();
         }
         pending = still;
@@ -288,7 +372,10 @@ mod tests {
     fn changed_fields_ignore_server_maintained_ones() {
         let a = json!({"metadata": {"name": "x", "resourceVersion": "1", "labels": {"a": "1"}}, "spec": {"r": 1, "l": [1]}, "status": {"x": 1}});
         let b = json!({"metadata": {"name": "x", "resourceVersion": "2", "labels": {"a": "2", "b": "1"}}, "spec": {"r": 1, "l": [2]}, "status": {"x": 2}});
-        assert_eq!(changed_fields(&a, &b), ["metadata.labels.a", "metadata.labels.b", "spec.l"]);
+        assert_eq!(
+            changed_fields(&a, &b),
+            ["metadata.labels.a", "metadata.labels.b", "spec.l"]
+        );
         assert!(changed_fields(&a, &a).is_empty());
     }
 }

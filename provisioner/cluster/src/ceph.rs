@@ -24,7 +24,10 @@ impl CephCli {
     pub fn new(prefix: &str) -> Result<CephCli, Error> {
         let prefix: Vec<String> = prefix.split_whitespace().map(str::to_string).collect();
         if prefix.is_empty() {
-            return Err(Error::Ceph { command: String::new(), reason: "empty ceph command".into() });
+            return Err(Error::Ceph {
+                command: String::new(),
+                reason: "empty ceph command".into(),
+            });
         }
         Ok(CephCli { prefix })
     }
@@ -46,11 +49,18 @@ impl CephCli {
         let output = Command::new(&argv[0])
             .args(&argv[1..])
             .output()
-            .map_err(|e| Error::Ceph { command: command.clone(), reason: e.to_string() })?;
+            .map_err(|e| Error::Ceph {
+                command: command.clone(),
+                reason: e.to_string(),
+            })?;
         if !output.status.success() {
             return Err(Error::Ceph {
                 command,
-                reason: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+                reason: format!(
+                    "{}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
             });
         }
         Ok(())
@@ -79,10 +89,20 @@ mod tests {
             "kubectl -n rook-ceph exec deploy/rook-ceph-tools -- ceph osd add-noout osd.3 osd.7"
         );
         // A real process: `false` stands in for a ceph that refuses.
-        let err = CephCli::new("false").unwrap().add_noout(&[1]).unwrap_err().to_string();
-        assert!(err.starts_with("ceph admin command `false osd add-noout osd.1`: exit status: 1"), "{err}");
+        let err = CephCli::new("false")
+            .unwrap()
+            .add_noout(&[1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ceph admin command `false osd add-noout osd.1`: exit status: 1"),
+            "{err}"
+        );
         // Nothing to do runs nothing.
-        CephCli::new("/nonexistent/ceph").unwrap().rm_noout(&[]).unwrap();
+        CephCli::new("/nonexistent/ceph")
+            .unwrap()
+            .rm_noout(&[])
+            .unwrap();
         assert!(CephCli::new(" ").is_err());
     }
 }

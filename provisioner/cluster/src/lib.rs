@@ -28,5 +28,6 @@ pub const FIELD_MANAGER: &str = "kiln";
 
 /// Parses durations like `90s`, `15m` or `1h 30m` (command-line timeouts).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 90s, 15m or 1h: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 90s, 15m or 1h: {e}"))
 }

@@ -47,7 +47,10 @@ impl Lock {
         if problems.is_empty() {
             Ok(lock)
         } else {
-            Err(Error::Lock { path: origin.to_string(), problems })
+            Err(Error::Lock {
+                path: origin.to_string(),
+                problems,
+            })
         }
     }
 
@@ -59,7 +62,10 @@ impl Lock {
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.version != 1 {
-            problems.push(format!("version: {} is not supported (expected 1)", self.version));
+            problems.push(format!(
+                "version: {} is not supported (expected 1)",
+                self.version
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         let mut paths = std::collections::BTreeSet::new();
@@ -77,7 +83,10 @@ impl Lock {
                     || file.path.starts_with('/')
                     || file.path.split('/').any(|c| c == ".." || c.is_empty())
                 {
-                    problems.push(format!("{at}.path: {:?} must be a relative path without ..", file.path));
+                    problems.push(format!(
+                        "{at}.path: {:?} must be a relative path without ..",
+                        file.path
+                    ));
                 }
                 if !paths.insert(file.path.as_str()) {
                     problems.push(format!("{at}.path: {:?} listed twice", file.path));
@@ -85,8 +94,16 @@ impl Lock {
                 if !file.url.starts_with("https://") {
                     problems.push(format!("{at}.url: {:?} must be an https URL", file.url));
                 }
-                if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                    problems.push(format!("{at}.sha256: {:?} is not 64 lower-case hex digits", file.sha256));
+                if file.sha256.len() != 64
+                    || !file
+                        .sha256
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
+                    problems.push(format!(
+                        "{at}.sha256: {:?} is not 64 lower-case hex digits",
+                        file.sha256
+                    ));
                 }
             }
         }
@@ -102,7 +119,10 @@ mod tests {
     fn embedded_lock_is_valid() {
         let lock = Lock::embedded().unwrap();
         let names: Vec<_> = lock.addons.iter().map(|a| a.name.as_str()).collect();
-        assert_eq!(names, ["volume-snapshots", "multus", "kubevirt", "rook-ceph"]);
+        assert_eq!(
+            names,
+            ["volume-snapshots", "multus", "kubevirt", "rook-ceph"]
+        );
     }
 
     #[test]

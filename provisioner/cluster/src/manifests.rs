@@ -35,7 +35,10 @@ pub async fn fetch_all(lock: &Lock, source: &Source) -> Result<Vec<FetchedFile>,
             reqwest::Client::builder()
                 .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
                 .build()
-                .map_err(|e| Error::Fetch { url: String::new(), source: e })?,
+                .map_err(|e| Error::Fetch {
+                    url: String::new(),
+                    source: e,
+                })?,
         ),
         Source::Mirror(_) => None,
     };
@@ -45,7 +48,9 @@ pub async fn fetch_all(lock: &Lock, source: &Source) -> Result<Vec<FetchedFile>,
         for file in &addon.files {
             let bytes = match source {
                 Source::Mirror(dir) => read(&dir.join(&file.path)).await?,
-                Source::Cache(dir) => cached(http.as_ref().expect("cache source has a client"), dir, file).await?,
+                Source::Cache(dir) => {
+                    cached(http.as_ref().expect("cache source has a client"), dir, file).await?
+                }
             };
             match verify(file, &bytes) {
                 Ok(()) => {}
@@ -66,7 +71,11 @@ pub async fn fetch_all(lock: &Lock, source: &Source) -> Result<Vec<FetchedFile>,
             });
         }
     }
-    if mismatches.is_empty() { Ok(files) } else { Err(Error::Integrity(mismatches)) }
+    if mismatches.is_empty() {
+        Ok(files)
+    } else {
+        Err(Error::Integrity(mismatches))
+    }
 }
 
 /// Checks `bytes` against the pinned sha256.
@@ -75,12 +84,19 @@ pub fn verify(file: &PinnedFile, bytes: &[u8]) -> Result<(), ChecksumMismatch> {
     if actual == file.sha256 {
         Ok(())
     } else {
-        Err(ChecksumMismatch { path: file.path.clone(), expected: file.sha256.clone(), actual })
+        Err(ChecksumMismatch {
+            path: file.path.clone(),
+            expected: file.sha256.clone(),
+            actual,
+        })
     }
 }
 
 async fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    tokio::fs::read(path).await.map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    tokio::fs::read(path).await.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The cached copy when it verifies, else a fresh download stored atomically.
@@ -92,7 +108,10 @@ async fn cached(http: &reqwest::Client, dir: &Path, file: &PinnedFile) -> Result
         return Ok(bytes);
     }
     tracing::info!("downloading {}", file.url);
-    let fetch = |source| Error::Fetch { url: file.url.clone(), source };
+    let fetch = |source| Error::Fetch {
+        url: file.url.clone(),
+        source,
+    };
     let bytes = http
         .get(&file.url)
         .send()
@@ -103,7 +122,10 @@ async fn cached(http: &reqwest::Client, dir: &Path, file: &PinnedFile) -> Result
         .await
         .map_err(fetch)?;
     if verify(file, &bytes).is_ok() {
-        let io = |source| Error::Io { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
         let tmp = dir.join(format!(".{}.{}", file.sha256, std::process::id()));
         tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
@@ -139,19 +161,32 @@ mod tests {
     #[tokio::test]
     async fn mirror_files_are_verified_and_every_mismatch_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let lock = lock_for(&[("x/one.yaml", b"a: 1\n"), ("two.yaml", b"b: 2\n"), ("three.yaml", b"c: 3\n")]);
+        let lock = lock_for(&[
+            ("x/one.yaml", b"a: 1\n"),
+            ("two.yaml", b"b: 2\n"),
+            ("three.yaml", b"c: 3\n"),
+        ]);
         std::fs::create_dir_all(dir.path().join("x")).unwrap();
         std::fs::write(dir.path().join("x/one.yaml"), "a: 1\n").unwrap();
         std::fs::write(dir.path().join("two.yaml"), "b: 666\n").unwrap();
         std::fs::write(dir.path().join("three.yaml"), "c: 4\n").unwrap();
-        let err = fetch_all(&lock, &Source::Mirror(dir.path().into())).await.unwrap_err();
-        let Error::Integrity(m) = &err else { panic!("{err}") };
-        assert_eq!(m.iter().map(|m| m.path.as_str()).collect::<Vec<_>>(), ["two.yaml", "three.yaml"]);
+        let err = fetch_all(&lock, &Source::Mirror(dir.path().into()))
+            .await
+            .unwrap_err();
+        let Error::Integrity(m) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(
+            m.iter().map(|m| m.path.as_str()).collect::<Vec<_>>(),
+            ["two.yaml", "three.yaml"]
+        );
         assert!(err.to_string().contains("nothing applied"), "{err}");
 
         std::fs::write(dir.path().join("two.yaml"), "b: 2\n").unwrap();
         std::fs::write(dir.path().join("three.yaml"), "c: 3\n").unwrap();
-        let files = fetch_all(&lock, &Source::Mirror(dir.path().into())).await.unwrap();
+        let files = fetch_all(&lock, &Source::Mirror(dir.path().into()))
+            .await
+            .unwrap();
         assert_eq!(files[0].text, "a: 1\n");
     }
 
@@ -162,7 +197,9 @@ mod tests {
         let lock = lock_for(&[("one.yaml", b"a: 1\n")]);
         std::fs::write(dir.path().join(&lock.addons[0].files[0].sha256), "a: 1\n").unwrap();
         // example.org is never contacted: the cached copy verifies.
-        let files = fetch_all(&lock, &Source::Cache(dir.path().into())).await.unwrap();
+        let files = fetch_all(&lock, &Source::Cache(dir.path().into()))
+            .await
+            .unwrap();
         assert_eq!(files[0].text, "a: 1\n");
     }
 }

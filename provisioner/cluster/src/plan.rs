@@ -74,7 +74,14 @@ impl BootstrapPlan {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for o in &self.objects {
-            out.push_str(&format!("{:<16} {:<16} {} {} ({})\n", format!("{:?}", o.phase), o.addon, o.api_version, o.id(), o.source));
+            out.push_str(&format!(
+                "{:<16} {:<16} {} {} ({})\n",
+                format!("{:?}", o.phase),
+                o.addon,
+                o.api_version,
+                o.id(),
+                o.source
+            ));
         }
         out
     }
@@ -95,10 +102,19 @@ const CLUSTER_SCOPED: &[(&str, &str)] = &[
     ("storage.k8s.io", "VolumeAttributesClass"),
     ("scheduling.k8s.io", "PriorityClass"),
     ("node.k8s.io", "RuntimeClass"),
-    ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration"),
-    ("admissionregistration.k8s.io", "MutatingWebhookConfiguration"),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingWebhookConfiguration",
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "MutatingWebhookConfiguration",
+    ),
     ("admissionregistration.k8s.io", "ValidatingAdmissionPolicy"),
-    ("admissionregistration.k8s.io", "ValidatingAdmissionPolicyBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingAdmissionPolicyBinding",
+    ),
 ];
 
 /// Objects kiln adds to the upstream set: the storage configuration on top of Rook.
@@ -164,7 +180,10 @@ pub fn kiln_objects() -> Vec<(String, Value)> {
 
 /// Parses every file, places each object in its phase and namespace, and drops exact
 /// duplicates (upstream files repeat some objects). All problems are reported together.
-pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Result<BootstrapPlan, Error> {
+pub fn plan_bootstrap(
+    files: &[FetchedFile],
+    extra: Vec<(String, Value)>,
+) -> Result<BootstrapPlan, Error> {
     let mut problems = Vec::new();
     let mut docs: Vec<(String, String, Option<String>, Value)> = Vec::new();
     for f in files {
@@ -186,7 +205,10 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
     for (_, _, _, v) in &docs {
         if v["kind"] == "CustomResourceDefinition" {
             let group = v["spec"]["group"].as_str().unwrap_or_default().to_string();
-            let kind = v["spec"]["names"]["kind"].as_str().unwrap_or_default().to_string();
+            let kind = v["spec"]["names"]["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             custom.insert((group, kind), v["spec"]["scope"] == "Namespaced");
         }
     }
@@ -197,12 +219,21 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
     for (addon, source, default_ns, mut v) in docs {
         let api_version = v["apiVersion"].as_str().unwrap_or_default().to_string();
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
-        let name = v["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if api_version.is_empty() || kind.is_empty() || name.is_empty() {
-            problems.push(format!("{source}: object without apiVersion, kind or metadata.name: {}", short(&v)));
+            problems.push(format!(
+                "{source}: object without apiVersion, kind or metadata.name: {}",
+                short(&v)
+            ));
             continue;
         }
-        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+        let group = api_version
+            .rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .to_string();
         if kind == "Namespace" && group.is_empty() {
             // The API server sets this label on every namespace; applying it too keeps the
             // label's ownership stable, so a second apply is a no-op.
@@ -212,10 +243,17 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
             Some(&namespaced) => (Phase::CustomResources, namespaced),
             None if kind == "CustomResourceDefinition" => (Phase::Crds, false),
             None if kind == "Namespace" && group.is_empty() => (Phase::Namespaces, false),
-            None => (Phase::Resources, !CLUSTER_SCOPED.contains(&(group.as_str(), kind.as_str()))),
+            None => (
+                Phase::Resources,
+                !CLUSTER_SCOPED.contains(&(group.as_str(), kind.as_str())),
+            ),
         };
         let namespace = if namespaced {
-            match v["metadata"]["namespace"].as_str().map(str::to_string).or(default_ns) {
+            match v["metadata"]["namespace"]
+                .as_str()
+                .map(str::to_string)
+                .or(default_ns)
+            {
                 Some(ns) => {
                     v["metadata"]["namespace"] = Value::String(ns.clone());
                     Some(ns)
@@ -242,11 +280,24 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
             continue;
         }
         seen.insert(key, objects.len());
-        objects.push(PlannedObject { phase, addon, source, api_version, kind, namespace, name, object: v });
+        objects.push(PlannedObject {
+            phase,
+            addon,
+            source,
+            api_version,
+            kind,
+            namespace,
+            name,
+            object: v,
+        });
     }
 
     // Namespaces the addons use but do not create.
-    let declared: BTreeSet<String> = objects.iter().filter(|o| o.phase == Phase::Namespaces).map(|o| o.name.clone()).collect();
+    let declared: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| o.phase == Phase::Namespaces)
+        .map(|o| o.name.clone())
+        .collect();
     let mut added = BTreeSet::new();
     for (addon, ns) in namespaces {
         if declared.contains(&ns) || is_system_namespace(&ns) || !added.insert(ns.clone()) {
@@ -265,7 +316,10 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
     }
 
     if !problems.is_empty() {
-        return Err(Error::Manifest { source_path: "addon manifests".into(), reason: format!("\n  {}", problems.join("\n  ")) });
+        return Err(Error::Manifest {
+            source_path: "addon manifests".into(),
+            reason: format!("\n  {}", problems.join("\n  ")),
+        });
     }
     // Stable: file order within a phase.
     objects.sort_by_key(|o| o.phase);
@@ -273,12 +327,22 @@ pub fn plan_bootstrap(files: &[FetchedFile], extra: Vec<(String, Value)>) -> Res
 }
 
 fn is_system_namespace(ns: &str) -> bool {
-    matches!(ns, "default" | "kube-system" | "kube-public" | "kube-node-lease")
+    matches!(
+        ns,
+        "default" | "kube-system" | "kube-public" | "kube-node-lease"
+    )
 }
 
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 80 { format!("{}…", &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]) } else { s }
+    if s.len() > 80 {
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]
+        )
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -286,7 +350,12 @@ mod tests {
     use super::*;
 
     fn file(addon: &str, path: &str, ns: Option<&str>, text: &str) -> FetchedFile {
-        FetchedFile { addon: addon.into(), path: path.into(), namespace: ns.map(Into::into), text: text.into() }
+        FetchedFile {
+            addon: addon.into(),
+            path: path.into(),
+            namespace: ns.map(Into::into),
+            text: text.into(),
+        }
     }
 
     const CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.example.org\nspec:\n  group: example.org\n  scope: Namespaced\n  names:\n    kind: Widget\n    plural: widgets\n";
@@ -294,12 +363,26 @@ mod tests {
     #[test]
     fn phases_namespaces_and_duplicates() {
         let files = [
-            file("a", "a/ops.yaml", Some("apps"), "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: op\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: r\n  namespace: ignored\n"),
+            file(
+                "a",
+                "a/ops.yaml",
+                Some("apps"),
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: op\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: r\n  namespace: ignored\n",
+            ),
             file("a", "a/crd.yaml", None, CRD),
-            file("a", "a/cr.yaml", Some("apps"), "---\napiVersion: example.org/v1\nkind: Widget\nmetadata:\n  name: w\n"),
+            file(
+                "a",
+                "a/cr.yaml",
+                Some("apps"),
+                "---\napiVersion: example.org/v1\nkind: Widget\nmetadata:\n  name: w\n",
+            ),
         ];
         let plan = plan_bootstrap(&files, vec![]).unwrap();
-        let ids: Vec<_> = plan.objects.iter().map(|o| format!("{:?} {}", o.phase, o.id())).collect();
+        let ids: Vec<_> = plan
+            .objects
+            .iter()
+            .map(|o| format!("{:?} {}", o.phase, o.id()))
+            .collect();
         assert_eq!(
             ids,
             [
@@ -312,12 +395,21 @@ mod tests {
             ]
         );
         assert_eq!(plan.objects[2].object["metadata"]["namespace"], "apps");
-        assert!(plan.objects[4].object["metadata"].get("namespace").is_none());
+        assert!(
+            plan.objects[4].object["metadata"]
+                .get("namespace")
+                .is_none()
+        );
     }
 
     #[test]
     fn conflicting_duplicates_and_missing_namespaces_are_all_reported() {
-        let files = [file("a", "x.yaml", None, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: ns1\ndata: {a: '1'}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: ns1\ndata: {a: '2'}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n---\nkind: Secret\n")];
+        let files = [file(
+            "a",
+            "x.yaml",
+            None,
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: ns1\ndata: {a: '1'}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: ns1\ndata: {a: '2'}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n---\nkind: Secret\n",
+        )];
         let err = plan_bootstrap(&files, vec![]).unwrap_err().to_string();
         assert_eq!(
             err,

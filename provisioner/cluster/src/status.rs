@@ -2,21 +2,48 @@
 //! from the conditions their operators report on kiln's custom resources.
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::Error;
 use crate::error::api_code;
 use crate::maintenance::MaintenanceState;
-use crate::Error;
 
 /// The custom resources whose conditions say whether an addon is healthy, and the condition
 /// that means healthy.
 pub const HEALTH_CHECKS: &[HealthCheck] = &[
-    HealthCheck { addon: "kubevirt", group: "hco.kubevirt.io", version: "v1beta1", kind: "HyperConverged", plural: "hyperconvergeds", namespace: "kubevirt-hyperconverged", name: "kubevirt-hyperconverged", condition: "Available" },
-    HealthCheck { addon: "rook-ceph", group: "ceph.rook.io", version: "v1", kind: "CephCluster", plural: "cephclusters", namespace: "rook-ceph", name: "rook-ceph", condition: "Ready" },
-    HealthCheck { addon: "rook-ceph", group: "ceph.rook.io", version: "v1", kind: "CephBlockPool", plural: "cephblockpools", namespace: "rook-ceph", name: "replicapool", condition: "Ready" },
+    HealthCheck {
+        addon: "kubevirt",
+        group: "hco.kubevirt.io",
+        version: "v1beta1",
+        kind: "HyperConverged",
+        plural: "hyperconvergeds",
+        namespace: "kubevirt-hyperconverged",
+        name: "kubevirt-hyperconverged",
+        condition: "Available",
+    },
+    HealthCheck {
+        addon: "rook-ceph",
+        group: "ceph.rook.io",
+        version: "v1",
+        kind: "CephCluster",
+        plural: "cephclusters",
+        namespace: "rook-ceph",
+        name: "rook-ceph",
+        condition: "Ready",
+    },
+    HealthCheck {
+        addon: "rook-ceph",
+        group: "ceph.rook.io",
+        version: "v1",
+        kind: "CephBlockPool",
+        plural: "cephblockpools",
+        namespace: "rook-ceph",
+        name: "replicapool",
+        condition: "Ready",
+    },
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +105,11 @@ pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> 
                 .and_then(|s| s.conditions.as_ref())
                 .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
                 .map(|c| c.status == "True"),
-            schedulable: !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+            schedulable: !n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
             maintenance: MaintenanceState::from_node(n),
         })
         .collect();
@@ -87,9 +118,17 @@ pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> 
         .map(|(check, object)| {
             let resource = format!("{} {}/{}", check.kind, check.namespace, check.name);
             let Some(object) = object else {
-                return AddonHealth { addon: check.addon.into(), resource, health: Health::Missing, conditions: vec![] };
+                return AddonHealth {
+                    addon: check.addon.into(),
+                    resource,
+                    health: Health::Missing,
+                    conditions: vec![],
+                };
             };
-            let conditions = object["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let conditions = object["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let wanted = conditions.iter().find(|c| c["type"] == check.condition);
             let health = match wanted.map(|c| c["status"].as_str().unwrap_or_default()) {
                 Some("True") => Health::Healthy,
@@ -99,15 +138,28 @@ pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> 
             let conditions = conditions
                 .iter()
                 .map(|c| {
-                    let mut s = format!("{}={}", c["type"].as_str().unwrap_or("?"), c["status"].as_str().unwrap_or("?"));
-                    let detail = [c["reason"].as_str(), c["message"].as_str()].into_iter().flatten().collect::<Vec<_>>().join(": ");
+                    let mut s = format!(
+                        "{}={}",
+                        c["type"].as_str().unwrap_or("?"),
+                        c["status"].as_str().unwrap_or("?")
+                    );
+                    let detail = [c["reason"].as_str(), c["message"].as_str()]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join(": ");
                     if !detail.is_empty() {
                         s.push_str(&format!(" ({detail})"));
                     }
                     s
                 })
                 .collect();
-            AddonHealth { addon: check.addon.into(), resource, health, conditions }
+            AddonHealth {
+                addon: check.addon.into(),
+                resource,
+                health,
+                conditions,
+            }
         })
         .collect();
     ClusterStatus { nodes, addons }
@@ -115,16 +167,27 @@ pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> 
 
 /// Reads the nodes and the health resources.
 pub async fn fetch(client: &Client) -> Result<ClusterStatus, Error> {
-    let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.map_err(Error::kube("listing nodes"))?;
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing nodes"))?;
     let mut resources = Vec::new();
     for check in HEALTH_CHECKS {
-        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(check.group, check.version, check.kind), check.plural);
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(check.group, check.version, check.kind),
+            check.plural,
+        );
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), check.namespace, &ar);
         let object = match api.get_opt(check.name).await {
             Ok(o) => o.map(|o| serde_json::to_value(o).unwrap_or(Value::Null)),
             // The CRD itself is not installed.
             Err(e) if api_code(&e) == Some(404) => None,
-            Err(e) => return Err(Error::Kube { context: format!("reading {} {}", check.kind, check.name), source: e }),
+            Err(e) => {
+                return Err(Error::Kube {
+                    context: format!("reading {} {}", check.kind, check.name),
+                    source: e,
+                });
+            }
         };
         resources.push((*check, object));
     }
@@ -140,12 +203,25 @@ impl ClusterStatus {
                 Some(false) => "no",
                 None => "unknown",
             };
-            let maintenance = n.maintenance.as_ref().map_or("-".to_string(), |m| format!("{:?} since {}", m.phase, m.started));
-            out.push_str(&format!("{:<20} {:<8} {:<12} {}\n", n.name, ready, if n.schedulable { "yes" } else { "no" }, maintenance));
+            let maintenance = n.maintenance.as_ref().map_or("-".to_string(), |m| {
+                format!("{} since {}", m.phase, m.started)
+            });
+            out.push_str(&format!(
+                "{:<20} {:<8} {:<12} {}\n",
+                n.name,
+                ready,
+                if n.schedulable { "yes" } else { "no" },
+                maintenance
+            ));
         }
         out.push_str("\nADDON       HEALTH    RESOURCE\n");
         for a in &self.addons {
-            out.push_str(&format!("{:<11} {:<9} {}", a.addon, format!("{:?}", a.health).to_lowercase(), a.resource));
+            out.push_str(&format!(
+                "{:<11} {:<9} {}",
+                a.addon,
+                format!("{:?}", a.health).to_lowercase(),
+                a.resource
+            ));
             if !a.conditions.is_empty() {
                 out.push_str(&format!(": {}", a.conditions.join(", ")));
             }

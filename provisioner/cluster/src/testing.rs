@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use serde_json::{Value, json};
 
+use crate::Error;
 use crate::ceph::CephAdmin;
 use crate::maintenance::Vmim;
-use crate::Error;
 
 const VERSIONS: &str = include_str!("../../../scripts/kube-fixtures/versions.env");
 
@@ -47,18 +50,26 @@ impl Binaries {
                 .map(str::trim)
                 .ok_or_else(|| format!("{key} missing from scripts/kube-fixtures/versions.env"))
         };
-        let cache = std::env::var_os("KILN_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
-        });
+        let cache = std::env::var_os("KILN_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
+            });
         let kube = cache.join("bin").join(version("KUBERNETES_VERSION")?);
         let bins = Binaries {
             kube_apiserver: kube.join("kube-apiserver"),
             kubectl: kube.join("kubectl"),
-            etcd: cache.join("bin").join(version("ETCD_VERSION")?).join("etcd"),
+            etcd: cache
+                .join("bin")
+                .join(version("ETCD_VERSION")?)
+                .join("etcd"),
         };
         for b in [&bins.kube_apiserver, &bins.kubectl, &bins.etcd] {
             if !b.exists() {
-                return Err(format!("{} is missing: run scripts/kube-fixtures.sh (builds etcd, kube-apiserver and kubectl from their Go modules; needs Go in /usr/local/go)", b.display()));
+                return Err(format!(
+                    "{} is missing: run scripts/kube-fixtures.sh (builds etcd, kube-apiserver and kubectl from their Go modules; needs Go in /usr/local/go)",
+                    b.display()
+                ));
             }
         }
         Ok(bins)
@@ -87,7 +98,10 @@ pub struct TestCluster {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("binding an ephemeral port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
 }
 
 /// Runs `bin args` under `sh` that kills it when the test process exits or on SIGTERM, then
@@ -117,7 +131,10 @@ finish"#;
 }
 
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -149,7 +166,10 @@ impl TestCluster {
     /// Starts a cluster of its own (for tests that restart the API server).
     pub fn start(opts: HarnessOptions) -> TestCluster {
         let bins = Binaries::locate().unwrap_or_else(|e| panic!("{e}"));
-        let dir = tempfile::Builder::new().prefix("kiln-kube-").tempdir().expect("creating a temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-kube-")
+            .tempdir()
+            .expect("creating a temp dir");
         let d = dir.path();
         let write = |name: &str, content: &str| {
             let p = d.join(name);
@@ -161,16 +181,28 @@ impl TestCluster {
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "kiln-test-ca");
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kiln-test-ca");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |sans: Vec<String>, cn: &str, org: Option<&str>, eku: rcgen::ExtendedKeyUsagePurpose| {
+        let leaf = |sans: Vec<String>,
+                    cn: &str,
+                    org: Option<&str>,
+                    eku: rcgen::ExtendedKeyUsagePurpose| {
             let key = rcgen::KeyPair::generate().expect("key");
             let mut params = rcgen::CertificateParams::new(sans).expect("params");
-            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
             if let Some(org) = org {
-                params.distinguished_name.push(rcgen::DnType::OrganizationName, org);
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::OrganizationName, org);
             }
             params.extended_key_usages = vec![eku];
             params.use_authority_key_identifier_extension = true;
@@ -193,7 +225,12 @@ impl TestCluster {
 
         let port = free_port();
         let kubeconfig_for = |user: &str, file: &str| {
-            let (cert, key) = leaf(vec![], user, Some("system:masters"), rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+            let (cert, key) = leaf(
+                vec![],
+                user,
+                Some("system:masters"),
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            );
             write(
                 file,
                 &format!(
@@ -273,11 +310,19 @@ impl TestCluster {
 
     fn start_apiserver(&mut self) {
         let log = self.dir.path().join("kube-apiserver.log");
-        self.apiserver = Some(spawn_guarded(&self.bins.kube_apiserver, &self.apiserver_args, &log, None));
+        self.apiserver = Some(spawn_guarded(
+            &self.bins.kube_apiserver,
+            &self.apiserver_args,
+            &log,
+            None,
+        ));
         let kubeconfig = self.kubeconfig.clone();
         // Own thread and runtime: callers may already be inside a tokio runtime.
         let ready = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async {
                 let deadline = Instant::now() + Duration::from_secs(120);
                 let mut last = String::new();
@@ -298,12 +343,20 @@ impl TestCluster {
         let apiserver = self.apiserver.as_mut().expect("just started");
         while !ready.is_finished() {
             if let Ok(Some(status)) = apiserver.try_wait() {
-                panic!("kube-apiserver exited ({status}); log:\n{}\netcd log:\n{}", tail(&log), tail(&self.dir.path().join("etcd.log")));
+                panic!(
+                    "kube-apiserver exited ({status}); log:\n{}\netcd log:\n{}",
+                    tail(&log),
+                    tail(&self.dir.path().join("etcd.log"))
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         if let Err(why) = ready.join().expect("readiness thread") {
-            panic!("kube-apiserver {why}; log:\n{}\netcd log:\n{}", tail(&log), tail(&self.dir.path().join("etcd.log")));
+            panic!(
+                "kube-apiserver {why}; log:\n{}\netcd log:\n{}",
+                tail(&log),
+                tail(&self.dir.path().join("etcd.log"))
+            );
         }
     }
 
@@ -323,11 +376,15 @@ impl TestCluster {
     }
 
     pub async fn client(&self) -> Client {
-        crate::kube_client::from_kubeconfig(&self.kubeconfig).await.expect("admin client")
+        crate::kube_client::from_kubeconfig(&self.kubeconfig)
+            .await
+            .expect("admin client")
     }
 
     pub async fn standin_client(&self) -> Client {
-        crate::kube_client::from_kubeconfig(&self.standin_kubeconfig).await.expect("stand-in client")
+        crate::kube_client::from_kubeconfig(&self.standin_kubeconfig)
+            .await
+            .expect("stand-in client")
     }
 
     /// Completed requests in the audit log made by `user`.
@@ -344,7 +401,10 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        for child in [self.apiserver.as_mut(), self.etcd.as_mut()].into_iter().flatten() {
+        for child in [self.apiserver.as_mut(), self.etcd.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             stop(child);
         }
     }
@@ -363,18 +423,37 @@ pub fn fixtures_dir() -> PathBuf {
 pub async fn install_crds(client: &Client, files: &[PathBuf]) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::all_with(
         client.clone(),
-        &ApiResource::from_gvk(&GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition")),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+        )),
     );
     let mut names = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(f).map_err(|source| Error::Io { path: f.clone(), source })?;
-        let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-            .map_err(|e| Error::Manifest { source_path: f.display().to_string(), reason: e.to_string() })?;
-        for doc in docs.into_iter().filter(|d| d["kind"] == "CustomResourceDefinition") {
-            let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
-            api.patch(&name, &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(&doc))
-                .await
-                .map_err(Error::kube(format!("applying CRD {name}")))?;
+        let text = std::fs::read_to_string(f).map_err(|source| Error::Io {
+            path: f.clone(),
+            source,
+        })?;
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| Error::Manifest {
+            source_path: f.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        for doc in docs
+            .into_iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+        {
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            api.patch(
+                &name,
+                &PatchParams::apply(crate::FIELD_MANAGER).force(),
+                &Patch::Apply(&doc),
+            )
+            .await
+            .map_err(Error::kube(format!("applying CRD {name}")))?;
             names.push(name);
         }
     }
@@ -384,7 +463,14 @@ pub async fn install_crds(client: &Client, files: &[PathBuf]) -> Result<(), Erro
 /// The KubeVirt workload CRDs of `tests/fixtures/kube`.
 pub async fn install_kubevirt_fixture_crds(client: &Client) -> Result<(), Error> {
     let dir = fixtures_dir();
-    install_crds(client, &[dir.join("virtualmachineinstances.kubevirt.io.yaml"), dir.join("virtualmachineinstancemigrations.kubevirt.io.yaml")]).await
+    install_crds(
+        client,
+        &[
+            dir.join("virtualmachineinstances.kubevirt.io.yaml"),
+            dir.join("virtualmachineinstancemigrations.kubevirt.io.yaml"),
+        ],
+    )
+    .await
 }
 
 /// Builders for the objects maintenance tests put on a node.
@@ -396,7 +482,13 @@ pub mod workload {
     }
 
     /// A plain pod bound to `node`, optionally owned by a controller `(kind, name)`.
-    pub fn pod(ns: &str, name: &str, node: &str, labels: &[(&str, &str)], owner: Option<(&str, &str)>) -> Pod {
+    pub fn pod(
+        ns: &str,
+        name: &str,
+        node: &str,
+        labels: &[(&str, &str)],
+        owner: Option<(&str, &str)>,
+    ) -> Pod {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
         let mut pod = json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -415,7 +507,13 @@ pub mod workload {
 
     /// A VMI running on `node` (status as virt-controller would set it), with its
     /// virt-launcher pod.
-    pub fn vmi(ns: &str, name: &str, node: &str, eviction_strategy: Option<&str>, volumes: Value) -> (DynamicObject, Pod) {
+    pub fn vmi(
+        ns: &str,
+        name: &str,
+        node: &str,
+        eviction_strategy: Option<&str>,
+        volumes: Value,
+    ) -> (DynamicObject, Pod) {
         let mut spec = json!({"domain": {"devices": {}, "resources": {"requests": {"memory": "64Mi"}}}, "volumes": volumes});
         if let Some(s) = eviction_strategy {
             spec["evictionStrategy"] = json!(s);
@@ -427,16 +525,31 @@ pub mod workload {
             "status": {"nodeName": node, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
         }))
         .expect("vmi");
-        let launcher = pod(ns, &format!("virt-launcher-{name}"), node, &[("kubevirt.io", "virt-launcher"), ("vm.kubevirt.io/name", name)], Some(("VirtualMachineInstance", name)));
+        let launcher = pod(
+            ns,
+            &format!("virt-launcher-{name}"),
+            node,
+            &[
+                ("kubevirt.io", "virt-launcher"),
+                ("vm.kubevirt.io/name", name),
+            ],
+            Some(("VirtualMachineInstance", name)),
+        );
         (vmi, launcher)
     }
 
     pub fn vmi_resource() -> ApiResource {
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"), "virtualmachineinstances")
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
+            "virtualmachineinstances",
+        )
     }
 
     pub fn vmim_resource() -> ApiResource {
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstanceMigration"), "virtualmachineinstancemigrations")
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstanceMigration"),
+            "virtualmachineinstancemigrations",
+        )
     }
 
     /// Creates `pod` and reports it Running and Ready, as its kubelet would (eviction only
@@ -447,14 +560,19 @@ pub mod workload {
         let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
         api.create(&PostParams::default(), pod).await?;
         let status = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await?;
         Ok(())
     }
 
     /// Creates a namespace, ignoring one that exists.
     pub async fn namespace(client: &Client, name: &str) {
-        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-        match Api::all(client.clone()).create(&PostParams::default(), &ns).await {
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+        match Api::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => panic!("creating namespace {name}: {e}"),
@@ -480,10 +598,16 @@ pub fn standin_kubelet(client: Client, namespace: &str) -> StandIn {
         let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         loop {
             if let Ok(pods) = api.list(&ListParams::default()).await {
-                for p in pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+                for p in pods
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_some())
+                {
                     let ns = p.metadata.namespace.clone().unwrap_or_default();
                     let name = p.metadata.name.clone().unwrap_or_default();
-                    let _ = Api::<Pod>::namespaced(client.clone(), &ns).delete(&name, &DeleteParams::default().grace_period(0)).await;
+                    let _ = Api::<Pod>::namespaced(client.clone(), &ns)
+                        .delete(&name, &DeleteParams::default().grace_period(0))
+                        .await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -498,7 +622,8 @@ pub fn standin_kubelet(client: Client, namespace: &str) -> StandIn {
 pub fn standin_virt_controller(client: Client, namespace: &str, target_node: &str) -> StandIn {
     let (namespace, target_node) = (namespace.to_string(), target_node.to_string());
     StandIn(tokio::spawn(async move {
-        let vmims: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &workload::vmim_resource());
+        let vmims: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &namespace, &workload::vmim_resource());
         loop {
             if let Ok(list) = vmims.list(&ListParams::default()).await {
                 for m in list.items {
@@ -511,37 +636,87 @@ pub fn standin_virt_controller(client: Client, namespace: &str, target_node: &st
 }
 
 async fn run_migration(client: &Client, m: DynamicObject, target: &str) -> Result<(), kube::Error> {
-    let Ok(parsed) = serde_json::from_value::<Vmim>(serde_json::to_value(&m).unwrap_or_default()) else { return Ok(()) };
-    if matches!(parsed.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+    let Ok(parsed) = serde_json::from_value::<Vmim>(serde_json::to_value(&m).unwrap_or_default())
+    else {
+        return Ok(());
+    };
+    if matches!(
+        parsed.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
         return Ok(());
     }
     let ns = m.metadata.namespace.clone().unwrap_or_default();
     let name = m.metadata.name.clone().unwrap_or_default();
-    let vmis: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &workload::vmi_resource());
-    let vmims: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &workload::vmim_resource());
+    let vmis: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &workload::vmi_resource());
+    let vmims: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &workload::vmim_resource());
     let set_phase = |phase: &'static str| json!({"status": {"phase": phase}});
     let Some(vmi) = vmis.get_opt(&parsed.spec.vmi_name).await? else {
-        vmims.patch(&name, &PatchParams::default(), &Patch::Merge(set_phase("Failed"))).await?;
+        vmims
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(set_phase("Failed")),
+            )
+            .await?;
         return Ok(());
     };
     let vmi_value = serde_json::to_value(&vmi).unwrap_or_default();
     let not_migratable = vmi_value["status"]["conditions"]
         .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "LiveMigratable" && c["status"] == "False"));
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "LiveMigratable" && c["status"] == "False")
+        });
     if not_migratable {
-        vmims.patch(&name, &PatchParams::default(), &Patch::Merge(set_phase("Failed"))).await?;
+        vmims
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(set_phase("Failed")),
+            )
+            .await?;
         return Ok(());
     }
-    let source = vmi_value["status"]["nodeName"].as_str().unwrap_or_default().to_string();
-    vmis.patch(&parsed.spec.vmi_name, &PatchParams::default(), &Patch::Merge(json!({"status": {"nodeName": target}}))).await?;
+    let source = vmi_value["status"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    vmis.patch(
+        &parsed.spec.vmi_name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"nodeName": target}})),
+    )
+    .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for p in pods.list(&ListParams::default().fields(&format!("spec.nodeName={source}"))).await?.items {
-        let owned = p.metadata.owner_references.iter().flatten().any(|o| o.kind == "VirtualMachineInstance" && o.name == parsed.spec.vmi_name);
+    for p in pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={source}")))
+        .await?
+        .items
+    {
+        let owned = p
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "VirtualMachineInstance" && o.name == parsed.spec.vmi_name);
         if owned {
-            pods.delete(p.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default().grace_period(0)).await?;
+            pods.delete(
+                p.metadata.name.as_deref().unwrap_or_default(),
+                &DeleteParams::default().grace_period(0),
+            )
+            .await?;
         }
     }
-    vmims.patch(&name, &PatchParams::default(), &Patch::Merge(set_phase("Succeeded"))).await?;
+    vmims
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(set_phase("Succeeded")),
+        )
+        .await?;
     Ok(())
 }
 
@@ -560,7 +735,10 @@ impl RecordingCephAdmin {
     fn record(&self, verb: &str, osds: &[u32]) {
         if !osds.is_empty() {
             let ids: Vec<String> = osds.iter().map(|id| format!("osd.{id}")).collect();
-            self.calls.lock().expect("lock").push(format!("ceph osd {verb} {}", ids.join(" ")));
+            self.calls
+                .lock()
+                .expect("lock")
+                .push(format!("ceph osd {verb} {}", ids.join(" ")));
         }
     }
 }

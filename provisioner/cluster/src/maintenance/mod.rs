@@ -10,15 +10,18 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, EvictParams, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, EvictParams, GroupVersionKind, ListParams,
+    Patch, PatchParams, PostParams,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use self::plan::*;
+use crate::Error;
 use crate::ceph::CephAdmin;
 use crate::error::api_code;
-use crate::Error;
 
 /// Node annotation holding [`MaintenanceState`] as JSON.
 pub const ANNOTATION: &str = "kiln.dev/maintenance";
@@ -36,6 +39,17 @@ pub enum MaintenancePhase {
     Draining,
     /// The node is empty; stays so until `exit`.
     InMaintenance,
+}
+
+impl std::fmt::Display for MaintenancePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MaintenancePhase::Cordoned => "cordoned",
+            MaintenancePhase::Migrating => "migrating",
+            MaintenancePhase::Draining => "draining",
+            MaintenancePhase::InMaintenance => "in-maintenance",
+        })
+    }
 }
 
 /// What maintenance did so far, kept on the node.
@@ -75,7 +89,10 @@ pub struct EnterReport {
 }
 
 fn vmi_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"), "virtualmachineinstances")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
+        "virtualmachineinstances",
+    )
 }
 
 fn vmim_resource() -> ApiResource {
@@ -86,13 +103,19 @@ fn vmim_resource() -> ApiResource {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(o: DynamicObject) -> Option<T> {
-    serde_json::to_value(o).ok().and_then(|v| serde_json::from_value(v).ok())
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
 }
 
 /// Lists custom objects; none when their CRD is not installed (no KubeVirt on the cluster).
 /// Right after an API server (re)start, custom resource storage answers 429 "storage is
 /// (re)initializing" for a moment: retried for up to 10 s.
-async fn list_custom<T: serde::de::DeserializeOwned>(client: &Client, ar: &ApiResource, lp: &ListParams) -> Result<Vec<T>, Error> {
+async fn list_custom<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    ar: &ApiResource,
+    lp: &ListParams,
+) -> Result<Vec<T>, Error> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
     let mut attempts = 0;
     loop {
@@ -103,7 +126,12 @@ async fn list_custom<T: serde::de::DeserializeOwned>(client: &Client, ar: &ApiRe
                 attempts += 1;
                 tokio::time::sleep(POLL).await;
             }
-            Err(e) => return Err(Error::Kube { context: format!("listing {}", ar.plural), source: e }),
+            Err(e) => {
+                return Err(Error::Kube {
+                    context: format!("listing {}", ar.plural),
+                    source: e,
+                });
+            }
         }
     }
 }
@@ -114,45 +142,94 @@ fn on_node(node: &str) -> ListParams {
 
 /// Reads everything maintenance of `node` depends on.
 pub async fn fetch_facts(client: &Client, node: &str) -> Result<NodeFacts, Error> {
-    let node_obj = Api::<Node>::all(client.clone()).get(node).await.map_err(Error::kube(format!("reading node {node}")))?;
-    let pods = Api::<Pod>::all(client.clone()).list(&on_node(node)).await.map_err(Error::kube(format!("listing pods on {node}")))?;
+    let node_obj = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(Error::kube(format!("reading node {node}")))?;
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&on_node(node))
+        .await
+        .map_err(Error::kube(format!("listing pods on {node}")))?;
     let vmis: Vec<Vmi> = list_custom(client, &vmi_resource(), &ListParams::default()).await?;
-    let vmis: Vec<Vmi> = vmis.into_iter().filter(|v| v.status.node_name.as_deref() == Some(node)).collect();
-    let namespaces: BTreeSet<String> = vmis.iter().filter_map(|v| v.metadata.namespace.clone()).collect();
+    let vmis: Vec<Vmi> = vmis
+        .into_iter()
+        .filter(|v| v.status.node_name.as_deref() == Some(node))
+        .collect();
+    let namespaces: BTreeSet<String> = vmis
+        .iter()
+        .filter_map(|v| v.metadata.namespace.clone())
+        .collect();
     let mut pvcs = Vec::new();
     for ns in namespaces {
         let list = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
             .list(&ListParams::default())
             .await
-            .map_err(Error::kube(format!("listing PersistentVolumeClaims in {ns}")))?;
+            .map_err(Error::kube(format!(
+                "listing PersistentVolumeClaims in {ns}"
+            )))?;
         pvcs.extend(list.items);
     }
     let pdbs = Api::<PodDisruptionBudget>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("listing PodDisruptionBudgets"))?;
-    Ok(NodeFacts { node: node_obj, pods: pods.items, vmis, pvcs, pdbs: pdbs.items })
+    Ok(NodeFacts {
+        node: node_obj,
+        pods: pods.items,
+        vmis,
+        pvcs,
+        pdbs: pdbs.items,
+    })
 }
 
 /// Cordons (`true`) or uncordons a node.
-pub async fn set_unschedulable(client: &Client, node: &str, unschedulable: bool) -> Result<(), Error> {
-    let value = if unschedulable { json!(true) } else { serde_json::Value::Null };
+pub async fn set_unschedulable(
+    client: &Client,
+    node: &str,
+    unschedulable: bool,
+) -> Result<(), Error> {
+    let value = if unschedulable {
+        json!(true)
+    } else {
+        serde_json::Value::Null
+    };
     Api::<Node>::all(client.clone())
-        .patch(node, &PatchParams::default(), &Patch::Merge(json!({"spec": {"unschedulable": value}})))
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": value}})),
+        )
         .await
-        .map_err(Error::kube(format!("{} node {node}", if unschedulable { "cordoning" } else { "uncordoning" })))?;
+        .map_err(Error::kube(format!(
+            "{} node {node}",
+            if unschedulable {
+                "cordoning"
+            } else {
+                "uncordoning"
+            }
+        )))?;
     Ok(())
 }
 
-async fn record(client: &Client, node: &str, state: Option<&MaintenanceState>) -> Result<(), Error> {
+async fn record(
+    client: &Client,
+    node: &str,
+    state: Option<&MaintenanceState>,
+) -> Result<(), Error> {
     let value = match state {
         Some(s) => json!(serde_json::to_string(s).expect("state serializes")),
         None => serde_json::Value::Null,
     };
     Api::<Node>::all(client.clone())
-        .patch(node, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION: value}}})))
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION: value}}})),
+        )
         .await
-        .map_err(Error::kube(format!("recording maintenance state on node {node}")))?;
+        .map_err(Error::kube(format!(
+            "recording maintenance state on node {node}"
+        )))?;
     Ok(())
 }
 
@@ -168,7 +245,12 @@ pub fn migration_name(node: &str, vmi: &str) -> String {
 }
 
 /// Puts `node` into maintenance. See the module docs; safe to run again at any point.
-pub async fn enter(client: &Client, node: &str, ceph: &dyn CephAdmin, opts: &EnterOptions) -> Result<EnterReport, Error> {
+pub async fn enter(
+    client: &Client,
+    node: &str,
+    ceph: &dyn CephAdmin,
+    opts: &EnterOptions,
+) -> Result<EnterReport, Error> {
     let deadline = Instant::now() + opts.timeout;
     let facts = fetch_facts(client, node).await?;
     let previous = MaintenanceState::from_node(&facts.node);
@@ -176,15 +258,28 @@ pub async fn enter(client: &Client, node: &str, ceph: &dyn CephAdmin, opts: &Ent
     for line in plan.render().lines() {
         tracing::info!("{line}");
     }
-    let mut report = EnterReport { plan: plan.clone(), dry_run: opts.dry_run, resumed: previous.is_some(), migrated: 0, evicted: 0 };
+    let mut report = EnterReport {
+        plan: plan.clone(),
+        dry_run: opts.dry_run,
+        resumed: previous.is_some(),
+        migrated: 0,
+        evicted: 0,
+    };
     if opts.dry_run {
         return Ok(report);
     }
     if !plan.blockers.is_empty() {
-        return Err(Error::Blocked { node: node.to_string(), report: plan.render() });
+        return Err(Error::Blocked {
+            node: node.to_string(),
+            report: plan.render(),
+        });
     }
     if let Some(p) = &previous {
-        tracing::info!("resuming maintenance started {} (was {:?})", p.started, p.phase);
+        tracing::info!(
+            "resuming maintenance started {} (was {})",
+            p.started,
+            p.phase
+        );
     }
     let mut state = previous.unwrap_or_else(|| MaintenanceState {
         phase: MaintenancePhase::Cordoned,
@@ -208,7 +303,11 @@ pub async fn enter(client: &Client, node: &str, ceph: &dyn CephAdmin, opts: &Ent
     state.phase = MaintenancePhase::Migrating;
     record(client, node, Some(&state)).await?;
 
-    let to_migrate: Vec<&VmPlan> = plan.vms.iter().filter(|v| v.action == VmAction::Migrate).collect();
+    let to_migrate: Vec<&VmPlan> = plan
+        .vms
+        .iter()
+        .filter(|v| v.action == VmAction::Migrate)
+        .collect();
     report.migrated = migrate(client, node, &to_migrate, deadline, opts.timeout).await?;
 
     state.phase = MaintenancePhase::Draining;
@@ -223,14 +322,25 @@ pub async fn enter(client: &Client, node: &str, ceph: &dyn CephAdmin, opts: &Ent
 }
 
 /// Creates one migration per VMI (reusing those of an interrupted run) and waits for all.
-async fn migrate(client: &Client, node: &str, vms: &[&VmPlan], deadline: Instant, timeout: Duration) -> Result<usize, Error> {
+async fn migrate(
+    client: &Client,
+    node: &str,
+    vms: &[&VmPlan],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<usize, Error> {
     if vms.is_empty() {
         return Ok(0);
     }
     let ar = vmim_resource();
     let names: BTreeMap<String, (String, String)> = vms
         .iter()
-        .map(|v| (format!("{}/{}", v.namespace, migration_name(node, &v.name)), (v.namespace.clone(), v.name.clone())))
+        .map(|v| {
+            (
+                format!("{}/{}", v.namespace, migration_name(node, &v.name)),
+                (v.namespace.clone(), v.name.clone()),
+            )
+        })
         .collect();
     // Owned items: borrowed ones make this future not `Send` (higher-ranked lifetimes).
     let owned: Vec<VmPlan> = vms.iter().map(|v| (*v).clone()).collect();
@@ -248,7 +358,11 @@ async fn migrate(client: &Client, node: &str, vms: &[&VmPlan], deadline: Instant
         let phases: BTreeMap<String, Option<String>> = migrations
             .into_iter()
             .map(|m| {
-                let key = format!("{}/{}", m.metadata.namespace.clone().unwrap_or_default(), m.metadata.name.clone().unwrap_or_default());
+                let key = format!(
+                    "{}/{}",
+                    m.metadata.namespace.clone().unwrap_or_default(),
+                    m.metadata.name.clone().unwrap_or_default()
+                );
                 (key, m.status.and_then(|s| s.phase))
             })
             .collect();
@@ -260,10 +374,14 @@ async fn migrate(client: &Client, node: &str, vms: &[&VmPlan], deadline: Instant
                     return Err(Error::MigrationFailed {
                         migration: key.clone(),
                         vmi: format!("{namespace}/{vmi}"),
-                        reason: "phase Failed; `kiln node maintenance enter` again retries it".into(),
+                        reason: "phase Failed; `kiln node maintenance enter` again retries it"
+                            .into(),
                     });
                 }
-                phase => pending.push(format!("VirtualMachineInstanceMigration {key} to reach phase Succeeded (now {})", phase.unwrap_or("unset"))),
+                phase => pending.push(format!(
+                    "VirtualMachineInstanceMigration {key} to reach phase Succeeded (now {})",
+                    phase.unwrap_or("unset")
+                )),
             }
         }
         let done = names.len() - pending.len();
@@ -275,23 +393,43 @@ async fn migrate(client: &Client, node: &str, vms: &[&VmPlan], deadline: Instant
             return Ok(names.len());
         }
         if Instant::now() >= deadline {
-            return Err(Error::Timeout { after: timeout, condition: with_more(pending) });
+            return Err(Error::Timeout {
+                after: timeout,
+                condition: with_more(pending),
+            });
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-async fn start_migration(client: &Client, ar: &ApiResource, node: &str, vm: &VmPlan) -> Result<(), Error> {
+async fn start_migration(
+    client: &Client,
+    ar: &ApiResource,
+    node: &str,
+    vm: &VmPlan,
+) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &vm.namespace, ar);
     let name = migration_name(node, &vm.name);
-    let context = || format!("creating VirtualMachineInstanceMigration {}/{name}", vm.namespace);
+    let context = || {
+        format!(
+            "creating VirtualMachineInstanceMigration {}/{name}",
+            vm.namespace
+        )
+    };
     // A failed migration of an interrupted run is retried; any other one is still current.
     if let Some(existing) = api.get_opt(&name).await.map_err(Error::kube(context()))? {
         let existing: Option<Vmim> = parse(existing);
-        if existing.and_then(|m| m.status).and_then(|s| s.phase).as_deref() != Some("Failed") {
+        if existing
+            .and_then(|m| m.status)
+            .and_then(|s| s.phase)
+            .as_deref()
+            != Some("Failed")
+        {
             return Ok(());
         }
-        api.delete(&name, &DeleteParams::default()).await.map_err(Error::kube(context()))?;
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map_err(Error::kube(context()))?;
     }
     let migration: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "kubevirt.io/v1",
@@ -303,12 +441,20 @@ async fn start_migration(client: &Client, ar: &ApiResource, node: &str, vm: &VmP
     match api.create(&PostParams::default(), &migration).await {
         Ok(_) => Ok(()),
         Err(e) if api_code(&e) == Some(409) => Ok(()),
-        Err(e) => Err(Error::Kube { context: context(), source: e }),
+        Err(e) => Err(Error::Kube {
+            context: context(),
+            source: e,
+        }),
     }
 }
 
 /// Evicts every pod through the Eviction API, retrying while a PodDisruptionBudget says no.
-async fn drain(client: &Client, evictions: &[PodEviction], deadline: Instant, timeout: Duration) -> Result<usize, Error> {
+async fn drain(
+    client: &Client,
+    evictions: &[PodEviction],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<usize, Error> {
     if !evictions.is_empty() {
         tracing::info!("evicting {} pods", evictions.len());
     }
@@ -320,7 +466,12 @@ async fn drain(client: &Client, evictions: &[PodEviction], deadline: Instant, ti
     Ok(evictions.len())
 }
 
-async fn evict(client: &Client, e: &PodEviction, deadline: Instant, timeout: Duration) -> Result<(), Error> {
+async fn evict(
+    client: &Client,
+    e: &PodEviction,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &e.namespace);
     let mut logged = false;
     loop {
@@ -331,21 +482,39 @@ async fn evict(client: &Client, e: &PodEviction, deadline: Instant, timeout: Dur
                 let by = if e.pdbs.is_empty() {
                     "a PodDisruptionBudget".to_string()
                 } else {
-                    e.pdbs.iter().map(|p| format!("PodDisruptionBudget {}/{}", p.namespace, p.name)).collect::<Vec<_>>().join(", ")
+                    e.pdbs
+                        .iter()
+                        .map(|p| format!("PodDisruptionBudget {}/{}", p.namespace, p.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout {
                         after: timeout,
-                        condition: format!("eviction of pod {}/{}: {by} to allow a disruption (API server: {})", e.namespace, e.name, message(&err)),
+                        condition: format!(
+                            "eviction of pod {}/{}: {by} to allow a disruption (API server: {})",
+                            e.namespace,
+                            e.name,
+                            message(&err)
+                        ),
                     });
                 }
                 if !logged {
-                    tracing::info!("eviction of {}/{} refused by {by}; retrying", e.namespace, e.name);
+                    tracing::info!(
+                        "eviction of {}/{} refused by {by}; retrying",
+                        e.namespace,
+                        e.name
+                    );
                     logged = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(err) => return Err(Error::Kube { context: format!("evicting pod {}/{}", e.namespace, e.name), source: err }),
+            Err(err) => {
+                return Err(Error::Kube {
+                    context: format!("evicting pod {}/{}", e.namespace, e.name),
+                    source: err,
+                });
+            }
         }
     }
 }
@@ -358,16 +527,30 @@ fn message(e: &kube::Error) -> String {
 }
 
 /// Waits until only DaemonSet and mirror pods are left on the node.
-async fn wait_empty(client: &Client, node: &str, deadline: Instant, timeout: Duration) -> Result<(), Error> {
+async fn wait_empty(
+    client: &Client,
+    node: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), Error> {
     let api: Api<Pod> = Api::all(client.clone());
     let mut last = usize::MAX;
     loop {
-        let pods = api.list(&on_node(node)).await.map_err(Error::kube(format!("listing pods on {node}")))?;
+        let pods = api
+            .list(&on_node(node))
+            .await
+            .map_err(Error::kube(format!("listing pods on {node}")))?;
         let left: Vec<String> = pods
             .items
             .iter()
             .filter(|p| skip_reason(p).is_none())
-            .map(|p| format!("{}/{}", p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone().unwrap_or_default()
+                )
+            })
             .collect();
         if left.is_empty() {
             return Ok(());
@@ -377,7 +560,14 @@ async fn wait_empty(client: &Client, node: &str, deadline: Instant, timeout: Dur
             last = left.len();
         }
         if Instant::now() >= deadline {
-            return Err(Error::Timeout { after: timeout, condition: with_more(left.into_iter().map(|p| format!("pod {p} to leave node {node}")).collect()) });
+            return Err(Error::Timeout {
+                after: timeout,
+                condition: with_more(
+                    left.into_iter()
+                        .map(|p| format!("pod {p} to leave node {node}"))
+                        .collect(),
+                ),
+            });
         }
         tokio::time::sleep(POLL).await;
     }
@@ -395,7 +585,10 @@ fn with_more(mut pending: Vec<String>) -> String {
 /// Takes `node` out of maintenance: uncordon, clear `noout`, drop kiln's migrations and the
 /// progress annotation. Safe to run again.
 pub async fn exit(client: &Client, node: &str, ceph: &dyn CephAdmin) -> Result<(), Error> {
-    let node_obj = Api::<Node>::all(client.clone()).get(node).await.map_err(Error::kube(format!("reading node {node}")))?;
+    let node_obj = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(Error::kube(format!("reading node {node}")))?;
     let state = MaintenanceState::from_node(&node_obj);
     set_unschedulable(client, node, false).await?;
     tracing::info!("uncordoned {node}");
@@ -409,11 +602,22 @@ pub async fn exit(client: &Client, node: &str, ceph: &dyn CephAdmin) -> Result<(
     let selector = ListParams::default().labels(&format!("{MIGRATION_LABEL}={node}"));
     let migrations: Vec<Vmim> = list_custom(client, &ar, &selector).await?;
     for m in migrations {
-        let (ns, name) = (m.metadata.namespace.unwrap_or_default(), m.metadata.name.unwrap_or_default());
-        match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar).delete(&name, &DeleteParams::default()).await {
+        let (ns, name) = (
+            m.metadata.namespace.unwrap_or_default(),
+            m.metadata.name.unwrap_or_default(),
+        );
+        match Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar)
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
             Ok(_) => {}
             Err(e) if api_code(&e) == Some(404) => {}
-            Err(e) => return Err(Error::Kube { context: format!("deleting migration {ns}/{name}"), source: e }),
+            Err(e) => {
+                return Err(Error::Kube {
+                    context: format!("deleting migration {ns}/{name}"),
+                    source: e,
+                });
+            }
         }
     }
     record(client, node, None).await

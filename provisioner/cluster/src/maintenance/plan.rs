@@ -146,7 +146,11 @@ pub struct PdbRef {
 
 impl std::fmt::Display for PdbRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PodDisruptionBudget {}/{} (allows {} disruptions)", self.namespace, self.name, self.disruptions_allowed)
+        write!(
+            f,
+            "PodDisruptionBudget {}/{} (allows {} disruptions)",
+            self.namespace, self.name, self.disruptions_allowed
+        )
     }
 }
 
@@ -188,7 +192,11 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
     for vmi in &facts.vmis {
         let (namespace, vm_name) = (ns(&vmi.metadata), name(&vmi.metadata));
         let reasons = migration_blockers(vmi, &namespace, &pvcs);
-        let strategy = vmi.spec.eviction_strategy.clone().unwrap_or_else(|| DEFAULT_EVICTION_STRATEGY.into());
+        let strategy = vmi
+            .spec
+            .eviction_strategy
+            .clone()
+            .unwrap_or_else(|| DEFAULT_EVICTION_STRATEGY.into());
         let action = match (reasons.is_empty(), strategy.as_str()) {
             (_, "None") => VmAction::ShutDown,
             (true, _) => VmAction::Migrate,
@@ -201,10 +209,19 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
                 reasons.join("; ")
             ));
         }
-        vms.push(VmPlan { namespace, name: vm_name, eviction_strategy: strategy, live_migratable: reasons.is_empty(), reasons, action });
+        vms.push(VmPlan {
+            namespace,
+            name: vm_name,
+            eviction_strategy: strategy,
+            live_migratable: reasons.is_empty(),
+            reasons,
+            action,
+        });
     }
-    let vm_action: BTreeMap<(&str, &str), VmAction> =
-        vms.iter().map(|v| ((v.namespace.as_str(), v.name.as_str()), v.action)).collect();
+    let vm_action: BTreeMap<(&str, &str), VmAction> = vms
+        .iter()
+        .map(|v| ((v.namespace.as_str(), v.name.as_str()), v.action))
+        .collect();
 
     let mut evictions = Vec::new();
     let mut skipped = Vec::new();
@@ -217,7 +234,11 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
         {
             osds.push(id);
         }
-        let skip = |reason: String| SkippedPod { namespace: namespace.clone(), name: pod_name.clone(), reason };
+        let skip = |reason: String| SkippedPod {
+            namespace: namespace.clone(),
+            name: pod_name.clone(),
+            reason,
+        };
         if let Some(reason) = skip_reason(pod) {
             skipped.push(skip(reason));
             continue;
@@ -225,7 +246,9 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
         if let Some(vmi) = owner(pod, "VirtualMachineInstance")
             && vm_action.get(&(namespace.as_str(), vmi)) != Some(&VmAction::ShutDown)
         {
-            skipped.push(skip(format!("virt-launcher of VirtualMachineInstance {namespace}/{vmi}: moves with its VM")));
+            skipped.push(skip(format!(
+                "virt-launcher of VirtualMachineInstance {namespace}/{vmi}: moves with its VM"
+            )));
             continue;
         }
         let pdbs = facts
@@ -235,16 +258,29 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
             .map(|pdb| PdbRef {
                 namespace: namespace.clone(),
                 name: name(&pdb.metadata),
-                disruptions_allowed: pdb.status.as_ref().and_then(|s| s.disruptions_allowed).unwrap_or(0),
+                disruptions_allowed: pdb
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.disruptions_allowed)
+                    .unwrap_or(0),
             })
             .collect();
-        evictions.push(PodEviction { namespace, name: pod_name, pdbs });
+        evictions.push(PodEviction {
+            namespace,
+            name: pod_name,
+            pdbs,
+        });
     }
     osds.sort_unstable();
     osds.dedup();
     MaintenancePlan {
         node,
-        already_cordoned: facts.node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+        already_cordoned: facts
+            .node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
         vms,
         evictions,
         skipped,
@@ -255,7 +291,12 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
 
 /// Why a pod stays: DaemonSet pods come back anyway, mirror pods belong to the kubelet.
 pub fn skip_reason(pod: &Pod) -> Option<String> {
-    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")) {
+    if pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
+    {
         return Some("mirror pod (static pod of the kubelet)".into());
     }
     owner(pod, "DaemonSet").map(|ds| format!("DaemonSet {ds}"))
@@ -272,22 +313,46 @@ fn owner<'a>(pod: &'a Pod, kind: &str) -> Option<&'a str> {
 
 /// Why a VMI cannot live-migrate: what virt-controller says (condition LiveMigratable), and
 /// volumes only this node can reach.
-fn migration_blockers(vmi: &Vmi, namespace: &str, pvcs: &BTreeMap<(String, String), &PersistentVolumeClaim>) -> Vec<String> {
+fn migration_blockers(
+    vmi: &Vmi,
+    namespace: &str,
+    pvcs: &BTreeMap<(String, String), &PersistentVolumeClaim>,
+) -> Vec<String> {
     let mut reasons = Vec::new();
-    if let Some(c) = vmi.status.conditions.iter().find(|c| c.type_ == "LiveMigratable" && c.status == "False") {
-        let detail = [c.reason.as_deref(), c.message.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(": ");
+    if let Some(c) = vmi
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "LiveMigratable" && c.status == "False")
+    {
+        let detail = [c.reason.as_deref(), c.message.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": ");
         reasons.push(format!("LiveMigratable=False: {detail}"));
     }
     for v in &vmi.spec.volumes {
         if v.host_disk.is_some() {
             reasons.push(format!("volume {}: hostDisk is local to the node", v.name));
         }
-        let claim = v.persistent_volume_claim.as_ref().map(|c| &c.claim_name).or(v.data_volume.as_ref().map(|d| &d.name));
+        let claim = v
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| &c.claim_name)
+            .or(v.data_volume.as_ref().map(|d| &d.name));
         let Some(claim) = claim else { continue };
         match pvcs.get(&(namespace.to_string(), claim.clone())) {
-            None => reasons.push(format!("volume {}: PersistentVolumeClaim {claim} not found", v.name)),
+            None => reasons.push(format!(
+                "volume {}: PersistentVolumeClaim {claim} not found",
+                v.name
+            )),
             Some(pvc) => {
-                let modes = pvc.spec.as_ref().and_then(|s| s.access_modes.clone()).unwrap_or_default();
+                let modes = pvc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.access_modes.clone())
+                    .unwrap_or_default();
                 if !modes.iter().any(|m| m == "ReadWriteMany") {
                     reasons.push(format!(
                         "volume {}: PersistentVolumeClaim {claim} is {} (live migration needs ReadWriteMany)",
@@ -304,12 +369,21 @@ fn migration_blockers(vmi: &Vmi, namespace: &str, pvcs: &BTreeMap<(String, Strin
 /// Label selector semantics of PodDisruptionBudgets (policy/v1: an empty selector selects
 /// every pod in the namespace).
 fn pdb_selects(pdb: &PodDisruptionBudget, labels: &BTreeMap<String, String>) -> bool {
-    let Some(selector) = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()) else { return false };
+    let Some(selector) = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+        return false;
+    };
     selector_matches(selector, labels)
 }
 
-pub(crate) fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let exact = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+pub(crate) fn selector_matches(
+    selector: &LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let exact = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
     exact
         && selector.match_expressions.iter().flatten().all(|e| {
             let values = e.values.clone().unwrap_or_default();
@@ -338,7 +412,11 @@ impl MaintenancePlan {
         let mut out = format!(
             "node {}{}\n",
             self.node,
-            if self.already_cordoned { " (already cordoned)" } else { "" }
+            if self.already_cordoned {
+                " (already cordoned)"
+            } else {
+                ""
+            }
         );
         out.push_str(&format!("virtual machines: {}\n", self.vms.len()));
         for vm in &self.vms {
@@ -347,7 +425,10 @@ impl MaintenancePlan {
                 VmAction::ShutDown => "shut down",
                 VmAction::Block => "BLOCKED",
             };
-            out.push_str(&format!("  {action:<9} {}/{} (evictionStrategy {})", vm.namespace, vm.name, vm.eviction_strategy));
+            out.push_str(&format!(
+                "  {action:<9} {}/{} (evictionStrategy {})",
+                vm.namespace, vm.name, vm.eviction_strategy
+            ));
             if !vm.reasons.is_empty() {
                 out.push_str(&format!(": not live-migratable: {}", vm.reasons.join("; ")));
             }
@@ -356,7 +437,12 @@ impl MaintenancePlan {
         out.push_str(&format!("pods to evict: {}\n", self.evictions.len()));
         for e in &self.evictions {
             out.push_str(&format!("  {}/{}", e.namespace, e.name));
-            let blocking: Vec<String> = e.pdbs.iter().filter(|p| p.disruptions_allowed < 1).map(ToString::to_string).collect();
+            let blocking: Vec<String> = e
+                .pdbs
+                .iter()
+                .filter(|p| p.disruptions_allowed < 1)
+                .map(ToString::to_string)
+                .collect();
             if !blocking.is_empty() {
                 out.push_str(&format!(": would block now: {}", blocking.join(", ")));
             }
@@ -370,7 +456,10 @@ impl MaintenancePlan {
             out.push_str("ceph OSDs on the node: none\n");
         } else {
             let ids: Vec<String> = self.osds.iter().map(|id| format!("osd.{id}")).collect();
-            out.push_str(&format!("ceph OSDs on the node: {} (noout while in maintenance)\n", ids.join(", ")));
+            out.push_str(&format!(
+                "ceph OSDs on the node: {} (noout while in maintenance)\n",
+                ids.join(", ")
+            ));
         }
         if !self.blockers.is_empty() {
             out.push_str("blocked:\n");

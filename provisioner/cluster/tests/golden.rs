@@ -1,0 +1,195 @@
+//! Golden tests of the pure steps: bootstrap planning, maintenance planning and status.
+//! Regenerate the files under tests/golden with `KILN_BLESS=1 cargo test -p kiln-cluster --test golden`.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kiln_cluster::lock::Lock;
+use kiln_cluster::maintenance::{self, NodeFacts, Vmi};
+use kiln_cluster::manifests::{Source, fetch_all};
+use kiln_cluster::plan::{kiln_objects, plan_bootstrap};
+use kiln_cluster::status::{HEALTH_CHECKS, summarize};
+use kiln_cluster::testing::workload;
+use serde_json::{Value, json};
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("KILN_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (KILN_BLESS=1 writes it)", path.display()));
+    assert!(
+        expected == actual,
+        "{} differs (KILN_BLESS=1 to accept):\n{actual}",
+        path.display()
+    );
+}
+
+#[tokio::test]
+async fn bootstrap_plan_of_the_pinned_addon_set() {
+    let mirror = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/upstream");
+    let files = fetch_all(&Lock::embedded().unwrap(), &Source::Mirror(mirror))
+        .await
+        .unwrap();
+    let plan = plan_bootstrap(&files, kiln_objects()).unwrap();
+    golden("bootstrap-plan.txt", &plan.render());
+}
+
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+fn vmi(name: &str, strategy: Option<&str>, volumes: Value, conditions: Value) -> Vmi {
+    let (mut obj, _) = workload::vmi("apps", name, "worker-1", strategy, volumes);
+    obj.data["status"]["conditions"] = conditions;
+    from(serde_json::to_value(obj).unwrap())
+}
+
+fn facts() -> NodeFacts {
+    let mut node = workload::node("worker-1");
+    node.spec = Some(from(json!({"unschedulable": false})));
+    let pvc = |name: &str, mode: &str| -> PersistentVolumeClaim {
+        from(
+            json!({"metadata": {"name": name, "namespace": "apps"}, "spec": {"accessModes": [mode]}}),
+        )
+    };
+    let pdb = |name: &str, selector: Value, allowed: i32| -> PodDisruptionBudget {
+        from(
+            json!({"metadata": {"name": name, "namespace": "apps"}, "spec": {"selector": selector}, "status": {"disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1}}),
+        )
+    };
+    let mut mirror: Pod = workload::pod("kube-system", "etcd-worker-1", "worker-1", &[], None);
+    mirror.metadata.annotations =
+        Some([("kubernetes.io/config.mirror".to_string(), "abc".to_string())].into());
+    let ready = json!([{"type": "Ready", "status": "True"}]);
+    NodeFacts {
+        node,
+        pods: vec![
+            workload::vmi("apps", "web-vm", "worker-1", None, json!([])).1,
+            workload::vmi("apps", "db-vm", "worker-1", None, json!([])).1,
+            workload::vmi("apps", "scratch-vm", "worker-1", None, json!([])).1,
+            workload::pod(
+                "apps",
+                "api-7f9c-x2",
+                "worker-1",
+                &[("app", "api"), ("tier", "front")],
+                Some(("ReplicaSet", "api-7f9c")),
+            ),
+            workload::pod(
+                "apps",
+                "queue-0",
+                "worker-1",
+                &[("app", "queue")],
+                Some(("StatefulSet", "queue")),
+            ),
+            workload::pod(
+                "rook-ceph",
+                "rook-ceph-osd-3-5d8",
+                "worker-1",
+                &[("app", "rook-ceph-osd"), ("ceph-osd-id", "3")],
+                Some(("ReplicaSet", "rook-ceph-osd-3")),
+            ),
+            workload::pod(
+                "rook-ceph",
+                "rook-ceph-osd-11-9a1",
+                "worker-1",
+                &[("app", "rook-ceph-osd"), ("ceph-osd-id", "11")],
+                Some(("ReplicaSet", "rook-ceph-osd-11")),
+            ),
+            workload::pod(
+                "kube-system",
+                "kube-multus-ds-abcde",
+                "worker-1",
+                &[("app", "multus")],
+                Some(("DaemonSet", "kube-multus-ds")),
+            ),
+            mirror,
+        ],
+        vmis: vec![
+            vmi(
+                "web-vm",
+                Some("LiveMigrate"),
+                json!([{"name": "root", "persistentVolumeClaim": {"claimName": "web-root"}}, {"name": "cloudinit", "cloudInitNoCloud": {"userData": "#cloud-config"}}]),
+                ready.clone(),
+            ),
+            vmi(
+                "db-vm",
+                None,
+                json!([{"name": "data", "dataVolume": {"name": "db-data"}}, {"name": "scratch", "hostDisk": {"path": "/var/scratch.img", "type": "DiskOrCreate"}}]),
+                json!([{"type": "LiveMigratable", "status": "False", "reason": "DisksNotLiveMigratable", "message": "cannot migrate VMI: PVC db-data is not shared, live migration requires that all PVCs must be shared (using ReadWriteMany access mode)"}]),
+            ),
+            vmi(
+                "scratch-vm",
+                Some("LiveMigrateIfPossible"),
+                json!([{"name": "root", "persistentVolumeClaim": {"claimName": "missing"}}]),
+                ready,
+            ),
+        ],
+        pvcs: vec![
+            pvc("web-root", "ReadWriteMany"),
+            pvc("db-data", "ReadWriteOnce"),
+        ],
+        pdbs: vec![
+            pdb(
+                "api",
+                json!({"matchLabels": {"app": "api"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["front"]}]}),
+                1,
+            ),
+            pdb(
+                "queue-quorum",
+                json!({"matchExpressions": [{"key": "app", "operator": "Exists"}, {"key": "app", "operator": "NotIn", "values": ["api"]}]}),
+                0,
+            ),
+            pdb("other", json!({"matchLabels": {"app": "other"}}), 0),
+        ],
+    }
+}
+
+#[test]
+fn maintenance_plan_of_a_mixed_node() {
+    let plan = maintenance::plan(&facts());
+    golden("maintenance-plan.txt", &plan.render());
+    golden(
+        "maintenance-plan.json",
+        &(serde_json::to_string_pretty(&plan).unwrap() + "\n"),
+    );
+}
+
+#[test]
+fn cluster_status_summary() {
+    let mut in_maintenance: Node = workload::node("worker-2");
+    in_maintenance.spec = Some(from(json!({"unschedulable": true})));
+    in_maintenance.metadata.annotations = Some(
+        [(
+            maintenance::ANNOTATION.to_string(),
+            r#"{"phase":"in-maintenance","started":"2026-11-22T05:00:00Z","nooutOsds":[3,11]}"#
+                .to_string(),
+        )]
+        .into(),
+    );
+    let mut ready = workload::node("worker-1");
+    ready.status = Some(from(
+        json!({"conditions": [{"type": "Ready", "status": "True"}]}),
+    ));
+    let hco = json!({"status": {"conditions": [
+        {"type": "Available", "status": "False", "reason": "Reconciling", "message": "Reconciling HyperConverged"},
+        {"type": "Progressing", "status": "True", "reason": "Reconciling"},
+    ]}});
+    let ceph = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "ClusterCreated", "message": "Cluster created successfully"}]}});
+    let resources = vec![
+        (HEALTH_CHECKS[0], Some(hco)),
+        (HEALTH_CHECKS[1], Some(ceph)),
+        (HEALTH_CHECKS[2], None),
+    ];
+    let status = summarize(&[ready, in_maintenance], &resources);
+    golden("cluster-status.txt", &status.render());
+    golden(
+        "cluster-status.json",
+        &(serde_json::to_string_pretty(&status).unwrap() + "\n"),
+    );
+}
