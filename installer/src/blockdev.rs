@@ -186,19 +186,23 @@ impl Target {
                 slot_len,
             });
         }
+        // Reading and hashing run on a second thread, overlapping the writes.
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
+        let hashing = &mut hasher;
         let mut done = 0u64;
-        loop {
-            let n = read_full(&mut src, &mut buf).map_err(img_io("reading"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            self.write_at(offset + done, &buf[..n])?;
-            done += n as u64;
-            progress(done, total);
-        }
+        pipelined(
+            |buf| {
+                let n = read_full(&mut src, buf).map_err(img_io("reading"))?;
+                hashing.update(&buf[..n]);
+                Ok(n)
+            },
+            |chunk| {
+                self.write_at(offset + done, chunk)?;
+                done += chunk.len() as u64;
+                progress(done, total);
+                Ok(())
+            },
+        )?;
         let sha256 = hex::encode(hasher.finalize());
         if let Some(expected) = expected_sha256
             && !expected.eq_ignore_ascii_case(&sha256)
@@ -238,21 +242,61 @@ impl Target {
         );
     }
 
-    /// sha256 of `len` bytes at `offset`.
+    /// sha256 of `len` bytes at `offset` (reads overlap the hashing).
     pub fn sha256_range(&self, offset: u64, len: u64) -> Result<String, BlockDevError> {
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            self.file
-                .read_exact_at(&mut buf[..n], offset + done)
-                .map_err(self.io("reading back"))?;
-            hasher.update(&buf[..n]);
-            done += n as u64;
-        }
+        let mut pos = 0u64;
+        pipelined(
+            |buf| {
+                let n = (len - pos).min(CHUNK as u64) as usize;
+                self.file
+                    .read_exact_at(&mut buf[..n], offset + pos)
+                    .map_err(self.io("reading back"))?;
+                pos += n as u64;
+                Ok(n)
+            },
+            |chunk| {
+                hasher.update(chunk);
+                Ok(())
+            },
+        )?;
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// Runs `produce` (fills a chunk, returns its length, 0 at the end) on a second thread while
+/// `consume` handles the chunks in order: IO on one side overlaps hashing on the other.
+/// The first error of either side ends both.
+fn pipelined(
+    mut produce: impl FnMut(&mut [u8]) -> Result<usize, BlockDevError> + Send,
+    mut consume: impl FnMut(&[u8]) -> Result<(), BlockDevError>,
+) -> Result<(), BlockDevError> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, BlockDevError>>(2);
+        scope.spawn(move || {
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match produce(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        // A closed channel means the consumer failed: stop reading.
+                        if tx.send(Ok(buf)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        for chunk in rx {
+            consume(&chunk?)?;
+        }
+        Ok(())
+    })
 }
 
 /// Fills `buf` as far as the reader allows (short only at the end of the input).

@@ -12,7 +12,7 @@ use super::output::OutputArgs;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum NodeLocalCmd {
-    /// Show this node's conditions and managed resources (from the local agent)
+    /// Show this node's conditions and managed resources
     Status(LocalArgs),
     /// Show what an apply would change now, without changing anything
     Plan(LocalArgs),
@@ -40,16 +40,16 @@ pub struct RunArgs {
     /// Root of the host tree to manage
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
-    /// Installed node config [default: ROOT/var/lib/kiln/node.yaml]
+    /// Node config [ROOT/var/lib/kiln/node.yaml]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Local override config [default: ROOT/etc/kiln/node.override.yaml]
+    /// Local override [ROOT/etc/kiln/node.override.yaml]
     #[arg(long = "override", value_name = "FILE")]
     pub override_config: Option<PathBuf>,
     /// API socket
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Seconds between full resyncs (drift is also repaired on file events)
+    /// Seconds between full resyncs (file events act at once)
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub resync_secs: u64,
 }
