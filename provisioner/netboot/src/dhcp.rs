@@ -416,7 +416,49 @@ fn add_boot(m: &mut Message, boot: &BootFile, s: &DhcpSettings) {
 
 /// Decodes a datagram; errors are reasons, never panics.
 pub fn decode(buf: &[u8]) -> Result<Message, String> {
+    check_option_lengths(buf)?;
     Message::decode(&mut Decoder::new(buf)).map_err(|e| e.to_string())
+}
+
+/// Option lengths dhcproto 0.15 assumes rather than checks (a debug assertion or a
+/// subtraction that overflows on a short option): such datagrams are refused before decoding.
+/// Lengths add up over repeated options, which RFC 3396 concatenates.
+fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
+    const MAGIC: [u8; 4] = [99, 130, 83, 99];
+    if buf.get(236..240) != Some(&MAGIC[..]) {
+        return Ok(()); // dhcproto refuses it itself
+    }
+    let mut totals = [0usize; 256];
+    let mut rest = &buf[240..];
+    while let [code, tail @ ..] = rest {
+        match code {
+            0 => rest = tail,
+            255 => break,
+            _ => {
+                let [len, tail @ ..] = tail else { break };
+                totals[usize::from(*code)] += usize::from(*len);
+                rest = tail.get(usize::from(*len)..).unwrap_or(&[]);
+            }
+        }
+    }
+    let bad = |code: usize, ok: fn(usize) -> bool| totals[code] != 0 && !ok(totals[code]);
+    let rules: [(usize, fn(usize) -> bool); 8] = [
+        (81, |n| n >= 3),
+        (94, |n| n == 3),
+        (151, |n| n >= 1),
+        (152, |n| n == 4),
+        (153, |n| n == 4),
+        (154, |n| n == 4),
+        (155, |n| n == 4),
+        (80, |n| n == 0),
+    ];
+    match rules.iter().find(|(code, ok)| bad(*code, *ok)) {
+        Some((code, _)) => Err(format!(
+            "option {code} has an invalid length {}",
+            totals[*code]
+        )),
+        None => Ok(()),
+    }
 }
 
 fn message_name(t: MessageType) -> String {
@@ -449,14 +491,23 @@ impl DhcpServer {
                 },
             };
             let SocketAddr::V4(src) = src else { continue };
-            let msg = match decode(&buf[..n]) {
-                Ok(m) => m,
-                Err(e) => {
+            let datagram = &buf[..n];
+            // A bug in one request's handling must not take the service down with it.
+            let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decode(datagram).map(|msg| self.answer(&msg, port, src))
+            }));
+            let answer = match answered {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
                     tracing::debug!("dhcp: undecodable datagram from {src}: {e}");
                     continue;
                 }
+                Err(_) => {
+                    tracing::error!("dhcp: handling a datagram from {src} panicked; dropped");
+                    continue;
+                }
             };
-            if let Some((reply, to)) = self.answer(&msg, port, src)
+            if let Some((reply, to)) = answer
                 && let Err(e) = socket.send_to(&reply, to).await
             {
                 tracing::warn!("dhcp: sending to {to}: {e}");
@@ -829,6 +880,28 @@ mod tests {
             (Outcome::Silent, true)
         );
         assert_eq!(pool.leases().count(), 0);
+    }
+
+    #[test]
+    fn short_options_that_the_decoder_would_assert_on_are_refused() {
+        let mut bytes = request(KNOWN, MessageType::Discover, None, None, false)
+            .to_vec()
+            .unwrap();
+        bytes.pop(); // end marker
+        bytes.extend_from_slice(&[81, 1, 0, 255]);
+        assert_eq!(
+            decode(&bytes).unwrap_err(),
+            "option 81 has an invalid length 1"
+        );
+        let mut split = request(KNOWN, MessageType::Discover, None, None, false)
+            .to_vec()
+            .unwrap();
+        split.pop();
+        split.extend_from_slice(&[94, 2, 1, 2, 94, 2, 3, 4, 255]);
+        assert!(
+            decode(&split).is_err(),
+            "lengths add up over repeated options"
+        );
     }
 
     #[test]
