@@ -41,7 +41,11 @@ pub fn bootstrap(
     cmd.args(mmdebstrap_args(options, suite, out, mirror));
     let what = format!("building the base rootfs for {suite} from {mirror}");
     MMDEBSTRAP
-        .run(cmd, &what, |line| pb.set_message(line.to_string()))
+        .run(cmd, &what, |line| {
+            // The bar shows the latest line on a terminal; `-v` logs every line anywhere.
+            tracing::debug!("mmdebstrap: {line}");
+            pb.set_message(line.to_string());
+        })
         .map_err(|e| explain_mirror_failure(e, mirror))
         .map(drop)
 }

@@ -723,6 +723,18 @@ impl ConsoleLog {
         last.into_iter().collect::<Vec<_>>().join("\n")
     }
 
+    /// Waits for the next line matching `pattern`, for a machine this process did not start
+    /// (e.g. one a BMC simulator's `startcmd` runs with [`VmBuilder::command_line`]); `vm`
+    /// names it in errors.
+    pub fn wait_for_line(
+        &mut self,
+        vm: &str,
+        pattern: impl Into<ConsolePattern>,
+        timeout: Duration,
+    ) -> Result<String, QemuError> {
+        self.wait_for(vm, &pattern.into(), timeout, || None)
+    }
+
     /// Polls until a line matches, `alive` reports an exit, or `timeout` passes.
     fn wait_for(
         &mut self,
@@ -1077,9 +1089,7 @@ mod tests {
             .write_all(b" line\n")
             .unwrap();
         let re = Regex::new(r"^partial (\w+)$").unwrap();
-        let line = log
-            .wait_for("t", &(&re).into(), Duration::from_secs(1), none)
-            .unwrap();
+        let line = log.wait_for_line("t", &re, Duration::from_secs(1)).unwrap();
         assert_eq!(line, "partial line");
     }
 

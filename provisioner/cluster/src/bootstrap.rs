@@ -165,7 +165,7 @@ impl Resolver {
             Err(e) => {
                 return Err(Error::Kube {
                     context: format!("discovering {api_version} {kind}"),
-                    source: e,
+                    error: e,
                 });
             }
         };
@@ -214,7 +214,7 @@ async fn apply_one(
         Err(e) => {
             return Err(Error::Kube {
                 context: context(),
-                source: e,
+                error: e,
             });
         }
     };

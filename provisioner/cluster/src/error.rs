@@ -23,12 +23,9 @@ pub enum Error {
     },
     #[error("{source_path}: {reason}")]
     Manifest { source_path: String, reason: String },
-    #[error("{context}: {source}")]
-    Kube {
-        context: String,
-        #[source]
-        source: kube::Error,
-    },
+    /// The API server's message only (kube's Display repeats the whole Status).
+    #[error("{context}: {}", kube_message(.error))]
+    Kube { context: String, error: kube::Error },
     #[error("kubeconfig {path}: {reason}")]
     Kubeconfig { path: PathBuf, reason: String },
     #[error("timed out after {}: {condition}", humantime::format_duration(*.after))]
@@ -66,7 +63,7 @@ impl std::fmt::Display for ChecksumMismatch {
 impl Error {
     pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let context = context.into();
-        move |source| Error::Kube { context, source }
+        move |error| Error::Kube { context, error }
     }
 }
 
@@ -75,5 +72,12 @@ pub(crate) fn api_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(status) => Some(status.code),
         _ => None,
+    }
+}
+
+fn kube_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} (HTTP {})", status.message, status.code),
+        other => other.to_string(),
     }
 }

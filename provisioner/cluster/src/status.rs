@@ -185,7 +185,7 @@ pub async fn fetch(client: &Client) -> Result<ClusterStatus, Error> {
             Err(e) => {
                 return Err(Error::Kube {
                     context: format!("reading {} {}", check.kind, check.name),
-                    source: e,
+                    error: e,
                 });
             }
         };

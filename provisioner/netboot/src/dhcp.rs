@@ -424,12 +424,9 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
 /// subtraction that overflows on a short option): such datagrams are refused before decoding.
 /// Lengths add up over repeated options, which RFC 3396 concatenates.
 fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
-    const MAGIC: [u8; 4] = [99, 130, 83, 99];
-    if buf.get(236..240) != Some(&MAGIC[..]) {
-        return Ok(()); // dhcproto refuses it itself
-    }
+    // dhcproto reads options after the magic cookie whatever its value.
     let mut totals = [0usize; 256];
-    let mut rest = &buf[240..];
+    let mut rest = buf.get(240..).unwrap_or(&[]);
     while let [code, tail @ ..] = rest {
         match code {
             0 => rest = tail,

@@ -129,7 +129,7 @@ async fn list_custom<T: serde::de::DeserializeOwned>(
             Err(e) => {
                 return Err(Error::Kube {
                     context: format!("listing {}", ar.plural),
-                    source: e,
+                    error: e,
                 });
             }
         }
@@ -443,7 +443,7 @@ async fn start_migration(
         Err(e) if api_code(&e) == Some(409) => Ok(()),
         Err(e) => Err(Error::Kube {
             context: context(),
-            source: e,
+            error: e,
         }),
     }
 }
@@ -512,7 +512,7 @@ async fn evict(
             Err(err) => {
                 return Err(Error::Kube {
                     context: format!("evicting pod {}/{}", e.namespace, e.name),
-                    source: err,
+                    error: err,
                 });
             }
         }
@@ -615,7 +615,7 @@ pub async fn exit(client: &Client, node: &str, ceph: &dyn CephAdmin) -> Result<(
             Err(e) => {
                 return Err(Error::Kube {
                     context: format!("deleting migration {ns}/{name}"),
-                    source: e,
+                    error: e,
                 });
             }
         }
