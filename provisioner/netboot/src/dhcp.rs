@@ -425,7 +425,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
 /// Lengths add up over repeated options, which RFC 3396 concatenates.
 fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
     // dhcproto reads options after the magic cookie whatever its value.
-    let mut totals = [0usize; 256];
+    let mut totals = [None::<usize>; 256];
     let mut rest = buf.get(240..).unwrap_or(&[]);
     while let [code, tail @ ..] = rest {
         match code {
@@ -433,12 +433,13 @@ fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
             255 => break,
             _ => {
                 let [len, tail @ ..] = tail else { break };
-                totals[usize::from(*code)] += usize::from(*len);
+                let total = &mut totals[usize::from(*code)];
+                *total = Some(total.unwrap_or(0) + usize::from(*len));
                 rest = tail.get(usize::from(*len)..).unwrap_or(&[]);
             }
         }
     }
-    let bad = |code: usize, ok: fn(usize) -> bool| totals[code] != 0 && !ok(totals[code]);
+    let bad = |code: usize, ok: fn(usize) -> bool| totals[code].is_some_and(|n| !ok(n));
     let rules: [(usize, fn(usize) -> bool); 8] = [
         (81, |n| n >= 3),
         (94, |n| n == 3),
@@ -452,7 +453,7 @@ fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
     match rules.iter().find(|(code, ok)| bad(*code, *ok)) {
         Some((code, _)) => Err(format!(
             "option {code} has an invalid length {}",
-            totals[*code]
+            totals[*code].unwrap_or(0)
         )),
         None => Ok(()),
     }
