@@ -150,13 +150,13 @@ pub struct Common {
     nodes: Option<String>,
     /// Wait for one reply before retransmitting (IPMI, default 1s) or giving up on an HTTP
     /// request (Redfish, default 10s)
-    #[arg(long, value_parser = humantime_duration)]
+    #[arg(long, value_parser = super::parse_duration)]
     timeout: Option<Duration>,
     /// Retransmissions per IPMI request
     #[arg(long, default_value_t = 3)]
     retries: u32,
     /// Bound on a whole operation against one BMC, session setup included
-    #[arg(long, default_value = "60s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "60s", value_parser = super::parse_duration)]
     deadline: Duration,
     /// BMCs worked on at once
     #[arg(long, default_value_t = 64)]
@@ -168,22 +168,6 @@ pub struct Common {
     output: OutputArgs,
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
 
 /// What one operation produced, for output.
 #[derive(Debug, Serialize)]

@@ -51,7 +51,7 @@ pub struct BootstrapArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// How long to wait for each condition (CRDs Established)
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = kiln_cluster::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = super::parse_duration)]
     pub timeout: Duration,
     #[command(flatten)]
     pub output: OutputArgs,
@@ -108,7 +108,7 @@ pub struct EnterArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Give up after this long (run again to resume)
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = kiln_cluster::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = super::parse_duration)]
     pub timeout: Duration,
     #[command(flatten)]
     pub ceph: CephArgs,

@@ -37,7 +37,7 @@ pub struct LabInstallArgs {
     #[arg(long, value_name = "MIB", default_value_t = 2048)]
     memory: u32,
     /// Time limit of each stage (live boot + install; installed boot), e.g. 15m
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = super::parse_duration)]
     timeout: Duration,
     /// Directory for the console logs [default: next to the disk]
     #[arg(long, value_name = "DIR")]
@@ -89,21 +89,6 @@ pub struct LabInstallSummary {
     pub installed_console: PathBuf,
 }
 
-/// `90`, `90s`, `15m`, `1h`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .trim()
-        .split_at(s.trim().trim_end_matches(['s', 'm', 'h']).len());
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m or 1h"))?;
-    Ok(Duration::from_secs(match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?} is not a duration like 90s, 15m or 1h")),
-    }))
-}
 
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {

@@ -26,8 +26,3 @@ pub use error::{ChecksumMismatch, Error};
 /// Field manager of every server-side apply kiln makes.
 pub const FIELD_MANAGER: &str = "kiln";
 
-/// Parses durations like `90s`, `15m` or `1h 30m` (command-line timeouts).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like 90s, 15m or 1h: {e}"))
-}
