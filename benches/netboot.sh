@@ -4,7 +4,8 @@
 #   HTTP: 50 concurrent curl downloads of a 32 MB initrd vs nginx serving the same directory
 #   DHCP: full DORA transactions per second (a load client with 64 in flight) vs dnsmasq
 # Everything runs in two network namespaces joined by a veth; medians of 3 runs; ratios are
-# kiln / peer (above 1: kiln is faster). Not a CI gate. Needs root.
+# kiln / peer (above 1: kiln is faster). Not a CI gate. Needs root. KILN_BIN=PATH skips the
+# release build and measures that binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +14,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 for tool in dnsmasq nginx curl python3 ip; do
   command -v "$tool" >/dev/null || { echo "bench: $tool missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
-echo "bench: building kiln (release)"
-cargo build --release -q -p kiln
-kiln="$CARGO_TARGET_DIR/release/kiln"
+if [ -n "${KILN_BIN:-}" ]; then
+  kiln="$KILN_BIN"  # a prebuilt binary, e.g. from another checkout
+else
+  echo "bench: building kiln (release)"
+  cargo build --release -q -p kiln
+  kiln="$CARGO_TARGET_DIR/release/kiln"
+fi
 
 srv="kbsrv$$"
 cli="kbcli$$"

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use kiln_spec::ValidationErrors;
-use kiln_spec::nodeconfig::{DataUsage, Network, NodeSpec, parse_mode};
+use kiln_spec::host::render_networkd;
+use kiln_spec::nodeconfig::{DataUsage, NodeSpec, parse_mode};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,11 +248,12 @@ pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
 
     if let Some(n) = &spec.network {
         let mut files = Vec::new();
-        for (path, text) in render_network(n) {
+        for f in render_networkd(n) {
+            let path = format!("{NETWORK_DIR}/{}", f.name);
             gen_file(
                 &mut d,
                 path.clone(),
-                text,
+                f.content,
                 0o644,
                 "root:root",
                 "spec.network",
@@ -371,75 +373,6 @@ pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
     errs.into_result().map(|()| d)
 }
 
-/// systemd-networkd files for links, bonds, VLANs, bridges and addresses.
-fn render_network(n: &Network) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for l in &n.links {
-        let mut t = format!(
-            "[Match]\nMACAddress={}\n\n[Link]\nName={}\n",
-            l.mac.to_lowercase().replace('-', ":"),
-            l.name
-        );
-        if let Some(mtu) = l.mtu {
-            t.push_str(&format!("MTUBytes={mtu}\n"));
-        }
-        out.push((format!("{NETWORK_DIR}/10-kiln-{}.link", l.name), t));
-    }
-    // Per-interface [Network] lines: membership, VLANs on top, layer-3 settings.
-    let mut lines: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for b in &n.bonds {
-        out.push((
-            format!("{NETWORK_DIR}/20-kiln-{}.netdev", b.name),
-            format!(
-                "[NetDev]\nName={}\nKind=bond\n\n[Bond]\nMode={}\n",
-                b.name, b.mode
-            ),
-        ));
-        for m in &b.interfaces {
-            lines.entry(m).or_default().push(format!("Bond={}", b.name));
-        }
-    }
-    for br in &n.bridges {
-        out.push((
-            format!("{NETWORK_DIR}/20-kiln-{}.netdev", br.name),
-            format!("[NetDev]\nName={}\nKind=bridge\n", br.name),
-        ));
-        for m in &br.interfaces {
-            lines
-                .entry(m)
-                .or_default()
-                .push(format!("Bridge={}", br.name));
-        }
-    }
-    for v in &n.vlans {
-        out.push((
-            format!("{NETWORK_DIR}/20-kiln-{}.netdev", v.name),
-            format!(
-                "[NetDev]\nName={}\nKind=vlan\n\n[VLAN]\nId={}\n",
-                v.name, v.id
-            ),
-        ));
-        lines
-            .entry(&v.parent)
-            .or_default()
-            .push(format!("VLAN={}", v.name));
-    }
-    for i in &n.interfaces {
-        let l = lines.entry(&i.name).or_default();
-        l.push(format!("DHCP={}", if i.dhcp { "yes" } else { "no" }));
-        l.extend(i.addresses.iter().map(|a| format!("Address={a}")));
-        l.extend(i.gateway.iter().map(|g| format!("Gateway={g}")));
-        l.extend(i.dns.iter().map(|d| format!("DNS={d}")));
-    }
-    for (name, l) in lines {
-        out.push((
-            format!("{NETWORK_DIR}/30-kiln-{name}.network"),
-            format!("[Match]\nName={name}\n\n[Network]\n{}\n", l.join("\n")),
-        ));
-    }
-    out
-}
-
 /// A short content hash, for unit restarts and the config generation.
 pub fn digest(parts: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
@@ -482,7 +415,7 @@ mod tests {
     #[test]
     fn a_listed_file_may_not_replace_a_generated_one() {
         let yaml = format!(
-            "{FULL}  files:\n    - {{path: /etc/hostname, content: x}}\n    - {{path: /etc/sysctl.d/90-kiln.conf, content: y}}\n"
+            "{FULL}  files:\n    - {{path: /etc/hostname, content: x}}\n    - {{path: /etc/sysctl.d/90-kiln.conf, content: \"y\"}}\n"
         );
         let spec = NodeConfig::from_yaml(&yaml).unwrap().spec;
         let errs = render(&spec).unwrap_err();

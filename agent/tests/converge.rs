@@ -212,7 +212,7 @@ fn converges_from_empty_and_a_second_apply_changes_nothing() {
         Some("br_netfilter\nkvm\n")
     );
     assert!(
-        a.read("/etc/systemd/network/30-kiln-eth0.network")
+        a.read("/etc/systemd/network/10-kiln-eth0.network")
             .unwrap()
             .contains("Address=10.0.0.5/24\nGateway=10.0.0.1")
     );
@@ -415,13 +415,11 @@ fn arb_spec() -> impl Strategy<Value = String> {
         "[ -~]{0,40}",
         prop::sample::select(vec!["0644", "0600", "0755", "0640"]),
     );
-    let dir = (
-        "[e-g]{1,2}(/[e-g]{1,2}){0,1}",
-        prop::sample::select(vec!["0755", "0700"]),
-    );
+    // Keyed by path: a path is declared once.
+    let dir = prop::sample::select(vec!["0755", "0700"]);
     (
         prop::collection::btree_map("[a-d]{1,2}(/[a-d]{1,2}){0,2}", file, 0..8),
-        prop::collection::btree_map("[e-g]{1,2}", dir, 0..3),
+        prop::collection::btree_map("[e-g]{1,2}(/[e-g]{1,2}){0,1}", dir, 0..3),
         prop::collection::btree_map("kt\\.[a-z]{1,6}", "[0-9]{1,4}", 0..4),
     )
         .prop_map(|(files, dirs, sysctls)| {
@@ -445,7 +443,7 @@ fn arb_spec() -> impl Strategy<Value = String> {
             }
             let mut y = format!("  files: [{}]\n", listed.join(", "));
             let dirs: Vec<String> = dirs
-                .into_values()
+                .into_iter()
                 .map(|(p, mode)| format!("{{path: /srv/d/{p}, mode: \"{mode}\"}}"))
                 .collect();
             y.push_str(&format!("  directories: [{}]\n", dirs.join(", ")));

@@ -19,11 +19,12 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use kiln_spec::Appliance;
 use kiln_spec::appliance::{AfterInstall, DiskPreference, DiskRules, FirmwareChoice, WipePolicy};
 use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
 use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
+use kiln_spec::nodeconfig::node_config_for;
 use kiln_spec::size::ByteSize;
-use kiln_spec::{API_VERSION, Appliance, NodeConfig, NodeSpec};
 
 /// How many times systemd-boot tries a new entry before falling back.
 pub const BOOT_TRIES: u32 = 3;
@@ -281,7 +282,7 @@ pub fn plan(
     let mut kernel_args = vec![Slot::A.kernel_arg()];
     kernel_args.extend(spec.kernel_args());
     let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
-    let seed = seed_files(spec, &hostname, &kernel_args);
+    let seed = seed_files(spec, &hostname);
 
     let selected = SelectedDisk {
         dev_path: disk.dev_path.clone(),
@@ -631,32 +632,10 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
     }
 }
 
-/// The node config and the spec, seeded into `KILN_STATE` for the agent.
-fn seed_files(spec: &Appliance, hostname: &str, kernel_args: &[String]) -> Vec<PlannedFile> {
-    let node = NodeConfig {
-        api_version: API_VERSION.to_string(),
-        kind: "NodeConfig".to_string(),
-        metadata: kiln_spec::inventory::Metadata {
-            name: hostname.to_string(),
-        },
-        spec: NodeSpec {
-            hostname: Some(hostname.to_string()),
-            users: spec
-                .spec
-                .users
-                .iter()
-                .map(|u| kiln_spec::nodeconfig::User {
-                    name: u.name.clone(),
-                    uid: None,
-                    shell: None,
-                    groups: u.groups.clone(),
-                    ssh_authorized_keys: u.ssh_authorized_keys.clone(),
-                })
-                .collect(),
-            kernel_args: kernel_args.to_vec(),
-            ..NodeSpec::default()
-        },
-    };
+/// The node config and the spec, seeded into `KILN_STATE` for the agent. The spec is the
+/// node's: the installer sees no inventory, so its overrides are already applied.
+fn seed_files(spec: &Appliance, hostname: &str) -> Vec<PlannedFile> {
+    let node = node_config_for(spec, None, hostname);
     vec![
         PlannedFile {
             path: NODE_CONFIG_PATH.into(),

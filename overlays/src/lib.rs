@@ -5,15 +5,15 @@
 //! A layer is a directory with a `layer.yaml` (file modes, units to enable, cluster addons
 //! by their name in `upstream.lock.yaml`) and a `files/` tree placed at `/` of the root file system. Files ending in
 //! `.tera` are templates rendered with the spec; the suffix is dropped, and a template that
-//! renders to nothing but white space places no file. A path segment `{user}`,
-//! `{apt_repository}`, `{interface}`, `{bond}`, `{vlan}`, `{vlan_parent}` or `{bridge}`
-//! renders the file once per such item of
-//! the spec, with the item in the template context under that name. Layers apply in the
-//! order of [`LAYER_ORDER`]; a later layer's file replaces an earlier one's.
+//! renders to nothing but white space places no file. A path segment `{user}` or
+//! `{apt_repository}` renders the file once per such item of the spec, with the item in the
+//! template context under that name. The `network` layer's systemd-networkd files come from
+//! [`kiln_spec::host::render_networkd`], the renderer the node agent uses too. Layers apply in
+//! the order of [`LAYER_ORDER`]; a later layer's file replaces an earlier one's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_spec::appliance::NetworkSpec;
+use kiln_spec::host::{file_safe, render_networkd};
 use kiln_spec::{Appliance, Feature, NodeRole};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -127,6 +127,20 @@ pub fn render(spec: &Appliance, node: Option<&NodeContext>) -> Result<Rendered, 
         let meta = layer_meta(layer)?;
         units.extend(meta.enable.iter().cloned());
         addons.extend(meta.addons);
+        if *layer == "network" {
+            for f in render_networkd(&spec.spec.network) {
+                let path = format!("/etc/systemd/network/{}", f.name);
+                files.insert(
+                    path.clone(),
+                    RenderedFile {
+                        mode: 0o644,
+                        path,
+                        content: f.content.into_bytes(),
+                        layer: layer.to_string(),
+                    },
+                );
+            }
+        }
         for (l, rel, content) in EMBEDDED {
             let Some(path) = rel.strip_prefix("files/").filter(|_| l == layer) else {
                 continue;
@@ -235,59 +249,13 @@ fn expansions(spec: &Appliance) -> Expansions {
             })
             .collect()
     }
-    let n = &spec.spec.network;
     let mut e = Expansions::new();
     e.insert("user", named(&spec.spec.users, |u| &u.name));
     e.insert(
         "apt_repository",
         named(&spec.spec.os.apt_repositories, |r| &r.name),
     );
-    e.insert("interface", named(&n.interfaces, |i| &i.name));
-    e.insert("bond", named(&n.bonds, |b| &b.name));
-    e.insert("vlan", named(&n.vlans, |v| &v.name));
-    e.insert("bridge", named(&n.bridges, |b| &b.name));
-    e.insert("vlan_parent", vlan_parents(n));
     e
-}
-
-/// Links that carry VLANs but have no configuration of their own: each needs a .network
-/// file listing its VLANs (systemd-networkd attaches a VLAN through its parent's file).
-fn vlan_parents(n: &NetworkSpec) -> Vec<(String, serde_json::Value)> {
-    let configured: BTreeSet<&str> = n
-        .interfaces
-        .iter()
-        .map(|i| i.name.as_str())
-        .chain(n.bonds.iter().map(|b| b.name.as_str()))
-        .chain(n.bridges.iter().map(|b| b.name.as_str()))
-        .collect();
-    let mut parents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for v in &n.vlans {
-        if !configured.contains(v.link.as_str()) {
-            parents.entry(&v.link).or_default().push(&v.name);
-        }
-    }
-    parents
-        .into_iter()
-        .map(|(link, vlans)| {
-            (
-                file_safe(link),
-                serde_json::json!({"name": link, "vlans": vlans}),
-            )
-        })
-        .collect()
-}
-
-/// Interface names may be globs (`en*`): keep file names plain.
-fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// The (target path, context) pairs one template renders to.

@@ -2,13 +2,15 @@
 //! install it — OS packages, users, host name, network defaults, disk rules, cluster settings.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::errors::{SpecError, ValidationErrors};
+pub use crate::host::{
+    BondConfig, BondMode, BridgeConfig, InterfaceConfig, NetworkSpec, User, VlanConfig,
+};
 use crate::inventory::{Metadata, NodeRole, format_mac, is_dns_label};
 use crate::size::{ByteSize, MIB};
 
@@ -171,162 +173,6 @@ pub struct AptRepository {
 
 fn default_components() -> Vec<String> {
     vec!["main".into()]
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct User {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_authorized_keys: Vec<String>,
-    /// crypt(3) hash (`$y$…`, `$6$…`); without one the account has no password login.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_hash: Option<String>,
-}
-
-/// Host networking. Without explicit configuration every Ethernet interface uses DHCP.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkSpec {
-    /// DHCP on every Ethernet interface that no entry below configures.
-    #[serde(default = "yes")]
-    pub dhcp: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<InterfaceConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bonds: Vec<BondConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub vlans: Vec<VlanConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bridges: Vec<BridgeConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nameservers: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub search_domains: Vec<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for NetworkSpec {
-    fn default() -> Self {
-        NetworkSpec {
-            dhcp: true,
-            interfaces: Vec::new(),
-            bonds: Vec::new(),
-            vlans: Vec::new(),
-            bridges: Vec::new(),
-            nameservers: Vec::new(),
-            search_domains: Vec::new(),
-        }
-    }
-}
-
-/// A physical interface, by name or by MAC address.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct InterfaceConfig {
-    /// Interface name (`eno1`) or a glob (`en*`).
-    pub name: String,
-    /// Match the interface by MAC address instead of name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    #[serde(default)]
-    pub dhcp: bool,
-    /// Static addresses in CIDR notation, `10.0.0.5/24`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum BondMode {
-    #[default]
-    ActiveBackup,
-    #[serde(rename = "802.3ad")]
-    Lacp,
-    BalanceRr,
-    BalanceXor,
-    BalanceTlb,
-    BalanceAlb,
-    Broadcast,
-}
-
-impl BondMode {
-    /// The name systemd-networkd and the kernel use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BondMode::ActiveBackup => "active-backup",
-            BondMode::Lacp => "802.3ad",
-            BondMode::BalanceRr => "balance-rr",
-            BondMode::BalanceXor => "balance-xor",
-            BondMode::BalanceTlb => "balance-tlb",
-            BondMode::BalanceAlb => "balance-alb",
-            BondMode::Broadcast => "broadcast",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BondConfig {
-    pub name: String,
-    #[serde(default)]
-    pub mode: BondMode,
-    /// Member interfaces.
-    pub interfaces: Vec<String>,
-    #[serde(default)]
-    pub dhcp: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VlanConfig {
-    pub name: String,
-    /// 802.1Q VLAN id, 1–4094.
-    pub id: u16,
-    /// The interface, bond or bridge the VLAN rides on.
-    pub link: String,
-    #[serde(default)]
-    pub dhcp: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BridgeConfig {
-    pub name: String,
-    /// Ports of the bridge: interfaces, bonds or VLANs.
-    #[serde(default)]
-    pub interfaces: Vec<String>,
-    #[serde(default)]
-    pub stp: bool,
-    #[serde(default)]
-    pub dhcp: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u32>,
 }
 
 /// How the installer lays the appliance onto a disk.
@@ -564,12 +410,7 @@ impl Appliance {
     /// Parses and validates a spec. Reports every problem found, each with its field path:
     /// first the shape (unknown fields, wrong types), then the values.
     pub fn from_yaml(text: &str) -> Result<Appliance, SpecError> {
-        let value: serde_json::Value =
-            serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
-                what: "appliance spec".into(),
-                message: e.to_string(),
-            })?;
-        Appliance::from_value(value)
+        Appliance::from_value(crate::check::yaml_value("appliance spec", text)?)
     }
 
     /// Like [`Appliance::from_yaml`], from an already parsed document (JSON or YAML).
@@ -597,11 +438,7 @@ impl Appliance {
     }
 
     pub fn load(path: &Path) -> Result<Appliance, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Appliance::from_yaml(&text)
+        Appliance::from_yaml(&crate::check::read(path)?)
     }
 
     /// The spec as YAML, the form `kiln spec default` prints.
@@ -641,22 +478,7 @@ impl Appliance {
     /// Every value problem, each with its field path.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
-        if self.api_version != crate::API_VERSION {
-            errs.push(
-                "apiVersion",
-                format!(
-                    "must be {:?}, found {:?}",
-                    crate::API_VERSION,
-                    self.api_version
-                ),
-            );
-        }
-        if self.kind != "Appliance" {
-            errs.push(
-                "kind",
-                format!("must be \"Appliance\", found {:?}", self.kind),
-            );
-        }
+        crate::check::check_header(&self.api_version, &self.kind, "Appliance", &mut errs);
         if !is_dns_label(&self.metadata.name) {
             errs.push(
                 "metadata.name",
@@ -678,11 +500,11 @@ impl Appliance {
             }
         }
         validate_os(&s.os, &mut errs);
-        validate_users(&s.users, &mut errs);
+        crate::host::validate_users("spec.users", &s.users, &mut errs);
         if let Err(reason) = check_hostname_pattern(&s.hostname) {
             errs.push("spec.hostname", reason);
         }
-        validate_network(&s.network, &mut errs);
+        s.network.validate_into("spec.network", &mut errs);
         validate_install(&s.install, &mut errs);
         validate_cluster(&s.cluster, &mut errs);
         errs.into_result()
@@ -739,177 +561,7 @@ fn validate_os(os: &OsSpec, errs: &mut ValidationErrors) {
             );
         }
     }
-    for (i, a) in os.kernel_args.iter().enumerate() {
-        if a.is_empty() || a.contains(char::is_whitespace) {
-            errs.push(
-                format!("spec.os.kernelArgs[{i}]"),
-                format!("{a:?} must be one argument without spaces"),
-            );
-        }
-    }
-}
-
-fn validate_users(users: &[User], errs: &mut ValidationErrors) {
-    let mut seen = BTreeSet::new();
-    for (i, u) in users.iter().enumerate() {
-        let at = format!("spec.users[{i}]");
-        if !is_unix_name(&u.name) {
-            errs.push(
-                format!("{at}.name"),
-                format!("{:?} is not a valid user name", u.name),
-            );
-        } else if !seen.insert(u.name.as_str()) {
-            errs.push(
-                format!("{at}.name"),
-                format!("user {:?} is listed twice", u.name),
-            );
-        }
-        for (j, g) in u.groups.iter().enumerate() {
-            if !is_unix_name(g) {
-                errs.push(
-                    format!("{at}.groups[{j}]"),
-                    format!("{g:?} is not a valid group name"),
-                );
-            }
-        }
-        for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
-            if let Err(reason) = check_ssh_key(k) {
-                errs.push(format!("{at}.sshAuthorizedKeys[{j}]"), reason);
-            }
-        }
-        if let Some(h) = &u.password_hash
-            && !(h.starts_with('$')
-                && h.matches('$').count() >= 3
-                && !h.contains(char::is_whitespace))
-        {
-            errs.push(
-                format!("{at}.passwordHash"),
-                "must be a crypt(3) hash such as $y$… or $6$… (never a clear-text password)",
-            );
-        }
-    }
-}
-
-fn validate_network(n: &NetworkSpec, errs: &mut ValidationErrors) {
-    let mut names: BTreeSet<String> = BTreeSet::new();
-    let mut check_name = |name: &str, at: &str, errs: &mut ValidationErrors, glob_ok: bool| {
-        let ok = !name.is_empty()
-            && name.len() <= 15
-            && name.chars().all(|c| {
-                c.is_ascii_alphanumeric() || "-_.".contains(c) || (glob_ok && "*?".contains(c))
-            });
-        if !ok {
-            errs.push(
-                format!("{at}.name"),
-                format!(
-                    "{name:?} is not an interface name (at most 15 letters, digits, '-', '_', '.')"
-                ),
-            );
-        } else if !names.insert(name.to_string()) {
-            errs.push(
-                format!("{at}.name"),
-                format!("{name:?} is configured twice"),
-            );
-        }
-    };
-    for (i, c) in n.interfaces.iter().enumerate() {
-        let at = format!("spec.network.interfaces[{i}]");
-        check_name(&c.name, &at, errs, true);
-        if let Some(mac) = &c.mac
-            && crate::inventory::parse_mac(mac).is_none()
-        {
-            errs.push(
-                format!("{at}.mac"),
-                format!("{mac:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
-            );
-        }
-        check_addressing(&at, c.dhcp, &c.addresses, c.gateway.as_deref(), c.mtu, errs);
-    }
-    for (i, b) in n.bonds.iter().enumerate() {
-        let at = format!("spec.network.bonds[{i}]");
-        check_name(&b.name, &at, errs, false);
-        if b.interfaces.is_empty() {
-            errs.push(
-                format!("{at}.interfaces"),
-                "a bond needs at least one member interface",
-            );
-        }
-        check_addressing(&at, b.dhcp, &b.addresses, b.gateway.as_deref(), b.mtu, errs);
-    }
-    for (i, v) in n.vlans.iter().enumerate() {
-        let at = format!("spec.network.vlans[{i}]");
-        check_name(&v.name, &at, errs, false);
-        if !(1..=4094).contains(&v.id) {
-            errs.push(
-                format!("{at}.id"),
-                format!("{} is not a VLAN id (1–4094)", v.id),
-            );
-        }
-        if v.link.is_empty() {
-            errs.push(
-                format!("{at}.link"),
-                "must name the interface the VLAN rides on",
-            );
-        }
-        check_addressing(&at, v.dhcp, &v.addresses, v.gateway.as_deref(), v.mtu, errs);
-    }
-    for (i, b) in n.bridges.iter().enumerate() {
-        let at = format!("spec.network.bridges[{i}]");
-        check_name(&b.name, &at, errs, false);
-        check_addressing(&at, b.dhcp, &b.addresses, b.gateway.as_deref(), b.mtu, errs);
-    }
-    for (i, s) in n.nameservers.iter().enumerate() {
-        if s.parse::<IpAddr>().is_err() {
-            errs.push(
-                format!("spec.network.nameservers[{i}]"),
-                format!("{s:?} is not an IP address"),
-            );
-        }
-    }
-    for (i, d) in n.search_domains.iter().enumerate() {
-        if d.is_empty() || !d.split('.').all(|l| is_dns_label(&l.to_ascii_lowercase())) {
-            errs.push(
-                format!("spec.network.searchDomains[{i}]"),
-                format!("{d:?} is not a domain name"),
-            );
-        }
-    }
-}
-
-fn check_addressing(
-    at: &str,
-    dhcp: bool,
-    addresses: &[String],
-    gateway: Option<&str>,
-    mtu: Option<u32>,
-    errs: &mut ValidationErrors,
-) {
-    for (i, a) in addresses.iter().enumerate() {
-        if a.parse::<ipnet::IpNet>().is_err() {
-            errs.push(
-                format!("{at}.addresses[{i}]"),
-                format!("{a:?} is not an address with prefix length, like 10.0.0.5/24"),
-            );
-        }
-    }
-    if let Some(g) = gateway {
-        if g.parse::<IpAddr>().is_err() {
-            errs.push(
-                format!("{at}.gateway"),
-                format!("{g:?} is not an IP address"),
-            );
-        } else if addresses.is_empty() && !dhcp {
-            errs.push(
-                format!("{at}.gateway"),
-                "a gateway needs a static address on the same link",
-            );
-        }
-    }
-    if let Some(m) = mtu
-        && !(68..=65535).contains(&m)
-    {
-        errs.push(format!("{at}.mtu"), format!("{m} is not an MTU (68–65535)"));
-    }
+    crate::host::check_kernel_args("spec.os.kernelArgs", &os.kernel_args, errs);
 }
 
 fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
@@ -1065,45 +717,11 @@ fn is_package_name(p: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
-fn is_unix_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 32
-        && n.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && n.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-}
-
 fn is_file_stem(n: &str) -> bool {
     !n.is_empty()
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !n.starts_with('.')
-}
-
-fn check_ssh_key(key: &str) -> Result<(), String> {
-    const TYPES: &[&str] = &[
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    ];
-    let mut parts = key.split_whitespace();
-    let kind = parts.next().unwrap_or("");
-    let blob = parts.next().unwrap_or("");
-    if !TYPES.contains(&kind) {
-        return Err(format!(
-            "must start with a key type such as ssh-ed25519, found {:?}",
-            kind.chars().take(30).collect::<String>()
-        ));
-    }
-    let base64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
-    if blob.len() < 16 || !blob.chars().all(base64) {
-        return Err("the key data after the type is missing or not base64".into());
-    }
-    Ok(())
 }
 
 /// Per-node changes to the appliance spec, as an inventory node's `overrides`. Values given

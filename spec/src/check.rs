@@ -49,6 +49,35 @@ fn parse_all<T: DeserializeOwned>(
     Err(ParseAll::Invalid(errs))
 }
 
+/// Reads a document's text.
+pub(crate) fn read(path: &std::path::Path) -> Result<String, SpecError> {
+    std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// YAML text as a generic value; syntax errors are parse errors about `what`.
+pub(crate) fn yaml_value(what: &str, text: &str) -> Result<Value, SpecError> {
+    serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
+        what: what.into(),
+        message: e.to_string(),
+    })
+}
+
+/// The `apiVersion` and `kind` every document carries.
+pub(crate) fn check_header(api_version: &str, kind: &str, want: &str, errs: &mut ValidationErrors) {
+    if api_version != crate::API_VERSION {
+        errs.push(
+            "apiVersion",
+            format!("must be {:?}, found {api_version:?}", crate::API_VERSION),
+        );
+    }
+    if kind != want {
+        errs.push("kind", format!("must be {want:?}, found {kind:?}"));
+    }
+}
+
 /// [`parse_all`] against `T`'s own JSON Schema, with errors as a [`SpecError`] about `what`.
 pub(crate) fn parse_document<T: DeserializeOwned + schemars::JsonSchema>(
     what: &str,

@@ -163,42 +163,19 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 impl Inventory {
     /// Parses and validates an inventory document.
     pub fn from_yaml(text: &str) -> Result<Inventory, SpecError> {
-        let value: serde_json::Value =
-            serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
-                what: "inventory".into(),
-                message: e.to_string(),
-            })?;
+        let value = crate::check::yaml_value("inventory", text)?;
         // Shape errors (unknown fields, wrong types) and value errors together, all at once.
         crate::check::parse_document("inventory", value, Inventory::validate)
     }
 
     pub fn load(path: &Path) -> Result<Inventory, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Inventory::from_yaml(&text)
+        Inventory::from_yaml(&crate::check::read(path)?)
     }
 
     /// Every problem in the document, each with its field path.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
-        if self.api_version != crate::API_VERSION {
-            errs.push(
-                "apiVersion",
-                format!(
-                    "must be {:?}, found {:?}",
-                    crate::API_VERSION,
-                    self.api_version
-                ),
-            );
-        }
-        if self.kind != "Inventory" {
-            errs.push(
-                "kind",
-                format!("must be \"Inventory\", found {:?}", self.kind),
-            );
-        }
+        crate::check::check_header(&self.api_version, &self.kind, "Inventory", &mut errs);
         let mut names = BTreeMap::new();
         let mut macs = BTreeMap::new();
         let mut boot_addresses = BTreeMap::new();

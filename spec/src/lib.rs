@@ -8,6 +8,7 @@ mod check;
 pub mod document;
 pub mod errors;
 pub mod hardware;
+pub mod host;
 pub mod inventory;
 pub mod layout;
 pub mod nodeconfig;

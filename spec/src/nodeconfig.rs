@@ -1,4 +1,6 @@
-//! One node's desired host state (`kind: NodeConfig`): the input of `kiln agent`.
+//! One node's desired host state (`kind: NodeConfig`): the input of `kiln agent`. Users and
+//! network use the Appliance spec's types ([`crate::host`]); [`node_config_for`] renders the
+//! config an installed node starts from.
 //!
 //! A node reads several NodeConfig documents, from the lowest priority to the highest: the one
 //! the installer seeded (`/var/lib/kiln/node.yaml`), a local override
@@ -7,14 +9,16 @@
 //! name) and adds new ones, and merges maps key by key.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Appliance;
 use crate::errors::{SpecError, ValidationErrors};
-use crate::inventory::is_dns_label;
+pub use crate::host::{NetworkSpec, User};
+use crate::host::{check_kernel_args, is_unix_name, validate_users};
+use crate::inventory::{InventoryNode, is_dns_label};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -46,7 +50,7 @@ pub struct NodeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_modules: Vec<KernelModule>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<Network>,
+    pub network: Option<NetworkSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<TimeSync>,
     /// Kernel command line arguments; they take effect at the next boot.
@@ -57,20 +61,6 @@ pub struct NodeSpec {
     /// Partitions (by GPT name) kept for data: Ceph OSDs or VM disks; nothing else may use them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DataDisk>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct User {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shell: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_authorized_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -140,77 +130,6 @@ pub struct KernelModule {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Network {
-    /// Physical links renamed by MAC address.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub links: Vec<Link>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bonds: Vec<Bond>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub vlans: Vec<Vlan>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub bridges: Vec<Bridge>,
-    /// Layer-3 settings per interface (physical, bond, VLAN or bridge).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<Interface>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Link {
-    pub name: String,
-    pub mac: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Bond {
-    pub name: String,
-    /// systemd-networkd bond mode: `802.3ad`, `active-backup`, `balance-rr`, …
-    #[serde(default = "default_bond_mode")]
-    pub mode: String,
-    pub interfaces: Vec<String>,
-}
-
-fn default_bond_mode() -> String {
-    "802.3ad".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Vlan {
-    pub name: String,
-    pub parent: String,
-    pub id: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Bridge {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Interface {
-    pub name: String,
-    #[serde(default)]
-    pub dhcp: bool,
-    /// `10.0.0.5/24`, `fd00::5/64`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dns: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeSync {
     /// NTP servers for systemd-timesyncd.
     pub servers: Vec<String>,
@@ -263,44 +182,19 @@ impl NodeConfig {
 
     /// Parses and validates one NodeConfig document.
     pub fn from_yaml(text: &str) -> Result<NodeConfig, SpecError> {
-        let doc: NodeConfig = serde_saphyr::from_str(text).map_err(|e| SpecError::Parse {
-            what: "node config".into(),
-            message: e.to_string(),
-        })?;
-        doc.validate().map_err(|errors| SpecError::Invalid {
-            what: "node config".into(),
-            errors,
-        })?;
-        Ok(doc)
+        let value = crate::check::yaml_value("node config", text)?;
+        // Shape errors (unknown fields, wrong types) and value errors together, all at once.
+        crate::check::parse_document("node config", value, NodeConfig::validate)
     }
 
     pub fn load(path: &Path) -> Result<NodeConfig, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        NodeConfig::from_yaml(&text)
+        NodeConfig::from_yaml(&crate::check::read(path)?)
     }
 
     /// Every problem in the document, each with its field path.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
-        if self.api_version != crate::API_VERSION {
-            errs.push(
-                "apiVersion",
-                format!(
-                    "must be {:?}, found {:?}",
-                    crate::API_VERSION,
-                    self.api_version
-                ),
-            );
-        }
-        if self.kind != Self::KIND {
-            errs.push(
-                "kind",
-                format!("must be \"NodeConfig\", found {:?}", self.kind),
-            );
-        }
+        crate::check::check_header(&self.api_version, &self.kind, Self::KIND, &mut errs);
         self.spec.validate_into("spec", &mut errs);
         errs.into_result()
     }
@@ -317,46 +211,20 @@ impl NodeSpec {
                 format!("{h:?} is not a valid host name (lower-case letters, digits and '-', at most 63)"),
             );
         }
-        let mut seen = BTreeSet::new();
+        validate_users(&format!("{at}.users"), &self.users, errs);
         for (i, u) in self.users.iter().enumerate() {
-            let p = format!("{at}.users[{i}]");
-            if !is_user_name(&u.name) {
+            if u.name == "root" {
                 errs.push(
-                    format!("{p}.name"),
-                    format!("{:?} is not a valid user name", u.name),
-                );
-            } else if u.name == "root" {
-                errs.push(
-                    format!("{p}.name"),
+                    format!("{at}.users[{i}].name"),
                     "root is not managed; pick another user",
                 );
             }
-            if !seen.insert(&u.name) {
+            if u.password_hash.is_some() {
+                // node.yaml is readable by every local user; the image sets passwords.
                 errs.push(
-                    format!("{p}.name"),
-                    format!("user {:?} is listed twice", u.name),
+                    format!("{at}.users[{i}].passwordHash"),
+                    "not accepted in a node config; set it in the Appliance spec",
                 );
-            }
-            if let Some(shell) = &u.shell
-                && !shell.starts_with('/')
-            {
-                errs.push(format!("{p}.shell"), "must be an absolute path");
-            }
-            for (j, g) in u.groups.iter().enumerate() {
-                if !is_user_name(g) {
-                    errs.push(
-                        format!("{p}.groups[{j}]"),
-                        format!("{g:?} is not a valid group name"),
-                    );
-                }
-            }
-            for (j, k) in u.ssh_authorized_keys.iter().enumerate() {
-                if !is_ssh_key(k) {
-                    errs.push(
-                        format!("{p}.sshAuthorizedKeys[{j}]"),
-                        "not an OpenSSH public key (`ssh-ed25519 AAAA… comment`, one line)",
-                    );
-                }
             }
         }
         let mut paths = BTreeMap::new();
@@ -455,14 +323,7 @@ impl NodeSpec {
                 }
             }
         }
-        for (i, a) in self.kernel_args.iter().enumerate() {
-            if a.is_empty() || a.contains(char::is_whitespace) {
-                errs.push(
-                    format!("{at}.kernelArgs[{i}]"),
-                    "must be one word without spaces",
-                );
-            }
-        }
+        check_kernel_args(&format!("{at}.kernelArgs"), &self.kernel_args, errs);
         let mut labels = BTreeSet::new();
         for (i, d) in self.data_disks.iter().enumerate() {
             let p = format!("{at}.dataDisks[{i}].partLabel");
@@ -484,137 +345,48 @@ impl NodeSpec {
     }
 }
 
-impl Network {
-    fn validate_into(&self, at: &str, errs: &mut ValidationErrors) {
-        let mut names: BTreeMap<String, String> = BTreeMap::new();
-        let mut declare = |name: &str, p: String, errs: &mut ValidationErrors| {
-            if !is_ifname(name) {
-                errs.push(
-                    p.clone(),
-                    format!("{name:?} is not an interface name (1-15 characters)"),
-                );
-            }
-            if let Some(first) = names.insert(name.to_string(), p.clone()) {
-                errs.push(p, format!("{name} is already declared by {first}"));
-            }
-        };
-        for (i, l) in self.links.iter().enumerate() {
-            declare(&l.name, format!("{at}.links[{i}].name"), errs);
-            if crate::inventory::parse_mac(&l.mac).is_none() {
-                errs.push(
-                    format!("{at}.links[{i}].mac"),
-                    format!("{:?} is not a MAC address", l.mac),
-                );
-            }
-            if let Some(mtu) = l.mtu
-                && !(68..=65535).contains(&mtu)
-            {
-                errs.push(
-                    format!("{at}.links[{i}].mtu"),
-                    "must be between 68 and 65535",
-                );
-            }
-        }
-        for (i, b) in self.bonds.iter().enumerate() {
-            declare(&b.name, format!("{at}.bonds[{i}].name"), errs);
-            const MODES: &[&str] = &[
-                "balance-rr",
-                "active-backup",
-                "balance-xor",
-                "broadcast",
-                "802.3ad",
-                "balance-tlb",
-                "balance-alb",
-            ];
-            if !MODES.contains(&b.mode.as_str()) {
-                errs.push(
-                    format!("{at}.bonds[{i}].mode"),
-                    format!("must be one of {}", MODES.join(", ")),
-                );
-            }
-            if b.interfaces.is_empty() {
-                errs.push(format!("{at}.bonds[{i}].interfaces"), "at least one member");
-            }
-        }
-        for (i, v) in self.vlans.iter().enumerate() {
-            declare(&v.name, format!("{at}.vlans[{i}].name"), errs);
-            if !(1..=4094).contains(&v.id) {
-                errs.push(format!("{at}.vlans[{i}].id"), "must be between 1 and 4094");
-            }
-            if !is_ifname(&v.parent) {
-                errs.push(format!("{at}.vlans[{i}].parent"), "not an interface name");
-            }
-        }
-        for (i, b) in self.bridges.iter().enumerate() {
-            declare(&b.name, format!("{at}.bridges[{i}].name"), errs);
-        }
-        let mut member_of: BTreeMap<&str, String> = BTreeMap::new();
-        for (i, b) in self.bonds.iter().enumerate() {
-            for (j, m) in b.interfaces.iter().enumerate() {
-                let p = format!("{at}.bonds[{i}].interfaces[{j}]");
-                if let Some(first) = member_of.insert(m, p.clone()) {
-                    errs.push(p, format!("{m} is already a member at {first}"));
-                }
-            }
-        }
-        for (i, b) in self.bridges.iter().enumerate() {
-            for (j, m) in b.interfaces.iter().enumerate() {
-                let p = format!("{at}.bridges[{i}].interfaces[{j}]");
-                if let Some(first) = member_of.insert(m, p.clone()) {
-                    errs.push(p, format!("{m} is already a member at {first}"));
-                }
-            }
-        }
-        let mut seen = BTreeSet::new();
-        for (i, n) in self.interfaces.iter().enumerate() {
-            let p = format!("{at}.interfaces[{i}]");
-            if !is_ifname(&n.name) {
-                errs.push(format!("{p}.name"), "not an interface name");
-            }
-            if !seen.insert(&n.name) {
-                errs.push(format!("{p}.name"), format!("{} is listed twice", n.name));
-            }
-            if let Some(owner) = member_of.get(n.name.as_str()) {
-                errs.push(
-                    format!("{p}.name"),
-                    format!(
-                        "{} is enslaved at {owner}; address the bond or bridge",
-                        n.name
-                    ),
-                );
-            }
-            for (j, a) in n.addresses.iter().enumerate() {
-                if !is_cidr(a) {
-                    errs.push(
-                        format!("{p}.addresses[{j}]"),
-                        format!("{a:?} is not an address/prefix"),
-                    );
-                }
-            }
-            if let Some(g) = &n.gateway
-                && g.parse::<IpAddr>().is_err()
-            {
-                errs.push(
-                    format!("{p}.gateway"),
-                    format!("{g:?} is not an IP address"),
-                );
-            }
-            for (j, d) in n.dns.iter().enumerate() {
-                if d.parse::<IpAddr>().is_err() {
-                    errs.push(
-                        format!("{p}.dns[{j}]"),
-                        format!("{d:?} is not an IP address"),
-                    );
-                }
-            }
-            if n.dhcp && n.addresses.is_empty() && n.gateway.is_some() {
-                errs.push(format!("{p}.gateway"), "a gateway needs a static address");
-            }
-        }
+/// The NodeConfig an installed node starts from: the appliance spec with the inventory
+/// node's `overrides` applied, carrying what both documents describe (host name, users,
+/// network, kernel arguments). Root and password hashes stay out: the agent does not manage
+/// root, node.yaml is world-readable, and the image already sets both. So do the
+/// boot-specific kernel arguments (`kiln.slot=…`).
+pub fn node_config_for(
+    appliance: &Appliance,
+    node: Option<&InventoryNode>,
+    hostname: &str,
+) -> NodeConfig {
+    let a = match node.and_then(|n| n.overrides.as_ref()) {
+        Some(o) => appliance.with_overrides(o),
+        None => appliance.clone(),
+    };
+    NodeConfig {
+        api_version: crate::API_VERSION.to_string(),
+        kind: NodeConfig::KIND.to_string(),
+        metadata: crate::inventory::Metadata {
+            name: node.map_or(hostname, |n| n.name.as_str()).to_string(),
+        },
+        spec: NodeSpec {
+            hostname: Some(hostname.to_string()),
+            users: a
+                .spec
+                .users
+                .iter()
+                .filter(|u| u.name != "root")
+                .map(|u| User {
+                    password_hash: None,
+                    ..u.clone()
+                })
+                .collect(),
+            network: Some(a.spec.network.clone()),
+            kernel_args: a.kernel_args(),
+            ..NodeSpec::default()
+        },
     }
 }
 
 /// Folds sources, lowest priority first, into one spec (see the module documentation).
+/// Network entries merge by name and nameservers and search domains add up; `network.dhcp`
+/// comes from the last source with a `network` (where it defaults to true).
 pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
     let mut out = NodeSpec::default();
     for s in sources {
@@ -631,12 +403,22 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
             m.name.clone()
         });
         if let Some(n) = &s.network {
-            let o = out.network.get_or_insert_with(Network::default);
-            merge_keyed(&mut o.links, &n.links, |l| l.name.clone());
+            let o = out.network.get_or_insert_with(NetworkSpec::default);
+            o.dhcp = n.dhcp;
+            merge_keyed(&mut o.interfaces, &n.interfaces, |l| l.name.clone());
             merge_keyed(&mut o.bonds, &n.bonds, |l| l.name.clone());
             merge_keyed(&mut o.vlans, &n.vlans, |l| l.name.clone());
             merge_keyed(&mut o.bridges, &n.bridges, |l| l.name.clone());
-            merge_keyed(&mut o.interfaces, &n.interfaces, |l| l.name.clone());
+            for ns in &n.nameservers {
+                if !o.nameservers.contains(ns) {
+                    o.nameservers.push(ns.clone());
+                }
+            }
+            for d in &n.search_domains {
+                if !o.search_domains.contains(d) {
+                    o.search_domains.push(d.clone());
+                }
+            }
         }
         if s.time.is_some() {
             out.time.clone_from(&s.time);
@@ -707,27 +489,7 @@ fn check_owner(owner: Option<&str>, at: &str, errs: &mut ValidationErrors) {
 }
 
 fn is_user_or_id(s: &str) -> bool {
-    is_user_name(s) || (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn is_user_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && (s.as_bytes()[0].is_ascii_lowercase() || s.as_bytes()[0] == b'_')
-}
-
-fn is_ssh_key(k: &str) -> bool {
-    let mut words = k.split_whitespace();
-    let kind = words.next().unwrap_or("");
-    let blob = words.next().unwrap_or("");
-    !k.contains('\n')
-        && (kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-"))
-        && blob.len() >= 16
-        && blob
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+    is_unix_name(s) || (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn is_unit_name(s: &str) -> bool {
@@ -767,24 +529,6 @@ fn is_module_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn is_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
-fn is_cidr(s: &str) -> bool {
-    let Some((addr, prefix)) = s.split_once('/') else {
-        return false;
-    };
-    let Ok(ip) = addr.parse::<IpAddr>() else {
-        return false;
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    prefix.parse::<u8>().is_ok_and(|p| p <= max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -811,10 +555,10 @@ spec:
   sysctls: {net.ipv4.ip_forward: "1"}
   kernelModules: [{name: br_netfilter}]
   network:
-    links: [{name: lan0, mac: "52:54:00:00:00:01"}]
+    dhcp: false
+    interfaces: [{name: lan0, mac: "52:54:00:00:00:01"}]
     bonds: [{name: bond0, interfaces: [lan0]}]
-    vlans: [{name: vlan10, parent: bond0, id: 10}]
-    interfaces: [{name: vlan10, addresses: [10.0.10.5/24], gateway: 10.0.10.1}]
+    vlans: [{name: vlan10, link: bond0, id: 10, addresses: [10.0.10.5/24], gateway: 10.0.10.1}]
   time: {servers: [ntp.example.org]}
   kernelArgs: [intel_iommu=on]
   virtualization: {kvm: true, nested: true, hugepages2m: 64}
@@ -835,7 +579,7 @@ spec:
             .replace("hostname: node-01", "hostname: Node_01")
             .replace("mode: \"0644\"", "mode: \"0999\"")
             .replace("hello.service", "hello")
-            .replace("id: 10}", "id: 5000}")
+            .replace("id: 10,", "id: 5000,")
             .replace("10.0.10.5/24", "10.0.10.5/40")
             .replace("ssh-ed25519 AAAA", "rsa AAAA");
         let Err(SpecError::Invalid { errors, .. }) = NodeConfig::from_yaml(&bad) else {
@@ -850,7 +594,7 @@ spec:
                 "spec.files[0].mode",
                 "spec.units[0].name",
                 "spec.network.vlans[0].id",
-                "spec.network.interfaces[0].addresses[0]",
+                "spec.network.vlans[0].addresses[0]",
             ]
         );
     }
@@ -862,6 +606,36 @@ spec:
             panic!("expected validation errors")
         };
         assert_eq!(errors.0[0].path, "spec.files[0].path");
+    }
+
+    #[test]
+    fn root_and_password_hashes_stay_out_of_a_node_config() {
+        let bad = GOOD.replace(
+            "    - name: ops\n",
+            "    - name: root\n    - name: ops\n      passwordHash: \"$6$salt$hash\"\n",
+        );
+        let Err(SpecError::Invalid { errors, .. }) = NodeConfig::from_yaml(&bad) else {
+            panic!("expected validation errors")
+        };
+        let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["spec.users[0].name", "spec.users[1].passwordHash"]);
+    }
+
+    #[test]
+    fn network_entries_merge_by_name_and_nameservers_add_up() {
+        let base = NodeConfig::from_yaml(GOOD).unwrap().spec;
+        let over = NodeConfig::from_yaml(
+            "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nspec:\n  network:\n    dhcp: false\n    \
+             vlans: [{name: vlan10, link: bond0, id: 10, dhcp: true}, {name: vlan20, link: bond0, id: 20}]\n    \
+             nameservers: [10.0.0.53]\n",
+        )
+        .unwrap()
+        .spec;
+        let n = merge([&base, &over]).network.unwrap();
+        let vlans: Vec<(&str, bool)> = n.vlans.iter().map(|v| (v.name.as_str(), v.dhcp)).collect();
+        assert_eq!(vlans, [("vlan10", true), ("vlan20", false)]);
+        assert_eq!(n.bonds.len(), 1, "kept from the base");
+        assert_eq!(n.nameservers, ["10.0.0.53"]);
     }
 
     #[test]

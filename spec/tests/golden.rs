@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_spec::{Appliance, ProfileName, SpecError};
+use kiln_spec::nodeconfig::node_config_for;
+use kiln_spec::{Appliance, Inventory, NodeConfig, ProfileName, SpecError};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -113,4 +114,45 @@ fn json_schema_is_stable() {
         "appliance.schema.json",
         &(serde_json::to_string_pretty(&schema).unwrap() + "\n"),
     );
+}
+
+/// The conversion the installer seeds a node with: appliance + inventory overrides → NodeConfig.
+#[test]
+fn node_config_for_an_inventory_node_matches_golden() {
+    let read = |name: &str| std::fs::read_to_string(golden_dir().join(name)).unwrap();
+    let appliance = Appliance::from_yaml(&read("node-config.appliance.yaml")).unwrap();
+    let inventory = Inventory::from_yaml(&read("node-config.inventory.yaml")).unwrap();
+    let node = inventory.node("edge-01").unwrap();
+    let hostname = appliance.hostname_for(Some(&node.name), None).unwrap();
+
+    let config = node_config_for(&appliance, Some(node), &hostname);
+    let yaml = serde_saphyr::to_string(&config).unwrap();
+    assert_golden("node-config.yaml", &yaml);
+
+    // What the agent reads back is valid and the same config.
+    assert_eq!(NodeConfig::from_yaml(&yaml).unwrap(), config);
+    let spec = &config.spec;
+    assert_eq!(spec.hostname.as_deref(), Some("edge-01"));
+    let users: Vec<&str> = spec.users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(users, ["ops", "deploy"], "root stays with the image");
+    assert!(spec.users.iter().all(|u| u.password_hash.is_none()));
+    assert_eq!(spec.users[0].uid, Some(1500));
+    // The feature's, the profile's and the spec's, then the node's; no boot slot.
+    assert_eq!(spec.kernel_args[..2], ["intel_iommu=on", "iommu=pt"]);
+    assert!(
+        spec.kernel_args
+            .ends_with(&["quiet".into(), "console=ttyS0".into()])
+    );
+    assert!(!spec.kernel_args.iter().any(|a| a.starts_with("kiln.slot")));
+    let net = spec.network.as_ref().unwrap();
+    assert!(!net.dhcp, "the node's override wins");
+    assert_eq!(net.bonds[0].name, "bond0");
+    assert_eq!(net.interfaces[0].name, "lan0");
+    assert_eq!(net.vlans[0].link, "bond0");
+
+    // Without an inventory node: the appliance alone, named after the host.
+    let plain = node_config_for(&appliance, None, "kiln-525400000001");
+    assert_eq!(plain.metadata.name, "kiln-525400000001");
+    assert!(plain.spec.network.as_ref().unwrap().dhcp);
+    assert!(plain.spec.users.iter().all(|u| u.name != "deploy"));
 }

@@ -439,21 +439,18 @@ fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
             }
         }
     }
-    let bad = |code: usize, ok: fn(usize) -> bool| totals[code].is_some_and(|n| !ok(n));
-    let rules: [(usize, fn(usize) -> bool); 8] = [
-        (81, |n| n >= 3),
-        (94, |n| n == 3),
-        (151, |n| n >= 1),
-        (152, |n| n == 4),
-        (153, |n| n == 4),
-        (154, |n| n == 4),
-        (155, |n| n == 4),
-        (80, |n| n == 0),
-    ];
-    match rules.iter().find(|(code, ok)| bad(*code, *ok)) {
-        Some((code, _)) => Err(format!(
+    let length_ok = |code: u8, n: usize| match code {
+        80 => n == 0,
+        81 => n >= 3,
+        94 => n == 3,
+        151 => n >= 1,
+        152..=155 => n == 4,
+        _ => true,
+    };
+    match (0..=255u8).find(|&c| totals[usize::from(c)].is_some_and(|n| !length_ok(c, n))) {
+        Some(code) => Err(format!(
             "option {code} has an invalid length {}",
-            totals[*code].unwrap_or(0)
+            totals[usize::from(code)].unwrap_or(0)
         )),
         None => Ok(()),
     }
