@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages and Rust targets kiln's build and test suite use.
+# Installs the Debian packages kiln's build and test suite use.
 # Idempotent: a second run only checks. Needs root (or sudo) on a Debian 12 machine.
 set -euo pipefail
 
@@ -7,7 +7,7 @@ packages=(
   # image build
   mmdebstrap debootstrap squashfs-tools xorriso mtools dosfstools e2fsprogs cpio zstd
   grub-pc-bin grub-efi-amd64-bin grub-common systemd-boot-efi gdisk busybox-static
-  musl-tools kmod binutils
+  kmod binutils
   # virtual lab
   qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu ipxe iproute2
   # BMC and netboot peers
@@ -31,11 +31,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "kiln: installing Debian packages: ${missing[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  # dnsmasq's own service is not wanted: tests start it themselves when they need a peer.
-  "${sudo_cmd[@]}" systemctl disable --now dnsmasq >/dev/null 2>&1 || true
-fi
-
-if command -v rustup >/dev/null 2>&1; then
-  rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
-    || rustup target add x86_64-unknown-linux-musl
+  # The peers' own services are not wanted: tests and benches start them when they need them.
+  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx >/dev/null 2>&1 || true
 fi

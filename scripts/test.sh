@@ -21,3 +21,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (unit, golden, integration, end to end)"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${KILN_TEST_THREADS:-2}"
+
+step "fuzzing every network parser briefly"
+scripts/fuzz.sh

@@ -14,7 +14,7 @@ use crate::cli::output::OutputArgs;
 #[derive(Debug, clap::Subcommand)]
 pub enum PxeCmd {
     /// Serve DHCP (proxy or authoritative), TFTP and HTTP iPXE to netbooting machines
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print one machine's boot timeline, with failed steps and why
     Trace(TraceArgs),
 }
@@ -42,7 +42,7 @@ pub struct TraceArgs {
 
 pub fn run(cmd: PxeCmd) -> anyhow::Result<()> {
     match cmd {
-        PxeCmd::Serve(args) => serve(args),
+        PxeCmd::Serve(args) => serve(*args),
         PxeCmd::Trace(args) => trace(args),
     }
 }
