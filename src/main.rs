@@ -8,7 +8,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod cli;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Build, install, provision and converge appliance nodes")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build, install, provision and converge appliance nodes"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace); KILN_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

@@ -168,7 +168,6 @@ pub struct Common {
     output: OutputArgs,
 }
 
-
 /// What one operation produced, for output.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]

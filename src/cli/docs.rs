@@ -24,7 +24,8 @@ pub fn completions(args: CompletionsArgs, mut cmd: clap::Command) -> anyhow::Res
 }
 
 pub fn man(args: ManArgs, cmd: clap::Command) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     clap_mangen::generate_to(cmd, &args.out).context("writing man pages")?;
     Ok(())
 }

@@ -89,7 +89,6 @@ pub struct LabInstallSummary {
     pub installed_console: PathBuf,
 }
 
-
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Install(a) => {

@@ -18,7 +18,11 @@ pub struct OutputArgs {
 
 impl OutputArgs {
     /// Prints `value` as pretty JSON, or the text `human` renders from it.
-    pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    pub fn emit<T: Serialize>(
+        &self,
+        value: &T,
+        human: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<()> {
         match self.output {
             OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
             OutputFormat::Text => {

@@ -25,4 +25,3 @@ pub use error::{ChecksumMismatch, Error};
 
 /// Field manager of every server-side apply kiln makes.
 pub const FIELD_MANAGER: &str = "kiln";
-
