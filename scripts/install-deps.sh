@@ -12,8 +12,8 @@ packages=(
   qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu ipxe iproute2
   # BMC and netboot peers
   openipmi ipmitool dnsmasq tftp-hpa curl isc-dhcp-client
-  # netboot benchmark peer (benches/netboot.sh)
-  nginx
+  # benchmark peers (benches/netboot.sh, benches/build.sh)
+  nginx mkosi
   # misc
   ca-certificates python3-venv jq
   # node agent tests (systemctl --root, useradd --root)

@@ -3,52 +3,13 @@
 //! agent is ready, the disk's GPT is exactly kiln's layout, and a second install onto the now
 //! used disk without wipe consent refuses and leaves every byte as it was.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+mod lab_support;
+
+use std::path::Path;
+use std::process::Command;
 
 use kiln_spec::layout::{self, PartitionRole, Slot};
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-/// The `test` profile ISO, built once per test process (kiln's build cache makes a rebuild of
-/// unchanged inputs fast) into `$KILN_CACHE/lab-install-iso`.
-fn test_iso() -> PathBuf {
-    static ISO: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
-    let mut iso = ISO.get_or_init(|| Mutex::new(None)).lock().unwrap();
-    if let Some(p) = iso.as_ref() {
-        return p.clone();
-    }
-    let cache = std::env::var_os("KILN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kiln"));
-    let out = cache.join("lab-install-iso");
-    let status = Command::new(KILN)
-        .args(["build", "--profile", "test", "--out"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "kiln build --profile test failed");
-    let path = out.join("kiln.iso");
-    *iso = Some(path.clone());
-    path
-}
-
-fn lab_install(iso: &Path, disk: &Path, firmware: &str) -> Output {
-    Command::new(KILN)
-        .args(["lab", "install", "--output", "json", "--firmware", firmware])
-        .arg("--iso")
-        .arg(iso)
-        .arg("--disk")
-        .arg(disk)
-        .args(["--disk-size", "4GiB", "--timeout", "12m"])
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
-}
+use lab_support::{lab_install, sgdisk_field, test_iso, text};
 
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
@@ -61,22 +22,11 @@ fn sha256(path: &Path) -> String {
 
 /// `sgdisk -i N`: (name, type GUID).
 fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
-    let out = Command::new("sgdisk")
-        .arg(format!("-i{n}"))
-        .arg(disk)
-        .output()
-        .expect("sgdisk (gdisk) must be installed");
-    let t = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |prefix: &str| {
-        t.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("sgdisk -i{n}: no {prefix:?} in\n{t}"))
-            .trim()
-            .to_string()
-    };
-    let guid = field("Partition GUID code:");
+    let guid = sgdisk_field(disk, n, "Partition GUID code:");
     (
-        field("Partition name:").trim_matches('\'').to_string(),
+        sgdisk_field(disk, n, "Partition name:")
+            .trim_matches('\'')
+            .to_string(),
         guid.split_whitespace().next().unwrap().to_string(),
     )
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use kiln_spec::Appliance;
 use kiln_spec::appliance::{AfterInstall, DiskPreference, DiskRules, FirmwareChoice, WipePolicy};
+use kiln_spec::glob::glob_match;
 use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
 use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
 use kiln_spec::nodeconfig::node_config_for;
@@ -782,47 +783,9 @@ fn normalize_wwn(w: &str) -> String {
     w.strip_prefix("0x").map(str::to_string).unwrap_or(w)
 }
 
-/// Shell-style glob with `*` (any run) and `?` (any one character).
-fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_match_like_a_shell() {
-        assert!(glob_match("Samsung SSD 9*", "Samsung SSD 990 PRO 1TB"));
-        assert!(glob_match(
-            "/dev/disk/by-id/nvme-*",
-            "/dev/disk/by-id/nvme-eui.0025"
-        ));
-        assert!(glob_match("S?N*", "S4N123"));
-        assert!(glob_match("*", ""));
-        assert!(!glob_match("QEMU*", "Samsung"));
-        assert!(!glob_match("a?", "a"));
-        assert!(glob_match("*b*c", "xxbyyc"));
-    }
 
     #[test]
     fn device_paths_sort_as_the_kernel_names_them() {

@@ -7,6 +7,7 @@ pub mod appliance;
 mod check;
 pub mod document;
 pub mod errors;
+pub mod glob;
 pub mod hardware;
 pub mod host;
 pub mod inventory;

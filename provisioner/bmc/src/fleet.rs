@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use kiln_spec::glob::glob_match;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -193,8 +195,8 @@ pub fn select<'a>(
                     .and_then(|v| v.as_str().map(str::to_string))
                     == Some(want.to_string())
             }
-            Some((key, want)) => node.labels.get(key).is_some_and(|v| glob(want, v)),
-            None => glob(term, &node.name),
+            Some((key, want)) => node.labels.get(key).is_some_and(|v| glob_match(want, v)),
+            None => glob_match(term, &node.name),
         }
     };
     let mut unmatched = Vec::new();
@@ -221,29 +223,6 @@ pub fn select<'a>(
         .collect())
 }
 
-/// Shell-style glob with `*` and `?`.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,15 +231,6 @@ mod tests {
         SensorReading,
     };
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn globs() {
-        assert!(glob("node-*", "node-01"));
-        assert!(glob("n?de-0?", "node-01"));
-        assert!(glob("*", ""));
-        assert!(!glob("node-*", "worker-1"));
-        assert!(glob("*-0*1", "rack-0-01"));
-    }
 
     #[test]
     fn selectors_pick_names_globs_roles_and_labels() {

@@ -422,24 +422,10 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
 
 /// Option lengths dhcproto 0.15 assumes rather than checks (a debug assertion or a
 /// subtraction that overflows on a short option): such datagrams are refused before decoding.
-/// Lengths add up over repeated options, which RFC 3396 concatenates.
+/// dhcproto decodes every occurrence of an option on its own (no RFC 3396 concatenation), so
+/// each occurrence is checked.
 fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
-    // dhcproto reads options after the magic cookie whatever its value.
-    let mut totals = [None::<usize>; 256];
-    let mut rest = buf.get(240..).unwrap_or(&[]);
-    while let [code, tail @ ..] = rest {
-        match code {
-            0 => rest = tail,
-            255 => break,
-            _ => {
-                let [len, tail @ ..] = tail else { break };
-                let total = &mut totals[usize::from(*code)];
-                *total = Some(total.unwrap_or(0) + usize::from(*len));
-                rest = tail.get(usize::from(*len)..).unwrap_or(&[]);
-            }
-        }
-    }
-    let length_ok = |code: u8, n: usize| match code {
+    let length_ok = |code: u8, n: u8| match code {
         80 => n == 0,
         81 => n >= 3,
         94 => n == 3,
@@ -447,13 +433,22 @@ fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
         152..=155 => n == 4,
         _ => true,
     };
-    match (0..=255u8).find(|&c| totals[usize::from(c)].is_some_and(|n| !length_ok(c, n))) {
-        Some(code) => Err(format!(
-            "option {code} has an invalid length {}",
-            totals[usize::from(code)].unwrap_or(0)
-        )),
-        None => Ok(()),
+    // dhcproto reads options after the magic cookie whatever its value.
+    let mut rest = buf.get(240..).unwrap_or(&[]);
+    while let [code, tail @ ..] = rest {
+        match code {
+            0 => rest = tail,
+            255 => break,
+            _ => {
+                let [len, tail @ ..] = tail else { break };
+                if !length_ok(*code, *len) {
+                    return Err(format!("option {code} has an invalid length {len}"));
+                }
+                rest = tail.get(usize::from(*len)..).unwrap_or(&[]);
+            }
+        }
     }
+    Ok(())
 }
 
 fn message_name(t: MessageType) -> String {
@@ -893,9 +888,16 @@ mod tests {
             .unwrap();
         split.pop();
         split.extend_from_slice(&[94, 2, 1, 2, 94, 2, 3, 4, 255]);
-        assert!(
-            decode(&split).is_err(),
-            "lengths add up over repeated options"
+        assert!(decode(&split).is_err(), "each occurrence is checked");
+        // A short occurrence followed by a long one: the decoder reads them one by one.
+        let mut repeated = request(KNOWN, MessageType::Discover, None, None, false)
+            .to_vec()
+            .unwrap();
+        repeated.pop();
+        repeated.extend_from_slice(&[81, 0, 81, 3, 0, 0, 0, 255]);
+        assert_eq!(
+            decode(&repeated).unwrap_err(),
+            "option 81 has an invalid length 0"
         );
     }
 
