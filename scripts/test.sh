@@ -20,7 +20,13 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (unit, golden, integration, end to end)"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${KILN_TEST_THREADS:-2}"
+test_log="$KILN_CACHE/last-test-run.log"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${KILN_TEST_THREADS:-2}" 2>&1 \
+  | tee "$test_log"
 
 step "fuzzing every network parser briefly"
 scripts/fuzz.sh
+
+# One closing line for the whole suite (cargo prints one result line per test binary).
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$test_log"
