@@ -18,6 +18,8 @@ packages=(
   ca-certificates python3-venv jq
   # node agent tests (systemctl --root, useradd --root)
   systemd passwd
+  # disk safety tests: real signatures made by the real tools (and libblkid to read them)
+  util-linux cryptsetup-bin xfsprogs btrfs-progs bcache-tools ntfs-3g ceph-osd
 )
 
 sudo_cmd=()

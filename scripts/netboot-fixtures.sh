@@ -15,6 +15,10 @@ busybox=/bin/busybox
 busybox_ver=$(dpkg-query -W -f='${Version}' busybox-static)
 self_hash=$(sha256sum "$0" | cut -c1-12)
 out="$cache/netboot-$kernel_pkg-$kernel_ver-busybox-$busybox_ver-$self_hash"
+# Test binaries run this in parallel: one builds, the others wait and reuse its result.
+mkdir -p "$cache"
+exec 9>"$cache/.netboot.lock"
+flock 9
 if [ -f "$out/.done" ]; then
   echo "$out"
   exit 0
@@ -42,6 +46,19 @@ mkdir -p "$work/bundle"
 cp "$work"/boot/vmlinuz-* "$work/bundle/vmlinuz"
 # The iPXE script names a rootfs too; this bundle's initramfs never fetches it.
 head -c 1048576 /dev/urandom > "$work/bundle/rootfs.squashfs"
+# A build manifest (the format `kiln build` writes, paths relative to a build's output
+# directory): `kiln pxe serve` puts its digests on the kernel command line.
+{
+  printf '{"kiln_version":"fixture","spec_sha256":"","suite":"","mirror":"","kernel":"%s",' "$kernel_ver"
+  printf '"kernel_args":[],"rootfs_cache_key":"","packages":[],"artifacts":['
+  sep=""
+  for f in vmlinuz initrd.img rootfs.squashfs; do
+    printf '%s{"path":"pxe/%s","size":%d,"sha256":"%s"}' "$sep" "$f" \
+      "$(stat -c %s "$work/bundle/$f")" "$(sha256sum "$work/bundle/$f" | cut -d' ' -f1)"
+    sep=","
+  done
+  printf ']}\n'
+} > "$work/bundle/manifest.json"
 
 mkdir -p "$cache"
 rm -rf "$out"

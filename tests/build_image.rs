@@ -1,7 +1,9 @@
 //! `kiln build` end to end: the `test` profile is built once per test run (the base rootfs
 //! comes from the cache after the first run), then checked the way a user would check it:
 //! digests, the ISO's boot catalogue and partition tables, the initramfs contents, and real
-//! boots in QEMU (SeaBIOS from a CD, OVMF from a USB stick, and the PXE bundle over HTTP).
+//! boots in QEMU (SeaBIOS from a CD, OVMF from a USB stick, and the PXE bundle over HTTP,
+//! where every fetched file is checked against the manifest's digest: a tampered root image is
+//! never mounted, a tampered kernel stops the unattended install before it writes a byte).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -274,6 +276,10 @@ fn pxe_bundle_has_script_and_image_carries_boot_files() {
     assert!(script.contains("initrd --name initrd.img ${base}/initrd.img"));
     assert!(script.contains("initrd=initrd.img"));
     assert!(script.contains("kiln.root=${base}/rootfs.squashfs"));
+    assert!(
+        script.contains(&digest_args(dir)),
+        "the script carries the manifest's digests:\n{script}"
+    );
     let list = run(tool("unsquashfs", "squashfs-tools")
         .args(["-l", "-d", ""])
         .arg(dir.join("pxe/rootfs.squashfs")));
@@ -386,37 +392,140 @@ fn serve(dir: PathBuf) -> u16 {
     port
 }
 
-#[test]
-fn pxe_bundle_boots_with_root_over_http() {
+/// `kiln.root.sha256=… kiln.kernel.sha256=… kiln.initrd.sha256=…` from the build manifest.
+fn digest_args(dir: &Path) -> String {
+    let m = manifest(dir);
+    let sha = |path: &str| {
+        m["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["path"] == path)
+            .and_then(|a| a["sha256"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    format!(
+        "kiln.root.sha256={} kiln.kernel.sha256={} kiln.initrd.sha256={}",
+        sha("pxe/rootfs.squashfs"),
+        sha("pxe/vmlinuz"),
+        sha("pxe/initrd.img")
+    )
+}
+
+/// A copy of the PXE bundle for the HTTP server, with `tampered` changed by one appended
+/// byte (the others are hard links), and a spec for `kiln.config=`.
+fn served_bundle(work: &Path, tampered: &str) -> PathBuf {
     let pxe = built().join("pxe");
-    let port = serve(pxe.clone());
-    let work = vm_dir();
-    let mut vm = Vm::builder()
-        .name(format!("live-http-{}", std::process::id()))
+    let served = work.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
+        if name == tampered {
+            std::fs::copy(pxe.join(name), served.join(name)).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(served.join(name))
+                .unwrap();
+            f.write_all(b"\0").unwrap();
+        } else {
+            std::fs::hard_link(pxe.join(name), served.join(name)).unwrap();
+        }
+    }
+    std::fs::write(
+        served.join("spec.yaml"),
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: pxe-test\n\
+         spec:\n  profile: test\n",
+    )
+    .unwrap();
+    served
+}
+
+fn pxe_vm(name: &str, work: &Path, append: String) -> kiln_lab::qemu::VmBuilder {
+    let pxe = built().join("pxe");
+    Vm::builder()
+        .name(format!("{name}-{}", std::process::id()))
         .firmware(Firmware::Bios)
         .memory_mib(1536)
         .direct_boot(DirectBoot {
             kernel: pxe.join("vmlinuz"),
             initrd: Some(pxe.join("initrd.img")),
-            append: format!(
-                "kiln.root=http://10.0.2.2:{port}/rootfs.squashfs console=ttyS0,115200"
-            ),
+            append,
         })
         .nic(Nic::User {
             mac: "52:54:00:4b:00:01".into(),
             hostfwd: Vec::new(),
             bootindex: None,
         })
-        .work_dir(work.path())
+        .work_dir(work)
         .no_reboot(true)
-        .spawn()
-        .expect("starting QEMU");
-    vm.wait_for_console("kiln-stage1: fetched", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("stage-1 gets a lease and fetches the image: {e}"));
+}
+
+/// The live system boots with its root fetched over HTTP and verified; the unattended install
+/// fetches the kernel, finds it tampered with and stops before it writes anything.
+#[test]
+fn pxe_root_is_verified_and_a_tampered_kernel_stops_the_install() {
+    let work = vm_dir();
+    let served = served_bundle(work.path(), "vmlinuz");
+    let port = serve(served);
+    let disk = work.path().join("disk.raw");
+    kiln_lab::qemu::create_sparse_disk(&disk, 4 << 30).unwrap();
+    let url = format!("http://10.0.2.2:{port}");
+    let mut vm = pxe_vm(
+        "live-http",
+        work.path(),
+        format!(
+            "kiln.root={url}/rootfs.squashfs {} kiln.install=auto kiln.config={url}/spec.yaml \
+             console=ttyS0,115200",
+            digest_args(built())
+        ),
+    )
+    .disk(kiln_lab::qemu::Disk::new(&disk).serial("pxe-disk"))
+    .spawn()
+    .expect("starting QEMU");
+    vm.wait_for_console("kiln-stage1: verified sha256", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 fetches and verifies the image: {e}"));
     vm.wait_for_console("kiln-stage1: switching root", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("stage-1 switches root: {e}"));
-    vm.wait_for_console("Login Prompts", BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("systemd reaches the live system: {e}"));
+    let failed = vm
+        .wait_for_console("kiln-install: failed", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the install stops on the tampered kernel: {e}"));
+    assert!(
+        failed.contains("/vmlinuz: sha256 is") && failed.contains("nothing was written"),
+        "{failed}"
+    );
+    let _ = vm.quit();
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0), "the disk was written");
+}
+
+/// A root image that does not match its digest is never mounted.
+#[test]
+fn pxe_root_with_a_wrong_digest_is_not_mounted() {
+    let work = vm_dir();
+    let served = served_bundle(work.path(), "rootfs.squashfs");
+    let port = serve(served);
+    let mut vm = pxe_vm(
+        "tampered-root",
+        work.path(),
+        format!(
+            "kiln.root=http://10.0.2.2:{port}/rootfs.squashfs {} console=ttyS0,115200",
+            digest_args(built())
+        ),
+    )
+    .spawn()
+    .expect("starting QEMU");
+    let error = vm
+        .wait_for_console("kiln-stage1: error:", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 refuses the image: {e}"));
+    assert!(
+        error.contains("rootfs.squashfs: sha256 is") && error.contains("nothing was mounted"),
+        "{error}"
+    );
+    vm.wait_for_console("kiln-stage1: emergency", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("stage-1 stops: {e}"));
+    let console = std::fs::read_to_string(vm.serial_log()).unwrap();
+    assert!(!console.contains("switching root"), "{console}");
+    let _ = vm.quit();
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! `kiln install` on the host against disk image files, planned from a saved hardware
-//! inventory: dry runs write nothing, bad input fails clearly without writing, a real run
-//! writes a valid disk and reports progress as JSON lines, a crash point leaves no table.
+//! `kiln install` on the host against disk image files: dry runs planned from a saved
+//! hardware inventory write nothing, a saved inventory cannot drive a real install, bad input
+//! fails clearly without writing, a real run (`--disk-image`, the image probed live) writes a
+//! valid disk and reports progress as JSON lines, a crash point leaves no table.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -33,7 +35,7 @@ fn node(disk_bytes: u64, fill: &[u8], extra_disk_json: &str) -> Node {
     std::fs::write(
         &spec,
         "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: cli-test\n\
-         spec:\n  profile: test\n  hostname: node-{mac}\n  install:\n    espSize: 64MiB\n\
+         spec:\n  profile: test\n  hostname: cli-node\n  install:\n    espSize: 64MiB\n\
          \x20   slotSize: 64MiB\n    stateSize: 64MiB\n",
     )
     .unwrap();
@@ -76,13 +78,32 @@ fn node(disk_bytes: u64, fill: &[u8], extra_disk_json: &str) -> Node {
     }
 }
 
+/// `kiln install --disk-image DISK`: planned from the image file itself, written for real.
 fn install(n: &Node, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    kiln_install(
+        n,
+        &[OsStr::new("--disk-image"), n.disk.as_os_str()],
+        extra,
+        env,
+    )
+}
+
+/// `kiln install --inventory SNAPSHOT`: planned from the saved hardware inventory.
+fn install_from_snapshot(n: &Node, extra: &[&str]) -> Output {
+    kiln_install(
+        n,
+        &[OsStr::new("--inventory"), n.inventory.as_os_str()],
+        extra,
+        &[],
+    )
+}
+
+fn kiln_install(n: &Node, source: &[&OsStr], extra: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(KILN)
         .arg("install")
         .arg("--spec")
         .arg(&n.spec)
-        .arg("--inventory")
-        .arg(&n.inventory)
+        .args(source)
         .arg("--image")
         .arg(&n.image)
         .args(extra)
@@ -108,14 +129,14 @@ fn text(o: &Output) -> String {
 fn dry_run_prints_the_plan_and_writes_nothing() {
     let n = node(DISK, b"", "");
     let before = sha256(&n.disk);
-    let out = install(&n, &["--dry-run"], &[]);
+    let out = install_from_snapshot(&n, &["--dry-run"]);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(
         all.contains(&format!("install to {}", n.disk.display())),
         "{all}"
     );
-    assert!(all.contains("host name node-525400abcdef"), "{all}");
+    assert!(all.contains("host name cli-node"), "{all}");
     assert!(all.contains("write the GPT on"), "{all}");
     assert!(!all.contains("kiln-install: [wipe]"), "{all}");
     assert_eq!(sha256(&n.disk), before, "dry run changed the disk");
@@ -125,6 +146,18 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert_eq!(plan["disk"]["devPath"], n.disk.display().to_string());
     assert_eq!(plan["bootLoader"]["kind"], "systemd-boot");
     assert_eq!(sha256(&n.disk), before, "dry run changed the disk");
+}
+
+#[test]
+fn a_saved_inventory_drives_only_dry_runs() {
+    let n = node(DISK, b"", "");
+    let before = sha256(&n.disk);
+    let out = install_from_snapshot(&n, &[]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("may only drive --dry-run"), "{all}");
+    assert!(all.contains("nothing was written"), "{all}");
+    assert_eq!(sha256(&n.disk), before);
 }
 
 #[test]
@@ -165,6 +198,7 @@ fn a_disk_with_data_is_refused_without_consent_and_erased_with_it() {
     let all = text(&out);
     assert!(!out.status.success());
     assert!(all.contains("refusing to erase"), "{all}");
+    assert!(all.contains("unrecognised data at offset 0x0"), "{all}");
     assert!(all.contains("--wipe="), "{all}");
     assert!(all.contains("kiln-install: failed"), "{all}");
     assert_eq!(sha256(&n.disk), before);
@@ -187,7 +221,7 @@ fn too_small_and_unmatched_disks_fail_clearly_and_write_nothing() {
 
     let n = node(DISK, b"", "");
     let before = sha256(&n.disk);
-    let out = install(&n, &["--disk-serial", "S3Z9*"], &[]);
+    let out = install_from_snapshot(&n, &["--dry-run", "--disk-serial", "S3Z9*"]);
     let all = text(&out);
     assert!(!out.status.success());
     assert!(all.contains("no disk matches the install rules"), "{all}");
@@ -213,4 +247,60 @@ fn a_crash_point_leaves_the_disk_unbootable_and_says_so() {
     assert!(bytes[..1 << 20].iter().all(|&b| b == 0));
     assert!(bytes[bytes.len() - (1 << 20)..].iter().all(|&b| b == 0));
     let _ = &n.dir;
+}
+
+/// A loop device over `n.disk`, detached when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = Command::new("losetup").args(["-d", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_mounted_disk_is_refused_at_write_time_even_with_consent() {
+    let n = node(DISK, b"", "");
+    let ok = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let files = n.dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("keep.txt"), b"still here").unwrap();
+    ok(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&files)
+        .arg(&n.disk));
+    let before = sha256(&n.disk);
+    // Read-only, so unmounting leaves every byte as it was.
+    let dev = Loop(ok(Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&n.disk)));
+    let mnt = n.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(Command::new("mount")
+        .args(["-o", "ro,noload"])
+        .arg(&dev.0)
+        .arg(&mnt));
+
+    let out = kiln_install(
+        &n,
+        &[OsStr::new("--disk-image"), OsStr::new(&dev.0)],
+        &[&format!("--wipe={}", dev.0)],
+        &[],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("is in use by the system"), "{all}");
+    assert!(all.contains("nothing was written"), "{all}");
+    assert_eq!(std::fs::read(mnt.join("keep.txt")).unwrap(), b"still here");
+    drop(dev);
+    assert_eq!(
+        sha256(&n.disk),
+        before,
+        "the refused install changed the disk"
+    );
 }

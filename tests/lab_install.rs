@@ -1,24 +1,19 @@
 //! End to end, on real firmware (OVMF and SeaBIOS) under QEMU: the `test` profile ISO installs
 //! onto a blank virtual disk with `kiln lab install`, the installed disk boots until the node
 //! agent is ready, the disk's GPT is exactly kiln's layout, and a second install onto the now
-//! used disk without wipe consent refuses and leaves every byte as it was.
+//! used disk without wipe consent refuses and leaves every byte as it was. On BIOS, a clone of
+//! the installed disk (another kiln disk in the same machine, found first) is booted beside
+//! it: the node runs from, and writes to, only the disk it was installed to.
 
 mod lab_support;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
 use kiln_spec::layout::{self, PartitionRole, Slot};
-use lab_support::{lab_install, sgdisk_field, test_iso, text};
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
+use lab_support::{disk_fingerprint, lab_install, sgdisk_field, test_iso, text};
 
 /// `sgdisk -i N`: (name, type GUID).
 fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
@@ -29,6 +24,64 @@ fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
             .to_string(),
         guid.split_whitespace().next().unwrap().to_string(),
     )
+}
+
+/// Boots a machine holding a clone of the installed `disk` (new GPT GUIDs, first in device
+/// order and first in boot order) and `disk` itself: stage-1 must take the slot and
+/// `KILN_STATE` from `disk`, the one named on the kernel command line, and leave the clone
+/// untouched.
+fn boots_only_from_its_own_disk(disk: &Path) {
+    let dir = disk.parent().unwrap();
+    let clone = dir.join("clone.raw");
+    let out = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&clone)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = Command::new("sgdisk")
+        .arg("-G")
+        .arg(&clone)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sgdisk -G: {}", text(&out));
+    let (clone_before, disk_before) = (disk_fingerprint(&clone), disk_fingerprint(disk));
+
+    let mut vm = Vm::builder()
+        .name(format!("two-kiln-disks-{}", std::process::id()))
+        .firmware(Firmware::Bios)
+        .memory_mib(2048)
+        .disk(Disk::new(&clone).bootindex(1).serial("clone"))
+        .disk(Disk::new(disk).bootindex(2).serial("kiln-lab-disk"))
+        .nic(Nic::User {
+            mac: "52:54:00:4b:49:4c".into(),
+            hostfwd: Vec::new(),
+            bootindex: None,
+        })
+        .work_dir(dir.join("two-disks-vm"))
+        .spawn()
+        .expect("starting QEMU");
+    let found = vm
+        .wait_for_console("kiln-stage1: found KILN_A on", Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("stage-1 finds the slot: {e}"));
+    assert!(
+        found.contains("on /dev/vdb"),
+        "slot A taken from the wrong disk: {found}"
+    );
+    vm.wait_for_console("kiln-agent ready", Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("the node boots with two kiln disks: {e}"));
+    let _ = vm.quit();
+    assert_eq!(
+        disk_fingerprint(&clone),
+        clone_before,
+        "the other kiln disk was written"
+    );
+    assert_ne!(
+        disk_fingerprint(disk),
+        disk_before,
+        "the node kept no state on its own disk"
+    );
 }
 
 fn install_and_boot(firmware: &str) {
@@ -106,16 +159,21 @@ fn install_and_boot(firmware: &str) {
     );
 
     // Again, without consent to erase: refused, and not one byte changed.
-    let before = sha256(&disk);
+    let before = disk_fingerprint(&disk);
     let out = lab_install(&iso, &disk, firmware);
     let all = text(&out);
     assert!(!out.status.success(), "a second install succeeded:\n{all}");
     assert!(all.contains("refusing to erase"), "{all}");
     assert_eq!(
-        sha256(&disk),
+        disk_fingerprint(&disk),
         before,
         "the refused install changed the disk"
     );
+    // systemd-boot counts boots by renaming entries on the ESP it booted from, so only a
+    // BIOS boot leaves the clone it boots through byte-identical.
+    if firmware == "bios" {
+        boots_only_from_its_own_disk(&disk);
+    }
 }
 
 #[test]

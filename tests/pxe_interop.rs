@@ -55,6 +55,7 @@ fn udhcpc_leases_reservations_renewal_and_restart() {
         ("node-c", "02:00:00:00:00:0c", None),
     ]);
     std::fs::create_dir(lab.path("artifacts")).unwrap();
+    pxe_support::write_manifest(&lab.path("artifacts"));
     let script = lab.path("udhcpc.sh");
     std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
     run_ok("chmod", &["755", script.to_str().unwrap()]);
@@ -181,6 +182,7 @@ fn file_lab(mode: &str) -> Lab {
     for dir in ["ipxe", "artifacts"] {
         std::fs::create_dir(lab.path(dir)).unwrap();
     }
+    pxe_support::write_manifest(&lab.path("artifacts"));
     std::fs::copy(
         "/usr/lib/ipxe/undionly.kpxe",
         lab.path("ipxe/undionly.kpxe"),

@@ -29,6 +29,7 @@ use crate::biosboot::{self, BiosBootError};
 use crate::blockdev::{BlockDevError, MIB, Target};
 use crate::esp::{self, EspError, EspFile, EspSource};
 use crate::plan::{BootLoaderKind, InstallPlan};
+use crate::preflight::{self, PreflightError};
 use crate::statefs::{self, StateError, StateFile};
 use crate::tools::ToolError;
 
@@ -203,10 +204,8 @@ pub enum ApplyError {
     Gpt { path: PathBuf, reason: String },
     #[error("failpoint {0} reached ({FAILPOINT_ENV})")]
     Failpoint(String),
-    #[error(
-        "the target is {have} bytes but the layout was planned for {planned} bytes; plan again"
-    )]
-    SizeChanged { planned: u64, have: u64 },
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
     #[error("preparing a staging directory: {0}")]
     Staging(std::io::Error),
     #[error(
@@ -248,12 +247,11 @@ pub fn apply(
         .clone()
         .unwrap_or_else(|| PathBuf::from(&plan.disk.stable_path));
     let target = Target::open(&path)?;
-    if target.size() != plan.layout.disk_bytes {
-        return Err(ApplyError::SizeChanged {
-            planned: plan.layout.disk_bytes,
-            have: target.size(),
-        });
-    }
+    preflight::check(&plan.disk, plan.layout.disk_bytes, &target)?;
+    let disk_guid = uuid::Uuid::from_str(&plan.disk_guid).map_err(|e| ApplyError::Gpt {
+        path: path.clone(),
+        reason: format!("the plan's disk GUID {:?}: {e}", plan.disk_guid),
+    })?;
     let staging = tempfile::Builder::new()
         .prefix("kiln-install-")
         .tempdir()
@@ -264,7 +262,7 @@ pub fn apply(
         target: &target,
         staging: staging.path(),
         progress,
-        disk_guid: uuid::Uuid::new_v4(),
+        disk_guid,
         image: None,
     };
     for step in steps(plan) {

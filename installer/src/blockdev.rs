@@ -23,6 +23,11 @@ pub enum BlockDevError {
         source: io::Error,
     },
     #[error(
+        "{path} is in use by the system (a partition is mounted, or it is swap or part of a \
+         device-mapper, LVM, RAID or multipath device); nothing was written"
+    )]
+    Busy { path: PathBuf },
+    #[error(
         "image {image} is {image_len} bytes, larger than the {slot_len}-byte slot it must go into"
     )]
     ImageTooLarge {
@@ -64,8 +69,11 @@ pub struct WrittenImage {
 }
 
 impl Target {
-    /// Opens a block device or an existing regular file for writing.
+    /// Opens a block device or an existing regular file for writing. A block device is
+    /// opened exclusively (`O_EXCL`): the kernel refuses while it or a partition of it is
+    /// mounted, or claimed by device-mapper, md or swap.
     pub fn open(path: &Path) -> Result<Target, BlockDevError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let io = |what| {
             move |source| BlockDevError::Io {
                 what,
@@ -73,16 +81,24 @@ impl Target {
                 source,
             }
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io("opening"))?;
-        let is_block_device = file
-            .metadata()
+        let is_block_device = std::fs::metadata(path)
             .map_err(io("reading metadata of"))?
             .file_type()
             .is_block_device();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(if is_block_device { libc::O_EXCL } else { 0 })
+            .open(path)
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EBUSY) {
+                    BlockDevError::Busy {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    io("opening")(source)
+                }
+            })?;
         // Seeking to the end measures block devices and files alike.
         let size = file.seek(SeekFrom::End(0)).map_err(io("measuring"))?;
         Ok(Target {
@@ -107,6 +123,29 @@ impl Target {
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The block device's directory in sysfs (`/sys/devices/…/block/vda`); `None` for files.
+    pub fn sysfs_dir(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        if !self.is_block_device {
+            return None;
+        }
+        let rdev = self.file.metadata().ok()?.rdev();
+        std::fs::canonicalize(format!(
+            "/sys/dev/block/{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        ))
+        .ok()
+    }
+
+    /// The logical sector size the kernel reports for a block device; 512 for files.
+    pub fn logical_sector_size(&self) -> u32 {
+        self.sysfs_dir()
+            .and_then(|d| std::fs::read_to_string(d.join("queue/logical_block_size")).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(512)
     }
 
     fn io(&self, what: &'static str) -> impl FnOnce(io::Error) -> BlockDevError + '_ {

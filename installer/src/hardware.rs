@@ -1,17 +1,16 @@
 //! Collecting the [`HardwareInventory`] the planner decides from: disks from `/sys/block`
 //! (size, sectors, model, serial, WWN, rotational, removable, read-only, transport from the
-//! sysfs path), their `/dev/disk/by-id` links when udev runs, what is on them (partition
-//! table, file system signatures, read directly from the device: no udev or blkid needed),
-//! which one holds the boot medium, NICs, memory and CPUs.
+//! sysfs path), their `/dev/disk/by-id` links when udev runs, what is on them (every
+//! signature libblkid knows, both GPT headers, the MBR, data nothing recognised), which disks
+//! hold the boot medium (through device-mapper, md and loop devices), NICs, memory and CPUs.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 
 use kiln_spec::hardware::{
-    Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PartitionTable, PartitionTableKind,
-    Transport,
+    Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PARTITION_TABLE_USAGE,
+    PartitionTable, PartitionTableKind, Signature, Transport, UNRECOGNISED_DATA,
 };
 
 /// Where stage-1 mounts the live medium (ISO or USB stick).
@@ -19,9 +18,13 @@ pub const MEDIUM_DIR: &str = "/run/kiln/medium";
 /// A file naming the boot device, written by whoever knows it better than the mount table.
 pub const BOOT_DEVICE_FILE: &str = "/run/kiln/boot-device";
 
-/// Reads the machine. Disks that cannot be opened are still listed, without contents.
+/// Reads the machine. Disks that cannot be opened or read are listed as unreadable.
 pub fn collect() -> HardwareInventory {
-    let boot_disk = boot_medium_disk();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (boot_disks, boot_medium_unresolved) = match boot_medium(&cmdline) {
+        Ok(disks) => (disks, None),
+        Err(why) => (Vec::new(), Some(why)),
+    };
     let by_id = by_id_links(Path::new("/dev/disk/by-id"));
     let mut disks = Vec::new();
     let mut names: Vec<String> = fs::read_dir("/sys/block")
@@ -33,7 +36,7 @@ pub fn collect() -> HardwareInventory {
         .unwrap_or_default();
     names.sort();
     for name in names {
-        if let Some(d) = read_disk(&name, &by_id, boot_disk.as_deref()) {
+        if let Some(d) = read_disk(&name, &by_id, &boot_disks) {
             disks.push(d);
         }
     }
@@ -51,7 +54,48 @@ pub fn collect() -> HardwareInventory {
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1),
+        boot_medium_unresolved,
     }
+}
+
+/// The machine as [`collect`] sees it, but with one disk: `image` (a disk image file or a
+/// device named explicitly), probed live, as the machine's only disk.
+pub fn collect_for_image(image: &Path, firmware: Firmware) -> std::io::Result<HardwareInventory> {
+    // Seeking to the end measures block devices and files alike.
+    let size_bytes = {
+        use std::io::Seek;
+        fs::File::open(image)?.seek(std::io::SeekFrom::End(0))?
+    };
+    let contents = probe_contents(image, 512);
+    let dev_path = image.display().to_string();
+    Ok(HardwareInventory {
+        firmware,
+        disks: vec![Disk {
+            dev_path,
+            by_id: Vec::new(),
+            size_bytes,
+            logical_sector_size: 512,
+            model: None,
+            serial: None,
+            wwn: None,
+            rotational: false,
+            removable: false,
+            transport: Transport::Unknown,
+            read_only: false,
+            holds_boot_medium: false,
+            partition_table: contents.partition_table,
+            signatures: contents.signatures,
+            unreadable: contents.unreadable,
+        }],
+        nics: read_nics(),
+        memory_bytes: fs::read_to_string("/proc/meminfo")
+            .map(|m| mem_total(&m))
+            .unwrap_or(0),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        boot_medium_unresolved: None,
+    })
 }
 
 /// Kernel block devices that are never install targets.
@@ -68,11 +112,7 @@ fn sys_attr(dir: &Path, attr: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn read_disk(
-    name: &str,
-    by_id: &BTreeMap<String, Vec<String>>,
-    boot: Option<&str>,
-) -> Option<Disk> {
+fn read_disk(name: &str, by_id: &BTreeMap<String, Vec<String>>, boot: &[String]) -> Option<Disk> {
     if is_virtual_or_optical(name) {
         return None;
     }
@@ -87,17 +127,8 @@ fn read_disk(
     let logical_sector_size = sys_attr(&sys, "queue/logical_block_size")
         .and_then(|s| s.parse().ok())
         .unwrap_or(512);
-    let serial = sys_attr(&sys, "serial")
-        .or_else(|| sys_attr(&sys, "device/serial"))
-        .or_else(|| {
-            fs::read(sys.join("device/vpd_pg80"))
-                .ok()
-                .and_then(|b| serial_from_vpd80(&b))
-        });
-    let wwn = sys_attr(&sys, "wwid")
-        .or_else(|| sys_attr(&sys, "device/wwid"))
-        .and_then(|w| normalize_wwid(&w));
-    let (partition_table, signature) = read_contents(Path::new(&dev_path), logical_sector_size);
+    let (serial, wwn) = identity(&sys);
+    let contents = probe_contents(Path::new(&dev_path), logical_sector_size);
     Some(Disk {
         by_id: by_id.get(&dev_path).cloned().unwrap_or_default(),
         size_bytes: sectors * 512,
@@ -109,11 +140,27 @@ fn read_disk(
         removable: flag("removable"),
         transport: transport_from_sysfs_path(&real.to_string_lossy()),
         read_only: flag("ro"),
-        holds_boot_medium: boot == Some(name),
-        partition_table,
-        signature,
+        holds_boot_medium: boot.iter().any(|b| b == name),
+        partition_table: contents.partition_table,
+        signatures: contents.signatures,
+        unreadable: contents.unreadable,
         dev_path,
     })
+}
+
+/// A disk's serial number and WWN from its sysfs directory.
+pub fn identity(sys: &Path) -> (Option<String>, Option<String>) {
+    let serial = sys_attr(sys, "serial")
+        .or_else(|| sys_attr(sys, "device/serial"))
+        .or_else(|| {
+            fs::read(sys.join("device/vpd_pg80"))
+                .ok()
+                .and_then(|b| serial_from_vpd80(&b))
+        });
+    let wwn = sys_attr(sys, "wwid")
+        .or_else(|| sys_attr(sys, "device/wwid"))
+        .and_then(|w| normalize_wwid(&w));
+    (serial, wwn)
 }
 
 /// How a disk is attached, from its canonical sysfs path
@@ -180,19 +227,35 @@ fn by_id_links(dir: &Path) -> BTreeMap<String, Vec<String>> {
     map
 }
 
-/// The whole disk (`sda`, `vda`) holding the live medium: named in `/run/kiln/boot-device`,
-/// or found from the device mounted at `/run/kiln/medium`.
-fn boot_medium_disk() -> Option<String> {
+/// The whole disks holding the live medium: the device named in `/run/kiln/boot-device`, or
+/// the one mounted at `/run/kiln/medium`, followed through partitions, device-mapper, md and
+/// loop devices to the physical disks under them. No disks when the system was netbooted.
+/// An error says why the medium could not be traced; the planner then picks no disk itself.
+fn boot_medium(cmdline: &str) -> Result<Vec<String>, String> {
+    let sys = Path::new("/sys");
     if let Some(dev) = fs::read_to_string(BOOT_DEVICE_FILE)
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
     {
-        return whole_disk_of(Path::new(&dev));
+        let majmin = majmin_of(Path::new(&dev))
+            .ok_or_else(|| format!("{BOOT_DEVICE_FILE} names {dev}, which is not a device"))?;
+        return physical_disks(sys, &majmin, &majmin_of);
     }
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let majmin = mount_source_majmin(&mountinfo, MEDIUM_DIR)?;
-    whole_disk_of_majmin(&majmin)
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    match mount_source_majmin(&mountinfo, MEDIUM_DIR) {
+        Some(majmin) => physical_disks(sys, &majmin, &majmin_of),
+        None if cmdline
+            .split_whitespace()
+            .any(|w| w.starts_with("kiln.root=live:")) =>
+        {
+            Err(format!(
+                "the kernel booted from a live medium but nothing is mounted at {MEDIUM_DIR}"
+            ))
+        }
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `MAJ:MIN` of the device mounted at `mount_point`, from `/proc/self/mountinfo`.
@@ -203,62 +266,286 @@ pub fn mount_source_majmin(mountinfo: &str, mount_point: &str) -> Option<String>
     })
 }
 
-fn whole_disk_of(dev: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = fs::metadata(dev).ok()?.rdev();
-    whole_disk_of_majmin(&format!(
+/// `MAJ:MIN` of a device node, or of the file system holding a regular file.
+fn majmin_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = fs::metadata(path).ok()?;
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    Some(format!(
         "{}:{}",
-        nix::sys::stat::major(rdev),
-        nix::sys::stat::minor(rdev)
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
     ))
 }
 
-/// The disk a `MAJ:MIN` belongs to: itself, or the parent of a partition.
-fn whole_disk_of_majmin(majmin: &str) -> Option<String> {
-    let sys = fs::canonicalize(format!("/sys/dev/block/{majmin}")).ok()?;
-    let dir = if sys.join("partition").exists() {
-        sys.parent()?.to_path_buf()
-    } else {
-        sys
-    };
-    Some(dir.file_name()?.to_string_lossy().into_owned())
+/// The physical whole disks under block device `majmin` (per `sys`, normally `/sys`):
+/// a partition's disk, a device-mapper or md device's `slaves`, a loop device's backing
+/// file's device (`device_of` finds the device holding a file), recursively.
+pub fn physical_disks(
+    sys: &Path,
+    majmin: &str,
+    device_of: &dyn Fn(&Path) -> Option<String>,
+) -> Result<Vec<String>, String> {
+    let mut disks = Vec::new();
+    let mut todo = vec![majmin.to_string()];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(mm) = todo.pop() {
+        if !seen.insert(mm.clone()) || seen.len() > 64 {
+            continue;
+        }
+        let node = fs::canonicalize(sys.join("dev/block").join(&mm))
+            .map_err(|e| format!("device {mm} has no entry in sysfs: {e}"))?;
+        let disk = if node.join("partition").exists() {
+            node.parent()
+                .ok_or_else(|| format!("partition {mm} has no parent disk"))?
+                .to_path_buf()
+        } else {
+            node
+        };
+        let name = disk
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("device {mm} has no name"))?;
+        let under: Vec<String> = fs::read_dir(disk.join("slaves"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| fs::read_to_string(e.path().join("dev")).ok())
+                    .map(|d| d.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !under.is_empty() {
+            todo.extend(under);
+        } else if name.starts_with("loop") {
+            let backing = fs::read_to_string(disk.join("loop/backing_file"))
+                .map_err(|e| format!("{name}: cannot read its backing file: {e}"))?;
+            let backing = backing.trim();
+            let mm = device_of(Path::new(backing))
+                .ok_or_else(|| format!("{name}: cannot find the device holding {backing}"))?;
+            todo.push(mm);
+        } else if name.starts_with("dm-") || name.starts_with("md") {
+            return Err(format!("{name} lists no devices under it"));
+        } else if disk.join("device").exists() {
+            disks.push(name);
+        } else {
+            return Err(format!(
+                "{name} is neither a physical disk nor a device kiln can look through"
+            ));
+        }
+    }
+    disks.sort();
+    disks.dedup();
+    Ok(disks)
 }
 
-/// What is on a disk: its partition table, or else a whole-disk signature.
-fn read_contents(dev: &Path, sector: u32) -> (Option<PartitionTable>, Option<String>) {
-    let Ok(mut f) = fs::File::open(dev) else {
-        return (None, None);
-    };
-    let mut head = vec![0u8; 68 * 1024];
-    let n = f.read(&mut head).unwrap_or(0);
-    head.truncate(n);
-    if let Some(table) = read_gpt(dev, sector) {
-        return (Some(table), None);
-    }
-    if let Some(parts) = parse_mbr(&head) {
-        let partitions = parts
-            .into_iter()
-            .map(|(number, type_byte, start, len)| {
-                let fs = probe_at(dev, start * 512);
-                ExistingPartition {
-                    number,
-                    name: None,
-                    type_id: Some(format!("0x{type_byte:02x}")),
-                    size_bytes: len * 512,
-                    filesystem: fs.as_ref().map(|(t, _)| t.clone()),
-                    label: fs.and_then(|(_, l)| l),
+/// What is on a disk or disk image.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Contents {
+    pub partition_table: Option<PartitionTable>,
+    pub signatures: Vec<Signature>,
+    pub unreadable: Option<String>,
+}
+
+/// How much of each end of a disk must be zeros for a disk without signatures to count as
+/// blank: partition tables, boot code and most superblocks live there.
+const HEAD_BYTES: u64 = 4 << 20;
+const TAIL_BYTES: u64 = 1 << 20;
+
+/// Probes a disk (or disk image) the way the planner needs it: every signature libblkid finds
+/// (through `wipefs --no-act`), both GPT headers and the MBR checked by kiln itself, and data
+/// nothing recognised in the first 4 MiB or the last MiB. A disk that cannot be opened, read
+/// or probed says why in `unreadable`.
+pub fn probe_contents(dev: &Path, sector: u32) -> Contents {
+    match read_ends(dev) {
+        Ok((size, head, tail)) => {
+            let mut signatures = match wipefs(dev) {
+                Ok(s) => s,
+                Err(why) => {
+                    return Contents {
+                        unreadable: Some(why),
+                        ..Contents::default()
+                    };
                 }
-            })
-            .collect();
-        return (
-            Some(PartitionTable {
-                kind: PartitionTableKind::Dos,
-                partitions,
-            }),
-            None,
-        );
+            };
+            let partition_table = read_gpt(dev, sector).or_else(|| mbr_table(dev, &head));
+            signatures.extend(table_signatures(&head, &tail, size, sector, &signatures));
+            if signatures.is_empty() && partition_table.is_none() {
+                signatures.extend(unrecognised_data(&head, &tail, size));
+            }
+            signatures.sort_by_key(|s| s.offset);
+            Contents {
+                partition_table,
+                signatures,
+                unreadable: None,
+            }
+        }
+        Err(why) => Contents {
+            unreadable: Some(why),
+            ..Contents::default()
+        },
     }
-    (None, probe_signature(&head).map(|(t, _)| t))
+}
+
+/// The disk's size, its first [`HEAD_BYTES`] and its last [`TAIL_BYTES`].
+fn read_ends(dev: &Path) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut f = fs::File::open(dev).map_err(|e| format!("opening it: {e}"))?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| format!("measuring it: {e}"))?;
+    let read = |offset: u64, len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)
+            .map(|()| buf)
+            .map_err(|e| format!("reading {len} bytes at offset {offset}: {e}"))
+    };
+    let head = read(0, HEAD_BYTES.min(size))?;
+    let tail_len = TAIL_BYTES.min(size);
+    let tail = read(size - tail_len, tail_len)?;
+    Ok((size, head, tail))
+}
+
+/// `wipefs --no-act`: every signature libblkid knows, anywhere it looks on the device.
+fn wipefs(dev: &Path) -> Result<Vec<Signature>, String> {
+    let out = std::process::Command::new("wipefs")
+        .args(["--no-act", "--json", "--output", "OFFSET,TYPE,LABEL,USAGE"])
+        .arg(dev)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running wipefs (util-linux) to look for signatures: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "wipefs could not probe it: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_wipefs_json(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The output of `wipefs --json --output OFFSET,TYPE,LABEL,USAGE` (empty when it found
+/// nothing: wipefs then prints no JSON at all).
+pub fn parse_wipefs_json(text: &str) -> Result<Vec<Signature>, String> {
+    #[derive(serde::Deserialize)]
+    struct Report {
+        signatures: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        offset: String,
+        #[serde(rename = "type")]
+        kind: String,
+        label: Option<String>,
+        usage: Option<String>,
+    }
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let report: Report =
+        serde_json::from_str(text).map_err(|e| format!("reading wipefs' report: {e}"))?;
+    report
+        .signatures
+        .into_iter()
+        .map(|e| {
+            let offset = e
+                .offset
+                .strip_prefix("0x")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("wipefs reported offset {:?}", e.offset))?;
+            Ok(Signature {
+                kind: e.kind,
+                offset,
+                usage: e.usage,
+                label: e.label.filter(|l| !l.is_empty()),
+            })
+        })
+        .collect()
+}
+
+/// GPT headers (primary at LBA 1, backup at the last LBA) and MBR partition records that
+/// libblkid did not report: it skips a backup GPT without a protective MBR, for one.
+fn table_signatures(
+    head: &[u8],
+    tail: &[u8],
+    size: u64,
+    sector: u32,
+    known: &[Signature],
+) -> Vec<Signature> {
+    let sector = u64::from(sector);
+    let reported = |offset: u64| known.iter().any(|s| s.offset == offset);
+    let table = |kind: &str, offset: u64| Signature {
+        kind: kind.to_string(),
+        offset,
+        usage: Some(PARTITION_TABLE_USAGE.to_string()),
+        label: None,
+    };
+    let mut found = Vec::new();
+    let at = |buf: &[u8], off: u64| buf.get(off as usize..off as usize + 8) == Some(b"EFI PART");
+    if at(head, sector) && !reported(sector) {
+        found.push(table("gpt", sector));
+    }
+    if size >= 2 * sector {
+        let last = size - sector;
+        let in_tail = last - (size - tail.len() as u64);
+        if at(tail, in_tail) && !reported(last) {
+            found.push(table("gpt", last));
+        }
+    }
+    let mbr_reported = known.iter().any(|s| s.offset == 0x1fe);
+    if !mbr_reported && head.len() >= 512 && head[510..512] == [0x55, 0xaa] {
+        let entries = &head[446..510];
+        if entries.chunks(16).any(|e| e[4] == 0xee) {
+            found.push(table("PMBR", 0x1fe));
+        } else if parse_mbr(head).is_some() {
+            found.push(table("dos", 0x1fe));
+        }
+    }
+    found
+}
+
+/// A signature for the first non-zero byte in the disk's ends, if any.
+fn unrecognised_data(head: &[u8], tail: &[u8], size: u64) -> Option<Signature> {
+    let offset = head
+        .iter()
+        .position(|&b| b != 0)
+        .map(|i| i as u64)
+        .or_else(|| {
+            tail.iter()
+                .position(|&b| b != 0)
+                .map(|i| size - tail.len() as u64 + i as u64)
+        })?;
+    Some(Signature {
+        kind: UNRECOGNISED_DATA.to_string(),
+        offset,
+        usage: None,
+        label: None,
+    })
+}
+
+/// The DOS partition table in `head`, with what is in each partition.
+fn mbr_table(dev: &Path, head: &[u8]) -> Option<PartitionTable> {
+    let partitions = parse_mbr(head)?
+        .into_iter()
+        .map(|(number, type_byte, start, len)| {
+            let fs = probe_at(dev, start * 512, len * 512);
+            ExistingPartition {
+                number,
+                name: None,
+                type_id: Some(format!("0x{type_byte:02x}")),
+                size_bytes: len * 512,
+                filesystem: fs.as_ref().map(|(t, _)| t.clone()),
+                label: fs.and_then(|(_, l)| l),
+            }
+        })
+        .collect();
+    Some(PartitionTable {
+        kind: PartitionTableKind::Dos,
+        partitions,
+    })
 }
 
 /// The GPT on `dev` (a disk or a disk image) with each partition's name, type and the file
@@ -279,12 +566,13 @@ pub fn read_gpt(dev: &Path, sector: u32) -> Option<PartitionTable> {
         .iter()
         .filter(|(_, p)| p.is_used())
         .map(|(n, p)| {
-            let fs = probe_at(dev, p.first_lba * u64::from(sector));
+            let len = (p.last_lba + 1 - p.first_lba) * u64::from(sector);
+            let fs = probe_at(dev, p.first_lba * u64::from(sector), len);
             ExistingPartition {
                 number: *n,
                 name: Some(p.name.clone()).filter(|s| !s.is_empty()),
                 type_id: Some(p.part_type_guid.guid.to_string().to_uppercase()),
-                size_bytes: (p.last_lba + 1 - p.first_lba) * u64::from(sector),
+                size_bytes: len,
                 filesystem: fs.as_ref().map(|(t, _)| t.clone()),
                 label: fs.and_then(|(_, l)| l),
             }
@@ -296,13 +584,25 @@ pub fn read_gpt(dev: &Path, sector: u32) -> Option<PartitionTable> {
     })
 }
 
-fn probe_at(dev: &Path, offset: u64) -> Option<(String, Option<String>)> {
-    use std::os::unix::fs::FileExt;
-    let f = fs::File::open(dev).ok()?;
-    let mut buf = vec![0u8; 68 * 1024];
-    let n = f.read_at(&mut buf, offset).ok()?;
-    buf.truncate(n);
-    probe_signature(&buf)
+/// libblkid's verdict (type, label) on the `len` bytes at `offset` of `dev`: `blkid -p` works
+/// at an offset, so partitions are probed where the kernel shows no partition devices.
+pub fn probe_at(dev: &Path, offset: u64, len: u64) -> Option<(String, Option<String>)> {
+    let out = std::process::Command::new("blkid")
+        .args(["--probe", "--output", "export", "--offset"])
+        .arg(offset.to_string())
+        .arg("--size")
+        .arg(len.to_string())
+        .arg(dev)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    Some((field("TYPE").or_else(|| field("PTTYPE"))?, field("LABEL")))
 }
 
 /// DOS partitions `(number, type, first sector, sectors)` from an MBR; `None` when the
@@ -327,65 +627,6 @@ pub fn parse_mbr(sector0: &[u8]) -> Option<Vec<(u32, u8, u64, u64)>> {
     }
     // A FAT boot sector also ends in 55 AA: only records that look like partitions count.
     (!parts.is_empty() && parts.iter().all(|p| p.2 > 0 && p.3 > 0)).then_some(parts)
-}
-
-/// The file system or volume signature at the start of `buf` (a device or partition), with
-/// its label when the format has one where it is cheap to read.
-pub fn probe_signature(buf: &[u8]) -> Option<(String, Option<String>)> {
-    let at = |off: usize, magic: &[u8]| buf.get(off..off + magic.len()) == Some(magic);
-    let label = |off: usize, len: usize| {
-        buf.get(off..off + len)
-            .map(|b| {
-                String::from_utf8_lossy(b)
-                    .trim_end_matches(['\0', ' '])
-                    .to_string()
-            })
-            .filter(|s| !s.is_empty() && s != "NO NAME")
-    };
-    let found = |t: &str, l: Option<String>| Some((t.to_string(), l));
-    if at(1024 + 56, &[0x53, 0xef]) {
-        // ext2/3/4: the journal and extent feature bits tell them apart.
-        let compat = buf
-            .get(1024 + 92..1024 + 96)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        let incompat = buf
-            .get(1024 + 96..1024 + 100)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        let kind = match (compat, incompat) {
-            (_, Some(i)) if i & 0x40 != 0 => "ext4",
-            (Some(c), _) if c & 0x4 != 0 => "ext3",
-            _ => "ext2",
-        };
-        return found(kind, label(1024 + 120, 16));
-    }
-    if at(0, b"hsqs") {
-        return found("squashfs", None);
-    }
-    if at(0, b"LUKS\xba\xbe") {
-        return found("crypto_LUKS", None);
-    }
-    if at(0, b"XFSB") {
-        return found("xfs", label(108, 12));
-    }
-    if at(0x10040, b"_BHRfS_M") {
-        return found("btrfs", label(0x1012b, 256));
-    }
-    if at(512 + 24, b"LVM2 001") || at(512, b"LABELONE") {
-        return found("LVM2_member", None);
-    }
-    if at(32769, b"CD001") {
-        return found("iso9660", label(32768 + 40, 32));
-    }
-    if at(4086, b"SWAPSPACE2") {
-        return found("swap", None);
-    }
-    if at(82, b"FAT32   ") {
-        return found("vfat", label(71, 11));
-    }
-    if at(54, b"FAT16   ") || at(54, b"FAT12   ") {
-        return found("vfat", label(43, 11));
-    }
-    None
 }
 
 fn read_nics() -> Vec<Nic> {
@@ -498,35 +739,167 @@ mod tests {
         assert_eq!(parse_mbr(&s), None);
     }
 
-    #[test]
-    fn signatures_of_real_file_systems() {
+    /// A 64 MiB image file prepared by `prep` (given its path), probed.
+    fn probe_image(prep: impl FnOnce(&Path)) -> Contents {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("fs.img");
-        let make = |args: &[&str]| {
-            std::fs::File::create(&img)
-                .unwrap()
-                .set_len(64 << 20)
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        prep(&img);
+        probe_contents(&img, 512)
+    }
+
+    fn tool(args: &[&str], img: &Path) {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .arg(img)
+            .output()
+            .unwrap_or_else(|e| panic!("{} (scripts/install-deps.sh): {e}", args[0]));
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn kinds(c: &Contents) -> Vec<(String, u64)> {
+        c.signatures
+            .iter()
+            .map(|s| (s.kind.clone(), s.offset))
+            .collect()
+    }
+
+    #[test]
+    fn blank_images_have_nothing_and_file_systems_are_named() {
+        assert_eq!(probe_image(|_| {}), Contents::default());
+        let c = probe_image(|img| tool(&["mke2fs", "-q", "-F", "-t", "ext4", "-L", "DATA"], img));
+        assert_eq!(kinds(&c), [("ext4".to_string(), 0x438)]);
+        assert_eq!(c.signatures[0].label.as_deref(), Some("DATA"));
+        assert_eq!(c.signatures[0].usage.as_deref(), Some("filesystem"));
+        let c = probe_image(|img| tool(&["mkfs.vfat", "-F", "32", "-n", "KILN_ESP"], img));
+        assert!(kinds(&c).iter().any(|(k, _)| k == "vfat"), "{c:?}");
+    }
+
+    #[test]
+    fn a_backup_gpt_alone_is_found() {
+        let c = probe_image(|img| {
+            tool(&["sgdisk", "-n", "1:2048:+8M", "-c", "1:DATA"], img);
+            // Zero the protective MBR and the primary header: only the backup is left.
+            let f = std::fs::File::options().write(true).open(img).unwrap();
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&[0u8; 1024], 0).unwrap();
+        });
+        assert_eq!(kinds(&c), [("gpt".to_string(), (64 << 20) - 512)], "{c:?}");
+        assert!(c.signatures[0].is_partition_table());
+    }
+
+    #[test]
+    fn bytes_nothing_recognises_are_data() {
+        let end = (64u64 << 20) - 3;
+        let c = probe_image(|img| {
+            let f = std::fs::File::options().write(true).open(img).unwrap();
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(b"abc", end).unwrap();
+        });
+        assert_eq!(kinds(&c), [(UNRECOGNISED_DATA.to_string(), end)]);
+    }
+
+    #[test]
+    fn missing_and_unreadable_disks_say_why() {
+        let c = probe_contents(Path::new("/nonexistent/disk"), 512);
+        assert!(
+            c.unreadable.as_deref().unwrap().starts_with("opening it:"),
+            "{c:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let c = probe_contents(dir.path(), 512);
+        assert!(c.unreadable.is_some(), "a directory is no disk: {c:?}");
+    }
+
+    #[test]
+    fn wipefs_reports_are_parsed() {
+        let text = r#"{"signatures": [
+            {"offset": "0x1018", "type": "bcache", "label": null, "usage": "other"},
+            {"offset": "0x0", "type": "crypto_LUKS", "label": "", "usage": "crypto"}]}"#;
+        let sigs = parse_wipefs_json(text).unwrap();
+        assert_eq!(sigs[0].offset, 0x1018);
+        assert_eq!(sigs[1].label, None);
+        assert_eq!(parse_wipefs_json(""), Ok(Vec::new()));
+        assert!(parse_wipefs_json(r#"{"signatures":[{"offset":"12","type":"x"}]}"#).is_err());
+    }
+
+    /// A fake sysfs: `dev/block/MAJ:MIN` links to device directories.
+    fn fake_sys(devices: &[(&str, &str, &[&str])]) -> tempfile::TempDir {
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(sys.path().join("dev/block")).unwrap();
+        for (majmin, path, slaves) in devices {
+            let dir = sys.path().join(path);
+            std::fs::create_dir_all(dir.join("slaves")).unwrap();
+            std::fs::write(dir.join("dev"), format!("{majmin}\n")).unwrap();
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            if path.starts_with("devices/pci") && !name.starts_with("loop") {
+                if dir.parent().unwrap().join("dev").exists() {
+                    std::fs::write(dir.join("partition"), "1").unwrap();
+                } else {
+                    std::fs::create_dir_all(dir.join("device")).unwrap();
+                }
+            }
+            for s in *slaves {
+                std::os::unix::fs::symlink(
+                    sys.path().join(s),
+                    dir.join("slaves").join(Path::new(s).file_name().unwrap()),
+                )
                 .unwrap();
-            let out = std::process::Command::new(args[0])
-                .args(&args[1..])
-                .arg(&img)
-                .output()
-                .unwrap_or_else(|e| panic!("{} (e2fsprogs, dosfstools): {e}", args[0]));
-            assert!(out.status.success(), "{:?}", out);
-            let mut buf = vec![0u8; 68 * 1024];
-            let n = std::fs::File::open(&img).unwrap().read(&mut buf).unwrap();
-            buf.truncate(n);
-            probe_signature(&buf)
-        };
+            }
+            std::os::unix::fs::symlink(&dir, sys.path().join("dev/block").join(majmin)).unwrap();
+        }
+        sys
+    }
+
+    #[test]
+    fn boot_medium_is_followed_to_the_physical_disks() {
+        let usb = "devices/pci0000:00/usb1/block/sdb";
+        let sys = fake_sys(&[
+            ("8:16", usb, &[]),
+            ("8:17", "devices/pci0000:00/usb1/block/sdb/sdb1", &[]),
+            ("8:32", "devices/pci0000:00/usb2/block/sdc", &[]),
+            (
+                "253:0",
+                "devices/virtual/block/dm-0",
+                &["devices/pci0000:00/usb1/block/sdb/sdb1"],
+            ),
+            (
+                "9:0",
+                "devices/virtual/block/md0",
+                &[
+                    "devices/virtual/block/dm-0",
+                    "devices/pci0000:00/usb2/block/sdc",
+                ],
+            ),
+            ("253:1", "devices/virtual/block/dm-1", &[]),
+            ("7:0", "devices/virtual/block/loop0", &[]),
+        ]);
+        let none = |_: &Path| None;
+        let disks = |mm| physical_disks(sys.path(), mm, &none);
+        assert_eq!(disks("8:17"), Ok(vec!["sdb".to_string()]));
+        assert_eq!(disks("253:0"), Ok(vec!["sdb".to_string()]));
+        assert_eq!(disks("9:0"), Ok(vec!["sdb".to_string(), "sdc".to_string()]));
         assert_eq!(
-            make(&["mke2fs", "-q", "-F", "-t", "ext4", "-L", "KILN_STATE"]),
-            Some(("ext4".into(), Some("KILN_STATE".into())))
+            disks("253:1"),
+            Err("dm-1 lists no devices under it".to_string())
         );
+        assert!(
+            disks("7:0")
+                .unwrap_err()
+                .contains("loop0: cannot read its backing file")
+        );
+        let loop_dir = sys.path().join("devices/virtual/block/loop0/loop");
+        std::fs::create_dir_all(&loop_dir).unwrap();
+        std::fs::write(loop_dir.join("backing_file"), "/medium/live.img\n").unwrap();
+        let on_sdb1 = |p: &Path| (p == Path::new("/medium/live.img")).then(|| "8:17".to_string());
         assert_eq!(
-            make(&["mkfs.vfat", "-F", "32", "-n", "KILN_ESP"]),
-            Some(("vfat".into(), Some("KILN_ESP".into())))
+            physical_disks(sys.path(), "7:0", &on_sdb1),
+            Ok(vec!["sdb".to_string()])
         );
-        assert_eq!(probe_signature(&vec![0u8; 70_000]), None);
+        assert!(disks("1:1").unwrap_err().contains("no entry in sysfs"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod esp;
 pub mod hardware;
 pub mod plan;
 pub mod power;
+pub mod preflight;
 pub mod source;
 pub mod stage1;
 pub mod statefs;

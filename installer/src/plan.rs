@@ -11,9 +11,13 @@
 //!    `only` refuses when more than one is left. Ties go to the device path in natural
 //!    order (`/dev/sda` < `/dev/sdb` < `/dev/sdaa`, `/dev/nvme2n1` < `/dev/nvme10n1`; see
 //!    `device_order`).
-//! 3. The disk's contents never influence the choice. A disk that is not blank is erased
-//!    only with consent: `install.wipe: always`, `install.wipe: kilnOnly` for a disk that
-//!    holds only an earlier kiln install, or `kiln install --wipe[=DISK]`.
+//! 3. The disk's contents never influence the choice. A disk that is not blank (anything
+//!    on it, or unreadable) is erased only with consent: `install.wipe: always`,
+//!    `install.wipe: kilnOnly` for a disk that holds only an earlier kiln install, or
+//!    `kiln install --wipe[=DISK]`. An unattended install takes only consent that names the
+//!    disk (`--wipe=DISK`, `kiln.wipe=DISK` on the kernel command line).
+//! 4. When the live medium could not be traced to a disk, no disk is picked unless the rules
+//!    name one by serial, WWN or by-id path without wildcards.
 
 use std::cmp::Ordering;
 
@@ -46,6 +50,11 @@ pub struct PlanOptions {
     /// The node's name from the inventory, for `{name}` in the host name pattern.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// The GPT disk GUID the install gives the disk; the boot entries pin stage-1 to it.
+    pub disk_guid: String,
+    /// No one is at the console: only consent naming the disk may erase data.
+    #[serde(default)]
+    pub unattended: bool,
 }
 
 /// The OS image to install: the root file system and the kernel and initrd that boot it.
@@ -74,8 +83,23 @@ pub enum WipeConsent {
     #[default]
     None,
     Any,
-    /// A device path or one of its `/dev/disk/by-id` links.
+    /// A device path, one of its `/dev/disk/by-id` links, its serial or its WWN.
     Disk(String),
+}
+
+impl WipeConsent {
+    /// Whether this consent names `disk`.
+    pub fn names(&self, disk: &Disk) -> bool {
+        match self {
+            WipeConsent::Disk(given) => {
+                *given == disk.dev_path
+                    || disk.by_id.contains(given)
+                    || disk.serial.as_ref() == Some(given)
+                    || disk.wwn.as_ref() == Some(given)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Everything the installer will do.
@@ -83,6 +107,8 @@ pub enum WipeConsent {
 #[serde(rename_all = "camelCase")]
 pub struct InstallPlan {
     pub disk: SelectedDisk,
+    /// The GPT disk GUID written to the disk and named on every boot entry (`kiln.disk=`).
+    pub disk_guid: String,
     /// Disks not chosen, each with why.
     pub rejected: Vec<DiskVerdict>,
     pub layout: Layout,
@@ -112,6 +138,8 @@ pub struct SelectedDisk {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
     /// Why this disk.
     pub reasons: Vec<String>,
     /// What is on it now and will be erased; empty for a blank disk.
@@ -204,6 +232,19 @@ pub enum PlanError {
     )]
     WipeNotConsented { disk: String, found: Vec<String> },
     #[error(
+        "refusing to erase {disk} in an unattended install, it holds: {}; only consent naming \
+         this disk erases it: kiln.wipe={disk} on the kernel command line, or kiln install \
+         --wipe={disk} at the console",
+        found.join("; ")
+    )]
+    UnattendedWipeNeedsDisk { disk: String, found: Vec<String> },
+    #[error(
+        "cannot tell which disk holds the live medium ({reason}), so no disk is picked \
+         automatically; name the target in spec.install.disk by serial, wwn or byIdPath \
+         (without wildcards)"
+    )]
+    BootMediumUnresolved { reason: String },
+    #[error(
         "--wipe={given} names a disk the rules did not select (they selected {selected}); nothing was erased"
     )]
     ConsentForOtherDisk { given: String, selected: String },
@@ -272,15 +313,25 @@ pub fn plan(
         .hostname_for(opts.node_name.as_deref(), hw.primary_mac().as_ref())
         .map_err(PlanError::Hostname)?;
 
+    if let Some(reason) = &hw.boot_medium_unresolved
+        && !pins_one_disk(&install.disk)
+    {
+        return Err(PlanError::BootMediumUnresolved {
+            reason: reason.clone(),
+        });
+    }
     let (disk, mut reasons, rejected) = choose_disk(&install.disk, &sizes, hw)?;
-    let (erases, wipe_consent) = check_consent(disk, install.wipe, &opts.wipe)?;
+    let (erases, wipe_consent) = check_consent(disk, install.wipe, &opts.wipe, opts.unattended)?;
     if erases.is_empty() {
         reasons.push("it is blank".into());
     }
     let layout = layout::compute(disk.size_bytes, disk.logical_sector_size, &sizes)
         .expect("choose_disk keeps only disks the layout fits");
 
-    let mut kernel_args = vec![Slot::A.kernel_arg()];
+    let mut kernel_args = vec![
+        Slot::A.kernel_arg(),
+        format!("{}={}", layout::DISK_KERNEL_ARG, opts.disk_guid),
+    ];
     kernel_args.extend(spec.kernel_args());
     let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
     let seed = seed_files(spec, &hostname);
@@ -296,6 +347,7 @@ pub fn plan(
         logical_sector_size: disk.logical_sector_size,
         model: disk.model.clone(),
         serial: disk.serial.clone(),
+        wwn: disk.wwn.clone(),
         reasons,
         erases,
         wipe_consent,
@@ -310,6 +362,7 @@ pub fn plan(
     );
     Ok(InstallPlan {
         disk: selected,
+        disk_guid: opts.disk_guid.clone(),
         rejected,
         layout,
         firmware: hw.firmware,
@@ -541,15 +594,24 @@ fn rules_summary(rules: &DiskRules) -> String {
     format!("meets the install rules: {}", held.join(", "))
 }
 
+/// Rules that can match one disk only: an exact serial, WWN or by-id path.
+fn pins_one_disk(rules: &DiskRules) -> bool {
+    let exact = |v: &Option<String>| {
+        v.as_deref()
+            .is_some_and(|v| !v.is_empty() && !v.contains(['*', '?', '[']))
+    };
+    exact(&rules.serial) || exact(&rules.wwn) || exact(&rules.by_id_path)
+}
+
 /// What will be erased and which consent allows it.
 fn check_consent(
     disk: &Disk,
     policy: WipePolicy,
     cli: &WipeConsent,
+    unattended: bool,
 ) -> Result<(Vec<String>, Option<String>), PlanError> {
     if let WipeConsent::Disk(given) = cli
-        && given != &disk.dev_path
-        && !disk.by_id.contains(given)
+        && !cli.names(disk)
     {
         return Err(PlanError::ConsentForOtherDisk {
             given: given.clone(),
@@ -560,6 +622,12 @@ fn check_consent(
         return Ok((Vec::new(), None));
     }
     let found = disk.contents();
+    if unattended && !cli.names(disk) {
+        return Err(PlanError::UnattendedWipeNeedsDisk {
+            disk: disk.dev_path.clone(),
+            found,
+        });
+    }
     let consent = match (cli, policy) {
         (WipeConsent::Disk(given), _) => Some(format!("--wipe={given}")),
         (WipeConsent::Any, _) => Some("--wipe".to_string()),

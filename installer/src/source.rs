@@ -1,10 +1,20 @@
 //! Where the installer finds the appliance spec and the image it installs: an explicit file,
 //! the spec embedded in the live medium, or `kiln.config=URL` on the kernel command line; the
-//! image next to the live kernel on the medium.
+//! image next to the live kernel on the medium, or, on a netbooted live system, the root image
+//! stage-1 fetched and verified plus the kernel and initrd fetched from the same place, each
+//! checked against the digest on the kernel command line before anything is written.
 
 use std::path::{Path, PathBuf};
 
+use kiln_spec::bootargs;
+
 use crate::hardware::MEDIUM_DIR;
+use crate::stage1::Cmdline;
+
+/// Where stage-1 keeps the root image it fetched over HTTP (and verified).
+pub const NETBOOT_ROOTFS: &str = "/run/kiln/rw/rootfs.squashfs";
+/// Where the installer keeps the kernel and initrd it fetches on a netbooted system.
+pub const FETCHED_DIR: &str = "/run/kiln/fetched";
 
 /// The spec embedded in the ISO, as mounted in the live system.
 pub fn medium_spec() -> PathBuf {
@@ -31,6 +41,114 @@ pub enum SourceError {
     NoSpec { medium: String },
     #[error("fetching {url}: {reason}")]
     Fetch { url: String, reason: String },
+    #[error("{url}: sha256 is {actual}, the build manifest says {expected}; nothing was written")]
+    Digest {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "the live system was netbooted from {root} but the kernel command line has no {arg}=HEX; \
+         refusing to install files that cannot be verified"
+    )]
+    NoDigest { root: String, arg: &'static str },
+}
+
+/// The boot files of a netbooted live system: where they are served and their digests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetbootImage {
+    /// The directory URL the root image came from (`http://10.0.0.1:8080/boot/MAC`).
+    pub base_url: String,
+    pub digests: bootargs::BootDigests,
+}
+
+/// The netboot source named on the kernel command line (`kiln.root=http://…` with the three
+/// digests), `None` when the live system did not come over the network.
+pub fn netboot_image(cmdline: &str) -> Result<Option<NetbootImage>, SourceError> {
+    let cmdline = Cmdline::parse(cmdline);
+    let Some(root) = cmdline
+        .get("kiln.root")
+        .filter(|r| r.starts_with("http://"))
+    else {
+        return Ok(None);
+    };
+    let digest = |arg: &'static str| {
+        cmdline
+            .get(arg)
+            .map(str::to_string)
+            .ok_or_else(|| SourceError::NoDigest {
+                root: root.to_string(),
+                arg,
+            })
+    };
+    Ok(Some(NetbootImage {
+        base_url: root
+            .rsplit_once('/')
+            .map_or(root, |(dir, _)| dir)
+            .to_string(),
+        digests: bootargs::BootDigests {
+            rootfs: digest(bootargs::ROOT_SHA256)?,
+            kernel: digest(bootargs::KERNEL_SHA256)?,
+            initrd: digest(bootargs::INITRD_SHA256)?,
+        },
+    }))
+}
+
+/// Disk consent from the kernel command line (`kiln.wipe=DISK`).
+pub fn wipe_consent(cmdline: &str) -> Option<String> {
+    Cmdline::parse(cmdline)
+        .get(bootargs::WIPE)
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+}
+
+/// Fetches `url` into `dest` while hashing it; a digest other than `sha256` removes the file
+/// and is an error naming both.
+pub fn fetch_verified(url: &str, sha256: &str, dest: &Path) -> Result<(), SourceError> {
+    use sha2::Digest;
+    use std::io::Write;
+    let fail = |reason: String| SourceError::Fetch {
+        url: url.to_string(),
+        reason,
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let actual = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .read_timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let mut resp = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status())));
+        }
+        let mut file = std::fs::File::create(dest)
+            .map_err(|e| fail(format!("creating {}: {e}", dest.display())))?;
+        let mut hasher = sha2::Sha256::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .map_err(|e| fail(format!("writing {}: {e}", dest.display())))?;
+        }
+        Ok(hex::encode(hasher.finalize()))
+    })?;
+    if !actual.eq_ignore_ascii_case(sha256) {
+        let _ = std::fs::remove_file(dest);
+        return Err(SourceError::Digest {
+            url: url.to_string(),
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    Ok(())
 }
 
 /// Decides where the spec comes from: `--spec`, then the medium's embedded spec (when it
@@ -46,10 +164,7 @@ pub fn spec_source(
     if medium_spec_exists {
         return Ok(SpecSource::File(medium_spec()));
     }
-    if let Some(url) = cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("kiln.config="))
-    {
+    if let Some(url) = Cmdline::parse(cmdline).get("kiln.config") {
         return Ok(SpecSource::Url(url.to_string()));
     }
     Err(SourceError::NoSpec {
@@ -59,7 +174,7 @@ pub fn spec_source(
 
 /// `true` when the kernel command line asks for an unattended install.
 pub fn unattended_requested(cmdline: &str) -> bool {
-    cmdline.split_whitespace().any(|w| w == "kiln.install=auto")
+    Cmdline::parse(cmdline).get("kiln.install") == Some("auto")
 }
 
 /// Fetches a spec over HTTP(S).
@@ -115,6 +230,57 @@ mod tests {
         assert!(err.contains("--spec FILE"), "{err}");
         assert!(unattended_requested(cmd));
         assert!(!unattended_requested("kiln.install=manual"));
+    }
+
+    #[test]
+    fn netboot_sources_need_every_digest() {
+        let sha = |c: char| c.to_string().repeat(64);
+        let line = format!(
+            "kiln.root=http://10.0.0.1:8080/boot/52-54-00-00-00-01/rootfs.squashfs \
+             kiln.root.sha256={} kiln.kernel.sha256={} kiln.initrd.sha256={} kiln.wipe=/dev/vdb",
+            sha('a'),
+            sha('b'),
+            sha('c')
+        );
+        let img = netboot_image(&line).unwrap().unwrap();
+        assert_eq!(img.base_url, "http://10.0.0.1:8080/boot/52-54-00-00-00-01");
+        assert_eq!(img.digests.kernel, sha('b'));
+        assert_eq!(wipe_consent(&line).as_deref(), Some("/dev/vdb"));
+        let err = netboot_image(&line.replace("kiln.initrd.sha256", "x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no kiln.initrd.sha256=HEX"), "{err}");
+        assert_eq!(netboot_image("kiln.root=live:KILN_LIVE").unwrap(), None);
+        assert_eq!(wipe_consent("quiet kiln.wipe="), None);
+    }
+
+    #[test]
+    fn fetches_are_verified() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nkernel",
+                )
+                .unwrap();
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("vmlinuz");
+        let url = format!("http://{addr}/vmlinuz");
+        let wrong = "0".repeat(64);
+        let err = fetch_verified(&url, &wrong, &dest).unwrap_err();
+        let SourceError::Digest { actual, .. } = err else {
+            panic!("{err}")
+        };
+        assert!(!dest.exists(), "a file that failed its digest is removed");
+        fetch_verified(&url, &actual, &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"kernel");
     }
 
     #[test]

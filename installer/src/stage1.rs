@@ -7,10 +7,13 @@
 //! Root sources, chosen by [`root_source`]:
 //! - `kiln.root=live:LABEL`: the ISO9660 medium with that volume label (CD or USB stick),
 //!   which carries `/live/rootfs.squashfs`; writes go to a tmpfs.
-//! - `kiln.root=http://HOST/…/rootfs.squashfs`: fetched over HTTP into a tmpfs after a DHCP
-//!   lease on the first NIC that gets one; writes go to a tmpfs.
-//! - `kiln.slot=A|B`: an installed disk; the squashfs slot is the GPT partition named
-//!   `KILN_A`/`KILN_B`, writes go to the ext4 partition named `KILN_STATE`.
+//! - `kiln.root=http://HOST/…/rootfs.squashfs` with `kiln.root.sha256=HEX`: fetched over HTTP
+//!   into a tmpfs after a DHCP lease on the first NIC that gets one and verified against the
+//!   digest (the build manifest's, put there by whoever wrote the boot script); writes go to a
+//!   tmpfs. Without a digest, or on a mismatch, nothing is mounted.
+//! - `kiln.slot=A|B` with `kiln.disk=GUID`: an installed disk; the squashfs slot is the GPT
+//!   partition named `KILN_A`/`KILN_B`, writes go to the ext4 partition named `KILN_STATE`,
+//!   both on the disk whose GPT disk GUID is GUID and on no other.
 //!
 //! Everything that decides is a pure function with unit tests; [`run`] only does the IO.
 
@@ -21,6 +24,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_spec::{bootargs, layout};
 use thiserror::Error;
 
 mod net;
@@ -63,6 +67,21 @@ pub enum Stage1Error {
     Timeout { what: String, secs: u64 },
     #[error("fetching the root image: {0}")]
     Fetch(String),
+    #[error(
+        "kiln.root={0} has no kiln.root.sha256=HEX beside it; refusing to boot an unverified image"
+    )]
+    NoDigest(String),
+    #[error("{url}: sha256 is {actual}, the build manifest says {expected}; nothing was mounted")]
+    Digest {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "kiln.slot is given without kiln.disk=GUID naming the installed disk; refusing to guess \
+         among the machine's disks"
+    )]
+    NoDisk,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Stage1Error {
@@ -155,10 +174,11 @@ impl Slot {
 pub enum RootSource {
     /// ISO9660 medium found by volume label; tmpfs overlay.
     Live { label: String },
-    /// squashfs fetched over HTTP into tmpfs; tmpfs overlay.
-    Http { url: String },
-    /// Installed slot partition; overlay on `KILN_STATE`.
-    Installed { slot: Slot },
+    /// squashfs fetched over HTTP into tmpfs and checked against `sha256`; tmpfs overlay.
+    Http { url: String, sha256: String },
+    /// Installed slot partition; overlay on `KILN_STATE`; both on the disk with GPT disk
+    /// GUID `disk`.
+    Installed { slot: Slot, disk: uuid::Uuid },
 }
 
 /// Decides the root source from the command line. `kiln.root` wins over `kiln.slot`, so a live
@@ -173,18 +193,37 @@ pub fn root_source(cmdline: &Cmdline) -> Result<RootSource, Stage1Error> {
             });
         }
         if root.starts_with("http://") && root.len() > "http://".len() {
+            let sha256 = cmdline
+                .get(bootargs::ROOT_SHA256)
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| Stage1Error::NoDigest(root.to_string()))?;
             return Ok(RootSource::Http {
                 url: root.to_string(),
+                sha256: sha256.to_string(),
             });
         }
         return Err(Stage1Error::BadRoot(root.to_string()));
     }
-    match cmdline.get("kiln.slot") {
-        Some("A" | "a") => Ok(RootSource::Installed { slot: Slot::A }),
-        Some("B" | "b") => Ok(RootSource::Installed { slot: Slot::B }),
-        Some(other) => Err(Stage1Error::BadSlot(other.to_string())),
-        None => Err(Stage1Error::NoRoot),
+    let slot = match cmdline.get(layout::SLOT_KERNEL_ARG) {
+        Some("A" | "a") => Slot::A,
+        Some("B" | "b") => Slot::B,
+        Some(other) => return Err(Stage1Error::BadSlot(other.to_string())),
+        None => return Err(Stage1Error::NoRoot),
+    };
+    let disk = cmdline
+        .get(layout::DISK_KERNEL_ARG)
+        .and_then(|g| g.parse().ok())
+        .ok_or(Stage1Error::NoDisk)?;
+    Ok(RootSource::Installed { slot, disk })
+}
+
+/// The disk GUID in a GPT header (the sector at LBA 1), if `header` is one.
+pub fn gpt_disk_guid(header: &[u8]) -> Option<uuid::Uuid> {
+    if header.get(..8)? != b"EFI PART" {
+        return None;
     }
+    let bytes: [u8; 16] = header.get(56..72)?.try_into().ok()?;
+    Some(uuid::Uuid::from_bytes_le(bytes))
 }
 
 /// The module name the kernel uses for a module file (`kernel/drivers/usb/storage/usb-storage.ko`
@@ -443,21 +482,27 @@ fn prepare_root(source: &RootSource) -> Result<Prepared, Stage1Error> {
             mount_ro(&loopdev, RO, "squashfs")?;
             mount_tmpfs(RW)?;
         }
-        RootSource::Http { url } => {
+        RootSource::Http { url, sha256 } => {
             mount_tmpfs(RW)?;
             let image = Path::new(RW).join("rootfs.squashfs");
-            net::fetch_root(url, &image)?;
+            net::fetch_root(url, sha256, &image)?;
             let loopdev = loop_attach(&image)?;
             mount_ro(&loopdev, RO, "squashfs")?;
         }
-        RootSource::Installed { slot } => {
+        RootSource::Installed { slot, disk } => {
             let name = slot.partname();
-            say(&format!("looking for partition {name}"));
-            let dev = wait_for(&format!("partition {name}"), || find_partition(name))?;
-            mount_ro(&dev, RO, "squashfs")?;
-            let state = wait_for(&format!("partition {STATE_PARTNAME}"), || {
-                find_partition(STATE_PARTNAME)
+            say(&format!(
+                "looking for partition {name} on the disk with GPT GUID {disk}"
+            ));
+            let dev = wait_for(&format!("partition {name} on disk {disk}"), || {
+                find_partition(disk, name)
             })?;
+            say(&format!("found {name} on {}", dev.display()));
+            mount_ro(&dev, RO, "squashfs")?;
+            let state = wait_for(
+                &format!("partition {STATE_PARTNAME} on disk {disk}"),
+                || find_partition(disk, STATE_PARTNAME),
+            )?;
             nix::mount::mount(
                 Some(&state),
                 RW,
@@ -529,10 +574,31 @@ fn find_iso_by_label(label: &str) -> Option<PathBuf> {
     })
 }
 
-fn find_partition(name: &str) -> Option<PathBuf> {
-    block_devices()
-        .into_iter()
-        .find_map(|(dev, part)| (part.as_deref() == Some(name)).then_some(dev))
+/// The partition named `name` on the whole disk whose GPT disk GUID is `disk`.
+fn find_partition(disk: &uuid::Uuid, name: &str) -> Option<PathBuf> {
+    let whole = block_devices().into_iter().find_map(|(dev, part)| {
+        if part.is_some() {
+            return None;
+        }
+        let f = fs::File::open(&dev).ok()?;
+        // LBA 1 on 512- and 4096-byte sector disks.
+        [512u64, 4096].iter().find_map(|&lba1| {
+            use std::os::unix::fs::FileExt;
+            let mut header = [0u8; 92];
+            f.read_exact_at(&mut header, lba1).ok()?;
+            (gpt_disk_guid(&header)? == *disk).then(|| dev.clone())
+        })
+    })?;
+    let disk_name = whole.file_name()?.to_string_lossy().into_owned();
+    // Partitions of a disk are the sysfs children of its directory.
+    let sys = Path::new("/sys/class/block").join(&disk_name);
+    fs::read_dir(&sys).ok()?.flatten().find_map(|e| {
+        let uevent = fs::read_to_string(e.path().join("uevent")).ok()?;
+        match uevent_names(&uevent) {
+            (Some(dev), Some(part)) if part == name => Some(PathBuf::from("/dev").join(dev)),
+            _ => None,
+        }
+    })
 }
 
 fn mount_ro(dev: &Path, dir: &str, fstype: &str) -> Result<(), Stage1Error> {
@@ -690,16 +756,34 @@ mod tests {
                 label: "KILN_LIVE".into()
             }
         );
+        let sha = "ab".repeat(32);
         assert_eq!(
-            rs("kiln.root=http://10.0.0.1:8080/pxe/rootfs.squashfs").unwrap(),
+            rs(&format!(
+                "kiln.root=http://10.0.0.1:8080/pxe/rootfs.squashfs kiln.root.sha256={sha}"
+            ))
+            .unwrap(),
             RootSource::Http {
-                url: "http://10.0.0.1:8080/pxe/rootfs.squashfs".into()
+                url: "http://10.0.0.1:8080/pxe/rootfs.squashfs".into(),
+                sha256: sha.clone(),
             }
         );
+        assert!(matches!(
+            rs("kiln.root=http://10.0.0.1/rootfs.squashfs"),
+            Err(Stage1Error::NoDigest(_))
+        ));
+        assert!(matches!(
+            rs("kiln.root=http://10.0.0.1/rootfs.squashfs kiln.root.sha256=abc"),
+            Err(Stage1Error::NoDigest(_))
+        ));
+        let guid = "6f1c2a3b-0000-4000-8000-0123456789ab";
         assert_eq!(
-            rs("kiln.slot=B").unwrap(),
-            RootSource::Installed { slot: Slot::B }
+            rs(&format!("kiln.slot=B kiln.disk={guid}")).unwrap(),
+            RootSource::Installed {
+                slot: Slot::B,
+                disk: guid.parse().unwrap()
+            }
         );
+        assert!(matches!(rs("kiln.slot=A"), Err(Stage1Error::NoDisk)));
         assert_eq!(
             rs("kiln.slot=A kiln.root=live:X").unwrap(),
             RootSource::Live { label: "X".into() },
@@ -767,6 +851,18 @@ kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kerne
         pvd[1] = b'X';
         assert_eq!(iso9660_volume_id(&pvd), None);
         assert_eq!(iso9660_volume_id(&[1, b'C']), None);
+    }
+
+    #[test]
+    fn gpt_headers_name_their_disk() {
+        let guid: uuid::Uuid = "6f1c2a3b-1122-4334-8556-0123456789ab".parse().unwrap();
+        let mut header = vec![0u8; 92];
+        header[..8].copy_from_slice(b"EFI PART");
+        header[56..72].copy_from_slice(&guid.to_bytes_le());
+        assert_eq!(gpt_disk_guid(&header), Some(guid));
+        header[0] = b'X';
+        assert_eq!(gpt_disk_guid(&header), None);
+        assert_eq!(gpt_disk_guid(b"EFI PART"), None);
     }
 
     #[test]

@@ -101,7 +101,8 @@ fn fixture(firmware: Firmware, kernel: Option<&Path>) -> Fixture {
             read_only: false,
             holds_boot_medium: false,
             partition_table: None,
-            signature: None,
+            signatures: vec![],
+            unreadable: None,
         }],
         nics: vec![Nic {
             name: "ens3".into(),
@@ -109,6 +110,7 @@ fn fixture(firmware: Firmware, kernel: Option<&Path>) -> Fixture {
         }],
         memory_bytes: 1 << 30,
         cpus: 1,
+        boot_medium_unresolved: None,
     };
     let opts = PlanOptions {
         image: ImageSource {
@@ -118,6 +120,8 @@ fn fixture(firmware: Firmware, kernel: Option<&Path>) -> Fixture {
         },
         wipe: WipeConsent::None,
         node_name: None,
+        disk_guid: uuid::Uuid::new_v4().to_string(),
+        unattended: false,
     };
     let plan = plan::plan(&spec, &hw, &opts).unwrap();
     let image_bytes = std::fs::read(&image).unwrap();

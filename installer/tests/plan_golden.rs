@@ -1,6 +1,6 @@
 //! Golden tests of the install planner, one directory per case under `tests/golden/`:
 //! `spec.yaml` (appliance spec), `hardware.json` (frozen hardware snapshot), optional
-//! `options.json` (command-line consent, node name), and the committed result: `expected.json`
+//! `options.json` (command-line consent, node name, unattended), and the committed result: `expected.json`
 //! (the plan) or `expected-error.txt` (the message the user sees).
 //! `KILN_BLESS=1 cargo test -p kiln-installer --test plan_golden` rewrites the results.
 
@@ -17,7 +17,12 @@ struct CaseOptions {
     wipe: WipeConsent,
     node_name: Option<String>,
     rootfs_size_bytes: Option<u64>,
+    #[serde(default)]
+    unattended: bool,
 }
+
+/// Every case's disk GUID (the CLI makes a random one).
+const DISK_GUID: &str = "6b696c6e-0000-4000-8000-000000000001";
 
 fn image(rootfs_size: Option<u64>) -> ImageSource {
     let art = |path: &str, size_bytes: u64, sha: &str| Artifact {
@@ -61,6 +66,8 @@ fn run_case(dir: &Path) -> Result<(), String> {
         image: image(case.rootfs_size_bytes),
         wipe: case.wipe,
         node_name: case.node_name,
+        disk_guid: DISK_GUID.into(),
+        unattended: case.unattended,
     };
     let (name, actual, other) = match plan(&spec, &hw, &opts) {
         Ok(p) => (

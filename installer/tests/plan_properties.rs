@@ -1,13 +1,14 @@
 //! Safety properties of the install planner over generated machines: whatever the disks,
 //! rules and consent, a plan never targets the boot medium, a read-only or unwanted
-//! removable disk, a disk too small, or a disk holding data without consent; the choice
+//! removable disk, a disk too small, or a disk holding data (or unreadable) without consent,
+//! and unattended never without consent naming the disk; the choice
 //! does not depend on the order the disks were found in; a refusal explains every disk.
 
 use kiln_installer::plan::{Artifact, ImageSource, PlanError, PlanOptions, WipeConsent, plan};
 use kiln_spec::appliance::WipePolicy;
 use kiln_spec::hardware::{
     Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PartitionTable, PartitionTableKind,
-    Transport,
+    Signature, Transport, UNRECOGNISED_DATA,
 };
 use kiln_spec::layout::{self, LayoutSizes};
 use kiln_spec::{Appliance, ProfileName};
@@ -15,7 +16,9 @@ use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
 
-fn contents() -> impl Strategy<Value = (Option<PartitionTable>, Option<String>)> {
+type Contents = (Option<PartitionTable>, Vec<Signature>, Option<String>);
+
+fn contents() -> impl Strategy<Value = Contents> {
     let part = |n: u32, name: &str| ExistingPartition {
         number: n,
         name: Some(name.to_string()),
@@ -36,11 +39,28 @@ fn contents() -> impl Strategy<Value = (Option<PartitionTable>, Option<String>)>
         kind: PartitionTableKind::Gpt,
         partitions: vec![part(1, "data")],
     };
+    let sig = |kind: &str, usage: &str| Signature {
+        kind: kind.to_string(),
+        offset: 0x218,
+        usage: Some(usage.to_string()),
+        label: None,
+    };
     prop_oneof![
-        Just((None, None)),
-        Just((Some(kiln), None)),
-        Just((Some(data), None)),
-        Just((None, Some("LVM2_member".to_string()))),
+        Just((None, vec![], None)),
+        Just((
+            Some(kiln.clone()),
+            vec![sig("gpt", "partition-table")],
+            None
+        )),
+        Just((Some(kiln), vec![sig("linux_raid_member", "raid")], None)),
+        Just((Some(data), vec![], None)),
+        Just((None, vec![sig("LVM2_member", "raid")], None)),
+        Just((None, vec![sig(UNRECOGNISED_DATA, "other")], None)),
+        Just((
+            None,
+            vec![],
+            Some("reading 4194304 bytes at offset 0: I/O error".to_string())
+        )),
     ]
 }
 
@@ -58,7 +78,13 @@ fn disk(i: usize) -> impl Strategy<Value = Disk> {
         contents(),
     )
         .prop_map(
-            move |(gib, sector, (rot, removable, ro, boot), transport, (table, sig))| Disk {
+            move |(
+                gib,
+                sector,
+                (rot, removable, ro, boot),
+                transport,
+                (table, sigs, unreadable),
+            )| Disk {
                 dev_path: format!("/dev/vd{}", (b'a' + i as u8) as char),
                 by_id: vec![format!("/dev/disk/by-id/virtio-disk{i}")],
                 size_bytes: gib * GIB,
@@ -72,7 +98,8 @@ fn disk(i: usize) -> impl Strategy<Value = Disk> {
                 read_only: ro,
                 holds_boot_medium: boot,
                 partition_table: table,
-                signature: sig,
+                signatures: sigs,
+                unreadable,
             },
         )
 }
@@ -89,10 +116,11 @@ fn machine() -> impl Strategy<Value = HardwareInventory> {
             }],
             memory_bytes: 4 * GIB,
             cpus: 2,
+            boot_medium_unresolved: None,
         })
 }
 
-fn setup() -> impl Strategy<Value = (Appliance, WipeConsent)> {
+fn setup() -> impl Strategy<Value = (Appliance, WipeConsent, bool)> {
     let policy = prop::sample::select(vec![
         WipePolicy::Never,
         WipePolicy::KilnOnly,
@@ -103,18 +131,20 @@ fn setup() -> impl Strategy<Value = (Appliance, WipeConsent)> {
         Just(WipeConsent::Any),
         (0usize..6).prop_map(|i| WipeConsent::Disk(format!("/dev/vd{}", (b'a' + i as u8) as char))),
     ];
-    (policy, any::<bool>(), any::<bool>(), consent).prop_map(|(policy, removable, ssd, consent)| {
-        let mut spec = Appliance::profile(ProfileName::Test);
-        spec.spec.install.wipe = policy;
-        spec.spec.install.disk.allow_removable = removable;
-        if ssd {
-            spec.spec.install.disk.rotational = Some(false);
-        }
-        (spec, consent)
-    })
+    (policy, any::<bool>(), any::<bool>(), consent, any::<bool>()).prop_map(
+        |(policy, removable, ssd, consent, unattended)| {
+            let mut spec = Appliance::profile(ProfileName::Test);
+            spec.spec.install.wipe = policy;
+            spec.spec.install.disk.allow_removable = removable;
+            if ssd {
+                spec.spec.install.disk.rotational = Some(false);
+            }
+            (spec, consent, unattended)
+        },
+    )
 }
 
-fn opts(wipe: WipeConsent) -> PlanOptions {
+fn opts(wipe: WipeConsent, unattended: bool) -> PlanOptions {
     let art = |p: &str, size| Artifact {
         path: p.into(),
         size_bytes: size,
@@ -128,6 +158,8 @@ fn opts(wipe: WipeConsent) -> PlanOptions {
         },
         wipe,
         node_name: None,
+        disk_guid: "6b696c6e-0000-4000-8000-000000000001".into(),
+        unattended,
     }
 }
 
@@ -135,8 +167,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
-    fn plans_never_break_the_safety_rules((spec, consent) in setup(), hw in machine()) {
-        let result = plan(&spec, &hw, &opts(consent.clone()));
+    fn plans_never_break_the_safety_rules((spec, consent, unattended) in setup(), hw in machine()) {
+        let result = plan(&spec, &hw, &opts(consent.clone(), unattended));
         match &result {
             Ok(p) => {
                 let d = hw.disks.iter().find(|d| d.dev_path == p.disk.dev_path).unwrap();
@@ -148,6 +180,9 @@ proptest! {
                 prop_assert!(d.size_bytes >= layout::required_disk_bytes(&sizes, d.logical_sector_size));
                 if !d.is_blank() {
                     let consented = match &consent {
+                        // Unattended, only consent naming the disk counts.
+                        WipeConsent::Disk(p) if unattended => *p == d.dev_path,
+                        _ if unattended => false,
                         WipeConsent::Any => true,
                         WipeConsent::Disk(p) => *p == d.dev_path,
                         WipeConsent::None => match spec.spec.install.wipe {
@@ -176,7 +211,7 @@ proptest! {
         // The order disks are found in does not change the outcome.
         let mut reversed = hw.clone();
         reversed.disks.reverse();
-        let again = plan(&spec, &reversed, &opts(consent));
+        let again = plan(&spec, &reversed, &opts(consent, unattended));
         prop_assert_eq!(
             result.map(|p| p.disk.dev_path),
             again.map(|p| p.disk.dev_path)

@@ -4,38 +4,11 @@
 use std::io::Read;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{BuildError, Result};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Artifact {
-    /// Path relative to the output directory.
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub kiln_version: String,
-    pub spec_sha256: String,
-    pub suite: String,
-    pub mirror: String,
-    pub kernel: String,
-    pub kernel_args: Vec<String>,
-    pub rootfs_cache_key: String,
-    pub artifacts: Vec<Artifact>,
-    pub packages: Vec<Package>,
-}
+pub use kiln_spec::manifest::{Artifact, Manifest, Package};
 
 /// Installed packages from a dpkg `status` file, sorted by name.
 pub fn parse_dpkg_status(status: &str) -> Vec<Package> {

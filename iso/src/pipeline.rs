@@ -12,6 +12,8 @@ use crate::cache::{Cache, rootfs_key};
 use crate::error::{BuildError, Result};
 use crate::initramfs::{self, STAGE1_MODULES};
 use crate::inputs::BuildInputs;
+use kiln_spec::bootargs::{self, BootDigests};
+
 use crate::manifest::{self, Manifest};
 use crate::progress::{Reporter, StepTiming};
 use crate::{LIVE_LABEL, iso, overlay, pxe, rootfs, squashfs, trim};
@@ -170,22 +172,36 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     iso::make_iso(&tree, &stage.join("kiln.iso"), LIVE_LABEL, &pb)?;
     rep.done(&pb, "iso", t, format!("label {LIVE_LABEL}"));
 
-    // 7. PXE script, manifest.
-    std::fs::write(
-        pxe_dir.join("boot.ipxe"),
-        pxe::boot_ipxe(&inputs.kernel_args),
-    )
-    .map_err(BuildError::io("writing boot.ipxe"))?;
+    // 7. Manifest digests, the PXE script carrying the boot files' digests, manifest.
     std::fs::remove_dir_all(&work).map_err(BuildError::io("removing the work directory"))?;
     let t = Instant::now();
     let pb = rep.spinner("manifest");
-    let artifacts = ARTIFACTS
-        .iter()
-        .map(|a| {
-            pb.set_message(format!("sha256 {a}"));
-            manifest::artifact(stage, a)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let hash = |a: &&str| {
+        pb.set_message(format!("sha256 {a}"));
+        manifest::artifact(stage, a)
+    };
+    let (scripts, files): (Vec<&str>, Vec<&str>) =
+        ARTIFACTS.iter().partition(|a| **a == pxe::SCRIPT_PATH);
+    let mut artifacts = files.iter().map(hash).collect::<Result<Vec<_>>>()?;
+    let digest = |path: &str| {
+        artifacts
+            .iter()
+            .find(|a| a.path == path)
+            .map(|a| a.sha256.clone())
+            .expect("the PXE files are artifacts")
+    };
+    let digests = BootDigests {
+        rootfs: digest(bootargs::PXE_ROOTFS),
+        kernel: digest(bootargs::PXE_KERNEL),
+        initrd: digest(bootargs::PXE_INITRD),
+    };
+    std::fs::write(
+        stage.join(pxe::SCRIPT_PATH),
+        pxe::boot_ipxe(&inputs.kernel_args, &digests),
+    )
+    .map_err(BuildError::io("writing boot.ipxe"))?;
+    artifacts.extend(scripts.iter().map(hash).collect::<Result<Vec<_>>>()?);
+    artifacts.sort_by_key(|a| ARTIFACTS.iter().position(|p| *p == a.path));
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         spec_sha256: manifest::sha256_hex(inputs.spec_yaml.as_bytes()),

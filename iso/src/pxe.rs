@@ -2,10 +2,17 @@
 //! chains the script, else the directory the script was fetched from (`${cwduri}`), so the
 //! bundle can be served from any HTTP path unchanged.
 
-/// The kernel arguments on the network boot: root from HTTP, unattended install.
-pub fn boot_ipxe(extra_args: &[String]) -> String {
+use kiln_spec::bootargs::BootDigests;
+
+/// Where the script sits in a build's output directory.
+pub const SCRIPT_PATH: &str = "pxe/boot.ipxe";
+
+/// The kernel arguments on the network boot: root from HTTP with the digests of the boot
+/// files from the build, unattended install.
+pub fn boot_ipxe(extra_args: &[String], digests: &BootDigests) -> String {
     let args = format!(
-        "initrd=initrd.img kiln.root=${{base}}/rootfs.squashfs kiln.install=auto {}",
+        "initrd=initrd.img kiln.root=${{base}}/rootfs.squashfs {} kiln.install=auto {}",
+        digests.kernel_args(),
         crate::iso::boot_args(extra_args)
     );
     format!(
@@ -20,8 +27,15 @@ pub fn boot_ipxe(extra_args: &[String]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn boot_script_matches_golden() {
-        crate::golden::check("boot.ipxe", &super::boot_ipxe(&["quiet".to_string()]));
+        let digests = BootDigests {
+            rootfs: "a".repeat(64),
+            kernel: "b".repeat(64),
+            initrd: "c".repeat(64),
+        };
+        crate::golden::check("boot.ipxe", &boot_ipxe(&["quiet".to_string()], &digests));
     }
 }

@@ -20,6 +20,11 @@ pub struct HardwareInventory {
     pub memory_bytes: u64,
     #[serde(default)]
     pub cpus: u32,
+    /// Set when the live system was booted from a local medium that could not be traced to a
+    /// physical disk (say, behind device-mapper or multipath): why. The planner then picks no
+    /// disk on its own, since it cannot rule out the medium.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_medium_unresolved: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -68,9 +73,43 @@ pub struct Disk {
     /// The partition table found on the disk, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_table: Option<PartitionTable>,
-    /// A file system or other signature on the whole disk (`iso9660`, `LVM2_member`, …).
+    /// Every signature libblkid (and kiln's own look at both GPT headers and the MBR) found on
+    /// the whole disk: file systems, RAID and volume-manager members, partition tables, or data
+    /// nothing recognised.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<Signature>,
+    /// Why the disk could not be read; such a disk counts as in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signature: Option<String>,
+    pub unreadable: Option<String>,
+}
+
+/// One signature on a disk, as `wipefs --no-act` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Signature {
+    /// libblkid's name (`ext4`, `ceph_bluestore`, `linux_raid_member`, `gpt`, …), or
+    /// [`UNRECOGNISED_DATA`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// libblkid's usage class (`filesystem`, `raid`, `crypto`, `partition-table`, `other`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// The signature kind for bytes that are not zero where a blank disk has zeros, when nothing
+/// recognised them.
+pub const UNRECOGNISED_DATA: &str = "unrecognised data";
+/// libblkid's usage class of partition tables.
+pub const PARTITION_TABLE_USAGE: &str = "partition-table";
+
+impl Signature {
+    pub fn is_partition_table(&self) -> bool {
+        self.usage.as_deref() == Some(PARTITION_TABLE_USAGE)
+    }
 }
 
 fn default_sector() -> u32 {
@@ -120,13 +159,18 @@ pub struct Nic {
 }
 
 impl Disk {
-    /// Nothing on it: no partition table and no whole-disk signature.
+    /// Readable, and nothing on it: no partition table, no signature, no unrecognised data.
+    /// Anything else is in use.
     pub fn is_blank(&self) -> bool {
-        self.partition_table.is_none() && self.signature.is_none()
+        self.unreadable.is_none() && self.partition_table.is_none() && self.signatures.is_empty()
     }
 
-    /// Carries a GPT whose partitions all have kiln's names (an earlier kiln install).
+    /// Carries a GPT whose partitions all have kiln's names (an earlier kiln install) and
+    /// nothing else on the whole disk but partition tables.
     pub fn carries_kiln_layout(&self) -> bool {
+        if self.unreadable.is_some() || !self.signatures.iter().all(Signature::is_partition_table) {
+            return false;
+        }
         match &self.partition_table {
             Some(t) if t.kind == PartitionTableKind::Gpt && !t.partitions.is_empty() => {
                 t.partitions.iter().all(|p| {
@@ -142,8 +186,21 @@ impl Disk {
     /// What is on the disk, for messages: `["GPT with 2 partitions: 1 EFI (vfat, 512.0 MiB), 2 data (ext4, 9.5 GiB)"]`.
     pub fn contents(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(sig) = &self.signature {
-            out.push(format!("{sig} signature on the whole disk"));
+        if let Some(why) = &self.unreadable {
+            out.push(format!("unreadable ({why}), so it counts as in use"));
+        }
+        // Partition tables are described below with their partitions.
+        let table_found = self.partition_table.is_some();
+        for sig in &self.signatures {
+            if table_found && sig.is_partition_table() {
+                continue;
+            }
+            let label = sig
+                .label
+                .as_deref()
+                .map(|l| format!(" labelled {l:?}"))
+                .unwrap_or_default();
+            out.push(format!("{}{label} at offset {:#x}", sig.kind, sig.offset));
         }
         if let Some(t) = &self.partition_table {
             let kind = match t.kind {

@@ -48,6 +48,9 @@ const GPT_ENTRIES_BYTES: u64 = 128 * 128;
 
 /// The kernel argument that tells kiln's initramfs which slot to boot: `kiln.slot=A`.
 pub const SLOT_KERNEL_ARG: &str = "kiln.slot";
+/// Kernel argument naming the GPT disk GUID of the installed disk: stage-1 mounts the slot and
+/// `KILN_STATE` from that disk only, whatever other kiln disks the machine holds.
+pub const DISK_KERNEL_ARG: &str = "kiln.disk";
 
 /// One of the two OS slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]

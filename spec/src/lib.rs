@@ -4,6 +4,7 @@
 //! JSON schema of the documents. Nothing here touches disks, networks or processes.
 
 pub mod appliance;
+pub mod bootargs;
 mod check;
 pub mod document;
 pub mod errors;
@@ -12,6 +13,7 @@ pub mod hardware;
 pub mod host;
 pub mod inventory;
 pub mod layout;
+pub mod manifest;
 pub mod nodeconfig;
 pub mod size;
 

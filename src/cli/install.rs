@@ -10,7 +10,7 @@ use kiln_installer::plan::{self, Artifact, ImageSource, InstallPlan, PlanOptions
 use kiln_installer::{hardware, source};
 use kiln_spec::Appliance;
 use kiln_spec::appliance::AfterInstall;
-use kiln_spec::hardware::HardwareInventory;
+use kiln_spec::hardware::{Firmware, HardwareInventory};
 use kiln_spec::size::ByteSize;
 
 use super::output::OutputFormat;
@@ -25,9 +25,10 @@ pub struct InstallArgs {
     /// Appliance spec [default: the live medium's embedded spec, else kiln.config=URL]
     #[arg(long, value_name = "FILE")]
     spec: Option<PathBuf>,
-    /// Root image to install; kernel and initrd are read from the same directory
-    #[arg(long, value_name = "PATH", default_value_os_t = source::medium_image())]
-    image: PathBuf,
+    /// Root image to install; kernel and initrd are read from the same directory [default:
+    /// the live medium's, or on a netbooted system the verified image it booted]
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
     /// Kernel for the installed slot [default: vmlinuz next to the image]
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -52,9 +53,17 @@ pub struct InstallArgs {
     /// Disk rule override: minimum disk size (e.g. 16GiB)
     #[arg(long, value_name = "SIZE")]
     disk_min_size: Option<ByteSize>,
-    /// Plan against a saved hardware inventory (JSON) instead of this machine's
-    #[arg(long, value_name = "FILE")]
+    /// Plan against a saved hardware inventory (JSON) instead of this machine's; only with
+    /// --dry-run, since a real install always plans from the live hardware
+    #[arg(long, value_name = "FILE", conflicts_with = "disk_image")]
     inventory: Option<PathBuf>,
+    /// Install into this disk image file instead of a disk of this machine (it is probed
+    /// like a disk: anything on it needs --wipe)
+    #[arg(long, value_name = "FILE")]
+    disk_image: Option<PathBuf>,
+    /// Firmware the disk image will boot with
+    #[arg(long, value_enum, default_value_t = ImageFirmware::Uefi, requires = "disk_image")]
+    firmware: ImageFirmware,
     /// Print the plan and write nothing
     #[arg(long)]
     dry_run: bool,
@@ -70,11 +79,17 @@ pub struct InstallArgs {
     progress: OutputFormat,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ImageFirmware {
+    Bios,
+    Uefi,
+}
+
 pub fn run(args: InstallArgs) -> anyhow::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let unattended = args.unattended || source::unattended_requested(&cmdline);
     status(START_MARKER);
-    let result = install(&args, &cmdline);
+    let result = install(&args, &cmdline, unattended);
     match &result {
         Ok(Some(after)) => {
             status(DONE_MARKER);
@@ -90,25 +105,49 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
 
 /// Plans and (unless dry-run) applies; returns what the spec wants done afterwards when it
 /// installed.
-fn install(args: &InstallArgs, cmdline: &str) -> anyhow::Result<Option<AfterInstall>> {
+fn install(
+    args: &InstallArgs,
+    cmdline: &str,
+    unattended: bool,
+) -> anyhow::Result<Option<AfterInstall>> {
+    if args.inventory.is_some() && !args.dry_run {
+        bail!(
+            "--inventory plans against a saved snapshot, which may only drive --dry-run: a real \
+             install plans from this machine's live hardware (nothing was written)"
+        );
+    }
     let mut spec = load_spec(args, cmdline)?;
     override_rules(&mut spec, args);
-    let hw: HardwareInventory = match &args.inventory {
-        Some(p) => HardwareInventory::from_json(
+    let hw: HardwareInventory = match (&args.inventory, &args.disk_image) {
+        (Some(p), _) => HardwareInventory::from_json(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
         .with_context(|| format!("parsing {}", p.display()))?,
-        None => hardware::collect(),
+        (None, Some(img)) => {
+            let firmware = match args.firmware {
+                ImageFirmware::Bios => Firmware::Bios,
+                ImageFirmware::Uefi => Firmware::Uefi,
+            };
+            hardware::collect_for_image(img, firmware)
+                .with_context(|| format!("probing {}", img.display()))?
+        }
+        (None, None) => hardware::collect(),
     };
-    let image = image_source(args)?;
+    for line in disk_lines(&hw) {
+        status(&line);
+    }
+    let image = image_source(args, cmdline).context("finding the image to install")?;
     let opts = PlanOptions {
         image,
-        wipe: match args.wipe.as_deref() {
-            None => WipeConsent::None,
-            Some("") => WipeConsent::Any,
-            Some(d) => WipeConsent::Disk(d.to_string()),
+        wipe: match (args.wipe.as_deref(), source::wipe_consent(cmdline)) {
+            (Some(""), _) => WipeConsent::Any,
+            (Some(d), _) => WipeConsent::Disk(d.to_string()),
+            (None, Some(d)) => WipeConsent::Disk(d),
+            (None, None) => WipeConsent::None,
         },
         node_name: None,
+        disk_guid: uuid::Uuid::new_v4().to_string(),
+        unattended,
     };
     let plan =
         plan::plan(&spec, &hw, &opts).context("planning the install (nothing was written)")?;
@@ -120,7 +159,7 @@ fn install(args: &InstallArgs, cmdline: &str) -> anyhow::Result<Option<AfterInst
         return Ok(None);
     }
     let apply_opts = ApplyOptions {
-        target: None,
+        target: args.disk_image.clone(),
         failpoint: std::env::var(FAILPOINT_ENV).ok(),
     };
     let started = Instant::now();
@@ -177,18 +216,83 @@ fn artifact(path: &Path, sha256: Option<String>) -> anyhow::Result<Artifact> {
     })
 }
 
-fn image_source(args: &InstallArgs) -> anyhow::Result<ImageSource> {
-    let dir = args.image.parent().unwrap_or(Path::new("."));
+/// The image to install: `--image` (kernel and initrd beside it), else on a netbooted live
+/// system the root image stage-1 verified plus the kernel and initrd fetched and verified
+/// now, else the live medium's.
+fn image_source(args: &InstallArgs, cmdline: &str) -> anyhow::Result<ImageSource> {
+    let netboot = match &args.image {
+        Some(_) => None,
+        None => source::netboot_image(cmdline)?,
+    };
+    if let Some(net) = netboot {
+        let dir = Path::new(source::FETCHED_DIR);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut fetched = Vec::new();
+        for (name, sha256) in [
+            ("vmlinuz", &net.digests.kernel),
+            ("initrd.img", &net.digests.initrd),
+        ] {
+            let url = format!("{}/{name}", net.base_url);
+            status(&format!("kiln-install: fetching {url}"));
+            source::fetch_verified(&url, sha256, &dir.join(name))?;
+            fetched.push(artifact(&dir.join(name), Some(sha256.clone()))?);
+        }
+        let initrd = fetched.pop().expect("two files");
+        let kernel = fetched.pop().expect("two files");
+        return Ok(ImageSource {
+            rootfs: artifact(
+                Path::new(source::NETBOOT_ROOTFS),
+                Some(net.digests.rootfs.clone()),
+            )?,
+            kernel,
+            initrd,
+        });
+    }
+    let image = args.image.clone().unwrap_or_else(source::medium_image);
+    let dir = image.parent().unwrap_or(Path::new("."));
     let kernel = args.kernel.clone().unwrap_or_else(|| dir.join("vmlinuz"));
     let initrd = args
         .initrd
         .clone()
         .unwrap_or_else(|| dir.join("initrd.img"));
     Ok(ImageSource {
-        rootfs: artifact(&args.image, args.image_sha256.clone())?,
+        rootfs: artifact(&image, args.image_sha256.clone())?,
         kernel: artifact(&kernel, None)?,
         initrd: artifact(&initrd, None)?,
     })
+}
+
+/// One line per disk saying what the installer found on it, before any decision: what an
+/// operator at the console (or reading the serial log) checks first.
+pub fn disk_lines(hw: &HardwareInventory) -> Vec<String> {
+    let mut lines: Vec<String> = hw
+        .disks
+        .iter()
+        .map(|d| {
+            let what = if d.holds_boot_medium {
+                "the boot medium".to_string()
+            } else if d.is_blank() {
+                "blank".to_string()
+            } else {
+                format!("in use: {}", d.contents().join("; "))
+            };
+            format!(
+                "kiln-install: disk {} ({}{}): {what}",
+                d.dev_path,
+                ByteSize(d.size_bytes).human(),
+                d.serial
+                    .as_deref()
+                    .map(|s| format!(", serial {s}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    if let Some(why) = &hw.boot_medium_unresolved {
+        lines.push(format!(
+            "kiln-install: the live medium could not be traced to a disk: {why}"
+        ));
+    }
+    lines
 }
 
 /// The plan as a person reads it.

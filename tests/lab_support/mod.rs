@@ -1,6 +1,8 @@
 //! Shared by the QEMU lab tests: the `test` profile ISO fixture, `kiln lab install`, and
 //! reading a disk image's GPT with `sgdisk`.
 
+#![allow(dead_code)] // each test file uses its own subset
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
@@ -41,6 +43,40 @@ pub fn lab_install(iso: &Path, disk: &Path, firmware: &str) -> Output {
         .args(["--disk-size", "4GiB", "--timeout", "12m"])
         .output()
         .unwrap()
+}
+
+/// A fingerprint of a (sparse) disk image that changes with any byte of it: its data extents
+/// (`SEEK_DATA`/`SEEK_HOLE`) and the sha256 of what they hold; holes read as zeros. Hashing
+/// only what is allocated keeps multi-GiB sparse disks cheap to compare.
+pub fn disk_fingerprint(path: &Path) -> String {
+    use nix::unistd::{Whence, lseek};
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsFd;
+    let mut f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut hasher = sha2::Sha256::new();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        let Ok(start) = lseek(f.as_fd(), pos as i64, Whence::SeekData) else {
+            break; // nothing but holes from here on
+        };
+        let end = lseek(f.as_fd(), start, Whence::SeekHole).unwrap() as u64;
+        let start = start as u64;
+        hasher.update(format!("{start}-{end};"));
+        f.seek(SeekFrom::Start(start)).unwrap();
+        let mut left = end - start;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want]).unwrap();
+            assert!(n > 0, "{} shrank while hashing", path.display());
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = end;
+    }
+    format!("{len}:{}", hex::encode(hasher.finalize()))
 }
 
 /// A command's stdout and stderr, for assertion messages.

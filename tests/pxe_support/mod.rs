@@ -161,6 +161,29 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// A build manifest in `dir` naming the PXE files, for a server whose tests do not boot them
+/// (the digests are placeholders).
+pub fn write_manifest(dir: &Path) {
+    let artifacts: Vec<String> = ["vmlinuz", "initrd.img", "rootfs.squashfs"]
+        .iter()
+        .map(|f| {
+            format!(
+                r#"{{"path":"pxe/{f}","size":0,"sha256":"{}"}}"#,
+                "0".repeat(64)
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("manifest.json"),
+        format!(
+            r#"{{"kiln_version":"test","spec_sha256":"","suite":"","mirror":"","kernel":"",
+            "kernel_args":[],"rootfs_cache_key":"","packages":[],"artifacts":[{}]}}"#,
+            artifacts.join(",")
+        ),
+    )
+    .unwrap();
+}
+
 pub fn require(tool: &str, package: &str) {
     assert!(
         Command::new("sh")

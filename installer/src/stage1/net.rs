@@ -135,7 +135,9 @@ pub fn lease_from_ack(ack: &Message) -> Result<Lease, Stage1Error> {
 }
 
 /// Fetches `url` into `dest` after configuring the network.
-pub(super) fn fetch_root(url: &str, dest: &Path) -> Result<(), Stage1Error> {
+/// Fetches the root image to `dest` and checks it against `sha256` (hex) while it streams;
+/// on a mismatch the file is removed and the error names both digests.
+pub(super) fn fetch_root(url: &str, sha256: &str, dest: &Path) -> Result<(), Stage1Error> {
     let (addr, path) = parse_http_url(url)?;
     ifconfig::up("lo").map_err(|e| fetch_err(format!("bringing up lo: {e}")))?;
     let start = Instant::now();
@@ -162,7 +164,17 @@ pub(super) fn fetch_root(url: &str, dest: &Path) -> Result<(), Stage1Error> {
     ifconfig::configure(&iface, &lease)
         .map_err(|e| fetch_err(format!("configuring {iface}: {e}")))?;
     say(&format!("fetching {url}"));
-    http_get(addr, &path, dest)
+    let actual = http_get(addr, &path, dest)?;
+    if !actual.eq_ignore_ascii_case(sha256) {
+        let _ = std::fs::remove_file(dest);
+        return Err(Stage1Error::Digest {
+            url: url.to_string(),
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    say(&format!("verified sha256 {actual}"));
+    Ok(())
 }
 
 /// Ethernet interfaces as (name, MAC), from sysfs.
@@ -261,7 +273,9 @@ fn exchange(
     Ok(None)
 }
 
-fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error> {
+/// GET into `dest`; returns the body's sha256 (hex).
+fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Stage1Error> {
+    use sha2::Digest;
     let io = |what: &str| {
         let what = what.to_string();
         move |e: std::io::Error| fetch_err(format!("{what}: {e}"))
@@ -303,6 +317,7 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
     let mut file =
         std::fs::File::create(dest).map_err(io(&format!("creating {}", dest.display())))?;
     let mut buf = vec![0u8; 1 << 20];
+    let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
     let mut next_report = 0u64;
     loop {
@@ -310,6 +325,7 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
         if n == 0 {
             break;
         }
+        hasher.update(&buf[..n]);
         file.write_all(&buf[..n])
             .map_err(io(&format!("writing {}", dest.display())))?;
         total += n as u64;
@@ -324,7 +340,7 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
         return Err(fetch_err(format!("got {total} of {len} bytes")));
     }
     say(&format!("fetched {} MiB, done", total >> 20));
-    Ok(())
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Interface configuration through the classic socket ioctls (no netlink library needed for
@@ -332,7 +348,7 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<(), Stage1Error
 #[allow(unsafe_code)]
 mod ifconfig {
     use std::net::{Ipv4Addr, UdpSocket};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
 
@@ -425,8 +441,7 @@ mod ifconfig {
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         socket::setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(name))?;
         socket::bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, 68))?;
-        // SAFETY: the descriptor is a fresh socket this function owns and hands over.
-        let sock = unsafe { UdpSocket::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        let sock = UdpSocket::from(fd);
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
         Ok(sock)
     }

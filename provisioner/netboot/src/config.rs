@@ -4,6 +4,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use kiln_spec::bootargs::BootDigests;
+use kiln_spec::manifest::Manifest;
 use serde::Deserialize;
 
 use crate::backend::UnknownMacs;
@@ -23,6 +25,10 @@ pub struct ServeConfig {
     /// PXE bundle directory (vmlinuz, initrd.img, rootfs.squashfs)
     #[arg(long, value_name = "DIR")]
     pub artifacts: Option<PathBuf>,
+    /// Build manifest whose sha256 digests nodes check the PXE files against
+    /// [default: manifest.json in or next to --artifacts]
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
     /// Fleet inventory (kind: Inventory): which MACs boot what
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
@@ -77,6 +83,33 @@ pub struct ServeConfig {
     pub tftp_max_windowsize: Option<u16>,
 }
 
+/// The PXE files' digests from the build manifest: `manifest`, else `manifest.json` in the
+/// artifacts directory or its parent (a build's output directory holds `pxe/` and the
+/// manifest side by side). Nodes refuse files they cannot verify, so there is no default.
+fn load_digests(manifest: Option<&Path>, artifacts: &Path) -> Result<BootDigests, String> {
+    let path = match manifest {
+        Some(p) => p.to_path_buf(),
+        None => [
+            artifacts.join("manifest.json"),
+            artifacts.join("../manifest.json"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no manifest.json in or next to {} (the build writes one); name it with \
+                     --manifest",
+                artifacts.display()
+            )
+        })?,
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a build manifest: {e}", path.display()))?;
+    BootDigests::from_manifest(&manifest).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl ServeConfig {
     /// Values from `self` (the command line) where given, else from `file`.
     pub fn merged_over(self, file: ServeConfig) -> ServeConfig {
@@ -84,6 +117,7 @@ impl ServeConfig {
             interface: self.interface.or(file.interface),
             mode: self.mode.or(file.mode),
             artifacts: self.artifacts.or(file.artifacts),
+            manifest: self.manifest.or(file.manifest),
             inventory: self.inventory.or(file.inventory),
             http: self.http.or(file.http),
             state: self.state.or(file.state),
@@ -188,6 +222,16 @@ impl ServeConfig {
             },
             None => crate::ipxe::DEFAULT_TEMPLATE.to_string(),
         };
+        let boot_digests = match self.artifacts.as_deref().filter(|d| d.is_dir()) {
+            Some(dir) => match load_digests(self.manifest.as_deref(), dir) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errors.push(format!("--manifest: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
         if self.lease_time == Some(0) {
             errors.push("--lease-time must be at least 1 second".into());
         }
@@ -229,6 +273,7 @@ impl ServeConfig {
                 .kernel_args
                 .clone()
                 .unwrap_or_else(|| "console=tty0 console=ttyS0,115200".into()),
+            boot_digests: boot_digests.expect("checked above"),
             template,
             tftp_port: self.tftp_port.unwrap_or(69),
             tftp_limits: Limits {

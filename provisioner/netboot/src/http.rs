@@ -37,6 +37,8 @@ pub struct HttpState {
     /// `http://10.0.0.1:8080`, as clients reach this server.
     pub base_url: String,
     pub kernel_args: String,
+    /// The build manifest's digests as kernel arguments.
+    pub digest_args: String,
     pub template: String,
     pub backend: Arc<dyn Backend>,
     pub trace: Arc<Trace>,
@@ -176,6 +178,7 @@ fn script(state: &HttpState, access: &Access<'_>, mac: &[u8; 6]) -> Response {
         mac_path: format_mac(mac).replace(':', "-"),
         node,
         kernel_args: state.kernel_args.clone(),
+        digest_args: state.digest_args.clone(),
     };
     match ipxe::render(&state.template, &ctx) {
         Ok(text) => {

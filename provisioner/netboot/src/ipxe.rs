@@ -19,6 +19,9 @@ pub struct ScriptContext {
     pub node: Option<String>,
     /// Extra kernel arguments (console, …).
     pub kernel_args: String,
+    /// `kiln.root.sha256=… kiln.kernel.sha256=… kiln.initrd.sha256=…` from the build
+    /// manifest: the node checks what it fetches against them.
+    pub digest_args: String,
 }
 
 pub fn render(template: &str, ctx: &ScriptContext) -> Result<String, tera::Error> {
@@ -52,6 +55,12 @@ mod tests {
             mac_path: "52-54-00-12-34-56".into(),
             node: node.map(str::to_string),
             kernel_args: "console=ttyS0,115200".into(),
+            digest_args: kiln_spec::bootargs::BootDigests {
+                rootfs: "a".repeat(64),
+                kernel: "b".repeat(64),
+                initrd: "c".repeat(64),
+            }
+            .kernel_args(),
         }
     }
 

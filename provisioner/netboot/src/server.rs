@@ -13,6 +13,7 @@ use crate::http::{HttpState, router};
 use crate::leases::{self, LeasePool};
 use crate::tftp::{TftpServer, session::Limits};
 use crate::trace::Trace;
+use kiln_spec::bootargs::BootDigests;
 
 /// Everything the services need, resolved (addresses known, files checked).
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct Settings {
     pub lease_secs: u64,
     pub addressing: AddressSettings,
     pub kernel_args: String,
+    /// The PXE files' digests from the build manifest, for the boot script.
+    pub boot_digests: BootDigests,
     pub template: String,
     pub tftp_port: u16,
     pub tftp_limits: Limits,
@@ -170,6 +173,7 @@ pub async fn serve(
         ipxe_dir: settings.ipxe_dir.clone(),
         base_url: settings.http_base.clone(),
         kernel_args: settings.kernel_args.clone(),
+        digest_args: settings.boot_digests.kernel_args(),
         template: settings.template.clone(),
         backend,
         trace,
