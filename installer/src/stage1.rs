@@ -17,13 +17,13 @@
 //!
 //! Everything that decides is a pure function with unit tests; [`run`] only does the IO.
 
-use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_spec::kmod::{ModulesDep, ModulesDepError, module_name};
 use kiln_spec::{bootargs, layout};
 use thiserror::Error;
 
@@ -47,10 +47,8 @@ pub enum Stage1Error {
     BadRoot(String),
     #[error("kiln.slot={0:?} is not understood (need A or B)")]
     BadSlot(String),
-    #[error("modules.dep line {line}: {reason}")]
-    ModulesDep { line: usize, reason: String },
-    #[error("kernel module {0} is not in the initramfs")]
-    UnknownModule(String),
+    #[error(transparent)]
+    Modules(#[from] ModulesDepError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -224,91 +222,6 @@ pub fn gpt_disk_guid(header: &[u8]) -> Option<uuid::Uuid> {
     }
     let bytes: [u8; 16] = header.get(56..72)?.try_into().ok()?;
     Some(uuid::Uuid::from_bytes_le(bytes))
-}
-
-/// The module name the kernel uses for a module file (`kernel/drivers/usb/storage/usb-storage.ko`
-/// → `usb_storage`).
-pub fn module_name(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    let stem = file.split(".ko").next().unwrap_or(file);
-    stem.replace('-', "_")
-}
-
-/// A parsed `modules.dep`: module name → (file path, paths of the modules it needs).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ModulesDep {
-    modules: BTreeMap<String, (String, Vec<String>)>,
-}
-
-impl ModulesDep {
-    pub fn parse(text: &str) -> Result<Self, Stage1Error> {
-        let mut modules = BTreeMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (path, deps) = line
-                .split_once(':')
-                .ok_or_else(|| Stage1Error::ModulesDep {
-                    line: i + 1,
-                    reason: format!("no ':' in {line:?}"),
-                })?;
-            let path = path.trim();
-            if path.is_empty() {
-                return Err(Stage1Error::ModulesDep {
-                    line: i + 1,
-                    reason: "empty module path".into(),
-                });
-            }
-            let deps = deps.split_whitespace().map(str::to_string).collect();
-            modules.insert(module_name(path), (path.to_string(), deps));
-        }
-        Ok(Self { modules })
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.modules.contains_key(&name.replace('-', "_"))
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.modules.keys().map(String::as_str)
-    }
-
-    /// Module files to load for `wanted`, every dependency before its users, each once.
-    pub fn load_order<'a>(
-        &self,
-        wanted: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Vec<String>, Stage1Error> {
-        let mut order = Vec::new();
-        let mut seen = HashSet::new();
-        for name in wanted {
-            self.visit(&name.replace('-', "_"), &mut seen, &mut order)?;
-        }
-        Ok(order)
-    }
-
-    fn visit(
-        &self,
-        name: &str,
-        seen: &mut HashSet<String>,
-        order: &mut Vec<String>,
-    ) -> Result<(), Stage1Error> {
-        if !seen.insert(name.to_string()) {
-            return Ok(());
-        }
-        let (path, deps) = self
-            .modules
-            .get(name)
-            .ok_or_else(|| Stage1Error::UnknownModule(name.to_string()))?;
-        // modules.dep lists the deepest dependencies last: walk it backwards so the order
-        // follows modprobe's even before the recursion sorts out the rest.
-        for dep in deps.iter().rev() {
-            self.visit(&module_name(dep), seen, order)?;
-        }
-        order.push(path.clone());
-        Ok(())
-    }
 }
 
 /// The volume identifier of an ISO9660 primary volume descriptor (the 2048 bytes at 32 KiB).
@@ -799,46 +712,6 @@ mod tests {
             rs("kiln.root=https://x/y"),
             Err(Stage1Error::BadRoot(_))
         ));
-    }
-
-    const DEP: &str = "\
-kernel/fs/isofs/isofs.ko: kernel/drivers/cdrom/cdrom.ko
-kernel/drivers/cdrom/cdrom.ko:
-kernel/drivers/scsi/sr_mod.ko: kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko kernel/drivers/cdrom/cdrom.ko
-kernel/drivers/scsi/scsi_mod.ko: kernel/drivers/scsi/scsi_common.ko
-kernel/drivers/scsi/scsi_common.ko:
-kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
-";
-
-    #[test]
-    fn modules_dep_orders_dependencies_first() {
-        let deps = ModulesDep::parse(DEP).unwrap();
-        let order = deps.load_order(["sr_mod", "isofs", "usb-storage"]).unwrap();
-        assert_eq!(
-            order,
-            [
-                "kernel/drivers/cdrom/cdrom.ko",
-                "kernel/drivers/scsi/scsi_common.ko",
-                "kernel/drivers/scsi/scsi_mod.ko",
-                "kernel/drivers/scsi/sr_mod.ko",
-                "kernel/fs/isofs/isofs.ko",
-                "kernel/drivers/usb/storage/usb-storage.ko",
-            ]
-        );
-        assert!(deps.contains("usb-storage"));
-        assert!(matches!(
-            deps.load_order(["nope"]),
-            Err(Stage1Error::UnknownModule(n)) if n == "nope"
-        ));
-    }
-
-    #[test]
-    fn modules_dep_rejects_garbage() {
-        assert!(matches!(
-            ModulesDep::parse("ok.ko:\nbroken line\n"),
-            Err(Stage1Error::ModulesDep { line: 2, .. })
-        ));
-        assert_eq!(module_name("kernel/x/usb-storage.ko.xz"), "usb_storage");
     }
 
     #[test]

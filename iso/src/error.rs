@@ -31,7 +31,7 @@ pub enum BuildError {
     #[error("{0} exists and is not the output of an earlier kiln build; choose another --out")]
     OutNotEmpty(PathBuf),
     #[error(transparent)]
-    Modules(#[from] kiln_installer::stage1::Stage1Error),
+    Modules(#[from] kiln_spec::kmod::ModulesDepError),
 }
 
 impl BuildError {

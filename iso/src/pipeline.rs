@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_installer::stage1::ModulesDep;
+use kiln_spec::kmod::ModulesDep;
 use serde::Serialize;
 
 use crate::cache::{Cache, rootfs_key};

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use kiln_installer::stage1::{ModulesDep, module_name};
+use kiln_spec::kmod::{ModulesDep, module_name};
 
 use crate::error::{BuildError, Result};
 use crate::progress::DEPMOD;

@@ -12,6 +12,7 @@ pub mod glob;
 pub mod hardware;
 pub mod host;
 pub mod inventory;
+pub mod kmod;
 pub mod layout;
 pub mod manifest;
 pub mod nodeconfig;
