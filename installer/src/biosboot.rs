@@ -86,7 +86,7 @@ pub fn build_core_img(work_dir: &Path, esp_volume_id: u32) -> Result<Vec<u8>, Bi
         out.display().to_string(),
     ];
     args.extend(MODULES.iter().map(|m| m.to_string()));
-    tools::run("grub-mkimage", &args)?;
+    tools::run(tools::GRUB_MKIMAGE, "building GRUB's core image", &args)?;
     std::fs::read(&out).map_err(|source| BiosBootError::Read { path: out, source })
 }
 

@@ -69,9 +69,10 @@ pub struct WrittenImage {
 }
 
 impl Target {
-    /// Opens a block device or an existing regular file for writing. A block device is
-    /// opened exclusively (`O_EXCL`): the kernel refuses while it or a partition of it is
-    /// mounted, or claimed by device-mapper, md or swap.
+    /// Opens a block device or an existing regular file for writing. A block device must
+    /// first open exclusively (`O_EXCL`): the kernel refuses while it or a partition of it is
+    /// mounted, or claimed by device-mapper, md or swap. The claim is not held: mkfs.vfat and
+    /// mke2fs claim the device themselves while they format their partitions.
     pub fn open(path: &Path) -> Result<Target, BlockDevError> {
         use std::os::unix::fs::OpenOptionsExt;
         let io = |what| {
@@ -85,20 +86,27 @@ impl Target {
             .map_err(io("reading metadata of"))?
             .file_type()
             .is_block_device();
+        if is_block_device {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_EXCL)
+                .open(path)
+                .map_err(|source| {
+                    if source.raw_os_error() == Some(libc::EBUSY) {
+                        BlockDevError::Busy {
+                            path: path.to_path_buf(),
+                        }
+                    } else {
+                        io("opening")(source)
+                    }
+                })?;
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(if is_block_device { libc::O_EXCL } else { 0 })
             .open(path)
-            .map_err(|source| {
-                if source.raw_os_error() == Some(libc::EBUSY) {
-                    BlockDevError::Busy {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    io("opening")(source)
-                }
-            })?;
+            .map_err(io("opening"))?;
         // Seeking to the end measures block devices and files alike.
         let size = file.seek(SeekFrom::End(0)).map_err(io("measuring"))?;
         Ok(Target {

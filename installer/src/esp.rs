@@ -29,7 +29,8 @@ pub enum EspSource {
 /// Makes a FAT32 file system of `size` bytes at byte `offset` of `target`.
 pub fn make_fat32(target: &Path, offset: u64, size: u64, volume_id: u32) -> Result<(), ToolError> {
     tools::run(
-        "mkfs.vfat",
+        tools::MKFS_VFAT,
+        "formatting the EFI system partition",
         [
             "-F".to_string(),
             "32".into(),
@@ -87,7 +88,11 @@ pub fn populate(
         }
     }
     for dir in &dirs {
-        tools::run("mmd", ["-i", &image, &format!("::{dir}")])?;
+        tools::run(
+            tools::MMD,
+            "creating a directory on the ESP",
+            ["-i", &image, &format!("::{dir}")],
+        )?;
     }
     for (n, f) in files.iter().enumerate() {
         let src = match &f.source {
@@ -107,7 +112,8 @@ pub fn populate(
             }
         };
         tools::run(
-            "mcopy",
+            tools::MCOPY,
+            "copying a file onto the ESP",
             [
                 "-o".to_string(),
                 "-i".into(),

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use kiln_exec::Tool;
 use kiln_spec::hardware::{
     Disk, ExistingPartition, Firmware, HardwareInventory, Nic, PARTITION_TABLE_USAGE,
     PartitionTable, PartitionTableKind, Signature, Transport, UNRECOGNISED_DATA,
@@ -410,21 +411,18 @@ fn read_ends(dev: &Path) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
     Ok((size, head, tail))
 }
 
+const WIPEFS: Tool = Tool::new("wipefs", "util-linux");
+const BLKID: Tool = Tool::new("blkid", "util-linux");
+
 /// `wipefs --no-act`: every signature libblkid knows, anywhere it looks on the device.
 fn wipefs(dev: &Path) -> Result<Vec<Signature>, String> {
-    let out = std::process::Command::new("wipefs")
-        .args(["--no-act", "--json", "--output", "OFFSET,TYPE,LABEL,USAGE"])
-        .arg(dev)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("running wipefs (util-linux) to look for signatures: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "wipefs could not probe it: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    parse_wipefs_json(&String::from_utf8_lossy(&out.stdout))
+    let mut cmd = WIPEFS.command();
+    cmd.args(["--no-act", "--json", "--output", "OFFSET,TYPE,LABEL,USAGE"])
+        .arg(dev);
+    let out = WIPEFS
+        .output(cmd, "looking for signatures")
+        .map_err(|e| e.to_string())?;
+    parse_wipefs_json(&out)
 }
 
 /// The output of `wipefs --json --output OFFSET,TYPE,LABEL,USAGE` (empty when it found
@@ -587,16 +585,14 @@ pub fn read_gpt(dev: &Path, sector: u32) -> Option<PartitionTable> {
 /// libblkid's verdict (type, label) on the `len` bytes at `offset` of `dev`: `blkid -p` works
 /// at an offset, so partitions are probed where the kernel shows no partition devices.
 pub fn probe_at(dev: &Path, offset: u64, len: u64) -> Option<(String, Option<String>)> {
-    let out = std::process::Command::new("blkid")
-        .args(["--probe", "--output", "export", "--offset"])
+    let mut cmd = BLKID.command();
+    cmd.args(["--probe", "--output", "export", "--offset"])
         .arg(offset.to_string())
         .arg("--size")
         .arg(len.to_string())
-        .arg(dev)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
+        .arg(dev);
+    // blkid exits 2 when it finds nothing.
+    let text = BLKID.output(cmd, "probing a partition").ok()?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))

@@ -29,7 +29,7 @@ pub struct LiveTarget {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "refusing to write {disk}: {}; nothing was written",
+    "refusing to write {disk}: {}; nothing was written (plan again once that is sorted out)",
     problems.join("; ")
 )]
 pub struct PreflightError {

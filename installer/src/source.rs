@@ -102,6 +102,22 @@ pub fn wipe_consent(cmdline: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// An HTTP client for `url`. Plain `http://` negotiates no TLS, so it gets a TLS setup that
+/// trusts nothing instead of the system's CA store, which a minimal live image may not carry
+/// (the platform verifier refuses to start without one).
+fn client_for(url: &str) -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder();
+    if url.starts_with("http://") {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        builder.tls_backend_preconfigured(tls)
+    } else {
+        builder
+    }
+}
+
 /// Fetches `url` into `dest` while hashing it; a digest other than `sha256` removes the file
 /// and is an error naming both.
 pub fn fetch_verified(url: &str, sha256: &str, dest: &Path) -> Result<(), SourceError> {
@@ -117,7 +133,7 @@ pub fn fetch_verified(url: &str, sha256: &str, dest: &Path) -> Result<(), Source
         .build()
         .map_err(|e| fail(e.to_string()))?;
     let actual = rt.block_on(async {
-        let client = reqwest::Client::builder()
+        let client = client_for(url)
             .connect_timeout(std::time::Duration::from_secs(30))
             .read_timeout(std::time::Duration::from_secs(60))
             .build()
@@ -190,7 +206,7 @@ pub fn fetch_text(url: &str) -> Result<String, SourceError> {
         .build()
         .map_err(|e| fail(e.to_string()))?;
     rt.block_on(async {
-        let client = reqwest::Client::builder()
+        let client = client_for(url)
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| fail(e.to_string()))?;

@@ -54,7 +54,8 @@ pub enum StateError {
 /// Makes the ext4 file system of `size` bytes at byte `offset` of `target`, filled from `seed`.
 pub fn make_ext4(target: &Path, offset: u64, size: u64, seed: &Path) -> Result<(), StateError> {
     tools::run(
-        "mke2fs",
+        tools::MKE2FS,
+        "creating KILN_STATE",
         [
             "-q".to_string(),
             "-F".into(),

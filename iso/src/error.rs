@@ -6,20 +6,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BuildError {
-    #[error(
-        "{tool} is not installed (Debian package {package}; scripts/install-deps.sh installs it)"
-    )]
-    MissingTool {
-        tool: &'static str,
-        package: &'static str,
-    },
-    #[error("{what}: {tool} failed ({status})\n{log}")]
-    ToolFailed {
-        what: String,
-        tool: &'static str,
-        status: String,
-        log: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] kiln_exec::ToolError),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use kiln_exec::ToolError;
+
 use crate::error::{BuildError, Result};
 use crate::progress::{LDD, ZSTD};
 
@@ -67,10 +69,10 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         &format!("listing the libraries of {}", binary.display()),
     ) {
         Ok(out) => Ok(parse_ldd(&out)),
-        Err(BuildError::ToolFailed { log, .. }) if log.contains("not a dynamic executable") => {
+        Err(ToolError::Failed { log, .. }) if log.contains("not a dynamic executable") => {
             Ok(Vec::new())
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -239,7 +241,8 @@ pub fn write(entries: &[Entry], out: &Path) -> Result<()> {
         .arg(&raw)
         .arg("-o")
         .arg(out);
-    ZSTD.output(cmd, "compressing the initramfs").map(drop)
+    ZSTD.output(cmd, "compressing the initramfs")?;
+    Ok(())
 }
 
 #[cfg(test)]

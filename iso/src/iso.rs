@@ -6,6 +6,8 @@ use std::path::Path;
 
 use indicatif::ProgressBar;
 
+use kiln_exec::ToolError;
+
 use crate::error::{BuildError, Result};
 use crate::progress::{GRUB_MKRESCUE, XORRISO};
 
@@ -67,18 +69,20 @@ pub fn make_iso(tree: &Path, out: &Path, label: &str, pb: &ProgressBar) -> Resul
     for platform in ["i386-pc", "x86_64-efi"] {
         let dir = Path::new("/usr/lib/grub").join(platform);
         if !dir.is_dir() {
-            return Err(BuildError::MissingTool {
+            return Err(BuildError::Tool(ToolError::Missing {
                 tool: if platform == "i386-pc" {
                     "GRUB for BIOS"
                 } else {
                     "GRUB for UEFI"
-                },
+                }
+                .into(),
                 package: if platform == "i386-pc" {
                     "grub-pc-bin"
                 } else {
                     "grub-efi-amd64-bin"
-                },
-            });
+                }
+                .into(),
+            }));
         }
     }
     let mut cmd = GRUB_MKRESCUE.command();
@@ -91,6 +95,7 @@ pub fn make_iso(tree: &Path, out: &Path, label: &str, pb: &ProgressBar) -> Resul
             pb.set_message(line.to_string())
         })
         .map(drop)
+        .map_err(BuildError::from)
 }
 
 #[cfg(test)]

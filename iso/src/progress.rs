@@ -1,15 +1,9 @@
-//! Progress display and step timings, and running external tools with their output streamed.
+//! Progress display and step timings, and the external tools the build runs.
 
-use std::collections::VecDeque;
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-
-use crate::error::{BuildError, Result};
 
 /// How long one pipeline step took, and what it did (e.g. "cache hit").
 #[derive(Debug, Clone, Serialize)]
@@ -69,154 +63,15 @@ impl Reporter {
     }
 }
 
-/// A tool kiln runs and the Debian package that provides it.
-#[derive(Debug, Clone, Copy)]
-pub struct Tool {
-    pub name: &'static str,
-    pub package: &'static str,
-}
+pub use kiln_exec::Tool;
 
-pub const MMDEBSTRAP: Tool = Tool {
-    name: "mmdebstrap",
-    package: "mmdebstrap",
-};
-pub const MKSQUASHFS: Tool = Tool {
-    name: "mksquashfs",
-    package: "squashfs-tools",
-};
-pub const GRUB_MKRESCUE: Tool = Tool {
-    name: "grub-mkrescue",
-    package: "grub-common",
-};
-pub const XORRISO: Tool = Tool {
-    name: "xorriso",
-    package: "xorriso",
-};
-pub const TAR: Tool = Tool {
-    name: "tar",
-    package: "tar",
-};
-pub const DEPMOD: Tool = Tool {
-    name: "depmod",
-    package: "kmod",
-};
-pub const LDD: Tool = Tool {
-    name: "ldd",
-    package: "libc-bin",
-};
-pub const STRIP: Tool = Tool {
-    name: "strip",
-    package: "binutils",
-};
-pub const ZSTD: Tool = Tool {
-    name: "zstd",
-    package: "zstd",
-};
-pub const SYSTEMCTL: Tool = Tool {
-    name: "systemctl",
-    package: "systemd",
-};
-
-impl Tool {
-    pub fn command(&self) -> Command {
-        Command::new(self.name)
-    }
-
-    /// Runs `cmd`, handing each output line (split at `\n` and `\r`, so progress bars that
-    /// redraw in place arrive as lines too) to `on_line`; on failure the error carries the
-    /// last lines of output. Returns the collected stdout.
-    pub fn run(
-        &self,
-        mut cmd: Command,
-        what: &str,
-        mut on_line: impl FnMut(&str),
-    ) -> Result<String> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| self.spawn_error(what, e))?;
-        let (tx, rx) = mpsc::channel::<(bool, String)>();
-        let out = child.stdout.take().expect("piped");
-        let err = child.stderr.take().expect("piped");
-        let tx2 = tx.clone();
-        let t_out = std::thread::spawn(move || forward_lines(out, true, tx));
-        let t_err = std::thread::spawn(move || forward_lines(err, false, tx2));
-        let mut tail = VecDeque::new();
-        let mut stdout = String::new();
-        for (is_stdout, line) in rx {
-            if is_stdout {
-                stdout.push_str(&line);
-                stdout.push('\n');
-            }
-            on_line(&line);
-            if tail.len() == 25 {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-        let _ = t_out.join();
-        let _ = t_err.join();
-        let status = child
-            .wait()
-            .map_err(BuildError::io(format!("waiting for {}", self.name)))?;
-        if status.success() {
-            Ok(stdout)
-        } else {
-            Err(BuildError::ToolFailed {
-                what: what.to_string(),
-                tool: self.name,
-                status: status.to_string(),
-                log: Vec::from(tail).join("\n"),
-            })
-        }
-    }
-
-    /// Runs `cmd` quietly and returns its stdout.
-    pub fn output(&self, cmd: Command, what: &str) -> Result<String> {
-        self.run(cmd, what, |_| {})
-    }
-
-    fn spawn_error(&self, what: &str, e: std::io::Error) -> BuildError {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            BuildError::MissingTool {
-                tool: self.name,
-                package: self.package,
-            }
-        } else {
-            BuildError::Io {
-                what: format!("{what}: starting {}", self.name),
-                source: e,
-            }
-        }
-    }
-}
-
-fn forward_lines(mut r: impl Read, is_stdout: bool, tx: mpsc::Sender<(bool, String)>) {
-    let mut pending = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) | Err(_) => 0,
-            Ok(n) => n,
-        };
-        if n == 0 {
-            send_line(&pending, is_stdout, &tx);
-            return;
-        }
-        for &b in &chunk[..n] {
-            if b == b'\n' || b == b'\r' {
-                if !send_line(&pending, is_stdout, &tx) {
-                    return;
-                }
-                pending.clear();
-            } else {
-                pending.push(b);
-            }
-        }
-    }
-}
-
-fn send_line(bytes: &[u8], is_stdout: bool, tx: &mpsc::Sender<(bool, String)>) -> bool {
-    let line = String::from_utf8_lossy(bytes).trim_end().to_string();
-    line.is_empty() || tx.send((is_stdout, line)).is_ok()
-}
+pub const MMDEBSTRAP: Tool = Tool::new("mmdebstrap", "mmdebstrap");
+pub const MKSQUASHFS: Tool = Tool::new("mksquashfs", "squashfs-tools");
+pub const GRUB_MKRESCUE: Tool = Tool::new("grub-mkrescue", "grub-common");
+pub const XORRISO: Tool = Tool::new("xorriso", "xorriso");
+pub const TAR: Tool = Tool::new("tar", "tar");
+pub const DEPMOD: Tool = Tool::new("depmod", "kmod");
+pub const LDD: Tool = Tool::new("ldd", "libc-bin");
+pub const STRIP: Tool = Tool::new("strip", "binutils");
+pub const ZSTD: Tool = Tool::new("zstd", "zstd");
+pub const SYSTEMCTL: Tool = Tool::new("systemctl", "systemd");

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
+use kiln_exec::ToolError;
+
 use crate::error::{BuildError, Result};
 use crate::progress::{MMDEBSTRAP, TAR};
 
@@ -46,19 +48,19 @@ pub fn bootstrap(
             tracing::debug!("mmdebstrap: {line}");
             pb.set_message(line.to_string());
         })
-        .map_err(|e| explain_mirror_failure(e, mirror))
+        .map_err(|e| explain_mirror_failure(e.into(), mirror))
         .map(drop)
 }
 
 /// apt's messages for an unreachable mirror are buried in mmdebstrap's log: say it plainly.
 fn explain_mirror_failure(e: BuildError, mirror: &str) -> BuildError {
     match e {
-        BuildError::ToolFailed {
+        BuildError::Tool(ToolError::Failed {
             what,
-            tool,
+            command,
             status,
             log,
-        } if [
+        }) if [
             "Failed to fetch",
             "Could not connect",
             "Could not resolve",
@@ -68,12 +70,12 @@ fn explain_mirror_failure(e: BuildError, mirror: &str) -> BuildError {
         .iter()
         .any(|m| log.contains(m)) =>
         {
-            BuildError::ToolFailed {
+            BuildError::Tool(ToolError::Failed {
                 what: format!("{what}: the mirror {mirror} is unreachable"),
-                tool,
+                command,
                 status,
                 log,
-            }
+            })
         }
         other => other,
     }
@@ -88,7 +90,8 @@ pub fn extract(tarball: &Path, dir: &Path, pb: &ProgressBar) -> Result<()> {
         .arg(dir)
         .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
         .arg(tarball);
-    TAR.output(cmd, "unpacking the base rootfs").map(drop)
+    TAR.output(cmd, "unpacking the base rootfs")?;
+    Ok(())
 }
 
 /// The one kernel in the rootfs: its release and the paths of its image and modules.
@@ -153,12 +156,12 @@ mod tests {
     #[test]
     fn unreachable_mirror_is_named() {
         let e = explain_mirror_failure(
-            BuildError::ToolFailed {
+            BuildError::Tool(ToolError::Failed {
                 what: "building".into(),
-                tool: "mmdebstrap",
+                command: "mmdebstrap".into(),
                 status: "exit status: 1".into(),
                 log: "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease".into(),
-            },
+            }),
             "http://127.0.0.1:9/debian",
         );
         assert!(

@@ -36,14 +36,13 @@ pub fn parse_progress(line: &str) -> Option<(u64, u64)> {
 pub fn mksquashfs(root: &Path, out: &Path, pb: &ProgressBar) -> Result<()> {
     let mut cmd = MKSQUASHFS.command();
     cmd.args(mksquashfs_args(root, out));
-    MKSQUASHFS
-        .run(cmd, "compressing the rootfs", |line| {
-            if let Some((done, total)) = parse_progress(line) {
-                pb.set_length(total);
-                pb.set_position(done);
-            }
-        })
-        .map(drop)
+    MKSQUASHFS.run(cmd, "compressing the rootfs", |line| {
+        if let Some((done, total)) = parse_progress(line) {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

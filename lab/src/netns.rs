@@ -6,7 +6,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
@@ -19,12 +19,8 @@ pub enum NetnsError {
         command: String,
         source: std::io::Error,
     },
-    #[error("{command} failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: std::process::ExitStatus,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] kiln_exec::ToolError),
     #[error("entering network namespace {name}: {source}")]
     Enter {
         name: String,
@@ -45,33 +41,10 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{}{suffix}", &prefix[..keep])
 }
 
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Runs a command to completion and returns its stdout; a non-zero exit is an error that
 /// carries the command line and its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let command = describe(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| NetnsError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NetnsError::Failed {
-            command,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(kiln_exec::output(cmd, "setting up the lab network")?)
 }
 
 /// A network namespace, deleted (with every interface inside it) when dropped.
@@ -104,7 +77,7 @@ impl Netns {
 
     /// Starts `cmd` (made with [`Netns::command`]) as a process killed when the guard drops.
     pub fn spawn(&self, cmd: &mut Command) -> Result<Process> {
-        let command = describe(cmd);
+        let command = kiln_exec::describe(cmd);
         let child = cmd.spawn().map_err(|source| NetnsError::Spawn {
             command: command.clone(),
             source,
