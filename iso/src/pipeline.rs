@@ -37,6 +37,18 @@ pub struct BuildReport {
     pub seconds: f64,
 }
 
+/// The directories of one build, inside the staging directory that becomes `--out`.
+struct Dirs {
+    /// The staging directory: the artifacts and the manifest.
+    stage: PathBuf,
+    /// Scratch space, removed before the manifest is written.
+    work: PathBuf,
+    /// The unpacked rootfs tree.
+    root: PathBuf,
+    /// The PXE bundle.
+    pxe: PathBuf,
+}
+
 pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildReport> {
     let started = Instant::now();
     check_out(out)?;
@@ -53,14 +65,44 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
             "creating a build directory in {}",
             parent.display()
         )))?;
-    let stage = staging.path();
+    let stage = staging.path().to_path_buf();
     let work = stage.join(".work");
-    let root = work.join("rootfs");
-    let pxe_dir = stage.join("pxe");
-    std::fs::create_dir_all(&pxe_dir).map_err(BuildError::io("creating the pxe directory"))?;
+    let dirs = Dirs {
+        root: work.join("rootfs"),
+        pxe: stage.join("pxe"),
+        work,
+        stage,
+    };
+    std::fs::create_dir_all(&dirs.pxe).map_err(BuildError::io("creating the pxe directory"))?;
     let mut rep = Reporter::default();
 
-    // 1. Base rootfs, from the cache when the same inputs built one before.
+    let (tarball, key, hit) = base_rootfs(inputs, cache, &mut rep)?;
+    let kernel = unpack(&tarball, &dirs, &mut rep)?;
+    trim_rootfs(inputs, &dirs, &kernel, &mut rep)?;
+    let kiln = apply_overlays(inputs, &dirs, &mut rep)?;
+    initramfs(&dirs, &kiln, &kernel, &mut rep)?;
+    let packages = installed_packages(&dirs.root)?;
+    squashfs(&dirs, &mut rep)?;
+    make_iso(inputs, &dirs, &mut rep)?;
+    let manifest = write_manifest(inputs, &dirs, &kernel, key, packages, &mut rep)?;
+
+    publish(staging, out)?;
+    Ok(BuildReport {
+        out: out.to_path_buf(),
+        manifest,
+        rootfs_cache_hit: hit,
+        timings: rep.timings,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Step 1: The base rootfs tarball, from the cache when the same inputs built one before:
+/// (tarball, cache key, cache hit).
+fn base_rootfs(
+    inputs: &BuildInputs,
+    cache: &Cache,
+    rep: &mut Reporter,
+) -> Result<(PathBuf, String, bool)> {
     let t = Instant::now();
     let pb = rep.spinner("rootfs");
     let packages = inputs.package_list();
@@ -82,29 +124,44 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         format!("cache miss {key}: built with mmdebstrap")
     };
     rep.done(&pb, "rootfs", t, note);
+    Ok((tarball, key, hit))
+}
 
+/// The tarball unpacked into the rootfs tree; its kernel.
+fn unpack(tarball: &Path, dirs: &Dirs, rep: &mut Reporter) -> Result<rootfs::Kernel> {
     let t = Instant::now();
     let pb = rep.spinner("unpack");
-    rootfs::extract(&tarball, &root, &pb)?;
-    let kernel = rootfs::find_kernel(&root)?;
+    rootfs::extract(tarball, &dirs.root, &pb)?;
+    let kernel = rootfs::find_kernel(&dirs.root)?;
     rep.done(&pb, "unpack", t, format!("kernel {}", kernel.release));
+    Ok(kernel)
+}
 
-    // 2. Trim.
+/// Step 2: Documentation, locales, caches and (for minimal profiles) unneeded kernel modules out.
+fn trim_rootfs(
+    inputs: &BuildInputs,
+    dirs: &Dirs,
+    kernel: &rootfs::Kernel,
+    rep: &mut Reporter,
+) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("trim");
-    let stats = trim::trim(&root, &kernel, inputs.minimal_modules)?;
+    let stats = trim::trim(&dirs.root, kernel, inputs.minimal_modules)?;
     rep.done(
         &pb,
         "trim",
         t,
         format!("removed {} files, {} MiB", stats.files, stats.bytes >> 20),
     );
+    Ok(())
+}
 
-    // 3. Overlays and the kiln binary.
+/// Step 3: The overlays and the kiln binary; returns where kiln sits in the tree.
+fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<PathBuf> {
     let t = Instant::now();
     let pb = rep.spinner("overlay");
-    overlay::apply(&root, &inputs.files, &inputs.units_enabled)?;
-    let kiln = root.join("usr/bin/kiln");
+    overlay::apply(&dirs.root, &inputs.files, &inputs.units_enabled)?;
+    let kiln = dirs.root.join("usr/bin/kiln");
     overlay::install_kiln(&inputs.kiln_binary, &kiln)?;
     rep.done(
         &pb,
@@ -116,41 +173,53 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
             inputs.units_enabled.len()
         ),
     );
+    Ok(kiln)
+}
 
-    // 4. Initramfs; a copy goes into the image so an installer or upgrade finds kernel and
-    // initramfs inside the slot it writes.
+/// Step 4: The initramfs and the kernel into the PXE bundle; a copy of the initramfs goes into the
+/// image so an installer or upgrade finds kernel and initramfs inside the slot it writes.
+fn initramfs(dirs: &Dirs, kiln: &Path, kernel: &rootfs::Kernel, rep: &mut Reporter) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("initramfs");
-    let initrd = pxe_dir.join("initrd.img");
-    let module_count = build_initramfs(&kiln, &kernel, &initrd)?;
-    let in_image = root
+    let initrd = dirs.pxe.join("initrd.img");
+    let module_count = build_initramfs(kiln, kernel, &initrd)?;
+    let in_image = dirs
+        .root
         .join("boot")
         .join(format!("initrd.img-{}", kernel.release));
     std::fs::copy(&initrd, &in_image).map_err(BuildError::io(format!(
         "copying the initramfs to {}",
         in_image.display()
     )))?;
-    std::fs::copy(&kernel.vmlinuz, pxe_dir.join("vmlinuz"))
+    std::fs::copy(&kernel.vmlinuz, dirs.pxe.join("vmlinuz"))
         .map_err(BuildError::io("copying the kernel"))?;
     rep.done(&pb, "initramfs", t, format!("{module_count} modules"));
+    Ok(())
+}
 
+/// The Debian packages the image carries, from its dpkg status.
+fn installed_packages(root: &Path) -> Result<Vec<manifest::Package>> {
     let status_path = root.join("var/lib/dpkg/status");
     let status = std::fs::read_to_string(&status_path)
         .map_err(BuildError::io(format!("reading {}", status_path.display())))?;
-    let packages_installed = manifest::parse_dpkg_status(&status);
+    Ok(manifest::parse_dpkg_status(&status))
+}
 
-    // 5. squashfs.
+/// Step 5: The rootfs tree into `rootfs.squashfs`; the tree is removed.
+fn squashfs(dirs: &Dirs, rep: &mut Reporter) -> Result<()> {
     let t = Instant::now();
     let pb = rep.bar("squashfs", 100);
-    let squash = pxe_dir.join("rootfs.squashfs");
-    squashfs::mksquashfs(&root, &squash, &pb)?;
-    std::fs::remove_dir_all(&root).map_err(BuildError::io("removing the rootfs tree"))?;
+    squashfs::mksquashfs(&dirs.root, &dirs.pxe.join("rootfs.squashfs"), &pb)?;
+    std::fs::remove_dir_all(&dirs.root).map_err(BuildError::io("removing the rootfs tree"))?;
     rep.done(&pb, "squashfs", t, "zstd");
+    Ok(())
+}
 
-    // 6. ISO.
+/// Step 6: The hybrid ISO: GRUB menu, embedded spec, and the PXE bundle's files (hard links).
+fn make_iso(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("iso");
-    let tree = work.join("iso");
+    let tree = dirs.work.join("iso");
     for d in ["boot/grub", "live", "kiln"] {
         std::fs::create_dir_all(tree.join(d))
             .map_err(BuildError::io(format!("creating {d} on the ISO tree")))?;
@@ -166,19 +235,30 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     write(iso::SPEC_PATH, inputs.spec_yaml.as_bytes())?;
     for name in ["vmlinuz", "initrd.img", "rootfs.squashfs"] {
         let dest = tree.join("live").join(name);
-        std::fs::hard_link(pxe_dir.join(name), &dest)
+        std::fs::hard_link(dirs.pxe.join(name), &dest)
             .map_err(BuildError::io(format!("linking {}", dest.display())))?;
     }
-    iso::make_iso(&tree, &stage.join("kiln.iso"), LIVE_LABEL, &pb)?;
+    iso::make_iso(&tree, &dirs.stage.join("kiln.iso"), LIVE_LABEL, &pb)?;
     rep.done(&pb, "iso", t, format!("label {LIVE_LABEL}"));
+    Ok(())
+}
 
-    // 7. Manifest digests, the PXE script carrying the boot files' digests, manifest.
-    std::fs::remove_dir_all(&work).map_err(BuildError::io("removing the work directory"))?;
+/// Step 7: Digests of the artifacts, the PXE script carrying the boot files' digests, and
+/// `manifest.json`.
+fn write_manifest(
+    inputs: &BuildInputs,
+    dirs: &Dirs,
+    kernel: &rootfs::Kernel,
+    rootfs_cache_key: String,
+    packages: Vec<manifest::Package>,
+    rep: &mut Reporter,
+) -> Result<Manifest> {
+    std::fs::remove_dir_all(&dirs.work).map_err(BuildError::io("removing the work directory"))?;
     let t = Instant::now();
     let pb = rep.spinner("manifest");
     let hash = |a: &&str| {
         pb.set_message(format!("sha256 {a}"));
-        manifest::artifact(stage, a)
+        manifest::artifact(&dirs.stage, a)
     };
     let (scripts, files): (Vec<&str>, Vec<&str>) =
         ARTIFACTS.iter().partition(|a| **a == pxe::SCRIPT_PATH);
@@ -196,7 +276,7 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         initrd: digest(bootargs::PXE_INITRD),
     };
     std::fs::write(
-        stage.join(pxe::SCRIPT_PATH),
+        dirs.stage.join(pxe::SCRIPT_PATH),
         pxe::boot_ipxe(&inputs.kernel_args, &digests),
     )
     .map_err(BuildError::io("writing boot.ipxe"))?;
@@ -209,12 +289,12 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         mirror: inputs.mirror.clone(),
         kernel: kernel.release.clone(),
         kernel_args: inputs.kernel_args.clone(),
-        rootfs_cache_key: key,
+        rootfs_cache_key,
         artifacts,
-        packages: packages_installed,
+        packages,
     };
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
-    std::fs::write(stage.join("manifest.json"), json)
+    std::fs::write(dirs.stage.join("manifest.json"), json)
         .map_err(BuildError::io("writing manifest.json"))?;
     rep.done(
         &pb,
@@ -222,15 +302,7 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         t,
         format!("{} packages", manifest.packages.len()),
     );
-
-    publish(staging, out)?;
-    Ok(BuildReport {
-        out: out.to_path_buf(),
-        manifest,
-        rootfs_cache_hit: hit,
-        timings: rep.timings,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(manifest)
 }
 
 /// `--out` may be missing, empty, or an earlier build (replaced); anything else is refused.
