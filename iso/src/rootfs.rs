@@ -20,6 +20,69 @@ pub fn mmdebstrap_options(packages: &[String]) -> Vec<String> {
     ]
 }
 
+/// The Debian archive among apt source files (`(path, content)`, one-line `.list` or deb822
+/// `.sources`): the first enabled `deb` entry whose URI path ends in `/debian`. This is how a
+/// build without `spec.os.mirror` uses the build host's own apt sources while still building
+/// the spec's suite, which may differ from the host's.
+pub fn mirror_from_sources(files: &[(String, String)]) -> Option<String> {
+    let is_archive = |uri: &str| uri.trim_end_matches('/').ends_with("/debian");
+    for (path, text) in files {
+        if path.ends_with(".sources") {
+            for stanza in text.split("\n\n") {
+                let field = |name: &str| {
+                    stanza.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+                    })
+                };
+                let enabled = field("Enabled").is_none_or(|v| v != "no");
+                let deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+                if enabled
+                    && deb
+                    && let Some(uri) = field("URIs").and_then(|u| {
+                        u.split_whitespace()
+                            .find(|u| is_archive(u))
+                            .map(str::to_string)
+                    })
+                {
+                    return Some(uri);
+                }
+            }
+        } else {
+            for line in text.lines() {
+                let mut words = line.split_whitespace();
+                if words.next() != Some("deb") {
+                    continue;
+                }
+                // Skip `[option=value …]`.
+                let uri = words.find(|w| w.contains("://"));
+                if let Some(uri) = uri.filter(|u| is_archive(u)) {
+                    return Some(uri.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The build host's apt source files, in apt's order.
+pub fn host_apt_sources() -> Vec<(String, String)> {
+    let mut files = vec![std::path::PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<_> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "list" || x == "sources"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    files
+        .into_iter()
+        .filter_map(|p| Some((p.display().to_string(), std::fs::read_to_string(&p).ok()?)))
+        .collect()
+}
+
 /// The whole mmdebstrap command line writing `out`.
 pub fn mmdebstrap_args(options: &[String], suite: &str, out: &Path, mirror: &str) -> Vec<String> {
     let mut args = options.to_vec();
@@ -145,11 +208,54 @@ mod tests {
             &opts,
             "bookworm",
             Path::new("/c/x.tar"),
-            "http://deb.debian.org/debian",
+            "http://mirror.example/debian",
         );
         assert_eq!(
             args.join(" "),
-            "--variant=minbase --mode=root --format=tar --include=kmod,udev bookworm /c/x.tar http://deb.debian.org/debian"
+            "--variant=minbase --mode=root --format=tar --include=kmod,udev bookworm /c/x.tar http://mirror.example/debian"
+        );
+    }
+
+    #[test]
+    fn the_debian_mirror_comes_from_the_hosts_apt_sources() {
+        let deb822 = "Types: deb\n# a snapshot note\nURIs: http://mirror.example/debian\n\
+                      Suites: bookworm bookworm-updates\nComponents: main\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        let third_party = "deb [signed-by=/k.gpg] https://repo.example/apt stable main\n";
+        let files = [
+            (
+                "/etc/apt/sources.list.d/other.list".to_string(),
+                third_party.to_string(),
+            ),
+            (
+                "/etc/apt/sources.list.d/debian.sources".to_string(),
+                deb822.to_string(),
+            ),
+        ];
+        assert_eq!(
+            mirror_from_sources(&files).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let one_line = [(
+            "/etc/apt/sources.list".to_string(),
+            "# comment\ndeb-src http://src.example/debian bookworm main\n\
+             deb [arch=amd64] http://mirror.example/debian/ bookworm main\n"
+                .to_string(),
+        )];
+        assert_eq!(
+            mirror_from_sources(&one_line).as_deref(),
+            Some("http://mirror.example/debian/")
+        );
+        let disabled = [(
+            "/etc/apt/sources.list.d/debian.sources".to_string(),
+            deb822.replace("Types: deb\n# a", "Enabled: no\nTypes: deb\n# a"),
+        )];
+        assert_eq!(mirror_from_sources(&disabled), None);
+        assert_eq!(
+            mirror_from_sources(&files[..1]),
+            None,
+            "not a Debian archive"
         );
     }
 

@@ -196,7 +196,7 @@ mod tests {
             "usr/share/man/man1/ls.1.gz",
             "usr/share/locale/de/LC_MESSAGES/apt.mo",
             "var/cache/apt/pkgcache.bin",
-            "var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease",
+            "var/lib/apt/lists/mirror.example_debian_dists_bookworm_InRelease",
         ] {
             assert!(is_trimmed(p), "{p}");
         }

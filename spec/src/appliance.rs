@@ -123,9 +123,10 @@ pub struct OsSpec {
     /// Debian release the root file system is built from.
     #[serde(default = "default_suite")]
     pub suite: String,
-    /// Debian mirror (http, https or file URL).
-    #[serde(default = "default_mirror")]
-    pub mirror: String,
+    /// Debian mirror (http, https or file URL) [default: the Debian mirror in the build
+    /// host's own apt sources].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
     /// Packages added to the minimal Debian base the image builder always installs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
@@ -140,15 +141,11 @@ fn default_suite() -> String {
     "bookworm".into()
 }
 
-fn default_mirror() -> String {
-    "http://deb.debian.org/debian".into()
-}
-
 impl Default for OsSpec {
     fn default() -> Self {
         OsSpec {
             suite: default_suite(),
-            mirror: default_mirror(),
+            mirror: None,
             packages: Vec::new(),
             apt_repositories: Vec::new(),
             kernel_args: Vec::new(),
@@ -518,7 +515,9 @@ fn validate_os(os: &OsSpec, errs: &mut ValidationErrors) {
             format!("{:?} is not a Debian suite name", os.suite),
         );
     }
-    if let Err(reason) = check_url(&os.mirror) {
+    if let Some(mirror) = &os.mirror
+        && let Err(reason) = check_url(mirror)
+    {
         errs.push("spec.os.mirror", reason);
     }
     for (i, p) in os.packages.iter().enumerate() {

@@ -82,7 +82,16 @@ fn resolve(a: &Appliance, spec_yaml: String, kiln_binary: PathBuf) -> anyhow::Re
     let os = &a.spec.os;
     Ok(BuildInputs {
         suite: os.suite.clone(),
-        mirror: os.mirror.clone(),
+        mirror: match &os.mirror {
+            Some(m) => m.clone(),
+            None => {
+                kiln_image::rootfs::mirror_from_sources(&kiln_image::rootfs::host_apt_sources())
+                    .context(
+                        "spec.os.mirror is not set and the build host's apt sources name no Debian \
+                     archive (a deb entry whose URI ends in /debian); set spec.os.mirror",
+                    )?
+            }
+        },
         packages: os.packages.clone(),
         kernel_args: rendered.kernel_args,
         minimal_modules: a.spec.profile == Some(ProfileName::Test),

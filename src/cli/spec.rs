@@ -183,7 +183,7 @@ fn appliance_summary(a: &Appliance) -> Vec<String> {
         format!(
             "os: Debian {} from {}, {} extra package(s)",
             s.os.suite,
-            s.os.mirror,
+            s.os.mirror.as_deref().unwrap_or("the host's apt sources"),
             s.os.packages.len()
         ),
         format!("users: {}", s.users.len()),
