@@ -294,6 +294,9 @@ fn etag_matches(list: &str, tag: &str) -> bool {
         .any(|t| t == tag || t == "*")
 }
 
+/// Written here rather than with tower-http's `ServeDir`: that has no ETag or If-Range (a
+/// resumed download must not splice two versions of an artifact) and reports no byte counts
+/// for the per-MAC trace.
 async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access<'_>) -> Response {
     let path = match jail::resolve(root, name) {
         Ok(p) => p,
