@@ -573,6 +573,15 @@ fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
             format!("{max} is smaller than minSize {min}"),
         );
     }
+    for (field, pattern) in [
+        ("model", &d.model),
+        ("serial", &d.serial),
+        ("byIdPath", &d.by_id_path),
+    ] {
+        if let Some(Err(reason)) = pattern.as_deref().map(crate::glob::check_glob) {
+            errs.push(format!("spec.install.disk.{field}"), reason);
+        }
+    }
     if let Some(w) = &d.wwn
         && (w.is_empty() || w.contains(char::is_whitespace))
     {
