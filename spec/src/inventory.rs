@@ -100,6 +100,10 @@ pub struct BmcEndpoint {
     /// Redfish only: accept any certificate. Must be asked for explicitly.
     #[serde(default)]
     pub insecure: bool,
+    /// Redfish only: allow an `http://` address, credentials unencrypted. Must be asked for
+    /// explicitly.
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 impl BmcEndpoint {
@@ -230,10 +234,12 @@ impl Inventory {
                 if bmc.username.is_empty() {
                     errs.push(format!("{at}.bmc.username"), "must not be empty");
                 }
-                if bmc.protocol == BmcProtocol::Ipmi && (bmc.insecure || bmc.ca_cert.is_some()) {
+                if bmc.protocol == BmcProtocol::Ipmi
+                    && (bmc.insecure || bmc.allow_plain_http || bmc.ca_cert.is_some())
+                {
                     errs.push(
                         format!("{at}.bmc"),
-                        "insecure and caCert apply to Redfish only",
+                        "insecure, allowPlainHttp and caCert apply to Redfish only",
                     );
                 }
             }

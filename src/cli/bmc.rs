@@ -139,6 +139,9 @@ pub struct Common {
     /// Redfish: accept any certificate
     #[arg(long)]
     insecure: bool,
+    /// Redfish: allow an http:// BMC address (credentials travel unencrypted)
+    #[arg(long)]
+    allow_plain_http: bool,
     /// IPMI cipher suite: 3 (SHA-1) or 17 (SHA-256)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=17))]
     cipher_suite: u8,
@@ -449,6 +452,7 @@ impl Common {
                     password: Password::new(password),
                     ca_cert: self.ca_cert.clone(),
                     insecure: self.insecure,
+                    plain_http: self.allow_plain_http,
                     timeout: self.timeout(protocol),
                     retries: self.retries,
                     cipher_suite: suite,
@@ -488,6 +492,7 @@ impl Common {
                         password: Password::new(password),
                         ca_cert: bmc.ca_cert.as_ref().map(|c| base.join(c)),
                         insecure: bmc.insecure,
+                        plain_http: bmc.allow_plain_http,
                         timeout: self.timeout(bmc.protocol),
                         retries: self.retries,
                         cipher_suite: suite,

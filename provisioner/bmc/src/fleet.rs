@@ -344,6 +344,7 @@ spec:
                     password: crate::Password::new("p"),
                     ca_cert: None,
                     insecure: false,
+                    plain_http: false,
                     timeout: Duration::from_secs(1),
                     retries: 0,
                     cipher_suite: crate::ipmi::CipherSuite::Suite3,

@@ -15,7 +15,8 @@ pub mod fleet;
 pub mod ipmi;
 pub mod redfish;
 
-/// A BMC password. Kept out of `Debug` output so that it never reaches logs or traces.
+/// A BMC credential: a password or a Redfish session token. Kept out of `Debug` output so
+/// that it never reaches logs or traces.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Password(String);
 
@@ -47,6 +48,8 @@ pub struct BmcTarget {
     pub ca_cert: Option<std::path::PathBuf>,
     /// Redfish: accept any certificate (explicit opt-in only).
     pub insecure: bool,
+    /// Redfish: allow an `http://` address (explicit opt-in only; logged as a warning).
+    pub plain_http: bool,
     /// Bound on one request/response exchange (one UDP attempt, one HTTP request).
     pub timeout: Duration,
     /// IPMI: retransmissions after the first attempt.
@@ -315,6 +318,7 @@ mod tests {
             password: Password::new("hunter2"),
             ca_cert: None,
             insecure: false,
+            plain_http: false,
             timeout: Duration::from_secs(1),
             retries: 0,
             cipher_suite: ipmi::CipherSuite::Suite3,

@@ -8,13 +8,13 @@ use tokio::sync::Mutex;
 
 use crate::{
     BmcDriver, BmcError, BmcProtocol, BmcTarget, BootDevice, BootOverride, Capabilities,
-    ChassisStatus, Identity, PowerAction, PowerState, Result, SelEntry, SensorReading,
+    ChassisStatus, Identity, Password, PowerAction, PowerState, Result, SelEntry, SensorReading,
 };
 
 #[derive(Debug, Clone)]
 enum Auth {
     Token {
-        token: String,
+        token: Password,
         location: Option<String>,
     },
     Basic,
@@ -92,6 +92,20 @@ impl RedfishDriver {
         let client = builder
             .build()
             .map_err(|e| BmcError::Tls(format!("building the HTTPS client: {e}")))?;
+        if target.host.starts_with("http://") {
+            if !target.plain_http {
+                return Err(BmcError::Protocol(format!(
+                    "{} is plain http: the BMC credentials would travel unencrypted; use \
+                     https, or allow it explicitly (--allow-plain-http, inventory \
+                     allowPlainHttp: true)",
+                    target.host
+                )));
+            }
+            tracing::warn!(
+                bmc = %target.host,
+                "Redfish over plain http: credentials travel unencrypted"
+            );
+        }
         let base = if target.host.contains("://") {
             target.host.trim_end_matches('/').to_string()
         } else if target.host.contains(':') {
@@ -164,7 +178,7 @@ impl RedfishDriver {
                 };
                 match header("X-Auth-Token") {
                     Some(token) => Ok(Auth::Token {
-                        token,
+                        token: Password::new(token),
                         location: header("Location"),
                     }),
                     None => Ok(Auth::Basic),
@@ -199,7 +213,9 @@ impl RedfishDriver {
         };
         let mut request = self.client.request(method.clone(), &url);
         match auth {
-            Some(Auth::Token { token, .. }) => request = request.header("X-Auth-Token", token),
+            Some(Auth::Token { token, .. }) => {
+                request = request.header("X-Auth-Token", token.expose())
+            }
             Some(Auth::Basic) => {
                 request =
                     request.basic_auth(&self.target.username, Some(self.target.password.expose()))
@@ -556,6 +572,41 @@ impl BmcDriver for RedfishDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target(host: &str, plain_http: bool) -> BmcTarget {
+        BmcTarget {
+            protocol: BmcProtocol::Redfish,
+            host: host.into(),
+            port: 443,
+            username: "admin".into(),
+            password: Password::new("hunter2"),
+            ca_cert: None,
+            insecure: false,
+            plain_http,
+            timeout: std::time::Duration::from_secs(1),
+            retries: 0,
+            cipher_suite: crate::ipmi::CipherSuite::Suite3,
+        }
+    }
+
+    #[test]
+    fn plain_http_needs_an_explicit_opt_in() {
+        let err = RedfishDriver::new(target("http://127.0.0.1:8000", false)).unwrap_err();
+        assert!(err.to_string().contains("--allow-plain-http"), "{err}");
+        assert!(RedfishDriver::new(target("http://127.0.0.1:8000", true)).is_ok());
+        assert!(RedfishDriver::new(target("https://127.0.0.1:8000", false)).is_ok());
+    }
+
+    #[test]
+    fn session_tokens_never_show_in_debug_output() {
+        let auth = Auth::Token {
+            token: Password::new("0123-secret-token"),
+            location: Some("/redfish/v1/SessionService/Sessions/1".into()),
+        };
+        let text = format!("{auth:?}");
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("redacted"), "{text}");
+    }
 
     #[test]
     fn boot_override_mapping() {
