@@ -21,6 +21,10 @@ use sha2::{Digest, Sha256};
 include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
 
 /// Every layer, in the order they apply.
+/// The lock of pinned upstream manifests the kubernetes, ceph and kubevirt layers name their
+/// addons from (`overlays/upstream.lock.yaml`): URL and sha256 per file.
+pub const UPSTREAM_LOCK: &str = include_str!("../upstream.lock.yaml");
+
 pub const LAYER_ORDER: [&str; 5] = ["base", "network", "kubernetes", "ceph", "kubevirt"];
 
 /// What the node-specific rendering knows about the node (an installed node's config).

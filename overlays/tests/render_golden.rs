@@ -123,8 +123,7 @@ fn appliance_profile_adds_cluster_layers_and_their_addons() {
         ["volume-snapshots", "multus", "rook-ceph", "kubevirt"]
     );
     // Every addon a layer names is pinned in the lock.
-    let lock: serde_json::Value =
-        serde_saphyr::from_str(include_str!("../upstream.lock.yaml")).unwrap();
+    let lock: serde_json::Value = serde_saphyr::from_str(kiln_overlays::UPSTREAM_LOCK).unwrap();
     let pinned: Vec<&str> = lock["addons"]
         .as_array()
         .unwrap()

@@ -1,15 +1,16 @@
 //! The Ceph admin path maintenance uses to keep Ceph calm while a node's OSDs go away:
 //! `noout` per OSD, so Ceph does not start rebalancing data for a planned absence.
 
-use std::process::Command;
+use tokio::process::Command;
 
 use crate::Error;
 
 /// Sets and clears per-OSD `noout`. Calls must be idempotent (maintenance resumes by
 /// repeating them).
+#[async_trait::async_trait]
 pub trait CephAdmin: Send + Sync {
-    fn add_noout(&self, osds: &[u32]) -> Result<(), Error>;
-    fn rm_noout(&self, osds: &[u32]) -> Result<(), Error>;
+    async fn add_noout(&self, osds: &[u32]) -> Result<(), Error>;
+    async fn rm_noout(&self, osds: &[u32]) -> Result<(), Error>;
 }
 
 /// Runs the `ceph` CLI through a configurable command prefix, e.g. `ceph` on a host with an
@@ -40,7 +41,8 @@ impl CephCli {
         argv
     }
 
-    fn run(&self, verb: &str, osds: &[u32]) -> Result<(), Error> {
+    /// Async: maintenance runs it on its runtime, and a `ceph` call can take seconds.
+    async fn run(&self, verb: &str, osds: &[u32]) -> Result<(), Error> {
         if osds.is_empty() {
             return Ok(());
         }
@@ -49,6 +51,7 @@ impl CephCli {
         let output = Command::new(&argv[0])
             .args(&argv[1..])
             .output()
+            .await
             .map_err(|e| Error::Ceph {
                 command: command.clone(),
                 reason: e.to_string(),
@@ -67,13 +70,14 @@ impl CephCli {
     }
 }
 
+#[async_trait::async_trait]
 impl CephAdmin for CephCli {
-    fn add_noout(&self, osds: &[u32]) -> Result<(), Error> {
-        self.run("add-noout", osds)
+    async fn add_noout(&self, osds: &[u32]) -> Result<(), Error> {
+        self.run("add-noout", osds).await
     }
 
-    fn rm_noout(&self, osds: &[u32]) -> Result<(), Error> {
-        self.run("rm-noout", osds)
+    async fn rm_noout(&self, osds: &[u32]) -> Result<(), Error> {
+        self.run("rm-noout", osds).await
     }
 }
 
@@ -81,8 +85,8 @@ impl CephAdmin for CephCli {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_lines_and_failures() {
+    #[tokio::test]
+    async fn command_lines_and_failures() {
         let cli = CephCli::new("kubectl -n rook-ceph exec deploy/rook-ceph-tools -- ceph").unwrap();
         assert_eq!(
             cli.command_line("add-noout", &[3, 7]).join(" "),
@@ -92,6 +96,7 @@ mod tests {
         let err = CephCli::new("false")
             .unwrap()
             .add_noout(&[1])
+            .await
             .unwrap_err()
             .to_string();
         assert!(
@@ -102,6 +107,7 @@ mod tests {
         CephCli::new("/nonexistent/ceph")
             .unwrap()
             .rm_noout(&[])
+            .await
             .unwrap();
         assert!(CephCli::new(" ").is_err());
     }

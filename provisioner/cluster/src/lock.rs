@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 
 /// The lock file shipped with kiln.
-pub const EMBEDDED: &str = include_str!("../../../overlays/upstream.lock.yaml");
+pub const EMBEDDED: &str = kiln_overlays::UPSTREAM_LOCK;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -25,6 +25,7 @@ use crate::Error;
 use crate::ceph::CephAdmin;
 use crate::maintenance::Vmim;
 
+/// The pinned fixture versions, from the one file `scripts/kube-fixtures.sh` builds them from.
 const VERSIONS: &str = include_str!("../../../scripts/kube-fixtures/versions.env");
 
 /// The admin user kiln runs as in tests; stand-in controllers use another one, so API request
@@ -476,6 +477,7 @@ pub async fn install_kubevirt_fixture_crds(client: &Client) -> Result<(), Error>
 /// Builders for the objects maintenance tests put on a node.
 pub mod workload {
     use super::*;
+    pub use crate::maintenance::{vmi_resource, vmim_resource};
 
     pub fn node(name: &str) -> Node {
         serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}})).expect("node")
@@ -536,20 +538,6 @@ pub mod workload {
             Some(("VirtualMachineInstance", name)),
         );
         (vmi, launcher)
-    }
-
-    pub fn vmi_resource() -> ApiResource {
-        ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
-            "virtualmachineinstances",
-        )
-    }
-
-    pub fn vmim_resource() -> ApiResource {
-        ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstanceMigration"),
-            "virtualmachineinstancemigrations",
-        )
     }
 
     /// Creates `pod` and reports it Running and Ready, as its kubelet would (eviction only
@@ -743,13 +731,14 @@ impl RecordingCephAdmin {
     }
 }
 
+#[async_trait::async_trait]
 impl CephAdmin for RecordingCephAdmin {
-    fn add_noout(&self, osds: &[u32]) -> Result<(), Error> {
+    async fn add_noout(&self, osds: &[u32]) -> Result<(), Error> {
         self.record("add-noout", osds);
         Ok(())
     }
 
-    fn rm_noout(&self, osds: &[u32]) -> Result<(), Error> {
+    async fn rm_noout(&self, osds: &[u32]) -> Result<(), Error> {
         self.record("rm-noout", osds);
         Ok(())
     }
