@@ -93,9 +93,7 @@ impl Sushy {
         make_certs(d);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redfish-sim.sh");
         run(Command::new(&script).arg("--install"));
-        let cache = std::env::var("KILN_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kiln"));
+        let cache = kiln_spec::paths::cache_dir();
         // The users file takes bcrypt hashes only; the virtualenv has bcrypt.
         let hash = run(Command::new(cache.join("venv-sushy/bin/python")).args([
             "-c",

@@ -67,11 +67,7 @@ fn build(spec: Option<&Path>, out: &Path) -> serde_json::Value {
 fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let cache = std::env::var_os("KILN_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln")
-            });
+        let cache = kiln_spec::paths::cache_dir();
         let parent = cache.join("test-builds");
         std::fs::create_dir_all(&parent).unwrap();
         for e in std::fs::read_dir(&parent).unwrap().flatten() {

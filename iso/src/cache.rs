@@ -22,11 +22,7 @@ impl Cache {
 
     /// `dir`, else `$KILN_CACHE`, else `~/.cache/kiln`.
     pub fn locate(dir: Option<PathBuf>) -> Self {
-        let root = dir
-            .or_else(|| std::env::var_os("KILN_CACHE").map(PathBuf::from))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))
-            .unwrap_or_else(|| PathBuf::from("/var/cache/kiln"));
-        Self::new(root)
+        Self::new(dir.unwrap_or_else(kiln_spec::paths::cache_dir))
     }
 
     pub fn root(&self) -> &Path {

@@ -16,6 +16,7 @@ pub mod kmod;
 pub mod layout;
 pub mod manifest;
 pub mod nodeconfig;
+pub mod paths;
 pub mod size;
 
 pub use appliance::{Appliance, ApplianceSpec, Feature, ProfileName};

@@ -150,7 +150,7 @@ async fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     };
     let source = match &a.mirror {
         Some(dir) => Source::Mirror(dir.clone()),
-        None => Source::Cache(cache_dir().join("manifests")),
+        None => Source::Cache(kiln_spec::paths::cache_dir().join("manifests")),
     };
     // Everything is fetched and verified before the first request to the cluster.
     let files = manifests::fetch_all(&lock, &source).await?;
@@ -166,14 +166,6 @@ async fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     )
     .await?;
     a.output.emit(&report, bootstrap::BootstrapReport::render)
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("KILN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
-        })
 }
 
 pub fn run_node(cmd: NodeClusterCmd) -> anyhow::Result<()> {

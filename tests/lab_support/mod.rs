@@ -17,9 +17,7 @@ pub fn test_iso() -> PathBuf {
     if let Some(p) = iso.as_ref() {
         return p.clone();
     }
-    let cache = std::env::var_os("KILN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kiln"));
+    let cache = kiln_spec::paths::cache_dir();
     let out = cache.join("lab-install-iso");
     let status = Command::new(KILN)
         .args(["build", "--profile", "test", "--out"])

@@ -51,11 +51,7 @@ impl Binaries {
                 .map(str::trim)
                 .ok_or_else(|| format!("{key} missing from scripts/kube-fixtures/versions.env"))
         };
-        let cache = std::env::var_os("KILN_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
-            });
+        let cache = kiln_spec::paths::cache_dir();
         let kube = cache.join("bin").join(version("KUBERNETES_VERSION")?);
         let bins = Binaries {
             kube_apiserver: kube.join("kube-apiserver"),
