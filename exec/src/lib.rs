@@ -115,19 +115,15 @@ fn run_lines(
     let t_out = std::thread::spawn(move || forward_lines(out, true, tx));
     let t_err = std::thread::spawn(move || forward_lines(err, false, tx2));
     let mut tail = VecDeque::new();
-    let mut stdout = String::new();
-    for (is_stdout, line) in rx {
-        if is_stdout {
-            stdout.push_str(&line);
-            stdout.push('\n');
-        }
+    for (_, line) in rx {
         on_line(&line);
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(line);
     }
-    let _ = t_out.join();
+    // Callers parse stdout (JSON, status codes), so it comes back byte for byte.
+    let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let _ = t_err.join();
     let status = child.wait().map_err(|source| ToolError::Start {
         what: what.to_string(),
@@ -146,20 +142,23 @@ fn run_lines(
     }
 }
 
-fn forward_lines(mut r: impl Read, is_stdout: bool, tx: mpsc::Sender<(bool, String)>) {
+/// Sends every line read from `r` and returns all of it (kept only for stdout).
+fn forward_lines(mut r: impl Read, is_stdout: bool, tx: mpsc::Sender<(bool, String)>) -> Vec<u8> {
+    let mut all = Vec::new();
     let mut pending = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
         let n = r.read(&mut chunk).unwrap_or(0);
         if n == 0 {
             send_line(&pending, is_stdout, &tx);
-            return;
+            return all;
+        }
+        if is_stdout {
+            all.extend_from_slice(&chunk[..n]);
         }
         for &b in &chunk[..n] {
             if b == b'\n' || b == b'\r' {
-                if !send_line(&pending, is_stdout, &tx) {
-                    return;
-                }
+                send_line(&pending, is_stdout, &tx);
                 pending.clear();
             } else {
                 pending.push(b);
@@ -168,9 +167,12 @@ fn forward_lines(mut r: impl Read, is_stdout: bool, tx: mpsc::Sender<(bool, Stri
     }
 }
 
-fn send_line(bytes: &[u8], is_stdout: bool, tx: &mpsc::Sender<(bool, String)>) -> bool {
+fn send_line(bytes: &[u8], is_stdout: bool, tx: &mpsc::Sender<(bool, String)>) {
     let line = String::from_utf8_lossy(bytes).trim_end().to_string();
-    line.is_empty() || tx.send((is_stdout, line)).is_ok()
+    if !line.is_empty() {
+        // The receiver lives until both readers finish.
+        let _ = tx.send((is_stdout, line));
+    }
 }
 
 #[cfg(test)]
@@ -182,14 +184,15 @@ mod tests {
         let mut seen = Vec::new();
         let out = Tool::new("sh", "dash")
             .run(
-                Command::new("sh").args(["-c", "echo one; printf 'two\\rthree\\n'; echo err >&2"]),
+                Command::new("sh")
+                    .args(["-c", "echo one; printf 'two\\rthree\\n200'; echo err >&2"]),
                 "testing",
                 |l| seen.push(l.to_string()),
             )
             .unwrap();
-        assert_eq!(out, "one\ntwo\nthree\n");
+        assert_eq!(out, "one\ntwo\rthree\n200");
         seen.sort();
-        assert_eq!(seen, ["err", "one", "three", "two"]);
+        assert_eq!(seen, ["200", "err", "one", "three", "two"]);
     }
 
     #[test]
