@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use kiln_spec::ValidationErrors;
 use kiln_spec::host::render_networkd;
-use kiln_spec::nodeconfig::{DataUsage, NodeSpec, parse_mode};
+use kiln_spec::nodeconfig::{NodeSpec, parse_mode};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +62,6 @@ pub const MODULES_LOAD_FILE: &str = "/etc/modules-load.d/kiln.conf";
 pub const MODPROBE_FILE: &str = "/etc/modprobe.d/kiln.conf";
 pub const TIMESYNCD_FILE: &str = "/etc/systemd/timesyncd.conf.d/kiln.conf";
 /// The kernel arguments the boot entry writer adds at the next boot-entry update.
-pub const KERNEL_ARGS_FILE: &str = "/var/lib/kiln/kernel-args";
-pub const DATA_DISKS_FILE: &str = "/etc/kiln/data-disks.json";
 const NETWORK_DIR: &str = "/etc/systemd/network";
 const UNIT_DIR: &str = "/etc/systemd/system";
 
@@ -289,38 +287,9 @@ pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
         );
     }
     kernel_args.dedup();
-    if !kernel_args.is_empty() {
-        let text = format!("{}\n", kernel_args.join(" "));
-        gen_file(
-            &mut d,
-            KERNEL_ARGS_FILE.into(),
-            text,
-            0o644,
-            "root:root",
-            "spec.kernelArgs",
-        );
-    }
+    // Compared with /proc/cmdline (PendingReboot); the boot entries take them with an upgrade.
     d.kernel_args = kernel_args;
     if !spec.data_disks.is_empty() {
-        let list: Vec<_> = spec
-            .data_disks
-            .iter()
-            .map(|x| {
-                serde_json::json!({
-                    "partLabel": x.part_label,
-                    "usage": match x.usage { DataUsage::CephOsd => "ceph-osd", DataUsage::VmDisks => "vm-disks" },
-                })
-            })
-            .collect();
-        let text = serde_json::to_string_pretty(&list).unwrap_or_default() + "\n";
-        gen_file(
-            &mut d,
-            DATA_DISKS_FILE.into(),
-            text,
-            0o644,
-            "root:root",
-            "spec.dataDisks",
-        );
         d.data_disks = spec
             .data_disks
             .iter()

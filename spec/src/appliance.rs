@@ -11,7 +11,7 @@ use crate::errors::{SpecError, ValidationErrors};
 pub use crate::host::{
     BondConfig, BondMode, BridgeConfig, InterfaceConfig, NetworkSpec, User, VlanConfig,
 };
-use crate::inventory::{Metadata, NodeRole, format_mac, is_dns_label};
+use crate::inventory::{Metadata, format_mac, is_dns_label};
 use crate::size::{ByteSize, MIB};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -351,12 +351,6 @@ pub enum Distribution {
 pub struct ClusterSpec {
     #[serde(default)]
     pub distribution: Distribution,
-    /// Release of the distribution, e.g. `v1.31.4+k3s1`; the build pins it by sha256.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// Role of nodes the inventory does not give one.
-    #[serde(default)]
-    pub default_role: NodeRole,
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
     #[serde(default = "default_service_cidr")]
@@ -381,8 +375,6 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec {
             distribution: Distribution::default(),
-            version: None,
-            default_role: NodeRole::default(),
             cluster_cidr: default_cluster_cidr(),
             service_cidr: default_service_cidr(),
             cluster_domain: default_cluster_domain(),
@@ -633,14 +625,6 @@ fn validate_cluster(c: &ClusterSpec, errs: &mut ValidationErrors) {
         errs.push(
             "spec.cluster.clusterDomain",
             format!("{:?} is not a domain name", c.cluster_domain),
-        );
-    }
-    if let Some(v) = &c.version
-        && (v.is_empty() || v.contains(char::is_whitespace))
-    {
-        errs.push(
-            "spec.cluster.version",
-            "must be a release like v1.31.4+k3s1",
         );
     }
 }
