@@ -14,7 +14,7 @@ use crate::desired::{self, Desired};
 use crate::engine::{Controller, Ctx, ReconcileError, Resource};
 use crate::host::Host;
 use crate::metrics::Metrics;
-use crate::plan::{self, Action};
+use crate::plan::{self, Action, Record};
 use crate::status::{
     ApplyReport, Condition, ConfigReport, Event, FieldProblem, NodeStatus, PlanReport,
     PlannedAction, ResourceState, ResourceStatus, now,
@@ -298,158 +298,205 @@ impl Controller for HostController {
             config.valid = false;
             config.errors.extend(render);
         }
-        let desired = ctx.get::<DesiredState>(ID)?;
-        let was_valid = self
+        self.report_rejection(&config);
+        let Some(DesiredState {
+            desired,
+            generation,
+        }) = ctx.get::<DesiredState>(ID)?
+        else {
+            let status = self.no_config_status(config);
+            return self.publish(ctx, status);
+        };
+        config.generation = Some(generation);
+        let outcome = self.converge(&desired, config.generation.as_deref())?;
+        self.watch(&desired, &outcome.record)?;
+        let status = build_status(
+            self,
+            &config,
+            &desired,
+            &outcome.actual,
+            &outcome.failed,
+            &outcome.remaining,
+            &outcome.drift,
+        );
+        self.publish(ctx, status)?;
+        if outcome.failed.is_empty() && outcome.remaining.is_empty() {
+            self.applied = config.generation;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} action(s) failed, {} still to do",
+                outcome.failed.len(),
+                outcome.remaining.len()
+            )
+            .into())
+        }
+    }
+}
+
+/// What one pass of diff → apply → verify found and did.
+struct Converged {
+    /// The host as observed after the pass.
+    actual: plan::Actual,
+    record: Record,
+    failed: Vec<(Action, String)>,
+    /// What the host still lacks after the apply.
+    remaining: Vec<Action>,
+    /// Resources repaired because they drifted from an already applied generation.
+    drift: BTreeSet<String>,
+}
+
+impl HostController {
+    /// Emits one event when the config turns invalid or its problems change.
+    fn report_rejection(&self, config: &ConfigReport) {
+        if config.valid {
+            return;
+        }
+        let unchanged = self
             .shared
             .status
             .read()
-            .map(|s| s.config.valid)
-            .unwrap_or(true);
-        if !config.valid
-            && (was_valid
-                || self
-                    .shared
-                    .status
-                    .read()
-                    .map(|s| s.config.errors != config.errors)
-                    .unwrap_or(true))
-        {
-            let list: Vec<String> = config
-                .errors
-                .iter()
-                .map(|e| format!("{}: {}", e.path, e.reason))
-                .collect();
-            self.shared.emit(Event::new(
-                "config-invalid",
-                format!(
-                    "node config rejected, keeping the last good state: {}",
-                    list.join("; ")
-                ),
-                None,
-            ));
+            .is_ok_and(|s| !s.config.valid && s.config.errors == config.errors);
+        if unchanged {
+            return;
         }
-        let mut error = None;
-        if let Some(DesiredState {
-            desired,
-            generation,
-        }) = &desired
-        {
-            let mut failed = Vec::new();
-            let mut drift_ids = BTreeSet::new();
-            config.generation = Some(generation.clone());
-            let record = self.store.record()?;
-            let mut actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
-            let actions = plan::plan(desired, &actual, &record);
-            let drift =
-                !actions.is_empty() && self.applied.as_deref() == config.generation.as_deref();
-            if !actions.is_empty() {
-                let outcome = apply::apply(&self.host, &self.store, desired, &actions)?;
-                self.shared
-                    .metrics
-                    .actions(outcome.done.len(), &outcome.failed);
-                if drift {
-                    drift_ids = outcome.done.iter().map(Action::resource).collect();
-                    self.drift_repairs += drift_ids.len() as u64;
-                    self.shared.metrics.drift_repairs(drift_ids.len());
-                    for id in &drift_ids {
-                        self.shared.emit(Event::new(
-                            "drift",
-                            format!("repaired drift of {id}"),
-                            Some(id.clone()),
-                        ));
-                    }
-                }
-                for a in &outcome.done {
-                    self.shared
-                        .emit(Event::new("applied", a.to_string(), Some(a.resource())));
-                }
-                for (a, why) in &outcome.failed {
-                    self.shared.emit(Event::new(
-                        "failed",
-                        format!("{a}: {why}"),
-                        Some(a.resource()),
-                    ));
-                }
-                failed = outcome.failed.clone();
-                self.last_apply = Some(ApplyReport {
-                    at: now(),
-                    actions: outcome.done.iter().map(ToString::to_string).collect(),
-                    failed: outcome
-                        .failed
-                        .iter()
-                        .map(|(a, why)| FieldProblem {
-                            path: a.resource(),
-                            reason: why.clone(),
-                            source: None,
-                        })
-                        .collect(),
-                    drift,
-                });
-            }
-            // Verify: what the host still lacks after the apply.
-            let mut remaining = Vec::new();
-            let mut record = record;
-            if !actions.is_empty() {
-                record = self.store.record()?;
-                actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
-                remaining = plan::plan(desired, &actual, &record);
-            }
-            if failed.is_empty() && remaining.is_empty() {
-                self.applied = config.generation.clone();
-            } else {
-                error = Some(format!(
-                    "{} action(s) failed, {} still to do",
-                    failed.len(),
-                    remaining.len()
+        let list: Vec<String> = config
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.reason))
+            .collect();
+        self.shared.emit(Event::new(
+            "config-invalid",
+            format!(
+                "node config rejected, keeping the last good state: {}",
+                list.join("; ")
+            ),
+            None,
+        ));
+    }
+
+    fn converge(
+        &mut self,
+        desired: &Desired,
+        generation: Option<&str>,
+    ) -> Result<Converged, ReconcileError> {
+        let record = self.store.record()?;
+        let actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
+        let actions = plan::plan(desired, &actual, &record);
+        if actions.is_empty() {
+            return Ok(Converged {
+                actual,
+                record,
+                failed: vec![],
+                remaining: vec![],
+                drift: BTreeSet::new(),
+            });
+        }
+        let drift = self.applied.as_deref() == generation;
+        let outcome = apply::apply(&self.host, &self.store, desired, &actions)?;
+        let drift = self.report_apply(&outcome, drift);
+        let record = self.store.record()?;
+        let actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;
+        let remaining = plan::plan(desired, &actual, &record);
+        Ok(Converged {
+            actual,
+            record,
+            failed: outcome.failed,
+            remaining,
+            drift,
+        })
+    }
+
+    /// Metrics, events and the last-apply report for one apply; returns the resources
+    /// repaired as drift.
+    fn report_apply(&mut self, outcome: &apply::Outcome, drift: bool) -> BTreeSet<String> {
+        self.shared
+            .metrics
+            .actions(outcome.done.len(), &outcome.failed);
+        let mut drift_ids = BTreeSet::new();
+        if drift {
+            drift_ids = outcome.done.iter().map(Action::resource).collect();
+            self.drift_repairs += drift_ids.len() as u64;
+            self.shared.metrics.drift_repairs(drift_ids.len());
+            for id in &drift_ids {
+                self.shared.emit(Event::new(
+                    "drift",
+                    format!("repaired drift of {id}"),
+                    Some(id.clone()),
                 ));
             }
-            let mut managed: BTreeSet<String> = desired
-                .files
-                .keys()
-                .chain(desired.dirs.keys())
-                .cloned()
-                .collect();
-            managed.extend(record.paths.keys().cloned());
-            self.shared.metrics.managed(managed.len());
-            let mut current = self.shared.managed.write().map_err(|_| "lock poisoned")?;
-            if *current != managed {
-                *current = managed;
-                if let Some(tx) = self
-                    .shared
-                    .watch_changed
-                    .lock()
-                    .map_err(|_| "lock poisoned")?
-                    .as_ref()
-                {
-                    let _ = tx.send(());
-                }
+        }
+        for a in &outcome.done {
+            self.shared
+                .emit(Event::new("applied", a.to_string(), Some(a.resource())));
+        }
+        for (a, why) in &outcome.failed {
+            self.shared.emit(Event::new(
+                "failed",
+                format!("{a}: {why}"),
+                Some(a.resource()),
+            ));
+        }
+        self.last_apply = Some(ApplyReport {
+            at: now(),
+            actions: outcome.done.iter().map(ToString::to_string).collect(),
+            failed: outcome
+                .failed
+                .iter()
+                .map(|(a, why)| FieldProblem {
+                    path: a.resource(),
+                    reason: why.clone(),
+                    source: None,
+                })
+                .collect(),
+            drift,
+        });
+        drift_ids
+    }
+
+    /// Hands the managed paths to the inotify watcher when they change.
+    fn watch(&self, desired: &Desired, record: &Record) -> Result<(), ReconcileError> {
+        let mut managed: BTreeSet<String> = desired
+            .files
+            .keys()
+            .chain(desired.dirs.keys())
+            .cloned()
+            .collect();
+        managed.extend(record.paths.keys().cloned());
+        self.shared.metrics.managed(managed.len());
+        let mut current = self.shared.managed.write().map_err(|_| "lock poisoned")?;
+        if *current != managed {
+            *current = managed;
+            if let Some(tx) = self
+                .shared
+                .watch_changed
+                .lock()
+                .map_err(|_| "lock poisoned")?
+                .as_ref()
+            {
+                let _ = tx.send(());
             }
-            let status = build_status(
-                self, &config, desired, &actual, &failed, &remaining, &drift_ids,
-            );
-            self.publish(ctx, status)?;
-        } else {
-            let mut status = self.base_status(config);
-            status.conditions = vec![
-                cond(
-                    "Ready",
-                    false,
-                    "NoValidConfig",
-                    "no valid node config has been loaded",
-                ),
-                cond(
-                    "Failed",
-                    true,
-                    "NoValidConfig",
-                    &first_error(&status.config),
-                ),
-            ];
-            self.publish(ctx, status)?;
         }
-        match error {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        Ok(())
+    }
+
+    fn no_config_status(&self, config: ConfigReport) -> NodeStatus {
+        let mut status = self.base_status(config);
+        status.conditions = vec![
+            cond(
+                "Ready",
+                false,
+                "NoValidConfig",
+                "no valid node config has been loaded",
+            ),
+            cond(
+                "Failed",
+                true,
+                "NoValidConfig",
+                &first_error(&status.config),
+            ),
+        ];
+        status
     }
 }
 

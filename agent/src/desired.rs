@@ -61,57 +61,90 @@ pub const SYSCTL_FILE: &str = "/etc/sysctl.d/90-kiln.conf";
 pub const MODULES_LOAD_FILE: &str = "/etc/modules-load.d/kiln.conf";
 pub const MODPROBE_FILE: &str = "/etc/modprobe.d/kiln.conf";
 pub const TIMESYNCD_FILE: &str = "/etc/systemd/timesyncd.conf.d/kiln.conf";
-/// The kernel arguments the boot entry writer adds at the next boot-entry update.
 const NETWORK_DIR: &str = "/etc/systemd/network";
 const UNIT_DIR: &str = "/etc/systemd/system";
 
 /// Renders a valid spec. Fails, with field paths, only when a file the spec lists collides
 /// with one kiln generates.
 pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
-    let mut d = Desired::default();
-    // path → who generated it, to report collisions with spec.files.
-    let mut generated: BTreeMap<String, String> = BTreeMap::new();
-    let mut gen_file =
-        |d: &mut Desired, path: String, content: String, mode: u32, owner: &str, from: &str| {
-            generated.insert(path.clone(), from.to_string());
-            d.files.insert(
-                path,
-                DesiredFile {
-                    content,
-                    mode,
-                    owner: owner.to_string(),
-                },
-            );
-        };
+    let mut r = Renderer::default();
+    r.hostname(spec);
+    r.users(spec);
+    r.units(spec);
+    r.kernel(spec);
+    r.network(spec);
+    r.time(spec);
+    r.d.data_disks = spec
+        .data_disks
+        .iter()
+        .map(|x| x.part_label.clone())
+        .collect();
+    r.listed(spec)
+}
 
-    if let Some(h) = &spec.hostname {
-        d.hostname = Some(h.clone());
-        gen_file(
-            &mut d,
-            "/etc/hostname".into(),
-            format!("{h}\n"),
-            0o644,
-            "root:root",
-            "spec.hostname",
-        );
-    }
-    for (i, u) in spec.users.iter().enumerate() {
-        d.users.insert(
-            u.name.clone(),
-            DesiredUser {
-                uid: u.uid,
-                shell: u.shell.clone(),
-                groups: {
-                    let mut g = u.groups.clone();
-                    g.sort();
-                    g.dedup();
-                    g
-                },
+/// The state being rendered and, for each generated file, the spec field it came from (to
+/// report collisions with `spec.files`).
+#[derive(Default)]
+struct Renderer {
+    d: Desired,
+    generated: BTreeMap<String, String>,
+}
+
+impl Renderer {
+    fn file(&mut self, path: String, content: String, owner: &str, mode: u32, from: &str) {
+        self.generated.insert(path.clone(), from.to_string());
+        self.d.files.insert(
+            path,
+            DesiredFile {
+                content,
+                mode,
+                owner: owner.to_string(),
             },
         );
-        if !u.ssh_authorized_keys.is_empty() {
+    }
+
+    /// A root-owned 0644 config file.
+    fn config(&mut self, path: String, content: String, from: &str) {
+        self.file(path, content, "root:root", 0o644, from);
+    }
+
+    /// A service kiln enables and starts, restarted when its config files change.
+    fn service(&mut self, name: &str, files: Vec<String>) {
+        self.d.units.insert(
+            name.into(),
+            DesiredUnit {
+                enabled: Some(true),
+                started: Some(true),
+                files,
+            },
+        );
+    }
+
+    fn hostname(&mut self, spec: &NodeSpec) {
+        if let Some(h) = &spec.hostname {
+            self.d.hostname = Some(h.clone());
+            self.config("/etc/hostname".into(), format!("{h}\n"), "spec.hostname");
+        }
+    }
+
+    fn users(&mut self, spec: &NodeSpec) {
+        for (i, u) in spec.users.iter().enumerate() {
+            let mut groups = u.groups.clone();
+            groups.sort();
+            groups.dedup();
+            self.d.users.insert(
+                u.name.clone(),
+                DesiredUser {
+                    uid: u.uid,
+                    shell: u.shell.clone(),
+                    groups,
+                },
+            );
+            if u.ssh_authorized_keys.is_empty() {
+                continue;
+            }
             let ssh = format!("/home/{}/.ssh", u.name);
-            d.dirs.insert(
+            self.d.dirs.insert(
                 ssh.clone(),
                 DesiredDir {
                     mode: 0o700,
@@ -123,223 +156,167 @@ pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
                 .iter()
                 .map(|k| format!("{}\n", k.trim()))
                 .collect();
-            gen_file(
-                &mut d,
+            self.file(
                 format!("{ssh}/authorized_keys"),
                 keys,
-                0o600,
                 &u.name,
+                0o600,
                 &format!("spec.users[{i}].sshAuthorizedKeys"),
             );
         }
     }
-    for (i, u) in spec.units.iter().enumerate() {
-        let mut files = Vec::new();
-        if let Some(content) = &u.content {
-            let path = format!("{UNIT_DIR}/{}", u.name);
-            gen_file(
-                &mut d,
-                path.clone(),
-                content.clone(),
-                0o644,
-                "root:root",
-                &format!("spec.units[{i}]"),
+
+    fn units(&mut self, spec: &NodeSpec) {
+        for (i, u) in spec.units.iter().enumerate() {
+            let mut files = Vec::new();
+            if let Some(content) = &u.content {
+                let path = format!("{UNIT_DIR}/{}", u.name);
+                self.config(path.clone(), content.clone(), &format!("spec.units[{i}]"));
+                files.push(path);
+            }
+            for (j, di) in u.drop_ins.iter().enumerate() {
+                let path = format!("{UNIT_DIR}/{}.d/{}", u.name, di.name);
+                let from = format!("spec.units[{i}].dropIns[{j}]");
+                self.config(path.clone(), di.content.clone(), &from);
+                files.push(path);
+            }
+            self.d.units.insert(
+                u.name.clone(),
+                DesiredUnit {
+                    enabled: u.enabled,
+                    started: u.started,
+                    files,
+                },
             );
-            files.push(path);
         }
-        for (j, di) in u.drop_ins.iter().enumerate() {
-            let path = format!("{UNIT_DIR}/{}.d/{}", u.name, di.name);
-            gen_file(
-                &mut d,
-                path.clone(),
-                di.content.clone(),
-                0o644,
-                "root:root",
-                &format!("spec.units[{i}].dropIns[{j}]"),
-            );
-            files.push(path);
-        }
-        d.units.insert(
-            u.name.clone(),
-            DesiredUnit {
-                enabled: u.enabled,
-                started: u.started,
-                files,
-            },
-        );
     }
 
-    d.sysctls = spec.sysctls.clone();
-    let mut modules: Vec<(String, Vec<String>)> = spec
-        .kernel_modules
-        .iter()
-        .map(|m| (m.name.clone(), m.options.clone()))
-        .collect();
-    let mut kernel_args = spec.kernel_args.clone();
-    if let Some(v) = &spec.virtualization {
-        if v.hugepages_2m > 0 {
-            d.sysctls
-                .insert("vm.nr_hugepages".into(), v.hugepages_2m.to_string());
-        }
-        if v.hugepages_1g > 0 {
-            kernel_args.push("hugepagesz=1G".into());
-            kernel_args.push(format!("hugepages={}", v.hugepages_1g));
-        }
-        if v.kvm {
-            d.kvm = true;
-            if !modules.iter().any(|(n, _)| n == "kvm") {
-                modules.push(("kvm".into(), vec![]));
+    /// Sysctls, kernel modules and their options, kernel arguments, and what virtualization
+    /// adds to each.
+    fn kernel(&mut self, spec: &NodeSpec) {
+        self.d.sysctls = spec.sysctls.clone();
+        let mut modules: Vec<(String, Vec<String>)> = spec
+            .kernel_modules
+            .iter()
+            .map(|m| (m.name.clone(), m.options.clone()))
+            .collect();
+        let mut kernel_args = spec.kernel_args.clone();
+        let mut options = Vec::new();
+        if let Some(v) = &spec.virtualization {
+            if v.hugepages_2m > 0 {
+                self.d
+                    .sysctls
+                    .insert("vm.nr_hugepages".into(), v.hugepages_2m.to_string());
+            }
+            if v.hugepages_1g > 0 {
+                kernel_args.push("hugepagesz=1G".into());
+                kernel_args.push(format!("hugepages={}", v.hugepages_1g));
+            }
+            if v.kvm {
+                self.d.kvm = true;
+                if !modules.iter().any(|(n, _)| n == "kvm") {
+                    modules.push(("kvm".into(), vec![]));
+                }
+            }
+            if v.kvm && v.nested {
+                // The vendor module udev loads decides which line applies.
+                options.push("options kvm_intel nested=1\n".to_string());
+                options.push("options kvm_amd nested=1\n".to_string());
             }
         }
-    }
-    if !d.sysctls.is_empty() {
-        let text: String = d
-            .sysctls
+        if !self.d.sysctls.is_empty() {
+            let text: String = self
+                .d
+                .sysctls
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect();
+            self.config(SYSCTL_FILE.into(), text, "spec.sysctls");
+        }
+        if !modules.is_empty() {
+            let names: String = modules.iter().map(|(n, _)| format!("{n}\n")).collect();
+            self.config(MODULES_LOAD_FILE.into(), names, "spec.kernelModules");
+        }
+        let module_options = modules
             .iter()
-            .map(|(k, v)| format!("{k} = {v}\n"))
-            .collect();
-        gen_file(
-            &mut d,
-            SYSCTL_FILE.into(),
-            text,
-            0o644,
-            "root:root",
-            "spec.sysctls",
-        );
+            .filter(|(_, o)| !o.is_empty())
+            .map(|(n, o)| format!("options {n} {}\n", o.join(" ")));
+        let options: Vec<String> = module_options.chain(options).collect();
+        if !options.is_empty() {
+            self.config(MODPROBE_FILE.into(), options.concat(), "spec.kernelModules");
+        }
+        self.d.modules = modules.into_iter().map(|(n, _)| n).collect();
+        kernel_args.dedup();
+        // Compared with /proc/cmdline (PendingReboot); the boot entries take them with an
+        // upgrade.
+        self.d.kernel_args = kernel_args;
     }
-    if !modules.is_empty() {
-        let names: String = modules.iter().map(|(n, _)| format!("{n}\n")).collect();
-        gen_file(
-            &mut d,
-            MODULES_LOAD_FILE.into(),
-            names,
-            0o644,
-            "root:root",
-            "spec.kernelModules",
-        );
-    }
-    let mut options: Vec<String> = modules
-        .iter()
-        .filter(|(_, o)| !o.is_empty())
-        .map(|(n, o)| format!("options {n} {}\n", o.join(" ")))
-        .collect();
-    if spec
-        .virtualization
-        .as_ref()
-        .is_some_and(|v| v.kvm && v.nested)
-    {
-        // The vendor module udev loads decides which line applies.
-        options.push("options kvm_intel nested=1\n".into());
-        options.push("options kvm_amd nested=1\n".into());
-    }
-    if !options.is_empty() {
-        gen_file(
-            &mut d,
-            MODPROBE_FILE.into(),
-            options.concat(),
-            0o644,
-            "root:root",
-            "spec.kernelModules",
-        );
-    }
-    d.modules = modules.into_iter().map(|(n, _)| n).collect();
 
-    if let Some(n) = &spec.network {
+    fn network(&mut self, spec: &NodeSpec) {
+        let Some(n) = &spec.network else { return };
         let mut files = Vec::new();
         for f in render_networkd(n) {
             let path = format!("{NETWORK_DIR}/{}", f.name);
-            gen_file(
-                &mut d,
-                path.clone(),
-                f.content,
-                0o644,
-                "root:root",
-                "spec.network",
-            );
+            self.config(path.clone(), f.content, "spec.network");
             files.push(path);
         }
-        d.units.insert(
-            "systemd-networkd.service".into(),
-            DesiredUnit {
-                enabled: Some(true),
-                started: Some(true),
-                files,
-            },
-        );
-    }
-    if let Some(t) = &spec.time {
-        let text = format!("[Time]\nNTP={}\n", t.servers.join(" "));
-        gen_file(
-            &mut d,
-            TIMESYNCD_FILE.into(),
-            text,
-            0o644,
-            "root:root",
-            "spec.time",
-        );
-        d.units.insert(
-            "systemd-timesyncd.service".into(),
-            DesiredUnit {
-                enabled: Some(true),
-                started: Some(true),
-                files: vec![TIMESYNCD_FILE.into()],
-            },
-        );
-    }
-    kernel_args.dedup();
-    // Compared with /proc/cmdline (PendingReboot); the boot entries take them with an upgrade.
-    d.kernel_args = kernel_args;
-    if !spec.data_disks.is_empty() {
-        d.data_disks = spec
-            .data_disks
-            .iter()
-            .map(|x| x.part_label.clone())
-            .collect();
+        self.service("systemd-networkd.service", files);
     }
 
-    let mut errs = ValidationErrors::default();
-    for (i, f) in spec.files.iter().enumerate() {
-        if let Some(from) = generated.get(&f.path) {
-            errs.push(
-                format!("spec.files[{i}].path"),
-                format!("{} is generated from {from}", f.path),
-            );
-            continue;
-        }
-        d.files.insert(
-            f.path.clone(),
-            DesiredFile {
-                content: f.content.clone(),
-                mode: parse_mode(&f.mode).unwrap_or(0o644),
-                owner: f.owner.clone().unwrap_or_else(|| "root:root".into()),
-            },
-        );
+    fn time(&mut self, spec: &NodeSpec) {
+        let Some(t) = &spec.time else { return };
+        let text = format!("[Time]\nNTP={}\n", t.servers.join(" "));
+        self.config(TIMESYNCD_FILE.into(), text, "spec.time");
+        self.service("systemd-timesyncd.service", vec![TIMESYNCD_FILE.into()]);
     }
-    for (i, dir) in spec.directories.iter().enumerate() {
-        if generated.contains_key(&dir.path) || d.dirs.contains_key(&dir.path) {
-            errs.push(
-                format!("spec.directories[{i}].path"),
-                format!("{} is generated by kiln", dir.path),
-            );
-            continue;
-        }
-        d.dirs.insert(
-            dir.path.clone(),
-            DesiredDir {
-                mode: parse_mode(&dir.mode).unwrap_or(0o755),
-                owner: dir.owner.clone().unwrap_or_else(|| "root:root".into()),
-            },
-        );
-    }
-    for (i, f) in spec.files.iter().enumerate() {
-        if d.dirs.contains_key(&f.path) {
-            errs.push(
-                format!("spec.files[{i}].path"),
-                format!("{} is also a directory", f.path),
+
+    /// The files and directories the spec lists itself; none may replace a generated one.
+    fn listed(mut self, spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
+        let d = &mut self.d;
+        let mut errs = ValidationErrors::default();
+        for (i, f) in spec.files.iter().enumerate() {
+            if let Some(from) = self.generated.get(&f.path) {
+                errs.push(
+                    format!("spec.files[{i}].path"),
+                    format!("{} is generated from {from}", f.path),
+                );
+                continue;
+            }
+            d.files.insert(
+                f.path.clone(),
+                DesiredFile {
+                    content: f.content.clone(),
+                    mode: parse_mode(&f.mode).unwrap_or(0o644),
+                    owner: f.owner.clone().unwrap_or_else(|| "root:root".into()),
+                },
             );
         }
+        for (i, dir) in spec.directories.iter().enumerate() {
+            if self.generated.contains_key(&dir.path) || d.dirs.contains_key(&dir.path) {
+                errs.push(
+                    format!("spec.directories[{i}].path"),
+                    format!("{} is generated by kiln", dir.path),
+                );
+                continue;
+            }
+            d.dirs.insert(
+                dir.path.clone(),
+                DesiredDir {
+                    mode: parse_mode(&dir.mode).unwrap_or(0o755),
+                    owner: dir.owner.clone().unwrap_or_else(|| "root:root".into()),
+                },
+            );
+        }
+        for (i, f) in spec.files.iter().enumerate() {
+            if d.dirs.contains_key(&f.path) {
+                errs.push(
+                    format!("spec.files[{i}].path"),
+                    format!("{} is also a directory", f.path),
+                );
+            }
+        }
+        errs.into_result().map(|()| self.d)
     }
-    errs.into_result().map(|()| d)
 }
 
 /// A short content hash, for unit restarts and the config generation.
