@@ -63,6 +63,8 @@ pub const MODPROBE_FILE: &str = "/etc/modprobe.d/kiln.conf";
 pub const TIMESYNCD_FILE: &str = "/etc/systemd/timesyncd.conf.d/kiln.conf";
 const NETWORK_DIR: &str = "/etc/systemd/network";
 const UNIT_DIR: &str = "/etc/systemd/system";
+/// Owner of everything kiln writes unless the spec names another.
+const ROOT: &str = "root:root";
 
 /// Renders a valid spec. Fails, with field paths, only when a file the spec lists collides
 /// with one kiln generates.
@@ -105,7 +107,7 @@ impl Renderer {
 
     /// A root-owned 0644 config file.
     fn config(&mut self, path: String, content: String, from: &str) {
-        self.file(path, content, "root:root", 0o644, from);
+        self.file(path, content, ROOT, 0o644, from);
     }
 
     /// A service kiln enables and starts, restarted when its config files change.
@@ -270,26 +272,30 @@ impl Renderer {
         self.service("systemd-timesyncd.service", vec![TIMESYNCD_FILE.into()]);
     }
 
-    /// The files and directories the spec lists itself; none may replace a generated one.
+    /// The files and directories the spec lists itself; none may replace a generated one,
+    /// and no path may be both.
     fn listed(mut self, spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
         let d = &mut self.d;
         let mut errs = ValidationErrors::default();
         for (i, f) in spec.files.iter().enumerate() {
-            if let Some(from) = self.generated.get(&f.path) {
-                errs.push(
-                    format!("spec.files[{i}].path"),
-                    format!("{} is generated from {from}", f.path),
+            let problem = if let Some(from) = self.generated.get(&f.path) {
+                format!("{} is generated from {from}", f.path)
+            } else if d.dirs.contains_key(&f.path)
+                || spec.directories.iter().any(|dir| dir.path == f.path)
+            {
+                format!("{} is also a directory", f.path)
+            } else {
+                d.files.insert(
+                    f.path.clone(),
+                    DesiredFile {
+                        content: f.content.clone(),
+                        mode: parse_mode(&f.mode).unwrap_or(0o644),
+                        owner: f.owner.clone().unwrap_or_else(|| ROOT.into()),
+                    },
                 );
                 continue;
-            }
-            d.files.insert(
-                f.path.clone(),
-                DesiredFile {
-                    content: f.content.clone(),
-                    mode: parse_mode(&f.mode).unwrap_or(0o644),
-                    owner: f.owner.clone().unwrap_or_else(|| "root:root".into()),
-                },
-            );
+            };
+            errs.push(format!("spec.files[{i}].path"), problem);
         }
         for (i, dir) in spec.directories.iter().enumerate() {
             if self.generated.contains_key(&dir.path) || d.dirs.contains_key(&dir.path) {
@@ -303,17 +309,9 @@ impl Renderer {
                 dir.path.clone(),
                 DesiredDir {
                     mode: parse_mode(&dir.mode).unwrap_or(0o755),
-                    owner: dir.owner.clone().unwrap_or_else(|| "root:root".into()),
+                    owner: dir.owner.clone().unwrap_or_else(|| ROOT.into()),
                 },
             );
-        }
-        for (i, f) in spec.files.iter().enumerate() {
-            if d.dirs.contains_key(&f.path) {
-                errs.push(
-                    format!("spec.files[{i}].path"),
-                    format!("{} is also a directory", f.path),
-                );
-            }
         }
         errs.into_result().map(|()| self.d)
     }
