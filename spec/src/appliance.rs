@@ -802,6 +802,30 @@ impl Appliance {
         }
         a
     }
+
+    /// The spec one inventory node installs from: its overrides applied and the host name
+    /// pattern filled in for it, so the node needs nothing else to render its own config.
+    /// `mac` is the MAC it boots from (for `{mac}` patterns).
+    pub fn for_node(
+        &self,
+        node: &crate::InventoryNode,
+        mac: Option<&[u8; 6]>,
+    ) -> Result<Appliance, ValidationErrors> {
+        let mut a = match &node.overrides {
+            Some(o) => self.with_overrides(o),
+            None => self.clone(),
+        };
+        match a.hostname_for(Some(&node.name), mac) {
+            Ok(h) => a.spec.hostname = h,
+            Err(reason) => {
+                let mut errs = ValidationErrors::default();
+                errs.push("spec.hostname", reason);
+                return Err(errs);
+            }
+        }
+        a.validate()?;
+        Ok(a)
+    }
 }
 
 impl ApplianceOverrides {

@@ -30,7 +30,40 @@ pub struct Metadata {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InventorySpec {
+    /// How `kiln fleet rollout` serves netboot to these nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netboot: Option<InventoryNetboot>,
     pub nodes: Vec<InventoryNode>,
+}
+
+/// The provisioner's netboot services for a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InventoryNetboot {
+    /// Interface on the nodes' boot network (its first IPv4 address is the server address).
+    pub interface: String,
+    #[serde(default)]
+    pub mode: NetbootMode,
+    /// First address of the pool (`dhcp` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_start: Option<std::net::Ipv4Addr>,
+    /// Last address of the pool (`dhcp` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_end: Option<std::net::Ipv4Addr>,
+    /// HTTP port for scripts, images, node configs and phone-home [default: 8080].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
+}
+
+/// Who hands out addresses on the boot network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetbootMode {
+    /// Boot information only; another DHCP server hands out addresses.
+    #[default]
+    Proxy,
+    /// Addresses from a pool, and boot information.
+    Dhcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -183,6 +216,29 @@ impl Inventory {
         let mut names = BTreeMap::new();
         let mut macs = BTreeMap::new();
         let mut boot_addresses = BTreeMap::new();
+        if let Some(n) = &self.spec.netboot {
+            if n.interface.is_empty() {
+                errs.push("spec.netboot.interface", "must not be empty");
+            }
+            match (n.mode, n.pool_start, n.pool_end) {
+                (NetbootMode::Dhcp, Some(a), Some(b)) if a > b => errs.push(
+                    "spec.netboot.poolEnd",
+                    format!("{b} comes before poolStart {a}"),
+                ),
+                (NetbootMode::Dhcp, Some(_), Some(_)) => {}
+                (NetbootMode::Dhcp, _, _) => {
+                    errs.push("spec.netboot", "mode dhcp needs poolStart and poolEnd")
+                }
+                (NetbootMode::Proxy, None, None) => {}
+                (NetbootMode::Proxy, _, _) => errs.push(
+                    "spec.netboot",
+                    "poolStart and poolEnd apply to mode dhcp only",
+                ),
+            }
+            if n.http_port == Some(0) {
+                errs.push("spec.netboot.httpPort", "must be between 1 and 65535");
+            }
+        }
         for (i, node) in self.spec.nodes.iter().enumerate() {
             let at = format!("spec.nodes[{i}]");
             if !is_dns_label(&node.name) {

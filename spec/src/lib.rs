@@ -7,6 +7,7 @@ pub mod appliance;
 pub mod bootargs;
 mod check;
 pub mod document;
+pub mod enrol;
 pub mod errors;
 pub mod glob;
 pub mod hardware;
