@@ -12,6 +12,8 @@ packages=(
   qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu ipxe iproute2
   # BMC and netboot peers
   openipmi ipmitool dnsmasq tftp-hpa curl isc-dhcp-client
+  # the virtual rack's BMCs make PXE one-time over QMP (lab/src/ipmi_sim.rs); benches/fleet.sh
+  python3 bc time
   # benchmark peers (benches/netboot.sh, benches/build.sh)
   nginx mkosi
   # misc

@@ -37,6 +37,9 @@ enum Cmd {
     /// Out-of-band control over IPMI or Redfish: power, boot device, inventory, event log
     #[command(subcommand)]
     Bmc(cli::bmc::BmcCmd),
+    /// Roll an inventory out: BMC power, netboot and unattended install of every node
+    #[command(subcommand)]
+    Fleet(cli::fleet::FleetCmd),
     /// Netboot services (DHCP, TFTP, HTTP iPXE) and boot traces
     #[command(subcommand)]
     Pxe(cli::pxe::PxeCmd),
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Node(c) => cli::node::run(c),
         Cmd::Agent(c) => cli::agent::run(c),
         Cmd::Bmc(c) => cli::bmc::run(c),
+        Cmd::Fleet(c) => cli::fleet::run(c),
         Cmd::Pxe(c) => cli::pxe::run(c),
         Cmd::Install(a) => cli::install::run(a),
         Cmd::Lab(c) => cli::lab::run(c),

@@ -2,10 +2,13 @@
 //! starts and stops the machine, the boot device reaches the firmware, and every operation is
 //! cross-checked both ways with `ipmitool -I lanplus -C 3`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::wait_until;
 use kiln_lab::ipmi_sim::{IpmiSim, SimBoot};
 use kiln_lab::qemu::{Nic, Vm};
 
@@ -64,17 +67,6 @@ impl Bmc {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

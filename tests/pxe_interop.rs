@@ -1,15 +1,18 @@
 //! `kiln pxe serve` against real clients in network namespaces: busybox udhcpc (leases,
 //! reservations, renewal, persistence across restarts), curl's tftp:// and tftp-hpa (with and
-//! without options, past block-number rollover), a windowsize client, and curl over HTTP
-//! (Range, HEAD, ETag, script, config, phone-home, metrics, trace).
+//! without options, past block-number rollover), a windowsize client, curl over HTTP (Range,
+//! HEAD, ETag, script, config and phone-home with their tokens, metrics, trace), and
+//! `kiln install` fetching its spec and reporting as a netbooted node does.
 
+mod common;
 mod pxe_support;
 
 use std::net::UdpSocket;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pxe_support::{Lab, require};
+use common::require;
+use pxe_support::Lab;
 
 fn random_file(path: &Path, len: usize) -> Vec<u8> {
     // xorshift: varied bytes without a dependency.
@@ -24,6 +27,19 @@ fn random_file(path: &Path, len: usize) -> Vec<u8> {
         .collect();
     std::fs::write(path, &data).unwrap();
     data
+}
+
+/// The `kiln.token=` of an iPXE script.
+fn token_in(script: &str) -> String {
+    script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kiln.token="))
+        .unwrap_or_else(|| panic!("no token in the script:\n{script}"))
+        .to_string()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
 }
 
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
@@ -171,14 +187,18 @@ fn run_ok(program: &str, args: &[&str]) {
 }
 
 /// A lab serving `ipxe_dir` over TFTP and `artifacts` over HTTP, with one client at
-/// 10.33.0.50 whose MAC is in the inventory.
+/// 10.33.0.50 whose MAC is in the inventory (node-f), and another node (node-g) that never
+/// shows up.
 fn file_lab(mode: &str) -> Lab {
     let mut lab = Lab::new();
     let client = lab.client("02:00:00:00:01:01");
     lab.clients[client]
         .add_address("eth0", "10.33.0.50/24")
         .unwrap();
-    let inventory = lab.inventory(&[("node-f", "02:00:00:00:01:01", None)]);
+    let inventory = lab.inventory(&[
+        ("node-f", "02:00:00:00:01:01", None),
+        ("node-g", "02:00:00:00:01:02", None),
+    ]);
     for dir in ["ipxe", "artifacts"] {
         std::fs::create_dir(lab.path(dir)).unwrap();
     }
@@ -190,7 +210,8 @@ fn file_lab(mode: &str) -> Lab {
     .unwrap();
     std::fs::copy("/usr/lib/ipxe/snponly.efi", lab.path("ipxe/ipxe.efi")).unwrap();
     // The same settings as a config file (keys = long option names) for proxy mode, as
-    // command-line options for dhcp mode: both paths get exercised.
+    // command-line options for dhcp mode: both paths get exercised. The config file names no
+    // spec: the server takes the one beside the manifest, as a build leaves it.
     let mut yaml = format!(
         "mode: {mode}\nartifacts: {}\nipxe-dir: {}\ninventory: {}\n",
         lab.path("artifacts").display(),
@@ -409,10 +430,22 @@ fn http_serves_ranges_etags_scripts_config_and_phone_home() {
 
     let script = curl(&[&format!("{base}/boot/{mac}/boot.ipxe")]);
     assert!(script.starts_with("#!ipxe"), "{script}");
-    assert!(
-        script.contains(&format!("kiln.config={base}/config/{mac}")),
-        "{script}"
-    );
+    for arg in [
+        "kiln.install=auto".to_string(),
+        format!("kiln.config={base}/config/{mac}"),
+        format!("kiln.phone-home={base}/phone-home/{mac}"),
+    ] {
+        assert!(
+            script.contains(&format!(" {arg} ")),
+            "{arg} missing:\n{script}"
+        );
+    }
+    let token = token_in(&script);
+    // Scripts are for anyone who asks: here node-g's, whose token must not work for node-f.
+    let other = token_in(&curl(&[&format!(
+        "{base}/boot/02-00-00-00-01-02/boot.ipxe"
+    )]));
+    assert_ne!(token, other);
     let unknown = curl(&[
         "-o",
         "/dev/null",
@@ -422,22 +455,33 @@ fn http_serves_ranges_etags_scripts_config_and_phone_home() {
     ]);
     assert_eq!(unknown, "404", "unknown MACs are ignored by default");
 
-    let config: serde_json::Value =
-        serde_json::from_str(&curl(&[&format!("{base}/config/{mac}")])).unwrap();
-    assert_eq!(config["name"], "node-f");
+    let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    let config_url = format!("{base}/config/{mac}");
+    assert_eq!(code(&[&config_url]), "401");
+    assert_eq!(code(&["-H", &bearer(&other), &config_url]), "403");
+    let config = curl(&["-f", "-H", &bearer(&token), &config_url]);
+    let spec = kiln_spec::Appliance::from_yaml(&config).unwrap_or_else(|e| panic!("{e}\n{config}"));
+    assert_eq!(spec.spec.hostname, "node-f");
 
-    let posted = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-H",
-        "content-type: application/json",
-        "-d",
-        r#"{"phase":"writing-image","ok":false,"message":"disk /dev/vda vanished"}"#,
-        &format!("{base}/phone-home/{mac}"),
-    ]);
-    assert_eq!(posted, "204");
+    let phone_home = format!("{base}/phone-home/{mac}");
+    let post = |token: &str, body: &str| {
+        code(&[
+            "-H",
+            &bearer(token),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &phone_home,
+        ])
+    };
+    let report = r#"{"phase":"failed","message":"disk /dev/vda vanished"}"#;
+    assert_eq!(post(&token, report), "204");
+    assert_eq!(post(&other, report), "403");
+    assert_eq!(post(&token, r#"{"phase":"writing-image"}"#), "422");
+    assert_eq!(post(&token, r#"{"phase":"planned","ok":false}"#), "422");
+    let long = format!(r#"{{"phase":"failed","message":"{}"}}"#, "x".repeat(3000));
+    assert_eq!(post(&token, &long), "422");
 
     let timeline = lab.trace("02:00:00:00:01:01", false);
     for step in [
@@ -446,9 +490,36 @@ fn http_serves_ranges_etags_scripts_config_and_phone_home() {
         "GET /artifacts/initrd.img from 10.33.0.50: 304",
         "FAIL  http        GET /artifacts/initrd.img from 10.33.0.50: 416",
         "GET /boot/02-00-00-00-01-01/boot.ipxe from 10.33.0.50: 200",
-        "FAIL  phone-home  writing-image: disk /dev/vda vanished",
+        "FAIL  http        GET /config/02-00-00-00-01-01 from 10.33.0.50: 401",
+        "<- no token",
+        "FAIL  http        GET /config/02-00-00-00-01-01 from 10.33.0.50: 403",
+        "<- the token is not this node's",
+        "GET /config/02-00-00-00-01-01 from 10.33.0.50: 200",
+        "FAIL  phone-home  failed: disk /dev/vda vanished",
+        "FAIL  http        POST /phone-home/02-00-00-00-01-01 from 10.33.0.50: 422",
+        "unknown variant `writing-image`",
+        "unknown field `ok`",
+        "message longer than 2048 bytes",
     ] {
         assert!(timeline.contains(step), "{step:?} missing:\n{timeline}");
+    }
+    let stored = lab.trace("02:00:00:00:01:01", true);
+    let json: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    let refusals: Vec<u64> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "http" && e["error"].is_string())
+        .filter_map(|e| e["status"].as_u64())
+        .filter(|s| [401, 403, 422].contains(s))
+        .collect();
+    assert_eq!(refusals, [401, 403, 403, 422, 422, 422], "{json:#}");
+    for secret in [&token, &other] {
+        assert!(!stored.contains(secret.as_str()), "a token in the trace");
+        assert!(
+            !lab.server_log().contains(secret.as_str()),
+            "a token in the log"
+        );
     }
     let json: serde_json::Value =
         serde_json::from_str(&curl(&[&format!("{base}/trace/{mac}")])).unwrap();
@@ -456,10 +527,141 @@ fn http_serves_ranges_etags_scripts_config_and_phone_home() {
         json.as_array()
             .unwrap()
             .iter()
-            .any(|e| e["event"] == "phone-home" && e["phase"] == "writing-image")
+            .any(|e| e["event"] == "phone-home" && e["phase"] == "failed")
     );
     let metrics = curl(&[&format!("{base}/metrics")]);
-    assert!(metrics.contains("kiln_netboot_events_total{service=\"phone-home\",event=\"writing-image\",result=\"failed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "kiln_netboot_events_total{service=\"phone-home\",event=\"failed\",result=\"failed\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+/// `kiln install` as a netbooted node runs it, its kernel command line (the node's script's
+/// arguments) bound over `/proc/cmdline`: it fetches its spec with its token and reports each
+/// stage; a disk holding data is refused, reported as failed with the planner's reason, and
+/// left as it was.
+#[test]
+fn the_installer_fetches_its_spec_and_reports_each_stage_with_its_token() {
+    require("curl", "curl");
+    require("mksquashfs", "squashfs-tools");
+    let lab = file_lab("proxy");
+    let base = "http://10.33.0.1:8080";
+    let mac = "02-00-00-00-01-01";
+    let script = lab.in_client(0, "curl", &["-sS", &format!("{base}/boot/{mac}/boot.ipxe")]);
+    // The node's own arguments; the image comes from --image, not over HTTP.
+    let args: Vec<&str> = script
+        .split_whitespace()
+        .filter(|w| {
+            ["kiln.config=", "kiln.phone-home=", "kiln.token="]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .collect();
+    assert_eq!(args.len(), 3, "{script}");
+    let cmdline = lab.path("cmdline");
+    std::fs::write(&cmdline, args.join(" ") + "\n").unwrap();
+    let live = lab.path("live");
+    std::fs::create_dir_all(live.join("root/etc")).unwrap();
+    std::fs::write(live.join("root/etc/os-release"), "ID=kiln\n").unwrap();
+    run_ok(
+        "mksquashfs",
+        &[
+            live.join("root").to_str().unwrap(),
+            live.join("rootfs.squashfs").to_str().unwrap(),
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+        ],
+    );
+    std::fs::write(live.join("vmlinuz"), b"kernel").unwrap();
+    std::fs::write(live.join("initrd.img"), b"initrd").unwrap();
+    let install = |disk: &Path| {
+        let out = lab.clients[0]
+            .command("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /proc/cmdline && exec "$@""#,
+            ])
+            .arg(&cmdline)
+            .arg(pxe_support::kiln_bin())
+            .args(["install", "--disk-image"])
+            .arg(disk)
+            .arg("--image")
+            .arg(live.join("rootfs.squashfs"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains("warning"), "{text}");
+        (out.status.success(), text)
+    };
+    let reports = || -> Vec<String> {
+        let json: serde_json::Value =
+            serde_json::from_str(&lab.trace("02:00:00:00:01:01", true)).unwrap();
+        json.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "phone-home")
+            .map(|e| match e["message"].as_str() {
+                Some(m) => format!("{}: {m}", e["phase"].as_str().unwrap()),
+                None => e["phase"].as_str().unwrap().to_string(),
+            })
+            .collect()
+    };
+
+    let disk = lab.path("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(288 << 20)
+        .unwrap();
+    let (ok, text) = install(&disk);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("host name node-f"),
+        "the node's own spec:\n{text}"
+    );
+    let d = disk.display();
+    assert_eq!(
+        reports(),
+        [
+            "installer-started".to_string(),
+            format!("planned: {d} (288.0 MiB)"),
+            "installing: wipe".into(),
+            "installing: slot-write".into(),
+            "installing: esp".into(),
+            "installing: state".into(),
+            "installing: partition-table".into(),
+            format!("installed: node-f on {d}"),
+        ]
+    );
+
+    let used = lab.path("used.raw");
+    std::fs::write(&used, b"precious data").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&used)
+        .unwrap()
+        .set_len(288 << 20)
+        .unwrap();
+    let before = std::fs::read(&used).unwrap();
+    let (ok, text) = install(&used);
+    assert!(!ok, "{text}");
+    assert!(
+        std::fs::read(&used).unwrap() == before,
+        "the disk was written"
+    );
+    let last = reports().pop().unwrap();
+    assert!(
+        last.starts_with(&format!(
+            "failed: planning the install (nothing was written): refusing to erase {}",
+            used.display()
+        )),
+        "{last}"
+    );
 }
 
 #[test]
@@ -577,6 +779,11 @@ fn malformed_packets_and_traversal_get_errors_and_the_server_keeps_serving() {
         );
         assert!(code.starts_with('4'), "{path}: HTTP {code}");
     }
+    let token = token_in(&lab.in_client(
+        0,
+        "curl",
+        &["-sS", &format!("{base}/boot/02-00-00-00-01-01/boot.ipxe")],
+    ));
     let bad_report = lab.in_client(
         0,
         "curl",
@@ -586,6 +793,8 @@ fn malformed_packets_and_traversal_get_errors_and_the_server_keeps_serving() {
             "/dev/null",
             "-w",
             "%{http_code}",
+            "-H",
+            &bearer(&token),
             "-H",
             "content-type: application/json",
             "-d",

@@ -2,13 +2,15 @@
 //! OVMF, in authoritative mode and in proxy mode next to dnsmasq (the network's existing DHCP
 //! server, without PXE options), to a marker the booted initramfs prints on the serial line.
 
+mod common;
 mod pxe_support;
 
 use std::time::Duration;
 
+use common::require;
 use kiln_lab::netns::Netns;
 use kiln_lab::qemu::{Firmware, Nic, Vm};
-use pxe_support::{BRIDGE, Lab, fixtures, require};
+use pxe_support::{BRIDGE, Lab, fixtures};
 
 /// Generous: UEFI PXE under software emulation takes ~25 s; this only prevents hangs.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);

@@ -159,6 +159,12 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .and_then(|s| s.hostname.clone())
         .unwrap_or_else(|| "localhost".into());
     announce_ready(&sysroot, &hostname, &slot);
+    if let Some(enrolment) = crate::enrolment::load(&sysroot) {
+        let slot = slot.clone();
+        let _ = std::thread::Builder::new()
+            .name("kiln-ready-report".into())
+            .spawn(move || crate::enrolment::report_ready(enrolment, slot));
+    }
 
     let state = Arc::new(ApiState {
         shared: shared.clone(),

@@ -13,6 +13,7 @@ pub mod controllers;
 pub mod daemon;
 pub mod desired;
 pub mod engine;
+pub mod enrolment;
 pub mod host;
 pub mod metrics;
 pub mod notify;

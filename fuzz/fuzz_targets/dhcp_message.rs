@@ -8,9 +8,10 @@ use std::sync::OnceLock;
 use dhcproto::Encodable;
 use kiln_netboot::backend::{InventoryBackend, UnknownMacs};
 use kiln_netboot::dhcp::{
-    AddressSettings, BootSettings, DhcpSettings, Mode, Outcome, PXE_PORT, SERVER_PORT, decode, handle,
+    AddressSettings, BootSettings, DhcpSettings, Outcome, PXE_PORT, SERVER_PORT, decode, handle,
 };
 use kiln_netboot::leases::LeasePool;
+use kiln_spec::inventory::NetbootMode;
 use libfuzzer_sys::fuzz_target;
 
 fn backend() -> &'static InventoryBackend {
@@ -27,7 +28,7 @@ fn backend() -> &'static InventoryBackend {
 fuzz_target!(|data: &[u8]| {
     let Ok(msg) = decode(data) else { return };
     let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 50), 68);
-    for mode in [Mode::Proxy, Mode::Dhcp] {
+    for mode in [NetbootMode::Proxy, NetbootMode::Dhcp] {
         let settings = DhcpSettings {
             mode,
             boot: BootSettings {
@@ -44,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut pool = LeasePool::new(Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 103), 600);
         for port in [SERVER_PORT, PXE_PORT] {
-            let pool = (mode == Mode::Dhcp).then_some(&mut pool);
+            let pool = (mode == NetbootMode::Dhcp).then_some(&mut pool);
             if let (Outcome::Reply { msg, .. }, _) = handle(&settings, backend(), pool, &msg, port, src, 1000) {
                 msg.to_vec().expect("replies always encode");
             }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use kiln_spec::Appliance;
 use kiln_spec::appliance::{AfterInstall, DiskPreference, DiskRules, FirmwareChoice, WipePolicy};
+use kiln_spec::enrol::{ENROLMENT_PATH, Enrolment};
 use kiln_spec::glob::glob_match;
 use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
 use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
@@ -55,6 +56,9 @@ pub struct PlanOptions {
     /// No one is at the console: only consent naming the disk may erase data.
     #[serde(default)]
     pub unattended: bool,
+    /// A netboot install's enrolment, seeded for the installed node's agent to report with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolment: Option<Enrolment>,
 }
 
 /// The OS image to install: the root file system and the kernel and initrd that boot it.
@@ -193,13 +197,51 @@ pub struct BootEntry {
 }
 
 /// A file apply writes, with its content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlannedFile {
     pub path: String,
     /// Octal permission bits, `"0644"`.
     pub mode: String,
     pub content: String,
+    /// It holds a credential: a printed plan (JSON or debug) shows no content.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+impl PlannedFile {
+    /// What a printed plan shows as the content.
+    fn shown(&self) -> &str {
+        if self.secret {
+            "(withheld: it holds a credential)"
+        } else {
+            &self.content
+        }
+    }
+}
+
+impl Serialize for PlannedFile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("PlannedFile", 3 + usize::from(self.secret))?;
+        st.serialize_field("path", &self.path)?;
+        st.serialize_field("mode", &self.mode)?;
+        st.serialize_field("content", self.shown())?;
+        if self.secret {
+            st.serialize_field("secret", &true)?;
+        }
+        st.end()
+    }
+}
+
+impl std::fmt::Debug for PlannedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlannedFile")
+            .field("path", &self.path)
+            .field("mode", &self.mode)
+            .field("content", &self.shown())
+            .finish()
+    }
 }
 
 /// Why no plan could be made. Nothing has been written when this is returned.
@@ -334,7 +376,7 @@ pub fn plan(
     ];
     kernel_args.extend(spec.kernel_args());
     let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
-    let seed = seed_files(spec, &hostname);
+    let seed = seed_files(spec, &hostname, opts.enrolment.as_ref());
 
     let selected = SelectedDisk {
         dev_path: disk.dev_path.clone(),
@@ -668,6 +710,7 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
                     "default {}.conf\ntimeout 3\neditor no\nconsole-mode keep\n",
                     entry.id
                 ),
+                secret: false,
             },
             PlannedFile {
                 // `+N` is systemd-boot's boot counter: tries left before the entry is bad.
@@ -677,6 +720,7 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
                     "title   {}\nlinux   {}\ninitrd  {}\noptions {}\n",
                     entry.title, entry.kernel, entry.initrd, entry.options
                 ),
+                secret: false,
             },
         ],
         BootLoaderKind::Grub => vec![PlannedFile {
@@ -692,6 +736,7 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
                 options = entry.options,
                 initrd = entry.initrd,
             ),
+            secret: false,
         }],
     };
     BootLoader {
@@ -701,23 +746,35 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
     }
 }
 
-/// The node config and the spec, seeded into `KILN_STATE` for the agent. The spec is the
-/// node's: the installer sees no inventory, so its overrides are already applied.
-fn seed_files(spec: &Appliance, hostname: &str) -> Vec<PlannedFile> {
+/// The node config and the spec, seeded into `KILN_STATE` for the agent, and the enrolment
+/// it reports with. The spec is the node's: the installer sees no inventory, so its
+/// overrides are already applied.
+fn seed_files(spec: &Appliance, hostname: &str, enrolment: Option<&Enrolment>) -> Vec<PlannedFile> {
     let node = node_config_for(spec, None, hostname);
-    vec![
+    let mut files = vec![
         PlannedFile {
             path: NODE_CONFIG_PATH.into(),
             mode: "0644".into(),
             content: serde_saphyr::to_string(&node).expect("a node config serializes"),
+            secret: false,
         },
         PlannedFile {
             // It may carry password hashes.
             path: APPLIANCE_SPEC_PATH.into(),
             mode: "0600".into(),
             content: spec.to_yaml(),
+            secret: false,
         },
-    ]
+    ];
+    if let Some(e) = enrolment {
+        files.push(PlannedFile {
+            path: ENROLMENT_PATH.into(),
+            mode: "0600".into(),
+            content: serde_json::to_string_pretty(e).expect("an enrolment serializes") + "\n",
+            secret: true,
+        });
+    }
+    files
 }
 
 fn steps(
@@ -854,6 +911,50 @@ fn normalize_wwn(w: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_enrolment_is_seeded_private_and_never_printed() {
+        // The golden case's inputs; its committed plan shows the file withheld.
+        let case = |name: &str| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/golden/unattended-netboot-seeds-the-enrolment");
+            std::fs::read_to_string(dir.join(name)).unwrap()
+        };
+        let spec = Appliance::from_yaml(&case("spec.yaml")).unwrap();
+        let hw = HardwareInventory::from_json(&case("hardware.json")).unwrap();
+        let enrolment = Enrolment {
+            phone_home: "http://10.0.0.1:8080/phone-home/52-54-00-12-34-56".into(),
+            token: "s3cr3t-token".into(),
+            image_sha256: "a".repeat(64),
+        };
+        let art = |path: &str| Artifact {
+            path: path.into(),
+            size_bytes: 1 << 20,
+            sha256: None,
+        };
+        let opts = PlanOptions {
+            image: ImageSource {
+                rootfs: art("rootfs.squashfs"),
+                kernel: art("vmlinuz"),
+                initrd: art("initrd.img"),
+            },
+            wipe: WipeConsent::None,
+            node_name: None,
+            disk_guid: "6b696c6e-0000-4000-8000-000000000001".into(),
+            unattended: true,
+            enrolment: Some(enrolment.clone()),
+        };
+        let plan = plan(&spec, &hw, &opts).unwrap();
+        let file = plan.seed.iter().find(|f| f.path == ENROLMENT_PATH).unwrap();
+        assert_eq!(file.mode, "0600");
+        assert_eq!(
+            serde_json::from_str::<Enrolment>(&file.content).unwrap(),
+            enrolment
+        );
+        for printed in [serde_json::to_string(&plan).unwrap(), format!("{plan:?}")] {
+            assert!(!printed.contains("s3cr3t-token"), "{printed}");
+        }
+    }
 
     #[test]
     fn device_paths_sort_as_the_kernel_names_them() {

@@ -1,12 +1,15 @@
 //! Where the installer finds the appliance spec and the image it installs: an explicit file,
-//! the spec embedded in the live medium, or `kiln.config=URL` on the kernel command line; the
+//! the spec embedded in the live medium, or `kiln.config=URL` on the kernel command line
+//! (fetched with the node's `kiln.token`); the
 //! image next to the live kernel on the medium, or, on a netbooted live system, the root image
 //! stage-1 fetched and verified plus the kernel and initrd fetched from the same place, each
 //! checked against the digest on the kernel command line before anything is written.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kiln_spec::bootargs;
+use kiln_spec::enrol::{CONFIG_ARG, INSTALL_ARG, TOKEN_ARG, bearer};
 
 use crate::hardware::MEDIUM_DIR;
 use crate::stage1::Cmdline;
@@ -102,10 +105,19 @@ pub fn wipe_consent(cmdline: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The runtime the installer's blocking HTTP calls run on, with kiln's one TLS provider
+/// installed (a no-op when the process did so already).
+pub(crate) fn http_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// An HTTP client for `url`. Plain `http://` negotiates no TLS, so it gets a TLS setup that
 /// trusts nothing instead of the system's CA store, which a minimal live image may not carry
 /// (the platform verifier refuses to start without one).
-fn client_for(url: &str) -> reqwest::ClientBuilder {
+pub(crate) fn client_for(url: &str) -> reqwest::ClientBuilder {
     let builder = reqwest::Client::builder();
     if url.starts_with("http://") {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -119,43 +131,52 @@ fn client_for(url: &str) -> reqwest::ClientBuilder {
 }
 
 /// Fetches `url` into `dest` while hashing it; a digest other than `sha256` removes the file
-/// and is an error naming both.
-pub fn fetch_verified(url: &str, sha256: &str, dest: &Path) -> Result<(), SourceError> {
+/// and is an error naming both. Transport trouble is retried for `patience`
+/// ([`crate::FETCH_PATIENCE`] on a node).
+pub fn fetch_verified(
+    url: &str,
+    sha256: &str,
+    dest: &Path,
+    patience: Duration,
+) -> Result<(), SourceError> {
     use sha2::Digest;
     use std::io::Write;
     let fail = |reason: String| SourceError::Fetch {
         url: url.to_string(),
         reason,
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+    let rt = http_runtime().map_err(|e| fail(e.to_string()))?;
+    let client = client_for(url)
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(60))
         .build()
         .map_err(|e| fail(e.to_string()))?;
-    let actual = rt.block_on(async {
-        let client = client_for(url)
-            .connect_timeout(std::time::Duration::from_secs(30))
-            .read_timeout(std::time::Duration::from_secs(60))
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
+    let actual = rt.block_on(patiently(url, patience, || async {
         let mut resp = client
             .get(url)
             .send()
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| Attempt::Transient(fail(e.to_string())))?;
         if !resp.status().is_success() {
-            return Err(fail(format!("HTTP {}", resp.status())));
+            return Err(Attempt::by_status(
+                resp.status(),
+                fail(format!("HTTP {}", resp.status())),
+            ));
         }
         let mut file = std::fs::File::create(dest)
-            .map_err(|e| fail(format!("creating {}: {e}", dest.display())))?;
+            .map_err(|e| Attempt::Final(fail(format!("creating {}: {e}", dest.display()))))?;
         let mut hasher = sha2::Sha256::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| Attempt::Transient(fail(e.to_string())))?
+        {
             hasher.update(&chunk);
             file.write_all(&chunk)
-                .map_err(|e| fail(format!("writing {}: {e}", dest.display())))?;
+                .map_err(|e| Attempt::Final(fail(format!("writing {}: {e}", dest.display()))))?;
         }
         Ok(hex::encode(hasher.finalize()))
-    })?;
+    }))?;
     if !actual.eq_ignore_ascii_case(sha256) {
         let _ = std::fs::remove_file(dest);
         return Err(SourceError::Digest {
@@ -180,7 +201,7 @@ pub fn spec_source(
     if medium_spec_exists {
         return Ok(SpecSource::File(medium_spec()));
     }
-    if let Some(url) = Cmdline::parse(cmdline).get("kiln.config") {
+    if let Some(url) = Cmdline::parse(cmdline).get(CONFIG_ARG) {
         return Ok(SpecSource::Url(url.to_string()));
     }
     Err(SourceError::NoSpec {
@@ -190,37 +211,114 @@ pub fn spec_source(
 
 /// `true` when the kernel command line asks for an unattended install.
 pub fn unattended_requested(cmdline: &str) -> bool {
-    Cmdline::parse(cmdline).get("kiln.install") == Some("auto")
+    Cmdline::parse(cmdline).get(INSTALL_ARG) == Some("auto")
 }
 
-/// Fetches a spec over HTTP(S).
-pub fn fetch_text(url: &str) -> Result<String, SourceError> {
+/// The node's enrolment token from the kernel command line (`kiln.token=TOKEN`).
+pub fn token(cmdline: &str) -> Option<String> {
+    Cmdline::parse(cmdline)
+        .get(TOKEN_ARG)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// `Authorization: Bearer TOKEN`, kept out of logs.
+pub(crate) fn authorization(token: &str) -> Option<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(&bearer(token)).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// `HTTP 403 Forbidden: REASON`, with the first line of the server's answer (kiln's servers
+/// say why they refuse), cut short.
+pub(crate) async fn refusal(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    match body.lines().next().map(str::trim).filter(|l| !l.is_empty()) {
+        Some(line) => format!(
+            "HTTP {status}: {}",
+            line.chars().take(200).collect::<String>()
+        ),
+        None => format!("HTTP {status}"),
+    }
+}
+
+/// Fetches a spec over HTTP(S), presenting `token` when given; transport trouble is retried
+/// for `patience`.
+pub fn fetch_text(
+    url: &str,
+    token: Option<&str>,
+    patience: Duration,
+) -> Result<String, SourceError> {
     let fail = |reason: String| SourceError::Fetch {
         url: url.to_string(),
         reason,
     };
-    // kiln's one TLS provider (a no-op when the process installed it already).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+    let rt = http_runtime().map_err(|e| fail(e.to_string()))?;
+    let client = client_for(url)
+        .timeout(std::time::Duration::from_secs(60))
         .build()
         .map_err(|e| fail(e.to_string()))?;
-    rt.block_on(async {
-        let client = client_for(url)
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = client
-            .get(url)
+    rt.block_on(patiently(url, patience, || async {
+        let mut request = client.get(url);
+        if let Some(value) = token.and_then(authorization) {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let resp = request
             .send()
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(fail(format!("HTTP {status}")));
+            .map_err(|e| Attempt::Transient(fail(e.to_string())))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return Err(Attempt::by_status(status, fail(refusal(resp).await)));
         }
-        resp.text().await.map_err(|e| fail(e.to_string()))
-    })
+        resp.text()
+            .await
+            .map_err(|e| Attempt::Transient(fail(e.to_string())))
+    }))
+}
+
+/// One try of a download: worth another, or not.
+enum Attempt {
+    Transient(SourceError),
+    Final(SourceError),
+}
+
+impl Attempt {
+    /// A server error may pass; a refusal stands.
+    fn by_status(status: reqwest::StatusCode, e: SourceError) -> Attempt {
+        if status.is_server_error() {
+            Attempt::Transient(e)
+        } else {
+            Attempt::Final(e)
+        }
+    }
+}
+
+/// Tries `attempt` until it succeeds, fails for good, or `patience` is spent, backing off from
+/// 1 to 15 seconds.
+async fn patiently<T, F, Fut>(
+    url: &str,
+    patience: Duration,
+    mut attempt: F,
+) -> Result<T, SourceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Attempt::Transient(e)) if start.elapsed() + pause < patience => {
+                tracing::warn!("{e}; trying {url} again in {}s", pause.as_secs());
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+            Err(Attempt::Transient(e) | Attempt::Final(e)) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -229,7 +327,7 @@ mod tests {
 
     #[test]
     fn spec_source_precedence() {
-        let cmd = "quiet kiln.config=http://10.0.0.1/n1.yaml kiln.install=auto";
+        let cmd = "quiet kiln.config=http://10.0.0.1/n1.yaml kiln.install=auto kiln.token=t0k";
         assert_eq!(
             spec_source(Some(Path::new("/s.yaml")), true, cmd).unwrap(),
             SpecSource::File("/s.yaml".into())
@@ -246,6 +344,8 @@ mod tests {
         assert!(err.contains("--spec FILE"), "{err}");
         assert!(unattended_requested(cmd));
         assert!(!unattended_requested("kiln.install=manual"));
+        assert_eq!(token(cmd).as_deref(), Some("t0k"));
+        assert_eq!(token("kiln.token= quiet"), None);
     }
 
     #[test]
@@ -290,12 +390,12 @@ mod tests {
         let dest = dir.path().join("vmlinuz");
         let url = format!("http://{addr}/vmlinuz");
         let wrong = "0".repeat(64);
-        let err = fetch_verified(&url, &wrong, &dest).unwrap_err();
+        let err = fetch_verified(&url, &wrong, &dest, Duration::ZERO).unwrap_err();
         let SourceError::Digest { actual, .. } = err else {
             panic!("{err}")
         };
         assert!(!dest.exists(), "a file that failed its digest is removed");
-        fetch_verified(&url, &actual, &dest).unwrap();
+        fetch_verified(&url, &actual, &dest, Duration::ZERO).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"kernel");
     }
 
@@ -305,17 +405,69 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).unwrap();
-            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /n1.yaml "));
-            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\nkind: Appliance")
-                .unwrap();
+            let answers: [&[u8]; 2] = [
+                b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\nkind: Appliance",
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 28\r\nConnection: close\r\n\r\nthe token is not this node's",
+            ];
+            let mut requests = Vec::new();
+            for answer in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).unwrap();
+                requests.push(String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase());
+                s.write_all(answer).unwrap();
+            }
+            requests
         });
-        let text = fetch_text(&format!("http://{addr}/n1.yaml")).unwrap();
-        assert_eq!(text, "kind: Appliance");
-        server.join().unwrap();
-        let err = fetch_text("http://127.0.0.1:1/x").unwrap_err().to_string();
+        let url = format!("http://{addr}/n1.yaml");
+        let patience = Duration::from_secs(60);
+        assert_eq!(
+            fetch_text(&url, Some("t0k"), patience).unwrap(),
+            "kind: Appliance"
+        );
+        // A refusal stands at once, however patient the caller.
+        let err = fetch_text(&url, None, patience).unwrap_err().to_string();
+        assert!(
+            err.ends_with("HTTP 403 Forbidden: the token is not this node's"),
+            "{err}"
+        );
+        let requests = server.join().unwrap();
+        assert!(requests[0].starts_with("get /n1.yaml "));
+        assert!(
+            requests[0].contains("\r\nauthorization: bearer t0k\r\n"),
+            "{}",
+            requests[0]
+        );
+        assert!(!requests[1].contains("authorization"), "{}", requests[1]);
+        let err = fetch_text("http://127.0.0.1:1/x", None, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("fetching http://127.0.0.1:1/x:"), "{err}");
+    }
+
+    #[test]
+    fn transport_trouble_is_tried_again_until_the_server_answers() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let answers: [&[u8]; 3] = [
+                b"",
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\nkind: Appliance",
+            ];
+            for answer in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                // The first connection closes without a word, as a restarting server's does.
+                s.write_all(answer).unwrap();
+            }
+        });
+        let url = format!("http://{addr}/n1.yaml");
+        assert_eq!(
+            fetch_text(&url, None, Duration::from_secs(60)).unwrap(),
+            "kind: Appliance"
+        );
     }
 }

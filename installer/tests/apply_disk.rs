@@ -122,6 +122,7 @@ fn fixture(firmware: Firmware, kernel: Option<&Path>) -> Fixture {
         node_name: None,
         disk_guid: uuid::Uuid::new_v4().to_string(),
         unattended: false,
+        enrolment: None,
     };
     let plan = plan::plan(&spec, &hw, &opts).unwrap();
     let image_bytes = std::fs::read(&image).unwrap();

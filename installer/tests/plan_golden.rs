@@ -1,7 +1,8 @@
 //! Golden tests of the install planner, one directory per case under `tests/golden/`:
 //! `spec.yaml` (appliance spec), `hardware.json` (frozen hardware snapshot), optional
-//! `options.json` (command-line consent, node name, unattended), and the committed result: `expected.json`
-//! (the plan) or `expected-error.txt` (the message the user sees).
+//! `options.json` (command-line consent, node name, unattended, netboot enrolment), and the
+//! committed result: `expected.json` (the plan) or `expected-error.txt` (the message the user
+//! sees).
 //! `KILN_BLESS=1 cargo test -p kiln-installer --test plan_golden` rewrites the results.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ struct CaseOptions {
     rootfs_size_bytes: Option<u64>,
     #[serde(default)]
     unattended: bool,
+    enrolment: Option<kiln_spec::enrol::Enrolment>,
 }
 
 /// Every case's disk GUID (the CLI makes a random one).
@@ -68,6 +70,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
         node_name: case.node_name,
         disk_guid: DISK_GUID.into(),
         unattended: case.unattended,
+        enrolment: case.enrolment,
     };
     let (name, actual, other) = match plan(&spec, &hw, &opts) {
         Ok(p) => (

@@ -160,6 +160,7 @@ fn opts(wipe: WipeConsent, unattended: bool) -> PlanOptions {
         node_name: None,
         disk_guid: "6b696c6e-0000-4000-8000-000000000001".into(),
         unattended,
+        enrolment: None,
     }
 }
 

@@ -27,6 +27,10 @@ pub const ARTIFACTS: &[&str] = &[
     "pxe/boot.ipxe",
 ];
 
+/// The spec the build was made from, beside the manifest (which records its sha256 as
+/// `spec_sha256`): `kiln pxe serve --artifacts OUT/pxe` renders each node's spec from it.
+pub const SPEC_FILE: &str = "spec.yaml";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildReport {
     pub out: PathBuf,
@@ -243,8 +247,8 @@ fn make_iso(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<()>
     Ok(())
 }
 
-/// Step 7: Digests of the artifacts, the PXE script carrying the boot files' digests, and
-/// `manifest.json`.
+/// Step 7: Digests of the artifacts, the PXE script carrying the boot files' digests, the
+/// spec, and `manifest.json`.
 fn write_manifest(
     inputs: &BuildInputs,
     dirs: &Dirs,
@@ -293,6 +297,8 @@ fn write_manifest(
         artifacts,
         packages,
     };
+    std::fs::write(dirs.stage.join(SPEC_FILE), &inputs.spec_yaml)
+        .map_err(BuildError::io(format!("writing {SPEC_FILE}")))?;
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
     std::fs::write(dirs.stage.join("manifest.json"), json)
         .map_err(BuildError::io("writing manifest.json"))?;

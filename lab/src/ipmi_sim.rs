@@ -148,6 +148,27 @@ impl SimBoot {
 /// the device from its BMC; QEMU's firmware cannot, so the boot order is set at start).
 pub type MachineFor = std::sync::Arc<dyn Fn(SimBoot) -> VmBuilder + Send + Sync>;
 
+/// Sends the QMP commands in a file (one JSON object a line) to a just-started QEMU, waiting
+/// for its socket; a small program because the chassis control must return at once.
+const QMP_SEND: &str = r#"import json, socket, sys, time
+sock, commands = sys.argv[1], sys.argv[2]
+for _ in range(200):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock)
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("no QMP socket at " + sock)
+f = s.makefile("rw")
+f.readline()
+for line in ["{\"execute\": \"qmp_capabilities\"}"] + open(commands).read().splitlines():
+    f.write(line + "\n")
+    f.flush()
+    print(line, "->", f.readline().strip())
+"#;
+
 /// Describes one simulated BMC.
 #[derive(Clone)]
 pub struct IpmiSimBuilder {
@@ -158,6 +179,8 @@ pub struct IpmiSimBuilder {
     fru: FruInfo,
     temperature: u8,
     vm: Option<MachineFor>,
+    own_process_group: bool,
+    one_time_pxe: Vec<serde_json::Value>,
 }
 
 impl std::fmt::Debug for IpmiSimBuilder {
@@ -184,6 +207,8 @@ impl IpmiSimBuilder {
             },
             temperature: 42,
             vm: None,
+            own_process_group: false,
+            one_time_pxe: Vec::new(),
         }
     }
 
@@ -211,11 +236,27 @@ impl IpmiSimBuilder {
         self
     }
 
+    /// Starts ipmi_sim in its own process group, so that a Ctrl-C aimed at the caller's
+    /// terminal does not reach it: for simulators handed over with [`IpmiSim::detach`].
+    pub fn own_process_group(mut self) -> Self {
+        self.own_process_group = true;
+        self
+    }
+
     /// The machine this BMC powers, described per boot device (e.g. a NIC with a `bootindex`
     /// for [`SimBoot::Pxe`]). Its serial console shows the firmware (SeaBIOS is told to use
     /// the serial port) and it reaches the simulator over `ipmi-bmc-extern`.
     pub fn vm(mut self, machine: impl Fn(SimBoot) -> VmBuilder + Send + Sync + 'static) -> Self {
         self.vm = Some(std::sync::Arc::new(machine));
+        self
+    }
+
+    /// Makes the PXE boot device one-time, as IPMI's is by default: after starting the
+    /// machine from the network, these QMP commands (e.g. `qom-set` of the NIC's `bootindex`
+    /// behind the disk) are sent to it, so every later reset of the running machine boots as
+    /// if no override had been set. QEMU rereads the boot order at each reset.
+    pub fn one_time_pxe(mut self, qmp_commands: Vec<serde_json::Value>) -> Self {
+        self.one_time_pxe = qmp_commands;
         self
     }
 
@@ -279,7 +320,11 @@ impl IpmiSimBuilder {
     /// The `chassis_control` program: ipmi_sim runs it as `PROG get power|boot` (answer
     /// `power:0|1`, `boot:DEV`) and `PROG set power 0|1 | boot DEV | reset 1 | shutdown 1`. It must return
     /// within a second or the BMC's client retransmits, so QEMU is started in the background.
-    fn chassis_control(dir: &Path, argv_for: &[(SimBoot, Vec<String>)]) -> String {
+    fn chassis_control(
+        dir: &Path,
+        argv_for: &[(SimBoot, Vec<String>)],
+        qmp_socket: &Path,
+    ) -> String {
         let cases: String = argv_for
             .iter()
             .map(|(boot, argv)| {
@@ -305,6 +350,10 @@ start() {{
   echo "power-on boot=$(bootdev)" >> "$dir/boots.log"
   setsid "$@" >"$dir/qemu.log" 2>&1 </dev/null &
   echo $! > "$dir/vm.pid"
+  if [ "$(bootdev)" = pxe ] && [ -f "$dir/one-time-pxe.qmp" ]; then
+    setsid python3 "$dir/qmp-send.py" {qmp} "$dir/one-time-pxe.qmp" \
+      >>"$dir/qmp.log" 2>&1 </dev/null &
+  fi
 }}
 stop() {{
   if running; then
@@ -327,20 +376,45 @@ case "$1 $2" in
 esac
 "#,
             dir = sh_quote(&dir.display().to_string()),
+            qmp = sh_quote(&qmp_socket.display().to_string()),
         )
     }
 
-    /// Writes the configuration and starts `ipmi_sim`; returns once it answers on its port.
+    /// Writes the configuration to a temporary directory and starts `ipmi_sim`; returns once
+    /// it answers on its port.
     pub fn start(self) -> Result<IpmiSim, IpmiSimError> {
-        let dir = tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix(&format!("ipmi-sim-{}-", self.name))
             .tempdir()
             .map_err(io_err("creating the ipmi_sim directory"))?;
-        self.start_in(dir)
+        self.start_with(temp.path().to_path_buf(), Some(temp))
     }
 
-    fn start_in(self, dir: tempfile::TempDir) -> Result<IpmiSim, IpmiSimError> {
-        let path = dir.path().to_path_buf();
+    /// Like [`IpmiSimBuilder::start`], with the configuration, state and the VM's files kept in
+    /// `dir` (created if missing).
+    pub fn start_in(self, dir: impl Into<PathBuf>) -> Result<IpmiSim, IpmiSimError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        self.start_with(dir, None)
+    }
+
+    fn start_with(
+        self,
+        path: PathBuf,
+        temp: Option<tempfile::TempDir>,
+    ) -> Result<IpmiSim, IpmiSimError> {
+        // A reused directory: the records and boot device of an earlier simulator are stale.
+        for stale in ["chassis.log", "boots.log", "vm.pid", "boot"] {
+            match fs::remove_file(path.join(stale)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(IpmiSimError::Io {
+                        context: format!("removing {}", path.join(stale).display()),
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
         let port = match self.port {
             Some(p) => p,
             None => free_port(false)?,
@@ -371,8 +445,17 @@ esac
                     serial_log = Some(vm.serial_log_path(&work));
                     argv_for.push((boot, vm.command_line(&work)));
                 }
+                if !self.one_time_pxe.is_empty() {
+                    let lines: String =
+                        self.one_time_pxe.iter().map(|c| format!("{c}\n")).collect();
+                    fs::write(path.join("one-time-pxe.qmp"), lines)
+                        .map_err(io_err("writing the one-time boot commands"))?;
+                    fs::write(path.join("qmp-send.py"), QMP_SEND)
+                        .map_err(io_err("writing the QMP client"))?;
+                }
                 let program = path.join("chassis-control");
-                fs::write(&program, Self::chassis_control(&path, &argv_for))
+                let qmp = crate::qemu::VmBuilder::qmp_path(&work);
+                fs::write(&program, Self::chassis_control(&path, &argv_for, &qmp))
                     .map_err(io_err("writing the chassis control program"))?;
                 fs::set_permissions(&program, fs::Permissions::from_mode(0o755))
                     .map_err(io_err("making the chassis control program executable"))?;
@@ -391,7 +474,11 @@ esac
         let log_err = log
             .try_clone()
             .map_err(io_err("duplicating a log handle"))?;
-        let child = Command::new(IPMI_SIM)
+        let mut cmd = Command::new(IPMI_SIM);
+        if self.own_process_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let child = cmd
             .arg("-c")
             .arg(&conf)
             .arg("-f")
@@ -419,7 +506,10 @@ esac
             serial_log,
             username: self.username,
             password: self.password,
-            dir,
+            records: ChassisRecords::new(&path),
+            dir: path,
+            temp,
+            detached: false,
         };
         sim.wait_ready(Duration::from_secs(10))?;
         Ok(sim)
@@ -440,7 +530,7 @@ fn free_port(tcp: bool) -> Result<u16, IpmiSimError> {
     port.map_err(io_err("finding a free port"))
 }
 
-/// A running simulator; dropping it stops the simulator and its VM.
+/// A running simulator; dropping it stops the simulator and its VM unless it was detached.
 #[derive(Debug)]
 pub struct IpmiSim {
     child: Child,
@@ -448,7 +538,51 @@ pub struct IpmiSim {
     serial_log: Option<PathBuf>,
     username: String,
     password: String,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    records: ChassisRecords,
+    temp: Option<tempfile::TempDir>,
+    detached: bool,
+}
+
+/// What the chassis control program of a simulator records in its directory: readable while
+/// the simulator runs and after it was detached from its starter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChassisRecords {
+    dir: PathBuf,
+}
+
+impl ChassisRecords {
+    /// The records in a simulator's directory ([`IpmiSim::dir`]).
+    pub fn new(dir: impl Into<PathBuf>) -> ChassisRecords {
+        ChassisRecords { dir: dir.into() }
+    }
+
+    /// Every call of the chassis control program, e.g. `set boot pxe`, `set power 1`.
+    pub fn chassis_calls(&self) -> Vec<String> {
+        read_lines(&self.dir.join("chassis.log"))
+    }
+
+    /// One line per VM power-on with the boot device it was started with (`power-on boot=pxe`).
+    pub fn power_ons(&self) -> Vec<String> {
+        read_lines(&self.dir.join("boots.log"))
+    }
+
+    /// The QEMU process id while the VM runs.
+    pub fn vm_pid(&self) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(self.dir.join("vm.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+        (state != "Z").then_some(pid)
+    }
+
+    /// QEMU's own output of the latest power-on.
+    pub fn qemu_log(&self) -> String {
+        fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default()
+    }
 }
 
 impl IpmiSim {
@@ -473,7 +607,21 @@ impl IpmiSim {
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Leaves the simulator, its VM and its directory running and in place when this handle
+    /// is gone (they outlive the process); returns the simulator's process id.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        if let Some(temp) = self.temp.take() {
+            let _ = temp.keep();
+        }
+        self.child.id()
     }
 
     /// The VM's serial console log (the file of its latest power-on).
@@ -483,24 +631,17 @@ impl IpmiSim {
 
     /// Every call of the chassis control program, e.g. `set boot pxe`, `set power 1`.
     pub fn chassis_calls(&self) -> Vec<String> {
-        read_lines(&self.dir.path().join("chassis.log"))
+        self.records.chassis_calls()
     }
 
     /// One line per VM power-on with the boot device it was started with (`power-on boot=pxe`).
     pub fn power_ons(&self) -> Vec<String> {
-        read_lines(&self.dir.path().join("boots.log"))
+        self.records.power_ons()
     }
 
     /// The QEMU process id while the VM runs.
     pub fn vm_pid(&self) -> Option<u32> {
-        let pid: u32 = fs::read_to_string(self.dir.path().join("vm.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let state = stat.rsplit(')').next()?.split_whitespace().next()?;
-        (state != "Z").then_some(pid)
+        self.records.vm_pid()
     }
 
     /// Waits until ipmi_sim answers a Get Channel Authentication Capabilities request.
@@ -539,7 +680,7 @@ impl IpmiSim {
 
     /// The simulator's own output.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("ipmi_sim.log")).unwrap_or_default()
+        fs::read_to_string(self.dir.join("ipmi_sim.log")).unwrap_or_default()
     }
 
     fn stop_vm(&self) {
@@ -560,6 +701,9 @@ fn read_lines(path: &Path) -> Vec<String> {
 
 impl Drop for IpmiSim {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         self.stop_vm();
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -4,3 +4,4 @@
 pub mod ipmi_sim;
 pub mod netns;
 pub mod qemu;
+pub mod rack;

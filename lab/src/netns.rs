@@ -47,10 +47,12 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(kiln_exec::output(cmd, "setting up the lab network")?)
 }
 
-/// A network namespace, deleted (with every interface inside it) when dropped.
+/// A network namespace, deleted (with every interface inside it) when dropped, unless it was
+/// opened with [`Netns::existing`] or handed over with [`Netns::detach`].
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -58,10 +60,28 @@ impl Netns {
     pub fn create(prefix: &str) -> Result<Netns> {
         let ns = Netns {
             name: unique_name(prefix),
+            owned: true,
         };
         run(Command::new("ip").args(["netns", "add", &ns.name]))?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace someone else created (`ip netns add NAME`); left in place when dropped.
+    pub fn existing(name: &str) -> Result<Netns> {
+        let ns = Netns {
+            name: name.to_string(),
+            owned: false,
+        };
+        ns.open()?;
+        Ok(ns)
+    }
+
+    /// Keeps the namespace after this handle is gone (it outlives the process); returns its
+    /// name.
+    pub fn detach(mut self) -> String {
+        self.owned = false;
+        std::mem::take(&mut self.name)
     }
 
     pub fn name(&self) -> &str {
@@ -215,7 +235,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
+        if self.owned {
+            let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
+        }
     }
 }
 

@@ -803,9 +803,10 @@ impl Appliance {
         a
     }
 
-    /// The spec one inventory node installs from: its overrides applied and the host name
-    /// pattern filled in for it, so the node needs nothing else to render its own config.
-    /// `mac` is the MAC it boots from (for `{mac}` patterns).
+    /// The spec one inventory node installs from: its overrides applied and its host name
+    /// fixed, so the node needs nothing else to render its own config. The inventory name is
+    /// the host name unless the node's overrides give a pattern; `mac` is the MAC it boots from
+    /// (for `{mac}` in such a pattern).
     pub fn for_node(
         &self,
         node: &crate::InventoryNode,
@@ -815,6 +816,9 @@ impl Appliance {
             Some(o) => self.with_overrides(o),
             None => self.clone(),
         };
+        if node.overrides.as_ref().is_none_or(|o| o.hostname.is_none()) {
+            a.spec.hostname = node.name.clone();
+        }
         match a.hostname_for(Some(&node.name), mac) {
             Ok(h) => a.spec.hostname = h,
             Err(reason) => {

@@ -145,9 +145,9 @@ impl Report {
     }
 }
 
-/// What the installer leaves on `KILN_STATE` (mode 0600) for the installed node's agent: where
-/// to report, with which token, and the image it installed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the installer leaves for the installed node's agent (mode 0600, kept on `KILN_STATE`
+/// like the node config): where to report, with which token, and the image it installed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Enrolment {
     pub phone_home: String,
@@ -155,8 +155,19 @@ pub struct Enrolment {
     pub image_sha256: String,
 }
 
-/// Where [`Enrolment`] lives, relative to the root of `KILN_STATE`.
-pub const ENROLMENT_PATH: &str = "/kiln/enrolment.json";
+impl std::fmt::Debug for Enrolment {
+    // The token stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrolment")
+            .field("phone_home", &self.phone_home)
+            .field("token", &"…")
+            .field("image_sha256", &self.image_sha256)
+            .finish()
+    }
+}
+
+/// Where [`Enrolment`] lives on the installed system.
+pub const ENROLMENT_PATH: &str = "/var/lib/kiln/enrolment.json";
 
 #[cfg(test)]
 mod tests {

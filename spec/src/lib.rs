@@ -13,6 +13,7 @@ pub mod glob;
 pub mod hardware;
 pub mod host;
 pub mod inventory;
+pub mod ipxe;
 pub mod kmod;
 pub mod layout;
 pub mod manifest;

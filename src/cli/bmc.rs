@@ -478,25 +478,19 @@ impl Common {
                 problems.push(format!("node {} has no bmc entry", node.name));
                 continue;
             };
-            match bmc.password_ref.resolve(base) {
+            match BmcTarget::from_inventory(
+                bmc,
+                base,
+                self.timeout(bmc.protocol),
+                self.retries,
+                suite,
+            ) {
                 Err(e) => {
                     problems.push(format!("node {}: reading its BMC password: {e}", node.name))
                 }
-                Ok(password) => members.push(Member {
+                Ok(target) => members.push(Member {
                     name: node.name.clone(),
-                    target: BmcTarget {
-                        protocol: bmc.protocol,
-                        host: bmc.address.clone(),
-                        port: bmc.port(),
-                        username: bmc.username.clone(),
-                        password: Password::new(password),
-                        ca_cert: bmc.ca_cert.as_ref().map(|c| base.join(c)),
-                        insecure: bmc.insecure,
-                        plain_http: bmc.allow_plain_http,
-                        timeout: self.timeout(bmc.protocol),
-                        retries: self.retries,
-                        cipher_suite: suite,
-                    },
+                    target,
                 }),
             }
         }

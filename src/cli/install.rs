@@ -1,15 +1,22 @@
 //! `kiln install`: on the node (live system), collect the hardware, plan, print the plan,
-//! and unless `--dry-run`, write the disk; unattended installs then reboot or power off.
+//! and unless `--dry-run`, write the disk; unattended installs then reboot or power off. With
+//! `kiln.phone-home=URL` on the kernel command line, each stage is reported to the
+//! provisioner; a report that cannot be delivered is only a warning.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use kiln_installer::apply::{self, ApplyOptions, FAILPOINT_ENV, Progress};
-use kiln_installer::plan::{self, Artifact, ImageSource, InstallPlan, PlanOptions, WipeConsent};
-use kiln_installer::{hardware, source};
+use kiln_installer::hardware;
+use kiln_installer::phonehome::{self, PhoneHome};
+use kiln_installer::plan::{
+    self, Artifact, ImageSource, InstallPlan, PlanOptions, SelectedDisk, WipeConsent,
+};
+use kiln_installer::source::{self, NetbootImage};
 use kiln_spec::Appliance;
 use kiln_spec::appliance::AfterInstall;
+use kiln_spec::enrol::{Phase, Report};
 use kiln_spec::hardware::{Firmware, HardwareInventory};
 use kiln_spec::size::ByteSize;
 
@@ -89,7 +96,14 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let unattended = args.unattended || source::unattended_requested(&cmdline);
     status(START_MARKER);
-    let result = install(&args, &cmdline, unattended);
+    // A dry run changes nothing, so the provisioner hears nothing of it.
+    let reports = if args.dry_run {
+        Reports(None)
+    } else {
+        Reports::from_cmdline(&cmdline)
+    };
+    reports.send(phonehome::report(Phase::InstallerStarted, None));
+    let result = install(&args, &cmdline, unattended, &reports);
     match &result {
         Ok(Some(after)) => {
             status(DONE_MARKER);
@@ -98,9 +112,36 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
             }
         }
         Ok(None) => {}
-        Err(e) => status(&format!("{FAILED_MARKER}: {e:#}")),
+        Err(e) => {
+            let why = format!("{e:#}");
+            status(&format!("{FAILED_MARKER}: {why}"));
+            reports.send(phonehome::report(Phase::Failed, Some(&why)));
+        }
     }
     result.map(drop)
+}
+
+/// Reports to the provisioner, when the kernel command line asks for them.
+struct Reports(Option<PhoneHome>);
+
+impl Reports {
+    fn from_cmdline(cmdline: &str) -> Reports {
+        match PhoneHome::from_cmdline(cmdline) {
+            Ok(p) => Reports(p),
+            Err(e) => {
+                status(&format!("kiln-install: warning: {e}"));
+                Reports(None)
+            }
+        }
+    }
+
+    fn send(&self, report: Report) {
+        if let Some(p) = &self.0
+            && let Err(e) = p.send(&report)
+        {
+            status(&format!("kiln-install: warning: {e}"));
+        }
+    }
 }
 
 /// Plans and (unless dry-run) applies; returns what the spec wants done afterwards when it
@@ -109,6 +150,7 @@ fn install(
     args: &InstallArgs,
     cmdline: &str,
     unattended: bool,
+    reports: &Reports,
 ) -> anyhow::Result<Option<AfterInstall>> {
     if args.inventory.is_some() && !args.dry_run {
         bail!(
@@ -136,7 +178,17 @@ fn install(
     for line in disk_lines(&hw) {
         status(&line);
     }
-    let image = image_source(args, cmdline).context("finding the image to install")?;
+    let netboot = match &args.image {
+        Some(_) => None,
+        None => source::netboot_image(cmdline).context("finding the image to install")?,
+    };
+    let image = image_source(args, netboot.as_ref()).context("finding the image to install")?;
+    // An unattended netboot install leaves the installed node what it needs to report
+    // agent-ready for the image the provisioner served.
+    let enrolment = netboot
+        .as_ref()
+        .filter(|_| unattended)
+        .and_then(|net| reports.0.as_ref()?.enrolment(&net.digests.rootfs));
     let opts = PlanOptions {
         image,
         wipe: match (args.wipe.as_deref(), source::wipe_consent(cmdline)) {
@@ -148,6 +200,7 @@ fn install(
         node_name: None,
         disk_guid: uuid::Uuid::new_v4().to_string(),
         unattended,
+        enrolment,
     };
     let plan =
         plan::plan(&spec, &hw, &opts).context("planning the install (nothing was written)")?;
@@ -158,13 +211,23 @@ fn install(
     if args.dry_run {
         return Ok(None);
     }
+    reports.send(phonehome::report(
+        Phase::Planned,
+        Some(&disk_summary(&plan.disk)),
+    ));
     let apply_opts = ApplyOptions {
         target: args.disk_image.clone(),
         failpoint: std::env::var(FAILPOINT_ENV).ok(),
     };
     let started = Instant::now();
     let mut render = ProgressRender::new(args.progress);
-    let report = apply::apply(&plan, &apply_opts, &mut |p| render.show(p))?;
+    let report = apply::apply(&plan, &apply_opts, &mut |p| {
+        // Step starts only: byte progress would flood the provisioner.
+        if let Progress::StepStarted { step, .. } = p {
+            reports.send(phonehome::report(Phase::Installing, Some(step.as_str())));
+        }
+        render.show(p)
+    })?;
     status(&format!(
         "kiln-install: installed {} on {} in {:.1}s (image {:.1} MiB/s)",
         plan.hostname,
@@ -172,6 +235,13 @@ fn install(
         started.elapsed().as_secs_f64(),
         report.image_bytes as f64 / f64::from(1 << 20) / report.image_seconds.max(1e-9)
     ));
+    reports.send(Report {
+        image_sha256: Some(report.image_sha256),
+        ..phonehome::report(
+            Phase::Installed,
+            Some(&format!("{} on {}", plan.hostname, plan.disk.dev_path)),
+        )
+    });
     Ok(Some(plan.after_install))
 }
 
@@ -186,7 +256,14 @@ fn load_spec(args: &InstallArgs, cmdline: &str) -> anyhow::Result<Appliance> {
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
             p.display().to_string(),
         ),
-        source::SpecSource::Url(u) => (source::fetch_text(&u)?, u),
+        source::SpecSource::Url(u) => (
+            source::fetch_text(
+                &u,
+                source::token(cmdline).as_deref(),
+                kiln_installer::FETCH_PATIENCE,
+            )?,
+            u,
+        ),
     };
     Appliance::from_yaml(&text).with_context(|| format!("loading {from}"))
 }
@@ -217,13 +294,9 @@ fn artifact(path: &Path, sha256: Option<String>) -> anyhow::Result<Artifact> {
 }
 
 /// The image to install: `--image` (kernel and initrd beside it), else on a netbooted live
-/// system the root image stage-1 verified plus the kernel and initrd fetched and verified
-/// now, else the live medium's.
-fn image_source(args: &InstallArgs, cmdline: &str) -> anyhow::Result<ImageSource> {
-    let netboot = match &args.image {
-        Some(_) => None,
-        None => source::netboot_image(cmdline)?,
-    };
+/// system (`netboot`) the root image stage-1 verified plus the kernel and initrd fetched and
+/// verified now, else the live medium's.
+fn image_source(args: &InstallArgs, netboot: Option<&NetbootImage>) -> anyhow::Result<ImageSource> {
     if let Some(net) = netboot {
         let dir = Path::new(source::FETCHED_DIR);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -234,7 +307,12 @@ fn image_source(args: &InstallArgs, cmdline: &str) -> anyhow::Result<ImageSource
         ] {
             let url = format!("{}/{name}", net.base_url);
             status(&format!("kiln-install: fetching {url}"));
-            source::fetch_verified(&url, sha256, &dir.join(name))?;
+            source::fetch_verified(
+                &url,
+                sha256,
+                &dir.join(name),
+                kiln_installer::FETCH_PATIENCE,
+            )?;
             fetched.push(artifact(&dir.join(name), Some(sha256.clone()))?);
         }
         let initrd = fetched.pop().expect("two files");
@@ -295,12 +373,10 @@ pub fn disk_lines(hw: &HardwareInventory) -> Vec<String> {
     lines
 }
 
-/// The plan as a person reads it.
-pub fn plan_text(plan: &InstallPlan) -> String {
-    let mut s = String::new();
-    let d = &plan.disk;
-    s.push_str(&format!(
-        "install to {} ({}{}{})\n",
+/// `/dev/vda (20.0 GiB, model, serial S1)`.
+fn disk_summary(d: &SelectedDisk) -> String {
+    format!(
+        "{} ({}{}{})",
         d.dev_path,
         ByteSize(d.size_bytes).human(),
         d.model
@@ -311,7 +387,14 @@ pub fn plan_text(plan: &InstallPlan) -> String {
             .as_deref()
             .map(|m| format!(", serial {m}"))
             .unwrap_or_default(),
-    ));
+    )
+}
+
+/// The plan as a person reads it.
+pub fn plan_text(plan: &InstallPlan) -> String {
+    let mut s = String::new();
+    let d = &plan.disk;
+    s.push_str(&format!("install to {}\n", disk_summary(d)));
     for r in &d.reasons {
         s.push_str(&format!("  - {r}\n"));
     }

@@ -1,12 +1,17 @@
 //! `kiln lab …`: the local virtual rack. `kiln lab install` boots an ISO in QEMU with a blank
 //! disk, lets the unattended installer write it, then boots the installed disk alone and waits
-//! for the node agent, timing each stage.
+//! for the node agent, timing each stage. `kiln lab rack up|down|exec` keeps a rack of
+//! powered-off machines behind IPMI BMCs running for fleet rollouts.
 
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_lab::qemu::{self, Disk, Firmware, Nic, Regex, Vm};
+use kiln_lab::rack::{self, RackFirmware, RackSpec, RackState};
 use kiln_spec::size::ByteSize;
 use serde::Serialize;
 
@@ -17,6 +22,85 @@ use super::output::OutputArgs;
 pub enum LabCmd {
     /// Install an ISO into a QEMU VM and boot the installed disk until the agent is ready
     Install(LabInstallArgs),
+    /// A local rack of powered-off QEMU machines behind IPMI BMCs, with its fleet inventory
+    #[command(subcommand)]
+    Rack(RackCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RackCmd {
+    /// Create the machines, their BMCs and boot network in a namespace; write fleet.yaml
+    Up(RackUpArgs),
+    /// Stop the rack's machines, BMCs and network; disks and logs stay unless --purge
+    Down(RackDownArgs),
+    /// Run a command inside the rack's network namespace (BMCs, boot network)
+    Exec(RackExecArgs),
+    /// Send router advertisements on the rack's bridge (started by `up`)
+    #[command(hide = true)]
+    Advertise { netns: String, bridge: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RackUpArgs {
+    /// Number of machines (node-01 is the control plane)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=rack::MAX_NODES as i64))]
+    nodes: u16,
+    /// Machine firmware; mixed alternates BIOS and UEFI, starting with BIOS
+    #[arg(long, value_enum, default_value_t = RackFirmwareArg::Mixed)]
+    firmware: RackFirmwareArg,
+    /// Each machine's disks (sparse), comma-separated; the first is the boot disk
+    #[arg(
+        long,
+        value_name = "SIZE,...",
+        value_delimiter = ',',
+        default_value = "8GiB"
+    )]
+    disks: Vec<ByteSize>,
+    /// Memory of each machine in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 2048)]
+    memory: u32,
+    /// Directory for disks, console logs, BMC passwords, fleet.yaml and rack.json
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RackDownArgs {
+    /// The rack's directory (as given to `up`)
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Also remove the disks, logs, secrets and inventory
+    #[arg(long)]
+    purge: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RackExecArgs {
+    /// The rack's directory (as given to `up`)
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The command and its arguments, after `--`
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RackFirmwareArg {
+    Mixed,
+    Bios,
+    Uefi,
+}
+
+impl From<RackFirmwareArg> for RackFirmware {
+    fn from(f: RackFirmwareArg) -> RackFirmware {
+        match f {
+            RackFirmwareArg::Mixed => RackFirmware::Mixed,
+            RackFirmwareArg::Bios => RackFirmware::Bios,
+            RackFirmwareArg::Uefi => RackFirmware::Uefi,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,7 +179,114 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             let summary = lab_install(&a)?;
             a.output.emit(&summary, summary_text)
         }
+        LabCmd::Rack(c) => run_rack(c),
     }
+}
+
+fn run_rack(cmd: RackCmd) -> anyhow::Result<()> {
+    match cmd {
+        RackCmd::Up(a) => {
+            let exe = std::env::current_exe().context("finding the kiln binary")?;
+            let spec = RackSpec {
+                dir: a.dir.clone(),
+                nodes: a.nodes.into(),
+                firmware: a.firmware.into(),
+                disks: a.disks.iter().map(|d| d.bytes()).collect(),
+                memory_mib: a.memory,
+                advertiser: vec![exe.into(), "lab".into(), "rack".into(), "advertise".into()],
+            };
+            let state = rack::up(&spec)
+                .with_context(|| format!("bringing up the rack in {}", a.dir.display()))?
+                .detach();
+            a.output.emit(&state, rack_summary)
+        }
+        RackCmd::Down(a) => {
+            let report = rack::down(&a.dir, a.purge)
+                .with_context(|| format!("taking down the rack in {}", a.dir.display()))?;
+            if !report.found {
+                println!("no rack in {} (nothing to do)", a.dir.display());
+                return Ok(());
+            }
+            if report.stopped.is_empty() && report.netns_deleted.is_none() {
+                println!("the rack in {} is already down", a.dir.display());
+            }
+            for stopped in &report.stopped {
+                println!("stopped {stopped}");
+            }
+            if let Some(ns) = &report.netns_deleted {
+                println!("deleted namespace {ns}");
+            }
+            if report.purged {
+                println!("removed disks, logs, secrets and inventory");
+            } else {
+                println!("disks and logs kept in {}", a.dir.display());
+            }
+            Ok(())
+        }
+        RackCmd::Exec(a) => {
+            let status = rack::exec(&a.dir, &a.command).with_context(|| {
+                format!(
+                    "running {} in the rack of {}",
+                    a.command[0].to_string_lossy(),
+                    a.dir.display()
+                )
+            })?;
+            if status.success() {
+                return Ok(());
+            }
+            // The command's own status, as a shell reports it.
+            std::process::exit(
+                status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(1),
+            )
+        }
+        RackCmd::Advertise { netns, bridge } => match rack::advertise(&netns, &bridge)? {},
+    }
+}
+
+fn rack_summary(s: &RackState) -> String {
+    let dir = s.dir.display();
+    let mut t = format!(
+        "rack up in {dir}: namespace {}, bridge {} ({}), {} powered off\n\n",
+        s.netns,
+        s.bridge,
+        s.provisioner_cidr,
+        match s.nodes.len() {
+            1 => "1 machine".to_string(),
+            n => format!("{n} machines"),
+        }
+    );
+    let _ = writeln!(
+        t,
+        "{:<9} {:<8} {:<17}  {:<15}  CONSOLE",
+        "NODE", "FIRMWARE", "MAC", "BMC"
+    );
+    for n in &s.nodes {
+        let _ = writeln!(
+            t,
+            "{:<9} {:<8} {:<17}  127.0.0.1:{:<5}  {}",
+            n.name,
+            n.firmware.to_string(),
+            n.mac,
+            n.bmc_port,
+            n.console_log.display()
+        );
+    }
+    let inventory = s.inventory_path();
+    let inventory = inventory.display();
+    let _ = write!(
+        t,
+        "\ninventory: {inventory} (BMC user {user}, passwords in {dir}/secrets)\n\
+         The BMCs listen inside the rack's namespace; next, try:\n\
+         \x20 kiln lab rack exec --dir {dir} -- kiln bmc power status --inventory {inventory} --nodes '*'\n\
+         \x20 kiln lab rack exec --dir {dir} -- kiln fleet rollout --inventory {inventory} \\\n\
+         \x20     --artifacts BUILD_DIR --state {dir}/fleet\n\
+         \x20 kiln lab rack down --dir {dir} [--purge]\n",
+        user = rack::BMC_USER,
+    );
+    t
 }
 
 fn summary_text(s: &LabInstallSummary) -> String {

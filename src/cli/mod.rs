@@ -5,6 +5,7 @@ pub mod bmc;
 pub mod build;
 pub mod cluster;
 pub mod docs;
+pub mod fleet;
 pub mod install;
 pub mod lab;
 pub mod node;
@@ -44,4 +45,21 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 500ms, 90s or 15m: {e}"))
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be installed).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kiln_netboot::backend::InventoryBackend;
 use kiln_netboot::config::ServeConfig;
+use kiln_netboot::enrol::MemoryEnrolment;
 use kiln_netboot::trace::{TRACE_FILE, read_events, timeline};
 use kiln_spec::inventory::{format_mac, parse_mac};
 
@@ -58,41 +58,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => args.opts,
     };
-    let (settings, inventory_path, unknown) = opts
+    let resolved = opts
         .resolve()
         .map_err(|errors| anyhow::anyhow!("invalid settings:\n  {}", errors.join("\n  ")))?;
-    let inventory = kiln_spec::Inventory::load(&inventory_path)
-        .with_context(|| format!("loading inventory {}", inventory_path.display()))?;
-    let backend = Arc::new(InventoryBackend::new(inventory, unknown));
+    let enrolment = Arc::new(MemoryEnrolment::new(&resolved.inventory));
     let rt = crate::cli::runtime()?;
     rt.block_on(async move {
         let shutdown = kiln_netboot::server::CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            super::wait_for_signal().await;
             tracing::info!("shutting down");
             signal.cancel();
         });
-        kiln_netboot::server::serve(settings, backend, shutdown)
-            .await
-            .context("serving netboot")
+        kiln_netboot::server::serve(
+            resolved.settings,
+            resolved.inventory,
+            resolved.appliance,
+            enrolment,
+            shutdown,
+        )
+        .await
+        .context("serving netboot")
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }
 
 fn trace(args: TraceArgs) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! Shared by the `pxe_*` tests: a lab network namespace with a bridge, client namespaces
-//! plugged into it, an inventory, and `kiln pxe serve` running inside the lab namespace.
+//! plugged into it, an inventory, an appliance spec, and `kiln pxe serve` running inside the
+//! lab namespace.
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -13,6 +14,12 @@ use kiln_lab::netns::{Netns, Process, run};
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 33, 0, 1);
 pub const BRIDGE: &str = "br0";
 pub const HTTP_PORT: u16 = 8080;
+
+/// The appliance spec the lab's nodes install: each is named as in the inventory, and the
+/// layout is small enough for a disk image file.
+pub const SPEC: &str = "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: pxe-lab\n\
+                        spec:\n  profile: test\n  hostname: \"{name}\"\n  install:\n    \
+                        espSize: 64MiB\n    slotSize: 64MiB\n    stateSize: 64MiB\n";
 
 pub fn kiln_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kiln")
@@ -72,14 +79,20 @@ impl Lab {
     }
 
     /// Starts `kiln pxe serve` on the bridge with `args` added, and waits until HTTP answers.
+    /// Unless `args` name a spec or a config file, the server gets [`SPEC`].
     pub fn serve(&mut self, args: &[&str]) {
         let log = std::fs::File::create(self.path("server.log")).unwrap();
         let mut cmd = self.ns.command(kiln_bin());
         cmd.args(["-v", "pxe", "serve", "--interface", BRIDGE])
             .arg("--state")
             .arg(self.path("state"))
-            .args(args)
-            .stdin(Stdio::null())
+            .args(args);
+        if !args.iter().any(|a| *a == "--spec" || *a == "--config") {
+            let spec = self.path("spec.yaml");
+            std::fs::write(&spec, SPEC).unwrap();
+            cmd.arg("--spec").arg(spec);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let mut server = self.ns.spawn(&mut cmd).unwrap();
@@ -162,8 +175,9 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// A build manifest in `dir` naming the PXE files, for a server whose tests do not boot them
-/// (the digests are placeholders).
+/// (the digests are placeholders), and [`SPEC`] beside it as a build leaves its spec.
 pub fn write_manifest(dir: &Path) {
+    std::fs::write(dir.join("spec.yaml"), SPEC).unwrap();
     let artifacts: Vec<String> = ["vmlinuz", "initrd.img", "rootfs.squashfs"]
         .iter()
         .map(|f| {
@@ -182,15 +196,4 @@ pub fn write_manifest(dir: &Path) {
         ),
     )
     .unwrap();
-}
-
-pub fn require(tool: &str, package: &str) {
-    assert!(
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success()),
-        "{tool} is missing: install the Debian package {package} (scripts/install-deps.sh)"
-    );
 }

@@ -164,7 +164,20 @@ pub(super) fn fetch_root(url: &str, sha256: &str, dest: &Path) -> Result<(), Sta
     ifconfig::configure(&iface, &lease)
         .map_err(|e| fetch_err(format!("configuring {iface}: {e}")))?;
     say(&format!("fetching {url}"));
-    let actual = http_get(addr, &path, dest)?;
+    // Through a provisioner restart or a network hiccup: only the server's "no" is final.
+    let start = Instant::now();
+    let mut pause = Duration::from_secs(1);
+    let actual = loop {
+        match http_get(addr, &path, dest) {
+            Ok(digest) => break digest,
+            Err(Fetch::Transient(e)) if start.elapsed() + pause < crate::FETCH_PATIENCE => {
+                say(&format!("{e}; trying again in {}s", pause.as_secs()));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+            Err(Fetch::Transient(e) | Fetch::Final(e)) => return Err(e),
+        }
+    };
     if !actual.eq_ignore_ascii_case(sha256) {
         let _ = std::fs::remove_file(dest);
         return Err(Stage1Error::Digest {
@@ -274,11 +287,17 @@ fn exchange(
 }
 
 /// GET into `dest`; returns the body's sha256 (hex).
-fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Stage1Error> {
+/// A failed download: worth another try, or not.
+enum Fetch {
+    Transient(Stage1Error),
+    Final(Stage1Error),
+}
+
+fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Fetch> {
     use sha2::Digest;
     let io = |what: &str| {
         let what = what.to_string();
-        move |e: std::io::Error| fetch_err(format!("{what}: {e}"))
+        move |e: std::io::Error| Fetch::Transient(fetch_err(format!("{what}: {e}")))
     };
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
         .map_err(io(&format!("connecting to {addr}")))?;
@@ -299,23 +318,26 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Stage1E
             .map_err(io("reading the response"))?
             == 0
         {
-            return Err(fetch_err(
+            return Err(Fetch::Transient(fetch_err(
                 "the server closed the connection before the body",
-            ));
+            )));
         }
         if line == "\r\n" || line == "\n" {
             break;
         }
         head.push_str(&line);
     }
-    let (code, length) = parse_response_head(&head)?;
+    let (code, length) = parse_response_head(&head).map_err(Fetch::Final)?;
     if code != 200 {
-        return Err(fetch_err(format!(
-            "http://{addr}{path}: HTTP status {code}"
-        )));
+        let e = fetch_err(format!("http://{addr}{path}: HTTP status {code}"));
+        return Err(if code >= 500 {
+            Fetch::Transient(e)
+        } else {
+            Fetch::Final(e)
+        });
     }
-    let mut file =
-        std::fs::File::create(dest).map_err(io(&format!("creating {}", dest.display())))?;
+    let mut file = std::fs::File::create(dest)
+        .map_err(|e| Fetch::Final(fetch_err(format!("creating {}: {e}", dest.display()))))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
@@ -327,7 +349,7 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Stage1E
         }
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n])
-            .map_err(io(&format!("writing {}", dest.display())))?;
+            .map_err(|e| Fetch::Final(fetch_err(format!("writing {}: {e}", dest.display()))))?;
         total += n as u64;
         if total >= next_report {
             say(&format!("fetched {} MiB", total >> 20));
@@ -337,7 +359,9 @@ fn http_get(addr: SocketAddr, path: &str, dest: &Path) -> Result<String, Stage1E
     if let Some(len) = length
         && len != total
     {
-        return Err(fetch_err(format!("got {total} of {len} bytes")));
+        return Err(Fetch::Transient(fetch_err(format!(
+            "got {total} of {len} bytes"
+        ))));
     }
     say(&format!("fetched {} MiB, done", total >> 20));
     Ok(hex::encode(hasher.finalize()))

@@ -125,7 +125,8 @@ impl VmBuilder {
             .unwrap_or_else(|| work_dir.join("serial.log"))
     }
 
-    pub(super) fn qmp_path(work_dir: &Path) -> PathBuf {
+    /// Where a machine started with `work_dir` listens for QMP.
+    pub fn qmp_path(work_dir: &Path) -> PathBuf {
         work_dir.join("qmp.sock")
     }
 
@@ -171,6 +172,11 @@ impl VmBuilder {
                     "if=pflash,format=raw,unit=1,file={}",
                     Self::vars_path(work_dir).display()
                 ),
+                // The lab's boot networks are IPv4. Without this, a machine that iPXE hands
+                // back to the firmware (an installed node booting from its disk) first sits
+                // through minutes of OVMF's PXE and HTTP boot attempts over IPv6.
+                "-fw_cfg",
+                "name=opt/org.tianocore/IPv6Support,string=no",
             ]);
         }
         let boot = |i: Option<u32>| i.map(|i| format!(",bootindex={i}")).unwrap_or_default();
@@ -267,7 +273,7 @@ impl VmBuilder {
                 &netdev,
                 "-device",
                 &format!(
-                    "virtio-net-pci,netdev=net{n},mac={mac}{rom}{}",
+                    "virtio-net-pci,netdev=net{n},id=nic{n},mac={mac}{rom}{}",
                     boot(*index)
                 ),
             ]);

@@ -153,6 +153,7 @@ mod tests {
             -device virtio-rng-pci -no-reboot \
             -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
             -drive if=pflash,format=raw,unit=1,file=/w/OVMF_VARS.fd \
+            -fw_cfg name=opt/org.tianocore/IPv6Support,string=no \
             -drive if=none,id=disk0,format=raw,file=/d/disk.raw,cache=unsafe \
             -device virtio-blk-pci,drive=disk0,serial=SN1,bootindex=2 \
             -drive if=none,id=disk1,format=raw,file=/d/data.raw,cache=unsafe \
@@ -160,7 +161,7 @@ mod tests {
             -drive if=none,id=cd0,media=cdrom,readonly=on,file=/d/kiln.iso \
             -device ide-cd,drive=cd0,bus=ide.1,bootindex=1 \
             -netdev tap,id=net0,ifname=tap0,script=no,downscript=no \
-            -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,bootindex=3 \
+            -device virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:00:00:01,bootindex=3 \
             -device isa-ipmi-kcs,bmc=bmc0";
         // The QEMU binary may be overridden by the environment; compare the rest.
         assert_eq!(

@@ -59,6 +59,30 @@ pub struct BmcTarget {
 }
 
 impl BmcTarget {
+    /// The target an inventory `bmc:` entry describes, its password read from where the entry
+    /// points (relative files against `base`, the inventory's directory).
+    pub fn from_inventory(
+        bmc: &kiln_spec::BmcEndpoint,
+        base: &std::path::Path,
+        timeout: Duration,
+        retries: u32,
+        cipher_suite: ipmi::CipherSuite,
+    ) -> std::io::Result<BmcTarget> {
+        Ok(BmcTarget {
+            protocol: bmc.protocol,
+            host: bmc.address.clone(),
+            port: bmc.port(),
+            username: bmc.username.clone(),
+            password: Password::new(bmc.password_ref.resolve(base)?),
+            ca_cert: bmc.ca_cert.as_ref().map(|c| base.join(c)),
+            insecure: bmc.insecure,
+            plain_http: bmc.allow_plain_http,
+            timeout,
+            retries,
+            cipher_suite,
+        })
+    }
+
     /// `host:port`, for messages.
     pub fn label(&self) -> String {
         format!("{}:{}", self.host, self.port)

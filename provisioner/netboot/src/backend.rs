@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use kiln_spec::inventory::{Inventory, format_mac, parse_mac};
+use kiln_spec::inventory::{Inventory, InventoryNode, parse_mac};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +41,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn lookup(&self, mac: &[u8; 6]) -> Decision;
     /// Fixed addresses by MAC for the authoritative DHCP server.
     fn reservations(&self) -> BTreeMap<[u8; 6], Ipv4Addr>;
-    /// The per-node configuration document served at `/config/MAC`.
-    fn node_config(&self, mac: &[u8; 6]) -> Option<serde_json::Value>;
+    /// The inventory node that boots from `mac`: whose spec `/config/MAC` serves and whose
+    /// token the per-node endpoints check.
+    fn node(&self, mac: &[u8; 6]) -> Option<&InventoryNode>;
 }
 
 #[derive(Debug, Clone)]
@@ -85,15 +86,8 @@ impl Backend for InventoryBackend {
             .collect()
     }
 
-    fn node_config(&self, mac: &[u8; 6]) -> Option<serde_json::Value> {
-        let node = self.inventory.node_by_mac(mac)?;
-        Some(serde_json::json!({
-            "name": node.name,
-            "role": node.role,
-            "bootMAC": format_mac(mac),
-            "labels": node.labels,
-            "overrides": node.overrides,
-        }))
+    fn node(&self, mac: &[u8; 6]) -> Option<&InventoryNode> {
+        self.inventory.node_by_mac(mac)
     }
 }
 
@@ -136,7 +130,7 @@ spec:
                 ([0x52, 0x54, 0, 0, 0, 0x11], Ipv4Addr::new(10, 0, 0, 11))
             ])
         );
-        assert_eq!(b.node_config(&known).unwrap()["name"], "node-01");
-        assert!(b.node_config(&unknown).is_none());
+        assert_eq!(b.node(&known).unwrap().name, "node-01");
+        assert!(b.node(&unknown).is_none());
     }
 }

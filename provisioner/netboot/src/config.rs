@@ -5,13 +5,27 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use kiln_spec::bootargs::BootDigests;
+use kiln_spec::inventory::NetbootMode;
 use kiln_spec::manifest::Manifest;
+use kiln_spec::{Appliance, Inventory};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use crate::backend::UnknownMacs;
-use crate::dhcp::{AddressSettings, Mode};
+use crate::dhcp::AddressSettings;
 use crate::server::{Settings, interface_ipv4};
 use crate::tftp::session::Limits;
+
+/// The spec a build leaves beside its manifest.
+const BUILD_SPEC: &str = "spec.yaml";
+
+fn parse_mode(s: &str) -> Result<NetbootMode, String> {
+    match s {
+        "proxy" => Ok(NetbootMode::Proxy),
+        "dhcp" => Ok(NetbootMode::Dhcp),
+        other => Err(format!("{other:?} is not one of: proxy, dhcp")),
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -20,8 +34,8 @@ pub struct ServeConfig {
     #[arg(long, value_name = "IF")]
     pub interface: Option<String>,
     /// proxy: boot information only, next to an existing DHCP server; dhcp: also addresses
-    #[arg(long, value_name = "proxy|dhcp")]
-    pub mode: Option<Mode>,
+    #[arg(long, value_name = "proxy|dhcp", value_parser = parse_mode)]
+    pub mode: Option<NetbootMode>,
     /// PXE bundle directory (vmlinuz, initrd.img, rootfs.squashfs)
     #[arg(long, value_name = "DIR")]
     pub artifacts: Option<PathBuf>,
@@ -32,6 +46,10 @@ pub struct ServeConfig {
     /// Fleet inventory (kind: Inventory): which MACs boot what
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
+    /// Appliance spec each node's config is rendered from (served at /config/MAC)
+    /// [default: spec.yaml in or next to --artifacts, which the build writes]
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
     /// HTTP listen address [default: SERVER_IP:8080]
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
@@ -69,7 +87,8 @@ pub struct ServeConfig {
     /// Extra kernel arguments in the iPXE script [default: console=tty0 console=ttyS0,115200]
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub kernel_args: Option<String>,
-    /// tera template for the iPXE script instead of the built-in one
+    /// tera template for the iPXE script instead of the built-in one (it sees base_url, mac,
+    /// node, kiln_args and kernel_args)
     #[arg(long, value_name = "FILE")]
     pub script_template: Option<PathBuf>,
     /// TFTP port [default: 69]
@@ -83,31 +102,74 @@ pub struct ServeConfig {
     pub tftp_max_windowsize: Option<u16>,
 }
 
-/// The PXE files' digests from the build manifest: `manifest`, else `manifest.json` in the
-/// artifacts directory or its parent (a build's output directory holds `pxe/` and the
-/// manifest side by side). Nodes refuse files they cannot verify, so there is no default.
-fn load_digests(manifest: Option<&Path>, artifacts: &Path) -> Result<BootDigests, String> {
-    let path = match manifest {
-        Some(p) => p.to_path_buf(),
-        None => [
-            artifacts.join("manifest.json"),
-            artifacts.join("../manifest.json"),
-        ]
+/// `name` in the artifacts directory or its parent: a build's output directory holds `pxe/`,
+/// the manifest and the spec side by side.
+fn beside_artifacts(artifacts: &Path, name: &str) -> Option<PathBuf> {
+    [artifacts.join(name), artifacts.join("..").join(name)]
         .into_iter()
         .find(|p| p.is_file())
-        .ok_or_else(|| {
+}
+
+/// The build manifest and where it is: `manifest`, else `manifest.json` beside the artifacts.
+/// Nodes refuse files they cannot verify, so there is no going without.
+fn load_manifest(manifest: Option<&Path>, artifacts: &Path) -> Result<(PathBuf, Manifest), String> {
+    let path = match manifest {
+        Some(p) => p.to_path_buf(),
+        None => beside_artifacts(artifacts, "manifest.json").ok_or_else(|| {
             format!(
                 "no manifest.json in or next to {} (the build writes one); name it with \
-                     --manifest",
+                 --manifest",
                 artifacts.display()
             )
         })?,
     };
     let text =
         std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text)
+    let manifest = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not a build manifest: {e}", path.display()))?;
-    BootDigests::from_manifest(&manifest).map_err(|e| format!("{}: {e}", path.display()))
+    Ok((path, manifest))
+}
+
+/// The appliance spec: `spec`, else the build's `spec.yaml` beside the artifacts, which must
+/// be the one the manifest was built from.
+fn load_spec(
+    spec: Option<&Path>,
+    artifacts: &Path,
+    manifest: Option<&Manifest>,
+) -> Result<Appliance, String> {
+    let path = match spec {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let found = beside_artifacts(artifacts, BUILD_SPEC).ok_or_else(|| {
+                format!(
+                    "no {BUILD_SPEC} in or next to {} (the build writes one); name the spec \
+                     with --spec",
+                    artifacts.display()
+                )
+            })?;
+            let bytes =
+                std::fs::read(&found).map_err(|e| format!("reading {}: {e}", found.display()))?;
+            if let Some(m) = manifest.filter(|m| !m.spec_sha256.is_empty())
+                && hex::encode(Sha256::digest(&bytes)) != m.spec_sha256
+            {
+                return Err(format!(
+                    "{} is not the spec the build manifest was made from; name the spec to \
+                     serve with --spec",
+                    found.display()
+                ));
+            }
+            found
+        }
+    };
+    Appliance::load(&path).map_err(|e| e.to_string())
+}
+
+/// Everything the services need, loaded and checked.
+#[derive(Debug)]
+pub struct Resolved {
+    pub settings: Settings,
+    pub inventory: Inventory,
+    pub appliance: Appliance,
 }
 
 impl ServeConfig {
@@ -119,6 +181,7 @@ impl ServeConfig {
             artifacts: self.artifacts.or(file.artifacts),
             manifest: self.manifest.or(file.manifest),
             inventory: self.inventory.or(file.inventory),
+            spec: self.spec.or(file.spec),
             http: self.http.or(file.http),
             state: self.state.or(file.state),
             ipxe_dir: self.ipxe_dir.or(file.ipxe_dir),
@@ -146,9 +209,9 @@ impl ServeConfig {
         serde_saphyr::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Checks everything and resolves the interface address. Every problem is reported, each
-    /// with the option it concerns.
-    pub fn resolve(&self) -> Result<(Settings, PathBuf, UnknownMacs), Vec<String>> {
+    /// Checks everything, loads the inventory and the spec and resolves the interface
+    /// address. Every problem is reported, each with the option it concerns.
+    pub fn resolve(&self) -> Result<Resolved, Vec<String>> {
         let mut errors = Vec::new();
         let mut need = |name: &str, present: bool| {
             if !present {
@@ -193,13 +256,13 @@ impl ServeConfig {
             }
         }
         let pool = match (self.mode, self.pool_start, self.pool_end) {
-            (Some(Mode::Dhcp), Some(start), Some(end)) => {
+            (Some(NetbootMode::Dhcp), Some(start), Some(end)) => {
                 if u32::from(start) > u32::from(end) {
                     errors.push(format!("--pool-start: {start} is after --pool-end {end}"));
                 }
                 Some((start, end))
             }
-            (Some(Mode::Dhcp), _, _) => {
+            (Some(NetbootMode::Dhcp), _, _) => {
                 errors.push("--pool-start and --pool-end are required in dhcp mode".into());
                 None
             }
@@ -220,13 +283,42 @@ impl ServeConfig {
                     String::new()
                 }
             },
-            None => crate::ipxe::DEFAULT_TEMPLATE.to_string(),
+            None => kiln_spec::ipxe::DEFAULT_TEMPLATE.to_string(),
         };
-        let boot_digests = match self.artifacts.as_deref().filter(|d| d.is_dir()) {
-            Some(dir) => match load_digests(self.manifest.as_deref(), dir) {
+        let artifacts = self.artifacts.as_deref().filter(|d| d.is_dir());
+        let manifest = match artifacts.map(|dir| load_manifest(self.manifest.as_deref(), dir)) {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                errors.push(format!("--manifest: {e}"));
+                None
+            }
+            None => None,
+        };
+        let boot_digests = match &manifest {
+            Some((path, m)) => match BootDigests::from_manifest(m) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    errors.push(format!("--manifest: {e}"));
+                    errors.push(format!("--manifest: {}: {e}", path.display()));
+                    None
+                }
+            },
+            None => None,
+        };
+        let manifest = manifest.map(|(_, m)| m);
+        let appliance =
+            match artifacts.map(|dir| load_spec(self.spec.as_deref(), dir, manifest.as_ref())) {
+                Some(Ok(a)) => Some(a),
+                Some(Err(e)) => {
+                    errors.push(format!("--spec: {e}"));
+                    None
+                }
+                None => None,
+            };
+        let inventory = match &self.inventory {
+            Some(path) => match Inventory::load(path) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    errors.push(format!("--inventory: {e}"));
                     None
                 }
             },
@@ -250,6 +342,7 @@ impl ServeConfig {
             interface: self.interface.clone().unwrap_or_default(),
             server_ip,
             mode: self.mode.unwrap_or_default(),
+            unknown_macs: self.unknown_macs.unwrap_or_default(),
             artifacts: self.artifacts.clone().unwrap_or_default(),
             ipxe_dir,
             state_dir: self
@@ -282,11 +375,11 @@ impl ServeConfig {
                 default_timeout: limits.default_timeout,
             },
         };
-        Ok((
+        Ok(Resolved {
             settings,
-            self.inventory.clone().unwrap_or_default(),
-            self.unknown_macs.unwrap_or_default(),
-        ))
+            inventory: inventory.expect("checked above"),
+            appliance: appliance.expect("checked above"),
+        })
     }
 }
 
@@ -300,7 +393,7 @@ mod tests {
             "interface: br0\nmode: dhcp\nartifacts: /srv/pxe\ninventory: fleet.yaml\npool-start: 10.0.0.100\npool-end: 10.0.0.200\ndns: [10.0.0.1]\nunknown-macs: discovery\n",
         )
         .unwrap();
-        assert_eq!(c.mode, Some(Mode::Dhcp));
+        assert_eq!(c.mode, Some(NetbootMode::Dhcp));
         assert_eq!(c.pool_start, Some(Ipv4Addr::new(10, 0, 0, 100)));
         assert_eq!(c.unknown_macs, Some(UnknownMacs::Discovery));
         assert!(
@@ -314,24 +407,59 @@ mod tests {
     fn command_line_overrides_the_file() {
         let file = ServeConfig {
             interface: Some("br0".into()),
-            mode: Some(Mode::Proxy),
+            mode: Some(NetbootMode::Proxy),
             dns: vec![Ipv4Addr::new(1, 1, 1, 1)],
             ..Default::default()
         };
         let cli = ServeConfig {
-            mode: Some(Mode::Dhcp),
+            mode: Some(NetbootMode::Dhcp),
             ..Default::default()
         };
         let m = cli.merged_over(file);
         assert_eq!(m.interface.as_deref(), Some("br0"));
-        assert_eq!(m.mode, Some(Mode::Dhcp));
+        assert_eq!(m.mode, Some(NetbootMode::Dhcp));
         assert_eq!(m.dns, vec![Ipv4Addr::new(1, 1, 1, 1)]);
+    }
+
+    #[test]
+    fn the_spec_defaults_to_the_one_the_build_left_beside_its_manifest() {
+        let out = tempfile::tempdir().unwrap();
+        let pxe = out.path().join("pxe");
+        std::fs::create_dir(&pxe).unwrap();
+        let spec = Appliance::default_spec().to_yaml();
+        let manifest = format!(
+            r#"{{"kiln_version":"t","spec_sha256":"{}","suite":"","mirror":"","kernel":"",
+            "kernel_args":[],"rootfs_cache_key":"","packages":[],"artifacts":[]}}"#,
+            hex::encode(Sha256::digest(spec.as_bytes()))
+        );
+        std::fs::write(out.path().join("manifest.json"), manifest).unwrap();
+        let (_, manifest) = load_manifest(None, &pxe).unwrap();
+        let err = load_spec(None, &pxe, Some(&manifest)).unwrap_err();
+        assert!(err.starts_with("no spec.yaml in or next to"), "{err}");
+
+        std::fs::write(out.path().join(BUILD_SPEC), &spec).unwrap();
+        let found = load_spec(None, &pxe, Some(&manifest)).unwrap();
+        assert_eq!(found, Appliance::default_spec());
+
+        let edited = spec.replace("kiln-{mac}", "n-{mac}");
+        std::fs::write(out.path().join(BUILD_SPEC), &edited).unwrap();
+        let err = load_spec(None, &pxe, Some(&manifest)).unwrap_err();
+        assert!(
+            err.contains("is not the spec the build manifest was made from"),
+            "{err}"
+        );
+        let named = out.path().join(BUILD_SPEC);
+        let chosen = load_spec(Some(&named), &pxe, Some(&manifest)).unwrap();
+        assert_eq!(
+            chosen.spec.hostname, "n-{mac}",
+            "a named spec is the operator's choice"
+        );
     }
 
     #[test]
     fn every_problem_is_reported_at_once() {
         let c = ServeConfig {
-            mode: Some(Mode::Dhcp),
+            mode: Some(NetbootMode::Dhcp),
             artifacts: Some("/nonexistent/kiln".into()),
             ipxe_dir: Some("/nonexistent/ipxe".into()),
             lease_time: Some(0),

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
-use kiln_spec::inventory::format_mac;
-use serde::{Deserialize, Serialize};
+use kiln_spec::inventory::{NetbootMode, format_mac};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -21,27 +20,6 @@ pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
 /// PXE boot server port: proxyDHCP requests after the client has its address.
 pub const PXE_PORT: u16 = 4011;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Boot information only; another server hands out addresses.
-    #[default]
-    Proxy,
-    /// Addresses from a pool and boot information.
-    Dhcp,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "proxy" => Ok(Mode::Proxy),
-            "dhcp" => Ok(Mode::Dhcp),
-            other => Err(format!("{other:?} is not one of: proxy, dhcp")),
-        }
-    }
-}
 
 /// Where boot files come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +43,7 @@ pub struct AddressSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpSettings {
-    pub mode: Mode,
+    pub mode: NetbootMode,
     pub boot: BootSettings,
     pub addressing: AddressSettings,
 }
@@ -240,7 +218,7 @@ pub fn handle(
         };
     }
     match (settings.mode, pool) {
-        (Mode::Proxy, _) | (Mode::Dhcp, None) => {
+        (NetbootMode::Proxy, _) | (NetbootMode::Dhcp, None) => {
             let (MessageType::Discover, Some(b)) = (client.message, boot) else {
                 return (Outcome::Silent, false);
             };
@@ -248,7 +226,7 @@ pub fn handle(
             add_boot(&mut reply, &b, settings);
             (reply_to(reply, destination(msg, false), Some(b)), false)
         }
-        (Mode::Dhcp, Some(pool)) => authoritative(settings, pool, msg, &client, boot, now),
+        (NetbootMode::Dhcp, Some(pool)) => authoritative(settings, pool, msg, &client, boot, now),
     }
 }
 
@@ -604,7 +582,7 @@ mod tests {
     const KNOWN: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
     const STRANGER: [u8; 6] = [0x52, 0x54, 0, 0, 0, 9];
 
-    fn settings(mode: Mode) -> DhcpSettings {
+    fn settings(mode: NetbootMode) -> DhcpSettings {
         DhcpSettings {
             mode,
             boot: BootSettings {
@@ -664,7 +642,7 @@ mod tests {
 
     #[test]
     fn option_93_and_ipxe_choose_the_boot_file() {
-        let b = settings(Mode::Proxy).boot;
+        let b = settings(NetbootMode::Proxy).boot;
         let tftp = |f: &str| Ok(Some(BootFile::Tftp(f.into())));
         assert_eq!(
             boot_file(&client(Some(0), true, false), &b),
@@ -735,7 +713,7 @@ mod tests {
 
     #[test]
     fn proxy_offers_boot_information_without_an_address() {
-        let s = settings(Mode::Proxy);
+        let s = settings(NetbootMode::Proxy);
         let b = backend(UnknownMacs::Ignore);
         let req = request(
             KNOWN,
@@ -784,7 +762,7 @@ mod tests {
 
     #[test]
     fn unknown_macs_are_ignored_or_sent_to_discovery() {
-        let s = settings(Mode::Proxy);
+        let s = settings(NetbootMode::Proxy);
         let req = request(
             STRANGER,
             MessageType::Discover,
@@ -816,7 +794,7 @@ mod tests {
 
     #[test]
     fn authoritative_offers_acks_naks_and_releases() {
-        let s = settings(Mode::Dhcp);
+        let s = settings(NetbootMode::Dhcp);
         let b = backend(UnknownMacs::Ignore);
         let mut pool = LeasePool::new([10, 0, 0, 100].into(), [10, 0, 0, 110].into(), 600);
         let discover = request(KNOWN, MessageType::Discover, None, None, false);

@@ -5,7 +5,9 @@
 //! - `GET /boot/MAC/boot.ipxe`: the rendered script; `GET|HEAD /boot/MAC/FILE`: an artifact,
 //!   traced under that MAC (the script's URLs use this form)
 //! - `GET|HEAD /artifacts/FILE`, `GET|HEAD /ipxe/FILE`
-//! - `GET /config/MAC`, `POST /phone-home/MAC`, `GET /trace/MAC`, `GET /metrics`
+//! - `GET /config/MAC`: the node's appliance spec (YAML), `POST /phone-home/MAC`: a
+//!   [`Report`]; both only with the node's token (`Authorization: Bearer TOKEN`)
+//! - `GET /trace/MAC`, `GET /metrics`
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -16,19 +18,25 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use kiln_spec::inventory::{format_mac, parse_mac};
-use serde::Deserialize;
+use kiln_spec::Appliance;
+use kiln_spec::bootargs::BootDigests;
+use kiln_spec::enrol::{Report, token_from_header};
+use kiln_spec::inventory::{InventoryNode, format_mac, parse_mac};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::backend::{Backend, Decision};
-use crate::ipxe::{self, ScriptContext};
+use crate::enrol::Enrolment;
+use crate::ipxe::{self, Machine};
 use crate::jail::{self, JailError};
-use crate::trace::{EventKind, Trace};
+use crate::trace::{ALLOWANCE, Admit, Allowance, EventKind, Trace};
+
+/// Largest request body read: a report is a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct HttpState {
@@ -37,10 +45,13 @@ pub struct HttpState {
     /// `http://10.0.0.1:8080`, as clients reach this server.
     pub base_url: String,
     pub kernel_args: String,
-    /// The build manifest's digests as kernel arguments.
-    pub digest_args: String,
+    /// The build manifest's digests, which the script puts on the kernel command line.
+    pub digests: BootDigests,
     pub template: String,
     pub backend: Arc<dyn Backend>,
+    /// The spec each node's config is rendered from ([`Appliance::for_node`]).
+    pub appliance: Appliance,
+    pub enrolment: Arc<dyn Enrolment>,
     pub trace: Arc<Trace>,
 }
 
@@ -56,6 +67,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/phone-home/{mac}", post(phone_home))
         .route("/trace/{mac}", get(trace_json))
         .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -86,6 +98,24 @@ impl Access<'_> {
 
     fn fail(&self, status: StatusCode, why: String) -> Response {
         self.record(status, 0, Some(why.clone()));
+        (status, format!("{why}\n")).into_response()
+    }
+
+    /// Like [`Access::fail`] for a request a client sent to a node's endpoint: recorded
+    /// within the MAC's allowance of refusals.
+    fn refuse(&self, status: StatusCode, why: String) -> Response {
+        match self.state.trace.admit(&self.mac, Allowance::Refusals) {
+            Admit::Keep => self.record(status, 0, Some(why.clone())),
+            Admit::LastNote => self.record(
+                status,
+                0,
+                Some(format!(
+                    "more than {ALLOWANCE} refused requests for this MAC, no more are recorded; \
+                     this one: {why}"
+                )),
+            ),
+            Admit::Drop => {}
+        }
         (status, format!("{why}\n")).into_response()
     }
 }
@@ -165,22 +195,25 @@ fn access(
 }
 
 fn script(state: &HttpState, access: &Access<'_>, mac: &[u8; 6]) -> Response {
-    let node = match state.backend.lookup(mac) {
-        Decision::Boot { node } => Some(node),
-        Decision::Discovery => None,
+    let decision = state.backend.lookup(mac);
+    let machine = match &decision {
+        Decision::Boot { node } => Machine::Node {
+            name: node,
+            token: state.enrolment.install_token(node),
+        },
+        Decision::Discovery => Machine::Unknown,
         Decision::Ignore => {
             return access.fail(StatusCode::NOT_FOUND, "MAC is not in the inventory".into());
         }
     };
-    let ctx = ScriptContext {
-        base_url: state.base_url.clone(),
-        mac: format_mac(mac),
-        mac_path: format_mac(mac).replace(':', "-"),
-        node,
-        kernel_args: state.kernel_args.clone(),
-        digest_args: state.digest_args.clone(),
-    };
-    match ipxe::render(&state.template, &ctx) {
+    let script = ipxe::script(
+        &state.base_url,
+        mac,
+        machine,
+        &state.digests,
+        &state.kernel_args,
+    );
+    match script.render(&state.template) {
         Ok(text) => {
             access.record(StatusCode::OK, text.len() as u64, None);
             ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
@@ -426,77 +459,119 @@ impl Drop for Tally {
     }
 }
 
+/// A request to a node's endpoint from a client that proved to be the node.
+struct NodeRequest<'a> {
+    access: Access<'a>,
+    mac: [u8; 6],
+    node: &'a InventoryNode,
+}
+
+/// The inventory node of the MAC in the path, if the request carries its token; else the
+/// answer, recorded without the token.
+fn authorise<'a>(
+    state: &'a HttpState,
+    client: SocketAddr,
+    method: Method,
+    path: String,
+    mac_text: &str,
+    headers: &HeaderMap,
+) -> Result<NodeRequest<'a>, Box<Response>> {
+    let Some(mac) = mac_from_path(mac_text) else {
+        let a = access(state, String::new(), client, method, path);
+        return Err(Box::new(a.fail(
+            StatusCode::BAD_REQUEST,
+            format!("{mac_text:?} is not a MAC address"),
+        )));
+    };
+    let access = access(state, format_mac(&mac), client, method, path);
+    let Some(node) = state.backend.node(&mac) else {
+        return Err(Box::new(
+            access.fail(StatusCode::NOT_FOUND, "MAC is not in the inventory".into()),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(token_from_header);
+    if let Err(refusal) = state.enrolment.verify(&node.name, presented) {
+        return Err(Box::new(
+            access.refuse(refusal.status(), refusal.to_string()),
+        ));
+    }
+    Ok(NodeRequest { access, mac, node })
+}
+
+/// The node's own appliance spec: the server's with the node's overrides and host name.
 async fn node_config(
     State(state): Shared,
     ConnectInfo(client): Client,
     UrlPath(mac_text): UrlPath<String>,
+    headers: HeaderMap,
 ) -> Response {
     let path = format!("/config/{mac_text}");
-    let Some(mac) = mac_from_path(&mac_text) else {
-        let a = access(&state, String::new(), client, Method::GET, path);
-        return a.fail(
-            StatusCode::BAD_REQUEST,
-            format!("{mac_text:?} is not a MAC address"),
-        );
+    let req = match authorise(&state, client, Method::GET, path, &mac_text, &headers) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
     };
-    let a = access(&state, format_mac(&mac), client, Method::GET, path);
-    match state.backend.node_config(&mac) {
-        Some(config) => {
-            let body = serde_json::to_string_pretty(&config).unwrap_or_default();
-            a.record(StatusCode::OK, body.len() as u64, None);
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    match state.appliance.for_node(req.node, Some(&req.mac)) {
+        Ok(spec) => {
+            let body = spec.to_yaml();
+            req.access.record(StatusCode::OK, body.len() as u64, None);
+            ([(header::CONTENT_TYPE, "application/yaml")], body).into_response()
         }
-        None => a.fail(StatusCode::NOT_FOUND, "MAC is not in the inventory".into()),
+        Err(errors) => req.access.fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the spec for node {} is invalid: {errors}", req.node.name),
+        ),
     }
 }
 
-/// What the installer reports: `{"phase": "writing-image", "ok": true, "message": "…"}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PhoneHome {
-    pub phase: String,
-    #[serde(default = "yes")]
-    pub ok: bool,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
+/// A [`Report`] from the node: recorded, counted and passed to the enrolment, within the
+/// MAC's allowance.
 async fn phone_home(
     State(state): Shared,
     ConnectInfo(client): Client,
     UrlPath(mac_text): UrlPath<String>,
-    body: Result<Json<PhoneHome>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Json<Report>, JsonRejection>,
 ) -> Response {
     let path = format!("/phone-home/{mac_text}");
-    let Some(mac) = mac_from_path(&mac_text) else {
-        let a = access(&state, String::new(), client, Method::POST, path);
-        return a.fail(
-            StatusCode::BAD_REQUEST,
-            format!("{mac_text:?} is not a MAC address"),
-        );
+    let req = match authorise(&state, client, Method::POST, path, &mac_text, &headers) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
     };
-    let a = access(&state, format_mac(&mac), client, Method::POST, path);
-    match body {
-        Ok(Json(report)) => {
-            state.trace.record(
-                &format_mac(&mac),
-                EventKind::PhoneHome {
-                    phase: report.phase,
-                    ok: report.ok,
-                    message: report.message,
-                },
-            );
-            StatusCode::NO_CONTENT.into_response()
+    let report = match body {
+        Ok(Json(report)) => report,
+        Err(e) => {
+            return req
+                .access
+                .refuse(e.status(), format!("bad report: {}", e.body_text()));
         }
-        Err(e) => a.fail(
-            StatusCode::BAD_REQUEST,
-            format!("bad report: {}", e.body_text()),
-        ),
+    };
+    if let Some(why) = report.problem() {
+        return req.access.refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("bad report: {why}"),
+        );
     }
+    let mac = &req.access.mac;
+    match state.trace.admit(mac, Allowance::Reports) {
+        Admit::Keep => {}
+        full => {
+            let why = format!("more than {ALLOWANCE} reports for this MAC in this server run");
+            if full == Admit::LastNote {
+                req.access.record(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    0,
+                    Some(format!("{why}; further ones are refused, unrecorded")),
+                );
+            }
+            return (StatusCode::TOO_MANY_REQUESTS, format!("{why}\n")).into_response();
+        }
+    }
+    state.enrolment.report(&req.node.name, &req.mac, &report);
+    state.trace.record(mac, report.into());
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn trace_json(State(state): Shared, UrlPath(mac_text): UrlPath<String>) -> Response {
@@ -562,5 +637,232 @@ mod tests {
         assert!(etag_matches("\"a\", W/\"b\"", "\"b\""));
         assert!(etag_matches("*", "\"b\""));
         assert!(!etag_matches("\"a\"", "\"b\""));
+    }
+
+    mod per_node {
+        use super::super::*;
+        use crate::backend::{InventoryBackend, UnknownMacs};
+        use crate::enrol::MemoryEnrolment;
+        use axum::extract::connect_info::MockConnectInfo;
+        use kiln_spec::Inventory;
+        use kiln_spec::enrol::{MAX_MESSAGE_BYTES, Phase, bearer};
+        use tower::ServiceExt;
+
+        const MAC: &str = "52-54-00-00-00-01";
+
+        struct Server {
+            dir: tempfile::TempDir,
+            app: Router,
+            state: Arc<HttpState>,
+            own: String,
+            other: String,
+        }
+
+        fn server() -> Server {
+            let dir = tempfile::tempdir().unwrap();
+            let inventory = Inventory::from_yaml(
+                "apiVersion: kiln.dev/v1alpha1\nkind: Inventory\nspec:\n  nodes:\n    \
+                 - {name: node-01, bootMACs: [\"52:54:00:00:00:01\"]}\n    \
+                 - {name: node-02, bootMACs: [\"52:54:00:00:00:02\"]}\n",
+            )
+            .unwrap();
+            let mut appliance = Appliance::default_spec();
+            appliance.spec.hostname = "{name}".into();
+            let enrolment = Arc::new(MemoryEnrolment::new(&inventory));
+            let own = enrolment.install_token("node-01").unwrap();
+            let other = enrolment.install_token("node-02").unwrap();
+            let state = Arc::new(HttpState {
+                artifacts: dir.path().into(),
+                ipxe_dir: dir.path().into(),
+                base_url: "http://10.0.0.1:8080".into(),
+                kernel_args: String::new(),
+                digests: BootDigests {
+                    rootfs: "a".repeat(64),
+                    kernel: "b".repeat(64),
+                    initrd: "c".repeat(64),
+                },
+                template: kiln_spec::ipxe::DEFAULT_TEMPLATE.into(),
+                backend: Arc::new(InventoryBackend::new(inventory, UnknownMacs::Ignore)),
+                appliance,
+                enrolment,
+                trace: Arc::new(Trace::open(dir.path()).unwrap()),
+            });
+            let app =
+                router(state.clone()).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 9], 68))));
+            Server {
+                dir,
+                app,
+                state,
+                own,
+                other,
+            }
+        }
+
+        impl Server {
+            async fn call(
+                &self,
+                uri: &str,
+                token: Option<&str>,
+                body: Option<String>,
+            ) -> (u16, String) {
+                let mut req = axum::http::Request::builder()
+                    .uri(uri)
+                    .method(if body.is_some() { "POST" } else { "GET" });
+                if let Some(t) = token {
+                    req = req.header(header::AUTHORIZATION, bearer(t));
+                }
+                let req = match body {
+                    Some(b) => req
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(b)),
+                    None => req.body(Body::empty()),
+                }
+                .unwrap();
+                let resp = self.app.clone().oneshot(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+
+            async fn report(&self, body: &str) -> u16 {
+                self.call(
+                    &format!("/phone-home/{MAC}"),
+                    Some(&self.own),
+                    Some(body.into()),
+                )
+                .await
+                .0
+            }
+
+            fn events(&self) -> Vec<EventKind> {
+                let events = self.state.trace.events_for("52:54:00:00:00:01").unwrap();
+                events.into_iter().map(|e| e.kind).collect()
+            }
+        }
+
+        #[tokio::test]
+        async fn config_needs_the_nodes_own_token_and_is_its_spec() {
+            let s = server();
+            let uri = format!("/config/{MAC}");
+            let (status, body) = s.call(&uri, None, None).await;
+            assert_eq!(status, 401, "{body}");
+            assert_eq!(s.call(&uri, Some(&s.other), None).await.0, 403);
+            assert_eq!(s.call(&uri, Some("nonsense"), None).await.0, 403);
+            let (status, body) = s.call(&uri, Some(&s.own), None).await;
+            assert_eq!(status, 200, "{body}");
+            let spec = Appliance::from_yaml(&body).unwrap();
+            assert_eq!(spec.spec.hostname, "node-01");
+            assert_eq!(
+                s.call("/config/52-54-00-00-00-09", Some(&s.own), None)
+                    .await
+                    .0,
+                404
+            );
+            let script = s
+                .call(&format!("/boot/{MAC}/boot.ipxe"), None, None)
+                .await
+                .1;
+            assert!(
+                script.contains(&format!(" kiln.token={} ", s.own)),
+                "{script}"
+            );
+
+            let refusals: Vec<(u16, String)> = s
+                .events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    EventKind::Http {
+                        status,
+                        error: Some(e),
+                        ..
+                    } => Some((status, e)),
+                    _ => None,
+                })
+                .collect();
+            let statuses: Vec<u16> = refusals.iter().map(|r| r.0).collect();
+            assert_eq!(statuses, [401, 403, 403], "{refusals:?}");
+            assert!(refusals[1].1.contains("not this node's"), "{refusals:?}");
+            let stored = std::fs::read_to_string(s.dir.path().join("trace.jsonl")).unwrap();
+            assert!(!stored.contains(&s.own) && !stored.contains(&s.other));
+        }
+
+        #[tokio::test]
+        async fn reports_are_checked_recorded_and_end_the_enrolment() {
+            let s = server();
+            let uri = format!("/phone-home/{MAC}");
+            let good = r#"{"phase":"installing","message":"slot-write"}"#;
+            assert_eq!(s.call(&uri, None, Some(good.into())).await.0, 401);
+            assert_eq!(s.call(&uri, Some(&s.other), Some(good.into())).await.0, 403);
+            assert_eq!(s.report(r#"{"phase":"made-up"}"#).await, 422);
+            assert_eq!(s.report(r#"{"phase":"planned","ok":true}"#).await, 422);
+            assert_eq!(s.report(r#"{"phase":"#).await, 400);
+            let long = format!(
+                r#"{{"phase":"failed","message":"{}"}}"#,
+                "x".repeat(MAX_MESSAGE_BYTES + 1)
+            );
+            assert_eq!(s.report(&long).await, 422);
+            let huge = format!(
+                r#"{{"phase":"failed","message":"{}"}}"#,
+                "x".repeat(MAX_BODY_BYTES)
+            );
+            assert_eq!(s.report(&huge).await, 413);
+            assert_eq!(s.report(good).await, 204);
+            let events = s.events();
+            assert!(events.contains(&EventKind::PhoneHome {
+                phase: Phase::Installing,
+                message: Some("slot-write".into()),
+                slot: None,
+                image_sha256: None,
+            }));
+            let metrics = s.state.trace.metrics();
+            assert!(
+                metrics.contains(
+                    "kiln_netboot_events_total{service=\"phone-home\",event=\"installing\",result=\"ok\"} 1"
+                ),
+                "{metrics}"
+            );
+
+            assert_eq!(s.report(r#"{"phase":"agent-ready","slot":"A"}"#).await, 204);
+            assert_eq!(s.report(good).await, 403, "the token expired");
+            let config = s.call(&format!("/config/{MAC}"), Some(&s.own), None).await;
+            assert_eq!(config.0, 403, "{}", config.1);
+            let script = s
+                .call(&format!("/boot/{MAC}/boot.ipxe"), None, None)
+                .await
+                .1;
+            assert!(!script.contains("kiln.token="), "{script}");
+        }
+
+        #[tokio::test]
+        async fn a_client_cannot_grow_the_trace_without_limit() {
+            let s = server();
+            let good = r#"{"phase":"installing","message":"wipe"}"#;
+            for _ in 0..crate::trace::ALLOWANCE {
+                assert_eq!(s.report(good).await, 204);
+            }
+            assert_eq!(s.report(good).await, 429);
+            assert_eq!(s.report(good).await, 429);
+            for _ in 0..=crate::trace::ALLOWANCE + 5 {
+                s.call(&format!("/config/{MAC}"), Some(&s.other), None)
+                    .await;
+            }
+            let events = s.events();
+            let count = |want: fn(&EventKind) -> bool| events.iter().filter(|e| want(e)).count();
+            assert_eq!(
+                count(|e| matches!(e, EventKind::PhoneHome { .. })),
+                crate::trace::ALLOWANCE
+            );
+            assert_eq!(
+                count(|e| matches!(e, EventKind::Http { status: 429, .. })),
+                1
+            );
+            assert_eq!(
+                count(|e| matches!(e, EventKind::Http { status: 403, .. })),
+                crate::trace::ALLOWANCE + 1,
+                "the allowance of refusals, and one note"
+            );
+        }
     }
 }

@@ -1,37 +1,67 @@
-//! The per-MAC iPXE script, rendered with tera from the built-in template or a user's.
+//! The per-MAC iPXE script: kiln-spec's one boot script ([`kiln_spec::ipxe`]) with this
+//! server's URLs, and the machine's node and token.
 
-use serde::Serialize;
+use kiln_spec::bootargs::BootDigests;
+use kiln_spec::inventory::format_mac;
+use kiln_spec::ipxe::{BootScript, NodeEndpoints, Purpose};
 
-/// Kernel from `vmlinuz`, initramfs named `initrd.img` (UEFI iPXE needs the name on the
-/// kernel line), rootfs and node config URLs and the phone-home URL on the command line.
-pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/boot.ipxe.tera");
-
-/// The variables a script template sees.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ScriptContext {
-    /// `http://10.0.0.1:8080`
-    pub base_url: String,
-    /// `52:54:00:12:34:56`
-    pub mac: String,
-    /// The MAC as it appears in URLs: `52-54-00-12-34-56`.
-    pub mac_path: String,
-    /// Inventory node name; absent for discovery boots.
-    pub node: Option<String>,
-    /// Extra kernel arguments (console, …).
-    pub kernel_args: String,
-    /// `kiln.root.sha256=… kiln.kernel.sha256=… kiln.initrd.sha256=…` from the build
-    /// manifest: the node checks what it fetches against them.
-    pub digest_args: String,
+/// The machine a script is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Machine<'a> {
+    /// An inventory node: it installs, fetching its spec and reporting with `token`; without
+    /// one it boots from its disk.
+    Node {
+        name: &'a str,
+        token: Option<String>,
+    },
+    /// Unknown, answered under the discovery policy.
+    Unknown,
 }
 
-pub fn render(template: &str, ctx: &ScriptContext) -> Result<String, tera::Error> {
-    let context = tera::Context::from_serialize(ctx)?;
-    tera::Tera::one_off(template, &context, false)
+/// `52-54-00-12-34-56`: the MAC as it appears in this server's URLs.
+pub fn mac_path(mac: &[u8; 6]) -> String {
+    format_mac(mac).replace(':', "-")
+}
+
+/// The script data for `mac`; `base_url` is how clients reach this server
+/// (`http://10.0.0.1:8080`).
+pub fn script(
+    base_url: &str,
+    mac: &[u8; 6],
+    machine: Machine<'_>,
+    digests: &BootDigests,
+    kernel_args: &str,
+) -> BootScript {
+    let path = mac_path(mac);
+    let (node, purpose) = match machine {
+        Machine::Node {
+            name,
+            token: Some(token),
+        } => (
+            Some(name.to_string()),
+            Purpose::Install(Some(NodeEndpoints {
+                config_url: format!("{base_url}/config/{path}"),
+                phone_home_url: format!("{base_url}/phone-home/{path}"),
+                token,
+            })),
+        ),
+        Machine::Node { name, token: None } => (Some(name.to_string()), Purpose::LocalDisk),
+        Machine::Unknown => (None, Purpose::Discovery),
+    };
+    BootScript {
+        base_url: Some(format!("{base_url}/boot/{path}")),
+        mac: Some(format_mac(mac)),
+        node,
+        digests: digests.clone(),
+        purpose,
+        kernel_args: kernel_args.to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_spec::ipxe::DEFAULT_TEMPLATE;
 
     fn check_golden(name: &str, actual: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,40 +78,36 @@ mod tests {
         );
     }
 
-    fn ctx(node: Option<&str>) -> ScriptContext {
-        ScriptContext {
-            base_url: "http://10.0.0.1:8080".into(),
-            mac: "52:54:00:12:34:56".into(),
-            mac_path: "52-54-00-12-34-56".into(),
-            node: node.map(str::to_string),
-            kernel_args: "console=ttyS0,115200".into(),
-            digest_args: kiln_spec::bootargs::BootDigests {
-                rootfs: "a".repeat(64),
-                kernel: "b".repeat(64),
-                initrd: "c".repeat(64),
-            }
-            .kernel_args(),
-        }
+    fn render(machine: Machine<'_>) -> String {
+        let digests = BootDigests {
+            rootfs: "a".repeat(64),
+            kernel: "b".repeat(64),
+            initrd: "c".repeat(64),
+        };
+        script(
+            "http://10.0.0.1:8080",
+            &[0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            machine,
+            &digests,
+            "console=ttyS0,115200",
+        )
+        .render(DEFAULT_TEMPLATE)
+        .unwrap()
     }
 
     #[test]
     fn renders_the_node_script() {
         check_golden(
             "boot-node.ipxe",
-            &render(DEFAULT_TEMPLATE, &ctx(Some("node-01"))).unwrap(),
+            &render(Machine::Node {
+                name: "node-01",
+                token: Some("0123456789abcdef".repeat(4)),
+            }),
         );
     }
 
     #[test]
     fn renders_the_discovery_script() {
-        check_golden(
-            "boot-discovery.ipxe",
-            &render(DEFAULT_TEMPLATE, &ctx(None)).unwrap(),
-        );
-    }
-
-    #[test]
-    fn template_errors_are_reported() {
-        assert!(render("{{ nope", &ctx(None)).is_err());
+        check_golden("boot-discovery.ipxe", &render(Machine::Unknown));
     }
 }

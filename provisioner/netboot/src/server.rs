@@ -1,4 +1,6 @@
-//! Runs DHCP (67 and 4011), TFTP and HTTP together on one interface until shutdown.
+//! Runs DHCP (67 and 4011), TFTP and HTTP together on one interface until shutdown:
+//! [`serve`], the one entry point of `kiln pxe serve` and of callers that run the services
+//! in-process (a rollout controller with its own [`Enrolment`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,20 +9,26 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 pub use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
-use crate::dhcp::{self, AddressSettings, BootSettings, DhcpServer, DhcpSettings, Mode};
+use crate::backend::{Backend, InventoryBackend, UnknownMacs};
+use crate::dhcp::{self, AddressSettings, BootSettings, DhcpServer, DhcpSettings};
+use crate::enrol::Enrolment;
 use crate::http::{HttpState, router};
 use crate::leases::{self, LeasePool};
 use crate::tftp::{TftpServer, session::Limits};
 use crate::trace::Trace;
 use kiln_spec::bootargs::BootDigests;
+use kiln_spec::errors::ValidationErrors;
+use kiln_spec::inventory::{NetbootMode, parse_mac};
+use kiln_spec::{Appliance, Inventory};
 
 /// Everything the services need, resolved (addresses known, files checked).
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub interface: String,
     pub server_ip: Ipv4Addr,
-    pub mode: Mode,
+    pub mode: NetbootMode,
+    /// What machines missing from the inventory get.
+    pub unknown_macs: UnknownMacs,
     pub artifacts: PathBuf,
     pub ipxe_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -36,6 +44,7 @@ pub struct Settings {
     pub kernel_args: String,
     /// The PXE files' digests from the build manifest, for the boot script.
     pub boot_digests: BootDigests,
+    /// The iPXE script template ([`kiln_spec::ipxe::DEFAULT_TEMPLATE`] or a user's).
     pub template: String,
     pub tftp_port: u16,
     pub tftp_limits: Limits,
@@ -62,6 +71,11 @@ pub enum ServeError {
     },
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("the appliance spec rendered for node {node} is invalid: {errors}")]
+    NodeSpec {
+        node: String,
+        errors: ValidationErrors,
+    },
 }
 
 /// The first IPv4 address of `interface` and its prefix length.
@@ -106,20 +120,43 @@ fn udp_socket(addr: SocketAddr, device: &str, what: &'static str) -> Result<UdpS
     bind(addr).map_err(|source| ServeError::Bind { what, addr, source })
 }
 
-/// Binds every service, then serves until `shutdown` is cancelled; HTTP finishes in-flight
-/// requests first.
+/// Every netbooting node's spec renders ([`Appliance::for_node`], with its first boot MAC):
+/// a node whose overrides break the spec is found at start, not when it asks for its config.
+fn check_node_specs(inventory: &Inventory, appliance: &Appliance) -> Result<(), ServeError> {
+    for node in &inventory.spec.nodes {
+        let Some(mac) = node.boot_macs.iter().find_map(|m| parse_mac(m)) else {
+            continue;
+        };
+        appliance
+            .for_node(node, Some(&mac))
+            .map_err(|errors| ServeError::NodeSpec {
+                node: node.name.clone(),
+                errors,
+            })?;
+    }
+    Ok(())
+}
+
+/// Binds every service, then serves `inventory` until `shutdown` is cancelled; HTTP finishes
+/// in-flight requests first. Nodes get `appliance` rendered for them at `/config/MAC`, and
+/// `enrolment` guards that and phone-home.
 pub async fn serve(
     settings: Settings,
-    backend: Arc<dyn Backend>,
+    inventory: Inventory,
+    appliance: Appliance,
+    enrolment: Arc<dyn Enrolment>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    check_node_specs(&inventory, &appliance)?;
+    let backend: Arc<dyn Backend> =
+        Arc::new(InventoryBackend::new(inventory, settings.unknown_macs));
     std::fs::create_dir_all(&settings.state_dir).map_err(|source| ServeError::StateDir {
         path: settings.state_dir.clone(),
         source,
     })?;
     let trace = Arc::new(Trace::open(&settings.state_dir)?);
     let pool = match (settings.mode, settings.pool) {
-        (Mode::Dhcp, Some((start, end))) => {
+        (NetbootMode::Dhcp, Some((start, end))) => {
             let mut pool = LeasePool::new(start, end, settings.lease_secs);
             pool.restore(leases::load(&settings.state_dir)?);
             pool.set_reservations(backend.reservations());
@@ -173,9 +210,11 @@ pub async fn serve(
         ipxe_dir: settings.ipxe_dir.clone(),
         base_url: settings.http_base.clone(),
         kernel_args: settings.kernel_args.clone(),
-        digest_args: settings.boot_digests.kernel_args(),
+        digests: settings.boot_digests.clone(),
         template: settings.template.clone(),
         backend,
+        appliance,
+        enrolment,
         trace,
     });
 

@@ -1,6 +1,10 @@
 //! The boot-chain trace: every DHCP, TFTP, HTTP and phone-home event, per MAC, appended as
 //! JSON lines to `trace.jsonl` in the state directory (readable while the server runs), and
-//! counted in Prometheus metrics.
+//! counted in Prometheus metrics (labels from closed sets only).
+//!
+//! What a client can make the trace keep is bounded: per MAC and server run, at most
+//! [`ALLOWANCE`] reports and as many refused per-node requests ([`Trace::admit`]), and error
+//! texts are cut to [`MAX_ERROR_BYTES`].
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -10,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kiln_spec::enrol::{Phase, Report};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,6 +22,13 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 pub const TRACE_FILE: &str = "trace.jsonl";
+
+/// Reports, and refused per-node requests, kept per MAC and server run. An install sends a
+/// dozen reports; the rest of the allowance is for retries and reinstalls.
+pub const ALLOWANCE: usize = 512;
+
+/// Longest error text kept in an event; longer ones (which may quote a client's input) are cut.
+pub const MAX_ERROR_BYTES: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -69,12 +81,43 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// An accepted report ([`Report`], which bounds its sizes).
     PhoneHome {
-        phase: String,
-        ok: bool,
+        phase: Phase,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image_sha256: Option<String>,
     },
+}
+
+impl From<Report> for EventKind {
+    fn from(r: Report) -> EventKind {
+        EventKind::PhoneHome {
+            phase: r.phase,
+            message: r.message,
+            slot: r.slot,
+            image_sha256: r.image_sha256,
+        }
+    }
+}
+
+/// What a client spends when it makes the trace keep an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Allowance {
+    Reports,
+    Refusals,
+}
+
+/// Whether to keep one more event a client caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Keep,
+    /// The allowance just ran out: keep one note saying so.
+    LastNote,
+    Drop,
 }
 
 impl EventKind {
@@ -101,13 +144,16 @@ impl EventKind {
             }
             EventKind::Http { status, .. } if *status >= 400 => Some(format!("HTTP {status}")),
             EventKind::PhoneHome {
-                ok: false, message, ..
+                phase: Phase::Failed,
+                message,
+                ..
             } => Some(message.clone().unwrap_or_else(|| "reported failure".into())),
             _ => None,
         }
     }
 
-    fn describe(&self) -> String {
+    /// One line for a person: what happened, with its details.
+    pub fn describe(&self) -> String {
         match self {
             EventKind::DhcpReceived {
                 message,
@@ -163,7 +209,7 @@ impl EventKind {
             ),
             EventKind::PhoneHome { phase, message, .. } => match message {
                 Some(m) => format!("{phase}: {m}"),
-                None => phase.clone(),
+                None => phase.to_string(),
             },
         }
     }
@@ -255,6 +301,8 @@ pub struct Trace {
     path: PathBuf,
     file: Mutex<std::fs::File>,
     clients: Mutex<HashMap<IpAddr, String>>,
+    /// Events kept per (MAC, allowance) in this run.
+    spent: Mutex<HashMap<(String, Allowance), usize>>,
     registry: Registry,
     events: Family<EventLabels, Counter>,
     bytes: Family<ServiceLabels, Counter>,
@@ -284,6 +332,7 @@ impl Trace {
             path,
             file: Mutex::new(file),
             clients: Mutex::new(HashMap::new()),
+            spent: Mutex::new(HashMap::new()),
             registry,
             events,
             bytes,
@@ -302,14 +351,32 @@ impl Trace {
         lock(&self.clients).get(&ip).cloned().unwrap_or_default()
     }
 
-    pub fn record(&self, mac: &str, kind: EventKind) {
+    /// Spends one event of `mac`'s allowance. Call it only for MACs in the inventory, so
+    /// the bookkeeping is bounded too.
+    pub fn admit(&self, mac: &str, what: Allowance) -> Admit {
+        let mut spent = lock(&self.spent);
+        let n = spent.entry((mac.to_string(), what)).or_insert(0);
+        *n = n.saturating_add(1);
+        match *n {
+            n if n <= ALLOWANCE => Admit::Keep,
+            n if n == ALLOWANCE + 1 => Admit::LastNote,
+            _ => Admit::Drop,
+        }
+    }
+
+    pub fn record(&self, mac: &str, mut kind: EventKind) {
+        if let EventKind::Tftp { error: Some(e), .. } | EventKind::Http { error: Some(e), .. } =
+            &mut kind
+        {
+            cut(e, MAX_ERROR_BYTES);
+        }
         let event_name = match &kind {
             EventKind::DhcpReceived { message, .. }
             | EventKind::DhcpSent { message, .. }
             | EventKind::DhcpIgnored { message, .. } => message.clone(),
             EventKind::Tftp { .. } => "read".into(),
             EventKind::Http { method, .. } => method.to_ascii_lowercase(),
-            EventKind::PhoneHome { phase, .. } => phase.clone(),
+            EventKind::PhoneHome { phase, .. } => phase.as_str().into(),
         };
         let result = if kind.failure().is_some() {
             "failed"
@@ -358,6 +425,11 @@ impl Trace {
 /// Events of `mac` (canonical form) from a trace store file, oldest first. Lines that do not
 /// parse (a crash mid-write) are skipped.
 pub fn read_events(path: &Path, mac: &str) -> Result<Vec<Event>, TraceError> {
+    read_matching(path, |e| e.mac == mac)
+}
+
+/// The events of the trace file that `keep` accepts, oldest first.
+pub fn read_matching(path: &Path, keep: impl Fn(&Event) -> bool) -> Result<Vec<Event>, TraceError> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -375,12 +447,24 @@ pub fn read_events(path: &Path, mac: &str) -> Result<Vec<Event>, TraceError> {
             source,
         })?;
         if let Ok(e) = serde_json::from_str::<Event>(&line)
-            && e.mac == mac
+            && keep(&e)
         {
             events.push(e);
         }
     }
     Ok(events)
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut.
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -464,11 +548,7 @@ mod tests {
             ),
             at(
                 20000,
-                EventKind::PhoneHome {
-                    phase: "installing".into(),
-                    ok: false,
-                    message: Some("no disk matched the rules".into()),
-                },
+                Report::new(Phase::Failed, Some("no disk matched the rules".into())).into(),
             ),
         ]
     }
@@ -495,11 +575,7 @@ mod tests {
         }
         trace.record(
             "52:54:00:00:00:02",
-            EventKind::PhoneHome {
-                phase: "done".into(),
-                ok: true,
-                message: None,
-            },
+            Report::new(Phase::Installed, None).into(),
         );
         let mine = trace.events_for("52:54:00:00:00:01").unwrap();
         assert_eq!(mine.len(), 6);
@@ -515,5 +591,45 @@ mod tests {
             metrics.contains("kiln_netboot_bytes_total{service=\"tftp\"} 1024000"),
             "{metrics}"
         );
+        assert!(
+            metrics.contains(
+                "kiln_netboot_events_total{service=\"phone-home\",event=\"failed\",result=\"failed\"} 1"
+            ),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn clients_spend_bounded_allowances_and_errors_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = Trace::open(dir.path()).unwrap();
+        let mac = "52:54:00:00:00:01";
+        for _ in 0..ALLOWANCE {
+            assert_eq!(trace.admit(mac, Allowance::Reports), Admit::Keep);
+        }
+        assert_eq!(trace.admit(mac, Allowance::Reports), Admit::LastNote);
+        assert_eq!(trace.admit(mac, Allowance::Reports), Admit::Drop);
+        assert_eq!(trace.admit(mac, Allowance::Refusals), Admit::Keep);
+        assert_eq!(
+            trace.admit("52:54:00:00:00:02", Allowance::Reports),
+            Admit::Keep
+        );
+
+        trace.record(
+            mac,
+            EventKind::Http {
+                client: [10, 0, 0, 9].into(),
+                method: "POST".into(),
+                path: "/phone-home/x".into(),
+                status: 422,
+                bytes: 0,
+                duration_ms: 0,
+                error: Some("é".repeat(1000)),
+            },
+        );
+        let EventKind::Http { error: Some(e), .. } = &trace.events_for(mac).unwrap()[0].kind else {
+            panic!("an HTTP event")
+        };
+        assert!(e.len() <= MAX_ERROR_BYTES && e.ends_with('…'), "{e}");
     }
 }

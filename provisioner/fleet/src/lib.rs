@@ -1,0 +1,13 @@
+//! kiln-fleet: rolls an inventory of machines from powered off to installed and ready.
+//!
+//! One state machine per node ([`stage`], pure) runs on the reconcile engine the node agent
+//! uses; its inputs are the BMC drivers' results and the nodes' phone-home reports from the
+//! netboot services, and its progress lives in an embedded store ([`store`]) so a rollout
+//! resumes where it stopped.
+
+pub mod plan;
+pub mod rollout;
+pub mod stage;
+pub mod status;
+pub mod store;
+pub mod webhook;

@@ -1,0 +1,645 @@
+//! The rollout controller: one [`stage::step`] per node, run by the reconcile engine the agent
+//! uses. Outside events (BMC results, phone-home reports) land in an inbox; the inbox
+//! controller turns them into per-node event resources, which wake the rollout controller; the
+//! engine's periodic resync drives deadlines and retries. Every change of a node's progress is
+//! committed to the store before anything else sees it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_agent::engine::{Controller, Ctx, ReconcileError, Resource, Runtime, Trigger};
+use kiln_bmc::{BmcTarget, BootDevice, BootOverride, PowerAction, PowerState};
+use kiln_netboot::enrol::{Enrolment, Refusal};
+use kiln_spec::enrol::{self, Report};
+
+use crate::stage::{
+    self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage, StepInput,
+};
+use crate::store::{RolloutInfo, Snapshot, Store, StoreError, StoredReport};
+use crate::webhook::Webhook;
+
+const INBOX: &str = "fleet-inbox";
+const ROLLOUT: &str = "fleet-rollout";
+/// Enrolment tokens one node may hold in one rollout (one per script fetch).
+const MAX_TOKENS_PER_NODE: usize = 16;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One node of the rollout.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    /// Boot MACs, canonical form.
+    pub macs: Vec<String>,
+    pub bmc: Option<BmcTarget>,
+}
+
+/// What the HTTP handlers, the BMC tasks and the controllers share.
+pub struct Shared {
+    store: Store,
+    inbox: Mutex<Vec<(String, Observation)>>,
+    /// Each node's stage as last committed: what token decisions are made on.
+    stages: RwLock<BTreeMap<String, Stage>>,
+    token_hashes: RwLock<BTreeMap<String, Vec<String>>>,
+    trigger: OnceLock<Trigger>,
+    events: Option<Mutex<std::fs::File>>,
+    webhook: Option<Webhook>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn observe(&self, node: &str, obs: Observation) {
+        self.inbox
+            .lock()
+            .expect("inbox lock")
+            .push((node.to_string(), obs));
+        if let Some(t) = self.trigger.get() {
+            t.wake(INBOX);
+        }
+    }
+
+    fn stage(&self, node: &str) -> Option<Stage> {
+        self.stages.read().expect("stages lock").get(node).copied()
+    }
+
+    fn event(&self, line: serde_json::Value) {
+        if let Some(f) = &self.events {
+            let mut f = f.lock().expect("events lock");
+            let _ = writeln!(f, "{line}");
+        }
+        if let Some(w) = &self.webhook {
+            w.send(line);
+        }
+    }
+}
+
+/// The rollout decides who may fetch configs and report: a token is handed out with each boot
+/// script only while the rollout expects the node to netboot, kept as a hash in the store (all
+/// of a node's tokens stay valid, so a node that booted before a restart can still report),
+/// and every token of a node expires once it is ready.
+impl Enrolment for Shared {
+    fn install_token(&self, node: &str) -> Option<String> {
+        if !matches!(
+            self.stage(node),
+            Some(Stage::PoweringOn | Stage::Netbooting)
+        ) {
+            return None;
+        }
+        let mut hashes = self.token_hashes.write().expect("tokens lock");
+        let list = hashes.entry(node.to_string()).or_default();
+        if list.len() >= MAX_TOKENS_PER_NODE {
+            tracing::warn!(node, "enrolment token limit reached; no new token");
+            return None;
+        }
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let hash = enrol::token_hash(&token);
+        if let Err(e) = self.store.add_token_hash(node, &hash) {
+            tracing::error!(node, "storing an enrolment token: {e}");
+            return None;
+        }
+        list.push(hash);
+        Some(token)
+    }
+
+    fn verify(&self, node: &str, presented: Option<&str>) -> Result<(), Refusal> {
+        let presented = presented.ok_or(Refusal::Missing)?;
+        let hashes = self.token_hashes.read().expect("tokens lock");
+        if !hashes
+            .get(node)
+            .is_some_and(|l| l.iter().any(|h| enrol::token_matches(presented, h)))
+        {
+            return Err(Refusal::WrongToken);
+        }
+        if self.stage(node) == Some(Stage::Ready) {
+            return Err(Refusal::Expired);
+        }
+        Ok(())
+    }
+
+    /// Kept first, then handed to the controller.
+    fn report(&self, node: &str, _mac: &[u8; 6], report: &Report) {
+        let stored = StoredReport {
+            at_ms: now_ms(),
+            report: report.clone(),
+        };
+        if let Err(e) = self.store.add_report(node, &stored) {
+            tracing::error!(node, "storing a phone-home report: {e}");
+        }
+        self.observe(node, Observation::Report(report.clone()));
+    }
+}
+
+/// Runs BMC actions without blocking the controller; results come back as observations.
+pub trait Actuator: Send + Sync {
+    fn start(&self, node: &str, action: BmcAction);
+}
+
+/// The real one: kiln-bmc drivers on a tokio runtime.
+#[derive(Debug)]
+pub struct BmcActuator {
+    pub runtime: tokio::runtime::Handle,
+    pub targets: HashMap<String, Option<BmcTarget>>,
+    pub shared: Arc<Shared>,
+    /// Bound on one whole action (session, boot device and power).
+    pub timeout: Duration,
+}
+
+impl Actuator for BmcActuator {
+    fn start(&self, node: &str, action: BmcAction) {
+        let target = self.targets.get(node).cloned().flatten();
+        let shared = self.shared.clone();
+        let node = node.to_string();
+        let timeout = self.timeout;
+        self.runtime.spawn(async move {
+            let outcome = match target {
+                None => BmcOutcome::Failed {
+                    kind: "config".into(),
+                    message: "the inventory gives this node no bmc".into(),
+                    transient: false,
+                },
+                Some(t) => match tokio::time::timeout(timeout, bmc_action(t, action)).await {
+                    Ok(o) => o,
+                    Err(_) => BmcOutcome::Failed {
+                        kind: "timeout".into(),
+                        message: format!(
+                            "no result within {}",
+                            humantime::format_duration(timeout)
+                        ),
+                        transient: true,
+                    },
+                },
+            };
+            shared.observe(&node, Observation::Bmc { action, outcome });
+        });
+    }
+}
+
+async fn bmc_action(target: BmcTarget, action: BmcAction) -> BmcOutcome {
+    let failed = |e: kiln_bmc::BmcError| BmcOutcome::Failed {
+        kind: e.kind().to_string(),
+        message: e.to_string(),
+        transient: e.is_transient(),
+    };
+    let driver = match kiln_bmc::connect(target) {
+        Ok(d) => d,
+        Err(e) => return failed(e),
+    };
+    let run = async {
+        match action {
+            BmcAction::NetbootOnce => {
+                driver
+                    .set_boot_override(BootOverride {
+                        device: BootDevice::Pxe,
+                        persistent: false,
+                        uefi: false,
+                    })
+                    .await?;
+                if driver.power_status().await? == PowerState::On {
+                    driver.power(PowerAction::Cycle).await?;
+                    Ok(Some(
+                        "the node was on: power-cycled into the network boot".to_string(),
+                    ))
+                } else {
+                    driver.power(PowerAction::On).await?;
+                    Ok(None)
+                }
+            }
+            BmcAction::BootFromDisk => {
+                driver
+                    .set_boot_override(BootOverride {
+                        device: BootDevice::Disk,
+                        persistent: true,
+                        uefi: false,
+                    })
+                    .await?;
+                Ok(None)
+            }
+        }
+    };
+    match run.await {
+        Ok(note) => BmcOutcome::Done { note },
+        Err(e) => failed(e),
+    }
+}
+
+/// Observations not yet applied, per node, in arrival order.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct NodeEvents(Vec<Observation>);
+
+impl Resource for NodeEvents {
+    const KIND: &'static str = "FleetNodeEvents";
+}
+
+/// A node's committed progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeStatus(pub NodeProgress);
+
+impl Resource for NodeStatus {
+    const KIND: &'static str = "FleetNodeStatus";
+}
+
+struct Inbox {
+    shared: Arc<Shared>,
+}
+
+impl Controller for Inbox {
+    fn name(&self) -> &'static str {
+        INBOX
+    }
+    fn inputs(&self) -> Vec<&'static str> {
+        vec![]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![NodeEvents::KIND]
+    }
+    fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
+        let drained = std::mem::take(&mut *self.shared.inbox.lock().expect("inbox lock"));
+        for (node, obs) in drained {
+            let mut events = ctx.get::<NodeEvents>(&node)?.unwrap_or_default();
+            events.0.push(obs);
+            ctx.put(&node, events)?;
+        }
+        Ok(())
+    }
+}
+
+struct NodeRun {
+    progress: NodeProgress,
+    /// Observations of this node already applied.
+    applied: usize,
+    bmc_busy: bool,
+    macs: Vec<String>,
+}
+
+struct RolloutController {
+    shared: Arc<Shared>,
+    limits: Limits,
+    nodes: BTreeMap<String, NodeRun>,
+    actuator: Arc<dyn Actuator>,
+    /// The netboot trace, for the last event of a node that never got going.
+    trace_file: PathBuf,
+    started_ms: u64,
+}
+
+impl RolloutController {
+    /// What the netboot trace says about a node that has not started installing: its last
+    /// event, or that it never showed up, naming the machines outside the inventory that did
+    /// (a wrong MAC in the inventory looks exactly like that).
+    fn netboot_hint(&self, macs: &[String]) -> String {
+        let since = self.started_ms;
+        let Ok(events) = kiln_netboot::trace::read_matching(&self.trace_file, |e| {
+            e.at_ms >= since
+                && (macs.contains(&e.mac)
+                    || matches!(e.kind, kiln_netboot::trace::EventKind::DhcpIgnored { .. }))
+        }) else {
+            return "the netboot trace could not be read".into();
+        };
+        if let Some(last) = events.iter().rev().find(|e| macs.contains(&e.mac)) {
+            return format!("last netboot event: {}", last.kind.describe());
+        }
+        let mut strangers: Vec<&str> = events.iter().map(|e| e.mac.as_str()).collect();
+        strangers.sort_unstable();
+        strangers.dedup();
+        if strangers.is_empty() {
+            "the node was never seen on the boot network".into()
+        } else {
+            strangers.truncate(8);
+            format!(
+                "the node was never seen on the boot network; machines not in the inventory \
+                 asked to boot: {}",
+                strangers.join(", ")
+            )
+        }
+    }
+}
+
+impl Controller for RolloutController {
+    fn name(&self) -> &'static str {
+        ROLLOUT
+    }
+    fn inputs(&self) -> Vec<&'static str> {
+        vec![NodeEvents::KIND]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![NodeStatus::KIND]
+    }
+    fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
+        let now = now_ms();
+        let mut load = Load::of(self.nodes.values().map(|n| &n.progress));
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            let events = ctx.get::<NodeEvents>(&name)?.unwrap_or_default();
+            let expiring = {
+                let n = &self.nodes[&name];
+                n.progress.stage == Stage::Netbooting
+                    && now.saturating_sub(n.progress.since_ms)
+                        > self.limits.netbooting.as_millis() as u64
+            };
+            let hint = if expiring {
+                Some(self.netboot_hint(&self.nodes[&name].macs))
+            } else {
+                None
+            };
+            let run = self.nodes.get_mut(&name).expect("known node");
+            let fresh = &events.0[run.applied.min(events.0.len())..];
+            run.applied = events.0.len();
+            if fresh.iter().any(|o| matches!(o, Observation::Bmc { .. })) {
+                run.bmc_busy = false;
+            }
+            let before = run.progress.clone();
+            let commands = stage::step(
+                &mut run.progress,
+                fresh,
+                StepInput {
+                    now_ms: now,
+                    limits: &self.limits,
+                    load,
+                    bmc_busy: run.bmc_busy,
+                    netboot_hint: hint.as_deref(),
+                },
+            );
+            if run.progress != before {
+                // Committed first: a crash after this line resumes from here.
+                self.shared.store.put_node(&name, &run.progress)?;
+                for (s, delta) in [(before.stage, -1i64), (run.progress.stage, 1)] {
+                    let n = delta as isize;
+                    if s.is_active() {
+                        load.active = load.active.saturating_add_signed(n);
+                    }
+                    if matches!(s, Stage::PoweringOn | Stage::Netbooting) {
+                        load.netbooting = load.netbooting.saturating_add_signed(n);
+                    }
+                }
+                self.shared
+                    .stages
+                    .write()
+                    .expect("stages lock")
+                    .insert(name.clone(), run.progress.stage);
+                if run.progress.stage != before.stage {
+                    announce(
+                        &self.shared,
+                        &name,
+                        &before,
+                        &run.progress,
+                        now,
+                        self.started_ms,
+                    );
+                }
+            }
+            for Command::Bmc(action) in commands {
+                run.bmc_busy = true;
+                self.actuator.start(&name, action);
+            }
+            ctx.put(&name, NodeStatus(run.progress.clone()))?;
+        }
+        Ok(())
+    }
+}
+
+/// One progress line per stage change on stderr, and one JSON event per change.
+fn announce(
+    shared: &Shared,
+    node: &str,
+    before: &NodeProgress,
+    after: &NodeProgress,
+    now: u64,
+    started: u64,
+) {
+    let took = now.saturating_sub(before.since_ms) as f64 / 1000.0;
+    let note = after
+        .history
+        .last()
+        .and_then(|e| e.note.clone())
+        .map(|n| format!(": {n}"))
+        .unwrap_or_default();
+    eprintln!(
+        "[{:>7.1}s] {node:<16} {} → {} ({took:.1}s){note}",
+        now.saturating_sub(started) as f64 / 1000.0,
+        before.stage,
+        after.stage,
+    );
+    shared.event(serde_json::json!({
+        "atMs": now,
+        "node": node,
+        "from": before.stage,
+        "stage": after.stage,
+        "secondsInPrevious": took,
+        "note": after.history.last().and_then(|e| e.note.clone()),
+        "failure": after.failure,
+        "slot": after.slot,
+        "imageSha256": after.image_sha256,
+    }));
+}
+
+/// A rollout, ready to run.
+pub struct Rollout {
+    pub shared: Arc<Shared>,
+    runtime: Runtime,
+    nodes: Vec<String>,
+}
+
+impl std::fmt::Debug for Rollout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rollout")
+            .field("nodes", &self.nodes)
+            .finish()
+    }
+}
+
+/// How to start a rollout.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub state_dir: PathBuf,
+    pub limits: Limits,
+    /// sha256 of the root image the nodes install.
+    pub image_sha256: String,
+    /// JSON lines of every stage change.
+    pub events: Option<PathBuf>,
+    /// Where the netboot services keep their trace.
+    pub trace_file: PathBuf,
+    /// Install nodes again that an earlier rollout left ready.
+    pub reinstall: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("opening the event log {path}: {source}")]
+    Events {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a node starts this run as: a fresh node, or what the store says, with in-flight
+/// BMC actions forgotten (they are asked again) and failures retried.
+fn resume(stored: Option<&NodeProgress>, opts: &RolloutOptions, now: u64) -> NodeProgress {
+    let Some(p) = stored else {
+        return NodeProgress::new(now);
+    };
+    let mut p = p.clone();
+    let again = |p: &mut NodeProgress, why: String| {
+        let mut fresh = NodeProgress::new(now);
+        fresh.history = std::mem::take(&mut p.history);
+        fresh.history.push(stage::StageEntry {
+            stage: Stage::Pending,
+            at_ms: now,
+            note: Some(why),
+        });
+        fresh.installs = p.installs;
+        fresh
+    };
+    match p.stage {
+        Stage::Failed => {
+            let why = p
+                .failure
+                .as_ref()
+                .map(|f| format!("retrying after {} failed: {}", f.stage, f.reason))
+                .unwrap_or_else(|| "retrying".into());
+            again(&mut p, why)
+        }
+        Stage::Ready if opts.reinstall => again(&mut p, "reinstalling (--reinstall)".into()),
+        Stage::Ready if p.image_sha256.as_deref() != Some(opts.image_sha256.as_str()) => {
+            // Installed with another image: left alone without explicit consent.
+            p
+        }
+        _ => {
+            if p.waiting_on.is_some() {
+                p.retry_at_ms = None;
+                p.attempts = 0;
+            }
+            p
+        }
+    }
+}
+
+impl Rollout {
+    /// Opens the store, resumes every node from it and wires the controllers.
+    pub fn new(
+        targets: &[Target],
+        opts: &RolloutOptions,
+        webhook: Option<Webhook>,
+        actuator: impl FnOnce(Arc<Shared>) -> Arc<dyn Actuator>,
+    ) -> Result<Rollout, RolloutError> {
+        let store = Store::open(&opts.state_dir)?;
+        let snapshot: Snapshot = store.read()?;
+        let now = now_ms();
+        let events = match &opts.events {
+            None => None,
+            Some(path) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| RolloutError::Events {
+                        path: path.clone(),
+                        source,
+                    })?,
+            )),
+        };
+        let mut token_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (node, hash) in &snapshot.token_hashes {
+            token_hashes
+                .entry(node.clone())
+                .or_default()
+                .push(hash.clone());
+        }
+        let mut nodes = BTreeMap::new();
+        let mut stages = BTreeMap::new();
+        for t in targets {
+            let progress = resume(snapshot.node(&t.name), opts, now);
+            store.put_node(&t.name, &progress)?;
+            stages.insert(t.name.clone(), progress.stage);
+            nodes.insert(
+                t.name.clone(),
+                NodeRun {
+                    progress,
+                    applied: 0,
+                    bmc_busy: false,
+                    macs: t.macs.clone(),
+                },
+            );
+        }
+        store.set_rollout(&RolloutInfo {
+            image_sha256: opts.image_sha256.clone(),
+            started_ms: now,
+            nodes: targets.iter().map(|t| t.name.clone()).collect(),
+        })?;
+        let shared = Arc::new(Shared {
+            store,
+            inbox: Mutex::new(Vec::new()),
+            stages: RwLock::new(stages),
+            token_hashes: RwLock::new(token_hashes),
+            trigger: OnceLock::new(),
+            events,
+            webhook,
+        });
+        let mut runtime = Runtime::new();
+        let _ = shared.trigger.set(runtime.trigger());
+        let actuator = actuator(shared.clone());
+        runtime
+            .register(Box::new(Inbox {
+                shared: shared.clone(),
+            }))
+            .expect("fresh runtime");
+        runtime
+            .register(Box::new(RolloutController {
+                shared: shared.clone(),
+                limits: opts.limits.clone(),
+                nodes,
+                actuator,
+                trace_file: opts.trace_file.clone(),
+                started_ms: now,
+            }))
+            .expect("fresh runtime");
+        Ok(Rollout {
+            shared,
+            runtime,
+            nodes: targets.iter().map(|t| t.name.clone()).collect(),
+        })
+    }
+
+    /// Runs until every node is ready or failed (or `stop` is triggered); returns each node's
+    /// final progress.
+    pub fn run(mut self, resync: Duration) -> Vec<(String, NodeProgress)> {
+        let trigger = self.runtime.trigger();
+        let nodes = self.nodes.clone();
+        self.runtime.run(resync, resync, |state| {
+            let all_done = nodes.iter().all(|n| {
+                state
+                    .get::<NodeStatus>(n)
+                    .is_some_and(|s| s.0.stage.is_done())
+            });
+            if all_done {
+                trigger.stop();
+            }
+        });
+        self.nodes
+            .iter()
+            .filter_map(|n| {
+                let s = self.runtime.state().get::<NodeStatus>(n)?;
+                Some((n.clone(), s.0.clone()))
+            })
+            .collect()
+    }
+
+    /// Stops [`Rollout::run`] from another thread (a signal handler).
+    pub fn stopper(&self) -> Trigger {
+        self.runtime.trigger()
+    }
+}

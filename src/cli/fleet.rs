@@ -1,0 +1,476 @@
+//! `kiln fleet plan|rollout|status`: roll an inventory from powered off to installed and ready
+//! over its BMCs and kiln's own netboot services, with progress kept in the state directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kiln_bmc::ipmi::CipherSuite;
+use kiln_bmc::{BmcTarget, PowerState};
+use kiln_fleet::plan::{self, Probe};
+use kiln_fleet::rollout::{self, BmcActuator, Rollout, RolloutOptions, Target};
+use kiln_fleet::stage::{Limits, Stage};
+use kiln_fleet::status;
+use kiln_fleet::store::StoreReader;
+use kiln_netboot::config::ServeConfig;
+use kiln_spec::manifest::Manifest;
+use kiln_spec::{Appliance, Inventory};
+
+use super::output::OutputArgs;
+use super::parse_duration;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FleetCmd {
+    /// Show what a rollout would do to each node, probing BMCs read-only; changes nothing
+    Plan(PlanArgs),
+    /// Power, netboot and install every selected node, until each is ready or failed
+    Rollout(Box<RolloutArgs>),
+    /// Progress of the rollout kept in the state directory
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Source {
+    /// Fleet inventory (kind: Inventory)
+    #[arg(long, value_name = "FILE")]
+    inventory: PathBuf,
+    /// Build output directory (manifest.json, spec.yaml, pxe/) [default: .]
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    artifacts: PathBuf,
+    /// Appliance spec the nodes install from [default: spec.yaml in --artifacts]
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Which nodes: names, globs, role=R, label=V, comma-separated [default: all]
+    #[arg(long, value_name = "SELECTOR")]
+    nodes: Option<String>,
+    /// Where rollout progress, tokens and the netboot trace are kept
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
+    state_dir: PathBuf,
+    /// Install again nodes an earlier rollout left ready (with any image)
+    #[arg(long)]
+    reinstall: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    source: Source,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Nodes in progress at once
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    parallel: usize,
+    /// Nodes powering on or netbooting at once [default: --parallel]
+    #[arg(long, value_name = "N")]
+    netboot_parallel: Option<usize>,
+    /// Deadline for the BMC to power a node on into its network boot
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2m")]
+    power_timeout: Duration,
+    /// Deadline from power-on to the installer starting
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "15m")]
+    netboot_timeout: Duration,
+    /// Deadline from the installer starting to the disk being written
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30m")]
+    install_timeout: Duration,
+    /// Deadline from the disk being written to the installed node's agent reporting ready
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "20m")]
+    ready_timeout: Duration,
+    /// Append every stage change as a JSON line to this file
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// POST every stage change as JSON to this URL (best effort)
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// State directory of the rollout
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
+    state_dir: PathBuf,
+    /// Redraw every few seconds until every node is done
+    #[arg(long)]
+    watch: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
+    match cmd {
+        FleetCmd::Plan(a) => plan_cmd(a),
+        FleetCmd::Rollout(a) => rollout_cmd(*a),
+        FleetCmd::Status(a) => status_cmd(a),
+    }
+}
+
+/// What every fleet command starts from.
+struct Loaded {
+    inventory: Inventory,
+    inventory_dir: PathBuf,
+    appliance: Appliance,
+    image_sha256: String,
+}
+
+fn load(src: &Source) -> anyhow::Result<Loaded> {
+    let inventory = Inventory::load(&src.inventory)
+        .with_context(|| format!("loading the inventory {}", src.inventory.display()))?;
+    let spec_path = src
+        .spec
+        .clone()
+        .unwrap_or_else(|| src.artifacts.join("spec.yaml"));
+    let appliance = Appliance::load(&spec_path)
+        .with_context(|| format!("loading the appliance spec {}", spec_path.display()))?;
+    let manifest_path = src.artifacts.join("manifest.json");
+    let manifest: Manifest = std::fs::read_to_string(&manifest_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| Ok(serde_json::from_str(&t)?))
+        .with_context(|| format!("loading the build manifest {}", manifest_path.display()))?;
+    let image_sha256 = manifest
+        .sha256_of(kiln_spec::bootargs::PXE_ROOTFS)
+        .with_context(|| {
+            format!(
+                "{} lists no {} (build with `kiln build --out DIR`)",
+                manifest_path.display(),
+                kiln_spec::bootargs::PXE_ROOTFS
+            )
+        })?
+        .to_string();
+    Ok(Loaded {
+        inventory_dir: src
+            .inventory
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        inventory,
+        appliance,
+        image_sha256,
+    })
+}
+
+fn bmc_target(node: &kiln_spec::InventoryNode, base: &Path) -> anyhow::Result<Option<BmcTarget>> {
+    node.bmc
+        .as_ref()
+        .map(|b| {
+            let timeout = match b.protocol {
+                kiln_spec::BmcProtocol::Ipmi => Duration::from_secs(1),
+                kiln_spec::BmcProtocol::Redfish => Duration::from_secs(10),
+            };
+            BmcTarget::from_inventory(b, base, timeout, 3, CipherSuite::Suite3)
+                .with_context(|| format!("node {}: reading its BMC password", node.name))
+        })
+        .transpose()
+}
+
+/// The earlier rollout's state, if there is one; `None` when there is none yet.
+fn earlier(state_dir: &Path) -> anyhow::Result<Option<kiln_fleet::store::Snapshot>> {
+    match StoreReader::open(state_dir) {
+        Ok(r) => Ok(Some(r.read()?)),
+        Err(kiln_fleet::store::StoreError::Missing(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
+    let l = load(&a.source)?;
+    let nodes =
+        plan::select(&l.inventory, a.source.nodes.as_deref()).map_err(anyhow::Error::msg)?;
+    let snapshot = earlier(&a.source.state_dir)?;
+    let mut plans = plan::plan(
+        &l.appliance,
+        &nodes,
+        &l.image_sha256,
+        snapshot.as_ref(),
+        a.source.reinstall,
+    );
+    let rt = super::runtime()?;
+    let probes = rt.block_on(async {
+        let tasks: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let target = bmc_target(n, &l.inventory_dir);
+                tokio::spawn(async move {
+                    match target {
+                        Ok(Some(t)) => Some(probe(t).await),
+                        Ok(None) => None,
+                        Err(e) => Some(Probe {
+                            reachable: false,
+                            authenticated: false,
+                            power: None,
+                            one_time_boot: false,
+                            error: Some(format!("{e:#}")),
+                        }),
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.ok().flatten());
+        }
+        out
+    });
+    for (p, probe) in plans.iter_mut().zip(probes) {
+        p.probe = probe;
+    }
+    a.output.emit(&plans, |p| plan::table(p))
+}
+
+/// Read-only questions only: who answers, whether the credentials work, the power state and
+/// whether a one-time boot device can be set.
+async fn probe(target: BmcTarget) -> Probe {
+    let failed = |e: kiln_bmc::BmcError, reachable: bool| Probe {
+        reachable,
+        authenticated: false,
+        power: None,
+        one_time_boot: false,
+        error: Some(e.to_string()),
+    };
+    let driver = match kiln_bmc::connect(target) {
+        Ok(d) => d,
+        Err(e) => return failed(e, false),
+    };
+    match driver.probe().await {
+        Err(e) => {
+            let reachable = matches!(e, kiln_bmc::BmcError::Auth(_));
+            failed(e, reachable)
+        }
+        Ok(caps) => Probe {
+            reachable: true,
+            authenticated: caps.authenticated,
+            power: caps.power.map(|p: PowerState| p.to_string()),
+            one_time_boot: caps.boot_override,
+            error: None,
+        },
+    }
+}
+
+fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
+    let l = load(&a.source)?;
+    let nodes =
+        plan::select(&l.inventory, a.source.nodes.as_deref()).map_err(anyhow::Error::msg)?;
+    let netboot = l.inventory.spec.netboot.clone().with_context(|| {
+        format!(
+            "{} has no spec.netboot section: say which interface the nodes boot on \
+             (interface, mode proxy|dhcp, poolStart/poolEnd for dhcp)",
+            a.source.inventory.display()
+        )
+    })?;
+    // Every node's spec must render before any machine is touched.
+    let mut problems = Vec::new();
+    let mut targets = Vec::new();
+    for n in &nodes {
+        if let Err(e) = l.appliance.for_node(n, None) {
+            problems.push(format!("node {}: {e}", n.name));
+        }
+        match bmc_target(n, &l.inventory_dir) {
+            Ok(bmc) => targets.push(Target {
+                name: n.name.clone(),
+                macs: n
+                    .boot_macs
+                    .iter()
+                    .filter_map(|m| kiln_spec::inventory::parse_mac(m))
+                    .map(|m| kiln_spec::inventory::format_mac(&m))
+                    .collect(),
+                bmc,
+            }),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("nothing was started:\n  {}", problems.join("\n  "));
+    }
+    let state_dir = a.source.state_dir.clone();
+    let pxe_state = state_dir.join("pxe");
+    let limits = Limits {
+        parallel: a.parallel.max(1),
+        netboot_parallel: a.netboot_parallel.unwrap_or(a.parallel).max(1),
+        powering_on: a.power_timeout,
+        netbooting: a.netboot_timeout,
+        installing: a.install_timeout,
+        rebooting: a.ready_timeout,
+        ..Limits::default()
+    };
+    let opts = RolloutOptions {
+        state_dir: state_dir.clone(),
+        limits,
+        image_sha256: l.image_sha256.clone(),
+        events: a.events.clone(),
+        trace_file: pxe_state.join(kiln_netboot::trace::TRACE_FILE),
+        reinstall: a.source.reinstall,
+    };
+    let rt = super::runtime()?;
+    let bmc_targets: HashMap<String, Option<BmcTarget>> = targets
+        .iter()
+        .map(|t| (t.name.clone(), t.bmc.clone()))
+        .collect();
+    let handle = rt.handle().clone();
+    let timeout = a.power_timeout;
+    let webhook = a
+        .webhook
+        .clone()
+        .map(|url| kiln_fleet::webhook::Webhook::start(rt.handle(), url))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let rollout = Rollout::new(&targets, &opts, webhook, |shared| {
+        Arc::new(BmcActuator {
+            runtime: handle,
+            targets: bmc_targets,
+            shared,
+            timeout,
+        })
+    })
+    .context("opening the rollout state")?;
+    eprintln!(
+        "rolling out image {} to {} node(s); state in {}",
+        &l.image_sha256[..12],
+        targets.len(),
+        state_dir.display()
+    );
+    let shutdown = kiln_netboot::server::CancellationToken::new();
+    let server = start_netboot(
+        &rt,
+        &netboot,
+        &a.source,
+        &pxe_state,
+        rollout.shared.clone(),
+        shutdown.clone(),
+    )?;
+    let stopper = rollout.stopper();
+    rt.spawn(async move {
+        super::wait_for_signal().await;
+        eprintln!("stopping: progress is kept; run the same command again to resume");
+        stopper.stop();
+    });
+    let results = rollout.run(Duration::from_secs(1));
+    shutdown.cancel();
+    if let Err(e) = rt.block_on(server) {
+        eprintln!("netboot services: {e}");
+    }
+    let store_status = status::fleet_status(
+        &kiln_fleet::store::Snapshot {
+            nodes: results.clone(),
+            ..Default::default()
+        },
+        rollout::now_ms(),
+    );
+    print!("{}", status::table(&store_status));
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, p)| p.stage == Stage::Failed)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let unfinished = results.iter().filter(|(_, p)| !p.stage.is_done()).count();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} node(s) failed: {}",
+            failed.len(),
+            results.len(),
+            failed.join(", ")
+        );
+    }
+    if unfinished > 0 {
+        bail!("stopped with {unfinished} node(s) unfinished");
+    }
+    Ok(())
+}
+
+fn status_cmd(a: StatusArgs) -> anyhow::Result<()> {
+    loop {
+        let snapshot = match StoreReader::open(&a.state_dir) {
+            Ok(r) => r.read()?,
+            Err(kiln_fleet::store::StoreError::Missing(p)) => {
+                bail!(
+                    "no rollout state at {} (run `kiln fleet rollout` first)",
+                    p.display()
+                )
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let s = status::fleet_status(&snapshot, rollout::now_ms());
+        if a.watch {
+            // Clear the screen, then the table.
+            print!("\x1b[2J\x1b[H");
+        }
+        a.output.emit(&s, status::table)?;
+        let done = s.nodes.iter().all(|n| n.stage.is_done());
+        if !a.watch || done {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// Starts kiln's netboot services for the rollout and waits until they listen, so no node is
+/// powered on before its boot can be answered.
+fn start_netboot(
+    rt: &tokio::runtime::Runtime,
+    netboot: &kiln_spec::inventory::InventoryNetboot,
+    src: &Source,
+    pxe_state: &Path,
+    shared: Arc<rollout::Shared>,
+    shutdown: kiln_netboot::server::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let http = match netboot.http_port {
+        Some(port) => {
+            let (ip, _) = kiln_netboot::server::interface_ipv4(&netboot.interface)?;
+            Some(std::net::SocketAddr::from((ip, port)))
+        }
+        None => None,
+    };
+    let config = ServeConfig {
+        interface: Some(netboot.interface.clone()),
+        mode: Some(netboot.mode),
+        artifacts: Some(src.artifacts.join("pxe")),
+        manifest: Some(src.artifacts.join("manifest.json")),
+        inventory: Some(src.inventory.clone()),
+        spec: Some(
+            src.spec
+                .clone()
+                .unwrap_or_else(|| src.artifacts.join("spec.yaml")),
+        ),
+        http,
+        state: Some(pxe_state.to_path_buf()),
+        pool_start: netboot.pool_start,
+        pool_end: netboot.pool_end,
+        ..ServeConfig::default()
+    };
+    let resolved = config.resolve().map_err(|errors| {
+        anyhow::anyhow!("invalid netboot settings:\n  {}", errors.join("\n  "))
+    })?;
+    let listen = resolved.settings.http_listen;
+    let server = rt.spawn(async move {
+        kiln_netboot::server::serve(
+            resolved.settings,
+            resolved.inventory,
+            resolved.appliance,
+            shared,
+            shutdown,
+        )
+        .await
+        .context("netboot services")
+    });
+    let started = std::time::Instant::now();
+    loop {
+        if server.is_finished() {
+            return match rt.block_on(server) {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => bail!("the netboot services stopped at once"),
+                Err(e) => bail!("the netboot services panicked: {e}"),
+            };
+        }
+        if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+            return Ok(server);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the netboot services did not listen on {listen} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,343 @@
+//! End to end through every real part: a virtual rack (QEMU machines on SeaBIOS and OVMF, each
+//! behind an OpenIPMI `ipmi_sim` BMC, on a bridge in a network namespace) is rolled out by
+//! `kiln fleet rollout` from powered off to installed and ready: IPMI power and one-time PXE,
+//! kiln's DHCP/TFTP/HTTP netboot, the unattended installer fetching its own config and image,
+//! phone-home, and the installed node's agent reporting ready.
+//!
+//! One rack serves every scenario (the VM boots are the cost): three good nodes, with the
+//! rollout killed while one installs and run again; then three faulty ones in a second
+//! rollout: a wrong BMC password, a disk that holds a filesystem, a node whose NIC is not the
+//! one the inventory names.
+
+mod lab_support;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_lab::rack::{self, RackSpec};
+use kiln_spec::layout;
+use lab_support::{KILN, disk_fingerprint, test_iso, text};
+use serde_json::Value;
+
+/// Generous bounds against hangs only: six machines share two cores under software emulation.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const GOOD: &str = "node-01,node-02,node-03";
+const FAULTY: &str = "node-04,node-05,node-06";
+
+fn rack_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(KILN);
+    c.args(["lab", "rack", "exec", "--dir"])
+        .arg(dir)
+        .arg("--")
+        .arg(KILN)
+        .args(args);
+    c
+}
+
+fn rollout_args<'a>(dir: &'a str, artifacts: &'a str, nodes: &'a str) -> Vec<&'a str> {
+    vec![
+        "fleet",
+        "rollout",
+        "--inventory",
+        dir,
+        "--artifacts",
+        artifacts,
+        "--nodes",
+        nodes,
+        "--parallel",
+        "3",
+    ]
+}
+
+fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if started.elapsed() > timeout {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let out = child.wait_with_output().unwrap();
+            panic!("no end within {timeout:?}:\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn status(dir: &Path, state: &Path) -> Value {
+    let out = rack_cmd(dir, &["fleet", "status", "--output", "json", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet status: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing from {status:#}"))
+}
+
+#[test]
+fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
+    let iso = test_iso();
+    let artifacts = iso.parent().unwrap().to_path_buf();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rack");
+    let mut spec = RackSpec::new(
+        &dir,
+        6,
+        vec![
+            OsString::from(KILN),
+            "lab".into(),
+            "rack".into(),
+            "advertise".into(),
+        ],
+    );
+    spec.disks = vec![4 << 30];
+    let rack = rack::up(&spec).expect("bringing up the rack");
+    let nodes = rack.nodes().to_vec();
+    let inventory = rack.inventory_path();
+    let state = dir.join("state");
+    let events_file = dir.join("events.jsonl");
+
+    // Faults: node-04's only disk holds a filesystem; node-05's inventory MAC is not its NIC's;
+    // node-06's BMC password is wrong.
+    let fs_disk = &nodes[3].disks[0];
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "precious"])
+        .arg(fs_disk)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "{}", text(&mkfs));
+    let yaml = std::fs::read_to_string(&inventory).unwrap();
+    assert!(yaml.contains(&nodes[4].mac), "{yaml}");
+    std::fs::write(&inventory, yaml.replace(&nodes[4].mac, "52:54:00:6b:00:55")).unwrap();
+    std::fs::write(&nodes[5].password_file, "not-the-password\n").unwrap();
+    let fingerprints: Vec<String> = nodes
+        .iter()
+        .map(|n| disk_fingerprint(&n.disks[0]))
+        .collect();
+
+    // The plan probes every BMC and touches nothing.
+    let out = rack_cmd(&dir, &["fleet", "plan", "--output", "json", "--inventory"])
+        .arg(&inventory)
+        .arg("--artifacts")
+        .arg(&artifacts)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet plan: {}", text(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (i, p) in plan.as_array().unwrap().iter().enumerate() {
+        assert_eq!(p["name"], nodes[i].name);
+        assert_eq!(p["action"], "install", "{p:#}");
+        let probe = &p["probe"];
+        if i == 5 {
+            assert_eq!(probe["authenticated"], false, "{p:#}");
+        } else {
+            assert_eq!(probe["authenticated"], true, "{p:#}");
+            assert_eq!(probe["power"], "off", "{p:#}");
+        }
+    }
+    for (n, before) in nodes.iter().zip(&fingerprints) {
+        assert!(
+            n.records().power_ons().is_empty(),
+            "{} was powered on",
+            n.name
+        );
+        assert_eq!(
+            &disk_fingerprint(&n.disks[0]),
+            before,
+            "{}'s disk changed",
+            n.name
+        );
+    }
+
+    // The good nodes: killed while the first of them installs, then run again to the end.
+    let inv = inventory.to_str().unwrap();
+    let art = artifacts.to_str().unwrap();
+    let mut first = rack_cmd(&dir, &rollout_args(inv, art, GOOD));
+    first
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--events")
+        .arg(&events_file)
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = first.spawn().unwrap();
+    let started = Instant::now();
+    while !events(&events_file)
+        .iter()
+        .any(|e| e["stage"] == "installing")
+    {
+        assert!(
+            started.elapsed() < ROLLOUT_TIMEOUT,
+            "no node started installing"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = child.wait_with_output().unwrap();
+    eprintln!("first rollout, killed:\n{}", text(&killed));
+
+    let mut again = rack_cmd(&dir, &rollout_args(inv, art, GOOD));
+    again
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--events")
+        .arg(&events_file)
+        .arg("-vv")
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let resumed = wait_output(again.spawn().unwrap(), ROLLOUT_TIMEOUT);
+    let log = text(&resumed);
+    eprintln!("resumed rollout:\n{log}");
+    assert!(
+        resumed.status.success(),
+        "the resumed rollout failed:\n{log}"
+    );
+
+    let st = status(&dir, &state);
+    for n in &nodes[..3] {
+        let s = node(&st, &n.name);
+        assert_eq!(s["stage"], "ready", "{s:#}");
+        assert_eq!(s["slot"], "A", "{s:#}");
+        let seen: Vec<&str> = s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["stage"].as_str().unwrap())
+            .collect();
+        for stage in [
+            "pending",
+            "powering-on",
+            "netbooting",
+            "installing",
+            "rebooting",
+            "ready",
+        ] {
+            assert!(seen.contains(&stage), "{} never was {stage}: {s:#}", n.name);
+        }
+        assert!(
+            s["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["seconds"].is_f64())
+        );
+        // Installed once: one install on its console, one installer start in the store.
+        // Firmware screens are not all UTF-8.
+        let console = String::from_utf8_lossy(&std::fs::read(&n.console_log).unwrap()).into_owned();
+        assert_eq!(
+            console.matches("kiln-install: done").count(),
+            1,
+            "{} installed other than once",
+            n.name
+        );
+        assert!(s["installs"].as_u64().unwrap() <= 1, "{s:#}");
+        assert!(
+            console.contains(&format!("kiln-agent ready node={} slot=A", n.name)),
+            "{}'s agent never said ready with its inventory name",
+            n.name
+        );
+        let table = kiln_installer::hardware::read_gpt(&n.disks[0], 512).expect("a GPT");
+        let names: Vec<String> = table
+            .partitions
+            .iter()
+            .map(|p| p.name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(names, layout::KILN_NAMES, "{}", n.name);
+        // ipmi_sim names IPMI's "force boot from the default hard drive" `default`.
+        let calls = n.records().chassis_calls();
+        assert!(
+            calls.iter().any(|c| c == "set boot default"),
+            "{}'s boot device was not set back to disk: {calls:?}",
+            n.name
+        );
+        // Secrets stay out of logs and the store.
+        let password = std::fs::read_to_string(&n.password_file).unwrap();
+        assert!(
+            !log.contains(password.trim()),
+            "a BMC password is in the log"
+        );
+        if let Some(token) = console
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kiln.token="))
+        {
+            assert!(!log.contains(token), "an enrolment token is in the log");
+            let store = std::fs::read(state.join("fleet.redb")).unwrap();
+            assert!(
+                !store.windows(token.len()).any(|w| w == token.as_bytes()),
+                "an enrolment token is in the store"
+            );
+        }
+    }
+
+    // The faulty nodes fail, each in its own stage, and nothing else happens to them.
+    let mut faulty = rack_cmd(&dir, &rollout_args(inv, art, FAULTY));
+    faulty
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--netboot-timeout", "4m"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(faulty.spawn().unwrap(), ROLLOUT_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "a rollout with faults succeeded:\n{}",
+        text(&out)
+    );
+    let st = status(&dir, &state);
+    let failure = |name: &str| -> String {
+        let s = node(&st, name);
+        assert_eq!(s["stage"], "failed", "{s:#}");
+        s["error"].as_str().unwrap().to_string()
+    };
+    let e = failure("node-04");
+    assert!(
+        e.starts_with("installing:") && e.contains("refusing to erase"),
+        "{e}"
+    );
+    assert_eq!(
+        disk_fingerprint(fs_disk),
+        fingerprints[3],
+        "the refused disk changed"
+    );
+    let e = failure("node-05");
+    assert!(e.starts_with("netbooting: timed out"), "{e}");
+    let e = failure("node-06");
+    assert!(e.starts_with("powering-on: BMC auth"), "{e}");
+    assert!(nodes[5].records().power_ons().is_empty());
+    // The good nodes were left as they were.
+    for n in &nodes[..3] {
+        assert_eq!(node(&st, &n.name)["stage"], "ready");
+    }
+    drop(rack);
+}
