@@ -5,13 +5,29 @@ use kiln_spec::appliance::AfterInstall;
 
 /// Flushes every file system and reboots or powers off; returns only for `Stay` or when the
 /// kernel refused.
+///
+/// Under systemd the shutdown is systemd's: services stop in order and the journal still
+/// carries the installer's last lines to the console and the log (a bare reboot(2) loses
+/// what journald has not forwarded yet). Without systemd, or if it declines, the kernel
+/// reboots directly.
 pub fn after_install(after: AfterInstall) -> nix::Result<()> {
     use nix::sys::reboot::{RebootMode, reboot};
     nix::unistd::sync();
-    let mode = match after {
+    let (mode, verb) = match after {
         AfterInstall::Stay => return Ok(()),
-        AfterInstall::Reboot => RebootMode::RB_AUTOBOOT,
-        AfterInstall::Poweroff => RebootMode::RB_POWER_OFF,
+        AfterInstall::Reboot => (RebootMode::RB_AUTOBOOT, "reboot"),
+        AfterInstall::Poweroff => (RebootMode::RB_POWER_OFF, "poweroff"),
     };
+    if std::path::Path::new("/run/systemd/system").exists()
+        && std::process::Command::new("systemctl")
+            .arg(verb)
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        // systemd stops this process as part of the shutdown.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
     reboot(mode).map(drop)
 }
