@@ -69,15 +69,6 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [
-        Phase::InstallerStarted,
-        Phase::Planned,
-        Phase::Installing,
-        Phase::Installed,
-        Phase::Failed,
-        Phase::AgentReady,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::InstallerStarted => "installer-started",
@@ -200,7 +191,14 @@ mod tests {
         let long = Report::new(Phase::Failed, "x".repeat(MAX_MESSAGE_BYTES + 1));
         assert!(long.problem().is_some());
         assert_eq!(Report::new(Phase::Installed, None).problem(), None);
-        for p in Phase::ALL {
+        for p in [
+            Phase::InstallerStarted,
+            Phase::Planned,
+            Phase::Installing,
+            Phase::Installed,
+            Phase::Failed,
+            Phase::AgentReady,
+        ] {
             assert_eq!(
                 serde_json::to_string(&p).unwrap(),
                 format!("\"{}\"", p.as_str())

@@ -29,5 +29,13 @@ pub use inventory::{BmcEndpoint, BmcProtocol, Inventory, InventoryNode, NodeRole
 pub use nodeconfig::{NodeConfig, NodeSpec};
 pub use size::ByteSize;
 
+/// How a unit enum value is written in a document (`control-plane`, `kilnOnly`).
+pub fn serde_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// The `apiVersion` every kiln document carries.
 pub const API_VERSION: &str = "kiln.dev/v1alpha1";

@@ -1,6 +1,7 @@
 //! `kiln bmc …`: out-of-band control of one BMC (`--host …`) or of the inventory nodes a
 //! selector names (`--inventory fleet.yaml --nodes 'role=worker'`), over IPMI or Redfish.
 
+use kiln_spec::serde_name;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -384,13 +385,6 @@ fn operation(cmd: &BmcCmd) -> Operation<Reply> {
             Box::pin(async move { Ok(Reply::Probe(d.probe().await?)) })
         }),
     }
-}
-
-fn serde_name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn common(cmd: &BmcCmd) -> &Common {

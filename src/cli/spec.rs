@@ -1,5 +1,6 @@
 //! `kiln spec …`: validate documents, print their JSON Schema and the built-in specs.
 
+use kiln_spec::serde_name;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -197,14 +198,6 @@ fn appliance_summary(a: &Appliance) -> Vec<String> {
             serde_name(&s.install.wipe)
         ),
     ]
-}
-
-/// How a unit enum value is written in a document (`control-plane`, `kilnOnly`).
-fn serde_name<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn schema(args: SchemaArgs) -> anyhow::Result<()> {

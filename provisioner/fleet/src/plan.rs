@@ -3,7 +3,7 @@
 //! by the caller, and nothing here touches a machine.
 
 use kiln_spec::appliance::DiskRules;
-use kiln_spec::{Appliance, Inventory, InventoryNode};
+use kiln_spec::{Appliance, Inventory, InventoryNode, serde_name};
 use serde::Serialize;
 
 use crate::stage::Stage;
@@ -78,25 +78,13 @@ pub fn describe_rule(rules: &DiskRules) -> String {
         parts.push(if r { "rotational" } else { "solid-state" }.to_string());
     }
     if !rules.transport.is_empty() {
-        let t: Vec<String> = rules
-            .transport
-            .iter()
-            .map(|t| {
-                serde_json::to_value(t)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            })
-            .collect();
+        let t: Vec<String> = rules.transport.iter().map(serde_name).collect();
         parts.push(format!("on {}", t.join("/")));
     }
     if rules.allow_removable {
         parts.push("removable allowed".into());
     }
-    let prefer = serde_json::to_value(rules.prefer)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let prefer = serde_name(&rules.prefer);
     if parts.is_empty() {
         format!("any disk, {prefer} first")
     } else {
@@ -229,13 +217,6 @@ pub fn table(plans: &[NodePlan]) -> String {
         }
     }
     s
-}
-
-fn serde_name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// The nodes a selector names (all when absent).

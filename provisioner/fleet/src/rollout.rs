@@ -559,11 +559,14 @@ impl Rollout {
                 .or_default()
                 .push(hash.clone());
         }
+        let resumed: Vec<(String, NodeProgress)> = targets
+            .iter()
+            .map(|t| (t.name.clone(), resume(snapshot.node(&t.name), opts, now)))
+            .collect();
+        store.put_nodes(&resumed)?;
         let mut nodes = BTreeMap::new();
         let mut stages = BTreeMap::new();
-        for t in targets {
-            let progress = resume(snapshot.node(&t.name), opts, now);
-            store.put_node(&t.name, &progress)?;
+        for (t, (_, progress)) in targets.iter().zip(resumed) {
             stages.insert(t.name.clone(), progress.stage);
             nodes.insert(
                 t.name.clone(),

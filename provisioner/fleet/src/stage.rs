@@ -25,16 +25,6 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 7] = [
-        Stage::Pending,
-        Stage::PoweringOn,
-        Stage::Netbooting,
-        Stage::Installing,
-        Stage::Rebooting,
-        Stage::Ready,
-        Stage::Failed,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Pending => "pending",

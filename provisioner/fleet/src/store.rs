@@ -175,9 +175,18 @@ impl Store {
     }
 
     pub fn put_node(&self, name: &str, progress: &NodeProgress) -> Result<(), StoreError> {
-        let text = encode(progress);
+        self.put_nodes(&[(name.to_string(), progress.clone())])
+    }
+
+    /// Many nodes in one transaction (a rollout's start: one commit, not one per node).
+    pub fn put_nodes(&self, nodes: &[(String, NodeProgress)]) -> Result<(), StoreError> {
+        let texts: Vec<(&str, String)> =
+            nodes.iter().map(|(n, p)| (n.as_str(), encode(p))).collect();
         self.write(|tx| {
-            tx.open_table(NODES)?.insert(name, text.as_str())?;
+            let mut t = tx.open_table(NODES)?;
+            for (name, text) in &texts {
+                t.insert(*name, text.as_str())?;
+            }
             Ok(())
         })
     }
