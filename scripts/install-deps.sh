@@ -20,6 +20,8 @@ packages=(
   ca-certificates python3-venv jq
   # node agent tests (systemctl --root, useradd --root)
   systemd passwd
+  # the appliance's Kubernetes node runtime, run for real by tests/kubernetes_node.rs
+  containerd runc containernetworking-plugins catatonit iptables conntrack
   # disk safety tests: real signatures made by the real tools (and libblkid to read them)
   util-linux cryptsetup-bin xfsprogs btrfs-progs bcache-tools ntfs-3g ceph-osd
 )
@@ -36,5 +38,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # The peers' own services are not wanted: tests and benches start them when they need them.
-  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx >/dev/null 2>&1 || true
+  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd >/dev/null 2>&1 || true
 fi

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes peers for the cluster tests from their Go modules, pinned in
-# scripts/kube-fixtures/versions.env: kube-apiserver and kubectl (k8s.io/kubernetes), etcd
-# (go.etcd.io/etcd/server/v3). Binaries land in $KILN_CACHE/bin/<version>/; a no-op when cached.
+# Builds the real Kubernetes pieces from their Go modules, pinned in
+# scripts/kube-fixtures/versions.env: `kube`, one multi-call binary holding kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl (k8s.io/kubernetes,
+# main in scripts/kube-fixtures/kube), and etcd (go.etcd.io/etcd/server/v3). The tests run them
+# and `kiln build` puts them into the appliance image. Binaries land in
+# $KILN_CACHE/bin/<version>/ with a symlink per component; a no-op when cached.
 #
 # k8s.io/kubernetes cannot be required as-is: its go.mod replaces every k8s.io staging module
 # with a path inside its own tree. A wrapper module requires it and replaces each staging
@@ -19,13 +22,15 @@ command -v go >/dev/null || { echo "kube-fixtures: go not found (install Go to /
 kube_bin="$KILN_CACHE/bin/$KUBERNETES_VERSION"
 etcd_bin="$KILN_CACHE/bin/$ETCD_VERSION"
 work="$KILN_CACHE/src/kube-fixtures"
+main_go="$PWD/scripts/kube-fixtures/kube/main.go"
+main_sum="$(sha256sum "$main_go" | cut -d' ' -f1)"
 
 build_kubernetes() {
-    if [[ -x $kube_bin/kube-apiserver && -x $kube_bin/kubectl ]]; then
+    if [[ -x $kube_bin/kube && $(cat "$kube_bin/kube.main.sha256" 2>/dev/null) == "$main_sum" ]]; then
         return
     fi
     local dir="$work/kubernetes-$KUBERNETES_VERSION" staging="v0.${KUBERNETES_VERSION#v1.}"
-    echo "kube-fixtures: building kube-apiserver and kubectl $KUBERNETES_VERSION (slow, once)"
+    echo "kube-fixtures: building the Kubernetes components $KUBERNETES_VERSION (slow, once: 20-40 CPU-minutes)"
     mkdir -p "$dir" "$kube_bin"
     cd "$dir"
     # Outside a module -mod=mod is refused; only this download runs there.
@@ -59,10 +64,13 @@ build_kubernetes() {
         ldflags+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
         ldflags+=" -X $p.gitTreeState=clean"
     done
-    go build -trimpath -ldflags "$ldflags" -o "$kube_bin/.kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-    go build -trimpath -ldflags "$ldflags" -o "$kube_bin/.kubectl.tmp" k8s.io/kubernetes/cmd/kubectl
-    mv "$kube_bin/.kube-apiserver.tmp" "$kube_bin/kube-apiserver"
-    mv "$kube_bin/.kubectl.tmp" "$kube_bin/kubectl"
+    cp "$main_go" main.go
+    go build -trimpath -ldflags "$ldflags" -o "$kube_bin/.kube.tmp" .
+    mv "$kube_bin/.kube.tmp" "$kube_bin/kube"
+    for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
+        ln -sfn kube "$kube_bin/$c"
+    done
+    echo "$main_sum" >"$kube_bin/kube.main.sha256"
 }
 
 build_etcd() {
@@ -95,4 +103,4 @@ MOD
 
 (build_etcd)
 (build_kubernetes)
-echo "kube-fixtures: $kube_bin/kube-apiserver $kube_bin/kubectl $etcd_bin/etcd"
+echo "kube-fixtures: $kube_bin/kube $etcd_bin/etcd"

@@ -15,6 +15,7 @@ pub mod initramfs;
 pub mod inputs;
 pub mod iso;
 pub mod manifest;
+pub mod oci;
 pub mod overlay;
 pub mod pipeline;
 pub mod progress;

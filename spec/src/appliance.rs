@@ -99,7 +99,7 @@ impl std::str::FromStr for ProfileName {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Feature {
-    /// A Kubernetes node (k3s or RKE2, see `cluster`).
+    /// A Kubernetes node: upstream components from kiln's own build, see `cluster`.
     Kubernetes,
     /// Ceph storage on the node's data disks. Needs `kubernetes`.
     Ceph,
@@ -337,12 +337,12 @@ pub enum AfterInstall {
     Stay,
 }
 
+/// What kiln ships: upstream Kubernetes built from its pinned modules into one binary.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Distribution {
     #[default]
-    K3s,
-    Rke2,
+    Kubernetes,
 }
 
 /// Kubernetes settings, used when the `kubernetes` feature is on.
@@ -359,17 +359,7 @@ pub struct ClusterSpec {
     pub cluster_domain: String,
 }
 
-fn default_cluster_cidr() -> String {
-    "10.42.0.0/16".into()
-}
-
-fn default_service_cidr() -> String {
-    "10.43.0.0/16".into()
-}
-
-fn default_cluster_domain() -> String {
-    "cluster.local".into()
-}
+use crate::kubernetes::{default_cluster_cidr, default_cluster_domain, default_service_cidr};
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -610,17 +600,12 @@ fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
 }
 
 fn validate_cluster(c: &ClusterSpec, errs: &mut ValidationErrors) {
-    for (field, v) in [
-        ("clusterCidr", &c.cluster_cidr),
-        ("serviceCidr", &c.service_cidr),
-    ] {
-        if v.parse::<ipnet::IpNet>().is_err() {
-            errs.push(
-                format!("spec.cluster.{field}"),
-                format!("{v:?} is not a network like 10.42.0.0/16"),
-            );
-        }
-    }
+    crate::kubernetes::check_cluster_networks(
+        "spec.cluster",
+        &c.cluster_cidr,
+        &c.service_cidr,
+        errs,
+    );
     if c.cluster_domain.is_empty() || !c.cluster_domain.split('.').all(is_dns_label) {
         errs.push(
             "spec.cluster.clusterDomain",

@@ -103,6 +103,38 @@ fn yes() -> bool {
     true
 }
 
+impl NetworkSpec {
+    /// Every static address's network, with its field path under `at`.
+    pub fn static_networks(&self, at: &str) -> Vec<(String, ipnet::IpNet)> {
+        let kinds = [
+            (
+                "interfaces",
+                self.interfaces
+                    .iter()
+                    .map(|c| &c.addresses)
+                    .collect::<Vec<_>>(),
+            ),
+            ("bonds", self.bonds.iter().map(|c| &c.addresses).collect()),
+            ("vlans", self.vlans.iter().map(|c| &c.addresses).collect()),
+            (
+                "bridges",
+                self.bridges.iter().map(|c| &c.addresses).collect(),
+            ),
+        ];
+        let mut out = Vec::new();
+        for (kind, lists) in kinds {
+            for (i, addresses) in lists.into_iter().enumerate() {
+                for (j, a) in addresses.iter().enumerate() {
+                    if let Ok(net) = a.parse::<ipnet::IpNet>() {
+                        out.push((format!("{at}.{kind}[{i}].addresses[{j}]"), net.trunc()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 impl Default for NetworkSpec {
     fn default() -> Self {
         NetworkSpec {

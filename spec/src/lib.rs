@@ -15,6 +15,7 @@ pub mod host;
 pub mod inventory;
 pub mod ipxe;
 pub mod kmod;
+pub mod kubernetes;
 pub mod layout;
 pub mod manifest;
 pub mod nodeconfig;

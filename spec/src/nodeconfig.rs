@@ -19,6 +19,7 @@ use crate::errors::{SpecError, ValidationErrors};
 pub use crate::host::{NetworkSpec, User};
 use crate::host::{check_kernel_args, is_unix_name, validate_users};
 use crate::inventory::{InventoryNode, is_dns_label};
+pub use crate::kubernetes::KubernetesNode;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -61,6 +62,9 @@ pub struct NodeSpec {
     /// Partitions (by GPT name) kept for data: Ceph OSDs or VM disks; nothing else may use them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DataDisk>,
+    /// The node's part in the Kubernetes cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesNode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -324,6 +328,14 @@ impl NodeSpec {
             }
         }
         check_kernel_args(&format!("{at}.kernelArgs"), &self.kernel_args, errs);
+        if let Some(k) = &self.kubernetes {
+            let own = self
+                .network
+                .as_ref()
+                .map(|n| n.static_networks(&format!("{at}.network")))
+                .unwrap_or_default();
+            k.validate_into(&format!("{at}.kubernetes"), &own, errs);
+        }
         let mut labels = BTreeSet::new();
         for (i, d) in self.data_disks.iter().enumerate() {
             let p = format!("{at}.dataDisks[{i}].partLabel");
@@ -432,6 +444,9 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
             out.virtualization.clone_from(&s.virtualization);
         }
         merge_keyed(&mut out.data_disks, &s.data_disks, |d| d.part_label.clone());
+        if s.kubernetes.is_some() {
+            out.kubernetes.clone_from(&s.kubernetes);
+        }
     }
     out
 }
@@ -595,6 +610,77 @@ spec:
                 "spec.units[0].name",
                 "spec.network.vlans[0].id",
                 "spec.network.vlans[0].addresses[0]",
+            ]
+        );
+    }
+
+    const WORKER: &str = "  kubernetes:
+    role: worker
+    nodeIp: 10.0.10.6
+    apiServer: https://10.0.10.5:6443
+    join: {token: abcdef.0123456789abcdef, caCertHash: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}
+    podCidr: 10.42.3.0/24
+    labels: {kiln.dev/rack: r1}
+    taints: [\"dedicated=storage:NoSchedule\"]
+";
+
+    #[test]
+    fn a_worker_with_its_credentials_is_valid() {
+        let c = NodeConfig::from_yaml(&format!("{GOOD}{WORKER}")).unwrap();
+        let k = c.spec.kubernetes.unwrap();
+        assert_eq!(k.role, crate::kubernetes::KubeRole::Worker);
+        assert_eq!(k.service_cidr, "10.43.0.0/16");
+        assert_eq!(k.max_pods, 110);
+    }
+
+    #[test]
+    fn kubernetes_errors_are_all_reported_before_anything_starts() {
+        // No join credentials, networks that overlap each other and the node's own network,
+        // a pod slice outside the pod network, a taint without an effect.
+        let bad = format!("{GOOD}{WORKER}")
+            .replace("    apiServer: https://10.0.10.5:6443\n", "")
+            .replace("    join: {token: abcdef.0123456789abcdef, caCertHash: \"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}\n", "")
+            .replace("    podCidr: 10.42.3.0/24\n", "    podCidr: 10.99.0.0/24\n    clusterCidr: 10.0.0.0/16\n    serviceCidr: 10.0.128.0/20\n")
+            .replace("dedicated=storage:NoSchedule", "dedicated=storage");
+        let Err(SpecError::Invalid { errors, .. }) = NodeConfig::from_yaml(&bad) else {
+            panic!("expected validation errors")
+        };
+        let found: Vec<(&str, &str)> = errors
+            .0
+            .iter()
+            .map(|e| (e.path.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "spec.kubernetes.serviceCidr",
+                    "10.0.128.0/20 overlaps the pod network clusterCidr 10.0.0.0/16"
+                ),
+                (
+                    "spec.kubernetes.podCidr",
+                    "10.99.0.0/24 is not inside clusterCidr 10.0.0.0/16"
+                ),
+                (
+                    "spec.kubernetes.nodeIp",
+                    "10.0.10.6/32 overlaps the cluster's clusterCidr 10.0.0.0/16"
+                ),
+                (
+                    "spec.network.vlans[0].addresses[0]",
+                    "10.0.10.0/24 overlaps the cluster's clusterCidr 10.0.0.0/16"
+                ),
+                (
+                    "spec.kubernetes.apiServer",
+                    "a worker needs the API server to join"
+                ),
+                (
+                    "spec.kubernetes.join",
+                    "a worker needs join credentials (token and caCertHash) from the first control plane"
+                ),
+                (
+                    "spec.kubernetes.taints[0]",
+                    "\"dedicated=storage\" is not key[=value]:NoSchedule|PreferNoSchedule|NoExecute"
+                ),
             ]
         );
     }

@@ -31,7 +31,7 @@ impl KubeArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ClusterCmd {
-    /// Apply the pinned addon set (KubeVirt, CDI, Multus, Rook-Ceph, snapshots) in order
+    /// Apply the pinned addons the spec's features select (KubeVirt, CDI, Multus, …)
     Bootstrap(BootstrapArgs),
     /// Show nodes, their maintenance state and addon health
     Status(StatusArgs),
@@ -41,6 +41,9 @@ pub enum ClusterCmd {
 pub struct BootstrapArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
+    /// Appliance spec whose features select the addons [on a node: its own]
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
     /// Read the pinned manifests from this offline mirror instead of downloading them
     #[arg(long, value_name = "DIR")]
     pub mirror: Option<PathBuf>,
@@ -148,13 +151,32 @@ async fn run_bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         }
         None => Lock::embedded()?,
     };
+    let spec_path = match &a.spec {
+        Some(p) => p.clone(),
+        None if std::path::Path::new(kiln_installer::plan::APPLIANCE_SPEC_PATH).exists() => {
+            PathBuf::from(kiln_installer::plan::APPLIANCE_SPEC_PATH)
+        }
+        None => anyhow::bail!(
+            "which addons? pass --spec FILE: the appliance spec whose features select them"
+        ),
+    };
+    let appliance = kiln_spec::Appliance::load(&spec_path)
+        .with_context(|| format!("loading {}", spec_path.display()))?;
+    let selected = kiln_overlays::render(&appliance, None)
+        .with_context(|| format!("rendering {}", spec_path.display()))?
+        .addons;
+    let lock = lock.select(&selected, &spec_path.display().to_string())?;
     let source = match &a.mirror {
         Some(dir) => Source::Mirror(dir.clone()),
         None => Source::Cache(kiln_spec::paths::cache_dir().join("manifests")),
     };
     // Everything is fetched and verified before the first request to the cluster.
     let files = manifests::fetch_all(&lock, &source).await?;
-    let plan = plan::plan_bootstrap(&files, plan::kiln_objects())?;
+    let kiln_objects = plan::kiln_objects()
+        .into_iter()
+        .filter(|(addon, _)| selected.contains(addon))
+        .collect();
+    let plan = plan::plan_bootstrap(&files, kiln_objects)?;
     let client = a.kube.client().await?;
     let report = bootstrap::bootstrap(
         &client,

@@ -16,6 +16,8 @@ pub mod kube_client;
 pub mod lock;
 pub mod maintenance;
 pub mod manifests;
+pub mod node;
+pub mod pki;
 pub mod plan;
 pub mod status;
 #[cfg(feature = "testing")]

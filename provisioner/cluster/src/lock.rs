@@ -54,6 +54,31 @@ impl Lock {
         }
     }
 
+    /// Only the addons named (in the lock's order): those an appliance spec's features
+    /// select. A name the lock does not pin is an error naming it.
+    pub fn select(&self, names: &[String], origin: &str) -> Result<Lock, Error> {
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| !self.addons.iter().any(|a| &a.name == *n))
+            .map(|n| format!("addon {n:?} is selected by the spec but not pinned in the lock"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Lock {
+                path: origin.to_string(),
+                problems: missing,
+            });
+        }
+        Ok(Lock {
+            version: self.version,
+            addons: self
+                .addons
+                .iter()
+                .filter(|a| names.contains(&a.name))
+                .cloned()
+                .collect(),
+        })
+    }
+
     /// The lock compiled into kiln.
     pub fn embedded() -> Result<Lock, Error> {
         Lock::parse(EMBEDDED, "overlays/upstream.lock.yaml (embedded)")
@@ -114,6 +139,25 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn select_keeps_the_lock_order_and_names_unpinned_addons() {
+        let lock = Lock::embedded().unwrap();
+        let all: Vec<String> = lock.addons.iter().map(|a| a.name.clone()).collect();
+        let picked = lock
+            .select(&[all[2].clone(), all[0].clone()], "lock")
+            .unwrap();
+        assert_eq!(
+            picked.addons.iter().map(|a| &a.name).collect::<Vec<_>>(),
+            [&all[0], &all[2]]
+        );
+        let e = lock.select(&["nope".into()], "lock").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("addon \"nope\" is selected by the spec but not pinned"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn embedded_lock_is_valid() {

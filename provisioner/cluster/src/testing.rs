@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{
@@ -24,6 +23,7 @@ use serde_json::{Value, json};
 use crate::Error;
 use crate::ceph::CephAdmin;
 use crate::maintenance::Vmim;
+use crate::pki::{self, Ca, Credential, Leaf, Usage};
 
 /// The pinned fixture versions, from the one file `scripts/kube-fixtures.sh` builds them from.
 const VERSIONS: &str = include_str!("../../../scripts/kube-fixtures/versions.env");
@@ -36,6 +36,8 @@ pub const STANDIN_USER: &str = "kiln-standin-controllers";
 /// Paths of the pinned Kubernetes binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
+    /// The directory of the multi-call `kube` binary and its component links.
+    pub kube_dir: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kubectl: PathBuf,
     pub etcd: PathBuf,
@@ -54,6 +56,7 @@ impl Binaries {
         let cache = kiln_spec::paths::cache_dir();
         let kube = cache.join("bin").join(version("KUBERNETES_VERSION")?);
         let bins = Binaries {
+            kube_dir: kube.clone(),
             kube_apiserver: kube.join("kube-apiserver"),
             kubectl: kube.join("kubectl"),
             etcd: cache
@@ -64,7 +67,7 @@ impl Binaries {
         for b in [&bins.kube_apiserver, &bins.kubectl, &bins.etcd] {
             if !b.exists() {
                 return Err(format!(
-                    "{} is missing: run scripts/kube-fixtures.sh (builds etcd, kube-apiserver and kubectl from their Go modules; needs Go in /usr/local/go)",
+                    "{} is missing: run scripts/kube-fixtures.sh (builds etcd and the Kubernetes components from their Go modules; needs Go in /usr/local/go)",
                     b.display()
                 ));
             }
@@ -149,10 +152,6 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
-fn pem_b64(pem: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(pem)
-}
-
 impl TestCluster {
     /// The cluster shared by every test of this test binary.
     pub fn shared() -> &'static TestCluster {
@@ -175,66 +174,39 @@ impl TestCluster {
         };
 
         // A CA, a serving certificate for 127.0.0.1 and client certificates for two users.
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "kiln-test-ca");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |sans: Vec<String>,
-                    cn: &str,
-                    org: Option<&str>,
-                    eku: rcgen::ExtendedKeyUsagePurpose| {
-            let key = rcgen::KeyPair::generate().expect("key");
-            let mut params = rcgen::CertificateParams::new(sans).expect("params");
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, cn);
-            if let Some(org) = org {
-                params
-                    .distinguished_name
-                    .push(rcgen::DnType::OrganizationName, org);
-            }
-            params.extended_key_usages = vec![eku];
-            params.use_authority_key_identifier_extension = true;
-            let cert = params.signed_by(&key, &issuer).expect("certificate");
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            "kube-apiserver",
-            None,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let ca_pem = ca_cert.pem();
-        let ca = write("ca.crt", &ca_pem);
-        let server_crt = write("apiserver.crt", &server_cert);
-        let server_key = write("apiserver.key", &server_key);
-        let sa = rcgen::KeyPair::generate().expect("key");
-        let sa_key = write("sa.key", &sa.serialize_pem());
-        let sa_pub = write("sa.pub", &sa.public_key_pem());
+        let ca = Ca::generate("kiln-test-ca").expect("CA");
+        let server = ca
+            .issue(&Leaf {
+                common_name: "kube-apiserver",
+                organizations: &[],
+                sans: vec!["127.0.0.1".into(), "localhost".into()],
+                usage: Usage::Server,
+            })
+            .expect("serving certificate");
+        let ca_crt = write("ca.crt", &ca.pair.cert_pem);
+        let server_crt = write("apiserver.crt", &server.cert_pem);
+        let server_key = write("apiserver.key", &server.key_pem);
+        let (sa_private, sa_public) = pki::key_pair().expect("service account key");
+        let sa_key = write("sa.key", &sa_private);
+        let sa_pub = write("sa.pub", &sa_public);
 
         let port = free_port();
         let kubeconfig_for = |user: &str, file: &str| {
-            let (cert, key) = leaf(
-                vec![],
-                user,
-                Some("system:masters"),
-                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            );
+            let client = ca
+                .issue(&Leaf {
+                    common_name: user,
+                    organizations: &["system:masters"],
+                    sans: vec![],
+                    usage: Usage::Client,
+                })
+                .expect("client certificate");
             write(
                 file,
-                &format!(
-                    "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {user}\ncurrent-context: test\n",
-                    pem_b64(&ca_pem),
-                    pem_b64(&cert),
-                    pem_b64(&key)
+                &pki::kubeconfig(
+                    &format!("https://127.0.0.1:{port}"),
+                    &ca.pair.cert_pem,
+                    user,
+                    Credential::Certificate(&client),
                 ),
             )
         };
@@ -265,7 +237,7 @@ impl TestCluster {
             format!("--cert-dir={}", d.join("certs").display()),
             format!("--tls-cert-file={}", server_crt.display()),
             format!("--tls-private-key-file={}", server_key.display()),
-            format!("--client-ca-file={}", ca.display()),
+            format!("--client-ca-file={}", ca_crt.display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", sa_pub.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),

@@ -8,9 +8,11 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kiln_cluster::lock::Lock;
 use kiln_cluster::maintenance::{self, NodeFacts, Vmi};
 use kiln_cluster::manifests::{Source, fetch_all};
+use kiln_cluster::node::{Host, describe, plan};
 use kiln_cluster::plan::{kiln_objects, plan_bootstrap};
 use kiln_cluster::status::{HEALTH_CHECKS, summarize};
 use kiln_cluster::testing::workload;
+use kiln_spec::kubernetes::{KubeRole, KubernetesNode};
 use serde_json::{Value, json};
 
 fn golden(name: &str, actual: &str) {
@@ -192,4 +194,53 @@ fn cluster_status_summary() {
         "cluster-status.json",
         &(serde_json::to_string_pretty(&status).unwrap() + "\n"),
     );
+}
+
+fn kube_node(role: KubeRole) -> KubernetesNode {
+    KubernetesNode {
+        role,
+        node_ip: "10.99.0.1".into(),
+        api_server: (role == KubeRole::Worker).then(|| "https://10.99.0.1:6443".into()),
+        join: None,
+        cluster_cidr: "10.42.0.0/16".into(),
+        service_cidr: "10.43.0.0/16".into(),
+        cluster_domain: "cluster.local".into(),
+        pod_cidr: "10.42.0.0/24".into(),
+        max_pods: 110,
+        labels: [("kiln.dev/rack".to_string(), "r1".to_string())].into(),
+        taints: vec!["dedicated=storage:NoSchedule".into()],
+    }
+}
+
+#[test]
+fn node_plan_of_the_first_control_plane() {
+    let p = plan(&kube_node(KubeRole::Init), &Host::appliance("cp1"));
+    assert_eq!(
+        p.control_plane.iter().map(|s| s.name).collect::<Vec<_>>(),
+        [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler"
+        ]
+    );
+    assert!(
+        !p.kubelet
+            .argv
+            .iter()
+            .any(|a| a.starts_with("--bootstrap-kubeconfig"))
+    );
+    golden("node-plan-init.txt", &describe(&p));
+}
+
+#[test]
+fn node_plan_of_a_worker_bootstraps_its_kubelet() {
+    let p = plan(&kube_node(KubeRole::Worker), &Host::appliance("w1"));
+    assert!(p.control_plane.is_empty());
+    assert!(
+        p.kubelet
+            .argv
+            .contains(&"--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf".to_string())
+    );
+    golden("node-plan-worker.txt", &describe(&p));
 }

@@ -1,0 +1,565 @@
+//! Brings a node up: credentials, files, services in order, airgap images before the
+//! kubelet, a wait on each step that fails early with the failing service's log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_spec::kubernetes::{KubeRole, KubernetesNode};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
+use serde_json::{Value, json};
+
+use super::{
+    BOOTSTRAP_GROUP, Host, NodePlan, Service, api_server_sans, api_server_url, paths, plan,
+    write_file,
+};
+use crate::pki::{self, Ca, CertPair, Credential, Leaf, PkiError, Usage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BringupError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Join(#[from] super::join::JoinError),
+    #[error("starting {service}: {reason}")]
+    Start { service: String, reason: String },
+    #[error("{service} exited ({status}); the end of its log:\n{log}")]
+    Exited {
+        service: String,
+        status: String,
+        log: String,
+    },
+    #[error("{what} not done after {}s; the end of {service}'s log:\n{log}", .after.as_secs())]
+    Timeout {
+        what: String,
+        after: Duration,
+        service: String,
+        log: String,
+    },
+    #[error("importing {archive}: {reason}")]
+    Import { archive: String, reason: String },
+    #[error(transparent)]
+    Cluster(#[from] crate::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
+    let what = what.into();
+    move |source| BringupError::Io { what, source }
+}
+
+/// Runs the node's long-running services.
+pub trait Supervisor: Send {
+    fn start(&mut self, service: &Service) -> Result<(), BringupError>;
+    /// An error naming the first service that has stopped, with its log.
+    fn check(&mut self) -> Result<(), BringupError>;
+    /// The end of a service's log.
+    fn log_tail(&self, service: &str) -> String;
+}
+
+/// Services as child processes, each logging to `<log dir>/<name>.log`: for hosts without
+/// systemd. `prefix` runs each under a wrapper (the tests' `nsenter` into a node's
+/// namespaces). The processes stop when this drops.
+#[derive(Debug)]
+pub struct Processes {
+    log_dir: PathBuf,
+    prefix: Vec<String>,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    pub fn new(log_dir: PathBuf, prefix: Vec<String>) -> Processes {
+        Processes {
+            log_dir,
+            prefix,
+            children: Vec::new(),
+        }
+    }
+
+    fn log_path(&self, service: &str) -> PathBuf {
+        self.log_dir.join(format!("{service}.log"))
+    }
+}
+
+impl Supervisor for Processes {
+    fn start(&mut self, service: &Service) -> Result<(), BringupError> {
+        std::fs::create_dir_all(&self.log_dir)
+            .map_err(io(format!("creating {}", self.log_dir.display())))?;
+        let log_path = self.log_path(service.name);
+        let log = std::fs::File::create(&log_path)
+            .map_err(io(format!("creating {}", log_path.display())))?;
+        let err_log = log.try_clone().map_err(io("duplicating a log file"))?;
+        let argv: Vec<&String> = self.prefix.iter().chain(&service.argv).collect();
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .spawn()
+            .map_err(|e| BringupError::Start {
+                service: service.name.to_string(),
+                reason: format!("{}: {e}", argv[0]),
+            })?;
+        self.children.push((service.name.to_string(), child));
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<(), BringupError> {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(BringupError::Exited {
+                    service: name.clone(),
+                    status: status.to_string(),
+                    log: tail(&self.log_dir.join(format!("{name}.log"))),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self, service: &str) -> String {
+        tail(&self.log_path(service))
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        // Last started first: kube-proxy and the kubelet before containerd and the API server.
+        for (_, child) in self.children.iter_mut().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// What a finished bring-up tells its caller.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// `sha256:…` of the cluster CA: what workers pin.
+    pub ca_cert_hash: String,
+    /// The admin kubeconfig (first control plane only).
+    pub admin_kubeconfig: Option<PathBuf>,
+}
+
+/// How long one step may take before the bring-up gives up on it. Generous: a node under
+/// software emulation is slow, and each wait ends as soon as its condition holds.
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Brings `node` up on `host`. `progress` hears each step as it starts.
+pub async fn bring_up(
+    node: &KubernetesNode,
+    host: &Host,
+    supervisor: &mut dyn Supervisor,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Outcome, BringupError> {
+    let root = &host.root;
+    let server = api_server_url(node);
+    let ca_pem = match node.role {
+        KubeRole::Worker => {
+            // Validation guarantees a worker has both.
+            let join = node
+                .join
+                .as_ref()
+                .expect("validated: a worker has join credentials");
+            let hash = join
+                .ca_cert_hash
+                .as_deref()
+                .expect("validated: a worker has a CA hash");
+            progress("discovering the cluster CA and checking the bootstrap token");
+            let ca_pem = super::join::discover(&server, hash, &join.token).await?;
+            write(root, &format!("{}/ca.crt", paths::PKI), &ca_pem, 0o644)?;
+            let bootstrap = pki::kubeconfig(
+                &server,
+                &ca_pem,
+                "kubelet-bootstrap",
+                Credential::Token(&join.token),
+            );
+            write(root, paths::BOOTSTRAP_KUBECONFIG, &bootstrap, 0o600)?;
+            ca_pem
+        }
+        KubeRole::Init => {
+            progress("creating the cluster's certificates");
+            control_plane_credentials(node, host)?.pair.cert_pem
+        }
+    };
+    let plan: NodePlan = plan(node, host);
+    for f in &plan.files {
+        write(root, f.path, &f.content, f.mode)?;
+    }
+
+    let admin = host.path(paths::ADMIN_KUBECONFIG);
+    if node.role == KubeRole::Init {
+        for s in &plan.control_plane[..2] {
+            progress(&format!("starting {}", s.name));
+            supervisor.start(s)?;
+        }
+        progress("waiting for the API server");
+        let client = wait_for(
+            supervisor,
+            "kube-apiserver",
+            "the API server becoming ready",
+            || {
+                let admin = admin.clone();
+                async move {
+                    let client = crate::kube_client::from_kubeconfig(&admin).await.ok()?;
+                    let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                    let body = client.request_text(req).await.ok()?;
+                    (body.trim() == "ok").then_some(client)
+                }
+            },
+        )
+        .await?;
+        progress("applying the bootstrap token, its RBAC and cluster-info");
+        apply_bootstrap_objects(&client, node, &server, &ca_pem).await?;
+        for s in &plan.control_plane[2..] {
+            progress(&format!("starting {}", s.name));
+            supervisor.start(s)?;
+        }
+    }
+
+    progress("starting containerd");
+    supervisor.start(&plan.containerd)?;
+    let socket = host.path(paths::CONTAINERD_SOCKET);
+    let ctr = |args: &[&str]| {
+        Command::new(&host.ctr)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--namespace=k8s.io")
+            .args(args)
+            .output()
+    };
+    wait_for(supervisor, "containerd", "containerd answering", || {
+        let ok = ctr(&["version"]).is_ok_and(|o| o.status.success());
+        async move { ok.then_some(()) }
+    })
+    .await?;
+    for archive in bundle(&host.images)? {
+        progress(&format!("importing {}", archive.display()));
+        let out = ctr(&["images", "import", &archive.display().to_string()]).map_err(|e| {
+            BringupError::Import {
+                archive: archive.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        if !out.status.success() {
+            return Err(BringupError::Import {
+                archive: archive.display().to_string(),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
+
+    progress("starting the kubelet");
+    supervisor.start(&plan.kubelet)?;
+    let kubelet_conf = host.path(paths::KUBELET_KUBECONFIG);
+    wait_for(
+        supervisor,
+        "kubelet",
+        "the kubelet getting its credentials",
+        || {
+            let ok = kubelet_conf.exists();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await?;
+    progress("starting kube-proxy");
+    supervisor.start(&plan.kube_proxy)?;
+    progress("waiting for the node to register");
+    let node_path = format!("/api/v1/nodes/{}", host.node_name);
+    wait_for(supervisor, "kubelet", "the node registering", || {
+        let (conf, path) = (kubelet_conf.clone(), node_path.clone());
+        async move {
+            // The Node authorizer lets a kubelet read its own Node.
+            let client = crate::kube_client::from_kubeconfig(&conf).await.ok()?;
+            let req = http::Request::get(path).body(Vec::new()).ok()?;
+            client.request_text(req).await.ok().map(|_| ())
+        }
+    })
+    .await?;
+    Ok(Outcome {
+        ca_cert_hash: pki::ca_cert_hash(&ca_pem)?,
+        admin_kubeconfig: (node.role == KubeRole::Init).then_some(admin),
+    })
+}
+
+fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<(), BringupError> {
+    write_file(root, rel, content.as_bytes(), mode)
+        .map_err(io(format!("writing {}", root.join(rel).display())))
+}
+
+/// The OCI archives of the airgap bundle, sorted; none when the directory does not exist.
+fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Polls `probe` until it yields, failing when `service` exits or the step times out.
+async fn wait_for<T, F, Fut>(
+    supervisor: &mut dyn Supervisor,
+    service: &str,
+    what: &str,
+    mut probe: F,
+) -> Result<T, BringupError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        supervisor.check()?;
+        if start.elapsed() > STEP_TIMEOUT {
+            return Err(BringupError::Timeout {
+                what: what.to_string(),
+                after: STEP_TIMEOUT,
+                service: service.to_string(),
+                log: supervisor.log_tail(service),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The CA (kept across restarts) and every certificate and kubeconfig the first control
+/// plane needs; existing ones are kept, so a restart changes nothing.
+fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, BringupError> {
+    let root = &host.root;
+    let pki_file = |f: &str| format!("{}/{f}", paths::PKI);
+    let exists = |rel: &str| root.join(rel).exists();
+    let read = |rel: &str| {
+        std::fs::read_to_string(root.join(rel))
+            .map_err(io(format!("reading {}", root.join(rel).display())))
+    };
+    let ca = if exists(&pki_file("ca.key")) {
+        Ca::load(CertPair {
+            cert_pem: read(&pki_file("ca.crt"))?,
+            key_pem: read(&pki_file("ca.key"))?,
+        })?
+    } else {
+        let ca = Ca::generate("kiln-kubernetes-ca")?;
+        write(root, &pki_file("ca.crt"), &ca.pair.cert_pem, 0o644)?;
+        write(root, &pki_file("ca.key"), &ca.pair.key_pem, 0o600)?;
+        ca
+    };
+    let pair = |name: &str, leaf: Leaf<'_>| -> Result<(), BringupError> {
+        if exists(&pki_file(&format!("{name}.key"))) {
+            return Ok(());
+        }
+        let p = ca.issue(&leaf)?;
+        write(root, &pki_file(&format!("{name}.crt")), &p.cert_pem, 0o644)?;
+        write(root, &pki_file(&format!("{name}.key")), &p.key_pem, 0o600)
+    };
+    pair(
+        "apiserver",
+        Leaf {
+            common_name: "kube-apiserver",
+            organizations: &[],
+            sans: api_server_sans(node),
+            usage: Usage::Server,
+        },
+    )?;
+    pair(
+        "apiserver-kubelet-client",
+        Leaf {
+            common_name: "kube-apiserver-kubelet-client",
+            organizations: &["system:masters"],
+            sans: vec![],
+            usage: Usage::Client,
+        },
+    )?;
+    if !exists(&pki_file("sa.key")) {
+        let (private, public) = pki::key_pair()?;
+        write(root, &pki_file("sa.pub"), &public, 0o644)?;
+        write(root, &pki_file("sa.key"), &private, 0o600)?;
+    }
+    let server = api_server_url(node);
+    let node_user = format!("system:node:{}", host.node_name);
+    for (file, user, orgs) in [
+        (
+            paths::ADMIN_KUBECONFIG,
+            "kubernetes-admin",
+            &["system:masters"][..],
+        ),
+        (
+            paths::CONTROLLER_MANAGER_KUBECONFIG,
+            "system:kube-controller-manager",
+            &[],
+        ),
+        (paths::SCHEDULER_KUBECONFIG, "system:kube-scheduler", &[]),
+        (
+            paths::KUBELET_KUBECONFIG,
+            node_user.as_str(),
+            &["system:nodes"],
+        ),
+    ] {
+        if exists(file) {
+            continue;
+        }
+        let p = ca.issue(&Leaf {
+            common_name: user,
+            organizations: orgs,
+            sans: vec![],
+            usage: Usage::Client,
+        })?;
+        let text = pki::kubeconfig(
+            &server,
+            &ca.pair.cert_pem,
+            user,
+            Credential::Certificate(&p),
+        );
+        write(root, file, &text, 0o600)?;
+    }
+    Ok(ca)
+}
+
+/// What lets nodes join: the bootstrap token's Secret, the bindings that let its holders ask
+/// for a node certificate (approved automatically) and let nodes run kube-proxy, and the
+/// public cluster-info a joining node finds the CA in.
+pub fn bootstrap_objects(node: &KubernetesNode, server: &str, ca_pem: &str) -> Vec<Value> {
+    let binding = |name: &str, role: &str, group: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+        })
+    };
+    let cluster_info = {
+        let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\n",
+            b64(ca_pem)
+        )
+    };
+    let mut objects = vec![
+        binding(
+            "kiln:kubelet-bootstrap",
+            "system:node-bootstrapper",
+            "system:bootstrappers",
+        ),
+        binding(
+            "kiln:node-autoapprove-bootstrap",
+            "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
+            "system:bootstrappers",
+        ),
+        binding(
+            "kiln:node-autoapprove-certificate-rotation",
+            "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient",
+            "system:nodes",
+        ),
+        // kube-proxy runs with its node's credentials.
+        binding("kiln:node-proxier", "system:node-proxier", "system:nodes"),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+            "data": {"kubeconfig": cluster_info},
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "kiln:cluster-info-reader", "namespace": "kube-public"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cluster-info"], "verbs": ["get"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "kiln:cluster-info-reader", "namespace": "kube-public"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kiln:cluster-info-reader"},
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"},
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:bootstrappers"},
+            ],
+        }),
+    ];
+    if let Some((id, secret)) = node.join.as_ref().and_then(|j| j.token.split_once('.')) {
+        objects.push(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "bootstrap.kubernetes.io/token",
+            "metadata": {"name": format!("bootstrap-token-{id}"), "namespace": "kube-system"},
+            "stringData": {
+                "description": "kiln: nodes of this cluster join with it",
+                "token-id": id,
+                "token-secret": secret,
+                "usage-bootstrap-authentication": "true",
+                "usage-bootstrap-signing": "true",
+                "auth-extra-groups": BOOTSTRAP_GROUP,
+            },
+        }));
+    }
+    objects
+}
+
+async fn apply_bootstrap_objects(
+    client: &kube::Client,
+    node: &KubernetesNode,
+    server: &str,
+    ca_pem: &str,
+) -> Result<(), BringupError> {
+    for object in bootstrap_objects(node, server, ca_pem) {
+        let (group, version) = match object["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .split_once('/')
+        {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), "v1".to_string()),
+        };
+        let kind = object["kind"].as_str().unwrap_or_default().to_string();
+        let plural = format!("{}s", kind.to_lowercase());
+        let ar = ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk(&group, &version, &kind),
+            &plural,
+        );
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        let context = format!("applying {kind} {name}");
+        api.patch(
+            &name,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .map_err(crate::Error::kube(context))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! A node's part in the appliance's Kubernetes cluster (NodeConfig `spec.kubernetes`): its
+//! role, addresses and networks, and the join credentials a worker needs. The credentials
+//! travel only in the per-node config, never in the image.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::ValidationErrors;
+
+/// Which part the node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubeRole {
+    /// The first control plane: creates the cluster's CA, etcd and the API server, and the
+    /// bootstrap token workers join with. It also runs a kubelet and takes workloads.
+    Init,
+    /// Joins an existing cluster with a bootstrap token, the CA pinned by its hash.
+    Worker,
+}
+
+/// A bootstrap token (`abcdef.0123456789abcdef`) and the SHA-256 of the cluster CA's public
+/// key (`sha256:<hex>`), as kubeadm writes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinCredentials {
+    pub token: String,
+    /// Required to join: the joining node trusts only an API server whose CA has this hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesNode {
+    pub role: KubeRole,
+    /// The address this node's components advertise and listen on.
+    pub node_ip: String,
+    /// `https://ADDRESS:6443`, the first control plane. Workers need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<String>,
+    /// On `init`: the token the cluster accepts from joining nodes. On `worker`: the token
+    /// and CA hash to join with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinCredentials>,
+    /// The whole pod network; every node's `podCidr` lies inside it.
+    #[serde(default = "default_cluster_cidr")]
+    pub cluster_cidr: String,
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+    /// This node's slice of `clusterCidr` for its pods.
+    pub pod_cidr: String,
+    #[serde(default = "default_max_pods")]
+    pub max_pods: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `key=value:Effect` or `key:Effect`, as kubelet's `--register-with-taints`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<String>,
+}
+
+pub fn default_cluster_cidr() -> String {
+    "10.42.0.0/16".into()
+}
+
+pub fn default_service_cidr() -> String {
+    "10.43.0.0/16".into()
+}
+
+pub fn default_cluster_domain() -> String {
+    "cluster.local".into()
+}
+
+fn default_max_pods() -> u32 {
+    110
+}
+
+/// `abcdef.0123456789abcdef`: the token id (public, names its Secret) and the secret part.
+pub fn is_bootstrap_token(t: &str) -> bool {
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    };
+    matches!(t.split_once('.'), Some((id, secret)) if ok(id, 6) && ok(secret, 16))
+}
+
+fn is_ca_hash(h: &str) -> bool {
+    h.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Two networks overlap when either contains the other's first address.
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Checks the cluster-wide networks: parseable, and pods and services apart.
+pub fn check_cluster_networks(
+    at: &str,
+    cluster_cidr: &str,
+    service_cidr: &str,
+    errs: &mut ValidationErrors,
+) -> Option<(IpNet, IpNet)> {
+    let parse = |field: &str, v: &str, errs: &mut ValidationErrors| match v.parse::<IpNet>() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            errs.push(
+                format!("{at}.{field}"),
+                format!("{v:?} is not a network like 10.42.0.0/16"),
+            );
+            None
+        }
+    };
+    let pods = parse("clusterCidr", cluster_cidr, errs);
+    let services = parse("serviceCidr", service_cidr, errs);
+    let (pods, services) = (pods?, services?);
+    if overlaps(&pods, &services) {
+        errs.push(
+            format!("{at}.serviceCidr"),
+            format!("{services} overlaps the pod network clusterCidr {pods}"),
+        );
+    }
+    Some((pods, services))
+}
+
+impl KubernetesNode {
+    /// Validates the section; `node_networks` are the node's own static addresses (with
+    /// their field paths), which must not fall into the pod or service networks.
+    pub fn validate_into(
+        &self,
+        at: &str,
+        node_networks: &[(String, IpNet)],
+        errs: &mut ValidationErrors,
+    ) {
+        let nets = check_cluster_networks(at, &self.cluster_cidr, &self.service_cidr, errs);
+        if self.cluster_domain.is_empty()
+            || !self
+                .cluster_domain
+                .split('.')
+                .all(crate::inventory::is_dns_label)
+        {
+            errs.push(
+                format!("{at}.clusterDomain"),
+                format!("{:?} is not a domain name", self.cluster_domain),
+            );
+        }
+        match self.pod_cidr.parse::<IpNet>() {
+            Err(_) => errs.push(
+                format!("{at}.podCidr"),
+                format!("{:?} is not a network like 10.42.1.0/24", self.pod_cidr),
+            ),
+            Ok(slice) => {
+                if let Some((pods, _)) = nets
+                    && !pods.contains(&slice)
+                {
+                    errs.push(
+                        format!("{at}.podCidr"),
+                        format!("{slice} is not inside clusterCidr {pods}"),
+                    );
+                }
+            }
+        }
+        match self.node_ip.parse::<IpAddr>() {
+            Err(_) => errs.push(
+                format!("{at}.nodeIp"),
+                format!("{:?} is not an IP address", self.node_ip),
+            ),
+            Ok(ip) => {
+                let own = [(format!("{at}.nodeIp"), IpNet::from(ip))];
+                for (path, net) in own.iter().chain(node_networks) {
+                    for (name, cluster_net) in nets
+                        .iter()
+                        .flat_map(|(p, s)| [("clusterCidr", p), ("serviceCidr", s)])
+                    {
+                        if overlaps(net, cluster_net) {
+                            errs.push(
+                                path.clone(),
+                                format!("{net} overlaps the cluster's {name} {cluster_net}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(url) = &self.api_server
+            && !url.starts_with("https://")
+        {
+            errs.push(
+                format!("{at}.apiServer"),
+                format!("{url:?} is not an https:// URL"),
+            );
+        }
+        if let Some(j) = &self.join {
+            if !is_bootstrap_token(&j.token) {
+                errs.push(
+                    format!("{at}.join.token"),
+                    "not a bootstrap token: 6 and 16 lower-case letters or digits joined by '.'",
+                );
+            }
+            if let Some(h) = &j.ca_cert_hash
+                && !is_ca_hash(h)
+            {
+                errs.push(
+                    format!("{at}.join.caCertHash"),
+                    "not a CA hash: sha256: and 64 hexadecimal digits",
+                );
+            }
+        }
+        if self.role == KubeRole::Worker {
+            if self.api_server.is_none() {
+                errs.push(
+                    format!("{at}.apiServer"),
+                    "a worker needs the API server to join",
+                );
+            }
+            match &self.join {
+                None => errs.push(
+                    format!("{at}.join"),
+                    "a worker needs join credentials (token and caCertHash) from the first control plane",
+                ),
+                Some(j) if j.ca_cert_hash.is_none() => errs.push(
+                    format!("{at}.join.caCertHash"),
+                    "a worker trusts the cluster only by its CA hash; it is missing",
+                ),
+                Some(_) => {}
+            }
+        }
+        for (i, t) in self.taints.iter().enumerate() {
+            let effect = t.rsplit_once(':').map(|(_, e)| e);
+            if !matches!(
+                effect,
+                Some("NoSchedule" | "PreferNoSchedule" | "NoExecute")
+            ) {
+                errs.push(
+                    format!("{at}.taints[{i}]"),
+                    format!("{t:?} is not key[=value]:NoSchedule|PreferNoSchedule|NoExecute"),
+                );
+            }
+        }
+    }
+}

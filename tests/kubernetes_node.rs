@@ -1,0 +1,550 @@
+//! Host tier of the appliance's own Kubernetes: kiln's bring-up code (certificates, configs,
+//! airgap image import, services) starts a real cluster on this machine — etcd, the API
+//! server, controller-manager, scheduler, containerd, kubelet and kube-proxy from kiln's
+//! multi-call build — with each node in its own network and mount namespace. One cluster
+//! serves every assertion: the first control plane goes Ready, a Deployment of kiln's test
+//! image from the airgap bundle answers over its Service, a worker with a wrong token or a
+//! wrong CA pin is refused before it starts anything, and a worker with the right ones joins
+//! and runs a pod.
+//!
+//! The services run as supervised processes (no systemd here); the host's cgroups are v1, so
+//! each node's kubelet gets its own cgroup root, and its root lacks CAP_SYS_RESOURCE, so
+//! containerd may not lower OOM scores (`restrict_oom_score_adj`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kiln_cluster::node::bringup::{BringupError, Outcome, Processes, bring_up};
+use kiln_cluster::node::join::JoinError;
+use kiln_cluster::node::{Host, PAUSE_IMAGE};
+use kiln_cluster::testing::Binaries;
+use kiln_image::oci::{OciImage, write_archive};
+use kiln_lab::netns::Netns;
+use kiln_spec::ValidationErrors;
+use kiln_spec::kubernetes::{JoinCredentials, KubeRole, KubernetesNode};
+
+const HELLO_IMAGE: &str = "kiln.local/hello:1";
+const HELLO_TEXT: &str = "hello from kiln's airgap bundle\n";
+
+/// One node's namespaces: a network namespace, a process holding a mount namespace the
+/// node's daemons share (their mounts vanish with it), and a cgroup of its own.
+struct NodeNs {
+    netns: Netns,
+    holder: Child,
+    cgroup: String,
+}
+
+impl NodeNs {
+    fn create(prefix: &str) -> NodeNs {
+        let netns = Netns::create(prefix).unwrap();
+        // The kubelet and containerd keep pod logs and pod network namespaces at fixed host
+        // paths; each node gets its own, gone with its mount namespace.
+        let private = ["/run/netns", "/var/log/pods", "/var/log/containers"];
+        for d in private {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mounts: String = private
+            .iter()
+            .map(|d| format!("mount -t tmpfs kiln-node {d} && "))
+            .collect();
+        let holder = netns
+            .enter(|| {
+                Command::new("unshare")
+                    .args(["-m", "--propagation", "slave", "sh", "-c"])
+                    .arg(format!("{mounts}exec sleep infinity"))
+                    .spawn()
+                    .expect("starting the mount namespace holder")
+            })
+            .unwrap();
+        let cgroup = format!("kiln-test-{}", netns.name());
+        for controller in cgroup_controllers() {
+            let dir = controller.join(&cgroup);
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(v) = std::fs::read_to_string(controller.join(f)) {
+                    std::fs::write(dir.join(f), v).unwrap();
+                }
+            }
+        }
+        NodeNs {
+            netns,
+            holder,
+            cgroup,
+        }
+    }
+
+    /// Runs every service in the node's mount namespace (the network one comes from the
+    /// thread that starts it).
+    fn supervisor(&self, log_dir: PathBuf) -> Processes {
+        Processes::new(
+            log_dir,
+            ["nsenter", "-t", &self.holder.id().to_string(), "-m", "--"]
+                .map(String::from)
+                .to_vec(),
+        )
+    }
+
+    fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        self.netns
+            .enter(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(f)
+            })
+            .unwrap()
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        // containerd's shims (in the node's network namespace) and the containers (in the
+        // node's cgroup, each in a network namespace of its own) outlive containerd by design.
+        let kill = |pids: &str| {
+            for pid in pids.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        };
+        if let Ok(pids) =
+            kiln_lab::netns::run(Command::new("ip").args(["netns", "pids", self.netns.name()]))
+        {
+            kill(&pids);
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        for _ in 0..50 {
+            let procs = cgroup_procs(&self.cgroup);
+            if procs.is_empty() {
+                break;
+            }
+            kill(&procs);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for controller in cgroup_controllers() {
+            remove_cgroup(&controller.join(&self.cgroup));
+        }
+    }
+}
+
+fn cgroup_controllers() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
+        .collect()
+}
+
+/// Every process in the cgroup tree `name`, in any hierarchy.
+fn cgroup_procs(name: &str) -> String {
+    let mut out = String::new();
+    for controller in cgroup_controllers() {
+        for entry in walk_dirs(&controller.join(name)) {
+            out.push_str(&std::fs::read_to_string(entry.join("cgroup.procs")).unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk_dirs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// kiln's airgap bundle for the test: the pause image (catatonit) and a web server
+/// (busybox httpd) with one page.
+fn bundle(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    write_archive(
+        &OciImage {
+            name: PAUSE_IMAGE.into(),
+            files: BTreeMap::from([("pause".into(), (read("/usr/bin/catatonit"), 0o755))]),
+            entrypoint: vec!["/pause".into(), "-P".into()],
+            ..OciImage::default()
+        },
+        &dir.join("pause.tar"),
+    )
+    .unwrap();
+    write_archive(
+        &OciImage {
+            name: HELLO_IMAGE.into(),
+            files: BTreeMap::from([
+                ("bin/busybox".into(), (read("/bin/busybox"), 0o755)),
+                (
+                    "www/index.html".into(),
+                    (HELLO_TEXT.as_bytes().to_vec(), 0o644),
+                ),
+            ]),
+            entrypoint: ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+                .map(String::from)
+                .to_vec(),
+            ..OciImage::default()
+        },
+        &dir.join("hello.tar"),
+    )
+    .unwrap();
+}
+
+fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &Binaries, images: &Path) -> Host {
+    Host {
+        root: dir.join(name),
+        node_name: name.into(),
+        kube_bin: bins.kube_dir.clone(),
+        etcd: bins.etcd.clone(),
+        containerd: "/usr/bin/containerd".into(),
+        ctr: "/usr/bin/ctr".into(),
+        cni_bin: "/usr/lib/cni".into(),
+        images: images.to_path_buf(),
+        cgroup_root: format!("/{}", ns.cgroup),
+        restrict_oom_score_adj: true,
+    }
+}
+
+fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>) -> KubernetesNode {
+    let n = KubernetesNode {
+        role,
+        node_ip: ip.into(),
+        api_server: (role == KubeRole::Worker).then(|| "https://10.231.0.1:6443".into()),
+        join,
+        cluster_cidr: "10.42.0.0/16".into(),
+        service_cidr: "10.43.0.0/16".into(),
+        cluster_domain: "cluster.local".into(),
+        pod_cidr: pod_cidr.into(),
+        max_pods: 110,
+        labels: BTreeMap::from([("kiln.dev/test".into(), "yes".into())]),
+        taints: vec![],
+    };
+    let mut errs = ValidationErrors::default();
+    n.validate_into("spec.kubernetes", &[], &mut errs);
+    assert!(errs.0.is_empty(), "{errs:?}");
+    n
+}
+
+/// `kubectl` as the admin, from inside node A's network namespace.
+fn kubectl(
+    a: &NodeNs,
+    bins: &Binaries,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> String {
+    a.netns
+        .enter(|| {
+            let mut child = Command::new(&bins.kubectl)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            if let Some(text) = stdin {
+                use std::io::Write as _;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "kubectl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .unwrap()
+}
+
+fn wait_ready(a: &NodeNs, bins: &Binaries, admin: &Path, object: &str) {
+    kubectl(
+        a,
+        bins,
+        admin,
+        &["wait", "--for=condition=Ready", object, "--timeout=180s"],
+        None,
+    );
+}
+
+fn token() -> String {
+    let hex = format!("{:032x}", rand_u128());
+    format!("{}.{}", &hex[..6], &hex[6..22])
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    u128::from_le_bytes(b)
+}
+
+const HELLO: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hello, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: hello}}
+  template:
+    metadata: {labels: {app: hello}}
+    spec:
+      nodeSelector: {kubernetes.io/hostname: kiln-a}
+      containers:
+      - name: hello
+        image: kiln.local/hello:1
+        imagePullPolicy: Never
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: default}
+spec:
+  selector: {app: hello}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+#[test]
+fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
+    for (tool, package) in [
+        ("containerd", "containerd"),
+        ("runc", "runc"),
+        ("catatonit", "catatonit"),
+        ("iptables", "iptables"),
+        ("conntrack", "conntrack"),
+        ("unshare", "util-linux"),
+    ] {
+        common::require(tool, package);
+    }
+    assert!(
+        Path::new("/usr/lib/cni/bridge").exists(),
+        "/usr/lib/cni/bridge is missing: install the Debian package containernetworking-plugins"
+    );
+    let bins = Binaries::locate().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-k8s-")
+        .tempdir()
+        .unwrap();
+    let images = dir.path().join("images");
+    bundle(&images);
+
+    let a = NodeNs::create("k8sa");
+    let b = NodeNs::create("k8sb");
+    a.netns.add_veth("kiln0a", &b.netns, "kiln0b").unwrap();
+    a.netns.add_address("kiln0a", "10.231.0.1/24").unwrap();
+    b.netns.add_address("kiln0b", "10.231.0.2/24").unwrap();
+    for (ns, dev) in [(&a, "kiln0a"), (&b, "kiln0b")] {
+        ns.netns
+            .ip(&["route", "add", "default", "dev", dev])
+            .unwrap();
+    }
+
+    // The first control plane. The steps print with their time since the start.
+    let t0 = std::time::Instant::now();
+    let join_token = token();
+    let init = node(
+        KubeRole::Init,
+        "10.231.0.1",
+        "10.42.0.0/24",
+        Some(JoinCredentials {
+            token: join_token.clone(),
+            ca_cert_hash: None,
+        }),
+    );
+    let host_a = host(dir.path(), "kiln-a", &a, &bins, &images);
+    let mut sup_a = a.supervisor(host_a.path("var/log/kiln"));
+    let outcome: Outcome = a
+        .run(bring_up(&init, &host_a, &mut sup_a, &|step| {
+            eprintln!("[{:5.1}s] kiln-a: {step}", t0.elapsed().as_secs_f64())
+        }))
+        .unwrap_or_else(|e| panic!("bringing up the first control plane: {e}"));
+    let admin = outcome
+        .admin_kubeconfig
+        .clone()
+        .expect("init writes the admin kubeconfig");
+    wait_ready(&a, &bins, &admin, "node/kiln-a");
+    eprintln!("[{:5.1}s] node kiln-a Ready", t0.elapsed().as_secs_f64());
+
+    // kiln's test image from the airgap bundle, served through its Service by kube-proxy.
+    kubectl(&a, &bins, &admin, &["apply", "-f", "-"], Some(HELLO));
+    kubectl(
+        &a,
+        &bins,
+        &admin,
+        &["rollout", "status", "deployment/hello", "--timeout=180s"],
+        None,
+    );
+    let cluster_ip = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "get",
+            "service",
+            "hello",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        None,
+    );
+    let body = a
+        .netns
+        .enter(|| {
+            Command::new("curl")
+                .args([
+                    "-fsS",
+                    "--max-time",
+                    "10",
+                    "--retry",
+                    "10",
+                    "--retry-all-errors",
+                    "--retry-delay",
+                    "1",
+                ])
+                .arg(format!("http://{cluster_ip}/"))
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&body.stdout),
+        HELLO_TEXT,
+        "the Service at {cluster_ip} did not answer with the page: {}",
+        String::from_utf8_lossy(&body.stderr)
+    );
+
+    // Joining with a wrong token or a wrong CA pin stops before anything is written or runs.
+    let host_b = host(dir.path(), "kiln-b", &b, &bins, &images);
+    let worker = |token: &str, hash: &str| {
+        node(
+            KubeRole::Worker,
+            "10.231.0.2",
+            "10.42.1.0/24",
+            Some(JoinCredentials {
+                token: token.into(),
+                ca_cert_hash: Some(hash.into()),
+            }),
+        )
+    };
+    let mut sup_b = b.supervisor(host_b.path("var/log/kiln"));
+    let wrong_token = token();
+    let err = b
+        .run(bring_up(
+            &worker(&wrong_token, &outcome.ca_cert_hash),
+            &host_b,
+            &mut sup_b,
+            &|_| {},
+        ))
+        .expect_err("a wrong token must be refused");
+    assert!(
+        matches!(
+            err,
+            BringupError::Join(JoinError::TokenRefused { status: 401, .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("refused the bootstrap token"),
+        "{err}"
+    );
+    let other_hash = format!("sha256:{}", "0".repeat(64));
+    let err = b
+        .run(bring_up(
+            &worker(&join_token, &other_hash),
+            &host_b,
+            &mut sup_b,
+            &|_| {},
+        ))
+        .expect_err("a wrong CA pin must be refused");
+    assert!(
+        matches!(err, BringupError::Join(JoinError::CaMismatch { .. })),
+        "{err}"
+    );
+    assert!(
+        !host_b.root.exists(),
+        "a refused join wrote {}",
+        host_b.root.display()
+    );
+
+    // The worker joins with the token and the pin, and runs a pod.
+    b.run(bring_up(
+        &worker(&join_token, &outcome.ca_cert_hash),
+        &host_b,
+        &mut sup_b,
+        &|step| eprintln!("[{:5.1}s] kiln-b: {step}", t0.elapsed().as_secs_f64()),
+    ))
+    .unwrap_or_else(|e| panic!("joining the worker: {e}"));
+    wait_ready(&a, &bins, &admin, "node/kiln-b");
+    eprintln!("[{:5.1}s] node kiln-b Ready", t0.elapsed().as_secs_f64());
+    let csrs = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "get",
+            "csr",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.username} {.status.conditions[0].type}{\"\\n\"}{end}",
+        ],
+        None,
+    );
+    assert!(
+        csrs.lines()
+            .any(|l| l.starts_with("system:bootstrap:") && l.ends_with(" Approved")),
+        "the worker's certificate request was not approved automatically: {csrs}"
+    );
+    kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "run",
+            "on-worker",
+            "--image",
+            HELLO_IMAGE,
+            "--image-pull-policy=Never",
+            "--overrides",
+            r#"{"spec":{"nodeName":"kiln-b"}}"#,
+        ],
+        None,
+    );
+    wait_ready(&a, &bins, &admin, "pod/on-worker");
+    let pod_ip = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &["get", "pod", "on-worker", "-o", "jsonpath={.status.podIP}"],
+        None,
+    );
+    assert!(
+        pod_ip.starts_with("10.42.1."),
+        "the worker's pod has {pod_ip}, outside its podCidr"
+    );
+
+    drop(sup_b);
+    drop(sup_a);
+}
