@@ -9,10 +9,13 @@
 # k8s.io/kubernetes cannot be required as-is: its go.mod replaces every k8s.io staging module
 # with a path inside its own tree. A wrapper module requires it and replaces each staging
 # module it requires with the published v0.Y.Z of the same release.
+#
+# `kiln build` runs this same script (embedded) for images with the kubernetes feature, with
+# KUBE_FIXTURES_DIR pointing at its copies of versions.env and kube/main.go.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+fixtures="${KUBE_FIXTURES_DIR:-$(cd "$(dirname "$0")" && pwd)/kube-fixtures}"
 # shellcheck source=kube-fixtures/versions.env
-source scripts/kube-fixtures/versions.env
+source "$fixtures/versions.env"
 
 export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 export PATH="$PATH:/usr/local/go/bin"
@@ -22,7 +25,7 @@ command -v go >/dev/null || { echo "kube-fixtures: go not found (install Go to /
 kube_bin="$KILN_CACHE/bin/$KUBERNETES_VERSION"
 etcd_bin="$KILN_CACHE/bin/$ETCD_VERSION"
 work="$KILN_CACHE/src/kube-fixtures"
-main_go="$PWD/scripts/kube-fixtures/kube/main.go"
+main_go="$fixtures/kube/main.go"
 main_sum="$(sha256sum "$main_go" | cut -d' ' -f1)"
 
 build_kubernetes() {

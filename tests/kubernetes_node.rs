@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use kiln_cluster::node::Host;
 use kiln_cluster::node::bringup::{BringupError, Outcome, Processes, bring_up};
 use kiln_cluster::node::join::JoinError;
-use kiln_cluster::node::{Host, PAUSE_IMAGE};
-use kiln_cluster::testing::Binaries;
+use kiln_image::kubernetes::{KubeBinaries, ensure_binaries, pause_image};
 use kiln_image::oci::{OciImage, write_archive};
 use kiln_lab::netns::Netns;
 use kiln_spec::ValidationErrors;
@@ -179,12 +179,7 @@ fn bundle(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
     write_archive(
-        &OciImage {
-            name: PAUSE_IMAGE.into(),
-            files: BTreeMap::from([("pause".into(), (read("/usr/bin/catatonit"), 0o755))]),
-            entrypoint: vec!["/pause".into(), "-P".into()],
-            ..OciImage::default()
-        },
+        &pause_image(read("/usr/bin/catatonit")),
         &dir.join("pause.tar"),
     )
     .unwrap();
@@ -208,11 +203,11 @@ fn bundle(dir: &Path) {
     .unwrap();
 }
 
-fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &Binaries, images: &Path) -> Host {
+fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &KubeBinaries, images: &Path) -> Host {
     Host {
         root: dir.join(name),
         node_name: name.into(),
-        kube_bin: bins.kube_dir.clone(),
+        kube_bin: bins.kube.parent().unwrap().to_path_buf(),
         etcd: bins.etcd.clone(),
         containerd: "/usr/bin/containerd".into(),
         ctr: "/usr/bin/ctr".into(),
@@ -246,14 +241,14 @@ fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>)
 /// `kubectl` as the admin, from inside node A's network namespace.
 fn kubectl(
     a: &NodeNs,
-    bins: &Binaries,
+    bins: &KubeBinaries,
     kubeconfig: &Path,
     args: &[&str],
     stdin: Option<&str>,
 ) -> String {
     a.netns
         .enter(|| {
-            let mut child = Command::new(&bins.kubectl)
+            let mut child = Command::new(bins.kube.with_file_name("kubectl"))
                 .arg(format!("--kubeconfig={}", kubeconfig.display()))
                 .args(args)
                 .stdin(Stdio::piped())
@@ -281,7 +276,7 @@ fn kubectl(
         .unwrap()
 }
 
-fn wait_ready(a: &NodeNs, bins: &Binaries, admin: &Path, object: &str) {
+fn wait_ready(a: &NodeNs, bins: &KubeBinaries, admin: &Path, object: &str) {
     kubectl(
         a,
         bins,
@@ -344,7 +339,8 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         Path::new("/usr/lib/cni/bridge").exists(),
         "/usr/lib/cni/bridge is missing: install the Debian package containernetworking-plugins"
     );
-    let bins = Binaries::locate().unwrap_or_else(|e| panic!("{e}"));
+    // The same build `kiln build` puts into an image (a check when cached).
+    let bins = ensure_binaries(&kiln_spec::paths::cache_dir()).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::Builder::new()
         .prefix("kiln-k8s-")
         .tempdir()

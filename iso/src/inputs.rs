@@ -49,6 +49,8 @@ pub struct BuildInputs {
     pub units_enabled: Vec<String>,
     /// The `kiln` binary for `/usr/bin/kiln` and the initramfs `/init`.
     pub kiln_binary: PathBuf,
+    /// kiln's Kubernetes build, for images with the `kubernetes` feature.
+    pub kubernetes: Option<crate::kubernetes::KubeBinaries>,
 }
 
 impl BuildInputs {

@@ -14,6 +14,7 @@ mod golden;
 pub mod initramfs;
 pub mod inputs;
 pub mod iso;
+pub mod kubernetes;
 pub mod manifest;
 pub mod oci;
 pub mod overlay;

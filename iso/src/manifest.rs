@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{BuildError, Result};
 
-pub use kiln_spec::manifest::{Artifact, Manifest, Package};
+pub use kiln_spec::manifest::{Artifact, KubernetesManifest, Manifest, NodeImage, Package};
 
 /// Installed packages from a dpkg `status` file, sorted by name.
 pub fn parse_dpkg_status(status: &str) -> Vec<Package> {

@@ -84,11 +84,12 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     let kernel = unpack(&tarball, &dirs, &mut rep)?;
     trim_rootfs(inputs, &dirs, &kernel, &mut rep)?;
     let kiln = apply_overlays(inputs, &dirs, &mut rep)?;
+    let kubernetes = kubernetes_payload(inputs, &dirs, &mut rep)?;
     initramfs(&dirs, &kiln, &kernel, &mut rep)?;
     let packages = installed_packages(&dirs.root)?;
     squashfs(&dirs, &mut rep)?;
     make_iso(inputs, &dirs, &mut rep)?;
-    let manifest = write_manifest(inputs, &dirs, &kernel, key, packages, &mut rep)?;
+    let manifest = write_manifest(inputs, &dirs, &kernel, key, packages, kubernetes, &mut rep)?;
 
     publish(staging, out)?;
     Ok(BuildReport {
@@ -180,6 +181,32 @@ fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Resu
     Ok(kiln)
 }
 
+/// Step 3b: kiln's Kubernetes binaries and the airgap images, when the spec asks for them.
+fn kubernetes_payload(
+    inputs: &BuildInputs,
+    dirs: &Dirs,
+    rep: &mut Reporter,
+) -> Result<Option<manifest::KubernetesManifest>> {
+    let Some(bins) = &inputs.kubernetes else {
+        return Ok(None);
+    };
+    let t = Instant::now();
+    let pb = rep.spinner("kubernetes");
+    let m = crate::kubernetes::install(&dirs.root, bins)?;
+    rep.done(
+        &pb,
+        "kubernetes",
+        t,
+        format!(
+            "Kubernetes {}, etcd {}, {} images",
+            m.kubernetes_version,
+            m.etcd_version,
+            m.images.len()
+        ),
+    );
+    Ok(Some(m))
+}
+
 /// Step 4: The initramfs and the kernel into the PXE bundle; a copy of the initramfs goes into the
 /// image so an installer or upgrade finds kernel and initramfs inside the slot it writes.
 fn initramfs(dirs: &Dirs, kiln: &Path, kernel: &rootfs::Kernel, rep: &mut Reporter) -> Result<()> {
@@ -255,6 +282,7 @@ fn write_manifest(
     kernel: &rootfs::Kernel,
     rootfs_cache_key: String,
     packages: Vec<manifest::Package>,
+    kubernetes: Option<manifest::KubernetesManifest>,
     rep: &mut Reporter,
 ) -> Result<Manifest> {
     std::fs::remove_dir_all(&dirs.work).map_err(BuildError::io("removing the work directory"))?;
@@ -296,6 +324,7 @@ fn write_manifest(
         rootfs_cache_key,
         artifacts,
         packages,
+        kubernetes,
     };
     std::fs::write(dirs.stage.join(SPEC_FILE), &inputs.spec_yaml)
         .map_err(BuildError::io(format!("writing {SPEC_FILE}")))?;

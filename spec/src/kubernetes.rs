@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::errors::ValidationErrors;
 
+/// Where an image with the `kubernetes` feature carries kiln's multi-call `kube` binary (with
+/// a link per component) and etcd, and the airgap bundle of OCI archives the node imports
+/// into containerd before its kubelet starts: the contract between the build and the node.
+pub const BIN_DIR: &str = "/usr/lib/kiln/kubernetes";
+pub const IMAGES_DIR: &str = "/usr/share/kiln/images";
+/// The pause image every pod sandbox runs (containerd's `sandbox_image`), built by kiln.
+pub const PAUSE_IMAGE: &str = "kiln.local/pause:1";
+
 /// Which part the node plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]

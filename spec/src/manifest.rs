@@ -30,6 +30,31 @@ pub struct Manifest {
     pub rootfs_cache_key: String,
     pub artifacts: Vec<Artifact>,
     pub packages: Vec<Package>,
+    /// What the `kubernetes` feature put into the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesManifest>,
+}
+
+/// kiln's Kubernetes build in an image: pinned versions, digests of the built binaries and
+/// the airgap images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesManifest {
+    pub kubernetes_version: String,
+    pub etcd_version: String,
+    pub kube_sha256: String,
+    pub etcd_sha256: String,
+    pub images: Vec<NodeImage>,
+}
+
+/// An OCI archive in the image, imported into containerd before the kubelet starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeImage {
+    pub name: String,
+    /// `sha256:…` of the image manifest.
+    pub digest: String,
+    /// Where the archive is in the image.
+    pub path: String,
 }
 
 impl Manifest {

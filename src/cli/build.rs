@@ -35,8 +35,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("finding the kiln binary")?,
     };
-    let inputs = resolve(&appliance, spec_yaml, kiln_binary)?;
     let cache = Cache::locate(args.cache.clone());
+    let inputs = resolve(&appliance, spec_yaml, kiln_binary, cache.root())?;
     tracing::info!(
         "building {} ({} packages) into {} with cache {}",
         appliance.metadata.name,
@@ -77,8 +77,25 @@ fn load_spec(args: &BuildArgs) -> anyhow::Result<(Appliance, String)> {
 }
 
 /// Build inputs from a validated spec and its rendered overlays.
-fn resolve(a: &Appliance, spec_yaml: String, kiln_binary: PathBuf) -> anyhow::Result<BuildInputs> {
+fn resolve(
+    a: &Appliance,
+    spec_yaml: String,
+    kiln_binary: PathBuf,
+    cache: &std::path::Path,
+) -> anyhow::Result<BuildInputs> {
     let rendered = kiln_overlays::render(a, None).context("rendering the overlays")?;
+    let kubernetes = if a.spec.features.contains(&kiln_spec::Feature::Kubernetes) {
+        tracing::info!(
+            "checking kiln's Kubernetes build in {} (the first build takes 20-40 CPU-minutes)",
+            cache.display()
+        );
+        Some(
+            kiln_image::kubernetes::ensure_binaries(cache)
+                .context("building the Kubernetes components for the kubernetes feature")?,
+        )
+    } else {
+        None
+    };
     let os = &a.spec.os;
     Ok(BuildInputs {
         suite: os.suite.clone(),
@@ -107,6 +124,7 @@ fn resolve(a: &Appliance, spec_yaml: String, kiln_binary: PathBuf) -> anyhow::Re
             .collect(),
         units_enabled: rendered.units_enabled,
         kiln_binary,
+        kubernetes,
     })
 }
 

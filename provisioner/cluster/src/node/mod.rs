@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use kiln_spec::kubernetes::{KubeRole, KubernetesNode};
+use kiln_spec::kubernetes::{BIN_DIR, IMAGES_DIR, KubeRole, KubernetesNode};
 
 /// Where things live on a node, relative to its root.
 pub mod paths {
@@ -38,8 +38,7 @@ pub mod paths {
     pub const LOGS: &str = "var/log/kiln";
 }
 
-/// The pause image every pod sandbox runs; kiln builds it (airgap bundle).
-pub const PAUSE_IMAGE: &str = "kiln.local/pause:1";
+pub use kiln_spec::kubernetes::PAUSE_IMAGE;
 pub const API_SERVER_PORT: u16 = 6443;
 /// The group a bootstrap token authenticates as, besides `system:bootstrappers`.
 pub const BOOTSTRAP_GROUP: &str = "system:bootstrappers:kiln:default-node-token";
@@ -73,12 +72,12 @@ impl Host {
         Host {
             root: PathBuf::from("/"),
             node_name: node_name.to_string(),
-            kube_bin: PathBuf::from("/usr/lib/kiln/kubernetes"),
-            etcd: PathBuf::from("/usr/lib/kiln/kubernetes/etcd"),
+            kube_bin: PathBuf::from(BIN_DIR),
+            etcd: Path::new(BIN_DIR).join("etcd"),
             containerd: PathBuf::from("/usr/bin/containerd"),
             ctr: PathBuf::from("/usr/bin/ctr"),
             cni_bin: PathBuf::from("/usr/lib/cni"),
-            images: PathBuf::from("/usr/share/kiln/images"),
+            images: PathBuf::from(IMAGES_DIR),
             cgroup_root: "/".into(),
             restrict_oom_score_adj: false,
         }

@@ -1,0 +1,178 @@
+//! The Kubernetes payload of an image with the `kubernetes` feature: kiln's multi-call `kube`
+//! binary (with a link per component) and etcd, built from their pinned Go modules by the same
+//! script the test suite uses, and the airgap bundle: the pause image every pod sandbox runs,
+//! made from the image's own `catatonit`. Paths match what the node bring-up expects.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_spec::kubernetes::{BIN_DIR, IMAGES_DIR, PAUSE_IMAGE};
+use kiln_spec::manifest::{KubernetesManifest, NodeImage};
+
+use crate::error::BuildError;
+use crate::oci::{OciImage, write_archive};
+
+/// The build script, its pinned versions and the multi-call main, as in the repository.
+const SCRIPT: &str = include_str!("../../scripts/kube-fixtures.sh");
+const VERSIONS: &str = include_str!("../../scripts/kube-fixtures/versions.env");
+const MAIN_GO: &str = include_str!("../../scripts/kube-fixtures/kube/main.go");
+
+pub const COMPONENTS: [&str; 6] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// Built binaries and the versions they were built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeBinaries {
+    pub kube: PathBuf,
+    pub etcd: PathBuf,
+    pub kubernetes_version: String,
+    pub etcd_version: String,
+}
+
+fn version(key: &str) -> String {
+    VERSIONS
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("{key} is pinned in scripts/kube-fixtures/versions.env"))
+}
+
+/// The binaries in `cache` (`<cache>/bin/<version>/`), built first when missing: 20–40
+/// CPU-minutes once, then a check. Needs Go (in PATH or /usr/local/go).
+pub fn ensure_binaries(cache: &Path) -> Result<KubeBinaries, BuildError> {
+    let io = |what: &str| BuildError::io(what.to_string());
+    let dir = tempfile::tempdir().map_err(io("creating a directory for the Kubernetes build"))?;
+    std::fs::create_dir_all(dir.path().join("kube"))
+        .map_err(io("preparing the Kubernetes build"))?;
+    std::fs::write(dir.path().join("versions.env"), VERSIONS)
+        .map_err(io("preparing the Kubernetes build"))?;
+    std::fs::write(dir.path().join("kube/main.go"), MAIN_GO)
+        .map_err(io("preparing the Kubernetes build"))?;
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(SCRIPT)
+        .arg("kube-fixtures")
+        .env("KUBE_FIXTURES_DIR", dir.path())
+        .env("KILN_CACHE", cache);
+    kiln_exec::Tool::new("bash", "bash")
+        .output(cmd, "building the Kubernetes components and etcd")?;
+    let (kubernetes_version, etcd_version) =
+        (version("KUBERNETES_VERSION"), version("ETCD_VERSION"));
+    Ok(KubeBinaries {
+        kube: cache.join("bin").join(&kubernetes_version).join("kube"),
+        etcd: cache.join("bin").join(&etcd_version).join("etcd"),
+        kubernetes_version,
+        etcd_version,
+    })
+}
+
+fn sha256_file(path: &Path) -> Result<String, BuildError> {
+    Ok(crate::manifest::artifact(Path::new("/"), &path.display().to_string())?.sha256)
+}
+
+/// The pause image: `catatonit` (a static init that reaps and waits) as `/pause -P`.
+pub fn pause_image(catatonit: Vec<u8>) -> OciImage {
+    OciImage {
+        name: PAUSE_IMAGE.into(),
+        files: [("pause".to_string(), (catatonit, 0o755))].into(),
+        entrypoint: vec!["/pause".into(), "-P".into()],
+        ..OciImage::default()
+    }
+}
+
+/// Puts the binaries and the airgap bundle into the image tree at `root`; returns what the
+/// manifest records of them.
+pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, BuildError> {
+    let bin_dir = root.join(BIN_DIR.trim_start_matches('/'));
+    let images = root.join(IMAGES_DIR.trim_start_matches('/'));
+    for d in [&bin_dir, &images] {
+        std::fs::create_dir_all(d).map_err(BuildError::io(format!("creating {}", d.display())))?;
+    }
+    for (from, name) in [(&bins.kube, "kube"), (&bins.etcd, "etcd")] {
+        let to = bin_dir.join(name);
+        std::fs::copy(from, &to).map_err(BuildError::io(format!(
+            "copying {} into the image",
+            from.display()
+        )))?;
+    }
+    for c in COMPONENTS {
+        let link = bin_dir.join(c);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("kube", &link)
+            .map_err(BuildError::io(format!("linking {}", link.display())))?;
+    }
+    let catatonit = root.join("usr/bin/catatonit");
+    let pause = std::fs::read(&catatonit).map_err(|_| {
+        BuildError::Rootfs(
+            "no /usr/bin/catatonit: the kubernetes feature needs the catatonit package in spec.os.packages (it is the pods' pause process)".into(),
+        )
+    })?;
+    let archive = write_archive(&pause_image(pause), &images.join("pause.tar"))?;
+    Ok(KubernetesManifest {
+        kubernetes_version: bins.kubernetes_version.clone(),
+        etcd_version: bins.etcd_version.clone(),
+        kube_sha256: sha256_file(&bins.kube)?,
+        etcd_sha256: sha256_file(&bins.etcd)?,
+        images: vec![NodeImage {
+            name: archive.name,
+            digest: archive.manifest_digest,
+            path: format!("{IMAGES_DIR}/pause.tar"),
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn the_payload_lands_where_the_node_looks_and_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, cache) = (dir.path().join("root"), dir.path().join("cache"));
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(root.join("usr/bin/catatonit"), b"catatonit").unwrap();
+        let bins = KubeBinaries {
+            kube: cache.join("kube"),
+            etcd: cache.join("etcd"),
+            kubernetes_version: "v1.37.1".into(),
+            etcd_version: "v3.6.16".into(),
+        };
+        std::fs::write(&bins.kube, b"kube").unwrap();
+        std::fs::write(&bins.etcd, b"etcd").unwrap();
+
+        let m = install(&root, &bins).unwrap();
+        let bin_dir = root.join(&BIN_DIR[1..]);
+        assert_eq!(m.kube_sha256, hex::encode(Sha256::digest(b"kube")));
+        assert_eq!(m.etcd_sha256, hex::encode(Sha256::digest(b"etcd")));
+        for c in COMPONENTS {
+            assert_eq!(
+                std::fs::read_link(bin_dir.join(c)).unwrap(),
+                Path::new("kube")
+            );
+        }
+        assert_eq!(std::fs::read(bin_dir.join("kubelet")).unwrap(), b"kube");
+        assert_eq!(m.images[0].name, PAUSE_IMAGE);
+        assert!(root.join(&m.images[0].path[1..]).exists());
+        // The same inputs make the same image.
+        let again = install(&root, &bins).unwrap();
+        assert_eq!(again, m);
+
+        std::fs::remove_file(root.join("usr/bin/catatonit")).unwrap();
+        let e = install(&root, &bins).unwrap_err().to_string();
+        assert!(e.contains("needs the catatonit package"), "{e}");
+    }
+
+    #[test]
+    fn pinned_versions_are_read_from_the_one_file() {
+        assert!(version("KUBERNETES_VERSION").starts_with("v1."));
+        assert!(version("ETCD_VERSION").starts_with("v3."));
+    }
+}
