@@ -2,10 +2,11 @@
 //! airgap image import, services) starts a real cluster on this machine — etcd, the API
 //! server, controller-manager, scheduler, containerd, kubelet and kube-proxy from kiln's
 //! multi-call build — with each node in its own network and mount namespace. One cluster
-//! serves every assertion: the first control plane goes Ready, a Deployment of kiln's test
+//! serves every assertion: the node agent's controllers bring the first control plane up from
+//! its node config and report it Ready, a Deployment of kiln's test
 //! image from the airgap bundle answers over its Service, a worker with a wrong token or a
-//! wrong CA pin is refused before it starts anything, and a worker with the right ones joins
-//! and runs a pod.
+//! wrong CA pin is refused before it starts anything, a worker with the right ones joins and
+//! runs a pod, and a kubelet that stops is reported by the agent and started again.
 //!
 //! The services run as supervised processes (no systemd here); the host's cgroups are v1, so
 //! each node's kubelet gets its own cgroup root, and its root lacks CAP_SYS_RESOURCE, so
@@ -16,16 +17,20 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use kiln_cluster::node::Host;
-use kiln_cluster::node::bringup::{BringupError, Outcome, Processes, bring_up};
+use kiln_agent::controllers::{self, ConfigController, Sources};
+use kiln_agent::engine::{Runtime, Trigger};
+use kiln_agent::kubernetes::{KubernetesController, KubernetesState};
+use kiln_cluster::node::bringup::{BringupError, Processes, bring_up};
 use kiln_cluster::node::join::JoinError;
+use kiln_cluster::node::{Host, paths};
 use kiln_image::kubernetes::{KubeBinaries, ensure_binaries, pause_image};
 use kiln_image::oci::{OciImage, write_archive};
 use kiln_lab::netns::Netns;
-use kiln_spec::ValidationErrors;
 use kiln_spec::kubernetes::{JoinCredentials, KubeRole, KubernetesNode};
+use kiln_spec::{NodeConfig, NodeSpec, ValidationErrors};
 
 const HELLO_IMAGE: &str = "kiln.local/hello:1";
 const HELLO_TEXT: &str = "hello from kiln's airgap bundle\n";
@@ -80,12 +85,13 @@ impl NodeNs {
     /// Runs every service in the node's mount namespace (the network one comes from the
     /// thread that starts it).
     fn supervisor(&self, log_dir: PathBuf) -> Processes {
-        Processes::new(
-            log_dir,
-            ["nsenter", "-t", &self.holder.id().to_string(), "-m", "--"]
-                .map(String::from)
-                .to_vec(),
-        )
+        Processes::new(log_dir, self.prefix())
+    }
+
+    fn prefix(&self) -> Vec<String> {
+        ["nsenter", "-t", &self.holder.id().to_string(), "-m", "--"]
+            .map(String::from)
+            .to_vec()
     }
 
     fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
@@ -286,6 +292,96 @@ fn wait_ready(a: &NodeNs, bins: &KubeBinaries, admin: &Path, object: &str) {
     );
 }
 
+/// The node agent's config and Kubernetes controllers on an engine of their own, on a thread
+/// in the node's network namespace, reading `config` as the node's installed config.
+struct AgentNode {
+    trigger: Trigger,
+    states: mpsc::Receiver<KubernetesState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentNode {
+    fn start(ns: &NodeNs, config: PathBuf, host: Host) -> AgentNode {
+        let (state_tx, states) = mpsc::channel();
+        let (trigger_tx, trigger_rx) = mpsc::channel();
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", ns.netns.name())).unwrap();
+        let prefix = ns.prefix();
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut rt = Runtime::new();
+            let trigger = rt.trigger();
+            trigger_tx.send(trigger.clone()).unwrap();
+            let sources = Sources {
+                installed: config,
+                overrides: vec![],
+            };
+            rt.register(Box::new(ConfigController { sources })).unwrap();
+            let kubernetes = KubernetesController::new(
+                Box::new(move |_| host.clone()),
+                Box::new(move |h| Box::new(Processes::new(h.path(paths::LOGS), prefix.clone()))),
+                trigger,
+            )
+            .unwrap();
+            rt.register(Box::new(kubernetes)).unwrap();
+            rt.run(
+                Duration::from_secs(2),
+                Duration::from_millis(250),
+                |state| {
+                    if let Some(k) = state.get::<KubernetesState>(controllers::ID) {
+                        let _ = state_tx.send(k.clone());
+                    }
+                },
+            );
+        });
+        AgentNode {
+            trigger: trigger_rx.recv().unwrap(),
+            states,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until the agent reports a state `done` accepts; returns the reasons reported on
+    /// the way. States reported before the call are skipped.
+    fn wait_for(
+        &self,
+        t0: std::time::Instant,
+        done: impl Fn(&KubernetesState) -> bool,
+    ) -> Vec<String> {
+        while self.states.try_recv().is_ok() {}
+        let mut seen: Vec<KubernetesState> = Vec::new();
+        loop {
+            let k = self
+                .states
+                .recv_timeout(Duration::from_secs(300))
+                .unwrap_or_else(|_| panic!("the agent's report did not come: {seen:?}"));
+            if seen.last() != Some(&k) {
+                eprintln!(
+                    "[{:5.1}s] agent: KubernetesReady={} {} {}",
+                    t0.elapsed().as_secs_f64(),
+                    k.ready,
+                    k.reason,
+                    k.message.lines().next().unwrap_or_default()
+                );
+                assert_ne!(k.reason, "BringupFailed", "{}", k.message);
+                seen.push(k.clone());
+            }
+            if done(&k) {
+                return seen.into_iter().map(|k| k.reason).collect();
+            }
+        }
+    }
+}
+
+impl Drop for AgentNode {
+    /// Stops the engine; the controller's supervisor stops the node's services.
+    fn drop(&mut self) {
+        self.trigger.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn token() -> String {
     let hex = format!("{:032x}", rand_u128());
     format!("{}.{}", &hex[..6], &hex[6..22])
@@ -372,16 +468,28 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         }),
     );
     let host_a = host(dir.path(), "kiln-a", &a, &bins, &images);
-    let mut sup_a = a.supervisor(host_a.path("var/log/kiln"));
-    let outcome: Outcome = a
-        .run(bring_up(&init, &host_a, &mut sup_a, &|step| {
-            eprintln!("[{:5.1}s] kiln-a: {step}", t0.elapsed().as_secs_f64())
-        }))
-        .unwrap_or_else(|e| panic!("bringing up the first control plane: {e}"));
-    let admin = outcome
-        .admin_kubeconfig
-        .clone()
-        .expect("init writes the admin kubeconfig");
+    let config_a = dir.path().join("kiln-a.node.yaml");
+    let node_config = NodeConfig {
+        api_version: kiln_spec::API_VERSION.into(),
+        kind: NodeConfig::KIND.into(),
+        metadata: Default::default(),
+        spec: NodeSpec {
+            kubernetes: Some(init.clone()),
+            ..NodeSpec::default()
+        },
+    };
+    // JSON is YAML: the agent reads it as any node config.
+    std::fs::write(&config_a, serde_json::to_string(&node_config).unwrap()).unwrap();
+    let agent_a = AgentNode::start(&a, config_a, host_a.clone());
+    let reasons = agent_a.wait_for(t0, |k| k.ready);
+    assert_eq!(
+        reasons.first().map(String::as_str),
+        Some("BringingUp"),
+        "the agent reports the bring-up while it runs: {reasons:?}"
+    );
+    let admin = host_a.path(paths::ADMIN_KUBECONFIG);
+    let ca_pem = std::fs::read_to_string(host_a.path(&format!("{}/ca.crt", paths::PKI))).unwrap();
+    let ca_cert_hash = kiln_cluster::pki::ca_cert_hash(&ca_pem).unwrap();
     wait_ready(&a, &bins, &admin, "node/kiln-a");
     eprintln!("[{:5.1}s] node kiln-a Ready", t0.elapsed().as_secs_f64());
 
@@ -450,7 +558,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     let wrong_token = token();
     let err = b
         .run(bring_up(
-            &worker(&wrong_token, &outcome.ca_cert_hash),
+            &worker(&wrong_token, &ca_cert_hash),
             &host_b,
             &mut sup_b,
             &|_| {},
@@ -488,7 +596,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
 
     // The worker joins with the token and the pin, and runs a pod.
     b.run(bring_up(
-        &worker(&join_token, &outcome.ca_cert_hash),
+        &worker(&join_token, &ca_cert_hash),
         &host_b,
         &mut sup_b,
         &|step| eprintln!("[{:5.1}s] kiln-b: {step}", t0.elapsed().as_secs_f64()),
@@ -541,6 +649,19 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         "the worker's pod has {pod_ip}, outside its podCidr"
     );
 
+    // A kubelet that stops is reported, with its log, and started again by the agent.
+    let kubelet_config = host_a.path(paths::KUBELET_CONFIG).display().to_string();
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &kubelet_config])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no kubelet of kiln-a to stop");
+    agent_a.wait_for(t0, |k| {
+        k.reason == "ServiceStopped" && k.message.starts_with("kubelet exited")
+    });
+    agent_a.wait_for(t0, |k| k.ready);
+    wait_ready(&a, &bins, &admin, "node/kiln-a");
+
     drop(sup_b);
-    drop(sup_a);
+    drop(agent_a);
 }

@@ -13,6 +13,7 @@ use crate::apply::{self, StateStore};
 use crate::desired::{self, Desired};
 use crate::engine::{Controller, Ctx, ReconcileError, Resource};
 use crate::host::Host;
+use crate::kubernetes::KubernetesState;
 use crate::metrics::Metrics;
 use crate::plan::{self, Action, Record};
 use crate::status::{
@@ -286,7 +287,12 @@ impl Controller for HostController {
         "host"
     }
     fn inputs(&self) -> Vec<&'static str> {
-        vec![DesiredState::KIND, ConfigState::KIND, RenderState::KIND]
+        vec![
+            DesiredState::KIND,
+            ConfigState::KIND,
+            RenderState::KIND,
+            KubernetesState::KIND,
+        ]
     }
     fn outputs(&self) -> Vec<&'static str> {
         vec![NodeStatusResource::KIND]
@@ -310,7 +316,8 @@ impl Controller for HostController {
         config.generation = Some(generation);
         let outcome = self.converge(&desired, config.generation.as_deref())?;
         self.watch(&desired, &outcome.record)?;
-        let status = build_status(
+        let kubernetes = ctx.get::<KubernetesState>(ID)?;
+        let mut status = build_status(
             self,
             &config,
             &desired,
@@ -319,6 +326,11 @@ impl Controller for HostController {
             &outcome.remaining,
             &outcome.drift,
         );
+        if let Some(k) = kubernetes {
+            status
+                .conditions
+                .push(cond("KubernetesReady", k.ready, &k.reason, &k.message));
+        }
         self.publish(ctx, status)?;
         if outcome.failed.is_empty() && outcome.remaining.is_empty() {
             self.applied = config.generation;

@@ -14,10 +14,13 @@ use crate::controllers::{
 };
 use crate::engine::{EngineError, Runtime};
 use crate::host::Host;
+use crate::kubernetes::{HostFor, KubernetesController};
 use crate::metrics::EngineMetrics;
 use crate::notify;
 use crate::status::Event;
 use crate::sysroot::Sysroot;
+use kiln_cluster::node::bringup::{Processes, Supervisor};
+use kiln_cluster::node::systemd::Systemd;
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -55,20 +58,57 @@ pub fn boot_slot(cmdline: &str) -> Option<String> {
         .map(String::from)
 }
 
-/// The agent's controllers on one runtime: config → render → host.
+/// The agent's controllers on one runtime: config → render → host, and config → kubernetes
+/// → host (the node status).
 pub fn agent_runtime(
     host: Host,
     sources: Sources,
     shared: Arc<Shared>,
     slot: String,
     recovered: Option<String>,
-) -> Result<Runtime, EngineError> {
+) -> Result<Runtime, AgentError> {
     let mut rt = Runtime::new();
     rt.set_observer(Box::new(EngineMetrics(shared.clone())));
+    let kubernetes = KubernetesController::new(
+        kubernetes_host(host.sysroot.root().to_path_buf()),
+        Box::new(kubernetes_supervisor),
+        rt.trigger(),
+    )
+    .map_err(io("starting the Kubernetes controller's runtime"))?;
     rt.register(Box::new(ConfigController { sources }))?;
     rt.register(Box::new(RenderController))?;
+    rt.register(Box::new(kubernetes))?;
     rt.register(Box::new(HostController::new(host, shared, slot, recovered)))?;
     Ok(rt)
+}
+
+/// The appliance's Kubernetes paths below the agent's root; the node is named by the node
+/// config's host name, else the running one.
+fn kubernetes_host(root: PathBuf) -> HostFor {
+    Box::new(move |spec| {
+        let name = spec
+            .hostname
+            .clone()
+            .or_else(|| Host::real(&root).hostname())
+            .unwrap_or_else(|| "localhost".into());
+        kiln_cluster::node::Host {
+            root: root.clone(),
+            ..kiln_cluster::node::Host::appliance(&name)
+        }
+    })
+}
+
+/// systemd units on a node booted with systemd; child processes of the agent elsewhere (they
+/// stop with it).
+fn kubernetes_supervisor(host: &kiln_cluster::node::Host) -> Box<dyn Supervisor> {
+    if host.root == std::path::Path::new("/") && Systemd::booted() {
+        Box::new(Systemd::new())
+    } else {
+        Box::new(Processes::new(
+            host.path(kiln_cluster::node::paths::LOGS),
+            vec![],
+        ))
+    }
 }
 
 /// Runs until SIGTERM or SIGINT.

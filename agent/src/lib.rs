@@ -5,7 +5,7 @@
 //! - [`desired`] → [`plan`] → [`apply`]: NodeConfig to host resources, the diff against the
 //!   host, and the crash-safe apply (journal, record of managed resources, atomic writes).
 //! - [`host`] and [`sysroot`]: every host access under one root, behind small traits.
-//! - [`controllers`], [`watch`], [`api`], [`daemon`]: the running agent.
+//! - [`controllers`], [`kubernetes`], [`watch`], [`api`], [`daemon`]: the running agent.
 
 pub mod api;
 pub mod apply;
@@ -15,6 +15,7 @@ pub mod desired;
 pub mod engine;
 pub mod enrolment;
 pub mod host;
+pub mod kubernetes;
 pub mod metrics;
 pub mod notify;
 pub mod plan;

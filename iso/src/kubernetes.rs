@@ -114,6 +114,7 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
         )
     })?;
     let archive = write_archive(&pause_image(pause), &images.join("pause.tar"))?;
+    mask_distribution_containerd(root)?;
     Ok(KubernetesManifest {
         kubernetes_version: bins.kubernetes_version.clone(),
         etcd_version: bins.etcd_version.clone(),
@@ -125,6 +126,19 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
             path: format!("{IMAGES_DIR}/pause.tar"),
         }],
     })
+}
+
+/// The node agent runs containerd with kiln's config on the standard socket; Debian's own
+/// unit would start first with another config on the same socket.
+fn mask_distribution_containerd(root: &Path) -> Result<(), BuildError> {
+    let unit = root.join("etc/systemd/system/containerd.service");
+    if std::fs::read_link(&unit).is_ok_and(|t| t == Path::new("/dev/null")) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&unit);
+    std::fs::create_dir_all(root.join("etc/systemd/system"))
+        .and_then(|()| std::os::unix::fs::symlink("/dev/null", &unit))
+        .map_err(BuildError::io(format!("masking {}", unit.display())))
 }
 
 #[cfg(test)]
@@ -161,6 +175,11 @@ mod tests {
         assert_eq!(std::fs::read(bin_dir.join("kubelet")).unwrap(), b"kube");
         assert_eq!(m.images[0].name, PAUSE_IMAGE);
         assert!(root.join(&m.images[0].path[1..]).exists());
+        assert_eq!(
+            std::fs::read_link(root.join("etc/systemd/system/containerd.service")).unwrap(),
+            Path::new("/dev/null"),
+            "Debian's containerd unit must not take the node's containerd socket"
+        );
         // The same inputs make the same image.
         let again = install(&root, &bins).unwrap();
         assert_eq!(again, m);

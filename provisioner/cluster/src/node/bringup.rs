@@ -70,7 +70,29 @@ pub trait Supervisor: Send {
 pub struct Processes {
     log_dir: PathBuf,
     prefix: Vec<String>,
-    children: Vec<(String, Child)>,
+    children: Vec<Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    name: String,
+    argv: Vec<String>,
+    child: Child,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Processes {
@@ -88,7 +110,17 @@ impl Processes {
 }
 
 impl Supervisor for Processes {
+    /// Starts the service; one already running with the same command line is left alone,
+    /// one with another (or one that stopped) is replaced.
     fn start(&mut self, service: &Service) -> Result<(), BringupError> {
+        if let Some(i) = self.children.iter().position(|r| r.name == service.name) {
+            let r = &mut self.children[i];
+            if r.argv == service.argv && matches!(r.child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            r.stop();
+            self.children.remove(i);
+        }
         std::fs::create_dir_all(&self.log_dir)
             .map_err(io(format!("creating {}", self.log_dir.display())))?;
         let log_path = self.log_path(service.name);
@@ -106,17 +138,21 @@ impl Supervisor for Processes {
                 service: service.name.to_string(),
                 reason: format!("{}: {e}", argv[0]),
             })?;
-        self.children.push((service.name.to_string(), child));
+        self.children.push(Running {
+            name: service.name.to_string(),
+            argv: service.argv.clone(),
+            child,
+        });
         Ok(())
     }
 
     fn check(&mut self) -> Result<(), BringupError> {
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
+        for r in &mut self.children {
+            if let Ok(Some(status)) = r.child.try_wait() {
                 return Err(BringupError::Exited {
-                    service: name.clone(),
+                    service: r.name.clone(),
                     status: status.to_string(),
-                    log: tail(&self.log_dir.join(format!("{name}.log"))),
+                    log: tail(&self.log_dir.join(format!("{}.log", r.name))),
                 });
             }
         }
@@ -131,17 +167,8 @@ impl Supervisor for Processes {
 impl Drop for Processes {
     fn drop(&mut self) {
         // Last started first: kube-proxy and the kubelet before containerd and the API server.
-        for (_, child) in self.children.iter_mut().rev() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        for r in self.children.iter_mut().rev() {
+            r.stop();
         }
     }
 }
@@ -562,4 +589,29 @@ async fn apply_bootstrap_objects(
         .map_err(crate::Error::kube(context))?;
     }
     Ok(())
+}
+
+/// The node's `Ready` condition as the API server has it, read with the kubelet's own
+/// credentials (the Node authorizer lets a kubelet read its Node): `(ready, message)`.
+pub async fn node_ready(host: &Host) -> Result<(bool, String), String> {
+    let conf = host.path(paths::KUBELET_KUBECONFIG);
+    let client = crate::kube_client::from_kubeconfig(&conf)
+        .await
+        .map_err(|e| format!("{}: {e}", conf.display()))?;
+    let req = http::Request::get(format!("/api/v1/nodes/{}", host.node_name))
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    let body = client
+        .request_text(req)
+        .await
+        .map_err(|e| format!("reading node {}: {e}", host.node_name))?;
+    let node: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    let ready = node["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .ok_or_else(|| format!("node {} reports no Ready condition yet", host.node_name))?;
+    Ok((
+        ready["status"] == "True",
+        ready["message"].as_str().unwrap_or_default().to_string(),
+    ))
 }

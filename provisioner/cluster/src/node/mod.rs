@@ -11,6 +11,7 @@
 
 pub mod bringup;
 pub mod join;
+pub mod systemd;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

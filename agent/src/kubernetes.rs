@@ -1,0 +1,304 @@
+//! The Kubernetes controller: brings the node's part of the cluster up from `spec.kubernetes`
+//! (kiln-cluster's bring-up: credentials, configs, services, airgap images) and then reports
+//! whether the node is Ready as the API server sees it.
+//!
+//! A bring-up takes seconds on hardware and minutes under emulation, so it runs on a thread of
+//! its own and wakes the controller at each step; the engine stays free for the other
+//! controllers meanwhile. A failed bring-up fails the reconcile, so the engine retries it with
+//! its backoff. A changed `spec.kubernetes` brings the node up again: files are rewritten and
+//! services whose command line changed restart; existing certificates are kept.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kiln_cluster::node::Host;
+use kiln_cluster::node::bringup::{self, Supervisor};
+use kiln_spec::NodeSpec;
+use kiln_spec::kubernetes::KubernetesNode;
+
+use crate::controllers::{ID, MergedConfig};
+use crate::engine::{Controller, Ctx, ReconcileError, Resource, Trigger};
+
+pub const NAME: &str = "kubernetes";
+
+/// The node's Kubernetes condition, as `kiln node status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesState {
+    pub ready: bool,
+    /// `BringingUp`, `BringupFailed`, `ServiceStopped`, `NodeReady`, `NodeNotReady`, `Unreachable`.
+    pub reason: String,
+    pub message: String,
+}
+impl Resource for KubernetesState {
+    const KIND: &'static str = "KubernetesState";
+}
+
+/// Where and how this node runs its services: the appliance's paths and systemd on a node;
+/// tests give each node of a machine its own.
+pub type HostFor = Box<dyn Fn(&NodeSpec) -> Host + Send>;
+pub type SupervisorFor = Box<dyn Fn(&Host) -> Box<dyn Supervisor> + Send>;
+
+type Finished = (Box<dyn Supervisor>, Result<(), String>);
+
+enum Job {
+    Running {
+        step: Arc<Mutex<String>>,
+        handle: JoinHandle<Finished>,
+    },
+    Up(Box<dyn Supervisor>),
+    /// `reported`: the failure has been published and returned to the engine once; the next
+    /// reconcile (the engine's retry) starts again.
+    Failed {
+        supervisor: Box<dyn Supervisor>,
+        error: String,
+        reported: bool,
+    },
+}
+
+struct Current {
+    node: KubernetesNode,
+    host_name: String,
+    job: Job,
+}
+
+pub struct KubernetesController {
+    host_for: HostFor,
+    supervisor_for: SupervisorFor,
+    trigger: Trigger,
+    current: Option<Current>,
+    probe: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for KubernetesController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesController")
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubernetesController {
+    pub fn new(
+        host_for: HostFor,
+        supervisor_for: SupervisorFor,
+        trigger: Trigger,
+    ) -> std::io::Result<KubernetesController> {
+        Ok(KubernetesController {
+            host_for,
+            supervisor_for,
+            trigger,
+            current: None,
+            probe: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    /// Starts a bring-up of `node` on a thread, with the supervisor of the last one if any
+    /// (it knows what already runs).
+    fn start(
+        &self,
+        node: &KubernetesNode,
+        host: Host,
+        supervisor: Option<Box<dyn Supervisor>>,
+    ) -> Job {
+        let mut supervisor = supervisor.unwrap_or_else(|| (self.supervisor_for)(&host));
+        let step = Arc::new(Mutex::new("starting".to_string()));
+        let (node, seen, trigger) = (node.clone(), step.clone(), self.trigger.clone());
+        let handle = std::thread::spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    let progress = |s: &str| {
+                        tracing::info!("kubernetes: {s}");
+                        if let Ok(mut step) = seen.lock() {
+                            *step = s.to_string();
+                        }
+                        trigger.wake(NAME);
+                    };
+                    rt.block_on(bringup::bring_up(
+                        &node,
+                        &host,
+                        supervisor.as_mut(),
+                        &progress,
+                    ))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+                });
+            trigger.wake(NAME);
+            (supervisor, result)
+        });
+        Job::Running { step, handle }
+    }
+}
+
+fn state(ready: bool, reason: &str, message: String) -> KubernetesState {
+    KubernetesState {
+        ready,
+        reason: reason.into(),
+        message,
+    }
+}
+
+impl Controller for KubernetesController {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn inputs(&self) -> Vec<&'static str> {
+        vec![MergedConfig::KIND]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec![KubernetesState::KIND]
+    }
+    fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
+        let Some(merged) = ctx.get::<MergedConfig>(ID)? else {
+            return Ok(());
+        };
+        let Some(node) = merged.spec.kubernetes.clone() else {
+            // Leaving the cluster is not automatic: what runs keeps running.
+            ctx.remove::<KubernetesState>(ID)?;
+            return Ok(());
+        };
+        let host = (self.host_for)(&merged.spec);
+        let current = match self.current.take() {
+            Some(c) => Some(Current {
+                job: collect(c.job)?,
+                node: c.node,
+                host_name: c.host_name,
+            }),
+            None => None,
+        };
+        let wanted = |c: &Current| c.node == node && c.host_name == host.node_name;
+        let current = match current {
+            Some(Current {
+                job:
+                    Job::Failed {
+                        supervisor,
+                        error,
+                        reported: false,
+                    },
+                node: n,
+                host_name,
+            }) => {
+                ctx.put(ID, state(false, "BringupFailed", error.clone()))?;
+                self.current = Some(Current {
+                    node: n,
+                    host_name,
+                    job: Job::Failed {
+                        supervisor,
+                        error: error.clone(),
+                        reported: true,
+                    },
+                });
+                return Err(format!("bringing up Kubernetes: {error}").into());
+            }
+            Some(
+                c @ Current {
+                    job: Job::Running { .. },
+                    ..
+                },
+            ) => c,
+            Some(
+                c @ Current {
+                    job: Job::Up(_), ..
+                },
+            ) if wanted(&c) => c,
+            other => {
+                let previous = match other.map(|c| c.job) {
+                    Some(Job::Up(s)) | Some(Job::Failed { supervisor: s, .. }) => Some(s),
+                    _ => None,
+                };
+                Current {
+                    node: node.clone(),
+                    host_name: host.node_name.clone(),
+                    job: self.start(&node, host.clone(), previous),
+                }
+            }
+        };
+        let Current {
+            node,
+            host_name,
+            job,
+        } = current;
+        let (job, s) = match job {
+            Job::Running { step, handle } => {
+                let s = state(
+                    false,
+                    "BringingUp",
+                    step.lock().map(|s| s.clone()).unwrap_or_default(),
+                );
+                (Job::Running { step, handle }, s)
+            }
+            Job::Up(mut supervisor) => match supervisor.check() {
+                // The next reconcile (the engine's retry) brings the node up again, which
+                // starts what stopped and leaves what runs alone.
+                Err(e) => {
+                    let error = e.to_string();
+                    let job = Job::Failed {
+                        supervisor,
+                        error: error.clone(),
+                        reported: true,
+                    };
+                    self.current = Some(Current {
+                        node,
+                        host_name,
+                        job,
+                    });
+                    ctx.put(ID, state(false, "ServiceStopped", error.clone()))?;
+                    return Err(format!("a Kubernetes service stopped: {error}").into());
+                }
+                Ok(()) => {
+                    let s = match self.probe.block_on(bringup::node_ready(&host)) {
+                        Ok((true, message)) => state(true, "NodeReady", message),
+                        Ok((false, message)) => state(false, "NodeNotReady", message),
+                        Err(e) => state(false, "Unreachable", e),
+                    };
+                    (Job::Up(supervisor), s)
+                }
+            },
+            Job::Failed {
+                supervisor,
+                error,
+                reported,
+            } => {
+                let s = state(false, "BringupFailed", error.clone());
+                (
+                    Job::Failed {
+                        supervisor,
+                        error,
+                        reported,
+                    },
+                    s,
+                )
+            }
+        };
+        self.current = Some(Current {
+            node,
+            host_name,
+            job,
+        });
+        ctx.put(ID, s)?;
+        Ok(())
+    }
+}
+
+/// A finished bring-up's outcome; a running one as it is.
+fn collect(job: Job) -> Result<Job, ReconcileError> {
+    match job {
+        Job::Running { handle, .. } if handle.is_finished() => {
+            let (supervisor, result) = handle
+                .join()
+                .map_err(|_| "the Kubernetes bring-up thread panicked")?;
+            Ok(match result {
+                Ok(()) => Job::Up(supervisor),
+                Err(error) => Job::Failed {
+                    supervisor,
+                    error,
+                    reported: false,
+                },
+            })
+        }
+        job => Ok(job),
+    }
+}
