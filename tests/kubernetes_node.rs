@@ -219,6 +219,7 @@ fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &KubeBinaries, images: &Path)
         ctr: "/usr/bin/ctr".into(),
         cni_bin: "/usr/lib/cni".into(),
         images: images.to_path_buf(),
+        containerd_root: dir.join(name).join("var/lib/containerd"),
         cgroup_root: format!("/{}", ns.cgroup),
         restrict_oom_score_adj: true,
     }

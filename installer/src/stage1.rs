@@ -374,7 +374,7 @@ struct Prepared {
 }
 
 const RO: &str = "/run/kiln/ro";
-const RW: &str = "/run/kiln/rw";
+const RW: &str = kiln_spec::layout::STATE_MOUNT;
 const MEDIUM: &str = "/run/kiln/medium";
 const NEWROOT: &str = "/newroot";
 

@@ -25,6 +25,9 @@ pub const ESP: &str = "ESP";
 pub const KILN_A: &str = "KILN_A";
 pub const KILN_B: &str = "KILN_B";
 pub const KILN_STATE: &str = "KILN_STATE";
+/// Where the running system finds the file system under its writable layer: `KILN_STATE` on
+/// an installed node, a tmpfs on a live or netbooted one. A real file system, unlike `/`.
+pub const STATE_MOUNT: &str = "/run/kiln/rw";
 
 /// Every GPT name kiln writes, in disk order.
 pub const KILN_NAMES: [&str; 5] = [BIOSBOOT, ESP, KILN_A, KILN_B, KILN_STATE];

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use kiln_spec::kubernetes::{BIN_DIR, IMAGES_DIR, KubeRole, KubernetesNode};
+use kiln_spec::layout::STATE_MOUNT;
 
 /// Where things live on a node, relative to its root.
 pub mod paths {
@@ -59,6 +60,9 @@ pub struct Host {
     pub cni_bin: PathBuf,
     /// The airgap bundle: OCI archives imported before the kubelet starts.
     pub images: PathBuf,
+    /// containerd's root: its overlay snapshots need a real file system below them, which
+    /// the appliance's overlay root is not.
+    pub containerd_root: PathBuf,
     /// The kubelet's `cgroupRoot` (its pods' parent cgroup); `/` on the appliance. Nodes
     /// sharing one machine need their own.
     pub cgroup_root: String,
@@ -79,6 +83,7 @@ impl Host {
             ctr: PathBuf::from("/usr/bin/ctr"),
             cni_bin: PathBuf::from("/usr/lib/cni"),
             images: PathBuf::from(IMAGES_DIR),
+            containerd_root: Path::new(STATE_MOUNT).join("containerd"),
             cgroup_root: "/".into(),
             restrict_oom_score_adj: false,
         }
@@ -277,7 +282,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   bin_dir = "{cni_bin}"
   conf_dir = "{cni_conf}"
 "#,
-        root = host.at("var/lib/containerd"),
+        root = host.containerd_root.display(),
         state = host.at("run/containerd"),
         sock = host.at(paths::CONTAINERD_SOCKET),
         opt = host.at("opt/containerd"),
