@@ -101,12 +101,18 @@ fn systemctl(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// `Key=value` lines of `systemctl show`.
-fn show(unit: &str, key: &str) -> Option<String> {
-    let text = systemctl(&["show", unit, "-p", key]).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(String::from)
+/// A unit's `ActiveState` and `SubState` (`active`/`running`, `activating`/`auto-restart`, …);
+/// empty when systemd does not answer.
+fn unit_state(unit: &str) -> (String, String) {
+    let text =
+        systemctl(&["show", unit, "-p", "ActiveState", "-p", "SubState"]).unwrap_or_default();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_default()
+            .to_string()
+    };
+    (value("ActiveState"), value("SubState"))
 }
 
 impl Supervisor for Systemd {
@@ -127,7 +133,7 @@ impl Supervisor for Systemd {
                 .map_err(|e| err(format!("writing {}: {e}", path.display())))?;
             systemctl(&["daemon-reload"]).map_err(err)?;
         }
-        let active = show(&unit, "ActiveState").as_deref() == Some("active");
+        let active = unit_state(&unit).0 == "active";
         if changed || !active {
             systemctl(&["restart", &unit]).map_err(err)?;
         }
@@ -140,8 +146,7 @@ impl Supervisor for Systemd {
     /// A unit that failed, or stopped and waits for systemd to restart it, is down.
     fn check(&mut self) -> Result<(), BringupError> {
         for unit in &self.started {
-            let state = show(unit, "ActiveState").unwrap_or_default();
-            let sub = show(unit, "SubState").unwrap_or_default();
+            let (state, sub) = unit_state(unit);
             if state == "failed" || sub == "auto-restart" {
                 let service = unit
                     .trim_start_matches("kiln-")
