@@ -26,6 +26,45 @@ pub const COMPONENTS: [&str; 6] = [
     "kubectl",
 ];
 
+/// Kernel modules a node's containers and Services need, kept in minimal images: overlay
+/// snapshots, pod veths on a bridge, and the netfilter pieces iptables (nft) and kube-proxy use.
+pub const NODE_MODULES: &[&str] = &[
+    "overlay",
+    "veth",
+    "bridge",
+    "br_netfilter",
+    "nf_tables",
+    "nfnetlink",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_ct",
+    "nft_masq",
+    "nft_nat",
+    "nft_reject_inet",
+    "nf_nat",
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "xt_conntrack",
+    "xt_MASQUERADE",
+    "xt_comment",
+    "xt_mark",
+    "xt_addrtype",
+    "xt_multiport",
+    "xt_statistic",
+    "xt_nat",
+    "xt_tcpudp",
+    "xt_physdev",
+    "ipt_REJECT",
+    "ip6t_REJECT",
+];
+
+/// Loaded at boot: nothing requests them on demand, and pods' bridged traffic must pass
+/// through iptables for Services to work.
+const MODULES_LOAD: &str = "overlay\nbr_netfilter\n";
+/// Pods reach other nodes and Services through the host: forwarding on, bridged traffic
+/// through iptables.
+const SYSCTLS: &str = "net.ipv4.ip_forward = 1\nnet.bridge.bridge-nf-call-iptables = 1\nnet.bridge.bridge-nf-call-ip6tables = 1\n";
+
 /// Built binaries and the versions they were built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeBinaries {
@@ -115,6 +154,15 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
     })?;
     let archive = write_archive(&pause_image(pause), &images.join("pause.tar"))?;
     mask_distribution_containerd(root)?;
+    for (rel, content) in [
+        ("etc/modules-load.d/kiln-kubernetes.conf", MODULES_LOAD),
+        ("etc/sysctl.d/90-kiln-kubernetes.conf", SYSCTLS),
+    ] {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().expect("a file below a directory"))
+            .and_then(|()| std::fs::write(&path, content))
+            .map_err(BuildError::io(format!("writing {}", path.display())))?;
+    }
     Ok(KubernetesManifest {
         kubernetes_version: bins.kubernetes_version.clone(),
         etcd_version: bins.etcd_version.clone(),
@@ -180,6 +228,12 @@ mod tests {
             Path::new("/dev/null"),
             "Debian's containerd unit must not take the node's containerd socket"
         );
+        let modules =
+            std::fs::read_to_string(root.join("etc/modules-load.d/kiln-kubernetes.conf")).unwrap();
+        assert!(modules.lines().any(|m| m == "br_netfilter"), "{modules}");
+        let sysctls =
+            std::fs::read_to_string(root.join("etc/sysctl.d/90-kiln-kubernetes.conf")).unwrap();
+        assert!(sysctls.contains("net.ipv4.ip_forward = 1"), "{sysctls}");
         // The same inputs make the same image.
         let again = install(&root, &bins).unwrap();
         assert_eq!(again, m);

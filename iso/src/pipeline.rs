@@ -151,7 +151,18 @@ fn trim_rootfs(
 ) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("trim");
-    let stats = trim::trim(&dirs.root, kernel, inputs.minimal_modules)?;
+    let keep: Option<Vec<&str>> = inputs.minimal_modules.then(|| {
+        let node = inputs
+            .kubernetes
+            .is_some()
+            .then_some(crate::kubernetes::NODE_MODULES);
+        trim::VM_MODULES
+            .iter()
+            .chain(node.into_iter().flatten())
+            .copied()
+            .collect()
+    });
+    let stats = trim::trim(&dirs.root, kernel, keep.as_deref())?;
     rep.done(
         &pb,
         "trim",

@@ -109,11 +109,11 @@ pub struct TrimStats {
     pub bytes: u64,
 }
 
-/// Removes the trimmed files from `root`; with `minimal`, also every module outside
-/// [`VM_MODULES`] and their dependencies, then regenerates the module indexes.
-pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
+/// Removes the trimmed files from `root`; with `keep` (a minimal image), also every module
+/// outside it and their dependencies, then regenerates the module indexes.
+pub fn trim(root: &Path, kernel: &Kernel, keep: Option<&[&str]>) -> Result<TrimStats> {
     let mut stats = TrimStats::default();
-    let keep_modules = if minimal {
+    let keep_modules = if let Some(wanted) = keep {
         let read = |name: &str| {
             let p = kernel.modules.join(name);
             std::fs::read_to_string(&p).map_err(BuildError::io(format!("reading {}", p.display())))
@@ -122,7 +122,7 @@ pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
         Some(modules_to_keep(
             &deps,
             &builtin_names(&read("modules.builtin")?),
-            VM_MODULES,
+            wanted,
         )?)
     } else {
         None
@@ -168,7 +168,7 @@ pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
             .strip_prefix(root)
             .expect("walk stays under root")
             .to_string_lossy();
-        let trimmed_area = is_trimmed(&rel) || (minimal && path.starts_with(&module_dir));
+        let trimmed_area = is_trimmed(&rel) || (keep.is_some() && path.starts_with(&module_dir));
         if trimmed_area
             && path != module_dir
             && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
@@ -177,7 +177,7 @@ pub fn trim(root: &Path, kernel: &Kernel, minimal: bool) -> Result<TrimStats> {
                 .map_err(BuildError::io(format!("removing {}", path.display())))?;
         }
     }
-    if minimal {
+    if keep.is_some() {
         let mut cmd = DEPMOD.command();
         cmd.arg("-b").arg(root).arg(&kernel.release);
         DEPMOD.output(cmd, "indexing the kept kernel modules")?;
@@ -231,7 +231,7 @@ mod tests {
             vmlinuz: root.join("boot/vmlinuz-r"),
             modules: root.join("usr/lib/modules/r"),
         };
-        let stats = trim(root, &kernel, false).unwrap();
+        let stats = trim(root, &kernel, None).unwrap();
         assert_eq!((stats.files, stats.bytes), (3, 3));
         assert!(root.join("usr/share/doc/bash/copyright").is_file());
         assert!(root.join("usr/bin/ls").is_file());
