@@ -69,6 +69,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     cli::init_logging(cli.verbose);
+    // One TLS provider for the whole process (rustls + ring), installed before any client:
+    // the agent's threads and the commands' runtimes all build clients.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.cmd {
         Cmd::Build(a) => cli::build::run(a),
         Cmd::Spec(c) => cli::spec::run(c),

@@ -109,6 +109,7 @@ fn vm_sim(name: &str) -> IpmiSim {
                     mac: "52:54:00:4b:4c:01".into(),
                     hostfwd: Vec::new(),
                     bootindex: (boot == SimBoot::Pxe).then_some(1),
+                    isolated: false,
                 })
         })
         .start()

@@ -451,6 +451,7 @@ fn pxe_vm(name: &str, work: &Path, append: String) -> kiln_lab::qemu::VmBuilder 
             mac: "52:54:00:4b:00:01".into(),
             hostfwd: Vec::new(),
             bootindex: None,
+            isolated: false,
         })
         .work_dir(work)
         .no_reboot(true)

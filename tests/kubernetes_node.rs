@@ -341,13 +341,13 @@ impl AgentNode {
         }
     }
 
-    /// Waits until the agent reports a state `done` accepts; returns the reasons reported on
-    /// the way. States reported before the call are skipped.
+    /// Waits until the agent reports a state `done` accepts; returns the states reported on
+    /// the way, that one last. States reported before the call are skipped.
     fn wait_for(
         &self,
         t0: std::time::Instant,
         done: impl Fn(&KubernetesState) -> bool,
-    ) -> Vec<String> {
+    ) -> Vec<KubernetesState> {
         while self.states.try_recv().is_ok() {}
         let mut seen: Vec<KubernetesState> = Vec::new();
         loop {
@@ -367,7 +367,7 @@ impl AgentNode {
                 seen.push(k.clone());
             }
             if done(&k) {
-                return seen.into_iter().map(|k| k.reason).collect();
+                return seen;
             }
         }
     }
@@ -482,15 +482,19 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     // JSON is YAML: the agent reads it as any node config.
     std::fs::write(&config_a, serde_json::to_string(&node_config).unwrap()).unwrap();
     let agent_a = AgentNode::start(&a, config_a, host_a.clone());
-    let reasons = agent_a.wait_for(t0, |k| k.ready);
+    let seen = agent_a.wait_for(t0, |k| k.ready);
     assert_eq!(
-        reasons.first().map(String::as_str),
+        seen.first().map(|k| k.reason.as_str()),
         Some("BringingUp"),
-        "the agent reports the bring-up while it runs: {reasons:?}"
+        "the agent reports the bring-up while it runs: {seen:?}"
     );
     let admin = host_a.path(paths::ADMIN_KUBECONFIG);
     let ca_pem = std::fs::read_to_string(host_a.path(&format!("{}/ca.crt", paths::PKI))).unwrap();
     let ca_cert_hash = kiln_cluster::pki::ca_cert_hash(&ca_pem).unwrap();
+    // What a worker needs to join, as `kiln node status` shows it.
+    let report = &seen.last().unwrap().report;
+    assert_eq!(report.ca_cert_hash.as_deref(), Some(ca_cert_hash.as_str()));
+    assert_eq!(report.role, KubeRole::Init);
     wait_ready(&a, &bins, &admin, "node/kiln-a");
     eprintln!("[{:5.1}s] node kiln-a Ready", t0.elapsed().as_secs_f64());
 

@@ -6,13 +6,11 @@
 
 mod lab_support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use kiln_agent::plan::Record;
-use kiln_lab::qemu::{ConsoleLog, Disk, Firmware, Nic, Regex, Vm};
-use lab_support::{lab_install, sgdisk_field, test_iso, text};
+use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
+use lab_support::{StateMount, console_lines, lab_install, test_iso, text};
 
 /// The lab NIC of `kiln lab install`: the node keeps its identity across both boots.
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
@@ -20,8 +18,6 @@ const NEW_HOSTNAME: &str = "lab-agent-node";
 const SWAPPINESS: &str = "13";
 const PROBE_UNIT: &str = "kiln-lab-probe.service";
 const PROBE_SCRIPT: &str = "/usr/local/bin/kiln-lab-probe";
-/// `KILN_STATE` is the fifth partition of kiln's layout.
-const STATE_PARTITION: u32 = 5;
 
 /// The override: the probe prints what the running system sees, then (once the agent's API is
 /// up, after its first converge) the agent's own status, line by line, to the console.
@@ -60,80 +56,13 @@ spec:
     )
 }
 
-/// `KILN_STATE` of a disk image, loop-mounted at its byte range (the host kernel does not read
-/// partition tables); mounting also replays the journal of a node that was stopped hard.
-struct StateMount {
-    dir: tempfile::TempDir,
-}
-
-impl StateMount {
-    fn new(disk: &Path) -> StateMount {
-        let sector = |prefix: &str| -> u64 {
-            let field = sgdisk_field(disk, STATE_PARTITION, prefix);
-            field
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("sgdisk {prefix} {field:?}"))
-        };
-        assert_eq!(
-            sgdisk_field(disk, STATE_PARTITION, "Partition name:"),
-            "'KILN_STATE'"
-        );
-        let first = sector("First sector:");
-        let last = sector("Last sector:");
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "ext4", "-o"])
-            .arg(format!(
-                "loop,offset={},sizelimit={}",
-                first * 512,
-                (last + 1 - first) * 512
-            ))
-            .arg(disk)
-            .arg(dir.path())
-            .output()
-            .expect("mount (util-linux) must be installed");
-        assert!(out.status.success(), "mounting KILN_STATE: {}", text(&out));
-        StateMount { dir }
-    }
-
-    /// A path of the installed system, in the overlay's upper directory.
-    fn upper(&self, path: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join(kiln_installer::statefs::OVERLAY_UPPER)
-            .join(path.trim_start_matches('/'))
-    }
-}
-
-impl Drop for StateMount {
-    fn drop(&mut self) {
-        let out = Command::new("umount").arg(self.dir.path()).output();
-        if !matches!(&out, Ok(o) if o.status.success()) {
-            eprintln!("umount {}: {out:?}", self.dir.path().display());
-        }
-    }
-}
-
-/// Every complete line of a finished VM's console, with terminal escapes removed.
-fn console_lines(path: &Path) -> Vec<String> {
-    let mut log = ConsoleLog::new(path);
-    let mut lines = Vec::new();
-    // The log is complete: the first wait that finds no further line ends the reading.
-    while let Ok(line) = log.wait_for_line("finished", "", Duration::ZERO) {
-        lines.push(line);
-    }
-    lines
-}
-
 #[test]
 fn agent_applies_a_local_override_on_the_installed_node() {
     let iso = test_iso();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
 
-    let out = lab_install(&iso, &disk, "bios");
+    let out = lab_install(&iso, &disk, "bios", "4GiB");
     assert!(out.status.success(), "kiln lab install:\n{}", text(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{}", text(&out)));
@@ -158,6 +87,7 @@ fn agent_applies_a_local_override_on_the_installed_node() {
             mac: LAB_MAC.into(),
             hostfwd: Vec::new(),
             bootindex: None,
+            isolated: true,
         })
         .serial_log(&console)
         .spawn()

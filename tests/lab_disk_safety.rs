@@ -152,6 +152,7 @@ fn unattended_install_refuses_every_disk_that_holds_anything() {
             mac: "52:54:00:4b:49:4d".into(),
             hostfwd: Vec::new(),
             bootindex: None,
+            isolated: true,
         })
         .work_dir(dir.join("vm"))
         .no_reboot(true);

@@ -58,6 +58,7 @@ fn boots_only_from_its_own_disk(disk: &Path) {
             mac: "52:54:00:4b:49:4c".into(),
             hostfwd: Vec::new(),
             bootindex: None,
+            isolated: true,
         })
         .work_dir(dir.join("two-disks-vm"))
         .spawn()
@@ -89,7 +90,7 @@ fn install_and_boot(firmware: &str) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
 
-    let out = lab_install(&iso, &disk, firmware);
+    let out = lab_install(&iso, &disk, firmware, "4GiB");
     assert!(
         out.status.success(),
         "kiln lab install ({firmware}):\n{}",
@@ -160,7 +161,7 @@ fn install_and_boot(firmware: &str) {
 
     // Again, without consent to erase: refused, and not one byte changed.
     let before = disk_fingerprint(&disk);
-    let out = lab_install(&iso, &disk, firmware);
+    let out = lab_install(&iso, &disk, firmware, "4GiB");
     let all = text(&out);
     assert!(!out.status.success(), "a second install succeeded:\n{all}");
     assert!(all.contains("refusing to erase"), "{all}");

@@ -330,6 +330,7 @@ impl Controller for HostController {
             status
                 .conditions
                 .push(cond("KubernetesReady", k.ready, &k.reason, &k.message));
+            status.kubernetes = Some(k.report);
         }
         self.publish(ctx, status)?;
         if outcome.failed.is_empty() && outcome.remaining.is_empty() {
@@ -520,6 +521,7 @@ impl HostController {
             root: self.host.sysroot.root().display().to_string(),
             config,
             conditions: vec![],
+            kubernetes: None,
             resources: vec![],
             last_apply: self.last_apply.clone(),
             drift_repairs: self.drift_repairs,

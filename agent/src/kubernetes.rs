@@ -11,13 +11,14 @@
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kiln_cluster::node::Host;
 use kiln_cluster::node::bringup::{self, Supervisor};
+use kiln_cluster::node::{Host, api_server_url};
 use kiln_spec::NodeSpec;
 use kiln_spec::kubernetes::KubernetesNode;
 
 use crate::controllers::{ID, MergedConfig};
 use crate::engine::{Controller, Ctx, ReconcileError, Resource, Trigger};
+use crate::status::KubernetesReport;
 
 pub const NAME: &str = "kubernetes";
 
@@ -28,6 +29,7 @@ pub struct KubernetesState {
     /// `BringingUp`, `BringupFailed`, `ServiceStopped`, `NodeReady`, `NodeNotReady`, `Unreachable`.
     pub reason: String,
     pub message: String,
+    pub report: KubernetesReport,
 }
 impl Resource for KubernetesState {
     const KIND: &'static str = "KubernetesState";
@@ -38,14 +40,18 @@ impl Resource for KubernetesState {
 pub type HostFor = Box<dyn Fn(&NodeSpec) -> Host + Send>;
 pub type SupervisorFor = Box<dyn Fn(&Host) -> Box<dyn Supervisor> + Send>;
 
-type Finished = (Box<dyn Supervisor>, Result<(), String>);
+/// A bring-up's supervisor and, when it succeeded, the cluster CA's pin.
+type Finished = (Box<dyn Supervisor>, Result<String, String>);
 
 enum Job {
     Running {
         step: Arc<Mutex<String>>,
         handle: JoinHandle<Finished>,
     },
-    Up(Box<dyn Supervisor>),
+    Up {
+        supervisor: Box<dyn Supervisor>,
+        ca_cert_hash: String,
+    },
     /// `reported`: the failure has been published and returned to the engine once; the next
     /// reconcile (the engine's retry) starts again.
     Failed {
@@ -123,7 +129,7 @@ impl KubernetesController {
                         supervisor.as_mut(),
                         &progress,
                     ))
-                    .map(|_| ())
+                    .map(|outcome| outcome.ca_cert_hash)
                     .map_err(|e| e.to_string())
                 });
             trigger.wake(NAME);
@@ -133,11 +139,22 @@ impl KubernetesController {
     }
 }
 
-fn state(ready: bool, reason: &str, message: String) -> KubernetesState {
+fn state(
+    node: &KubernetesNode,
+    ca_cert_hash: Option<&str>,
+    ready: bool,
+    reason: &str,
+    message: String,
+) -> KubernetesState {
     KubernetesState {
         ready,
         reason: reason.into(),
         message,
+        report: KubernetesReport {
+            role: node.role,
+            api_server: api_server_url(node),
+            ca_cert_hash: ca_cert_hash.map(str::to_string),
+        },
     }
 }
 
@@ -181,7 +198,7 @@ impl Controller for KubernetesController {
                 node: n,
                 host_name,
             }) => {
-                ctx.put(ID, state(false, "BringupFailed", error.clone()))?;
+                ctx.put(ID, state(&n, None, false, "BringupFailed", error.clone()))?;
                 self.current = Some(Current {
                     node: n,
                     host_name,
@@ -201,12 +218,14 @@ impl Controller for KubernetesController {
             ) => c,
             Some(
                 c @ Current {
-                    job: Job::Up(_), ..
+                    job: Job::Up { .. },
+                    ..
                 },
             ) if wanted(&c) => c,
             other => {
                 let previous = match other.map(|c| c.job) {
-                    Some(Job::Up(s)) | Some(Job::Failed { supervisor: s, .. }) => Some(s),
+                    Some(Job::Up { supervisor: s, .. })
+                    | Some(Job::Failed { supervisor: s, .. }) => Some(s),
                     _ => None,
                 };
                 Current {
@@ -224,17 +243,29 @@ impl Controller for KubernetesController {
         let (job, s) = match job {
             Job::Running { step, handle } => {
                 let s = state(
+                    &node,
+                    None,
                     false,
                     "BringingUp",
                     step.lock().map(|s| s.clone()).unwrap_or_default(),
                 );
                 (Job::Running { step, handle }, s)
             }
-            Job::Up(mut supervisor) => match supervisor.check() {
+            Job::Up {
+                mut supervisor,
+                ca_cert_hash,
+            } => match supervisor.check() {
                 // The next reconcile (the engine's retry) brings the node up again, which
                 // starts what stopped and leaves what runs alone.
                 Err(e) => {
                     let error = e.to_string();
+                    let stopped = state(
+                        &node,
+                        Some(&ca_cert_hash),
+                        false,
+                        "ServiceStopped",
+                        error.clone(),
+                    );
                     let job = Job::Failed {
                         supervisor,
                         error: error.clone(),
@@ -245,16 +276,24 @@ impl Controller for KubernetesController {
                         host_name,
                         job,
                     });
-                    ctx.put(ID, state(false, "ServiceStopped", error.clone()))?;
+                    ctx.put(ID, stopped)?;
                     return Err(format!("a Kubernetes service stopped: {error}").into());
                 }
                 Ok(()) => {
-                    let s = match self.probe.block_on(bringup::node_ready(&host)) {
-                        Ok((true, message)) => state(true, "NodeReady", message),
-                        Ok((false, message)) => state(false, "NodeNotReady", message),
-                        Err(e) => state(false, "Unreachable", e),
-                    };
-                    (Job::Up(supervisor), s)
+                    let (ready, reason, message) =
+                        match self.probe.block_on(bringup::node_ready(&host)) {
+                            Ok((true, message)) => (true, "NodeReady", message),
+                            Ok((false, message)) => (false, "NodeNotReady", message),
+                            Err(e) => (false, "Unreachable", e),
+                        };
+                    let s = state(&node, Some(&ca_cert_hash), ready, reason, message);
+                    (
+                        Job::Up {
+                            supervisor,
+                            ca_cert_hash,
+                        },
+                        s,
+                    )
                 }
             },
             Job::Failed {
@@ -262,7 +301,7 @@ impl Controller for KubernetesController {
                 error,
                 reported,
             } => {
-                let s = state(false, "BringupFailed", error.clone());
+                let s = state(&node, None, false, "BringupFailed", error.clone());
                 (
                     Job::Failed {
                         supervisor,
@@ -291,7 +330,10 @@ fn collect(job: Job) -> Result<Job, ReconcileError> {
                 .join()
                 .map_err(|_| "the Kubernetes bring-up thread panicked")?;
             Ok(match result {
-                Ok(()) => Job::Up(supervisor),
+                Ok(ca_cert_hash) => Job::Up {
+                    supervisor,
+                    ca_cert_hash,
+                },
                 Err(error) => Job::Failed {
                     supervisor,
                     error,

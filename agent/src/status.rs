@@ -12,6 +12,9 @@ pub struct NodeStatus {
     pub root: String,
     pub config: ConfigReport,
     pub conditions: Vec<Condition>,
+    /// The node's part in its Kubernetes cluster, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesReport>,
     pub resources: Vec<ResourceStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply: Option<ApplyReport>,
@@ -51,6 +54,17 @@ pub struct Condition {
     pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+/// What a node's Kubernetes part is, and what another node needs to join the cluster through
+/// it: the API server and the pin of the cluster CA (once the bring-up has made or found it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesReport {
+    pub role: kiln_spec::kubernetes::KubeRole,
+    pub api_server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_hash: Option<String>,
 }
 
 impl NodeStatus {

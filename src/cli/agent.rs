@@ -140,6 +140,15 @@ fn status_text(s: &NodeStatus) -> String {
             .unwrap_or_default();
         let _ = writeln!(o, "  {src}{}: {}", e.path, e.reason);
     }
+    if let Some(k) = &s.kubernetes {
+        let _ = writeln!(
+            o,
+            "kubernetes: {}  API {}  CA {}",
+            kiln_spec::serde_name(&k.role),
+            k.api_server,
+            k.ca_cert_hash.as_deref().unwrap_or("(not yet known)")
+        );
+    }
     let _ = writeln!(
         o,
         "\n{:<18} {:<7} {:<20} MESSAGE",

@@ -130,7 +130,8 @@ pub struct LabInstallArgs {
     output: OutputArgs,
 }
 
-/// The lab node's NIC (user-mode network): its MAC names the host (`kiln-{mac}`).
+/// The lab node's NIC (user-mode network, isolated: nothing it sends leaves QEMU): its MAC
+/// names the host (`kiln-{mac}`).
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
 
 fn lab_nic() -> Nic {
@@ -138,6 +139,7 @@ fn lab_nic() -> Nic {
         mac: LAB_MAC.into(),
         hostfwd: Vec::new(),
         bootindex: None,
+        isolated: true,
     }
 }
 

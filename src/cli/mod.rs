@@ -16,9 +16,12 @@ pub mod spec;
 /// Logs go to stderr so that `--output json` on stdout stays machine-readable.
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
+    // kube's client logs every failed request at ERROR, without saying what it was for; kiln
+    // reports the failures that matter with their context (and polls an API server that is
+    // still starting on purpose).
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
+        0 => "info,kube_client::client::builder=off",
+        1 => "debug,kube_client::client::builder=off",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
@@ -34,8 +37,6 @@ pub fn init_logging(verbose: u8) {
 
 /// A tokio runtime for the commands that need one; most of kiln's CLI is synchronous.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // One TLS provider for the whole process (rustls + ring), installed before any client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

@@ -1,11 +1,14 @@
-//! Shared by the QEMU lab tests: the `test` profile ISO fixture, `kiln lab install`, and
-//! reading a disk image's GPT with `sgdisk`.
+//! Shared by the QEMU lab tests: the ISO fixtures, `kiln lab install`, reading a disk image's
+//! GPT with `sgdisk`, mounting its `KILN_STATE` and reading a finished VM's console.
 
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use kiln_lab::qemu::ConsoleLog;
 
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -17,28 +20,35 @@ pub fn test_iso() -> PathBuf {
     if let Some(p) = iso.as_ref() {
         return p.clone();
     }
-    let cache = kiln_spec::paths::cache_dir();
-    let out = cache.join("lab-install-iso");
-    let status = Command::new(KILN)
-        .args(["build", "--profile", "test", "--out"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "kiln build --profile test failed");
-    let path = out.join("kiln.iso");
+    let path = build_iso(&["--profile", "test"], "lab-install-iso");
     *iso = Some(path.clone());
     path
 }
 
-/// `kiln lab install` of `iso` onto `disk` (4 GiB when created), with a JSON summary.
-pub fn lab_install(iso: &Path, disk: &Path, firmware: &str) -> Output {
+/// `kiln build` with `args` (the spec to build) into `$KILN_CACHE/<out>`: its ISO.
+pub fn build_iso(args: &[&str], out: &str) -> PathBuf {
+    let out = kiln_spec::paths::cache_dir().join(out);
+    let status = Command::new(KILN)
+        .arg("build")
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "kiln build {args:?} failed");
+    out.join("kiln.iso")
+}
+
+/// `kiln lab install` of `iso` onto `disk` (of `disk_size`, e.g. `4GiB`, when created), with a
+/// JSON summary.
+pub fn lab_install(iso: &Path, disk: &Path, firmware: &str, disk_size: &str) -> Output {
     Command::new(KILN)
         .args(["lab", "install", "--output", "json", "--firmware", firmware])
         .arg("--iso")
         .arg(iso)
         .arg("--disk")
         .arg(disk)
-        .args(["--disk-size", "4GiB", "--timeout", "12m"])
+        .args(["--disk-size", disk_size, "--timeout", "12m"])
         .output()
         .unwrap()
 }
@@ -101,4 +111,74 @@ pub fn sgdisk_field(disk: &Path, n: u32, prefix: &str) -> String {
         .unwrap_or_else(|| panic!("sgdisk -i{n}: no {prefix:?} in\n{t}"))
         .trim()
         .to_string()
+}
+
+/// `KILN_STATE` is the fifth partition of kiln's layout.
+const STATE_PARTITION: u32 = 5;
+
+/// `KILN_STATE` of a disk image, loop-mounted at its byte range (the host kernel does not read
+/// partition tables); mounting also replays the journal of a node that was stopped hard.
+pub struct StateMount {
+    dir: tempfile::TempDir,
+}
+
+impl StateMount {
+    pub fn new(disk: &Path) -> StateMount {
+        let sector = |prefix: &str| -> u64 {
+            let field = sgdisk_field(disk, STATE_PARTITION, prefix);
+            field
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("sgdisk {prefix} {field:?}"))
+        };
+        assert_eq!(
+            sgdisk_field(disk, STATE_PARTITION, "Partition name:"),
+            "'KILN_STATE'"
+        );
+        let first = sector("First sector:");
+        let last = sector("Last sector:");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "ext4", "-o"])
+            .arg(format!(
+                "loop,offset={},sizelimit={}",
+                first * 512,
+                (last + 1 - first) * 512
+            ))
+            .arg(disk)
+            .arg(dir.path())
+            .output()
+            .expect("mount (util-linux) must be installed");
+        assert!(out.status.success(), "mounting KILN_STATE: {}", text(&out));
+        StateMount { dir }
+    }
+
+    /// A path of the installed system, in the overlay's upper directory.
+    pub fn upper(&self, path: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join(kiln_installer::statefs::OVERLAY_UPPER)
+            .join(path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for StateMount {
+    fn drop(&mut self) {
+        let out = Command::new("umount").arg(self.dir.path()).output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("umount {}: {out:?}", self.dir.path().display());
+        }
+    }
+}
+
+/// Every complete line of a finished VM's console, with terminal escapes removed.
+pub fn console_lines(path: &Path) -> Vec<String> {
+    let mut log = ConsoleLog::new(path);
+    let mut lines = Vec::new();
+    // The log is complete: the first wait that finds no further line ends the reading.
+    while let Ok(line) = log.wait_for_line("finished", "", Duration::ZERO) {
+        lines.push(line);
+    }
+    lines
 }

@@ -263,9 +263,11 @@ impl VmBuilder {
                     mac,
                     hostfwd,
                     bootindex,
+                    isolated,
                 } => {
+                    let restrict = if *isolated { ",restrict=on" } else { "" };
                     let fwd: String = hostfwd.iter().map(|f| format!(",hostfwd={f}")).collect();
-                    (format!("user,id=net{n}{fwd}"), mac, bootindex)
+                    (format!("user,id=net{n}{restrict}{fwd}"), mac, bootindex)
                 }
             };
             push(&[

@@ -151,6 +151,9 @@ pub enum Nic {
         mac: String,
         hostfwd: Vec<String>,
         bootindex: Option<u32>,
+        /// Nothing the guest sends leaves QEMU (`restrict=on`): no host, no outside world.
+        /// QEMU's own DHCP and the `hostfwd` entries still work.
+        isolated: bool,
     },
 }
 

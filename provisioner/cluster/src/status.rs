@@ -1,7 +1,7 @@
-//! `kiln cluster status`: nodes, their maintenance state and the health of the addons, read
-//! from the conditions their operators report on kiln's custom resources.
+//! `kiln cluster status`: nodes, their pods, their maintenance state and the health of the
+//! addons, read from the conditions their operators report on kiln's custom resources.
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use serde::Serialize;
@@ -70,8 +70,30 @@ pub struct NodeStatus {
     /// Condition Ready of the node; unknown when the kubelet never reported.
     pub ready: Option<bool>,
     pub schedulable: bool,
+    /// The pods bound to the node, and how many of them are running.
+    pub pods: PodCount,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceState>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PodCount {
+    pub running: usize,
+    pub total: usize,
+}
+
+impl PodCount {
+    /// The pods of `pods` bound to `node`.
+    fn on(node: &str, pods: &[Pod]) -> PodCount {
+        pods.iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .fold(PodCount::default(), |mut count, p| {
+                count.total += 1;
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                count.running += usize::from(phase == Some("Running"));
+                count
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,24 +115,32 @@ pub struct AddonHealth {
     pub conditions: Vec<String>,
 }
 
-/// Summarizes nodes and the health resources (`None` when absent). Pure.
-pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> ClusterStatus {
+/// Summarizes nodes, their pods and the health resources (`None` when absent). Pure.
+pub fn summarize(
+    nodes: &[Node],
+    pods: &[Pod],
+    resources: &[(HealthCheck, Option<Value>)],
+) -> ClusterStatus {
     let nodes = nodes
         .iter()
-        .map(|n| NodeStatus {
-            name: n.metadata.name.clone().unwrap_or_default(),
-            ready: n
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| c.status == "True"),
-            schedulable: !n
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false),
-            maintenance: MaintenanceState::from_node(n),
+        .map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            NodeStatus {
+                pods: PodCount::on(&name, pods),
+                name,
+                ready: n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                    .map(|c| c.status == "True"),
+                schedulable: !n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false),
+                maintenance: MaintenanceState::from_node(n),
+            }
         })
         .collect();
     let addons = resources
@@ -165,12 +195,16 @@ pub fn summarize(nodes: &[Node], resources: &[(HealthCheck, Option<Value>)]) -> 
     ClusterStatus { nodes, addons }
 }
 
-/// Reads the nodes and the health resources.
+/// Reads the nodes, the pods and the health resources.
 pub async fn fetch(client: &Client) -> Result<ClusterStatus, Error> {
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("listing nodes"))?;
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("listing pods"))?;
     let mut resources = Vec::new();
     for check in HEALTH_CHECKS {
         let ar = ApiResource::from_gvk_with_plural(
@@ -191,12 +225,13 @@ pub async fn fetch(client: &Client) -> Result<ClusterStatus, Error> {
         };
         resources.push((*check, object));
     }
-    Ok(summarize(&nodes.items, &resources))
+    Ok(summarize(&nodes.items, &pods.items, &resources))
 }
 
 impl ClusterStatus {
     pub fn render(&self) -> String {
-        let mut out = String::from("NODE                 READY    SCHEDULABLE  MAINTENANCE\n");
+        let mut out =
+            String::from("NODE                 READY    SCHEDULABLE  RUNNING/PODS  MAINTENANCE\n");
         for n in &self.nodes {
             let ready = match n.ready {
                 Some(true) => "yes",
@@ -207,10 +242,11 @@ impl ClusterStatus {
                 format!("{} since {}", m.phase, m.started)
             });
             out.push_str(&format!(
-                "{:<20} {:<8} {:<12} {}\n",
+                "{:<20} {:<8} {:<12} {:<13} {}\n",
                 n.name,
                 ready,
                 if n.schedulable { "yes" } else { "no" },
+                format!("{}/{}", n.pods.running, n.pods.total),
                 maintenance
             ));
         }

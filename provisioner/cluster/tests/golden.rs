@@ -188,7 +188,27 @@ fn cluster_status_summary() {
         (HEALTH_CHECKS[1], Some(ceph)),
         (HEALTH_CHECKS[2], None),
     ];
-    let status = summarize(&[ready, in_maintenance], &resources);
+    let phase = |mut pod: Pod, phase: &str| {
+        pod.status = Some(from(json!({ "phase": phase })));
+        pod
+    };
+    let pods = [
+        phase(
+            workload::pod("apps", "web-1", "worker-1", &[], None),
+            "Running",
+        ),
+        phase(
+            workload::pod("apps", "web-2", "worker-1", &[], None),
+            "Pending",
+        ),
+        phase(
+            workload::pod("apps", "db", "worker-2", &[], None),
+            "Running",
+        ),
+        // Not scheduled: on no node.
+        phase(workload::pod("apps", "web-3", "", &[], None), "Pending"),
+    ];
+    let status = summarize(&[ready, in_maintenance], &pods, &resources);
     golden("cluster-status.txt", &status.render());
     golden(
         "cluster-status.json",
