@@ -22,6 +22,8 @@ packages=(
   systemd passwd
   # the appliance's Kubernetes node runtime, run for real by tests/kubernetes_node.rs
   containerd runc containernetworking-plugins catatonit iptables conntrack
+  # a site's registry mirror, pulled through by a worker in tests/kubernetes_node.rs
+  docker-registry
   # disk safety tests: real signatures made by the real tools (and libblkid to read them)
   util-linux cryptsetup-bin xfsprogs btrfs-progs bcache-tools ntfs-3g ceph-osd
 )
@@ -38,5 +40,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # The peers' own services are not wanted: tests and benches start them when they need them.
-  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd >/dev/null 2>&1 || true
+  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd docker-registry >/dev/null 2>&1 || true
 fi

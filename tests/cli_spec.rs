@@ -215,14 +215,15 @@ fn validate_lists_shape_and_value_errors_of_a_node_config_together() {
 }
 
 #[test]
-fn validate_refuses_a_kubernetes_role_without_credentials_and_overlapping_networks() {
+fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_and_bad_mirrors() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("node.yaml");
     std::fs::write(
         &file,
         "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nmetadata: {name: w1}\nspec:\n  \
          kubernetes:\n    role: worker\n    nodeIp: 10.43.0.7\n    apiServer: https://10.0.0.1:6443\n    \
-         podCidr: 10.42.1.0/24\n    serviceCidr: 10.42.128.0/17\n",
+         podCidr: 10.42.1.0/24\n    serviceCidr: 10.42.128.0/17\n    registryMirrors:\n      \
+         images.example.org: [\"https://mirror.site:5000\", \"ftp://mirror.site\"]\n      Bad_Registry: []\n",
     )
     .unwrap();
     let out = kiln(&["spec", "validate", file.to_str().unwrap()]);
@@ -231,7 +232,10 @@ fn validate_refuses_a_kubernetes_role_without_credentials_and_overlapping_networ
     for needle in [
         "spec.kubernetes.serviceCidr: 10.42.128.0/17 overlaps the pod network clusterCidr 10.42.0.0/16",
         "spec.kubernetes.join: a worker needs join credentials",
-        "2 error(s)",
+        "spec.kubernetes.registryMirrors.images.example.org[1]: \"ftp://mirror.site\" is not an http:// or https:// URL",
+        "spec.kubernetes.registryMirrors.Bad_Registry: \"Bad_Registry\" is not a registry host",
+        "spec.kubernetes.registryMirrors.Bad_Registry: names no mirror",
+        "5 error(s)",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_lab::rack::{self, RackSpec};
+use kiln_lab::rack::{self, RackNode, RackSpec};
 use kiln_spec::layout;
 use lab_support::{KILN, disk_fingerprint, test_iso, text};
 use serde_json::Value;
@@ -85,6 +85,22 @@ fn status(dir: &Path, state: &Path) -> Value {
         .unwrap();
     assert!(out.status.success(), "fleet status: {}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The last lines of each node's serial console: where a node that never reported stopped.
+fn console_tails(nodes: &[RackNode]) -> String {
+    nodes
+        .iter()
+        .map(|n| {
+            // Firmware screens are not all UTF-8.
+            let console =
+                String::from_utf8_lossy(&std::fs::read(&n.console_log).unwrap_or_default())
+                    .into_owned();
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            format!("--- {} console (last 40 lines):\n{tail}\n", n.name)
+        })
+        .collect()
 }
 
 fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
@@ -220,7 +236,8 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     eprintln!("resumed rollout:\n{log}");
     assert!(
         resumed.status.success(),
-        "the resumed rollout failed:\n{log}"
+        "the resumed rollout failed:\n{log}\n{}",
+        console_tails(&nodes[..3])
     );
 
     let st = status(&dir, &state);

@@ -6,7 +6,8 @@
 //! its node config and report it Ready, a Deployment of kiln's test
 //! image from the airgap bundle answers over its Service, a worker with a wrong token or a
 //! wrong CA pin is refused before it starts anything, a worker with the right ones joins and
-//! runs a pod, and a kubelet that stops is reported by the agent and started again.
+//! runs a pod of an image it pulls from a site's registry (a real one) through its mirror,
+//! and a kubelet that stops is reported by the agent and started again.
 //!
 //! The services run as supervised processes (no systemd here); the host's cgroups are v1, so
 //! each node's kubelet gets its own cgroup root, and its root lacks CAP_SYS_RESOURCE, so
@@ -33,6 +34,10 @@ use kiln_spec::kubernetes::{JoinCredentials, KubeRole, KubernetesNode};
 use kiln_spec::{NodeConfig, NodeSpec, ValidationErrors};
 
 const HELLO_IMAGE: &str = "kiln.local/hello:1";
+/// A registry no DNS knows: the worker can pull from it only through its mirror, a real
+/// registry (Debian's docker-registry) on node A's address.
+const SITE_IMAGE: &str = "registry.kiln.test/kiln/hello:1";
+const MIRROR: &str = "10.231.0.1:5000";
 const HELLO_TEXT: &str = "hello from kiln's airgap bundle\n";
 
 /// One node's namespaces: a network namespace, a process holding a mount namespace the
@@ -238,6 +243,7 @@ fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>)
         max_pods: 110,
         labels: BTreeMap::from([("kiln.dev/test".into(), "yes".into())]),
         taints: vec![],
+        registry_mirrors: BTreeMap::new(),
     };
     let mut errs = ValidationErrors::default();
     n.validate_into("spec.kubernetes", &[], &mut errs);
@@ -381,6 +387,58 @@ impl Drop for AgentNode {
             let _ = t.join();
         }
     }
+}
+
+/// A site's registry on node A's address, holding kiln's test image (pushed from node A's
+/// containerd by `ctr`); killed with node A's network namespace.
+fn site_mirror(a: &NodeNs, host_a: &Host, dir: &Path) -> Child {
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {MIRROR}\n",
+            dir.join("registry").display()
+        ),
+    )
+    .unwrap();
+    common::require("docker-registry", "docker-registry");
+    let registry = a
+        .netns
+        .enter(|| {
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .unwrap();
+    let pushed = format!("{MIRROR}/kiln/hello:1");
+    let ctr = |args: &[&str]| {
+        a.netns
+            .enter(|| {
+                Command::new(&host_a.ctr)
+                    .arg("--address")
+                    .arg(host_a.path(paths::CONTAINERD_SOCKET))
+                    .args(["-n", "k8s.io"])
+                    .args(args)
+                    .output()
+                    .unwrap()
+            })
+            .unwrap()
+    };
+    let out = ctr(&["images", "tag", "--force", HELLO_IMAGE, &pushed]);
+    assert!(out.status.success(), "ctr tag: {out:?}");
+    // The registry may still be starting.
+    for attempt in 1.. {
+        let out = ctr(&["images", "push", "--plain-http", &pushed]);
+        if out.status.success() {
+            break;
+        }
+        assert!(attempt < 30, "ctr push {pushed}: {out:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    registry
 }
 
 fn token() -> String {
@@ -548,8 +606,12 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
 
     // Joining with a wrong token or a wrong CA pin stops before anything is written or runs.
     let host_b = host(dir.path(), "kiln-b", &b, &bins, &images);
-    let worker = |token: &str, hash: &str| {
-        node(
+    let worker = |token: &str, hash: &str| KubernetesNode {
+        registry_mirrors: BTreeMap::from([(
+            SITE_IMAGE.split('/').next().unwrap().to_string(),
+            vec![format!("http://{MIRROR}")],
+        )]),
+        ..node(
             KubeRole::Worker,
             "10.231.0.2",
             "10.42.1.0/24",
@@ -599,7 +661,10 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         host_b.root.display()
     );
 
-    // The worker joins with the token and the pin, and runs a pod.
+    let mut registry = site_mirror(&a, &host_a, dir.path());
+
+    // The worker joins with the token and the pin, and runs a pod of an image it pulls from
+    // the site's registry through its mirror.
     b.run(bring_up(
         &worker(&join_token, &ca_cert_hash),
         &host_b,
@@ -634,8 +699,8 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
             "run",
             "on-worker",
             "--image",
-            HELLO_IMAGE,
-            "--image-pull-policy=Never",
+            SITE_IMAGE,
+            "--image-pull-policy=Always",
             "--overrides",
             r#"{"spec":{"nodeName":"kiln-b"}}"#,
         ],
@@ -653,6 +718,25 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         pod_ip.starts_with("10.42.1."),
         "the worker's pod has {pod_ip}, outside its podCidr"
     );
+    let image_id = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "get",
+            "pod",
+            "on-worker",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].imageID}",
+        ],
+        None,
+    );
+    assert!(
+        image_id.starts_with("registry.kiln.test/kiln/hello@sha256:"),
+        "the worker's image was not pulled from the registry: {image_id}"
+    );
+    let _ = registry.kill();
+    let _ = registry.wait();
 
     // A kubelet that stops is reported, with its log, and started again by the agent.
     let kubelet_config = host_a.path(paths::KUBELET_CONFIG).display().to_string();

@@ -70,6 +70,12 @@ pub struct KubernetesNode {
     /// `key=value:Effect` or `key:Effect`, as kubelet's `--register-with-taints`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<String>,
+    /// For sites with a registry of their own: the mirrors (`http://` or `https://` URLs,
+    /// tried in order) pulls from a registry go to, e.g.
+    /// `images.example.org: [https://mirror.site.example:5000]`. The registry itself comes last.
+    /// kiln's own images never need a pull: they are imported from the image's bundle.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registry_mirrors: BTreeMap<String, Vec<String>>,
 }
 
 pub fn default_cluster_cidr() -> String {
@@ -96,6 +102,28 @@ pub fn is_bootstrap_token(t: &str) -> bool {
                 .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
     };
     matches!(t.split_once('.'), Some((id, secret)) if ok(id, 6) && ok(secret, 16))
+}
+
+/// `host` or `host:port`, the host a DNS name or IPv4 address in lower case (as image
+/// references name registries).
+fn is_registry_host(r: &str) -> bool {
+    let (host, port) = match r.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (r, None),
+    };
+    port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+        && !host.is_empty()
+        && host.split('.').all(crate::inventory::is_dns_label)
+}
+
+fn is_mirror_url(u: &str) -> bool {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"));
+    rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or_default();
+        !r.contains(char::is_whitespace) && !r.contains('"') && is_registry_host(host)
+    })
 }
 
 fn is_ca_hash(h: &str) -> bool {
@@ -237,6 +265,26 @@ impl KubernetesNode {
                     "a worker trusts the cluster only by its CA hash; it is missing",
                 ),
                 Some(_) => {}
+            }
+        }
+        for (registry, mirrors) in &self.registry_mirrors {
+            let p = format!("{at}.registryMirrors.{registry}");
+            if !is_registry_host(registry) {
+                errs.push(
+                    p.clone(),
+                    format!("{registry:?} is not a registry host like images.example.org or registry.example:5000"),
+                );
+            }
+            if mirrors.is_empty() {
+                errs.push(p.clone(), "names no mirror");
+            }
+            for (i, m) in mirrors.iter().enumerate() {
+                if !is_mirror_url(m) {
+                    errs.push(
+                        format!("{p}[{i}]"),
+                        format!("{m:?} is not an http:// or https:// URL of a registry"),
+                    );
+                }
             }
         }
         for (i, t) in self.taints.iter().enumerate() {

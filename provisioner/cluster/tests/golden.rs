@@ -229,6 +229,14 @@ fn kube_node(role: KubeRole) -> KubernetesNode {
         max_pods: 110,
         labels: [("kiln.dev/rack".to_string(), "r1".to_string())].into(),
         taints: vec!["dedicated=storage:NoSchedule".into()],
+        registry_mirrors: [(
+            "images.example.org".to_string(),
+            vec![
+                "https://mirror.site.example:5000".to_string(),
+                "http://10.99.0.9:5000".to_string(),
+            ],
+        )]
+        .into(),
     }
 }
 

@@ -230,8 +230,9 @@ pub async fn bring_up(
         }
     };
     let plan: NodePlan = plan(node, host);
+    forget_registries(root, &plan)?;
     for f in &plan.files {
-        write(root, f.path, &f.content, f.mode)?;
+        write(root, &f.path, &f.content, f.mode)?;
     }
 
     let admin = host.path(paths::ADMIN_KUBECONFIG);
@@ -332,6 +333,27 @@ pub async fn bring_up(
 fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<(), BringupError> {
     write_file(root, rel, content.as_bytes(), mode)
         .map_err(io(format!("writing {}", root.join(rel).display())))
+}
+
+/// Removes the hosts of registries the node config no longer names: containerd reads them at
+/// each pull, so a mirror dropped from the config must not stay in use.
+fn forget_registries(root: &Path, plan: &NodePlan) -> Result<(), BringupError> {
+    let dir = root.join(paths::CONTAINERD_HOSTS);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(format!("reading {}", dir.display())))?;
+        let registry = entry.file_name().to_string_lossy().into_owned();
+        let hosts = crate::node::registry_hosts_file(&registry);
+        if !plan.files.iter().any(|f| f.path == hosts) {
+            std::fs::remove_dir_all(entry.path())
+                .map_err(io(format!("removing {}", entry.path().display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// The OCI archives of the airgap bundle, sorted; none when the directory does not exist.

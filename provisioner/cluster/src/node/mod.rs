@@ -34,6 +34,8 @@ pub mod paths {
     pub const KUBE_PROXY_CONFIG: &str = "etc/kubernetes/kube-proxy-config.yaml";
     pub const CONTAINERD_CONFIG: &str = "etc/containerd/kiln.toml";
     pub const CONTAINERD_SOCKET: &str = "run/containerd/containerd.sock";
+    /// One `<registry>/hosts.toml` per registry with mirrors; kiln owns the directory.
+    pub const CONTAINERD_HOSTS: &str = "etc/containerd/certs.d";
     pub const CNI_CONFIG: &str = "etc/cni/net.d/10-kiln.conflist";
     pub const ETCD_DATA: &str = "var/lib/etcd";
     pub const KUBELET_ROOT: &str = "var/lib/kubelet";
@@ -105,7 +107,7 @@ impl Host {
 /// A file to write, relative to the node's root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeFile {
-    pub path: &'static str,
+    pub path: String,
     pub content: String,
     pub mode: u32,
 }
@@ -126,6 +128,23 @@ pub struct NodePlan {
     pub containerd: Service,
     pub kubelet: Service,
     pub kube_proxy: Service,
+}
+
+/// Where containerd reads the hosts of `registry`.
+pub fn registry_hosts_file(registry: &str) -> String {
+    format!("{}/{registry}/hosts.toml", paths::CONTAINERD_HOSTS)
+}
+
+/// containerd's `hosts.toml` for `registry`: pulls try each mirror in order, then the
+/// registry itself. Names and URLs are validated (no quotes or spaces).
+fn registry_hosts(registry: &str, mirrors: &[String]) -> String {
+    let mut t = format!("# Pulls from {registry} try these mirrors in order, then {registry}.\n");
+    for m in mirrors {
+        t.push_str(&format!(
+            "\n[host.\"{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+    t
 }
 
 /// The `n`th address of a network (`.1` is the API service, `.10` cluster DNS).
@@ -281,6 +300,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "{cni_bin}"
   conf_dir = "{cni_conf}"
+
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{hosts}"
 "#,
         root = host.containerd_root.display(),
         state = host.at("run/containerd"),
@@ -290,6 +312,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         restrict = host.restrict_oom_score_adj,
         cni_bin = host.cni_bin.display(),
         cni_conf = host.at("etc/cni/net.d"),
+        hosts = host.at(paths::CONTAINERD_HOSTS),
     );
     let cni = serde_json::to_string_pretty(&serde_json::json!({
         "cniVersion": "1.0.0",
@@ -313,29 +336,29 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }))
     .expect("JSON of plain values");
 
-    let mut files = vec![
-        NodeFile {
-            path: paths::KUBELET_CONFIG,
-            content: kubelet_config,
-            mode: 0o644,
-        },
-        NodeFile {
-            path: paths::KUBE_PROXY_CONFIG,
-            content: kube_proxy_config,
-            mode: 0o644,
-        },
-        NodeFile {
-            path: paths::CONTAINERD_CONFIG,
-            content: containerd_config,
-            mode: 0o644,
-        },
-        NodeFile {
-            path: paths::CNI_CONFIG,
-            content: cni + "\n",
-            mode: 0o644,
-        },
-    ];
-    files.sort_by_key(|f| f.path);
+    let mut files: Vec<NodeFile> = [
+        (paths::KUBELET_CONFIG, kubelet_config),
+        (paths::KUBE_PROXY_CONFIG, kube_proxy_config),
+        (paths::CONTAINERD_CONFIG, containerd_config),
+        (paths::CNI_CONFIG, cni + "\n"),
+    ]
+    .into_iter()
+    .map(|(path, content)| NodeFile {
+        path: path.into(),
+        content,
+        mode: 0o644,
+    })
+    .chain(
+        node.registry_mirrors
+            .iter()
+            .map(|(registry, mirrors)| NodeFile {
+                path: registry_hosts_file(registry),
+                content: registry_hosts(registry, mirrors),
+                mode: 0o644,
+            }),
+    )
+    .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
 
     let pki = |f: &str| host.at(&format!("{}/{f}", paths::PKI));
     // Controller-manager and scheduler: one kubeconfig for the API and for checking their
@@ -535,6 +558,7 @@ mod tests {
             max_pods: 110,
             labels: Default::default(),
             taints: vec![],
+            registry_mirrors: Default::default(),
         };
         assert!(api_server_sans(&n).contains(&"10.43.0.1".to_string()));
         assert_eq!(api_server_url(&n), "https://10.99.0.1:6443");
