@@ -215,7 +215,8 @@ fn validate_lists_shape_and_value_errors_of_a_node_config_together() {
 }
 
 #[test]
-fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_and_bad_mirrors() {
+fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_bad_mirrors_and_reserves()
+ {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("node.yaml");
     std::fs::write(
@@ -223,7 +224,8 @@ fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_a
         "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nmetadata: {name: w1}\nspec:\n  \
          kubernetes:\n    role: worker\n    nodeIp: 10.43.0.7\n    apiServer: https://10.0.0.1:6443\n    \
          podCidr: 10.42.1.0/24\n    serviceCidr: 10.42.128.0/17\n    registryMirrors:\n      \
-         images.example.org: [\"https://mirror.site:5000\", \"ftp://mirror.site\"]\n      Bad_Registry: []\n",
+         images.example.org: [\"https://mirror.site:5000\", \"ftp://mirror.site\"]\n      Bad_Registry: []\n    \
+         systemReserved: {cpu: 500m, memory: 1GB, gpu: \"1\"}\n",
     )
     .unwrap();
     let out = kiln(&["spec", "validate", file.to_str().unwrap()]);
@@ -235,7 +237,9 @@ fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_a
         "spec.kubernetes.registryMirrors.images.example.org[1]: \"ftp://mirror.site\" is not an http:// or https:// URL",
         "spec.kubernetes.registryMirrors.Bad_Registry: \"Bad_Registry\" is not a registry host",
         "spec.kubernetes.registryMirrors.Bad_Registry: names no mirror",
-        "5 error(s)",
+        "spec.kubernetes.systemReserved.memory: \"1GB\" is not a quantity like 500m, 2, 512Mi or 1Gi",
+        "spec.kubernetes.systemReserved.gpu: not a resource the kubelet reserves",
+        "7 error(s)",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

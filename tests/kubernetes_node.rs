@@ -243,6 +243,8 @@ fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>)
         max_pods: 110,
         labels: BTreeMap::from([("kiln.dev/test".into(), "yes".into())]),
         taints: vec![],
+        system_reserved: BTreeMap::new(),
+        kube_reserved: BTreeMap::new(),
         registry_mirrors: BTreeMap::new(),
     };
     let mut errs = ValidationErrors::default();
@@ -517,15 +519,19 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     // The first control plane. The steps print with their time since the start.
     let t0 = std::time::Instant::now();
     let join_token = token();
-    let init = node(
-        KubeRole::Init,
-        "10.231.0.1",
-        "10.42.0.0/24",
-        Some(JoinCredentials {
-            token: join_token.clone(),
-            ca_cert_hash: None,
-        }),
-    );
+    let init = KubernetesNode {
+        system_reserved: BTreeMap::from([("memory".into(), "256Mi".into())]),
+        kube_reserved: BTreeMap::from([("memory".into(), "128Mi".into())]),
+        ..node(
+            KubeRole::Init,
+            "10.231.0.1",
+            "10.42.0.0/24",
+            Some(JoinCredentials {
+                token: join_token.clone(),
+                ca_cert_hash: None,
+            }),
+        )
+    };
     let host_a = host(dir.path(), "kiln-a", &a, &bins, &images);
     let config_a = dir.path().join("kiln-a.node.yaml");
     let node_config = NodeConfig {
@@ -555,6 +561,27 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     assert_eq!(report.role, KubeRole::Init);
     wait_ready(&a, &bins, &admin, "node/kiln-a");
     eprintln!("[{:5.1}s] node kiln-a Ready", t0.elapsed().as_secs_f64());
+    // Pods get the node's memory less what the config reserves for the host and for
+    // Kubernetes, less the kubelet's default eviction threshold (100Mi).
+    let memory = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "get",
+            "node",
+            "kiln-a",
+            "-o",
+            "jsonpath={.status.capacity.memory} {.status.allocatable.memory}",
+        ],
+        None,
+    );
+    let kib: Vec<u64> = memory
+        .split_whitespace()
+        .map(|q| q.strip_suffix("Ki").and_then(|n| n.parse().ok()))
+        .collect::<Option<_>>()
+        .unwrap_or_else(|| panic!("capacity and allocatable memory: {memory:?}"));
+    assert_eq!(kib[0] - kib[1], (256 + 128 + 100) * 1024, "{memory}");
 
     // kiln's test image from the airgap bundle, served through its Service by kube-proxy.
     kubectl(&a, &bins, &admin, &["apply", "-f", "-"], Some(HELLO));

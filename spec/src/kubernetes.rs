@@ -70,6 +70,15 @@ pub struct KubernetesNode {
     /// `key=value:Effect` or `key:Effect`, as kubelet's `--register-with-taints`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<String>,
+    /// What the kubelet keeps from pods for the host's own daemons (Ceph, the agent, sshd):
+    /// `{cpu: 500m, memory: 1Gi}`; `cpu`, `memory`, `ephemeral-storage` and `pid`, in
+    /// Kubernetes quantities. The node's allocatable is its capacity less this, less
+    /// `kubeReserved`, less the kubelet's eviction threshold.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub system_reserved: BTreeMap<String, String>,
+    /// The same for the Kubernetes daemons (kubelet, containerd, the control plane).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kube_reserved: BTreeMap<String, String>,
     /// For sites with a registry of their own: the mirrors (`http://` or `https://` URLs,
     /// tried in order) pulls from a registry go to, e.g.
     /// `images.example.org: [https://mirror.site.example:5000]`. The registry itself comes last.
@@ -102,6 +111,21 @@ pub fn is_bootstrap_token(t: &str) -> bool {
                 .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
     };
     matches!(t.split_once('.'), Some((id, secret)) if ok(id, 6) && ok(secret, 16))
+}
+
+/// The resources `systemReserved` and `kubeReserved` may name.
+const RESERVABLE: [&str; 4] = ["cpu", "memory", "ephemeral-storage", "pid"];
+
+/// A Kubernetes quantity as people write reservations: a decimal number with an optional
+/// SI (`m`, `k`, `M`, `G`, `T`, `P`, `E`) or binary (`Ki` … `Ei`) suffix.
+fn is_quantity(q: &str) -> bool {
+    const SUFFIXES: [&str; 13] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E",
+    ];
+    let number = SUFFIXES.iter().find_map(|s| q.strip_suffix(s)).unwrap_or(q);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(whole) && digits(fraction)
 }
 
 /// `host` or `host:port`, the host a DNS name or IPv4 address in lower case (as image
@@ -265,6 +289,28 @@ impl KubernetesNode {
                     "a worker trusts the cluster only by its CA hash; it is missing",
                 ),
                 Some(_) => {}
+            }
+        }
+        for (field, reserved) in [
+            ("systemReserved", &self.system_reserved),
+            ("kubeReserved", &self.kube_reserved),
+        ] {
+            for (resource, quantity) in reserved {
+                let p = format!("{at}.{field}.{resource}");
+                if !RESERVABLE.contains(&resource.as_str()) {
+                    errs.push(
+                        p,
+                        format!(
+                            "not a resource the kubelet reserves ({})",
+                            RESERVABLE.join(", ")
+                        ),
+                    );
+                } else if !is_quantity(quantity) {
+                    errs.push(
+                        p,
+                        format!("{quantity:?} is not a quantity like 500m, 2, 512Mi or 1Gi"),
+                    );
+                }
             }
         }
         for (registry, mirrors) in &self.registry_mirrors {

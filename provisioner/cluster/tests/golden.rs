@@ -229,6 +229,12 @@ fn kube_node(role: KubeRole) -> KubernetesNode {
         max_pods: 110,
         labels: [("kiln.dev/rack".to_string(), "r1".to_string())].into(),
         taints: vec!["dedicated=storage:NoSchedule".into()],
+        system_reserved: [
+            ("cpu".to_string(), "500m".to_string()),
+            ("memory".to_string(), "1Gi".to_string()),
+        ]
+        .into(),
+        kube_reserved: [("memory".to_string(), "256Mi".to_string())].into(),
         registry_mirrors: [(
             "images.example.org".to_string(),
             vec![

@@ -239,7 +239,7 @@ podCIDR: {pod_cidr}
 rotateCertificates: true
 registerWithTaints: [{taints}]
 staticPodPath: ""
-"#,
+{reserved}"#,
         ca = host.at(&format!("{}/ca.crt", paths::PKI)),
         ip = node.node_ip,
         domain = node.cluster_domain,
@@ -253,6 +253,17 @@ staticPodPath: ""
             .map(|t| taint_json(t))
             .collect::<Vec<_>>()
             .join(", "),
+        reserved = [
+            ("systemReserved", &node.system_reserved),
+            ("kubeReserved", &node.kube_reserved),
+        ]
+        .iter()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(field, r)| {
+            let lines: String = r.iter().map(|(k, v)| format!("  {k}: \"{v}\"\n")).collect();
+            format!("{field}:\n{lines}")
+        })
+        .collect::<String>(),
     );
     let kube_proxy_config = format!(
         r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -558,6 +569,8 @@ mod tests {
             max_pods: 110,
             labels: Default::default(),
             taints: vec![],
+            system_reserved: Default::default(),
+            kube_reserved: Default::default(),
             registry_mirrors: Default::default(),
         };
         assert!(api_server_sans(&n).contains(&"10.43.0.1".to_string()));
