@@ -443,6 +443,28 @@ fn site_mirror(a: &NodeNs, host_a: &Host, dir: &Path) -> Child {
     registry
 }
 
+/// `curl` of `url` from the node's network namespace, retrying for a while.
+fn curl_from(ns: &NodeNs, url: &str) -> std::process::Output {
+    ns.netns
+        .enter(|| {
+            Command::new("curl")
+                .args([
+                    "-fsS",
+                    "--max-time",
+                    "10",
+                    "--retry",
+                    "20",
+                    "--retry-all-errors",
+                    "--retry-delay",
+                    "1",
+                ])
+                .arg(url)
+                .output()
+                .unwrap()
+        })
+        .unwrap()
+}
+
 fn token() -> String {
     let hex = format!("{:032x}", rand_u128());
     format!("{}.{}", &hex[..6], &hex[6..22])
@@ -605,25 +627,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         ],
         None,
     );
-    let body = a
-        .netns
-        .enter(|| {
-            Command::new("curl")
-                .args([
-                    "-fsS",
-                    "--max-time",
-                    "10",
-                    "--retry",
-                    "10",
-                    "--retry-all-errors",
-                    "--retry-delay",
-                    "1",
-                ])
-                .arg(format!("http://{cluster_ip}/"))
-                .output()
-                .unwrap()
-        })
-        .unwrap();
+    let body = curl_from(&a, &format!("http://{cluster_ip}/"));
     assert_eq!(
         String::from_utf8_lossy(&body.stdout),
         HELLO_TEXT,
@@ -761,6 +765,16 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     assert!(
         image_id.starts_with("registry.kiln.test/kiln/hello@sha256:"),
         "the worker's image was not pulled from the registry: {image_id}"
+    );
+    // Node A reaches the worker's pod directly: kiln-a's agent routes the pod network kiln-b
+    // announced on its Node through kiln-b's address.
+    let body = curl_from(&a, &format!("http://{pod_ip}:8080/"));
+    assert_eq!(
+        String::from_utf8_lossy(&body.stdout),
+        HELLO_TEXT,
+        "the worker's pod at {pod_ip} did not answer node A: {}\nnode A's routes: {}",
+        String::from_utf8_lossy(&body.stderr),
+        a.netns.ip(&["route"]).unwrap_or_default()
     );
     let _ = registry.kill();
     let _ = registry.wait();

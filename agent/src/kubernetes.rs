@@ -1,6 +1,7 @@
 //! The Kubernetes controller: brings the node's part of the cluster up from `spec.kubernetes`
-//! (kiln-cluster's bring-up: credentials, configs, services, airgap images) and then reports
-//! whether the node is Ready as the API server sees it.
+//! (kiln-cluster's bring-up: credentials, configs, services, airgap images), then keeps its
+//! routes to the other nodes' pods in step with the cluster and reports whether the node is
+//! Ready as the API server sees it.
 //!
 //! A bring-up takes seconds on hardware and minutes under emulation, so it runs on a thread of
 //! its own and wakes the controller at each step; the engine stays free for the other
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kiln_cluster::node::bringup::{self, Supervisor};
+use kiln_cluster::node::routes::{self, Routes};
 use kiln_cluster::node::{Host, api_server_url};
 use kiln_spec::NodeSpec;
 use kiln_spec::kubernetes::KubernetesNode;
@@ -26,7 +28,8 @@ pub const NAME: &str = "kubernetes";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesState {
     pub ready: bool,
-    /// `BringingUp`, `BringupFailed`, `ServiceStopped`, `NodeReady`, `NodeNotReady`, `Unreachable`.
+    /// `BringingUp`, `BringupFailed`, `ServiceStopped`, `NodeReady`, `NodeNotReady`,
+    /// `Unreachable`, `PodRoutesFailed`.
     pub reason: String,
     pub message: String,
     pub report: KubernetesReport,
@@ -72,6 +75,8 @@ pub struct KubernetesController {
     supervisor_for: SupervisorFor,
     trigger: Trigger,
     current: Option<Current>,
+    /// The routes to other nodes' pods this node has set.
+    routes: Routes,
     probe: tokio::runtime::Runtime,
 }
 
@@ -93,6 +98,7 @@ impl KubernetesController {
             supervisor_for,
             trigger,
             current: None,
+            routes: Routes::new(),
             probe: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
@@ -280,11 +286,16 @@ impl Controller for KubernetesController {
                     return Err(format!("a Kubernetes service stopped: {error}").into());
                 }
                 Ok(()) => {
+                    let routed = self
+                        .probe
+                        .block_on(routes::read_wanted(&host))
+                        .and_then(|wanted| routes::apply(&mut self.routes, &wanted));
                     let (ready, reason, message) =
-                        match self.probe.block_on(bringup::node_ready(&host)) {
-                            Ok((true, message)) => (true, "NodeReady", message),
-                            Ok((false, message)) => (false, "NodeNotReady", message),
-                            Err(e) => (false, "Unreachable", e),
+                        match (self.probe.block_on(bringup::node_ready(&host)), routed) {
+                            (Err(e), _) => (false, "Unreachable", e),
+                            (Ok(_), Err(e)) => (false, "PodRoutesFailed", e),
+                            (Ok((true, message)), Ok(())) => (true, "NodeReady", message),
+                            (Ok((false, message)), Ok(())) => (false, "NodeNotReady", message),
                         };
                     let s = state(&node, Some(&ca_cert_hash), ready, reason, message);
                     (

@@ -47,6 +47,8 @@ pub enum BringupError {
     Import { archive: String, reason: String },
     #[error(transparent)]
     Cluster(#[from] crate::Error),
+    #[error("{0}")]
+    Announce(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
@@ -324,6 +326,10 @@ pub async fn bring_up(
         }
     })
     .await?;
+    progress("announcing the node's pod network");
+    super::routes::announce(host, &node.pod_cidr)
+        .await
+        .map_err(BringupError::Announce)?;
     Ok(Outcome {
         ca_cert_hash: pki::ca_cert_hash(&ca_pem)?,
         admin_kubeconfig: (node.role == KubeRole::Init).then_some(admin),

@@ -8,9 +8,11 @@
 //!   token before anything starts.
 //! - [`bringup`]: writes it all, starts the services through a [`bringup::Supervisor`],
 //!   imports the airgap images before the kubelet, and waits for each step.
+//! - [`routes`]: the node announces its pod network; every node routes the others'.
 
 pub mod bringup;
 pub mod join;
+pub mod routes;
 pub mod systemd;
 
 use std::net::IpAddr;
