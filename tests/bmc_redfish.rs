@@ -1,11 +1,15 @@
 //! `kiln bmc --protocol redfish` against sushy-emulator (PyPI sushy-tools, fake driver) on
 //! 127.0.0.1 over HTTPS with a test CA, cross-checked with curl.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::free_port;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -17,14 +21,6 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A test CA and a server certificate for 127.0.0.1 signed by it (openssl).

@@ -8,21 +8,23 @@
 //!   `kiln node status` reports `KubernetesReady True` with the CA pin workers join with.
 //! - `kube-b`, a worker, is given that pin and the bootstrap token (read from kube-a's console,
 //!   as an operator would read `kiln node status`) and joins.
-//! - A pod of the bundle's pause image runs on each node, and `kiln cluster status`, run on
-//!   this host through kube-a's forwarded API server port with its admin kubeconfig, shows both
-//!   nodes Ready with their pod running.
+//! - A pod of the bundle's pause image runs on each node; kube-a's agent routes kube-b's pod
+//!   network through kube-b; and `kiln cluster status`, run on this host through kube-a's
+//!   forwarded API server port with its admin kubeconfig, shows both nodes Ready with their
+//!   pod running.
 //!
 //! The probes also print the nodes' uptime at each mark, and the agents log each bring-up
 //! step: power-on → API server → Ready → pod Running, per stage.
 
+mod common;
 mod lab_support;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
+use common::free_port;
 use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
 use lab_support::{KILN, StateMount, build_iso, console_lines, lab_install, text};
 
@@ -132,8 +134,9 @@ PROBE        echo NAME-end > /dev/console
     .replace("BIN_DIR", kiln_spec::kubernetes::BIN_DIR)
 }
 
-/// The first control plane's probe: once the worker has registered, a pod on each node; then
-/// its admin kubeconfig for the host.
+/// The first control plane's probe: once the worker has registered, a pod on each node; the
+/// route its agent sets to the worker's pods (at its next resync); then its admin kubeconfig
+/// for the host.
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
@@ -144,20 +147,15 @@ $kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
 sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml | $kubectl apply -f - 2>&1 | say kubectl
 $kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeout=600s 2>&1 | say kubectl
 mark pods-running
+for i in $(seq 150); do ip route show {worker_pods} | grep -q via && break; sleep 2; done
+ip route show {worker_pods} | say route
+mark pod-route
 base64 -w 64 /etc/kubernetes/admin.conf | say kubeconfig
 "#,
         init = INIT.name,
         worker = WORKER.name,
+        worker_pods = WORKER.pod_cidr,
     )
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn write_node_config(disk: &Path, config: &str) {
@@ -347,6 +345,11 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         ))),
         "{}",
         status_b.join("\n")
+    );
+    let route = prefixed(&lines_a, "kube-a-route").join("\n");
+    assert!(
+        route.starts_with(&format!("{} via {} ", WORKER.pod_cidr, WORKER.ip)),
+        "kube-a's route to kube-b's pods: {route:?}"
     );
     let kubectl = prefixed(&lines_a, "kube-a-kubectl").join("\n");
     for expected in ["pod/probe-kube-a created", "pod/probe-kube-b created"] {
