@@ -49,6 +49,8 @@ pub enum BringupError {
     Cluster(#[from] crate::Error),
     #[error("{0}")]
     Announce(String),
+    #[error("no interface has the node address {address} after {}s (spec.kubernetes.nodeIp and the node's network config must agree)", .after.as_secs())]
+    NoAddress { address: String, after: Duration },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
@@ -203,6 +205,21 @@ pub async fn bring_up(
 ) -> Result<Outcome, BringupError> {
     let root = &host.root;
     let server = api_server_url(node);
+    // The components bind to and advertise the node address: wait for the network config
+    // (applied by the agent alongside) to put it on an interface.
+    if !has_local_address(&node.node_ip) {
+        progress(&format!("waiting for the node address {}", node.node_ip));
+        let start = Instant::now();
+        while !has_local_address(&node.node_ip) {
+            if start.elapsed() > STEP_TIMEOUT {
+                return Err(BringupError::NoAddress {
+                    address: node.node_ip.clone(),
+                    after: STEP_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let ca_pem = match node.role {
         KubeRole::Worker => {
             // Validation guarantees a worker has both.
@@ -378,6 +395,23 @@ fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
 }
 
 /// Polls `probe` until it yields, failing when `service` exits or the step times out.
+/// Whether an interface of this network namespace has `address`.
+fn has_local_address(address: &str) -> bool {
+    let Ok(wanted) = address.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            let ip = a.address.and_then(|s| {
+                s.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+            });
+            ip == Some(wanted)
+        })
+    })
+}
+
 async fn wait_for<T, F, Fut>(
     supervisor: &mut dyn Supervisor,
     service: &str,
@@ -642,4 +676,17 @@ pub async fn node_ready(host: &Host) -> Result<(bool, String), String> {
         ready["status"] == "True",
         ready["message"].as_str().unwrap_or_default().to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_only_addresses_this_host_has() {
+        assert!(has_local_address("127.0.0.1"));
+        // TEST-NET-2: for documentation, not for hosts.
+        assert!(!has_local_address("198.51.100.254"));
+        assert!(!has_local_address("not an address"));
+    }
 }
