@@ -400,33 +400,55 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
 
 /// Option lengths dhcproto 0.15 assumes rather than checks (a debug assertion or a
 /// subtraction that overflows on a short option): such datagrams are refused before decoding.
-/// dhcproto decodes every occurrence of an option on its own (no RFC 3396 concatenation), so
-/// each occurrence is checked.
+/// dhcproto joins consecutive occurrences of an option into one (RFC 3396), so the length
+/// checked is that of each run of occurrences.
 fn check_option_lengths(buf: &[u8]) -> Result<(), String> {
-    let length_ok = |code: u8, n: u8| match code {
-        80 => n == 0,
-        81 => n >= 3,
-        94 => n == 3,
-        151 => n >= 1,
-        152..=155 => n == 4,
-        _ => true,
+    let check = |run: Option<(u8, usize)>| match run {
+        Some((code, n)) => {
+            let ok = match code {
+                80 => n == 0,
+                81 => n >= 3,
+                94 => n == 3,
+                151 => n >= 1,
+                152..=155 => n == 4,
+                _ => true,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("option {code} has an invalid length {n}"))
+            }
+        }
+        None => Ok(()),
     };
     // dhcproto reads options after the magic cookie whatever its value.
     let mut rest = buf.get(240..).unwrap_or(&[]);
+    // The option being read and the length of its run so far.
+    let mut run: Option<(u8, usize)> = None;
     while let [code, tail @ ..] = rest {
         match code {
-            0 => rest = tail,
-            255 => break,
+            0 | 255 => {
+                check(run.take())?;
+                if *code == 255 {
+                    break;
+                }
+                rest = tail;
+            }
             _ => {
                 let [len, tail @ ..] = tail else { break };
-                if !length_ok(*code, *len) {
-                    return Err(format!("option {code} has an invalid length {len}"));
-                }
-                rest = tail.get(usize::from(*len)..).unwrap_or(&[]);
+                let len = usize::from(*len);
+                run = match run {
+                    Some((c, n)) if c == *code => Some((c, n + len)),
+                    other => {
+                        check(other)?;
+                        Some((*code, len))
+                    }
+                };
+                rest = tail.get(len..).unwrap_or(&[]);
             }
         }
     }
-    Ok(())
+    check(run)
 }
 
 fn message_name(t: MessageType) -> String {
@@ -866,17 +888,27 @@ mod tests {
             .unwrap();
         split.pop();
         split.extend_from_slice(&[94, 2, 1, 2, 94, 2, 3, 4, 255]);
-        assert!(decode(&split).is_err(), "each occurrence is checked");
-        // A short occurrence followed by a long one: the decoder reads them one by one.
+        assert_eq!(
+            decode(&split).unwrap_err(),
+            "option 94 has an invalid length 4"
+        );
+        // Two right-sized occurrences the decoder joins into one too long (found by fuzzing).
         let mut repeated = request(KNOWN, MessageType::Discover, None, None, false)
             .to_vec()
             .unwrap();
         repeated.pop();
-        repeated.extend_from_slice(&[81, 0, 81, 3, 0, 0, 0, 255]);
+        repeated.extend_from_slice(&[155, 4, 0, 0, 0, 0, 155, 4, 4, 4, 4, 4, 255]);
         assert_eq!(
             decode(&repeated).unwrap_err(),
-            "option 81 has an invalid length 0"
+            "option 155 has an invalid length 8"
         );
+        // A run split by a pad is two options.
+        let mut padded = request(KNOWN, MessageType::Discover, None, None, false)
+            .to_vec()
+            .unwrap();
+        padded.pop();
+        padded.extend_from_slice(&[155, 4, 0, 0, 0, 0, 0, 155, 4, 4, 4, 4, 4, 255]);
+        assert!(decode(&padded).is_ok());
     }
 
     #[test]
