@@ -286,17 +286,23 @@ impl Controller for KubernetesController {
                     return Err(format!("a Kubernetes service stopped: {error}").into());
                 }
                 Ok(()) => {
-                    let routed = self
-                        .probe
-                        .block_on(routes::read_wanted(&host))
-                        .and_then(|wanted| routes::apply(&mut self.routes, &wanted));
-                    let (ready, reason, message) =
-                        match (self.probe.block_on(bringup::node_ready(&host)), routed) {
-                            (Err(e), _) => (false, "Unreachable", e),
-                            (Ok(_), Err(e)) => (false, "PodRoutesFailed", e),
-                            (Ok((true, message)), Ok(())) => (true, "NodeReady", message),
-                            (Ok((false, message)), Ok(())) => (false, "NodeNotReady", message),
-                        };
+                    // One read of the Nodes serves the routes and the node's own condition.
+                    let observed = self.probe.block_on(routes::list_nodes(&host));
+                    let (ready, reason, message) = match observed {
+                        Err(e) => (false, "Unreachable", e),
+                        Ok(nodes) => {
+                            let wanted = routes::wanted(&nodes, &host.node_name);
+                            match (
+                                bringup::node_ready(&nodes, &host.node_name),
+                                routes::apply(&mut self.routes, &wanted),
+                            ) {
+                                (Err(e), _) => (false, "NodeNotReady", e),
+                                (Ok(_), Err(e)) => (false, "PodRoutesFailed", e),
+                                (Ok((true, message)), Ok(())) => (true, "NodeReady", message),
+                                (Ok((false, message)), Ok(())) => (false, "NodeNotReady", message),
+                            }
+                        }
+                    };
                     let s = state(&node, Some(&ca_cert_hash), ready, reason, message);
                     (
                         Job::Up {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Node;
 use kiln_spec::kubernetes::{KubeRole, KubernetesNode};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
@@ -394,7 +395,6 @@ fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
     Ok(out)
 }
 
-/// Polls `probe` until it yields, failing when `service` exits or the step times out.
 /// Whether an interface of this network namespace has `address`.
 fn has_local_address(address: &str) -> bool {
     let Ok(wanted) = address.parse::<std::net::IpAddr>() else {
@@ -412,6 +412,7 @@ fn has_local_address(address: &str) -> bool {
     })
 }
 
+/// Polls `probe` until it yields, failing when `service` exits or the step times out.
 async fn wait_for<T, F, Fut>(
     supervisor: &mut dyn Supervisor,
     service: &str,
@@ -653,34 +654,53 @@ async fn apply_bootstrap_objects(
     Ok(())
 }
 
-/// The node's `Ready` condition as the API server has it, read with the kubelet's own
-/// credentials (the Node authorizer lets a kubelet read its Node): `(ready, message)`.
-pub async fn node_ready(host: &Host) -> Result<(bool, String), String> {
-    let conf = host.path(paths::KUBELET_KUBECONFIG);
-    let client = crate::kube_client::from_kubeconfig(&conf)
-        .await
-        .map_err(|e| format!("{}: {e}", conf.display()))?;
-    let req = http::Request::get(format!("/api/v1/nodes/{}", host.node_name))
-        .body(Vec::new())
-        .map_err(|e| e.to_string())?;
-    let body = client
-        .request_text(req)
-        .await
-        .map_err(|e| format!("reading node {}: {e}", host.node_name))?;
-    let node: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    let ready = node["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-        .ok_or_else(|| format!("node {} reports no Ready condition yet", host.node_name))?;
+/// The `Ready` condition of node `name` among `nodes` (as the API server has them):
+/// `(ready, message)`. Pure.
+pub fn node_ready(nodes: &[Node], name: &str) -> Result<(bool, String), String> {
+    let ready = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .ok_or_else(|| format!("node {name} is not registered"))?
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .ok_or_else(|| format!("node {name} reports no Ready condition yet"))?;
     Ok((
-        ready["status"] == "True",
-        ready["message"].as_str().unwrap_or_default().to_string(),
+        ready.status == "True",
+        ready.message.clone().unwrap_or_default(),
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_ready_condition_of_the_named_node() {
+        let node = |name: &str, status: serde_json::Value| -> Node {
+            serde_json::from_value(json!({"metadata": {"name": name}, "status": status})).unwrap()
+        };
+        let nodes = [
+            node(
+                "a",
+                json!({"conditions": [{"type": "Ready", "status": "True", "message": "kubelet is posting ready status"}]}),
+            ),
+            node("b", json!({})),
+        ];
+        assert_eq!(
+            node_ready(&nodes, "a"),
+            Ok((true, "kubelet is posting ready status".into()))
+        );
+        assert_eq!(
+            node_ready(&nodes, "b"),
+            Err("node b reports no Ready condition yet".into())
+        );
+        assert_eq!(
+            node_ready(&nodes, "c"),
+            Err("node c is not registered".into())
+        );
+    }
 
     #[test]
     fn finds_only_addresses_this_host_has() {

@@ -64,15 +64,15 @@ pub async fn announce(host: &Host, pod_cidr: &str) -> Result<(), String> {
         .map_err(|e| format!("announcing the pod network on node {}: {e}", host.node_name))
 }
 
-/// The routes the host wants now, read with the kubelet's credentials (nodes read every
-/// Node, as kube-proxy does).
-pub async fn read_wanted(host: &Host) -> Result<Routes, String> {
+/// Every Node, read with the kubelet's credentials (nodes read every Node, as kube-proxy
+/// does): what the routes and the node's own Ready condition are derived from.
+pub async fn list_nodes(host: &Host) -> Result<Vec<Node>, String> {
     let nodes: Api<Node> = Api::all(kubelet_client(host).await?);
-    let list = nodes
+    nodes
         .list(&ListParams::default())
         .await
-        .map_err(|e| format!("listing nodes: {e}"))?;
-    Ok(wanted(&list.items, &host.node_name))
+        .map(|l| l.items)
+        .map_err(|e| format!("listing nodes: {e}"))
 }
 
 /// Makes the kernel's routes match `wanted`, given the ones this node set before
