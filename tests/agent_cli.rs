@@ -1,6 +1,9 @@
 //! `kiln agent run` as a process on a temporary root, driven through its unix socket by
 //! `kiln node status|plan|apply` and the API client: drift repair by the running agent,
-//! crash recovery, sd_notify, and starting without a config.
+//! crash recovery, sd_notify, and starting without a config; and its network API, reached by
+//! `kiln cluster kubeconfig` with the fleet's credentials.
+
+mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -368,4 +371,124 @@ fn starts_without_a_config_and_reports_why_it_is_not_ready() {
     assert!(failed.status);
     assert_eq!(failed.reason, "NoValidConfig");
     assert!(failed.message.contains("node.yaml"), "{failed:?}");
+}
+
+/// The network API a fleet gives its nodes (`kiln fleet node-config`): an administrator with
+/// the fleet's state directory fetches the kubeconfig the node holds; a client of another
+/// fleet, a client without a certificate, and a client that expects another node are refused.
+#[test]
+fn the_network_api_serves_the_fleets_admins_only() {
+    let t = host_tree("A");
+    let root = t.path();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("fleet.yaml");
+    fs::write(
+        &inventory,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Inventory\nspec:\n  nodes:\n    \
+         - name: n1\n      bootAddress: 127.0.0.1\n    - name: n2\n      bootAddress: 127.0.0.2\n",
+    )
+    .unwrap();
+    let spec = dir.path().join("spec.yaml");
+    let out = Command::new(KILN)
+        .args(["spec", "default"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    fs::write(&spec, &out.stdout).unwrap();
+    let state = dir.path().join("fleet");
+    let out = Command::new(KILN)
+        .args(["fleet", "node-config", "n1", "--inventory"])
+        .arg(&inventory)
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fleet = kiln_spec::NodeConfig::from_yaml(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    // Only the network API from it (this root is not a whole node), on a free port.
+    let port = common::free_port();
+    let mut api = fleet
+        .spec
+        .remote_api
+        .expect("the fleet gives each node its API");
+    api.listen = format!("127.0.0.1:{port}");
+    let config = kiln_spec::NodeConfig {
+        spec: kiln_spec::NodeSpec {
+            remote_api: Some(api),
+            ..Default::default()
+        },
+        ..fleet
+    };
+    fs::write(root.join("var/lib/kiln/node.yaml"), config.to_yaml()).unwrap();
+    let kubeconfig = "apiVersion: v1\nkind: Config\n# the node's admin kubeconfig\n";
+    fs::create_dir_all(root.join("etc/kubernetes")).unwrap();
+    fs::write(root.join("etc/kubernetes/admin.conf"), kubeconfig).unwrap();
+
+    let agent = Agent::start(root, &[]);
+    agent.ready_line();
+    let address = format!("127.0.0.1:{port}");
+    common::wait_until("the network API listening", TIMEOUT, || {
+        std::net::TcpStream::connect(&address).is_ok()
+    });
+    let fetch = |node: &str, state: &Path, out: &Path| {
+        Command::new(KILN)
+            .args(["cluster", "kubeconfig", "--node", node, "--inventory"])
+            .arg(&inventory)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--address", &address, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let fetched = dir.path().join("admin.conf");
+    let out = fetch("n1", &state, &fetched);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(&fetched).unwrap(), kubeconfig);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&fetched).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Another fleet's admin: the node does not know its CA (nor it the node's).
+    let stranger = dir.path().join("other-fleet");
+    kiln_fleet::cluster::FleetSecrets::load_or_create(&stranger).unwrap();
+    let refused = dir.path().join("refused.conf");
+    let out = fetch("n1", &stranger, &refused);
+    assert!(!out.status.success());
+    assert!(!refused.exists());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent at 127.0.0.1"), "{err}");
+    // This fleet's admin, expecting n2 where n1 answers: n1's certificate does not name n2.
+    let out = fetch("n2", &state, &refused);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    // No client certificate at all (curl trusting the node's CA).
+    let ca = dir.path().join("admin-ca.crt");
+    fs::copy(state.join("secrets/admin-ca.crt"), &ca).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("n1:{port}:127.0.0.1")])
+        .arg(format!("https://n1:{port}/v1/kubeconfig"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("kind: Config"));
 }

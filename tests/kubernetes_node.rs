@@ -236,6 +236,7 @@ fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>)
         node_ip: ip.into(),
         api_server: (role == KubeRole::Worker).then(|| "https://10.231.0.1:6443".into()),
         join,
+        ca: None,
         cluster_cidr: "10.42.0.0/16".into(),
         service_cidr: "10.43.0.0/16".into(),
         cluster_domain: "cluster.local".into(),

@@ -1,17 +1,21 @@
 //! Kubernetes on installed appliance nodes, under QEMU (SeaBIOS, TCG): the `test` profile with
 //! the `kubernetes` feature is built and installed by `kiln lab install`; two nodes boot from
-//! that install, each with a node config on its `KILN_STATE` partition, joined by a private
-//! network between the two QEMU processes (a socket on loopback).
+//! that install, joined by a private network between the two QEMU processes (a socket
+//! on loopback). Each node's config is what `kiln fleet node-config` prints for it from one
+//! inventory (kube-a `control-plane`, kube-b `worker`), as an operator installing from the ISO
+//! would give it, on the node's `KILN_STATE` partition.
 //!
 //! - `kube-a`, the first control plane: its agent brings up etcd, the control plane,
-//!   containerd and the kubelet from the image's own binaries and airgap bundle, and
-//!   `kiln node status` reports `KubernetesReady True` with the CA pin workers join with.
-//! - `kube-b`, a worker, is given that pin and the bootstrap token (read from kube-a's console,
-//!   as an operator would read `kiln node status`) and joins.
+//!   containerd and the kubelet from the image's own binaries and airgap bundle, with the CA
+//!   the fleet made, and `kiln node status` reports `KubernetesReady True`.
+//! - `kube-b`, a worker, joins with the fleet's bootstrap token, pinning the fleet's CA by its
+//!   hash, retrying until kube-a answers.
 //! - A pod of the bundle's pause image runs on each node; kube-a's agent routes kube-b's pod
-//!   network through kube-b; and `kiln cluster status`, run on this host through kube-a's
-//!   forwarded API server port with its admin kubeconfig, shows both nodes Ready with their
-//!   pod running.
+//!   network through kube-b.
+//! - From this host, `kiln cluster kubeconfig` fetches the admin kubeconfig from kube-a's agent
+//!   over its network API (a forwarded port; the fleet's admin certificate), and `kiln cluster
+//!   status` with it, through kube-a's forwarded API server port, shows both nodes Ready with
+//!   their pod running.
 //!
 //! The probes also print the nodes' uptime at each mark, and the agents log each bring-up
 //! step: power-on → API server → Ready → pod Running, per stage.
@@ -23,14 +27,17 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
 use common::free_port;
 use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
+use kiln_spec::NodeConfig;
 use lab_support::{KILN, StateMount, build_iso, console_lines, lab_install, text};
 
 /// The lab NIC of `kiln lab install`: each node keeps it (each has its own user network).
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
-const TOKEN: &str = "abcdef.0123456789abcdef";
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/lab-kubernetes.yaml"
+);
 
 struct Node {
     name: &'static str,
@@ -53,11 +60,31 @@ const WORKER: Node = Node {
     pod_cidr: "10.42.1.0/24",
 };
 
-/// A node config: the node's name and cluster address, its part in the cluster (`role`
-/// lines), kernel messages off the console (the probe's lines carry a kubeconfig), and a probe
-/// unit running `probe` once the agent reports `KubernetesReady True`. The probe prints what a
-/// user would check, each line prefixed so the test can find it, and ends with `<name>-end`.
-fn node_config(node: &Node, role: &str, probe: &str) -> String {
+/// The fleet both nodes belong to: kube-a the control plane, kube-b a worker, each with its
+/// cluster address on its own NIC.
+fn inventory() -> String {
+    let node = |n: &Node, role: &str| {
+        format!(
+            "    - name: {name}\n      role: {role}\n      overrides:\n        network:\n          \
+             interfaces:\n            - name: \"en*\"\n              mac: \"{mac}\"\n              \
+             addresses: [{ip}/24]\n",
+            name = n.name,
+            mac = n.cluster_mac,
+            ip = n.ip,
+        )
+    };
+    format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Inventory\nspec:\n  nodes:\n{}{}",
+        node(&INIT, "control-plane"),
+        node(&WORKER, "worker")
+    )
+}
+
+/// What the test adds to a node's config: kernel messages off the console (the probe's lines
+/// carry a kubeconfig), and a probe unit running `probe` once the agent reports
+/// `KubernetesReady True`. The probe prints what a user would check, each line prefixed so
+/// the test can find it, and ends with `<name>-end`.
+fn probe_config(node: &Node, probe: &str) -> String {
     let mut probe_lines = String::new();
     for line in probe.lines() {
         probe_lines.push_str("        ");
@@ -67,21 +94,8 @@ fn node_config(node: &Node, role: &str, probe: &str) -> String {
     r#"apiVersion: kiln.dev/v1alpha1
 kind: NodeConfig
 spec:
-  hostname: NAME
   sysctls:
     kernel.printk: "1 4 1 7"
-  network:
-    interfaces:
-      - name: "en*"
-        mac: "CLUSTER_MAC"
-        addresses: [IP/24]
-  kubernetes:
-ROLE
-    nodeIp: IP
-    clusterCidr: 10.42.0.0/16
-    serviceCidr: 10.43.0.0/16
-    clusterDomain: cluster.local
-    podCidr: POD_CIDR
   files:
     - path: /etc/kiln/probe-pod.yaml
       content: |
@@ -124,19 +138,50 @@ PROBE        echo NAME-end > /dev/console
         [Install]
         WantedBy=multi-user.target
 "#
-    .replace("ROLE", role)
     .replace("PROBE", &probe_lines)
-    .replace("CLUSTER_MAC", node.cluster_mac)
-    .replace("POD_CIDR", node.pod_cidr)
     .replace("NAME", node.name)
-    .replace("IP", node.ip)
     .replace("PAUSE_IMAGE", kiln_spec::kubernetes::PAUSE_IMAGE)
     .replace("BIN_DIR", kiln_spec::kubernetes::BIN_DIR)
 }
 
-/// The first control plane's probe: once the worker has registered, a pod on each node; the
-/// route its agent sets to the worker's pods (at its next resync); then its admin kubeconfig
-/// for the host.
+/// The node's config as an operator installing from the ISO gives it: what `kiln fleet
+/// node-config` prints for the node (its address and its part in the cluster, credentials
+/// included), with the test's probe merged over it, as the node's local override.
+fn write_node_config(disk: &Path, dir: &Path, node: &Node, probe: &str) -> NodeConfig {
+    let out = Command::new(KILN)
+        .args([
+            "fleet",
+            "node-config",
+            node.name,
+            "--spec",
+            FIXTURE,
+            "--inventory",
+        ])
+        .arg(dir.join("fleet.yaml"))
+        .arg("--state-dir")
+        .arg(dir.join("fleet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln fleet node-config:\n{}",
+        text(&out)
+    );
+    let fleet = NodeConfig::from_yaml(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let test = NodeConfig::from_yaml(&probe_config(node, probe)).unwrap();
+    let config = NodeConfig {
+        spec: kiln_spec::nodeconfig::merge([&fleet.spec, &test.spec]),
+        ..fleet.clone()
+    };
+    let state = StateMount::new(disk);
+    let path = state.upper(kiln_agent::controllers::OVERRIDE_CONFIG);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, config.to_yaml()).unwrap();
+    fleet
+}
+
+/// The first control plane's probe: once the worker has registered, a pod on each node, and
+/// the route its agent sets to the worker's pods (at its next resync).
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
@@ -150,19 +195,11 @@ mark pods-running
 for i in $(seq 150); do ip route show {worker_pods} | grep -q via && break; sleep 2; done
 ip route show {worker_pods} | say route
 mark pod-route
-base64 -w 64 /etc/kubernetes/admin.conf | say kubeconfig
 "#,
         init = INIT.name,
         worker = WORKER.name,
         worker_pods = WORKER.pod_cidr,
     )
-}
-
-fn write_node_config(disk: &Path, config: &str) {
-    let state = StateMount::new(disk);
-    let path = state.upper(kiln_agent::controllers::OVERRIDE_CONFIG);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, config).unwrap();
 }
 
 /// Boots a node from `disk` with its lab NIC (forwarding `hostfwd`) and its cluster NIC on
@@ -244,16 +281,7 @@ fn ready_status(node: &Node, lines: &[String], log: &str) -> Vec<String> {
 
 #[test]
 fn installed_nodes_form_a_cluster_and_run_pods() {
-    let iso = build_iso(
-        &[
-            "--spec",
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/lab-kubernetes.yaml"
-            ),
-        ],
-        "lab-kubernetes-iso",
-    );
+    let iso = build_iso(&["--spec", FIXTURE], "lab-kubernetes-iso");
     let dir = tempfile::tempdir().unwrap();
     let (disk_a, disk_b) = (dir.path().join("kube-a.raw"), dir.path().join("kube-b.raw"));
     // The slot holds the Kubernetes binaries; containerd's images live on KILN_STATE.
@@ -267,52 +295,37 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    write_node_config(
-        &disk_a,
-        &node_config(
-            &INIT,
-            &format!("    role: init\n    join:\n      token: {TOKEN}"),
-            &init_probe(),
-        ),
-    );
+    std::fs::write(dir.path().join("fleet.yaml"), inventory()).unwrap();
+    let fleet_a = write_node_config(&disk_a, dir.path(), &INIT, &init_probe());
+    write_node_config(&disk_b, dir.path(), &WORKER, "");
+    // The fleet made the CA: the worker knows its pin before the control plane exists.
+    let ca_hash = fleet_a
+        .spec
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.join.as_ref()?.ca_cert_hash.clone())
+        .expect("the fleet gives the control plane the CA hash");
 
-    let (api_port, cluster_port) = (free_port(), free_port());
+    let (api_port, agent_port, cluster_port) = (free_port(), free_port(), free_port());
     let console_a = dir.path().join("kube-a-console.log");
     let mut vm_a = boot(
         &INIT,
         &disk_a,
         &console_a,
-        vec![format!("tcp:127.0.0.1:{api_port}-:6443")],
+        vec![
+            format!("tcp:127.0.0.1:{api_port}-:6443"),
+            format!(
+                "tcp:127.0.0.1:{agent_port}-:{}",
+                kiln_spec::remote::DEFAULT_PORT
+            ),
+        ],
         &format!("listen=127.0.0.1:{cluster_port}"),
     );
-    // kube-a's status names the CA pin once its control plane is up (its last line is the
-    // drift repair count).
+    // The worker could boot at once (it knows the pin, and its agent retries the join until
+    // the control plane answers), but under emulation two booting nodes share this host's
+    // cores and both take far longer: it boots once kube-a reports Ready.
     vm_a.wait_for_console("kube-a-status: drift repairs:", Duration::from_secs(900))
         .unwrap_or_else(|e| panic!("{e}"));
-    let lines_a = console_lines(&console_a);
-    let log_a = lines_a.join("\n");
-    let status_a = ready_status(&INIT, &lines_a, &log_a);
-    let pin = Regex::new(
-        r"^kubernetes: init\s+API https://192\.168\.77\.10:6443\s+CA (sha256:[0-9a-f]{64})$",
-    )
-    .unwrap();
-    let ca_hash = status_a
-        .iter()
-        .find_map(|l| pin.captures(l))
-        .map(|c| c[1].to_string())
-        .unwrap_or_else(|| panic!("no CA pin in kube-a's status:\n{}", status_a.join("\n")));
-
-    write_node_config(
-        &disk_b,
-        &node_config(
-            &WORKER,
-            &format!(
-                "    role: worker\n    apiServer: https://{}:6443\n    join:\n      token: {TOKEN}\n      caCertHash: {ca_hash}",
-                INIT.ip
-            ),
-            "",
-        ),
-    );
     let console_b = dir.path().join("kube-b-console.log");
     let mut vm_b = boot(
         &WORKER,
@@ -328,7 +341,6 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
 
     let lines_a = console_lines(&console_a);
     let lines_b = console_lines(&console_b);
-    let log_a = lines_a.join("\n");
     eprintln!(
         "kube-a, power-on to each stage (node uptime):\n{}",
         stages(&INIT, &lines_a)
@@ -337,15 +349,22 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         "kube-b, power-on to each stage (node uptime):\n{}",
         stages(&WORKER, &lines_b)
     );
-    let status_b = ready_status(&WORKER, &lines_b, &lines_b.join("\n"));
-    assert!(
-        status_b.iter().any(|l| l.starts_with(&format!(
-            "kubernetes: worker  API https://{}:6443  CA {ca_hash}",
-            INIT.ip
-        ))),
-        "{}",
-        status_b.join("\n")
-    );
+    for (node, lines) in [(&INIT, &lines_a), (&WORKER, &lines_b)] {
+        let status = ready_status(node, lines, &lines.join("\n"));
+        let role = if node.name == INIT.name {
+            "init"
+        } else {
+            "worker"
+        };
+        assert!(
+            status.iter().any(|l| l.starts_with(&format!(
+                "kubernetes: {role}  API https://{}:6443  CA {ca_hash}",
+                INIT.ip
+            ))),
+            "{}",
+            status.join("\n")
+        );
+    }
     let route = prefixed(&lines_a, "kube-a-route").join("\n");
     assert!(
         route.starts_with(&format!("{} via {} ", WORKER.pod_cidr, WORKER.ip)),
@@ -356,16 +375,30 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         assert!(kubectl.contains(expected), "kubectl on kube-a:\n{kubectl}");
     }
 
-    // From this host: kube-a's admin kubeconfig, pointed at the forwarded port (127.0.0.1 is
-    // one of the API server certificate's addresses).
-    let admin = base64::engine::general_purpose::STANDARD
-        .decode(prefixed(&lines_a, "kube-a-kubeconfig").concat())
-        .unwrap_or_else(|e| panic!("the kubeconfig on the console is not base64 ({e}):\n{log_a}"));
-    let admin = String::from_utf8(admin).unwrap().replace(
+    // From this host: kube-a's admin kubeconfig from its agent's network API, with the
+    // fleet's admin credentials, pointed at the forwarded API server port (127.0.0.1 is one of
+    // the API server certificate's addresses).
+    let kubeconfig = dir.path().join("admin.conf");
+    let out = Command::new(KILN)
+        .args(["cluster", "kubeconfig", "--node", INIT.name, "--inventory"])
+        .arg(dir.path().join("fleet.yaml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("fleet"))
+        .arg("--address")
+        .arg(format!("127.0.0.1:{agent_port}"))
+        .arg("--out")
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln cluster kubeconfig:\n{}",
+        text(&out)
+    );
+    let admin = std::fs::read_to_string(&kubeconfig).unwrap().replace(
         &format!("https://{}:6443", INIT.ip),
         &format!("https://127.0.0.1:{api_port}"),
     );
-    let kubeconfig = dir.path().join("admin.conf");
     std::fs::write(&kubeconfig, admin).unwrap();
     let out = Command::new(KILN)
         .args(["cluster", "status", "--output", "json", "--kubeconfig"])

@@ -7,7 +7,12 @@
 //! | POST   | /v1/apply    | re-reads the config, converges, answers [`NodeStatus`]  |
 //! |        |              | (422 when the config is rejected)                       |
 //! | GET    | /v1/events   | newline-delimited JSON [`Event`]s as they happen        |
+//! | GET    | /v1/kubeconfig | the cluster's admin kubeconfig (first control plane;  |
+//! |        |              | 404 elsewhere)                                          |
 //! | GET    | /metrics     | Prometheus text format                                  |
+//!
+//! The same routes are served over HTTPS with client certificates when the node config asks
+//! for it ([`crate::remote`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +53,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/apply", post(apply))
         .route("/v1/events", get(events))
+        .route("/v1/kubeconfig", get(kubeconfig))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -108,6 +114,19 @@ async fn apply(State(s): State<Arc<ApiState>>) -> Response {
         StatusCode::UNPROCESSABLE_ENTITY
     };
     json(code, &st)
+}
+
+async fn kubeconfig(State(s): State<Arc<ApiState>>) -> Response {
+    let path = format!("/{}", kiln_cluster::node::paths::ADMIN_KUBECONFIG);
+    match s.host.sysroot.read(&path) {
+        Ok(Some(text)) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("no {path} here: only the cluster's first control plane has one, once its bring-up made it"),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading {path}: {e}")).into_response(),
+    }
 }
 
 async fn events(State(s): State<Arc<ApiState>>) -> Response {

@@ -17,6 +17,7 @@ use crate::host::Host;
 use crate::kubernetes::{HostFor, KubernetesController};
 use crate::metrics::EngineMetrics;
 use crate::notify;
+use crate::remote::{self, RemoteApiController};
 use crate::status::Event;
 use crate::sysroot::Sysroot;
 use kiln_cluster::node::bringup::{Processes, Supervisor};
@@ -66,6 +67,7 @@ pub fn agent_runtime(
     shared: Arc<Shared>,
     slot: String,
     recovered: Option<String>,
+    remote_api: tokio::sync::watch::Sender<Option<kiln_spec::remote::RemoteApi>>,
 ) -> Result<Runtime, AgentError> {
     let mut rt = Runtime::new();
     rt.set_observer(Box::new(EngineMetrics(shared.clone())));
@@ -78,6 +80,7 @@ pub fn agent_runtime(
     rt.register(Box::new(ConfigController { sources }))?;
     rt.register(Box::new(RenderController))?;
     rt.register(Box::new(kubernetes))?;
+    rt.register(Box::new(RemoteApiController { wanted: remote_api }))?;
     rt.register(Box::new(HostController::new(host, shared, slot, recovered)))?;
     Ok(rt)
 }
@@ -142,12 +145,14 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         msg
     });
 
+    let (remote_api, wanted_remote_api) = tokio::sync::watch::channel(None);
     let mut rt = agent_runtime(
         Host::real(&opts.root),
         sources.clone(),
         shared.clone(),
         slot.clone(),
         recovered.clone(),
+        remote_api,
     )?;
     let trigger = rt.trigger();
     rt.run_until_idle();
@@ -226,6 +231,11 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 hup_trigger.wake("config");
             }
         });
+        tokio::spawn(remote::serve(
+            wanted_remote_api,
+            api::router(state.clone()),
+            shared.clone(),
+        ));
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(async {
                 let mut term =

@@ -19,6 +19,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod notify;
 pub mod plan;
+pub mod remote;
 pub mod status;
 pub mod sysroot;
 pub mod watch;

@@ -56,6 +56,7 @@ impl Agent {
             Arc::new(Shared::new()),
             "A".into(),
             None,
+            tokio::sync::watch::channel(None).0,
         )
         .unwrap();
         Agent {

@@ -751,19 +751,22 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
 /// overrides are already applied.
 fn seed_files(spec: &Appliance, hostname: &str, enrolment: Option<&Enrolment>) -> Vec<PlannedFile> {
     let node = node_config_for(spec, None, hostname);
+    // A cluster node's config carries its join token (and on the first control plane the
+    // CA's key): then it is for root alone.
+    let secret = node.spec.kubernetes.is_some();
     let mut files = vec![
         PlannedFile {
             path: NODE_CONFIG_PATH.into(),
-            mode: "0644".into(),
-            content: serde_saphyr::to_string(&node).expect("a node config serializes"),
-            secret: false,
+            mode: if secret { "0600" } else { "0644" }.into(),
+            content: node.to_yaml(),
+            secret,
         },
         PlannedFile {
             // It may carry password hashes.
             path: APPLIANCE_SPEC_PATH.into(),
             mode: "0600".into(),
             content: spec.to_yaml(),
-            secret: false,
+            secret,
         },
     ];
     if let Some(e) = enrolment {

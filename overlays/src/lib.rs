@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kiln_spec::errors::error_chain;
 use kiln_spec::host::{file_safe, render_networkd};
 use kiln_spec::{Appliance, Feature, NodeRole};
 use serde::{Deserialize, Serialize};
@@ -207,17 +208,6 @@ pub fn render(spec: &Appliance, node: Option<&NodeContext>) -> Result<Rendered, 
         kernel_args: spec.kernel_args(),
         addons,
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 fn layer_meta(layer: &str) -> Result<LayerMeta, RenderError> {

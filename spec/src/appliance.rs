@@ -49,6 +49,10 @@ pub struct ApplianceSpec {
     pub install: InstallSpec,
     #[serde(default)]
     pub cluster: ClusterSpec,
+    /// The agent's network API (per node: it holds the node's own certificate), usually
+    /// filled in by the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_api: Option<RemoteApi>,
 }
 
 fn default_hostname() -> String {
@@ -357,9 +361,18 @@ pub struct ClusterSpec {
     pub service_cidr: String,
     #[serde(default = "default_cluster_domain")]
     pub cluster_domain: String,
+    /// This node's part in the cluster (role, address, pod network, join credentials): per
+    /// node, so it comes from an inventory node's `overrides.clusterNode` or from the fleet,
+    /// which fills it in from the node's inventory role. Its networks must be the ones above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<KubernetesNode>,
 }
 
-use crate::kubernetes::{default_cluster_cidr, default_cluster_domain, default_service_cidr};
+use crate::remote::RemoteApi;
+
+use crate::kubernetes::{
+    KubernetesNode, default_cluster_cidr, default_cluster_domain, default_service_cidr,
+};
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -368,6 +381,7 @@ impl Default for ClusterSpec {
             cluster_cidr: default_cluster_cidr(),
             service_cidr: default_service_cidr(),
             cluster_domain: default_cluster_domain(),
+            node: None,
         }
     }
 }
@@ -486,6 +500,35 @@ impl Appliance {
         s.network.validate_into("spec.network", &mut errs);
         validate_install(&s.install, &mut errs);
         validate_cluster(&s.cluster, &mut errs);
+        if let Some(node) = &s.cluster.node {
+            if !self.has_feature(Feature::Kubernetes) {
+                errs.push(
+                    "spec.cluster.node",
+                    "a cluster node needs the kubernetes feature",
+                );
+            }
+            let own = s.network.static_networks("spec.network");
+            node.validate_into("spec.cluster.node", &own, &mut errs);
+            for (field, node_value, cluster_value) in [
+                ("clusterCidr", &node.cluster_cidr, &s.cluster.cluster_cidr),
+                ("serviceCidr", &node.service_cidr, &s.cluster.service_cidr),
+                (
+                    "clusterDomain",
+                    &node.cluster_domain,
+                    &s.cluster.cluster_domain,
+                ),
+            ] {
+                if node_value != cluster_value {
+                    errs.push(
+                        format!("spec.cluster.node.{field}"),
+                        format!("{node_value} is not spec.cluster.{field} {cluster_value}"),
+                    );
+                }
+            }
+        }
+        if let Some(r) = &s.remote_api {
+            r.validate_into("spec.remoteApi", &mut errs);
+        }
         errs.into_result()
     }
 }
@@ -718,6 +761,13 @@ pub struct ApplianceOverrides {
     pub network: Option<NetworkOverrides>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install: Option<InstallOverrides>,
+    /// The node's part in the cluster (`spec.cluster.node`), as written: the fleet then
+    /// derives nothing for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<KubernetesNode>,
+    /// The node's network API (`spec.remoteApi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_api: Option<RemoteApi>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -785,6 +835,12 @@ impl Appliance {
                 s.install.after_install = x;
             }
         }
+        if let Some(n) = &o.cluster_node {
+            s.cluster.node = Some(n.clone());
+        }
+        if let Some(r) = &o.remote_api {
+            s.remote_api = Some(r.clone());
+        }
         a
     }
 
@@ -824,6 +880,17 @@ impl ApplianceOverrides {
         let mut base = Appliance::profile(ProfileName::Test);
         base.spec.users.clear();
         base.spec.os.kernel_args.clear();
+        // A clusterNode is checked on its own here: the feature and the cluster's networks
+        // are the appliance spec's, checked when the node's spec is rendered.
+        if let Some(n) = &self.cluster_node {
+            base.spec.features.push(Feature::Kubernetes);
+            base.spec.cluster.cluster_cidr.clone_from(&n.cluster_cidr);
+            base.spec.cluster.service_cidr.clone_from(&n.service_cidr);
+            base.spec
+                .cluster
+                .cluster_domain
+                .clone_from(&n.cluster_domain);
+        }
         if let Err(found) = base.with_overrides(self).validate() {
             for e in found.0 {
                 let rest = e.path.strip_prefix("spec.").unwrap_or(&e.path);

@@ -480,6 +480,17 @@ fn declared_types<'a>(root: &'a Value, schema: &'a Value) -> Option<Vec<&'a str>
     }
 }
 
+/// A PEM certificate and a PEM private key, by their armour: the TLS stacks that load them
+/// say more, but only once the node runs.
+pub(crate) fn check_pem_pair(at: &str, cert: &str, key: &str, errs: &mut ValidationErrors) {
+    if !cert.trim_start().starts_with("-----BEGIN CERTIFICATE-----") {
+        errs.push(format!("{at}.cert"), "not a PEM certificate");
+    }
+    if !(key.trim_start().starts_with("-----BEGIN ") && key.contains("PRIVATE KEY-----")) {
+        errs.push(format!("{at}.key"), "not a PEM private key");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

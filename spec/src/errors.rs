@@ -44,6 +44,19 @@ impl fmt::Display for ValidationErrors {
 
 impl std::error::Error for ValidationErrors {}
 
+/// An error with each of its causes, `outer: inner: …`: HTTP and TLS clients put the reason
+/// that helps (a refused certificate, a reset connection) in the causes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Why a document could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {

@@ -41,6 +41,24 @@ pub struct JoinCredentials {
     pub ca_cert_hash: Option<String>,
 }
 
+/// The cluster's CA as PEM text, made outside the node (by the fleet) so that joining nodes
+/// know its hash before the first control plane is up.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterCa {
+    pub cert: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("cert", &self.cert)
+            .field("key", &"(secret)")
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubernetesNode {
@@ -54,6 +72,10 @@ pub struct KubernetesNode {
     /// and CA hash to join with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<JoinCredentials>,
+    /// On `init` only: the cluster CA to use instead of making one. Without it the first
+    /// control plane makes its own, and workers learn its hash from `kiln node status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<ClusterCa>,
     /// The whole pod network; every node's `podCidr` lies inside it.
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
@@ -99,7 +121,7 @@ pub fn default_cluster_domain() -> String {
     "cluster.local".into()
 }
 
-fn default_max_pods() -> u32 {
+pub fn default_max_pods() -> u32 {
     110
 }
 
@@ -271,6 +293,15 @@ impl KubernetesNode {
                     "not a CA hash: sha256: and 64 hexadecimal digits",
                 );
             }
+        }
+        if let Some(ca) = &self.ca {
+            if self.role == KubeRole::Worker {
+                errs.push(
+                    format!("{at}.ca"),
+                    "only the first control plane holds the CA; a worker pins it by join.caCertHash",
+                );
+            }
+            crate::check::check_pem_pair(&format!("{at}.ca"), &ca.cert, &ca.key, errs);
         }
         if self.role == KubeRole::Worker {
             if self.api_server.is_none() {

@@ -20,6 +20,7 @@ pub mod layout;
 pub mod manifest;
 pub mod nodeconfig;
 pub mod paths;
+pub mod remote;
 pub mod size;
 
 pub use appliance::{Appliance, ApplianceSpec, Feature, ProfileName};

@@ -65,6 +65,9 @@ pub struct NodeSpec {
     /// The node's part in the Kubernetes cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesNode>,
+    /// The agent's network API for administrators on other hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_api: Option<crate::remote::RemoteApi>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -189,6 +192,11 @@ impl NodeConfig {
         let value = crate::check::yaml_value("node config", text)?;
         // Shape errors (unknown fields, wrong types) and value errors together, all at once.
         crate::check::parse_document("node config", value, NodeConfig::validate)
+    }
+
+    /// The config as YAML, as the installer seeds it.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("a node config always serializes")
     }
 
     pub fn load(path: &Path) -> Result<NodeConfig, SpecError> {
@@ -336,6 +344,9 @@ impl NodeSpec {
                 .unwrap_or_default();
             k.validate_into(&format!("{at}.kubernetes"), &own, errs);
         }
+        if let Some(r) = &self.remote_api {
+            r.validate_into(&format!("{at}.remoteApi"), errs);
+        }
         let mut labels = BTreeSet::new();
         for (i, d) in self.data_disks.iter().enumerate() {
             let p = format!("{at}.dataDisks[{i}].partLabel");
@@ -359,9 +370,10 @@ impl NodeSpec {
 
 /// The NodeConfig an installed node starts from: the appliance spec with the inventory
 /// node's `overrides` applied, carrying what both documents describe (host name, users,
-/// network, kernel arguments). Root and password hashes stay out: the agent does not manage
-/// root, node.yaml is world-readable, and the image already sets both. So do the
-/// boot-specific kernel arguments (`kiln.slot=…`).
+/// network, kernel arguments, the node's part in the cluster, its network API). Root and password hashes stay
+/// out: the agent does not manage root, node.yaml is world-readable unless it holds cluster
+/// credentials, and the image already sets both. So do the boot-specific kernel arguments
+/// (`kiln.slot=…`).
 pub fn node_config_for(
     appliance: &Appliance,
     node: Option<&InventoryNode>,
@@ -391,6 +403,8 @@ pub fn node_config_for(
                 .collect(),
             network: Some(a.spec.network.clone()),
             kernel_args: a.kernel_args(),
+            kubernetes: a.spec.cluster.node.clone(),
+            remote_api: a.spec.remote_api.clone(),
             ..NodeSpec::default()
         },
     }
@@ -446,6 +460,9 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
         merge_keyed(&mut out.data_disks, &s.data_disks, |d| d.part_label.clone());
         if s.kubernetes.is_some() {
             out.kubernetes.clone_from(&s.kubernetes);
+        }
+        if s.remote_api.is_some() {
+            out.remote_api.clone_from(&s.remote_api);
         }
     }
     out

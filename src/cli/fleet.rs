@@ -1,5 +1,6 @@
-//! `kiln fleet plan|rollout|status`: roll an inventory from powered off to installed and ready
-//! over its BMCs and kiln's own netboot services, with progress kept in the state directory.
+//! `kiln fleet plan|rollout|status|node-config`: roll an inventory from powered off to
+//! installed and ready over its BMCs and kiln's own netboot services, with progress kept in
+//! the state directory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_bmc::ipmi::CipherSuite;
 use kiln_bmc::{BmcTarget, PowerState};
+use kiln_fleet::cluster::{self, FleetSecrets};
 use kiln_fleet::plan::{self, Probe};
 use kiln_fleet::rollout::{self, BmcActuator, Rollout, RolloutOptions, Target};
 use kiln_fleet::stage::{Limits, Stage};
@@ -29,6 +31,25 @@ pub enum FleetCmd {
     Rollout(Box<RolloutArgs>),
     /// Progress of the rollout kept in the state directory
     Status(StatusArgs),
+    /// Print the node config a node installs with, its cluster credentials included (for
+    /// nodes installed from the ISO rather than netbooted: copy it to the node's
+    /// /etc/kiln/node.override.yaml)
+    NodeConfig(NodeConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NodeConfigArgs {
+    /// The node's name in the inventory
+    node: String,
+    /// Fleet inventory (kind: Inventory)
+    #[arg(long, value_name = "FILE")]
+    inventory: PathBuf,
+    /// Appliance spec the nodes install from
+    #[arg(long, value_name = "FILE")]
+    spec: PathBuf,
+    /// The rollout's state directory, where the cluster's credentials are kept
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
+    state_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,7 +129,41 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
         FleetCmd::Plan(a) => plan_cmd(a),
         FleetCmd::Rollout(a) => rollout_cmd(*a),
         FleetCmd::Status(a) => status_cmd(a),
+        FleetCmd::NodeConfig(a) => node_config_cmd(a),
     }
+}
+
+/// The inventory with each node's part in the cluster (none without the kubernetes feature)
+/// and its agent API filled in, from the fleet's credentials in the state directory (made on
+/// first use).
+fn with_node_parts(
+    appliance: &Appliance,
+    inventory: &Inventory,
+    state_dir: &Path,
+) -> anyhow::Result<Inventory> {
+    let secrets = FleetSecrets::load_or_create(state_dir)?;
+    let members = cluster::members(appliance, inventory, &secrets)
+        .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the cluster: {e}"))?;
+    let apis = cluster::remote_apis(inventory, &secrets)?;
+    Ok(cluster::with_members(inventory, &members, &apis))
+}
+
+fn node_config_cmd(a: NodeConfigArgs) -> anyhow::Result<()> {
+    let inventory = Inventory::load(&a.inventory)
+        .with_context(|| format!("loading the inventory {}", a.inventory.display()))?;
+    let appliance = Appliance::load(&a.spec)
+        .with_context(|| format!("loading the appliance spec {}", a.spec.display()))?;
+    let Some(index) = inventory.spec.nodes.iter().position(|n| n.name == a.node) else {
+        bail!("{} has no node named {:?}", a.inventory.display(), a.node);
+    };
+    let inventory = with_node_parts(&appliance, &inventory, &a.state_dir)?;
+    let node = &inventory.spec.nodes[index];
+    let spec = appliance
+        .for_node(node, None)
+        .map_err(|e| anyhow::anyhow!("node {}: {e}", node.name))?;
+    let config = kiln_spec::nodeconfig::node_config_for(&spec, None, &spec.spec.hostname);
+    print!("{}", config.to_yaml());
+    Ok(())
 }
 
 /// What every fleet command starts from.
@@ -189,6 +244,8 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
         snapshot.as_ref(),
         a.source.reinstall,
     );
+    let seats = cluster::seats(&l.appliance, &l.inventory)
+        .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the cluster: {e}"))?;
     let rt = super::runtime()?;
     let probes = rt.block_on(async {
         let tasks: Vec<_> = nodes
@@ -218,6 +275,7 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
     });
     for (p, probe) in plans.iter_mut().zip(probes) {
         p.probe = probe;
+        p.cluster = seats.get(&p.name).map(cluster::Seat::describe);
     }
     a.output.emit(&plans, |p| plan::table(p))
 }
@@ -252,7 +310,8 @@ async fn probe(target: BmcTarget) -> Probe {
 }
 
 fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
-    let l = load(&a.source)?;
+    let mut l = load(&a.source)?;
+    l.inventory = with_node_parts(&l.appliance, &l.inventory, &a.source.state_dir)?;
     let nodes =
         plan::select(&l.inventory, a.source.nodes.as_deref()).map_err(anyhow::Error::msg)?;
     let netboot = l.inventory.spec.netboot.clone().with_context(|| {
@@ -338,6 +397,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         &rt,
         &netboot,
         &a.source,
+        &l.inventory,
         &pxe_state,
         rollout.shared.clone(),
         shutdown.clone(),
@@ -413,6 +473,7 @@ fn start_netboot(
     rt: &tokio::runtime::Runtime,
     netboot: &kiln_spec::inventory::InventoryNetboot,
     src: &Source,
+    inventory: &Inventory,
     pxe_state: &Path,
     shared: Arc<rollout::Shared>,
     shutdown: kiln_netboot::server::CancellationToken,
@@ -445,10 +506,12 @@ fn start_netboot(
         anyhow::anyhow!("invalid netboot settings:\n  {}", errors.join("\n  "))
     })?;
     let listen = resolved.settings.http_listen;
+    // The file's inventory, with what the fleet fills in for each node.
+    let inventory = inventory.clone();
     let server = rt.spawn(async move {
         kiln_netboot::server::serve(
             resolved.settings,
-            resolved.inventory,
+            inventory,
             resolved.appliance,
             shared,
             shutdown,

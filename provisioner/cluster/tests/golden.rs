@@ -222,6 +222,7 @@ fn kube_node(role: KubeRole) -> KubernetesNode {
         node_ip: "10.99.0.1".into(),
         api_server: (role == KubeRole::Worker).then(|| "https://10.99.0.1:6443".into()),
         join: None,
+        ca: None,
         cluster_cidr: "10.42.0.0/16".into(),
         service_cidr: "10.43.0.0/16".into(),
         cluster_domain: "cluster.local".into(),

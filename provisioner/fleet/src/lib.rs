@@ -5,7 +5,9 @@
 //! netboot services, and its progress lives in an embedded store ([`store`]) so a rollout
 //! resumes where it stopped.
 
+pub mod cluster;
 pub mod plan;
+pub mod remote;
 pub mod rollout;
 pub mod stage;
 pub mod status;

@@ -52,6 +52,9 @@ pub struct NodePlan {
     /// installer's own `planned` or `failed` report), if it ever did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_pick: Option<String>,
+    /// Its seat in the Kubernetes cluster, as a sentence (filled in by the caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     #[serde(flatten)]
     pub action: Action,
 }
@@ -163,6 +166,7 @@ pub fn plan(
                 probe: None,
                 disk_rule,
                 last_pick,
+                cluster: None,
                 action,
             }
         })
@@ -214,6 +218,9 @@ pub fn table(plans: &[NodePlan]) -> String {
         s.push_str(&format!("  install disk: {}\n", p.disk_rule));
         if let Some(pick) = &p.last_pick {
             s.push_str(&format!("  last install: {pick}\n"));
+        }
+        if let Some(seat) = &p.cluster {
+            s.push_str(&format!("  cluster: {seat}\n"));
         }
     }
     s

@@ -52,6 +52,8 @@ pub enum BringupError {
     Announce(String),
     #[error("no interface has the node address {address} after {}s (spec.kubernetes.nodeIp and the node's network config must agree)", .after.as_secs())]
     NoAddress { address: String, after: Duration },
+    #[error("this node already runs a cluster with another CA ({}); the config's CA is not used. To make a new cluster, remove the node's Kubernetes state first", .path.display())]
+    OtherCa { path: PathBuf },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
@@ -452,12 +454,28 @@ fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, B
             .map_err(io(format!("reading {}", root.join(rel).display())))
     };
     let ca = if exists(&pki_file("ca.key")) {
-        Ca::load(CertPair {
+        let ca = Ca::load(CertPair {
             cert_pem: read(&pki_file("ca.crt"))?,
             key_pem: read(&pki_file("ca.key"))?,
-        })?
+        })?;
+        // A node never swaps the CA of a cluster it already runs: every certificate and
+        // every joined node trusts the old one.
+        if let Some(given) = &node.ca
+            && given.cert.trim() != ca.pair.cert_pem.trim()
+        {
+            return Err(BringupError::OtherCa {
+                path: root.join(pki_file("ca.crt")),
+            });
+        }
+        ca
     } else {
-        let ca = Ca::generate("kiln-kubernetes-ca")?;
+        let ca = match &node.ca {
+            Some(given) => Ca::load(CertPair {
+                cert_pem: given.cert.clone(),
+                key_pem: given.key.clone(),
+            })?,
+            None => Ca::generate("kiln-kubernetes-ca")?,
+        };
         write(root, &pki_file("ca.crt"), &ca.pair.cert_pem, 0o644)?;
         write(root, &pki_file("ca.key"), &ca.pair.key_pem, 0o600)?;
         ca
@@ -675,6 +693,49 @@ pub fn node_ready(nodes: &[Node], name: &str) -> Result<(bool, String), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_control_plane_keeps_its_ca_and_never_swaps_it() {
+        let host = |root: &Path| Host {
+            root: root.to_path_buf(),
+            ..Host::appliance("cp-1")
+        };
+        let node = |ca: Option<&CertPair>| -> KubernetesNode {
+            let mut n: KubernetesNode = serde_json::from_value(
+                json!({"role": "init", "nodeIp": "10.0.0.1", "podCidr": "10.42.0.0/24"}),
+            )
+            .unwrap();
+            n.ca = ca.map(|p| kiln_spec::kubernetes::ClusterCa {
+                cert: p.cert_pem.clone(),
+                key: p.key_pem.clone(),
+            });
+            n
+        };
+        let ca_on_disk =
+            |root: &Path| std::fs::read_to_string(root.join(paths::PKI).join("ca.crt")).unwrap();
+
+        // Made on the node, then kept across restarts.
+        let own = tempfile::tempdir().unwrap();
+        let made = control_plane_credentials(&node(None), &host(own.path())).unwrap();
+        assert_eq!(ca_on_disk(own.path()), made.pair.cert_pem);
+        let again = control_plane_credentials(&node(None), &host(own.path())).unwrap();
+        assert_eq!(again.pair, made.pair);
+
+        // Given by the fleet: used, and the certificates it issues verify against it.
+        let fleet = Ca::generate("fleet-ca").unwrap();
+        let given = tempfile::tempdir().unwrap();
+        let used =
+            control_plane_credentials(&node(Some(&fleet.pair)), &host(given.path())).unwrap();
+        assert_eq!(used.pair, fleet.pair);
+        assert_eq!(ca_on_disk(given.path()), fleet.pair.cert_pem);
+        assert_eq!(used.cert_hash().unwrap(), fleet.cert_hash().unwrap());
+
+        // A node already running a cluster refuses another CA and changes nothing.
+        let err =
+            control_plane_credentials(&node(Some(&fleet.pair)), &host(own.path())).unwrap_err();
+        assert!(matches!(err, BringupError::OtherCa { .. }), "{err}");
+        assert_eq!(ca_on_disk(own.path()), made.pair.cert_pem);
+    }
 
     #[test]
     fn reads_the_ready_condition_of_the_named_node() {

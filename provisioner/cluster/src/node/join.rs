@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::pki::ca_cert_hash;
+use kiln_spec::errors::error_chain;
 
 pub const CLUSTER_INFO_PATH: &str = "/api/v1/namespaces/kube-public/configmaps/cluster-info";
 
@@ -122,16 +123,4 @@ pub async fn discover(api_server: &str, ca_hash: &str, token: &str) -> Result<St
             hint: "",
         }),
     }
-}
-
-/// reqwest's Display stops at the outermost error; the cause is what helps.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

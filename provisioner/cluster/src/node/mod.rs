@@ -564,6 +564,7 @@ mod tests {
             node_ip: "10.99.0.1".into(),
             api_server: None,
             join: None,
+            ca: None,
             cluster_cidr: "10.42.0.0/16".into(),
             service_cidr: "10.43.0.0/16".into(),
             cluster_domain: "cluster.local".into(),
