@@ -2,9 +2,10 @@
 # Builds the real Kubernetes pieces from their Go modules, pinned in
 # scripts/kube-fixtures/versions.env: `kube`, one multi-call binary holding kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl (k8s.io/kubernetes,
-# main in scripts/kube-fixtures/kube), and etcd (go.etcd.io/etcd/server/v3). The tests run them
-# and `kiln build` puts them into the appliance image. Binaries land in
-# $KILN_CACHE/bin/<version>/ with a symlink per component; a no-op when cached.
+# main in scripts/kube-fixtures/kube), etcd (go.etcd.io/etcd/server/v3) and CoreDNS with the
+# cluster DNS plugins only (main in scripts/kube-fixtures/coredns). The tests run them and
+# `kiln build` puts them into the appliance image. Binaries land in $KILN_CACHE/bin/<version>/
+# (CoreDNS: bin/coredns-<version>/) with a symlink per component; a no-op when cached.
 #
 # k8s.io/kubernetes cannot be required as-is: its go.mod replaces every k8s.io staging module
 # with a path inside its own tree. A wrapper module requires it and replaces each staging
@@ -27,6 +28,9 @@ etcd_bin="$KILN_CACHE/bin/$ETCD_VERSION"
 work="$KILN_CACHE/src/kube-fixtures"
 main_go="$fixtures/kube/main.go"
 main_sum="$(sha256sum "$main_go" | cut -d' ' -f1)"
+coredns_bin="$KILN_CACHE/bin/coredns-$COREDNS_VERSION"
+coredns_main="$fixtures/coredns/main.go"
+coredns_sum="$(sha256sum "$coredns_main" | cut -d' ' -f1)"
 
 build_kubernetes() {
     if [[ -x $kube_bin/kube && $(cat "$kube_bin/kube.main.sha256" 2>/dev/null) == "$main_sum" ]]; then
@@ -104,6 +108,29 @@ MOD
     mv "$etcd_bin/.etcd.tmp" "$etcd_bin/etcd"
 }
 
+build_coredns() {
+    if [[ -x $coredns_bin/coredns && $(cat "$coredns_bin/coredns.main.sha256" 2>/dev/null) == "$coredns_sum" ]]; then
+        return
+    fi
+    local dir="$work/coredns-$COREDNS_VERSION"
+    echo "kube-fixtures: building CoreDNS $COREDNS_VERSION"
+    mkdir -p "$dir" "$coredns_bin"
+    cd "$dir"
+    cat >go.mod <<MOD
+module kiln.test/coredns
+
+go 1.24
+
+require github.com/coredns/coredns $COREDNS_VERSION
+MOD
+    rm -f go.sum
+    cp "$coredns_main" main.go
+    go build -trimpath -ldflags "-s -w" -o "$coredns_bin/.coredns.tmp" .
+    mv "$coredns_bin/.coredns.tmp" "$coredns_bin/coredns"
+    echo "$coredns_sum" >"$coredns_bin/coredns.main.sha256"
+}
+
 (build_etcd)
+(build_coredns)
 (build_kubernetes)
-echo "kube-fixtures: $kube_bin/kube $etcd_bin/etcd"
+echo "kube-fixtures: $kube_bin/kube $etcd_bin/etcd $coredns_bin/coredns"

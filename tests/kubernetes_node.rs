@@ -27,7 +27,7 @@ use kiln_agent::kubernetes::{KubernetesController, KubernetesState};
 use kiln_cluster::node::bringup::{BringupError, Processes, bring_up};
 use kiln_cluster::node::join::JoinError;
 use kiln_cluster::node::{Host, paths};
-use kiln_image::kubernetes::{KubeBinaries, ensure_binaries, pause_image};
+use kiln_image::kubernetes::{KubeBinaries, coredns_image, ensure_binaries, pause_image};
 use kiln_image::oci::{OciImage, write_archive};
 use kiln_lab::netns::Netns;
 use kiln_spec::kubernetes::{JoinCredentials, KubeRole, KubernetesNode};
@@ -184,14 +184,19 @@ fn remove_cgroup(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// kiln's airgap bundle for the test: the pause image (catatonit) and a web server
-/// (busybox httpd) with one page.
-fn bundle(dir: &Path) {
+/// kiln's airgap bundle for the test: the pause image (catatonit), the cluster DNS (kiln's
+/// CoreDNS build) and a web server (busybox httpd) with one page.
+fn bundle(dir: &Path, bins: &KubeBinaries) {
     std::fs::create_dir_all(dir).unwrap();
     let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
     write_archive(
         &pause_image(read("/usr/bin/catatonit")),
         &dir.join("pause.tar"),
+    )
+    .unwrap();
+    write_archive(
+        &coredns_image(read(bins.coredns.to_str().unwrap())),
+        &dir.join("coredns.tar"),
     )
     .unwrap();
     write_archive(
@@ -526,7 +531,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         .tempdir()
         .unwrap();
     let images = dir.path().join("images");
-    bundle(&images);
+    bundle(&images, &bins);
 
     let a = NodeNs::create("k8sa");
     let b = NodeNs::create("k8sb");
@@ -634,6 +639,46 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         HELLO_TEXT,
         "the Service at {cluster_ip} did not answer with the page: {}",
         String::from_utf8_lossy(&body.stderr)
+    );
+
+    // The cluster DNS from the bundle: a pod finds the Service by its name.
+    kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "deployment/coredns",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    let looked_up = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "exec",
+            "deployment/hello",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            // kube-proxy routes the DNS Service a moment after its pod is ready.
+            "i=0; while [ $i -lt 30 ]; do \
+             /bin/busybox nslookup hello.default.svc.cluster.local && exit 0; \
+             i=$((i+1)); /bin/busybox sleep 1; done; exit 1",
+        ],
+        None,
+    );
+    assert!(
+        looked_up
+            .lines()
+            .any(|l| l.starts_with("Address:") && l.trim_end().ends_with(&cluster_ip)),
+        "the cluster DNS did not give hello's address {cluster_ip}:\n{looked_up}"
     );
 
     // Joining with a wrong token or a wrong CA pin stops before anything is written or runs.

@@ -9,13 +9,13 @@
 //!   containerd and the kubelet from the image's own binaries and airgap bundle, with the CA
 //!   the fleet made, and `kiln node status` reports `KubernetesReady True`.
 //! - `kube-b`, a worker, joins with the fleet's bootstrap token, pinning the fleet's CA by its
-//!   hash, retrying until kube-a answers.
-//! - A pod of the bundle's pause image runs on each node; kube-a's agent routes kube-b's pod
-//!   network through kube-b.
+//!   hash: its config was written before kube-a ever booted.
+//! - A pod of the bundle's pause image runs on each node, the cluster DNS (the bundle's CoreDNS)
+//!   rolls out, and kube-a's agent routes kube-b's pod network through kube-b.
 //! - From this host, `kiln cluster kubeconfig` fetches the admin kubeconfig from kube-a's agent
 //!   over its network API (a forwarded port; the fleet's admin certificate), and `kiln cluster
 //!   status` with it, through kube-a's forwarded API server port, shows both nodes Ready with
-//!   their pod running.
+//!   their pods running.
 //!
 //! The probes also print the nodes' uptime at each mark, and the agents log each bring-up
 //! step: power-on → API server → Ready → pod Running, per stage.
@@ -180,8 +180,9 @@ fn write_node_config(disk: &Path, dir: &Path, node: &Node, probe: &str) -> NodeC
     fleet
 }
 
-/// The first control plane's probe: once the worker has registered, a pod on each node, and
-/// the route its agent sets to the worker's pods (at its next resync).
+/// The first control plane's probe: once the worker has registered, a pod on each node, the
+/// cluster DNS from the bundle running, and the route its agent sets to the worker's pods (at
+/// its next resync).
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
@@ -192,6 +193,8 @@ $kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
 sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml | $kubectl apply -f - 2>&1 | say kubectl
 $kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeout=600s 2>&1 | say kubectl
 mark pods-running
+$kubectl -n kube-system rollout status deployment/coredns --timeout=600s 2>&1 | say kubectl
+mark dns-running
 for i in $(seq 150); do ip route show {worker_pods} | grep -q via && break; sleep 2; done
 ip route show {worker_pods} | say route
 mark pod-route
@@ -371,7 +374,11 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         "kube-a's route to kube-b's pods: {route:?}"
     );
     let kubectl = prefixed(&lines_a, "kube-a-kubectl").join("\n");
-    for expected in ["pod/probe-kube-a created", "pod/probe-kube-b created"] {
+    for expected in [
+        "pod/probe-kube-a created",
+        "pod/probe-kube-b created",
+        "deployment \"coredns\" successfully rolled out",
+    ] {
         assert!(kubectl.contains(expected), "kubectl on kube-a:\n{kubectl}");
     }
 
@@ -424,12 +431,16 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         })
         .collect();
     nodes.sort();
+    let ready: Vec<(&str, bool)> = nodes.iter().map(|(n, r, _)| (n.as_str(), *r)).collect();
     assert_eq!(
-        nodes,
-        [
-            (INIT.name.to_string(), true, 1),
-            (WORKER.name.to_string(), true, 1)
-        ],
+        ready,
+        [(INIT.name, true), (WORKER.name, true)],
         "{cluster:#}"
+    );
+    // A probe pod on each node, and the cluster DNS on one of them.
+    let running: Vec<u64> = nodes.iter().map(|(_, _, r)| *r).collect();
+    assert!(
+        running.iter().all(|r| *r >= 1) && running.iter().sum::<u64>() == 3,
+        "running pods per node {running:?}: {cluster:#}"
     );
 }

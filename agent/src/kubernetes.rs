@@ -3,6 +3,9 @@
 //! routes to the other nodes' pods in step with the cluster and reports whether the node is
 //! Ready as the API server sees it.
 //!
+//! Once the node is up, a watch on the cluster's Nodes wakes the controller at each change, so
+//! routes follow nodes joining and leaving at once.
+//!
 //! A bring-up takes seconds on hardware and minutes under emulation, so it runs on a thread of
 //! its own and wakes the controller at each step; the engine stays free for the other
 //! controllers meanwhile. A failed bring-up fails the reconcile, so the engine retries it with
@@ -78,6 +81,47 @@ pub struct KubernetesController {
     /// The routes to other nodes' pods this node has set.
     routes: Routes,
     probe: tokio::runtime::Runtime,
+    watch: Option<NodeWatch>,
+}
+
+/// A thread watching the cluster's Nodes for one node, waking the controller at each change:
+/// routes and the node's condition follow the cluster at once, not at the next resync. It
+/// stops when this drops.
+struct NodeWatch {
+    node: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl NodeWatch {
+    fn start(host: Host, trigger: Trigger) -> NodeWatch {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let node = host.node_name.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::warn!("watching nodes: {e}"),
+            };
+            rt.block_on(async {
+                tokio::select! {
+                    _ = stopped => {}
+                    watched = routes::watch_nodes(&host, || trigger.wake(NAME)) => {
+                        if let Err(e) = watched {
+                            tracing::debug!("watching nodes: {e}");
+                        }
+                    }
+                }
+            });
+        });
+        NodeWatch {
+            node,
+            _stop: stop,
+            thread,
+        }
+    }
 }
 
 impl std::fmt::Debug for KubernetesController {
@@ -102,6 +146,7 @@ impl KubernetesController {
             probe: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
+            watch: None,
         })
     }
 
@@ -180,6 +225,7 @@ impl Controller for KubernetesController {
         };
         let Some(node) = merged.spec.kubernetes.clone() else {
             // Leaving the cluster is not automatic: what runs keeps running.
+            self.watch = None;
             ctx.remove::<KubernetesState>(ID)?;
             return Ok(());
         };
@@ -286,6 +332,14 @@ impl Controller for KubernetesController {
                     return Err(format!("a Kubernetes service stopped: {error}").into());
                 }
                 Ok(()) => {
+                    // A watch that ended (its credentials were not there yet) starts again.
+                    if self
+                        .watch
+                        .as_ref()
+                        .is_none_or(|w| w.node != host.node_name || w.thread.is_finished())
+                    {
+                        self.watch = Some(NodeWatch::start(host.clone(), self.trigger.clone()));
+                    }
                     // One read of the Nodes serves the routes and the node's own condition.
                     let observed = self.probe.block_on(routes::list_nodes(&host));
                     let (ready, reason, message) = match observed {

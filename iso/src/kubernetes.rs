@@ -1,12 +1,13 @@
 //! The Kubernetes payload of an image with the `kubernetes` feature: kiln's multi-call `kube`
 //! binary (with a link per component) and etcd, built from their pinned Go modules by the same
 //! script the test suite uses, and the airgap bundle: the pause image every pod sandbox runs,
-//! made from the image's own `catatonit`. Paths match what the node bring-up expects.
+//! made from the image's own `catatonit`, and the cluster DNS image, kiln's CoreDNS build.
+//! Paths match what the node bring-up expects.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_spec::kubernetes::{BIN_DIR, IMAGES_DIR, PAUSE_IMAGE};
+use kiln_spec::kubernetes::{BIN_DIR, COREDNS_IMAGE, IMAGES_DIR, PAUSE_IMAGE};
 use kiln_spec::manifest::{KubernetesManifest, NodeImage};
 
 use crate::error::BuildError;
@@ -16,6 +17,7 @@ use crate::oci::{OciImage, write_archive};
 const SCRIPT: &str = include_str!("../../scripts/kube-fixtures.sh");
 const VERSIONS: &str = include_str!("../../scripts/kube-fixtures/versions.env");
 const MAIN_GO: &str = include_str!("../../scripts/kube-fixtures/kube/main.go");
+const COREDNS_MAIN_GO: &str = include_str!("../../scripts/kube-fixtures/coredns/main.go");
 
 pub const COMPONENTS: [&str; 6] = [
     "kube-apiserver",
@@ -70,8 +72,10 @@ const SYSCTLS: &str = "net.ipv4.ip_forward = 1\nnet.bridge.bridge-nf-call-iptabl
 pub struct KubeBinaries {
     pub kube: PathBuf,
     pub etcd: PathBuf,
+    pub coredns: PathBuf,
     pub kubernetes_version: String,
     pub etcd_version: String,
+    pub coredns_version: String,
 }
 
 fn version(key: &str) -> String {
@@ -87,12 +91,16 @@ fn version(key: &str) -> String {
 pub fn ensure_binaries(cache: &Path) -> Result<KubeBinaries, BuildError> {
     let io = |what: &str| BuildError::io(what.to_string());
     let dir = tempfile::tempdir().map_err(io("creating a directory for the Kubernetes build"))?;
-    std::fs::create_dir_all(dir.path().join("kube"))
-        .map_err(io("preparing the Kubernetes build"))?;
-    std::fs::write(dir.path().join("versions.env"), VERSIONS)
-        .map_err(io("preparing the Kubernetes build"))?;
-    std::fs::write(dir.path().join("kube/main.go"), MAIN_GO)
-        .map_err(io("preparing the Kubernetes build"))?;
+    for (rel, content) in [
+        ("versions.env", VERSIONS),
+        ("kube/main.go", MAIN_GO),
+        ("coredns/main.go", COREDNS_MAIN_GO),
+    ] {
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().expect("a file below a directory"))
+            .and_then(|()| std::fs::write(&path, content))
+            .map_err(io("preparing the Kubernetes build"))?;
+    }
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
         .arg(SCRIPT)
@@ -101,13 +109,21 @@ pub fn ensure_binaries(cache: &Path) -> Result<KubeBinaries, BuildError> {
         .env("KILN_CACHE", cache);
     kiln_exec::Tool::new("bash", "bash")
         .output(cmd, "building the Kubernetes components and etcd")?;
-    let (kubernetes_version, etcd_version) =
-        (version("KUBERNETES_VERSION"), version("ETCD_VERSION"));
+    let (kubernetes_version, etcd_version, coredns_version) = (
+        version("KUBERNETES_VERSION"),
+        version("ETCD_VERSION"),
+        version("COREDNS_VERSION"),
+    );
+    let bin = cache.join("bin");
     Ok(KubeBinaries {
-        kube: cache.join("bin").join(&kubernetes_version).join("kube"),
-        etcd: cache.join("bin").join(&etcd_version).join("etcd"),
+        kube: bin.join(&kubernetes_version).join("kube"),
+        etcd: bin.join(&etcd_version).join("etcd"),
+        coredns: bin
+            .join(format!("coredns-{coredns_version}"))
+            .join("coredns"),
         kubernetes_version,
         etcd_version,
+        coredns_version,
     })
 }
 
@@ -121,6 +137,16 @@ pub fn pause_image(catatonit: Vec<u8>) -> OciImage {
         name: PAUSE_IMAGE.into(),
         files: [("pause".to_string(), (catatonit, 0o755))].into(),
         entrypoint: vec!["/pause".into(), "-P".into()],
+        ..OciImage::default()
+    }
+}
+
+/// The cluster DNS image: kiln's CoreDNS build, alone, as `/coredns`.
+pub fn coredns_image(coredns: Vec<u8>) -> OciImage {
+    OciImage {
+        name: COREDNS_IMAGE.into(),
+        files: [("coredns".to_string(), (coredns, 0o755))].into(),
+        entrypoint: vec!["/coredns".into()],
         ..OciImage::default()
     }
 }
@@ -152,7 +178,22 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
             "no /usr/bin/catatonit: the kubernetes feature needs the catatonit package in spec.os.packages (it is the pods' pause process)".into(),
         )
     })?;
-    let archive = write_archive(&pause_image(pause), &images.join("pause.tar"))?;
+    let coredns = std::fs::read(&bins.coredns).map_err(BuildError::io(format!(
+        "reading {}",
+        bins.coredns.display()
+    )))?;
+    let mut node_images = Vec::new();
+    for (image, file) in [
+        (pause_image(pause), "pause.tar"),
+        (coredns_image(coredns), "coredns.tar"),
+    ] {
+        let archive = write_archive(&image, &images.join(file))?;
+        node_images.push(NodeImage {
+            name: archive.name,
+            digest: archive.manifest_digest,
+            path: format!("{IMAGES_DIR}/{file}"),
+        });
+    }
     mask_distribution_containerd(root)?;
     for (rel, content) in [
         ("etc/modules-load.d/kiln-kubernetes.conf", MODULES_LOAD),
@@ -168,11 +209,8 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
         etcd_version: bins.etcd_version.clone(),
         kube_sha256: sha256_file(&bins.kube)?,
         etcd_sha256: sha256_file(&bins.etcd)?,
-        images: vec![NodeImage {
-            name: archive.name,
-            digest: archive.manifest_digest,
-            path: format!("{IMAGES_DIR}/pause.tar"),
-        }],
+        coredns_version: bins.coredns_version.clone(),
+        images: node_images,
     })
 }
 
@@ -204,11 +242,14 @@ mod tests {
         let bins = KubeBinaries {
             kube: cache.join("kube"),
             etcd: cache.join("etcd"),
+            coredns: cache.join("coredns"),
             kubernetes_version: "v1.37.1".into(),
             etcd_version: "v3.6.16".into(),
+            coredns_version: "v1.14.7".into(),
         };
         std::fs::write(&bins.kube, b"kube").unwrap();
         std::fs::write(&bins.etcd, b"etcd").unwrap();
+        std::fs::write(&bins.coredns, b"coredns").unwrap();
 
         let m = install(&root, &bins).unwrap();
         let bin_dir = root.join(&BIN_DIR[1..]);
@@ -221,8 +262,11 @@ mod tests {
             );
         }
         assert_eq!(std::fs::read(bin_dir.join("kubelet")).unwrap(), b"kube");
-        assert_eq!(m.images[0].name, PAUSE_IMAGE);
-        assert!(root.join(&m.images[0].path[1..]).exists());
+        let names: Vec<&str> = m.images.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, [PAUSE_IMAGE, COREDNS_IMAGE]);
+        for image in &m.images {
+            assert!(root.join(&image.path[1..]).exists(), "{}", image.path);
+        }
         assert_eq!(
             std::fs::read_link(root.join("etc/systemd/system/containerd.service")).unwrap(),
             Path::new("/dev/null"),
@@ -247,5 +291,6 @@ mod tests {
     fn pinned_versions_are_read_from_the_one_file() {
         assert!(version("KUBERNETES_VERSION").starts_with("v1."));
         assert!(version("ETCD_VERSION").starts_with("v3."));
+        assert!(version("COREDNS_VERSION").starts_with("v1."));
     }
 }

@@ -18,6 +18,8 @@ pub const BIN_DIR: &str = "/usr/lib/kiln/kubernetes";
 pub const IMAGES_DIR: &str = "/usr/share/kiln/images";
 /// The pause image every pod sandbox runs (containerd's `sandbox_image`), built by kiln.
 pub const PAUSE_IMAGE: &str = "kiln.local/pause:1";
+/// The cluster DNS (kiln's CoreDNS build), run by the first control plane as a Deployment.
+pub const COREDNS_IMAGE: &str = "kiln.local/coredns:1";
 
 /// Which part the node plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -44,6 +44,9 @@ pub struct KubernetesManifest {
     pub etcd_version: String,
     pub kube_sha256: String,
     pub etcd_sha256: String,
+    /// The CoreDNS build in the cluster DNS image (the image's digest is in `images`).
+    #[serde(default)]
+    pub coredns_version: String,
     pub images: Vec<NodeImage>,
 }
 

@@ -279,3 +279,21 @@ fn node_plan_of_a_worker_bootstraps_its_kubelet() {
     );
     golden("node-plan-worker.txt", &describe(&p));
 }
+
+#[test]
+fn cluster_dns_objects() {
+    let node = kube_node(KubeRole::Init);
+    let objects = kiln_cluster::node::dns::dns_objects(&node, &["192.0.2.53".to_string()]);
+    let text: String = objects
+        .iter()
+        .map(|o| format!("---\n{}", serde_saphyr::to_string(o).unwrap()))
+        .collect();
+    golden("cluster-dns.yaml", &text);
+    // The Service sits where every kubelet points its pods.
+    let kubelet = describe(&plan(&node, &Host::appliance("cp1")));
+    assert!(kubelet.contains("clusterDNS:\n- 10.43.0.10\n"), "{kubelet}");
+    assert_eq!(objects[5]["spec"]["clusterIP"], "10.43.0.10");
+    // An airgapped node forwards nowhere.
+    let alone = kiln_cluster::node::dns::corefile(&node, &[]);
+    assert!(!alone.contains("forward"), "{alone}");
+}

@@ -280,7 +280,17 @@ pub async fn bring_up(
         )
         .await?;
         progress("applying the bootstrap token, its RBAC and cluster-info");
-        apply_bootstrap_objects(&client, node, &server, &ca_pem).await?;
+        apply_objects(&client, bootstrap_objects(node, &server, &ca_pem)).await?;
+        progress("applying the cluster DNS");
+        // systemd-resolved's list of the real upstreams first: /etc/resolv.conf may name
+        // only its stub on loopback.
+        let upstream = ["run/systemd/resolve/resolv.conf", "etc/resolv.conf"]
+            .iter()
+            .map(|f| std::fs::read_to_string(host.path(f)).unwrap_or_default())
+            .map(|text| super::dns::upstream_nameservers(&text))
+            .find(|found| !found.is_empty())
+            .unwrap_or_default();
+        apply_objects(&client, super::dns::dns_objects(node, &upstream)).await?;
         for s in &plan.control_plane[2..] {
             progress(&format!("starting {}", s.name));
             supervisor.start(s)?;
@@ -631,13 +641,9 @@ pub fn bootstrap_objects(node: &KubernetesNode, server: &str, ca_pem: &str) -> V
     objects
 }
 
-async fn apply_bootstrap_objects(
-    client: &kube::Client,
-    node: &KubernetesNode,
-    server: &str,
-    ca_pem: &str,
-) -> Result<(), BringupError> {
-    for object in bootstrap_objects(node, server, ca_pem) {
+/// Applies `objects` (server-side apply, kiln's field manager), in order.
+async fn apply_objects(client: &kube::Client, objects: Vec<Value>) -> Result<(), BringupError> {
+    for object in objects {
         let (group, version) = match object["apiVersion"]
             .as_str()
             .unwrap_or_default()

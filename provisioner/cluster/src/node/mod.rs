@@ -9,8 +9,10 @@
 //! - [`bringup`]: writes it all, starts the services through a [`bringup::Supervisor`],
 //!   imports the airgap images before the kubelet, and waits for each step.
 //! - [`routes`]: the node announces its pod network; every node routes the others'.
+//! - [`dns`]: the cluster DNS the first control plane runs (golden-tested).
 
 pub mod bringup;
+pub mod dns;
 pub mod join;
 pub mod routes;
 pub mod systemd;
@@ -203,11 +205,17 @@ fn service_net(node: &KubernetesNode) -> Option<IpNet> {
     node.service_cidr.parse().ok()
 }
 
+/// The cluster DNS Service's address, which every kubelet gives its pods: the 10th of the
+/// service network, as kubeadm's.
+fn cluster_dns(services: &IpNet) -> Option<IpAddr> {
+    nth_address(services, 10)
+}
+
 /// The files and services of `node` on `host`. The node config is validated; addresses in
 /// it parse.
 pub fn plan(node: &KubernetesNode, host: &Host) -> NodePlan {
     let dns = service_net(node)
-        .and_then(|n| nth_address(&n, 10))
+        .and_then(|n| cluster_dns(&n))
         .map(|ip| ip.to_string())
         .unwrap_or_default();
     let labels: Vec<String> = node

@@ -75,6 +75,28 @@ pub async fn list_nodes(host: &Host) -> Result<Vec<Node>, String> {
         .map_err(|e| format!("listing nodes: {e}"))
 }
 
+/// Calls `changed` whenever a Node changes (and once when the watch starts), with the
+/// kubelet's credentials, until the returned future is dropped; the watcher lists again after
+/// errors, with its backoff. What lets routes and the node's condition follow the cluster at
+/// once instead of at the next resync.
+pub async fn watch_nodes(host: &Host, changed: impl Fn()) -> Result<(), String> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let nodes: Api<Node> = Api::all(kubelet_client(host).await?);
+    let events = watcher(nodes, watcher::Config::default()).default_backoff();
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed()
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("watching nodes: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Makes the kernel's routes match `wanted`, given the ones this node set before
 /// (`installed`, updated as routes change, so a failure part way loses nothing).
 pub fn apply(installed: &mut Routes, wanted: &Routes) -> Result<(), String> {
