@@ -46,18 +46,6 @@ impl std::fmt::Debug for PhoneHome {
     }
 }
 
-/// An error with its causes: reqwest's own text says only that sending failed.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// A report whose message is cut to what the provisioner accepts.
 pub fn report(phase: Phase, message: Option<&str>) -> Report {
     Report::new(
@@ -118,7 +106,7 @@ impl PhoneHome {
                 let (retry, reason) = match self.post(report).await {
                     Ok(resp) if resp.status().is_success() => return Ok(()),
                     Ok(resp) => (resp.status().is_server_error(), refusal(resp).await),
-                    Err(e) => (true, causes(&e.without_url())),
+                    Err(e) => (true, kiln_spec::errors::error_chain(&e.without_url())),
                 };
                 if !retry || retried {
                     return Err(fail(reason, !retry));

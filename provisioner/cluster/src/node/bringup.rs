@@ -342,8 +342,6 @@ pub async fn bring_up(
         },
     )
     .await?;
-    progress("starting kube-proxy");
-    supervisor.start(&plan.kube_proxy)?;
     progress("waiting for the node to register");
     let node_path = format!("/api/v1/nodes/{}", host.node_name);
     wait_for(supervisor, "kubelet", "the node registering", || {
@@ -356,6 +354,11 @@ pub async fn bring_up(
         }
     })
     .await?;
+    // Only now: a kube-proxy that starts before its Node exists exits as soon as the Node
+    // appears ("NodeIPs changed"), which failed a joining worker's bring-up whenever its
+    // registration was slow.
+    progress("starting kube-proxy");
+    supervisor.start(&plan.kube_proxy)?;
     progress("announcing the node's pod network");
     super::routes::announce(host, &node.pod_cidr)
         .await
