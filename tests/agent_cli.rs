@@ -461,6 +461,24 @@ fn the_network_api_serves_the_fleets_admins_only() {
         0o600
     );
 
+    // The node's status over the same API, as `kiln node status` shows it on the node.
+    let out = Command::new(KILN)
+        .args(["node", "status", "--node", "n1", "--inventory"])
+        .arg(&inventory)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--address", &address, "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let remote: NodeStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(remote.slot, agent.status().slot);
+    assert!(remote.config.valid, "{remote:#?}");
+
     // Another fleet's admin: the node does not know its CA (nor it the node's).
     let stranger = dir.path().join("other-fleet");
     kiln_fleet::cluster::FleetSecrets::load_or_create(&stranger).unwrap();

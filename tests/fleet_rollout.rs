@@ -2,7 +2,8 @@
 //! behind an OpenIPMI `ipmi_sim` BMC, on a bridge in a network namespace) is rolled out by
 //! `kiln fleet rollout` from powered off to installed and ready: IPMI power and one-time PXE,
 //! kiln's DHCP/TFTP/HTTP netboot, the unattended installer fetching its own config and image,
-//! phone-home, and the installed node's agent reporting ready.
+//! phone-home, and the installed node's agent reporting ready, then serving its network API
+//! to the fleet's admins with the certificate the rollout gave it.
 //!
 //! One rack serves every scenario (the VM boots are the cost): three good nodes, with the
 //! rollout killed while one installs and run again; then three faulty ones in a second
@@ -314,6 +315,30 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
                 "an enrolment token is in the store"
             );
         }
+    }
+
+    // Each installed node's agent serves its API on its address with the certificate the
+    // rollout gave it, to the fleet's admins: its status, read from the provisioner's side.
+    for n in &nodes[..3] {
+        let out = rack_cmd(
+            &dir,
+            &["node", "status", "--output", "json", "--node", &n.name],
+        )
+        .arg("--inventory")
+        .arg(&inventory)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "kiln node status --node {}: {}",
+            n.name,
+            text(&out)
+        );
+        let remote: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(remote["slot"], "A", "{remote:#}");
+        assert_eq!(remote["hostname"], n.name.as_str(), "{remote:#}");
     }
 
     // The faulty nodes fail, each in its own stage, and nothing else happens to them.

@@ -368,7 +368,8 @@ pub fn plan_nodes(dir: &Path, spec: &RackSpec) -> Vec<RackNode> {
 }
 
 /// The fleet inventory of the rack: netboot on the bridge with the rack's pool, and each
-/// node's boot MAC and BMC (password files relative to the inventory's directory).
+/// node's boot MAC, its address (reserved in the pool, in node order) and BMC (password files
+/// relative to the inventory's directory).
 pub fn render_inventory(nodes: &[RackNode]) -> String {
     let mut y = String::new();
     let _ = writeln!(
@@ -388,7 +389,10 @@ pub fn render_inventory(nodes: &[RackNode]) -> String {
          \x20 nodes:",
         api = kiln_spec::API_VERSION,
     );
-    for n in nodes {
+    let first: std::net::Ipv4Addr = POOL_START.parse().expect("POOL_START is an address");
+    for (i, n) in nodes.iter().enumerate() {
+        // Reserved in the pool, so each node keeps one address its agent is reached at.
+        let address = std::net::Ipv4Addr::from(u32::from(first) + i as u32);
         let role = match n.role {
             NodeRole::ControlPlane => "control-plane",
             NodeRole::Worker => "worker",
@@ -399,6 +403,7 @@ pub fn render_inventory(nodes: &[RackNode]) -> String {
             "    - name: {name}\n\
              \x20     role: {role}\n\
              \x20     bootMACs: [\"{mac}\"]\n\
+             \x20     bootAddress: {address}\n\
              \x20     bmc:\n\
              \x20       protocol: ipmi\n\
              \x20       address: {BMC_ADDRESS}\n\
@@ -826,6 +831,7 @@ spec:
     - name: node-01
       role: control-plane
       bootMACs: ["52:54:00:6b:00:01"]
+      bootAddress: 10.77.0.100
       bmc:
         protocol: ipmi
         address: 127.0.0.1
@@ -836,6 +842,7 @@ spec:
     - name: node-02
       role: worker
       bootMACs: ["52:54:00:6b:00:02"]
+      bootAddress: 10.77.0.101
       bmc:
         protocol: ipmi
         address: 127.0.0.1

@@ -12,9 +12,9 @@ use super::output::OutputArgs;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum NodeLocalCmd {
-    /// Show this node's conditions and managed resources
+    /// Show this node's (or, with --node, another node's) conditions and managed resources
     Status(LocalArgs),
-    /// Show what an apply would change now, without changing anything
+    /// Show what an apply would change now, without changing anything (this node's or --node's)
     Plan(LocalArgs),
     /// Re-read the node config and converge the host now
     Apply(LocalArgs),
@@ -26,7 +26,62 @@ pub struct LocalArgs {
     #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
     #[command(flatten)]
+    pub remote: RemoteNodeArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
+}
+
+/// Another node's agent, over its network API (`spec.remoteApi`) with the fleet's
+/// credentials.
+#[derive(Debug, clap::Args)]
+pub struct RemoteNodeArgs {
+    /// Ask this inventory node's agent over the network instead of this node's on its socket
+    #[arg(long, value_name = "NAME", requires = "inventory")]
+    pub node: Option<String>,
+    /// Fleet inventory naming the node and its address
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
+    /// The fleet's state directory, which keeps its credentials
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
+    pub state_dir: PathBuf,
+    /// Reach the agent here (HOST:PORT, a forwarded port) instead of the node's inventory
+    /// address; the node's certificate must still name the node
+    #[arg(long, value_name = "ADDRESS")]
+    pub address: Option<std::net::SocketAddr>,
+}
+
+impl RemoteNodeArgs {
+    /// The named node's agent API; `None` without `--node`.
+    pub fn api(&self) -> anyhow::Result<Option<kiln_fleet::remote::NodeApi>> {
+        let (Some(name), Some(inventory_path)) = (&self.node, &self.inventory) else {
+            return Ok(None);
+        };
+        let inventory = kiln_spec::Inventory::load(inventory_path)
+            .with_context(|| format!("loading the inventory {}", inventory_path.display()))?;
+        let node = inventory
+            .spec
+            .nodes
+            .iter()
+            .find(|n| &n.name == name)
+            .with_context(|| format!("{} has no node named {name:?}", inventory_path.display()))?;
+        let secrets = kiln_fleet::cluster::FleetSecrets::load(&self.state_dir)?;
+        Ok(Some(kiln_fleet::remote::NodeApi::new(
+            node,
+            &secrets,
+            self.address,
+        )?))
+    }
+}
+
+impl LocalArgs {
+    /// A `GET` of `path` from the agent this command talks to: another node's over the
+    /// network (`--node`), else this node's on its socket.
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        match self.remote.api()? {
+            Some(api) => Ok(serde_json::from_slice(&api.get(path).await?)?),
+            None => Ok(Client::new(&self.socket).json("GET", path, &[]).await?.1),
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -76,16 +131,14 @@ pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
     let rt = super::runtime()?;
     match cmd {
         NodeLocalCmd::Status(a) => {
-            let client = Client::new(&a.socket);
-            let (_, status): (_, NodeStatus) = rt
-                .block_on(client.json("GET", "/v1/status", &[]))
+            let status: NodeStatus = rt
+                .block_on(a.get("/v1/status"))
                 .context("asking the agent for its status")?;
             a.output.emit(&status, status_text)
         }
         NodeLocalCmd::Plan(a) => {
-            let client = Client::new(&a.socket);
-            let (_, plan): (_, PlanReport) = rt
-                .block_on(client.json("GET", "/v1/plan", &[]))
+            let plan: PlanReport = rt
+                .block_on(a.get("/v1/plan"))
                 .context("asking the agent for a plan")?;
             a.output.emit(&plan, plan_text)?;
             if !plan.config.valid {
@@ -97,6 +150,9 @@ pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
             Ok(())
         }
         NodeLocalCmd::Apply(a) => {
+            if a.remote.node.is_some() {
+                bail!("kiln node apply runs on the node itself; --node is for status and plan");
+            }
             let client = Client::new(&a.socket);
             let (_, status): (_, NodeStatus) = rt
                 .block_on(client.json("POST", "/v1/apply", &[422]))

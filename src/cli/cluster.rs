@@ -42,19 +42,8 @@ pub enum ClusterCmd {
 
 #[derive(Debug, clap::Args)]
 pub struct KubeconfigArgs {
-    /// The inventory node to ask: the cluster's first control plane
-    #[arg(long, value_name = "NAME")]
-    pub node: String,
-    /// Fleet inventory (kind: Inventory) naming the node and its address
-    #[arg(long, value_name = "FILE")]
-    pub inventory: PathBuf,
-    /// The fleet's state directory, which keeps its credentials
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
-    pub state_dir: PathBuf,
-    /// Reach the agent here (HOST:PORT, a forwarded port) instead of the node's inventory
-    /// address; the node's certificate must still name the node
-    #[arg(long, value_name = "ADDRESS")]
-    pub address: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub remote: super::agent::RemoteNodeArgs,
     /// Write the kubeconfig to this file (mode 0600) instead of standard output
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -167,16 +156,10 @@ pub fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
 }
 
 async fn run_kubeconfig(a: KubeconfigArgs) -> anyhow::Result<()> {
-    let inventory = kiln_spec::Inventory::load(&a.inventory)
-        .with_context(|| format!("loading the inventory {}", a.inventory.display()))?;
-    let node = inventory
-        .spec
-        .nodes
-        .iter()
-        .find(|n| n.name == a.node)
-        .with_context(|| format!("{} has no node named {:?}", a.inventory.display(), a.node))?;
-    let secrets = kiln_fleet::cluster::FleetSecrets::load(&a.state_dir)?;
-    let api = kiln_fleet::remote::NodeApi::new(node, &secrets, a.address)?;
+    let api = a
+        .remote
+        .api()?
+        .context("which node? --node NAME: the cluster's first control plane")?;
     let kubeconfig = api.get("/v1/kubeconfig").await?;
     match &a.out {
         None => {
