@@ -244,3 +244,38 @@ fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_b
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
 }
+
+#[test]
+fn validate_refuses_a_cluster_node_without_the_feature_a_worker_holding_the_ca_and_a_bad_remote_api()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("appliance.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata: {name: rack}\nspec:\n  \
+         profile: test\n  cluster:\n    clusterCidr: 10.60.0.0/16\n    node:\n      role: worker\n      \
+         nodeIp: 192.168.10.21\n      apiServer: https://192.168.10.11:6443\n      podCidr: 10.42.1.0/24\n      \
+         join: {token: abcdef.0123456789abcdef, caCertHash: \"sha256:00\"}\n      \
+         ca: {cert: not-pem, key: not-pem}\n  remoteApi:\n    listen: \"0.0.0.0\"\n    \
+         clientCa: x\n    cert: x\n    key: x\n",
+    )
+    .unwrap();
+    let out = kiln(&["spec", "validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    for needle in [
+        "spec.cluster.node: a cluster node needs the kubernetes feature",
+        "spec.cluster.node.join.caCertHash: not a CA hash",
+        "spec.cluster.node.ca: only the first control plane holds the CA",
+        "spec.cluster.node.ca.cert: not a PEM certificate",
+        "spec.cluster.node.ca.key: not a PEM private key",
+        "spec.cluster.node.clusterCidr: 10.42.0.0/16 is not spec.cluster.clusterCidr 10.60.0.0/16",
+        "spec.remoteApi.listen: \"0.0.0.0\" is not an address and port",
+        "spec.remoteApi.clientCa: not a PEM certificate",
+        "spec.remoteApi.cert: not a PEM certificate",
+        "spec.remoteApi.key: not a PEM private key",
+        "10 error(s)",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
