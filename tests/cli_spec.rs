@@ -233,7 +233,7 @@ fn validate_refuses_a_kubernetes_role_without_credentials_overlapping_networks_b
     let stderr = text(&out.stderr);
     for needle in [
         "spec.kubernetes.serviceCidr: 10.42.128.0/17 overlaps the pod network clusterCidr 10.42.0.0/16",
-        "spec.kubernetes.join: a worker needs join credentials",
+        "spec.kubernetes.join: a joining node needs join credentials",
         "spec.kubernetes.registryMirrors.images.example.org[1]: \"ftp://mirror.site\" is not an http:// or https:// URL",
         "spec.kubernetes.registryMirrors.Bad_Registry: \"Bad_Registry\" is not a registry host",
         "spec.kubernetes.registryMirrors.Bad_Registry: names no mirror",
@@ -266,7 +266,7 @@ fn validate_refuses_a_cluster_node_without_the_feature_a_worker_holding_the_ca_a
     for needle in [
         "spec.cluster.node: a cluster node needs the kubernetes feature",
         "spec.cluster.node.join.caCertHash: not a CA hash",
-        "spec.cluster.node.ca: only the first control plane holds the CA",
+        "spec.cluster.node.ca: only control planes hold the cluster's keys",
         "spec.cluster.node.ca.cert: not a PEM certificate",
         "spec.cluster.node.ca.key: not a PEM private key",
         "spec.cluster.node.clusterCidr: 10.42.0.0/16 is not spec.cluster.clusterCidr 10.60.0.0/16",

@@ -3,15 +3,17 @@
 //! server, controller-manager, scheduler, containerd, kubelet and kube-proxy from kiln's
 //! multi-call build — with each node in its own network and mount namespace. One cluster
 //! serves every assertion: the node agent's controllers bring the first control plane up from
-//! its node config and report it Ready, a Deployment of kiln's test
-//! image from the airgap bundle answers over its Service, a worker with a wrong token or a
-//! wrong CA pin is refused before it starts anything, a worker with the right ones joins and
-//! runs a pod of an image it pulls from a site's registry (a real one) through its mirror,
-//! and a kubelet that stops is reported by the agent and started again.
+//! its node config and report it Ready, a Deployment of kiln's test image from the airgap
+//! bundle answers over its Service and a pod finds it by name through the cluster DNS, a
+//! worker with a wrong token or a wrong CA pin is refused before it starts anything, a worker
+//! with the right ones joins and runs a pod of an image it pulls from a site's registry (a
+//! real one) through its mirror, a kubelet that stops is reported by the agent and started
+//! again, and a second control plane joins etcd and serves the same cluster.
 //!
 //! The services run as supervised processes (no systemd here); the host's cgroups are v1, so
-//! each node's kubelet gets its own cgroup root, and its root lacks CAP_SYS_RESOURCE, so
-//! containerd may not lower OOM scores (`restrict_oom_score_adj`).
+//! each node's kubelet gets its own cgroup root, its root lacks CAP_SYS_RESOURCE, so
+//! containerd may not lower OOM scores (`restrict_oom_score_adj`), and its disk is shared with
+//! everything else on the machine (`shared_disk`).
 
 mod common;
 
@@ -24,13 +26,13 @@ use std::time::Duration;
 use kiln_agent::controllers::{self, ConfigController, Sources};
 use kiln_agent::engine::{Runtime, Trigger};
 use kiln_agent::kubernetes::{KubernetesController, KubernetesState};
-use kiln_cluster::node::bringup::{BringupError, Processes, bring_up};
+use kiln_cluster::node::bringup::{BringupError, Processes, Supervisor, bring_up};
 use kiln_cluster::node::join::JoinError;
 use kiln_cluster::node::{Host, paths};
 use kiln_image::kubernetes::{KubeBinaries, coredns_image, ensure_binaries, pause_image};
 use kiln_image::oci::{OciImage, write_archive};
 use kiln_lab::netns::Netns;
-use kiln_spec::kubernetes::{JoinCredentials, KubeRole, KubernetesNode};
+use kiln_spec::kubernetes::{ClusterCa, JoinCredentials, KubeRole, KubernetesNode, SecretPem};
 use kiln_spec::{NodeConfig, NodeSpec, ValidationErrors};
 
 const HELLO_IMAGE: &str = "kiln.local/hello:1";
@@ -232,6 +234,7 @@ fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &KubeBinaries, images: &Path)
         containerd_root: dir.join(name).join("var/lib/containerd"),
         cgroup_root: format!("/{}", ns.cgroup),
         restrict_oom_score_adj: true,
+        shared_disk: true,
     }
 }
 
@@ -242,6 +245,8 @@ fn node(role: KubeRole, ip: &str, pod_cidr: &str, join: Option<JoinCredentials>)
         api_server: (role == KubeRole::Worker).then(|| "https://10.231.0.1:6443".into()),
         join,
         ca: None,
+        etcd_ca: None,
+        service_account_key: None,
         cluster_cidr: "10.42.0.0/16".into(),
         service_cidr: "10.43.0.0/16".into(),
         cluster_domain: "cluster.local".into(),
@@ -656,13 +661,29 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         ],
         None,
     );
+    // A running pod of it: a pod the kubelet evicted stays behind as Failed.
+    let pod = kubectl(
+        &a,
+        &bins,
+        &admin,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=hello",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+        None,
+    );
     let looked_up = kubectl(
         &a,
         &bins,
         &admin,
         &[
             "exec",
-            "deployment/hello",
+            &pod,
             "--",
             "/bin/busybox",
             "sh",
@@ -838,6 +859,116 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     agent_a.wait_for(t0, |k| k.ready);
     wait_ready(&a, &bins, &admin, "node/kiln-a");
 
+    // A second control plane joins: its own etcd member, API server, controller-manager and
+    // scheduler, with the keys every control plane shares, copied from kiln-a as an operator
+    // without a fleet would (the fleet hands them out itself). Its own link to kiln-a.
+    let c = NodeNs::create("k8sc");
+    a.netns.add_veth("kiln1a", &c.netns, "kiln1c").unwrap();
+    a.netns.add_address("kiln1a", "10.232.0.1/24").unwrap();
+    c.netns.add_address("kiln1c", "10.232.0.3/24").unwrap();
+    c.netns
+        .ip(&["route", "add", "default", "dev", "kiln1c"])
+        .unwrap();
+    // kiln-a reaches kiln-c from its node address: etcd checks a peer's certificate against
+    // the address it connects from.
+    a.netns
+        .ip(&[
+            "route",
+            "replace",
+            "10.232.0.0/24",
+            "dev",
+            "kiln1a",
+            "src",
+            "10.231.0.1",
+        ])
+        .unwrap();
+    let pki_a =
+        |f: &str| std::fs::read_to_string(host_a.path(&format!("{}/{f}", paths::PKI))).unwrap();
+    let keys = |stem: &str| ClusterCa {
+        cert: pki_a(&format!("{stem}.crt")),
+        key: pki_a(&format!("{stem}.key")),
+    };
+    let second = KubernetesNode {
+        role: KubeRole::ControlPlane,
+        ca: Some(keys("ca")),
+        etcd_ca: Some(keys("etcd/ca")),
+        service_account_key: Some(SecretPem(pki_a("sa.key"))),
+        ..node(
+            KubeRole::Worker,
+            "10.232.0.3",
+            "10.42.2.0/24",
+            Some(JoinCredentials {
+                token: join_token.clone(),
+                ca_cert_hash: Some(ca_cert_hash.clone()),
+            }),
+        )
+    };
+    let mut errs = ValidationErrors::default();
+    second.validate_into("spec.kubernetes", &[], &mut errs);
+    assert!(errs.0.is_empty(), "{errs:?}");
+    let host_c = host(dir.path(), "kiln-c", &c, &bins, &images);
+    let mut sup_c = c.supervisor(host_c.path("var/log/kiln"));
+    let joined = c.run(bring_up(&second, &host_c, &mut sup_c, &|step| {
+        eprintln!("[{:5.1}s] kiln-c: {step}", t0.elapsed().as_secs_f64())
+    }));
+    if let Err(e) = joined {
+        panic!(
+            "joining the second control plane: {e}\nthe end of its etcd's log:\n{}",
+            sup_c.log_tail("etcd")
+        );
+    }
+    // Its own API server serves the cluster's one state: every node, itself Ready.
+    let admin_c = host_c.path(paths::ADMIN_KUBECONFIG);
+    wait_ready(&c, &bins, &admin_c, "node/kiln-c");
+    eprintln!("[{:5.1}s] node kiln-c Ready", t0.elapsed().as_secs_f64());
+    assert!(
+        std::fs::read_to_string(&admin_c)
+            .unwrap()
+            .contains("server: https://10.232.0.3:6443"),
+        "kiln-c's admin kubeconfig is not for its own API server"
+    );
+    let names = kubectl(
+        &c,
+        &bins,
+        &admin_c,
+        &["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"],
+        None,
+    );
+    assert_eq!(names, "kiln-a kiln-b kiln-c");
+    // etcd has both members, started and named.
+    let pki_c = |f: &str| host_c.path(&format!("{}/{f}", paths::PKI));
+    let listed = c
+        .netns
+        .enter(|| {
+            Command::new("curl")
+                .args(["-fsS", "--max-time", "10", "-X", "POST", "-d", "{}"])
+                .arg("--cacert")
+                .arg(pki_c("etcd/ca.crt"))
+                .arg("--cert")
+                .arg(pki_c("apiserver-etcd-client.crt"))
+                .arg("--key")
+                .arg(pki_c("apiserver-etcd-client.key"))
+                .arg("https://127.0.0.1:2379/v3/cluster/member/list")
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut members: Vec<&str> = listed["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap_or_default())
+        .collect();
+    members.sort();
+    assert_eq!(members, ["kiln-a", "kiln-c"], "{listed:#}");
+
+    drop(sup_c);
     drop(sup_b);
     drop(agent_a);
 }

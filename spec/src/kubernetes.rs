@@ -28,8 +28,37 @@ pub enum KubeRole {
     /// The first control plane: creates the cluster's CA, etcd and the API server, and the
     /// bootstrap token workers join with. It also runs a kubelet and takes workloads.
     Init,
+    /// A further control plane: joins the cluster's etcd as a member and runs its own API
+    /// server, controller-manager and scheduler (leader-elected) and a kubelet. It joins like
+    /// a worker (token, CA pinned by its hash) and needs what every control plane shares: the
+    /// cluster CA, the etcd CA and the service-account key (`ca`, `etcdCa`,
+    /// `serviceAccountKey`).
+    ControlPlane,
     /// Joins an existing cluster with a bootstrap token, the CA pinned by its hash.
     Worker,
+}
+
+impl KubeRole {
+    /// Whether the node runs etcd and the control plane components.
+    pub fn is_control_plane(self) -> bool {
+        matches!(self, KubeRole::Init | KubeRole::ControlPlane)
+    }
+
+    /// Whether the node joins an existing cluster (with a token and the CA's hash).
+    pub fn joins(self) -> bool {
+        matches!(self, KubeRole::ControlPlane | KubeRole::Worker)
+    }
+}
+
+/// A private key as PEM text; never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct SecretPem(pub String);
+
+impl std::fmt::Debug for SecretPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(secret)")
+    }
 }
 
 /// A bootstrap token (`abcdef.0123456789abcdef`) and the SHA-256 of the cluster CA's public
@@ -74,10 +103,17 @@ pub struct KubernetesNode {
     /// and CA hash to join with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<JoinCredentials>,
-    /// On `init` only: the cluster CA to use instead of making one. Without it the first
-    /// control plane makes its own, and workers learn its hash from `kiln node status`.
+    /// The cluster CA. On `init`, optional: without it the first control plane makes its
+    /// own, and joining nodes learn its hash from `kiln node status`. Required on
+    /// `control-plane`; never on a worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<ClusterCa>,
+    /// The CA of the control planes' etcd (peers and the API servers). Like `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_ca: Option<ClusterCa>,
+    /// The key that signs service-account tokens, PEM, shared by every API server. Like `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key: Option<SecretPem>,
     /// The whole pod network; every node's `podCidr` lies inside it.
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
@@ -296,30 +332,50 @@ impl KubernetesNode {
                 );
             }
         }
-        if let Some(ca) = &self.ca {
-            if self.role == KubeRole::Worker {
-                errs.push(
-                    format!("{at}.ca"),
-                    "only the first control plane holds the CA; a worker pins it by join.caCertHash",
-                );
+        for (field, ca) in [("ca", &self.ca), ("etcdCa", &self.etcd_ca)] {
+            if let Some(ca) = ca {
+                crate::check::check_pem_pair(&format!("{at}.{field}"), &ca.cert, &ca.key, errs);
             }
-            crate::check::check_pem_pair(&format!("{at}.ca"), &ca.cert, &ca.key, errs);
         }
-        if self.role == KubeRole::Worker {
+        if let Some(key) = &self.service_account_key
+            && !(key.0.trim_start().starts_with("-----BEGIN ")
+                && key.0.contains("PRIVATE KEY-----"))
+        {
+            errs.push(format!("{at}.serviceAccountKey"), "not a PEM private key");
+        }
+        let shared = [
+            ("ca", self.ca.is_some()),
+            ("etcdCa", self.etcd_ca.is_some()),
+            ("serviceAccountKey", self.service_account_key.is_some()),
+        ];
+        for (field, given) in shared {
+            match self.role {
+                KubeRole::Worker if given => errs.push(
+                    format!("{at}.{field}"),
+                    "only control planes hold the cluster's keys; a worker pins the CA by join.caCertHash",
+                ),
+                KubeRole::ControlPlane if !given => errs.push(
+                    format!("{at}.{field}"),
+                    "a joining control plane needs what every control plane shares: ca, etcdCa and serviceAccountKey",
+                ),
+                _ => {}
+            }
+        }
+        if self.role.joins() {
             if self.api_server.is_none() {
                 errs.push(
                     format!("{at}.apiServer"),
-                    "a worker needs the API server to join",
+                    "a joining node needs the API server of the first control plane",
                 );
             }
             match &self.join {
                 None => errs.push(
                     format!("{at}.join"),
-                    "a worker needs join credentials (token and caCertHash) from the first control plane",
+                    "a joining node needs join credentials (token and caCertHash) from the first control plane",
                 ),
                 Some(j) if j.ca_cert_hash.is_none() => errs.push(
                     format!("{at}.join.caCertHash"),
-                    "a worker trusts the cluster only by its CA hash; it is missing",
+                    "a joining node trusts the cluster only by its CA hash; it is missing",
                 ),
                 Some(_) => {}
             }

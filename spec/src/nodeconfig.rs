@@ -688,11 +688,11 @@ spec:
                 ),
                 (
                     "spec.kubernetes.apiServer",
-                    "a worker needs the API server to join"
+                    "a joining node needs the API server of the first control plane"
                 ),
                 (
                     "spec.kubernetes.join",
-                    "a worker needs join credentials (token and caCertHash) from the first control plane"
+                    "a joining node needs join credentials (token and caCertHash) from the first control plane"
                 ),
                 (
                     "spec.kubernetes.taints[0]",

@@ -30,6 +30,9 @@ fn pki_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {
 pub enum Usage {
     Server,
     Client,
+    /// Both: etcd peers connect to each other either way, and etcd's gateway dials its own
+    /// server as a client.
+    Peer,
 }
 
 /// A leaf certificate to issue: subject common name, organizations (Kubernetes groups for a
@@ -117,10 +120,14 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![match leaf.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match leaf.usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Peer => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -141,6 +148,13 @@ impl Ca {
 pub fn key_pair() -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(pki_err("generating a key"))?;
     Ok((key.serialize_pem(), key.public_key_pem()))
+}
+
+/// The public half, PEM, of a PEM private key (a service-account key given to a node).
+pub fn public_key_pem(private_pem: &str) -> Result<String, PkiError> {
+    Ok(KeyPair::from_pem(private_pem)
+        .map_err(pki_err("reading the private key"))?
+        .public_key_pem())
 }
 
 /// `sha256:<hex>` of a certificate's SubjectPublicKeyInfo: what kubeadm's

@@ -223,6 +223,8 @@ fn kube_node(role: KubeRole) -> KubernetesNode {
         api_server: (role == KubeRole::Worker).then(|| "https://10.99.0.1:6443".into()),
         join: None,
         ca: None,
+        etcd_ca: None,
+        service_account_key: None,
         cluster_cidr: "10.42.0.0/16".into(),
         service_cidr: "10.43.0.0/16".into(),
         cluster_domain: "cluster.local".into(),
@@ -266,6 +268,26 @@ fn node_plan_of_the_first_control_plane() {
             .any(|a| a.starts_with("--bootstrap-kubeconfig"))
     );
     golden("node-plan-init.txt", &describe(&p));
+}
+
+#[test]
+fn node_plan_of_a_joining_control_plane() {
+    let node = KubernetesNode {
+        api_server: Some("https://10.99.0.1:6443".into()),
+        node_ip: "10.99.0.2".into(),
+        ..kube_node(KubeRole::ControlPlane)
+    };
+    let p = plan(&node, &Host::appliance("cp2"));
+    let etcd = &p.control_plane[0].argv;
+    assert!(etcd.contains(&"--initial-cluster-state=existing".to_string()));
+    assert!(!etcd.iter().any(|a| a.starts_with("--initial-cluster=")));
+    assert!(
+        !p.kubelet
+            .argv
+            .iter()
+            .any(|a| a.starts_with("--bootstrap-kubeconfig"))
+    );
+    golden("node-plan-control-plane.txt", &describe(&p));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use kiln_cluster::pki::{Ca, CertPair, Leaf, Usage};
 use kiln_spec::appliance::Feature;
 use kiln_spec::errors::ValidationErrors;
-use kiln_spec::kubernetes::{ClusterCa, JoinCredentials, KubeRole, KubernetesNode};
+use kiln_spec::kubernetes::{ClusterCa, JoinCredentials, KubeRole, KubernetesNode, SecretPem};
 use kiln_spec::remote::RemoteApi;
 use kiln_spec::{Appliance, Inventory, InventoryNode, NodeRole};
 
@@ -45,6 +45,10 @@ pub struct FleetSecrets {
     pub kubernetes_ca: ClusterCa,
     pub ca_cert_hash: String,
     pub token: String,
+    /// What every control plane shares besides the CA: etcd's CA and the key that signs
+    /// service-account tokens.
+    pub etcd_ca: ClusterCa,
+    pub service_account_key: SecretPem,
     admin_ca: CertPair,
     admin_ca_path: PathBuf,
 }
@@ -69,6 +73,22 @@ impl FleetSecrets {
     fn read(state_dir: &Path, create: bool) -> Result<FleetSecrets, ClusterError> {
         let dir = state_dir.join(SECRETS_DIR);
         let kube = load_or_create_ca(&dir, "kubernetes-ca", "kiln-kubernetes-ca", create)?;
+        let etcd = load_or_create_ca(&dir, "etcd-ca", "kiln-etcd-ca", create)?;
+        let sa_path = dir.join("service-account.key");
+        if create && !sa_path.exists() {
+            let (private, _) = kiln_cluster::pki::key_pair().map_err(|e| ClusterError::Pki {
+                path: sa_path.clone(),
+                reason: e.to_string(),
+            })?;
+            write_private(&sa_path, &private)?;
+        }
+        let service_account_key = SecretPem(std::fs::read_to_string(&sa_path).map_err(
+            |source| ClusterError::Io {
+                what: "reading",
+                path: sa_path.clone(),
+                source,
+            },
+        )?);
         let admin_ca = load_or_create_ca(&dir, "admin-ca", "kiln-admin-ca", create)?;
         let token_path = dir.join("bootstrap-token");
         if create && !token_path.exists() {
@@ -94,6 +114,11 @@ impl FleetSecrets {
             },
             ca_cert_hash,
             token,
+            etcd_ca: ClusterCa {
+                cert: etcd.cert_pem,
+                key: etcd.key_pem,
+            },
+            service_account_key,
             admin_ca,
             admin_ca_path: dir.join("admin-ca.crt"),
         })
@@ -264,7 +289,8 @@ impl Seat {
     /// One line for `kiln fleet plan`.
     pub fn describe(&self) -> String {
         let role = |r: KubeRole| match r {
-            KubeRole::Init => "control plane",
+            KubeRole::Init => "first control plane",
+            KubeRole::ControlPlane => "control plane (joins etcd)",
             KubeRole::Worker => "worker",
         };
         match self {
@@ -285,8 +311,9 @@ impl Seat {
 }
 
 /// Each inventory node's seat in the cluster, by name, when the appliance has the
-/// `kubernetes` feature (else none): the first `control-plane` node makes the cluster, every
-/// `worker` and `storage` node joins it, and each gets the next /24 of the pod network in
+/// `kubernetes` feature (else none): the first `control-plane` node makes the cluster, further
+/// `control-plane` nodes join its etcd and run control planes of their own, every `worker`
+/// and `storage` node joins it, and each gets the next /24 of the pod network in
 /// inventory order (append new nodes at the end to keep the others' slices). A node whose
 /// overrides give `clusterNode` keeps it as written. Every problem is reported, with its
 /// inventory path.
@@ -318,27 +345,17 @@ pub fn seats(
         }
     };
     let nodes = &inventory.spec.nodes;
-    let mut control_planes = nodes
+    let Some((init_index, init)) = nodes
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.role == NodeRole::ControlPlane);
-    let Some((init_index, init)) = control_planes.next() else {
+        .find(|(_, n)| n.role == NodeRole::ControlPlane)
+    else {
         errs.push(
             "spec.nodes",
             "the appliance has the kubernetes feature, so one node needs role control-plane",
         );
         return Err(errs);
     };
-    for (i, _) in control_planes {
-        errs.push(
-            format!("spec.nodes[{i}].role"),
-            format!(
-                "{} is the cluster's control plane; further control planes (etcd members) \
-                 cannot join yet: make this node a worker",
-                init.name
-            ),
-        );
-    }
     let no_address = "a cluster node needs a fixed address: a static address in \
                       overrides.network, or bootAddress when the netboot DHCP server hands out \
                       addresses";
@@ -372,6 +389,8 @@ pub fn seats(
             Seat::Derived {
                 role: if i == init_index {
                     KubeRole::Init
+                } else if node.role == NodeRole::ControlPlane {
+                    KubeRole::ControlPlane
                 } else {
                     KubeRole::Worker
                 },
@@ -416,7 +435,13 @@ pub fn members(
                         token: secrets.token.clone(),
                         ca_cert_hash: Some(secrets.ca_cert_hash.clone()),
                     }),
-                    ca: (role == KubeRole::Init).then(|| secrets.kubernetes_ca.clone()),
+                    ca: role
+                        .is_control_plane()
+                        .then(|| secrets.kubernetes_ca.clone()),
+                    etcd_ca: role.is_control_plane().then(|| secrets.etcd_ca.clone()),
+                    service_account_key: role
+                        .is_control_plane()
+                        .then(|| secrets.service_account_key.clone()),
                     cluster_cidr: cluster.cluster_cidr.clone(),
                     service_cidr: cluster.service_cidr.clone(),
                     cluster_domain: cluster.cluster_domain.clone(),
@@ -569,10 +594,23 @@ spec:
             assert_eq!(k.cluster_cidr, "10.60.0.0/16");
         }
         assert_eq!(m["w-1"].labels["rack"], "r1");
+        // Further control-plane nodes join etcd, with every key the control planes share.
+        let two = Inventory::from_yaml(&INVENTORY.replace("role: storage", "role: control-plane"))
+            .unwrap();
+        let joined = members(&appliance("kubernetes"), &two, &s).unwrap();
+        let cp = &joined["s-1"];
+        assert_eq!(cp.role, KubeRole::ControlPlane);
+        assert_eq!(cp.ca.as_ref(), Some(&s.kubernetes_ca));
+        assert_eq!(cp.etcd_ca.as_ref(), Some(&s.etcd_ca));
+        assert_eq!(
+            cp.service_account_key.as_ref(),
+            Some(&s.service_account_key)
+        );
+        assert!(joined["w-1"].etcd_ca.is_none() && joined["w-1"].service_account_key.is_none());
         let seats = seats(&appliance("kubernetes"), &inventory).unwrap();
         assert_eq!(
             seats["cp-1"].describe(),
-            "control plane at 192.168.10.11, pods 10.60.0.0/24"
+            "first control plane at 192.168.10.11, pods 10.60.0.0/24"
         );
         assert_eq!(
             seats["w-1"].describe(),
@@ -626,6 +664,8 @@ spec:
         for f in [
             "kubernetes-ca.key",
             "kubernetes-ca.crt",
+            "etcd-ca.key",
+            "service-account.key",
             "admin-ca.key",
             "admin-ca.crt",
             "bootstrap-token",
@@ -646,7 +686,7 @@ spec:
         .unwrap();
         let errs = members(&appliance("kubernetes"), &inventory, &s).unwrap_err();
         let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["spec.nodes[2].role", "spec.nodes[1]"], "{errs}");
+        assert_eq!(paths, ["spec.nodes[1]"], "{errs}");
 
         let workers_only = Inventory::from_yaml(&INVENTORY.replace("role: control-plane", ""));
         let errs = members(&appliance("kubernetes"), &workers_only.unwrap(), &s).unwrap_err();

@@ -6,14 +6,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use kiln_spec::kubernetes::{KubeRole, KubernetesNode};
+use kiln_spec::kubernetes::{ClusterCa, KubeRole, KubernetesNode, SecretPem};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
 use super::{
-    BOOTSTRAP_GROUP, Host, NodePlan, Service, api_server_sans, api_server_url, paths, plan,
-    write_file,
+    BOOTSTRAP_GROUP, Host, NodePlan, Service, api_server_sans, api_server_url, local_api_server,
+    paths, plan, write_file,
 };
 use crate::pki::{self, Ca, CertPair, Credential, Leaf, PkiError, Usage};
 
@@ -52,8 +52,16 @@ pub enum BringupError {
     Announce(String),
     #[error("no interface has the node address {address} after {}s (spec.kubernetes.nodeIp and the node's network config must agree)", .after.as_secs())]
     NoAddress { address: String, after: Duration },
-    #[error("this node already runs a cluster with another CA ({}); the config's CA is not used. To make a new cluster, remove the node's Kubernetes state first", .path.display())]
+    #[error("this node already runs a cluster with another key ({}); the config's is not used. To make a new cluster, remove the node's Kubernetes state first", .path.display())]
     OtherCa { path: PathBuf },
+    #[error("a joining control plane needs the cluster's {what} in its config")]
+    MissingSecret { what: String },
+    #[error(
+        "the config's ca is not the CA of the cluster at {server} (its pin names another): refusing to join with it"
+    )]
+    NotTheClustersCa { server: String },
+    #[error(transparent)]
+    EtcdJoin(#[from] super::etcd::EtcdJoinError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
@@ -223,32 +231,42 @@ pub async fn bring_up(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    let ca_pem = match node.role {
-        KubeRole::Worker => {
-            // Validation guarantees a worker has both.
-            let join = node
-                .join
-                .as_ref()
-                .expect("validated: a worker has join credentials");
+    // A joining node trusts the cluster only through the CA its pin names, and proves its
+    // token, before it writes anything.
+    let discovered = match (&node.join, node.role.joins()) {
+        (Some(join), true) => {
             let hash = join
                 .ca_cert_hash
                 .as_deref()
-                .expect("validated: a worker has a CA hash");
+                .expect("validated: a joining node has a CA hash");
             progress("discovering the cluster CA and checking the bootstrap token");
-            let ca_pem = super::join::discover(&server, hash, &join.token).await?;
+            Some(super::join::discover(&server, hash, &join.token).await?)
+        }
+        _ => None,
+    };
+    let (ca_pem, etcd_ca) = match node.role {
+        KubeRole::Worker => {
+            let ca_pem = discovered.expect("validated: a worker has join credentials");
+            let token = &node.join.as_ref().expect("validated").token;
             write(root, &format!("{}/ca.crt", paths::PKI), &ca_pem, 0o644)?;
             let bootstrap = pki::kubeconfig(
                 &server,
                 &ca_pem,
                 "kubelet-bootstrap",
-                Credential::Token(&join.token),
+                Credential::Token(token),
             );
             write(root, paths::BOOTSTRAP_KUBECONFIG, &bootstrap, 0o600)?;
-            ca_pem
+            (ca_pem, None)
         }
-        KubeRole::Init => {
-            progress("creating the cluster's certificates");
-            control_plane_credentials(node, host)?.pair.cert_pem
+        KubeRole::Init | KubeRole::ControlPlane => {
+            if let (Some(found), Some(given)) = (&discovered, &node.ca)
+                && found.trim() != given.cert.trim()
+            {
+                return Err(BringupError::NotTheClustersCa { server });
+            }
+            progress("creating the control plane's certificates");
+            let (ca, etcd_ca) = control_plane_credentials(node, host)?;
+            (ca.pair.cert_pem, Some(etcd_ca))
         }
     };
     let plan: NodePlan = plan(node, host);
@@ -258,8 +276,14 @@ pub async fn bring_up(
     }
 
     let admin = host.path(paths::ADMIN_KUBECONFIG);
-    if node.role == KubeRole::Init {
-        for s in &plan.control_plane[..2] {
+    if let Some(etcd_ca) = etcd_ca {
+        let mut etcd = plan.control_plane[0].clone();
+        if node.role == KubeRole::ControlPlane {
+            progress("joining the cluster's etcd");
+            let cluster = super::etcd::join(node, host, &etcd_ca).await?;
+            etcd.argv.push(format!("--initial-cluster={cluster}"));
+        }
+        for s in [&etcd, &plan.control_plane[1]] {
             progress(&format!("starting {}", s.name));
             supervisor.start(s)?;
         }
@@ -279,18 +303,20 @@ pub async fn bring_up(
             },
         )
         .await?;
-        progress("applying the bootstrap token, its RBAC and cluster-info");
-        apply_objects(&client, bootstrap_objects(node, &server, &ca_pem)).await?;
-        progress("applying the cluster DNS");
-        // systemd-resolved's list of the real upstreams first: /etc/resolv.conf may name
-        // only its stub on loopback.
-        let upstream = ["run/systemd/resolve/resolv.conf", "etc/resolv.conf"]
-            .iter()
-            .map(|f| std::fs::read_to_string(host.path(f)).unwrap_or_default())
-            .map(|text| super::dns::upstream_nameservers(&text))
-            .find(|found| !found.is_empty())
-            .unwrap_or_default();
-        apply_objects(&client, super::dns::dns_objects(node, &upstream)).await?;
+        if node.role == KubeRole::Init {
+            progress("applying the bootstrap token, its RBAC and cluster-info");
+            apply_objects(&client, bootstrap_objects(node, &server, &ca_pem)).await?;
+            progress("applying the cluster DNS");
+            // systemd-resolved's list of the real upstreams first: /etc/resolv.conf may name
+            // only its stub on loopback.
+            let upstream = ["run/systemd/resolve/resolv.conf", "etc/resolv.conf"]
+                .iter()
+                .map(|f| std::fs::read_to_string(host.path(f)).unwrap_or_default())
+                .map(|text| super::dns::upstream_nameservers(&text))
+                .find(|found| !found.is_empty())
+                .unwrap_or_default();
+            apply_objects(&client, super::dns::dns_objects(node, &upstream)).await?;
+        }
         for s in &plan.control_plane[2..] {
             progress(&format!("starting {}", s.name));
             supervisor.start(s)?;
@@ -365,7 +391,7 @@ pub async fn bring_up(
         .map_err(BringupError::Announce)?;
     Ok(Outcome {
         ca_cert_hash: pki::ca_cert_hash(&ca_pem)?,
-        admin_kubeconfig: (node.role == KubeRole::Init).then_some(admin),
+        admin_kubeconfig: node.role.is_control_plane().then_some(admin),
     })
 }
 
@@ -456,52 +482,115 @@ where
     }
 }
 
-/// The CA (kept across restarts) and every certificate and kubeconfig the first control
-/// plane needs; existing ones are kept, so a restart changes nothing.
-fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, BringupError> {
-    let root = &host.root;
-    let pki_file = |f: &str| format!("{}/{f}", paths::PKI);
-    let exists = |rel: &str| root.join(rel).exists();
+/// A CA kept as `<stem>.crt`/`<stem>.key` below the node's PKI directory: the one on disk
+/// (a node never swaps it for another: every certificate and joined node trusts it), else the
+/// one given, else a new one where the node may make it (the first control plane).
+fn keep_ca(
+    root: &Path,
+    stem: &str,
+    given: Option<&ClusterCa>,
+    make: Option<&str>,
+) -> Result<Ca, BringupError> {
+    let file = |ext: &str| format!("{}/{stem}.{ext}", paths::PKI);
     let read = |rel: &str| {
         std::fs::read_to_string(root.join(rel))
             .map_err(io(format!("reading {}", root.join(rel).display())))
     };
-    let ca = if exists(&pki_file("ca.key")) {
+    if root.join(file("key")).exists() {
         let ca = Ca::load(CertPair {
-            cert_pem: read(&pki_file("ca.crt"))?,
-            key_pem: read(&pki_file("ca.key"))?,
+            cert_pem: read(&file("crt"))?,
+            key_pem: read(&file("key"))?,
         })?;
-        // A node never swaps the CA of a cluster it already runs: every certificate and
-        // every joined node trusts the old one.
-        if let Some(given) = &node.ca
+        if let Some(given) = given
             && given.cert.trim() != ca.pair.cert_pem.trim()
         {
             return Err(BringupError::OtherCa {
-                path: root.join(pki_file("ca.crt")),
+                path: root.join(file("crt")),
             });
         }
-        ca
-    } else {
-        let ca = match &node.ca {
-            Some(given) => Ca::load(CertPair {
-                cert_pem: given.cert.clone(),
-                key_pem: given.key.clone(),
-            })?,
-            None => Ca::generate("kiln-kubernetes-ca")?,
-        };
-        write(root, &pki_file("ca.crt"), &ca.pair.cert_pem, 0o644)?;
-        write(root, &pki_file("ca.key"), &ca.pair.key_pem, 0o600)?;
-        ca
+        return Ok(ca);
+    }
+    let ca = match (given, make) {
+        (Some(given), _) => Ca::load(CertPair {
+            cert_pem: given.cert.clone(),
+            key_pem: given.key.clone(),
+        })?,
+        (None, Some(common_name)) => Ca::generate(common_name)?,
+        (None, None) => {
+            return Err(BringupError::MissingSecret {
+                what: stem.to_string(),
+            });
+        }
     };
-    let pair = |name: &str, leaf: Leaf<'_>| -> Result<(), BringupError> {
+    write(root, &file("crt"), &ca.pair.cert_pem, 0o644)?;
+    write(root, &file("key"), &ca.pair.key_pem, 0o600)?;
+    Ok(ca)
+}
+
+/// The service-account signing key every API server shares: kept, else the one given, else
+/// a new one on the first control plane.
+fn keep_service_account_key(
+    root: &Path,
+    given: Option<&SecretPem>,
+    may_make: bool,
+) -> Result<(), BringupError> {
+    let key = format!("{}/sa.key", paths::PKI);
+    if root.join(&key).exists() {
+        let on_disk = std::fs::read_to_string(root.join(&key))
+            .map_err(io(format!("reading {}", root.join(&key).display())))?;
+        if let Some(given) = given
+            && given.0.trim() != on_disk.trim()
+        {
+            return Err(BringupError::OtherCa {
+                path: root.join(&key),
+            });
+        }
+        return Ok(());
+    }
+    let (private, public) = match given {
+        Some(k) => (k.0.clone(), pki::public_key_pem(&k.0)?),
+        None if may_make => pki::key_pair()?,
+        None => {
+            return Err(BringupError::MissingSecret {
+                what: "serviceAccountKey".into(),
+            });
+        }
+    };
+    write(root, &format!("{}/sa.pub", paths::PKI), &public, 0o644)?;
+    write(root, &key, &private, 0o600)
+}
+
+/// The CAs and the service-account key (kept across restarts, given or made), and every
+/// certificate and kubeconfig a control plane needs; existing ones are kept, so a restart
+/// changes nothing. Returns the cluster CA and the etcd CA.
+fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<(Ca, Ca), BringupError> {
+    let root = &host.root;
+    let first = node.role == KubeRole::Init;
+    let pki_file = |f: &str| format!("{}/{f}", paths::PKI);
+    let exists = |rel: &str| root.join(rel).exists();
+    let ca = keep_ca(
+        root,
+        "ca",
+        node.ca.as_ref(),
+        first.then_some("kiln-kubernetes-ca"),
+    )?;
+    let etcd_ca = keep_ca(
+        root,
+        "etcd/ca",
+        node.etcd_ca.as_ref(),
+        first.then_some("kiln-etcd-ca"),
+    )?;
+    keep_service_account_key(root, node.service_account_key.as_ref(), first)?;
+    let pair = |issuer: &Ca, name: &str, leaf: Leaf<'_>| -> Result<(), BringupError> {
         if exists(&pki_file(&format!("{name}.key"))) {
             return Ok(());
         }
-        let p = ca.issue(&leaf)?;
+        let p = issuer.issue(&leaf)?;
         write(root, &pki_file(&format!("{name}.crt")), &p.cert_pem, 0o644)?;
         write(root, &pki_file(&format!("{name}.key")), &p.key_pem, 0o600)
     };
     pair(
+        &ca,
         "apiserver",
         Leaf {
             common_name: "kube-apiserver",
@@ -511,6 +600,7 @@ fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, B
         },
     )?;
     pair(
+        &ca,
         "apiserver-kubelet-client",
         Leaf {
             common_name: "kube-apiserver-kubelet-client",
@@ -519,12 +609,38 @@ fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, B
             usage: Usage::Client,
         },
     )?;
-    if !exists(&pki_file("sa.key")) {
-        let (private, public) = pki::key_pair()?;
-        write(root, &pki_file("sa.pub"), &public, 0o644)?;
-        write(root, &pki_file("sa.key"), &private, 0o600)?;
+    let etcd_sans = vec![
+        host.node_name.clone(),
+        node.node_ip.clone(),
+        "127.0.0.1".into(),
+        "localhost".into(),
+    ];
+    // Both for clients too: etcd's own JSON gateway (a joining control plane's way in)
+    // dials its gRPC server with the server certificate.
+    for name in ["etcd/server", "etcd/peer"] {
+        pair(
+            &etcd_ca,
+            name,
+            Leaf {
+                common_name: &host.node_name,
+                organizations: &[],
+                sans: etcd_sans.clone(),
+                usage: Usage::Peer,
+            },
+        )?;
     }
-    let server = api_server_url(node);
+    pair(
+        &etcd_ca,
+        "apiserver-etcd-client",
+        Leaf {
+            common_name: "kube-apiserver-etcd-client",
+            organizations: &[],
+            sans: vec![],
+            usage: Usage::Client,
+        },
+    )?;
+    // This node's components talk to its own API server.
+    let server = local_api_server(node);
     let node_user = format!("system:node:{}", host.node_name);
     for (file, user, orgs) in [
         (
@@ -561,7 +677,7 @@ fn control_plane_credentials(node: &KubernetesNode, host: &Host) -> Result<Ca, B
         );
         write(root, file, &text, 0o600)?;
     }
-    Ok(ca)
+    Ok((ca, etcd_ca))
 }
 
 /// What lets nodes join: the bootstrap token's Secret, the bindings that let its holders ask
@@ -725,15 +841,15 @@ mod tests {
 
         // Made on the node, then kept across restarts.
         let own = tempfile::tempdir().unwrap();
-        let made = control_plane_credentials(&node(None), &host(own.path())).unwrap();
+        let (made, _) = control_plane_credentials(&node(None), &host(own.path())).unwrap();
         assert_eq!(ca_on_disk(own.path()), made.pair.cert_pem);
-        let again = control_plane_credentials(&node(None), &host(own.path())).unwrap();
+        let (again, _) = control_plane_credentials(&node(None), &host(own.path())).unwrap();
         assert_eq!(again.pair, made.pair);
 
         // Given by the fleet: used, and the certificates it issues verify against it.
         let fleet = Ca::generate("fleet-ca").unwrap();
         let given = tempfile::tempdir().unwrap();
-        let used =
+        let (used, _) =
             control_plane_credentials(&node(Some(&fleet.pair)), &host(given.path())).unwrap();
         assert_eq!(used.pair, fleet.pair);
         assert_eq!(ca_on_disk(given.path()), fleet.pair.cert_pem);

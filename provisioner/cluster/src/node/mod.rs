@@ -13,6 +13,7 @@
 
 pub mod bringup;
 pub mod dns;
+pub mod etcd;
 pub mod join;
 pub mod routes;
 pub mod systemd;
@@ -48,6 +49,8 @@ pub mod paths {
 
 pub use kiln_spec::kubernetes::PAUSE_IMAGE;
 pub const API_SERVER_PORT: u16 = 6443;
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
 /// The group a bootstrap token authenticates as, besides `system:bootstrappers`.
 pub const BOOTSTRAP_GROUP: &str = "system:bootstrappers:kiln:default-node-token";
 
@@ -75,6 +78,10 @@ pub struct Host {
     /// containerd's `restrict_oom_score_adj`: for a host whose root may not lower OOM scores
     /// (no CAP_SYS_RESOURCE, as in some containers).
     pub restrict_oom_score_adj: bool,
+    /// The node's disk is a machine's shared with much else (a test host): its kubelet
+    /// evicts pods only when less than 1Gi is left, not at the default 10% and 15% of a disk
+    /// the node does not own.
+    pub shared_disk: bool,
 }
 
 impl Host {
@@ -92,6 +99,7 @@ impl Host {
             containerd_root: Path::new(STATE_MOUNT).join("containerd"),
             cgroup_root: "/".into(),
             restrict_oom_score_adj: false,
+            shared_disk: false,
         }
     }
 
@@ -176,6 +184,16 @@ pub fn api_server_url(node: &KubernetesNode) -> String {
         .unwrap_or_else(|| format!("https://{}:{API_SERVER_PORT}", bracket(&node.node_ip)))
 }
 
+/// This node's own API server: what a control plane's components and kubelet use.
+pub fn local_api_server(node: &KubernetesNode) -> String {
+    format!("https://{}:{API_SERVER_PORT}", bracket(&node.node_ip))
+}
+
+/// The etcd peer URL of a control plane at `ip`.
+pub fn etcd_peer_url(ip: &str) -> String {
+    format!("https://{}:{ETCD_PEER_PORT}", bracket(ip))
+}
+
 fn bracket(ip: &str) -> String {
     if ip.contains(':') {
         format!("[{ip}]")
@@ -249,7 +267,7 @@ podCIDR: {pod_cidr}
 rotateCertificates: true
 registerWithTaints: [{taints}]
 staticPodPath: ""
-{reserved}"#,
+{reserved}{eviction}"#,
         ca = host.at(&format!("{}/ca.crt", paths::PKI)),
         ip = node.node_ip,
         domain = node.cluster_domain,
@@ -274,6 +292,13 @@ staticPodPath: ""
             format!("{field}:\n{lines}")
         })
         .collect::<String>(),
+        // Every signal: those left out of an evictionHard are not enforced.
+        eviction = if host.shared_disk {
+            "evictionHard:\n  memory.available: 100Mi\n  nodefs.available: 1Gi\n  \
+             imagefs.available: 1Gi\n  nodefs.inodesFree: 5%\n"
+        } else {
+            ""
+        },
     );
     let kube_proxy_config = format!(
         r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -383,7 +408,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     let pki = |f: &str| host.at(&format!("{}/{f}", paths::PKI));
     // Controller-manager and scheduler: one kubeconfig for the API and for checking their
-    // own callers, serving on loopback only, one instance (no leader election).
+    // own callers, serving on loopback only; one of each leads among the control planes.
     let local_component = |component: &str, kubeconfig: &str| {
         let kubeconfig = host.at(kubeconfig);
         vec![
@@ -392,32 +417,60 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             format!("--authentication-kubeconfig={kubeconfig}"),
             format!("--authorization-kubeconfig={kubeconfig}"),
             "--bind-address=127.0.0.1".into(),
-            "--leader-elect=false".into(),
+            "--leader-elect=true".into(),
         ]
     };
+    let ip = bracket(&node.node_ip);
+    let mut etcd_argv = vec![
+        host.etcd.display().to_string(),
+        format!("--name={}", host.node_name),
+        format!("--data-dir={}", host.at(paths::ETCD_DATA)),
+        // Clients (this node's API server, joining control planes) and peers with
+        // certificates of the etcd CA only.
+        format!(
+            "--listen-client-urls=https://127.0.0.1:{ETCD_CLIENT_PORT},https://{ip}:{ETCD_CLIENT_PORT}"
+        ),
+        format!("--advertise-client-urls=https://{ip}:{ETCD_CLIENT_PORT}"),
+        format!("--listen-peer-urls={}", etcd_peer_url(&node.node_ip)),
+        format!(
+            "--initial-advertise-peer-urls={}",
+            etcd_peer_url(&node.node_ip)
+        ),
+        "--listen-metrics-urls=http://127.0.0.1:2381".into(),
+        format!("--cert-file={}", pki("etcd/server.crt")),
+        format!("--key-file={}", pki("etcd/server.key")),
+        "--client-cert-auth=true".into(),
+        format!("--trusted-ca-file={}", pki("etcd/ca.crt")),
+        format!("--peer-cert-file={}", pki("etcd/peer.crt")),
+        format!("--peer-key-file={}", pki("etcd/peer.key")),
+        "--peer-client-cert-auth=true".into(),
+        format!("--peer-trusted-ca-file={}", pki("etcd/ca.crt")),
+    ];
+    match node.role {
+        KubeRole::Init => etcd_argv.push(format!(
+            "--initial-cluster={}={}",
+            host.node_name,
+            etcd_peer_url(&node.node_ip)
+        )),
+        // The bring-up adds --initial-cluster once the cluster has taken this member in.
+        KubeRole::ControlPlane => etcd_argv.push("--initial-cluster-state=existing".into()),
+        KubeRole::Worker => {}
+    }
     let control_plane = match node.role {
         KubeRole::Worker => Vec::new(),
-        KubeRole::Init => vec![
+        KubeRole::Init | KubeRole::ControlPlane => vec![
             Service {
                 name: "etcd",
-                argv: vec![
-                    host.etcd.display().to_string(),
-                    format!("--name={}", host.node_name),
-                    format!("--data-dir={}", host.at(paths::ETCD_DATA)),
-                    // Loopback only: the API server on this node is its one client.
-                    "--listen-client-urls=http://127.0.0.1:2379".into(),
-                    "--advertise-client-urls=http://127.0.0.1:2379".into(),
-                    "--listen-peer-urls=http://127.0.0.1:2380".into(),
-                    "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
-                    format!("--initial-cluster={}=http://127.0.0.1:2380", host.node_name),
-                    "--listen-metrics-urls=http://127.0.0.1:2381".into(),
-                ],
+                argv: etcd_argv,
             },
             Service {
                 name: "kube-apiserver",
                 argv: vec![
                     host.bin("kube-apiserver"),
-                    "--etcd-servers=http://127.0.0.1:2379".into(),
+                    format!("--etcd-servers=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
+                    format!("--etcd-cafile={}", pki("etcd/ca.crt")),
+                    format!("--etcd-certfile={}", pki("apiserver-etcd-client.crt")),
+                    format!("--etcd-keyfile={}", pki("apiserver-etcd-client.key")),
                     format!("--advertise-address={}", node.node_ip),
                     format!("--secure-port={API_SERVER_PORT}"),
                     format!("--tls-cert-file={}", pki("apiserver.crt")),
@@ -573,6 +626,8 @@ mod tests {
             api_server: None,
             join: None,
             ca: None,
+            etcd_ca: None,
+            service_account_key: None,
             cluster_cidr: "10.42.0.0/16".into(),
             service_cidr: "10.43.0.0/16".into(),
             cluster_domain: "cluster.local".into(),
