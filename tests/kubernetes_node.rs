@@ -29,18 +29,20 @@ use kiln_agent::kubernetes::{KubernetesController, KubernetesState};
 use kiln_cluster::node::bringup::{BringupError, Processes, Supervisor, bring_up};
 use kiln_cluster::node::join::JoinError;
 use kiln_cluster::node::{Host, paths};
-use kiln_image::kubernetes::{KubeBinaries, coredns_image, ensure_binaries, pause_image};
-use kiln_image::oci::{OciImage, write_archive};
+use kiln_image::kubernetes::{
+    KubeBinaries, check_image, coredns_image, ensure_binaries, pause_image,
+};
+use kiln_image::oci::write_archive;
 use kiln_lab::netns::Netns;
-use kiln_spec::kubernetes::{ClusterCa, JoinCredentials, KubeRole, KubernetesNode, SecretPem};
+use kiln_spec::kubernetes::{
+    CHECK_IMAGE, CHECK_PAGE, ClusterCa, JoinCredentials, KubeRole, KubernetesNode, SecretPem,
+};
 use kiln_spec::{NodeConfig, NodeSpec, ValidationErrors};
 
-const HELLO_IMAGE: &str = "kiln.local/hello:1";
 /// A registry no DNS knows: the worker can pull from it only through its mirror, a real
 /// registry (Debian's docker-registry) on node A's address.
 const SITE_IMAGE: &str = "registry.kiln.test/kiln/hello:1";
 const MIRROR: &str = "10.231.0.1:5000";
-const HELLO_TEXT: &str = "hello from kiln's airgap bundle\n";
 
 /// One node's namespaces: a network namespace, a process holding a mount namespace the
 /// node's daemons share (their mounts vanish with it), and a cgroup of its own.
@@ -201,24 +203,7 @@ fn bundle(dir: &Path, bins: &KubeBinaries) {
         &dir.join("coredns.tar"),
     )
     .unwrap();
-    write_archive(
-        &OciImage {
-            name: HELLO_IMAGE.into(),
-            files: BTreeMap::from([
-                ("bin/busybox".into(), (read("/bin/busybox"), 0o755)),
-                (
-                    "www/index.html".into(),
-                    (HELLO_TEXT.as_bytes().to_vec(), 0o644),
-                ),
-            ]),
-            entrypoint: ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
-                .map(String::from)
-                .to_vec(),
-            ..OciImage::default()
-        },
-        &dir.join("hello.tar"),
-    )
-    .unwrap();
+    write_archive(&check_image(read("/bin/busybox")), &dir.join("hello.tar")).unwrap();
 }
 
 fn host(dir: &Path, name: &str, ns: &NodeNs, bins: &KubeBinaries, images: &Path) -> Host {
@@ -440,7 +425,7 @@ fn site_mirror(a: &NodeNs, host_a: &Host, dir: &Path) -> Child {
             })
             .unwrap()
     };
-    let out = ctr(&["images", "tag", "--force", HELLO_IMAGE, &pushed]);
+    let out = ctr(&["images", "tag", "--force", CHECK_IMAGE, &pushed]);
     assert!(out.status.success(), "ctr tag: {out:?}");
     // The registry may still be starting.
     for attempt in 1.. {
@@ -641,7 +626,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     let body = curl_from(&a, &format!("http://{cluster_ip}/"));
     assert_eq!(
         String::from_utf8_lossy(&body.stdout),
-        HELLO_TEXT,
+        CHECK_PAGE,
         "the Service at {cluster_ip} did not answer with the page: {}",
         String::from_utf8_lossy(&body.stderr)
     );
@@ -838,7 +823,7 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     let body = curl_from(&a, &format!("http://{pod_ip}:8080/"));
     assert_eq!(
         String::from_utf8_lossy(&body.stdout),
-        HELLO_TEXT,
+        CHECK_PAGE,
         "the worker's pod at {pod_ip} did not answer node A: {}\nnode A's routes: {}",
         String::from_utf8_lossy(&body.stderr),
         a.netns.ip(&["route"]).unwrap_or_default()

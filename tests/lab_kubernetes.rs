@@ -11,7 +11,8 @@
 //! - `kube-b`, a worker, joins with the fleet's bootstrap token, pinning the fleet's CA by its
 //!   hash: its config was written before kube-a ever booted.
 //! - A pod of the bundle's pause image runs on each node, the cluster DNS (the bundle's CoreDNS)
-//!   rolls out, and kube-a's agent routes kube-b's pod network through kube-b.
+//!   rolls out, a pod of the bundle's check workload on kube-b fetches its own page through
+//!   its Service by name, and kube-a's agent routes kube-b's pod network through kube-b.
 //! - From this host, `kiln cluster kubeconfig` fetches the admin kubeconfig from kube-a's agent
 //!   over its network API (a forwarded port; the fleet's admin certificate), and `kiln cluster
 //!   status` with it, through kube-a's forwarded API server port, shows both nodes Ready with
@@ -181,8 +182,8 @@ fn write_node_config(disk: &Path, dir: &Path, node: &Node, probe: &str) -> NodeC
 }
 
 /// The first control plane's probe: once the worker has registered, a pod on each node, the
-/// cluster DNS from the bundle running, and the route its agent sets to the worker's pods (at
-/// its next resync).
+/// cluster DNS from the bundle running, the bundle's check workload on the worker fetched
+/// through its Service by name from a pod, and the route its agent sets to the worker's pods.
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
@@ -195,6 +196,35 @@ $kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeou
 mark pods-running
 $kubectl -n kube-system rollout status deployment/coredns --timeout=600s 2>&1 | say kubectl
 mark dns-running
+cat <<'END' | $kubectl apply -f - 2>&1 | say kubectl
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: hello, namespace: default}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: hello}}}}
+  template:
+    metadata: {{labels: {{app: hello}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {worker}}}
+      containers:
+      - {{name: hello, image: {check}, imagePullPolicy: Never, ports: [{{containerPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hello, namespace: default}}
+spec:
+  selector: {{app: hello}}
+  ports: [{{port: 80, targetPort: 8080}}]
+END
+$kubectl rollout status deployment/hello --timeout=600s 2>&1 | say kubectl
+pod=$($kubectl get pods -l app=hello --field-selector=status.phase=Running -o jsonpath='{{.items[0].metadata.name}}')
+for i in $(seq 30); do
+  $kubectl exec $pod -- /bin/busybox wget -qO- http://hello.default.svc.{domain}/ > /run/kiln-hello 2>&1 && break
+  sleep 2
+done
+say hello < /run/kiln-hello
+mark service-by-name
 for i in $(seq 150); do ip route show {worker_pods} | grep -q via && break; sleep 2; done
 ip route show {worker_pods} | say route
 mark pod-route
@@ -202,6 +232,8 @@ mark pod-route
         init = INIT.name,
         worker = WORKER.name,
         worker_pods = WORKER.pod_cidr,
+        check = kiln_spec::kubernetes::CHECK_IMAGE,
+        domain = "cluster.local",
     )
 }
 
@@ -368,6 +400,13 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
             status.join("\n")
         );
     }
+    // A pod on kube-b fetched the check workload's page through its Service, by name.
+    let hello = prefixed(&lines_a, "kube-a-hello").join("\n");
+    assert_eq!(
+        hello,
+        kiln_spec::kubernetes::CHECK_PAGE.trim_end(),
+        "the check workload by its Service name from a pod"
+    );
     let route = prefixed(&lines_a, "kube-a-route").join("\n");
     assert!(
         route.starts_with(&format!("{} via {} ", WORKER.pod_cidr, WORKER.ip)),
@@ -437,10 +476,10 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         [(INIT.name, true), (WORKER.name, true)],
         "{cluster:#}"
     );
-    // A probe pod on each node, and the cluster DNS on one of them.
+    // A probe pod on each node, the check workload on kube-b and the cluster DNS on one.
     let running: Vec<u64> = nodes.iter().map(|(_, _, r)| *r).collect();
     assert!(
-        running.iter().all(|r| *r >= 1) && running.iter().sum::<u64>() == 3,
+        running.iter().all(|r| *r >= 1) && running.iter().sum::<u64>() == 4,
         "running pods per node {running:?}: {cluster:#}"
     );
 }

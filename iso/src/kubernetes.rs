@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_spec::kubernetes::{BIN_DIR, COREDNS_IMAGE, IMAGES_DIR, PAUSE_IMAGE};
+use kiln_spec::kubernetes::{
+    BIN_DIR, CHECK_IMAGE, CHECK_PAGE, COREDNS_IMAGE, IMAGES_DIR, PAUSE_IMAGE,
+};
 use kiln_spec::manifest::{KubernetesManifest, NodeImage};
 
 use crate::error::BuildError;
@@ -151,6 +153,25 @@ pub fn coredns_image(coredns: Vec<u8>) -> OciImage {
     }
 }
 
+/// kiln's check workload: a static busybox serving one page (see [`CHECK_IMAGE`]).
+pub fn check_image(busybox: Vec<u8>) -> OciImage {
+    OciImage {
+        name: CHECK_IMAGE.into(),
+        files: [
+            ("bin/busybox".to_string(), (busybox, 0o755)),
+            (
+                "www/index.html".to_string(),
+                (CHECK_PAGE.as_bytes().to_vec(), 0o644),
+            ),
+        ]
+        .into(),
+        entrypoint: ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+            .map(String::from)
+            .to_vec(),
+        ..OciImage::default()
+    }
+}
+
 /// Puts the binaries and the airgap bundle into the image tree at `root`; returns what the
 /// manifest records of them.
 pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, BuildError> {
@@ -182,11 +203,16 @@ pub fn install(root: &Path, bins: &KubeBinaries) -> Result<KubernetesManifest, B
         "reading {}",
         bins.coredns.display()
     )))?;
-    let mut node_images = Vec::new();
-    for (image, file) in [
+    let mut bundle = vec![
         (pause_image(pause), "pause.tar"),
         (coredns_image(coredns), "coredns.tar"),
-    ] {
+    ];
+    // busybox-static's, when the spec's packages include it.
+    if let Ok(busybox) = std::fs::read(root.join("bin/busybox")) {
+        bundle.push((check_image(busybox), "hello.tar"));
+    }
+    let mut node_images = Vec::new();
+    for (image, file) in bundle {
         let archive = write_archive(&image, &images.join(file))?;
         node_images.push(NodeImage {
             name: archive.name,
@@ -264,6 +290,13 @@ mod tests {
         assert_eq!(std::fs::read(bin_dir.join("kubelet")).unwrap(), b"kube");
         let names: Vec<&str> = m.images.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, [PAUSE_IMAGE, COREDNS_IMAGE]);
+        // With busybox-static installed, the check workload too.
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/busybox"), b"busybox").unwrap();
+        let with_check = install(&root, &bins).unwrap();
+        assert_eq!(with_check.images.last().unwrap().name, CHECK_IMAGE);
+        std::fs::remove_file(root.join("bin/busybox")).unwrap();
+        std::fs::remove_file(root.join(&with_check.images[2].path[1..])).unwrap();
         for image in &m.images {
             assert!(root.join(&image.path[1..]).exists(), "{}", image.path);
         }

@@ -20,6 +20,11 @@ pub const IMAGES_DIR: &str = "/usr/share/kiln/images";
 pub const PAUSE_IMAGE: &str = "kiln.local/pause:1";
 /// The cluster DNS (kiln's CoreDNS build), run by the first control plane as a Deployment.
 pub const COREDNS_IMAGE: &str = "kiln.local/coredns:1";
+/// kiln's workload for checking a cluster: a web server (busybox httpd) answering
+/// [`CHECK_PAGE`] on port 8080, with busybox's tools (wget, nslookup) to look around from a
+/// pod. In the bundle of images whose packages include busybox-static.
+pub const CHECK_IMAGE: &str = "kiln.local/hello:1";
+pub const CHECK_PAGE: &str = "hello from kiln's airgap bundle\n";
 
 /// Which part the node plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
