@@ -246,6 +246,9 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
     );
     let seats = cluster::seats(&l.appliance, &l.inventory)
         .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the cluster: {e}"))?;
+    for warning in cluster::seat_warnings(&seats) {
+        eprintln!("warning: {warning}");
+    }
     let rt = super::runtime()?;
     let probes = rt.block_on(async {
         let tasks: Vec<_> = nodes

@@ -286,6 +286,13 @@ pub enum Seat {
 }
 
 impl Seat {
+    pub fn role(&self) -> KubeRole {
+        match self {
+            Seat::Derived { role, .. } => *role,
+            Seat::Written(k) => k.role,
+        }
+    }
+
     /// One line for `kiln fleet plan`.
     pub fn describe(&self) -> String {
         let role = |r: KubeRole| match r {
@@ -401,6 +408,22 @@ pub fn seats(
         );
     }
     errs.into_result().map(|()| out)
+}
+
+/// What the seats leave to be said: etcd with two members has no quorum when either stops.
+pub fn seat_warnings(seats: &BTreeMap<String, Seat>) -> Vec<String> {
+    let control_planes = seats
+        .values()
+        .filter(|s| s.role().is_control_plane())
+        .count();
+    if control_planes == 2 {
+        vec![
+            "two control planes: etcd with two members stops when either of them stops; run one or three"
+                .into(),
+        ]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Each inventory node's part in the cluster ([`seats`]), with the fleet's credentials: the
@@ -594,6 +617,7 @@ spec:
             assert_eq!(k.cluster_cidr, "10.60.0.0/16");
         }
         assert_eq!(m["w-1"].labels["rack"], "r1");
+        assert!(seat_warnings(&seats(&appliance("kubernetes"), &inventory).unwrap()).is_empty());
         // Further control-plane nodes join etcd, with every key the control planes share.
         let two = Inventory::from_yaml(&INVENTORY.replace("role: storage", "role: control-plane"))
             .unwrap();
@@ -607,6 +631,8 @@ spec:
             Some(&s.service_account_key)
         );
         assert!(joined["w-1"].etcd_ca.is_none() && joined["w-1"].service_account_key.is_none());
+        let warned = seat_warnings(&seats(&appliance("kubernetes"), &two).unwrap());
+        assert!(warned[0].starts_with("two control planes"), "{warned:?}");
         let seats = seats(&appliance("kubernetes"), &inventory).unwrap();
         assert_eq!(
             seats["cp-1"].describe(),
