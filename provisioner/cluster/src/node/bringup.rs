@@ -60,11 +60,15 @@ pub enum BringupError {
         "the config's ca is not the CA of the cluster at {server} (its pin names another): refusing to join with it"
     )]
     NotTheClustersCa { server: String },
-    #[error(transparent)]
-    EtcdJoin(#[from] super::etcd::EtcdJoinError),
+    #[error("asking the etcd member at {endpoint} to add this node: {reason}")]
+    EtcdMember { endpoint: String, reason: String },
+    #[error(
+        "etcd already has a started member at {peer} but this node has no etcd data: remove that member (etcdctl member remove) before this node joins again"
+    )]
+    StaleEtcdMember { peer: String },
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
+pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BringupError {
     let what = what.into();
     move |source| BringupError::Io { what, source }
 }

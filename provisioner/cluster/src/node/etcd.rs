@@ -9,29 +9,12 @@ use kiln_spec::errors::error_chain;
 use kiln_spec::kubernetes::KubernetesNode;
 use serde_json::{Value, json};
 
+use super::bringup::{BringupError, io};
 use super::{ETCD_CLIENT_PORT, Host, api_server_url, etcd_peer_url, paths};
 use crate::pki::{Ca, Leaf, Usage};
 
 /// Where the `--initial-cluster` this member joined with is kept.
 pub const INITIAL_CLUSTER: &str = "etc/kubernetes/pki/etcd/initial-cluster";
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdJoinError {
-    #[error("asking the etcd member at {endpoint} to add this node: {reason}")]
-    Member { endpoint: String, reason: String },
-    #[error(
-        "etcd already has a started member at {peer} but this node has no etcd data: remove that member (etcdctl member remove) before this node joins again"
-    )]
-    StaleMember { peer: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
-}
 
 /// One member as the JSON gateway lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,14 +76,14 @@ pub async fn join(
     node: &KubernetesNode,
     host: &Host,
     etcd_ca: &Ca,
-) -> Result<String, EtcdJoinError> {
+) -> Result<String, BringupError> {
     let kept = host.path(INITIAL_CLUSTER);
     let has_data = host.path(paths::ETCD_DATA).join("member").exists();
     if has_data && let Ok(cluster) = std::fs::read_to_string(&kept) {
         return Ok(cluster.trim().to_string());
     }
     let endpoint = endpoint(node);
-    let failed = |reason: String| EtcdJoinError::Member {
+    let failed = |reason: String| BringupError::EtcdMember {
         endpoint: endpoint.clone(),
         reason,
     };
@@ -150,7 +133,7 @@ pub async fn join(
     let members = match listed.iter().find(|m| m.peer_urls.contains(&own_peer)) {
         // Added by an earlier attempt that never started etcd: start as that member.
         Some(m) if m.name.is_empty() => listed,
-        Some(_) => return Err(EtcdJoinError::StaleMember { peer: own_peer }),
+        Some(_) => return Err(BringupError::StaleEtcdMember { peer: own_peer }),
         None => members(
             &call(
                 "/v3/cluster/member/add",
@@ -161,12 +144,8 @@ pub async fn join(
         ),
     };
     let cluster = initial_cluster(&members, &host.node_name, &own_peer);
-    super::write_file(&host.root, INITIAL_CLUSTER, cluster.as_bytes(), 0o644).map_err(
-        |source| EtcdJoinError::Io {
-            what: format!("writing {}", kept.display()),
-            source,
-        },
-    )?;
+    super::write_file(&host.root, INITIAL_CLUSTER, cluster.as_bytes(), 0o644)
+        .map_err(io(format!("writing {}", kept.display())))?;
     Ok(cluster)
 }
 
