@@ -26,6 +26,9 @@ packages=(
   docker-registry
   # disk safety tests: real signatures made by the real tools (and libblkid to read them)
   util-linux cryptsetup-bin xfsprogs btrfs-progs bcache-tools ntfs-3g ceph-osd
+  # the native Ceph node, run for real by tests/ceph_node.rs (ceph-volume needs udevadm;
+  # QEMU opens RBD images through qemu-block-extra)
+  ceph-mon ceph-mgr udev qemu-block-extra
 )
 
 sudo_cmd=()
@@ -40,5 +43,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # The peers' own services are not wanted: tests and benches start them when they need them.
-  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd docker-registry >/dev/null 2>&1 || true
+  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd docker-registry ceph.target >/dev/null 2>&1 || true
 fi

@@ -14,6 +14,7 @@ step "installing test dependencies"
 scripts/install-deps.sh
 scripts/redfish-sim.sh --install
 scripts/kube-fixtures.sh
+scripts/guest-kernel.sh
 
 step "formatting and lints"
 cargo fmt --all -- --check

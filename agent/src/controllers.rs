@@ -10,6 +10,7 @@ use kiln_spec::{NodeConfig, NodeSpec, SpecError, ValidationErrors};
 use tokio::sync::broadcast;
 
 use crate::apply::{self, StateStore};
+use crate::ceph::CephState;
 use crate::desired::{self, Desired};
 use crate::engine::{Controller, Ctx, ReconcileError, Resource};
 use crate::host::Host;
@@ -292,6 +293,7 @@ impl Controller for HostController {
             ConfigState::KIND,
             RenderState::KIND,
             KubernetesState::KIND,
+            CephState::KIND,
         ]
     }
     fn outputs(&self) -> Vec<&'static str> {
@@ -331,6 +333,12 @@ impl Controller for HostController {
                 .conditions
                 .push(cond("KubernetesReady", k.ready, &k.reason, &k.message));
             status.kubernetes = Some(k.report);
+        }
+        if let Some(c) = ctx.get::<CephState>(ID)? {
+            status
+                .conditions
+                .push(cond("CephHealthy", c.healthy, &c.reason, &c.message));
+            status.ceph = Some(c.report);
         }
         self.publish(ctx, status)?;
         if outcome.failed.is_empty() && outcome.remaining.is_empty() {
@@ -522,6 +530,7 @@ impl HostController {
             config,
             conditions: vec![],
             kubernetes: None,
+            ceph: None,
             resources: vec![],
             last_apply: self.last_apply.clone(),
             drift_repairs: self.drift_repairs,
@@ -676,7 +685,7 @@ fn build_status(
     }
     if !desired.data_disks.is_empty() {
         let missing: Vec<&String> = actual
-            .part_labels
+            .data_disks
             .iter()
             .filter(|(_, ok)| !**ok)
             .map(|(l, _)| l)

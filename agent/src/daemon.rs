@@ -2,12 +2,13 @@
 //! speaks the systemd notification protocol.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{self, ApiState};
 use crate::apply::StateStore;
+use crate::ceph::{CephController, CephHostFor};
 use crate::controllers::{
     ConfigController, HostController, INSTALLED_CONFIG, OVERRIDE_CONFIG, RenderController, Shared,
     Sources,
@@ -20,6 +21,7 @@ use crate::notify;
 use crate::remote::{self, RemoteApiController};
 use crate::status::Event;
 use crate::sysroot::Sysroot;
+use kiln_cluster::ceph::bootstrap::CephHost;
 use kiln_cluster::node::bringup::{Processes, Supervisor};
 use kiln_cluster::node::systemd::Systemd;
 
@@ -73,46 +75,63 @@ pub fn agent_runtime(
     rt.set_observer(Box::new(EngineMetrics(shared.clone())));
     let kubernetes = KubernetesController::new(
         kubernetes_host(host.sysroot.root().to_path_buf()),
-        Box::new(kubernetes_supervisor),
+        Box::new(|h: &kiln_cluster::node::Host| {
+            node_supervisor(&h.root, &h.path(kiln_cluster::node::paths::LOGS))
+        }),
         rt.trigger(),
     )
     .map_err(io("starting the Kubernetes controller's runtime"))?;
     rt.register(Box::new(ConfigController { sources }))?;
     rt.register(Box::new(RenderController))?;
     rt.register(Box::new(kubernetes))?;
+    rt.register(Box::new(CephController::new(
+        ceph_host(host.sysroot.root().to_path_buf()),
+        Box::new(|h: &CephHost| {
+            node_supervisor(&h.root, &h.root.join(kiln_cluster::node::paths::LOGS))
+        }),
+        rt.trigger(),
+    )))?;
     rt.register(Box::new(RemoteApiController { wanted: remote_api }))?;
     rt.register(Box::new(HostController::new(host, shared, slot, recovered)))?;
     Ok(rt)
 }
 
-/// The appliance's Kubernetes paths below the agent's root; the node is named by the node
-/// config's host name, else the running one.
+/// The node's name: the node config's host name, else the running one.
+fn node_name(root: &Path, spec: &kiln_spec::NodeSpec) -> String {
+    spec.hostname
+        .clone()
+        .or_else(|| Host::real(root).hostname())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The appliance's Kubernetes paths below the agent's root.
 fn kubernetes_host(root: PathBuf) -> HostFor {
-    Box::new(move |spec| {
-        let name = spec
-            .hostname
-            .clone()
-            .or_else(|| Host::real(&root).hostname())
-            .unwrap_or_else(|| "localhost".into());
-        kiln_cluster::node::Host {
-            root: root.clone(),
-            ..kiln_cluster::node::Host::appliance(&name)
-        }
+    Box::new(move |spec| kiln_cluster::node::Host {
+        root: root.clone(),
+        ..kiln_cluster::node::Host::appliance(&node_name(&root, spec))
+    })
+}
+
+/// The appliance's Ceph paths below the agent's root.
+fn ceph_host(root: PathBuf) -> CephHostFor {
+    Box::new(move |spec| CephHost {
+        root: root.clone(),
+        ..CephHost::appliance(&node_name(&root, spec))
     })
 }
 
 /// systemd units on a node booted with systemd; child processes of the agent elsewhere (they
 /// stop with it).
-fn kubernetes_supervisor(host: &kiln_cluster::node::Host) -> Box<dyn Supervisor> {
-    if host.root == std::path::Path::new("/") && Systemd::booted() {
+fn node_supervisor(root: &Path, log_dir: &Path) -> Box<dyn Supervisor> {
+    if root == Path::new("/") && Systemd::booted() {
         Box::new(Systemd::new())
     } else {
-        Box::new(Processes::new(
-            host.path(kiln_cluster::node::paths::LOGS),
-            vec![],
-        ))
+        Box::new(Processes::new(log_dir.to_path_buf(), vec![]))
     }
 }
+
+/// How long the ready announcement waits for the remote API's listener.
+const REMOTE_API_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
@@ -197,20 +216,6 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .map_err(io("starting the engine thread"))?
     };
 
-    let hostname = shared
-        .status
-        .read()
-        .ok()
-        .and_then(|s| s.hostname.clone())
-        .unwrap_or_else(|| "localhost".into());
-    announce_ready(&sysroot, &hostname, &slot);
-    if let Some(enrolment) = crate::enrolment::load(&sysroot) {
-        let slot = slot.clone();
-        let _ = std::thread::Builder::new()
-            .name("kiln-ready-report".into())
-            .spawn(move || crate::enrolment::report_ready(enrolment, slot));
-    }
-
     let state = Arc::new(ApiState {
         shared: shared.clone(),
         trigger: trigger.clone(),
@@ -231,11 +236,34 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 hup_trigger.wake("config");
             }
         });
+        let (serving, mut remote_served) = tokio::sync::watch::channel(false);
         tokio::spawn(remote::serve(
             wanted_remote_api,
             api::router(state.clone()),
             shared.clone(),
+            serving,
         ));
+        // Ready means reachable: an administrator told so can ask the agent over the network
+        // at once. An address that does not come up holds the announcement back no longer
+        // than this (the event stream says why).
+        let _ = tokio::time::timeout(
+            REMOTE_API_WAIT,
+            remote_served.wait_for(|served| *served),
+        )
+        .await;
+        let hostname = shared
+            .status
+            .read()
+            .ok()
+            .and_then(|s| s.hostname.clone())
+            .unwrap_or_else(|| "localhost".into());
+        announce_ready(&sysroot, &hostname, &slot);
+        if let Some(enrolment) = crate::enrolment::load(&sysroot) {
+            let slot = slot.clone();
+            let _ = std::thread::Builder::new()
+                .name("kiln-ready-report".into())
+                .spawn(move || crate::enrolment::report_ready(enrolment, slot));
+        }
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(async {
                 let mut term =

@@ -25,6 +25,7 @@ pub struct Desired {
     /// Arguments the next boot's kernel command line must carry.
     pub kernel_args: Vec<String>,
     pub kvm: bool,
+    /// The data disks' device paths.
     pub data_disks: Vec<String>,
 }
 
@@ -79,7 +80,7 @@ pub fn render(spec: &NodeSpec) -> Result<Desired, ValidationErrors> {
     r.d.data_disks = spec
         .data_disks
         .iter()
-        .map(|x| x.part_label.clone())
+        .map(kiln_spec::nodeconfig::DataDisk::path)
         .collect();
     r.listed(spec)
 }

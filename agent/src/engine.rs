@@ -229,6 +229,66 @@ impl Trigger {
     }
 }
 
+/// Work too long for a reconcile (a bring-up, a slow probe) on a thread of its own. It wakes
+/// `controller` at each step it reports and once its result is ready; the controller takes the
+/// result in a later reconcile, so the engine stays free for the others meanwhile.
+pub struct Background<T> {
+    step: std::sync::Arc<std::sync::Mutex<String>>,
+    result: mpsc::Receiver<T>,
+}
+
+impl<T> fmt::Debug for Background<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Background")
+            .field(
+                "step",
+                &self.step.lock().map(|s| s.clone()).unwrap_or_default(),
+            )
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Background<T> {
+    pub fn spawn(
+        controller: &'static str,
+        trigger: Trigger,
+        work: impl FnOnce(&(dyn Fn(&str) + Sync)) -> T + Send + 'static,
+    ) -> Background<T> {
+        let step = std::sync::Arc::new(std::sync::Mutex::new("starting".to_string()));
+        let seen = step.clone();
+        let (tx, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let progress = |s: &str| {
+                tracing::info!("{controller}: {s}");
+                if let Ok(mut step) = seen.lock() {
+                    *step = s.to_string();
+                }
+                trigger.wake(controller);
+            };
+            // The result is there before the wake-up, so the reconcile it causes finds it.
+            let _ = tx.send(work(&progress));
+            trigger.wake(controller);
+        });
+        Background { step, result }
+    }
+
+    /// The last step the work reported.
+    pub fn step(&self) -> String {
+        self.step.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The work's result once it is ready (then never again); `None` while it runs.
+    pub fn take(&mut self) -> Option<Result<T, ReconcileError>> {
+        match self.result.try_recv() {
+            Ok(out) => Some(Ok(out)),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Some(Err("a background thread ended without a result".into()))
+            }
+        }
+    }
+}
+
 struct Slot {
     controller: Box<dyn Controller>,
     inputs: Vec<&'static str>,

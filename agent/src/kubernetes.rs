@@ -12,7 +12,6 @@
 //! its backoff. A changed `spec.kubernetes` brings the node up again: files are rewritten and
 //! services whose command line changed restart; existing certificates are kept.
 
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kiln_cluster::node::bringup::{self, Supervisor};
@@ -22,7 +21,7 @@ use kiln_spec::NodeSpec;
 use kiln_spec::kubernetes::KubernetesNode;
 
 use crate::controllers::{ID, MergedConfig};
-use crate::engine::{Controller, Ctx, ReconcileError, Resource, Trigger};
+use crate::engine::{Background, Controller, Ctx, ReconcileError, Resource, Trigger};
 use crate::status::KubernetesReport;
 
 pub const NAME: &str = "kubernetes";
@@ -50,10 +49,7 @@ pub type SupervisorFor = Box<dyn Fn(&Host) -> Box<dyn Supervisor> + Send>;
 type Finished = (Box<dyn Supervisor>, Result<String, String>);
 
 enum Job {
-    Running {
-        step: Arc<Mutex<String>>,
-        handle: JoinHandle<Finished>,
-    },
+    Running(Background<Finished>),
     Up {
         supervisor: Box<dyn Supervisor>,
         ca_cert_hash: String,
@@ -159,34 +155,28 @@ impl KubernetesController {
         supervisor: Option<Box<dyn Supervisor>>,
     ) -> Job {
         let mut supervisor = supervisor.unwrap_or_else(|| (self.supervisor_for)(&host));
-        let step = Arc::new(Mutex::new("starting".to_string()));
-        let (node, seen, trigger) = (node.clone(), step.clone(), self.trigger.clone());
-        let handle = std::thread::spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| {
-                    let progress = |s: &str| {
-                        tracing::info!("kubernetes: {s}");
-                        if let Ok(mut step) = seen.lock() {
-                            *step = s.to_string();
-                        }
-                        trigger.wake(NAME);
-                    };
-                    rt.block_on(bringup::bring_up(
-                        &node,
-                        &host,
-                        supervisor.as_mut(),
-                        &progress,
-                    ))
-                    .map(|outcome| outcome.ca_cert_hash)
+        let node = node.clone();
+        Job::Running(Background::spawn(
+            NAME,
+            self.trigger.clone(),
+            move |progress| {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
                     .map_err(|e| e.to_string())
-                });
-            trigger.wake(NAME);
-            (supervisor, result)
-        });
-        Job::Running { step, handle }
+                    .and_then(|rt| {
+                        rt.block_on(bringup::bring_up(
+                            &node,
+                            &host,
+                            supervisor.as_mut(),
+                            progress,
+                        ))
+                        .map(|outcome| outcome.ca_cert_hash)
+                        .map_err(|e| e.to_string())
+                    });
+                (supervisor, result)
+            },
+        ))
     }
 }
 
@@ -264,7 +254,7 @@ impl Controller for KubernetesController {
             }
             Some(
                 c @ Current {
-                    job: Job::Running { .. },
+                    job: Job::Running(_),
                     ..
                 },
             ) => c,
@@ -293,20 +283,14 @@ impl Controller for KubernetesController {
             job,
         } = current;
         let (job, s) = match job {
-            Job::Running { step, handle } => {
-                let s = state(
-                    &node,
-                    None,
-                    false,
-                    "BringingUp",
-                    step.lock().map(|s| s.clone()).unwrap_or_default(),
-                );
-                (Job::Running { step, handle }, s)
+            Job::Running(job) => {
+                let s = state(&node, None, false, "BringingUp", job.step());
+                (Job::Running(job), s)
             }
             Job::Up {
                 mut supervisor,
                 ca_cert_hash,
-            } => match supervisor.check() {
+            } => match supervisor.check(None) {
                 // The next reconcile (the engine's retry) brings the node up again, which
                 // starts what stopped and leaves what runs alone.
                 Err(e) => {
@@ -396,22 +380,23 @@ impl Controller for KubernetesController {
 /// A finished bring-up's outcome; a running one as it is.
 fn collect(job: Job) -> Result<Job, ReconcileError> {
     match job {
-        Job::Running { handle, .. } if handle.is_finished() => {
-            let (supervisor, result) = handle
-                .join()
-                .map_err(|_| "the Kubernetes bring-up thread panicked")?;
-            Ok(match result {
-                Ok(ca_cert_hash) => Job::Up {
-                    supervisor,
-                    ca_cert_hash,
-                },
-                Err(error) => Job::Failed {
-                    supervisor,
-                    error,
-                    reported: false,
-                },
-            })
-        }
+        Job::Running(mut running) => Ok(match running.take() {
+            None => Job::Running(running),
+            Some(done) => {
+                let (supervisor, result) = done?;
+                match result {
+                    Ok(ca_cert_hash) => Job::Up {
+                        supervisor,
+                        ca_cert_hash,
+                    },
+                    Err(error) => Job::Failed {
+                        supervisor,
+                        error,
+                        reported: false,
+                    },
+                }
+            }
+        }),
         job => Ok(job),
     }
 }

@@ -5,10 +5,11 @@
 //! - [`desired`] → [`plan`] → [`apply`]: NodeConfig to host resources, the diff against the
 //!   host, and the crash-safe apply (journal, record of managed resources, atomic writes).
 //! - [`host`] and [`sysroot`]: every host access under one root, behind small traits.
-//! - [`controllers`], [`kubernetes`], [`watch`], [`api`], [`daemon`]: the running agent.
+//! - [`controllers`], [`kubernetes`], [`ceph`], [`watch`], [`api`], [`daemon`]: the running agent.
 
 pub mod api;
 pub mod apply;
+pub mod ceph;
 pub mod controllers;
 pub mod daemon;
 pub mod desired;

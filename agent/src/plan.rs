@@ -82,7 +82,8 @@ pub struct Actual {
     pub hostname: Option<String>,
     pub cmdline: String,
     pub kvm_device: bool,
-    pub part_labels: BTreeMap<String, bool>,
+    /// Each data disk's path and whether it exists.
+    pub data_disks: BTreeMap<String, bool>,
 }
 
 /// One step of an apply. File contents come from the desired state at apply time.
@@ -277,11 +278,9 @@ pub fn observe_cached(
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     a.kvm_device = root.stat("/dev/kvm")?.is_some();
-    for l in &desired.data_disks {
-        a.part_labels.insert(
-            l.clone(),
-            root.stat(&format!("/dev/disk/by-partlabel/{l}"))?.is_some(),
-        );
+    for path in &desired.data_disks {
+        a.data_disks
+            .insert(path.clone(), root.stat(path)?.is_some());
     }
     Ok(a)
 }

@@ -163,18 +163,24 @@ async fn listen(api: &RemoteApi) -> Result<TlsListener, RemoteApiError> {
 }
 
 /// Serves `router` on the listener `wanted` names, until `wanted`'s sender goes away; a
-/// listener that cannot be bound (the address is not up yet) is tried again.
+/// listener that cannot be bound (the address is not up yet) is tried again. `serving` turns
+/// true once what `wanted` names is served (at once when it names nothing).
 pub async fn serve(
     mut wanted: watch::Receiver<Option<RemoteApi>>,
     router: Router,
     shared: Arc<Shared>,
+    serving: watch::Sender<bool>,
 ) {
     loop {
         let api = wanted.borrow_and_update().clone();
         let server = match &api {
-            None => None,
+            None => {
+                serving.send_replace(true);
+                None
+            }
             Some(api) => match listen(api).await {
                 Ok(listener) => {
+                    serving.send_replace(true);
                     shared.emit(Event::new(
                         "remote-api",
                         format!("serving the agent API on {}", listener.local),

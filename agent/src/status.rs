@@ -15,6 +15,9 @@ pub struct NodeStatus {
     /// The node's part in its Kubernetes cluster, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesReport>,
+    /// The node's part in its Ceph cluster, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephReport>,
     pub resources: Vec<ResourceStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply: Option<ApplyReport>,
@@ -65,6 +68,32 @@ pub struct KubernetesReport {
     pub api_server: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_hash: Option<String>,
+}
+
+/// The node's Ceph part: the cluster it belongs to, what became of each data disk, and the
+/// cluster's health as last read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CephReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsid: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DataDiskReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<kiln_cluster::ceph::CephStatus>,
+    /// What the spec asks for that costs safety (pools of one copy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataDiskReport {
+    pub disk: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub osd: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl NodeStatus {

@@ -150,7 +150,7 @@ fn converges_from_empty_and_a_second_apply_changes_nothing() {
     assert!(!condition(&s, "KvmReady"), "the tree has no /dev/kvm");
     assert_eq!(
         s.condition("DataDisksPresent").unwrap().message,
-        "KILN_DATA"
+        "/dev/disk/by-partlabel/KILN_DATA"
     );
     assert_eq!(a.read("/proc/sys/vm/nr_hugepages").as_deref(), Some("8\n"));
     assert!(

@@ -5,6 +5,7 @@
 
 pub mod appliance;
 pub mod bootargs;
+pub mod ceph;
 mod check;
 pub mod document;
 pub mod enrol;

@@ -59,12 +59,16 @@ pub struct NodeSpec {
     pub kernel_args: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtualization: Option<Virtualization>,
-    /// Partitions (by GPT name) kept for data: Ceph OSDs or VM disks; nothing else may use them.
+    /// Partitions (by GPT name) or whole disks kept for data: Ceph OSDs or VM disks; nothing
+    /// else may use them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DataDisk>,
     /// The node's part in the Kubernetes cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesNode>,
+    /// The node's part in the Ceph cluster: its data disks of usage `ceph-osd` become OSDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<crate::ceph::CephNode>,
     /// The agent's network API for administrators on other hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_api: Option<crate::remote::RemoteApi>,
@@ -162,10 +166,25 @@ pub struct Virtualization {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DataDisk {
-    /// GPT partition name, e.g. `KILN_DATA`.
-    pub part_label: String,
+    /// GPT partition name, e.g. `KILN_DATA`; or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_label: Option<String>,
+    /// a whole disk by a stable path (`/dev/disk/by-id/…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     #[serde(default)]
     pub usage: DataUsage,
+}
+
+impl DataDisk {
+    /// The block device's path on the node.
+    pub fn path(&self) -> String {
+        match (&self.part_label, &self.device) {
+            (Some(l), _) => format!("/dev/disk/by-partlabel/{l}"),
+            (None, Some(d)) => d.clone(),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -347,23 +366,45 @@ impl NodeSpec {
         if let Some(r) = &self.remote_api {
             r.validate_into(&format!("{at}.remoteApi"), errs);
         }
-        let mut labels = BTreeSet::new();
+        let mut paths = BTreeSet::new();
         for (i, d) in self.data_disks.iter().enumerate() {
-            let p = format!("{at}.dataDisks[{i}].partLabel");
-            if d.part_label.is_empty() || d.part_label.len() > 36 || !is_file_name(&d.part_label) {
-                errs.push(
-                    p.clone(),
-                    "must be a GPT partition name (1 to 36 characters, no '/')",
-                );
-            } else if d.part_label.starts_with("KILN_") && d.part_label != "KILN_DATA" {
-                errs.push(
-                    p.clone(),
-                    "the system partitions (KILN_A, KILN_B, KILN_STATE) cannot hold data",
-                );
+            let at_disk = format!("{at}.dataDisks[{i}]");
+            match (&d.part_label, &d.device) {
+                (Some(l), None) => {
+                    let p = format!("{at_disk}.partLabel");
+                    if l.is_empty() || l.len() > 36 || !is_file_name(l) {
+                        errs.push(
+                            p,
+                            "must be a GPT partition name (1 to 36 characters, no '/')",
+                        );
+                    } else if l.starts_with("KILN_") && l != "KILN_DATA" {
+                        errs.push(
+                            p,
+                            "the system partitions (KILN_A, KILN_B, KILN_STATE) cannot hold data",
+                        );
+                    }
+                }
+                (None, Some(dev)) => {
+                    if !dev.starts_with("/dev/")
+                        || dev.contains("..")
+                        || dev.contains(char::is_whitespace)
+                    {
+                        errs.push(format!("{at_disk}.device"), "must be a path below /dev/");
+                    }
+                }
+                _ => errs.push(at_disk.clone(), "give exactly one of partLabel and device"),
             }
-            if !labels.insert(&d.part_label) {
-                errs.push(p, "listed twice");
+            if !paths.insert(d.path()) {
+                errs.push(at_disk, "listed twice");
             }
+        }
+        if let Some(c) = &self.ceph {
+            let osds = self
+                .data_disks
+                .iter()
+                .filter(|d| d.usage == DataUsage::CephOsd)
+                .count();
+            c.validate_into(&format!("{at}.ceph"), osds, errs);
         }
     }
 }
@@ -457,9 +498,12 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
         if s.virtualization.is_some() {
             out.virtualization.clone_from(&s.virtualization);
         }
-        merge_keyed(&mut out.data_disks, &s.data_disks, |d| d.part_label.clone());
+        merge_keyed(&mut out.data_disks, &s.data_disks, DataDisk::path);
         if s.kubernetes.is_some() {
             out.kubernetes.clone_from(&s.kubernetes);
+        }
+        if s.ceph.is_some() {
+            out.ceph.clone_from(&s.ceph);
         }
         if s.remote_api.is_some() {
             out.remote_api.clone_from(&s.remote_api);
@@ -627,6 +671,85 @@ spec:
                 "spec.units[0].name",
                 "spec.network.vlans[0].id",
                 "spec.network.vlans[0].addresses[0]",
+            ]
+        );
+    }
+
+    const CEPH: &str = "  ceph:
+    monitorAddress: 10.0.10.5
+    publicNetwork: 10.0.10.0/24
+    pools: [{name: rbd, size: 1, pgNum: 8}]
+";
+
+    #[test]
+    fn a_ceph_node_and_its_warnings() {
+        let c = NodeConfig::from_yaml(&format!("{GOOD}{CEPH}")).unwrap();
+        let ceph = c.spec.ceph.unwrap();
+        assert_eq!(ceph.pools[0].application, "rbd");
+        assert_eq!(ceph.warnings().len(), 1, "a pool of one copy is said so");
+        let default = NodeConfig::from_yaml(&format!(
+            "{GOOD}  ceph: {{monitorAddress: 10.0.10.5, publicNetwork: 10.0.10.0/24}}\n"
+        ));
+        // The default pool keeps 3 copies: one data disk cannot hold them.
+        let Err(SpecError::Invalid { errors, .. }) = default else {
+            panic!("expected validation errors")
+        };
+        assert_eq!(errors.0[0].path, "spec.ceph.pools[0].size");
+    }
+
+    #[test]
+    fn ceph_and_data_disk_errors_are_all_reported() {
+        let bad = format!("{GOOD}{CEPH}")
+            .replace(
+                "dataDisks: [{partLabel: KILN_DATA}]",
+                "dataDisks: [{partLabel: KILN_DATA, device: /dev/sdb}, {device: sdc}, {}]",
+            )
+            .replace(
+                "monitorAddress: 10.0.10.5",
+                "monitorAddress: 10.9.9.9\n    fsid: nope",
+            )
+            .replace(
+                "{name: rbd, size: 1, pgNum: 8}",
+                "{name: .rbd, size: 0, pgNum: 12, application: nfs}",
+            );
+        let Err(SpecError::Invalid { errors, .. }) = NodeConfig::from_yaml(&bad) else {
+            panic!("expected validation errors")
+        };
+        let found: Vec<(&str, &str)> = errors
+            .0
+            .iter()
+            .map(|e| (e.path.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "spec.dataDisks[0]",
+                    "give exactly one of partLabel and device"
+                ),
+                ("spec.dataDisks[1].device", "must be a path below /dev/"),
+                (
+                    "spec.dataDisks[2]",
+                    "give exactly one of partLabel and device"
+                ),
+                ("spec.ceph.fsid", "\"nope\" is not a UUID"),
+                (
+                    "spec.ceph.monitorAddress",
+                    "10.9.9.9 is outside publicNetwork 10.0.10.0/24"
+                ),
+                (
+                    "spec.ceph.pools[0].name",
+                    "must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+                ),
+                ("spec.ceph.pools[0].size", "must be 1 to 10"),
+                (
+                    "spec.ceph.pools[0].pgNum",
+                    "must be a power of two up to 32768"
+                ),
+                (
+                    "spec.ceph.pools[0].application",
+                    "\"nfs\" is not one of rbd, cephfs, rgw"
+                ),
             ]
         );
     }

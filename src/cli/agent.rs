@@ -205,6 +205,28 @@ fn status_text(s: &NodeStatus) -> String {
             k.ca_cert_hash.as_deref().unwrap_or("(not yet known)")
         );
     }
+    if let Some(c) = &s.ceph {
+        let _ = writeln!(
+            o,
+            "ceph: cluster {}  {}",
+            c.fsid.as_deref().unwrap_or("(not yet made)"),
+            c.status
+                .as_ref()
+                .map(|st| st.summary())
+                .unwrap_or_else(|| "(health not yet read)".into())
+        );
+        for d in &c.disks {
+            let what = match (d.osd, &d.error) {
+                (Some(id), _) => format!("osd.{id}"),
+                (None, Some(e)) => format!("no OSD: {e}"),
+                (None, None) => "no OSD".into(),
+            };
+            let _ = writeln!(o, "  {}: {what}", d.disk);
+        }
+        for w in &c.warnings {
+            let _ = writeln!(o, "  warning: {w}");
+        }
+    }
     let _ = writeln!(
         o,
         "\n{:<18} {:<7} {:<20} MESSAGE",

@@ -76,6 +76,10 @@ pub struct BootstrapArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub kube: KubeArgs,
+    /// Also read the Ceph cluster's health and placement groups with this command, e.g.
+    /// "ceph" on a node with the admin keyring
+    #[arg(long, value_name = "COMMAND")]
+    pub ceph_command: Option<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -125,6 +129,10 @@ pub struct EnterArgs {
     /// Give up after this long (run again to resume)
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = super::parse_duration)]
     pub timeout: Duration,
+    /// Go ahead when Ceph says the node's OSDs cannot stop without data becoming unavailable
+    /// (one node, or a pool of one copy)
+    #[arg(long)]
+    pub allow_storage_outage: bool,
     #[command(flatten)]
     pub ceph: CephArgs,
     #[command(flatten)]
@@ -146,9 +154,17 @@ pub fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             ClusterCmd::Kubeconfig(a) => run_kubeconfig(a).await,
             ClusterCmd::Status(a) => {
                 let client = a.kube.client().await?;
-                let st = status::fetch(&client)
+                let mut st = status::fetch(&client)
                     .await
                     .context("reading cluster status")?;
+                if let Some(command) = &a.ceph_command {
+                    let cli = CephCli::new(command)?;
+                    st.ceph = Some(
+                        tokio::task::spawn_blocking(move || cli.status())
+                            .await?
+                            .context("reading Ceph's status")?,
+                    );
+                }
                 a.output.emit(&st, status::ClusterStatus::render)
             }
         }
@@ -241,6 +257,7 @@ pub fn run_node(cmd: NodeClusterCmd) -> anyhow::Result<()> {
                 let opts = EnterOptions {
                     dry_run: a.dry_run,
                     timeout: a.timeout,
+                    allow_storage_outage: a.allow_storage_outage,
                 };
                 let report = maintenance::enter(&client, &a.target.node, &ceph, &opts).await?;
                 a.output.emit(&report, |r| {

@@ -81,6 +81,15 @@ impl Vm {
 
     /// Sends one QMP command (after the capabilities handshake) and returns its `return` value.
     pub fn qmp(&self, command: &str) -> Result<serde_json::Value, QemuError> {
+        self.qmp_with(command, serde_json::Value::Null)
+    }
+
+    /// [`Vm::qmp`] with arguments (`null` for none).
+    pub fn qmp_with(
+        &self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, QemuError> {
         let fail = |reason: String| QemuError::Qmp {
             vm: self.name.clone(),
             command: command.to_string(),
@@ -120,8 +129,11 @@ impl Vm {
             };
         read_reply(&mut reader)?;
         for cmd in ["qmp_capabilities", command] {
-            writeln!(writer, "{}", serde_json::json!({ "execute": cmd }))
-                .map_err(|e| fail(e.to_string()))?;
+            let mut request = serde_json::json!({ "execute": cmd });
+            if cmd == command && !arguments.is_null() {
+                request["arguments"] = arguments.clone();
+            }
+            writeln!(writer, "{request}").map_err(|e| fail(e.to_string()))?;
             let reply = read_reply(&mut reader)?;
             if cmd == command {
                 return Ok(reply);

@@ -40,6 +40,9 @@ pub enum Error {
     },
     #[error("ceph admin command `{command}`: {reason}")]
     Ceph { command: String, reason: String },
+    /// A node service that would not start or stopped (boxed: bring-up errors hold these).
+    #[error(transparent)]
+    Service(Box<crate::node::bringup::BringupError>),
 }
 
 /// One file whose content does not match the sha256 the lock file pins.
@@ -57,6 +60,12 @@ impl std::fmt::Display for ChecksumMismatch {
             "{}: sha256 {} does not match the pinned {}",
             self.path, self.actual, self.expected
         )
+    }
+}
+
+impl From<crate::node::bringup::BringupError> for Error {
+    fn from(e: crate::node::bringup::BringupError) -> Error {
+        Error::Service(Box::new(e))
     }
 }
 

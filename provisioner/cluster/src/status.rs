@@ -62,6 +62,9 @@ pub struct HealthCheck {
 pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     pub addons: Vec<AddonHealth>,
+    /// The native Ceph cluster's health and placement groups, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<crate::ceph::CephStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -192,7 +195,11 @@ pub fn summarize(
             }
         })
         .collect();
-    ClusterStatus { nodes, addons }
+    ClusterStatus {
+        nodes,
+        addons,
+        ceph: None,
+    }
 }
 
 /// Reads the nodes, the pods and the health resources.
@@ -262,6 +269,9 @@ impl ClusterStatus {
                 out.push_str(&format!(": {}", a.conditions.join(", ")));
             }
             out.push('\n');
+        }
+        if let Some(c) = &self.ceph {
+            out.push_str(&format!("\nceph {}: {}\n", c.fsid, c.summary()));
         }
         out
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -576,6 +576,21 @@ pub fn standin_kubelet(client: Client, namespace: &str) -> StandIn {
 /// virt-launcher pod, marks the migration Succeeded — or fails it when the VMI says it is not
 /// live-migratable.
 pub fn standin_virt_controller(client: Client, namespace: &str, target_node: &str) -> StandIn {
+    standin_virt_controller_with(client, namespace, target_node, None)
+}
+
+/// Moves a VMI's guest from one node to another: `(vmi, source node, target node)`. What
+/// KubeVirt's virt-handlers do with libvirt; a test hands in a real QEMU migration.
+pub type Migrator = Arc<dyn Fn(&str, &str, &str) -> Result<(), String> + Send + Sync>;
+
+/// [`standin_virt_controller`] that has `migrate` move each guest for real before it records
+/// the move; a migration that fails fails the VirtualMachineInstanceMigration.
+pub fn standin_virt_controller_with(
+    client: Client,
+    namespace: &str,
+    target_node: &str,
+    migrate: Option<Migrator>,
+) -> StandIn {
     let (namespace, target_node) = (namespace.to_string(), target_node.to_string());
     StandIn(tokio::spawn(async move {
         let vmims: Api<DynamicObject> =
@@ -583,7 +598,7 @@ pub fn standin_virt_controller(client: Client, namespace: &str, target_node: &st
         loop {
             if let Ok(list) = vmims.list(&ListParams::default()).await {
                 for m in list.items {
-                    let _ = run_migration(&client, m, &target_node).await;
+                    let _ = run_migration(&client, m, &target_node, migrate.clone()).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -591,7 +606,12 @@ pub fn standin_virt_controller(client: Client, namespace: &str, target_node: &st
     }))
 }
 
-async fn run_migration(client: &Client, m: DynamicObject, target: &str) -> Result<(), kube::Error> {
+async fn run_migration(
+    client: &Client,
+    m: DynamicObject,
+    target: &str,
+    migrate: Option<Migrator>,
+) -> Result<(), kube::Error> {
     let Ok(parsed) = serde_json::from_value::<Vmim>(serde_json::to_value(&m).unwrap_or_default())
     else {
         return Ok(());
@@ -640,6 +660,27 @@ async fn run_migration(client: &Client, m: DynamicObject, target: &str) -> Resul
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if let Some(migrate) = migrate {
+        let (vmi, from, to) = (
+            parsed.spec.vmi_name.clone(),
+            source.clone(),
+            target.to_string(),
+        );
+        let moved = tokio::task::spawn_blocking(move || migrate(&vmi, &from, &to))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(reason) = moved {
+            tracing::warn!("migrating {}: {reason}", parsed.spec.vmi_name);
+            vmims
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(set_phase("Failed")),
+                )
+                .await?;
+            return Ok(());
+        }
+    }
     vmis.patch(
         &parsed.spec.vmi_name,
         &PatchParams::default(),
@@ -709,5 +750,15 @@ impl CephAdmin for RecordingCephAdmin {
     async fn rm_noout(&self, osds: &[u32]) -> Result<(), Error> {
         self.record("rm-noout", osds);
         Ok(())
+    }
+
+    /// Always allows: the unit-test double has no placement groups to weigh.
+    async fn stop_refusal(&self, _osds: &[u32]) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
+
+    /// None: the OSDs these tests know come from Rook's pod labels.
+    async fn host_osds(&self, _node: &str) -> Result<Vec<u32>, Error> {
+        Ok(Vec::new())
     }
 }

@@ -149,6 +149,8 @@ fn facts() -> NodeFacts {
             ),
             pdb("other", json!({"matchLabels": {"app": "other"}}), 0),
         ],
+        // A native OSD Ceph places under the node, besides the Rook OSD pod's.
+        ceph_osds: vec![9],
     }
 }
 
@@ -253,7 +255,10 @@ fn kube_node(role: KubeRole) -> KubernetesNode {
 fn node_plan_of_the_first_control_plane() {
     let p = plan(&kube_node(KubeRole::Init), &Host::appliance("cp1"));
     assert_eq!(
-        p.control_plane.iter().map(|s| s.name).collect::<Vec<_>>(),
+        p.control_plane
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
         [
             "etcd",
             "kube-apiserver",
@@ -318,4 +323,29 @@ fn cluster_dns_objects() {
     // An airgapped node forwards nowhere.
     let alone = kiln_cluster::node::dns::corefile(&node, &[]);
     assert!(!alone.contains("forward"), "{alone}");
+}
+
+#[test]
+fn ceph_conf_and_daemons_of_a_first_monitor() {
+    use kiln_cluster::ceph::conf;
+    let node: kiln_spec::ceph::CephNode = serde_saphyr::from_str(
+        "monitorAddress: 10.0.0.11\npublicNetwork: 10.0.0.0/24\npools:\n- {name: rbd, size: 3}\n- {name: scratch, size: 1, pgNum: 8}\n",
+    )
+    .unwrap();
+    let fsid = "0b72ae7b-5a17-4f09-8572-829a37973a44";
+    let text = conf::ceph_conf(&node, fsid, "node-1", false);
+    assert_eq!(conf::conf_fsid(&text).as_deref(), Some(fsid));
+    let services: String = [
+        conf::mon_service("node-1", Some("ceph")),
+        conf::mgr_service("node-1", Some("ceph")),
+        conf::osd_service(2, Some("ceph")),
+    ]
+    .iter()
+    .map(|s| format!("--- service {}\n{}\n", s.name, s.argv.join(" ")))
+    .collect();
+    golden("ceph-first-monitor.txt", &format!("{text}{services}"));
+    assert_eq!(
+        conf::mon_addrs("fd00::1".parse().unwrap()),
+        "[v2:[fd00::1]:3300,v1:[fd00::1]:6789]"
+    );
 }

@@ -21,6 +21,7 @@ fn opts(timeout: u64) -> EnterOptions {
     EnterOptions {
         dry_run: false,
         timeout: Duration::from_secs(timeout),
+        allow_storage_outage: false,
     }
 }
 
@@ -228,6 +229,7 @@ async fn migratable_vms_move_the_node_ends_empty_and_cordoned_and_exit_restores_
         &EnterOptions {
             dry_run: true,
             timeout: Duration::from_secs(10),
+            allow_storage_outage: false,
         },
     )
     .await

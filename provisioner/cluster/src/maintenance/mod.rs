@@ -76,6 +76,9 @@ pub struct EnterOptions {
     pub dry_run: bool,
     /// For the whole run.
     pub timeout: Duration,
+    /// Go ahead when Ceph says the node's OSDs cannot stop without data becoming unavailable
+    /// (a single-node cluster, a pool of one copy).
+    pub allow_storage_outage: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,6 +184,7 @@ pub async fn fetch_facts(client: &Client, node: &str) -> Result<NodeFacts, Error
         vmis,
         pvcs,
         pdbs: pdbs.items,
+        ceph_osds: Vec::new(),
     })
 }
 
@@ -254,9 +258,24 @@ pub async fn enter(
     opts: &EnterOptions,
 ) -> Result<EnterReport, Error> {
     let deadline = Instant::now() + opts.timeout;
-    let facts = fetch_facts(client, node).await?;
+    let mut facts = fetch_facts(client, node).await?;
+    facts.ceph_osds = ceph.host_osds(node).await?;
     let previous = MaintenanceState::from_node(&facts.node);
-    let plan = plan(&facts);
+    let mut plan = plan(&facts);
+    // A resumed run's OSDs may be stopped already: Ceph was asked when it started.
+    if previous.is_none()
+        && let Some(reason) = ceph.stop_refusal(&plan.osds).await?
+    {
+        let ids: Vec<String> = plan.osds.iter().map(|id| format!("osd.{id}")).collect();
+        let line = format!("Ceph: stopping {} now: {reason}", ids.join(", "));
+        if opts.allow_storage_outage {
+            plan.warnings
+                .push(format!("{line} (accepted with --allow-storage-outage)"));
+        } else {
+            plan.blockers
+                .push(format!("{line}; --allow-storage-outage accepts the outage"));
+        }
+    }
     for line in plan.render().lines() {
         tracing::info!("{line}");
     }

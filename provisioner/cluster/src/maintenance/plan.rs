@@ -103,6 +103,8 @@ pub struct NodeFacts {
     pub vmis: Vec<Vmi>,
     pub pvcs: Vec<PersistentVolumeClaim>,
     pub pdbs: Vec<PodDisruptionBudget>,
+    /// The OSDs Ceph's CRUSH map places under the node (native Ceph).
+    pub ceph_osds: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -168,10 +170,12 @@ pub struct MaintenancePlan {
     pub vms: Vec<VmPlan>,
     pub evictions: Vec<PodEviction>,
     pub skipped: Vec<SkippedPod>,
-    /// Ceph OSD ids running on the node (they get `noout`).
+    /// Ceph OSD ids on the node (they get `noout`).
     pub osds: Vec<u32>,
     /// Why maintenance cannot start; empty when it can.
     pub blockers: Vec<String>,
+    /// What maintenance will cost that the operator accepted.
+    pub warnings: Vec<String>,
 }
 
 /// The eviction strategy when neither the VMI nor (as far as kiln knows) the cluster sets one:
@@ -271,6 +275,7 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
             pdbs,
         });
     }
+    osds.extend(&facts.ceph_osds);
     osds.sort_unstable();
     osds.dedup();
     MaintenancePlan {
@@ -286,6 +291,7 @@ pub fn plan(facts: &NodeFacts) -> MaintenancePlan {
         skipped,
         osds,
         blockers,
+        warnings: Vec::new(),
     }
 }
 
@@ -460,6 +466,9 @@ impl MaintenancePlan {
                 "ceph OSDs on the node: {} (noout while in maintenance)\n",
                 ids.join(", ")
             ));
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("warning: {w}\n"));
         }
         if !self.blockers.is_empty() {
             out.push_str("blocked:\n");

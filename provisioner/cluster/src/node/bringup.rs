@@ -76,8 +76,9 @@ pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Brin
 /// Runs the node's long-running services.
 pub trait Supervisor: Send {
     fn start(&mut self, service: &Service) -> Result<(), BringupError>;
-    /// An error naming the first service that has stopped, with its log.
-    fn check(&mut self) -> Result<(), BringupError>;
+    /// An error naming the first service that has stopped, with its log; of `only` that
+    /// one, when given (a step waiting on one service need not fail for another).
+    fn check(&mut self, only: Option<&str>) -> Result<(), BringupError>;
     /// The end of a service's log.
     fn log_tail(&self, service: &str) -> String;
 }
@@ -142,7 +143,7 @@ impl Supervisor for Processes {
         }
         std::fs::create_dir_all(&self.log_dir)
             .map_err(io(format!("creating {}", self.log_dir.display())))?;
-        let log_path = self.log_path(service.name);
+        let log_path = self.log_path(&service.name);
         let log = std::fs::File::create(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let err_log = log.try_clone().map_err(io("duplicating a log file"))?;
@@ -165,8 +166,11 @@ impl Supervisor for Processes {
         Ok(())
     }
 
-    fn check(&mut self) -> Result<(), BringupError> {
+    fn check(&mut self, only: Option<&str>) -> Result<(), BringupError> {
         for r in &mut self.children {
+            if only.is_some_and(|name| name != r.name) {
+                continue;
+            }
             if let Ok(Some(status)) = r.child.try_wait() {
                 return Err(BringupError::Exited {
                     service: r.name.clone(),
@@ -473,7 +477,7 @@ where
         if let Some(v) = probe().await {
             return Ok(v);
         }
-        supervisor.check()?;
+        supervisor.check(None)?;
         if start.elapsed() > STEP_TIMEOUT {
             return Err(BringupError::Timeout {
                 what: what.to_string(),

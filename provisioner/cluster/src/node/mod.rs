@@ -127,7 +127,7 @@ pub struct NodeFile {
 /// A long-running daemon: a systemd unit on the appliance, a supervised process elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
-    pub name: &'static str,
+    pub name: String,
     pub argv: Vec<String>,
 }
 
@@ -460,11 +460,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         KubeRole::Worker => Vec::new(),
         KubeRole::Init | KubeRole::ControlPlane => vec![
             Service {
-                name: "etcd",
+                name: "etcd".into(),
                 argv: etcd_argv,
             },
             Service {
-                name: "kube-apiserver",
+                name: "kube-apiserver".into(),
                 argv: vec![
                     host.bin("kube-apiserver"),
                     format!("--etcd-servers=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
@@ -500,7 +500,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 ],
             },
             Service {
-                name: "kube-controller-manager",
+                name: "kube-controller-manager".into(),
                 argv: [
                     local_component(
                         "kube-controller-manager",
@@ -523,13 +523,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 .concat(),
             },
             Service {
-                name: "kube-scheduler",
+                name: "kube-scheduler".into(),
                 argv: local_component("kube-scheduler", paths::SCHEDULER_KUBECONFIG),
             },
         ],
     };
     let containerd = Service {
-        name: "containerd",
+        name: "containerd".into(),
         argv: vec![
             host.containerd.display().to_string(),
             format!("--config={}", host.at(paths::CONTAINERD_CONFIG)),
@@ -561,11 +561,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         control_plane,
         containerd,
         kubelet: Service {
-            name: "kubelet",
+            name: "kubelet".into(),
             argv: kubelet_argv,
         },
         kube_proxy: Service {
-            name: "kube-proxy",
+            name: "kube-proxy".into(),
             argv: vec![
                 host.bin("kube-proxy"),
                 format!("--config={}", host.at(paths::KUBE_PROXY_CONFIG)),

@@ -17,7 +17,7 @@ pub fn unit_name(service: &str) -> String {
 /// containerd's shims and containers outlive containerd restarts, as with Debian's own unit.
 pub fn unit_file(service: &Service) -> String {
     let exec: Vec<String> = service.argv.iter().map(|a| quote(a)).collect();
-    let extra = match service.name {
+    let extra = match service.name.as_str() {
         "containerd" => {
             "Delegate=yes\nKillMode=process\nOOMScoreAdjust=-999\nLimitNOFILE=infinity\nLimitNPROC=infinity\nLimitCORE=infinity\n"
         }
@@ -119,7 +119,7 @@ impl Supervisor for Systemd {
     /// Writes the unit; (re)starts it when it changed or is not running, so an agent restart
     /// leaves running services alone.
     fn start(&mut self, service: &Service) -> Result<(), BringupError> {
-        let unit = unit_name(service.name);
+        let unit = unit_name(&service.name);
         let path = self.unit_dir.join(&unit);
         let content = unit_file(service);
         let err = |reason: String| BringupError::Start {
@@ -144,8 +144,11 @@ impl Supervisor for Systemd {
     }
 
     /// A unit that failed, or stopped and waits for systemd to restart it, is down.
-    fn check(&mut self) -> Result<(), BringupError> {
+    fn check(&mut self, only: Option<&str>) -> Result<(), BringupError> {
         for unit in &self.started {
+            if only.is_some_and(|name| unit_name(name) != *unit) {
+                continue;
+            }
             let (state, sub) = unit_state(unit);
             if state == "failed" || sub == "auto-restart" {
                 let service = unit
@@ -178,7 +181,7 @@ mod tests {
     #[test]
     fn units_quote_every_word_and_escape_what_systemd_expands() {
         let s = Service {
-            name: "containerd",
+            name: "containerd".into(),
             argv: vec![
                 "/usr/bin/containerd".into(),
                 "--config=/etc/containerd/kiln.toml".into(),
@@ -195,7 +198,7 @@ mod tests {
         assert!(unit.contains("KillMode=process\n"), "{unit}");
         assert!(unit.contains("Restart=always\n"), "{unit}");
         let kubelet = unit_file(&Service {
-            name: "kubelet",
+            name: "kubelet".into(),
             argv: vec!["/usr/lib/kiln/kubernetes/kubelet".into()],
         });
         assert!(!kubelet.contains("KillMode"), "{kubelet}");
