@@ -22,12 +22,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_agent::ceph::{CephController, CephState};
-use kiln_agent::controllers::{self, ConfigController, Sources};
-use kiln_agent::engine::{Runtime, Trigger};
 use kiln_cluster::ceph::bootstrap::CephHost;
 use kiln_cluster::ceph::{CephAdmin, CephCli};
 use kiln_cluster::maintenance::{self, EnterOptions};
@@ -38,6 +36,10 @@ use kiln_cluster::testing::{
 };
 use kiln_lab::netns::Netns;
 use kiln_lab::qemu::{Accel, DirectBoot, Vm, VmBuilder};
+
+mod common;
+
+use common::TestAgent;
 
 const NODE: &str = "kiln-ceph";
 /// Ceph's directories, private to the node's mount namespace.
@@ -185,88 +187,34 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The agent's config and Ceph controllers on an engine of their own, reading `config` as
-/// the node's installed config. Its supervisor stops the node's daemons when it drops.
-struct Agent {
-    trigger: Trigger,
-    states: mpsc::Receiver<CephState>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The node agent with its Ceph controller.
+fn start_agent(ns: &CephNs, config: PathBuf) -> TestAgent<CephState> {
+    let host = ns.host();
+    let logs = ns.root.path().join("var/log/kiln");
+    TestAgent::start(config, None, move |trigger| {
+        Box::new(CephController::new(
+            Box::new(move |_| host.clone()),
+            Box::new(move |h: &CephHost| Box::new(Processes::new(logs.clone(), h.prefix.clone()))),
+            trigger,
+        ))
+    })
 }
 
-impl Agent {
-    fn start(ns: &CephNs, config: PathBuf) -> Agent {
-        let (state_tx, states) = mpsc::channel();
-        let (trigger_tx, trigger_rx) = mpsc::channel();
-        let host = ns.host();
-        let logs = ns.root.path().join("var/log/kiln");
-        let thread = std::thread::spawn(move || {
-            let mut rt = Runtime::new();
-            let trigger = rt.trigger();
-            trigger_tx.send(trigger.clone()).unwrap();
-            let sources = Sources {
-                installed: config,
-                overrides: vec![],
-            };
-            rt.register(Box::new(ConfigController { sources })).unwrap();
-            rt.register(Box::new(CephController::new(
-                Box::new(move |_| host.clone()),
-                Box::new(move |h: &CephHost| {
-                    Box::new(Processes::new(logs.clone(), h.prefix.clone()))
-                }),
-                trigger,
-            )))
-            .unwrap();
-            rt.run(
-                Duration::from_secs(2),
-                Duration::from_millis(250),
-                |state| {
-                    if let Some(c) = state.get::<CephState>(controllers::ID) {
-                        let _ = state_tx.send(c.clone());
-                    }
-                },
-            );
-        });
-        Agent {
-            trigger: trigger_rx.recv().unwrap(),
-            states,
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits until the agent reports a state `done` accepts; prints each new one.
-    fn wait_for(&self, t0: Instant, what: &str, done: impl Fn(&CephState) -> bool) -> CephState {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut last: Option<CephState> = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let c = self
-                .states
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("waiting for {what}; last report: {last:?}"));
-            if last.as_ref() != Some(&c) {
-                eprintln!(
-                    "[{:5.1}s] agent: CephHealthy={} {} {}",
-                    t0.elapsed().as_secs_f64(),
-                    c.healthy,
-                    c.reason,
-                    c.message.lines().next().unwrap_or_default()
-                );
-                last = Some(c.clone());
-            }
-            if done(&c) {
-                return c;
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.trigger.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Waits until the agent reports a state `done` accepts; returns that one.
+fn wait_for(
+    agent: &TestAgent<CephState>,
+    t0: Instant,
+    done: impl Fn(&CephState) -> bool,
+) -> CephState {
+    let line = |c: &CephState| {
+        format!(
+            "CephHealthy={} {} {}",
+            c.healthy,
+            c.reason,
+            c.message.lines().next().unwrap_or_default()
+        )
+    };
+    agent.wait_for(t0, line, done).pop().unwrap()
 }
 
 /// The cluster reads HEALTH_OK with every placement group active+clean.
@@ -461,8 +409,8 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
     .unwrap();
 
     // The agent makes the cluster; the disk with a file system stays as it was.
-    let agent = Agent::start(&ns, config.clone());
-    let first = agent.wait_for(t0, "HEALTH_OK", settled);
+    let agent = start_agent(&ns, config.clone());
+    let first = wait_for(&agent, t0, settled);
     eprintln!(
         "[{:5.1}s] HEALTH_OK, every PG active+clean",
         t0.elapsed().as_secs_f64()
@@ -528,9 +476,7 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
     // (The bracket keeps the pattern from matching the shell running it.)
     ns.sh("pkill -9 -f '[c]eph-osd -f --cluster ceph --id 1 '")
         .unwrap();
-    let stopped = agent.wait_for(t0, "the stopped OSD reported", |c| {
-        c.reason == "DaemonStopped"
-    });
+    let stopped = wait_for(&agent, t0, |c| c.reason == "DaemonStopped");
     assert!(
         stopped.message.contains("ceph-osd-1"),
         "{}",
@@ -545,12 +491,12 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
         "[{:5.1}s] RBD writes finished with osd.1 killed",
         t0.elapsed().as_secs_f64()
     );
-    agent.wait_for(t0, "HEALTH_OK again", settled);
+    wait_for(&agent, t0, settled);
 
     // A second bootstrap (the agent restarted, its daemons with it) keeps everything.
     drop(agent);
-    let agent = Agent::start(&ns, config);
-    let again = agent.wait_for(t0, "HEALTH_OK after the restart", settled);
+    let agent = start_agent(&ns, config);
+    let again = wait_for(&agent, t0, settled);
     assert_eq!(again.report.fsid.as_deref(), Some(fsid.as_str()));
     assert_eq!(again.report.disks, first.report.disks);
     let cli = ns.host().cli();

@@ -17,14 +17,13 @@
 
 mod common;
 
+use common::TestAgent;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use kiln_agent::controllers::{self, ConfigController, Sources};
-use kiln_agent::engine::{Runtime, Trigger};
 use kiln_agent::kubernetes::{KubernetesController, KubernetesState};
 use kiln_cluster::node::bringup::{BringupError, Processes, Supervisor, bring_up};
 use kiln_cluster::node::join::JoinError;
@@ -297,94 +296,42 @@ fn wait_ready(a: &NodeNs, bins: &KubeBinaries, admin: &Path, object: &str) {
     );
 }
 
-/// The node agent's config and Kubernetes controllers on an engine of their own, on a thread
-/// in the node's network namespace, reading `config` as the node's installed config.
-struct AgentNode {
-    trigger: Trigger,
-    states: mpsc::Receiver<KubernetesState>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl AgentNode {
-    fn start(ns: &NodeNs, config: PathBuf, host: Host) -> AgentNode {
-        let (state_tx, states) = mpsc::channel();
-        let (trigger_tx, trigger_rx) = mpsc::channel();
-        let netns = std::fs::File::open(format!("/var/run/netns/{}", ns.netns.name())).unwrap();
-        let prefix = ns.prefix();
-        let thread = std::thread::spawn(move || {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut rt = Runtime::new();
-            let trigger = rt.trigger();
-            trigger_tx.send(trigger.clone()).unwrap();
-            let sources = Sources {
-                installed: config,
-                overrides: vec![],
-            };
-            rt.register(Box::new(ConfigController { sources })).unwrap();
-            let kubernetes = KubernetesController::new(
+/// The node agent with its Kubernetes controller, in the node's network namespace.
+fn start_agent(ns: &NodeNs, config: PathBuf, host: Host) -> TestAgent<KubernetesState> {
+    let prefix = ns.prefix();
+    TestAgent::start(config, Some(ns.netns.name()), move |trigger| {
+        Box::new(
+            KubernetesController::new(
                 Box::new(move |_| host.clone()),
                 Box::new(move |h| Box::new(Processes::new(h.path(paths::LOGS), prefix.clone()))),
                 trigger,
             )
-            .unwrap();
-            rt.register(Box::new(kubernetes)).unwrap();
-            rt.run(
-                Duration::from_secs(2),
-                Duration::from_millis(250),
-                |state| {
-                    if let Some(k) = state.get::<KubernetesState>(controllers::ID) {
-                        let _ = state_tx.send(k.clone());
-                    }
-                },
-            );
-        });
-        AgentNode {
-            trigger: trigger_rx.recv().unwrap(),
-            states,
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits until the agent reports a state `done` accepts; returns the states reported on
-    /// the way, that one last. States reported before the call are skipped.
-    fn wait_for(
-        &self,
-        t0: std::time::Instant,
-        done: impl Fn(&KubernetesState) -> bool,
-    ) -> Vec<KubernetesState> {
-        while self.states.try_recv().is_ok() {}
-        let mut seen: Vec<KubernetesState> = Vec::new();
-        loop {
-            let k = self
-                .states
-                .recv_timeout(Duration::from_secs(300))
-                .unwrap_or_else(|_| panic!("the agent's report did not come: {seen:?}"));
-            if seen.last() != Some(&k) {
-                eprintln!(
-                    "[{:5.1}s] agent: KubernetesReady={} {} {}",
-                    t0.elapsed().as_secs_f64(),
-                    k.ready,
-                    k.reason,
-                    k.message.lines().next().unwrap_or_default()
-                );
-                assert_ne!(k.reason, "BringupFailed", "{}", k.message);
-                seen.push(k.clone());
-            }
-            if done(&k) {
-                return seen;
-            }
-        }
-    }
+            .unwrap(),
+        )
+    })
 }
 
-impl Drop for AgentNode {
-    /// Stops the engine; the controller's supervisor stops the node's services.
-    fn drop(&mut self) {
-        self.trigger.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Waits until the agent reports a state `done` accepts; a failed bring-up fails the test.
+fn wait_for(
+    agent: &TestAgent<KubernetesState>,
+    t0: std::time::Instant,
+    done: impl Fn(&KubernetesState) -> bool,
+) -> Vec<KubernetesState> {
+    agent.wait_for(
+        t0,
+        |k| {
+            format!(
+                "KubernetesReady={} {} {}",
+                k.ready,
+                k.reason,
+                k.message.lines().next().unwrap_or_default()
+            )
+        },
+        |k| {
+            assert_ne!(k.reason, "BringupFailed", "{}", k.message);
+            done(k)
+        },
+    )
 }
 
 /// A site's registry on node A's address, holding kiln's test image (pushed from node A's
@@ -563,8 +510,8 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     };
     // JSON is YAML: the agent reads it as any node config.
     std::fs::write(&config_a, serde_json::to_string(&node_config).unwrap()).unwrap();
-    let agent_a = AgentNode::start(&a, config_a, host_a.clone());
-    let seen = agent_a.wait_for(t0, |k| k.ready);
+    let agent_a = start_agent(&a, config_a, host_a.clone());
+    let seen = wait_for(&agent_a, t0, |k| k.ready);
     assert_eq!(
         seen.first().map(|k| k.reason.as_str()),
         Some("BringingUp"),
@@ -838,10 +785,10 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
         .status()
         .unwrap();
     assert!(killed.success(), "no kubelet of kiln-a to stop");
-    agent_a.wait_for(t0, |k| {
+    wait_for(&agent_a, t0, |k| {
         k.reason == "ServiceStopped" && k.message.starts_with("kubelet exited")
     });
-    agent_a.wait_for(t0, |k| k.ready);
+    wait_for(&agent_a, t0, |k| k.ready);
     wait_ready(&a, &bins, &admin, "node/kiln-a");
 
     // A second control plane joins: its own etcd member, API server, controller-manager and

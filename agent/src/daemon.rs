@@ -246,11 +246,8 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         // Ready means reachable: an administrator told so can ask the agent over the network
         // at once. An address that does not come up holds the announcement back no longer
         // than this (the event stream says why).
-        let _ = tokio::time::timeout(
-            REMOTE_API_WAIT,
-            remote_served.wait_for(|served| *served),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(REMOTE_API_WAIT, remote_served.wait_for(|served| *served)).await;
         let hostname = shared
             .status
             .read()

@@ -38,3 +38,94 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The node agent's config controller and one more on an engine of their own, on a thread (in
+/// network namespace `netns` when given), reading `config` as the node's installed config;
+/// each state the second controller reports (`S`) streams to the test. Dropping it stops the
+/// engine, and the controller's supervisor stops the node's services.
+pub struct TestAgent<S> {
+    trigger: kiln_agent::engine::Trigger,
+    states: std::sync::mpsc::Receiver<S>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<S: kiln_agent::engine::Resource + std::fmt::Debug> TestAgent<S> {
+    pub fn start(
+        config: std::path::PathBuf,
+        netns: Option<&str>,
+        controller: impl FnOnce(kiln_agent::engine::Trigger) -> Box<dyn kiln_agent::engine::Controller>
+        + Send
+        + 'static,
+    ) -> TestAgent<S> {
+        use kiln_agent::controllers::{self, ConfigController, Sources};
+        let (state_tx, states) = std::sync::mpsc::channel();
+        let (trigger_tx, trigger_rx) = std::sync::mpsc::channel();
+        let netns =
+            netns.map(|name| std::fs::File::open(format!("/var/run/netns/{name}")).unwrap());
+        let thread = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            }
+            let mut rt = kiln_agent::engine::Runtime::new();
+            let trigger = rt.trigger();
+            trigger_tx.send(trigger.clone()).unwrap();
+            let sources = Sources {
+                installed: config,
+                overrides: vec![],
+            };
+            rt.register(Box::new(ConfigController { sources })).unwrap();
+            rt.register(controller(trigger)).unwrap();
+            rt.run(
+                Duration::from_secs(2),
+                Duration::from_millis(250),
+                |state| {
+                    if let Some(s) = state.get::<S>(controllers::ID) {
+                        let _ = state_tx.send(s.clone());
+                    }
+                },
+            );
+        });
+        TestAgent {
+            trigger: trigger_rx.recv().unwrap(),
+            states,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until the agent reports a state `done` accepts (it sees each one, and may fail
+    /// the test on it); prints each new state with `line`. Returns the states reported on the
+    /// way, that one last; those reported before the call are skipped.
+    pub fn wait_for(
+        &self,
+        t0: Instant,
+        line: impl Fn(&S) -> String,
+        done: impl Fn(&S) -> bool,
+    ) -> Vec<S> {
+        while self.states.try_recv().is_ok() {}
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut seen: Vec<S> = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let s = self
+                .states
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the agent's report did not come: {seen:?}"));
+            if seen.last() != Some(&s) {
+                eprintln!("[{:5.1}s] agent: {}", t0.elapsed().as_secs_f64(), line(&s));
+                seen.push(s.clone());
+            }
+            if done(&s) {
+                return seen;
+            }
+        }
+    }
+}
+
+impl<S> Drop for TestAgent<S> {
+    fn drop(&mut self) {
+        self.trigger.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

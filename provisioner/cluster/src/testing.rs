@@ -606,6 +606,42 @@ pub fn standin_virt_controller_with(
     }))
 }
 
+/// Moves the guest of VMI `name` when it can live-migrate: its source node, or `None` when
+/// the migration fails (no such VMI, not live-migratable, the migrator failed).
+async fn move_guest(
+    vmis: &Api<DynamicObject>,
+    name: &str,
+    target: &str,
+    migrate: Option<Migrator>,
+) -> Result<Option<String>, kube::Error> {
+    let Some(vmi) = vmis.get_opt(name).await? else {
+        return Ok(None);
+    };
+    let vmi = serde_json::to_value(&vmi).unwrap_or_default();
+    let not_migratable = vmi["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "LiveMigratable" && c["status"] == "False")
+    });
+    if not_migratable {
+        return Ok(None);
+    }
+    let source = vmi["status"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if let Some(migrate) = migrate {
+        let (vmi, from, to) = (name.to_string(), source.clone(), target.to_string());
+        let moved = tokio::task::spawn_blocking(move || migrate(&vmi, &from, &to))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(reason) = moved {
+            tracing::warn!("migrating {name}: {reason}");
+            return Ok(None);
+        }
+    }
+    Ok(Some(source))
+}
+
 async fn run_migration(
     client: &Client,
     m: DynamicObject,
@@ -629,7 +665,7 @@ async fn run_migration(
     let vmims: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &workload::vmim_resource());
     let set_phase = |phase: &'static str| json!({"status": {"phase": phase}});
-    let Some(vmi) = vmis.get_opt(&parsed.spec.vmi_name).await? else {
+    let Some(source) = move_guest(&vmis, &parsed.spec.vmi_name, target, migrate).await? else {
         vmims
             .patch(
                 &name,
@@ -639,48 +675,6 @@ async fn run_migration(
             .await?;
         return Ok(());
     };
-    let vmi_value = serde_json::to_value(&vmi).unwrap_or_default();
-    let not_migratable = vmi_value["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "LiveMigratable" && c["status"] == "False")
-        });
-    if not_migratable {
-        vmims
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(set_phase("Failed")),
-            )
-            .await?;
-        return Ok(());
-    }
-    let source = vmi_value["status"]["nodeName"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if let Some(migrate) = migrate {
-        let (vmi, from, to) = (
-            parsed.spec.vmi_name.clone(),
-            source.clone(),
-            target.to_string(),
-        );
-        let moved = tokio::task::spawn_blocking(move || migrate(&vmi, &from, &to))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-        if let Err(reason) = moved {
-            tracing::warn!("migrating {}: {reason}", parsed.spec.vmi_name);
-            vmims
-                .patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(set_phase("Failed")),
-                )
-                .await?;
-            return Ok(());
-        }
-    }
     vmis.patch(
         &parsed.spec.vmi_name,
         &PatchParams::default(),
