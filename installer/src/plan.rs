@@ -24,12 +24,14 @@ use std::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
 use kiln_spec::Appliance;
-use kiln_spec::appliance::{AfterInstall, DiskPreference, DiskRules, FirmwareChoice, WipePolicy};
+use kiln_spec::appliance::{
+    AfterInstall, DataDiskRules, DiskPreference, DiskRules, FirmwareChoice, WipePolicy,
+};
 use kiln_spec::enrol::{ENROLMENT_PATH, Enrolment};
 use kiln_spec::glob::glob_match;
 use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
 use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
-use kiln_spec::nodeconfig::node_config_for;
+use kiln_spec::nodeconfig::{DataDisk, DataUsage, node_config_for};
 use kiln_spec::size::ByteSize;
 
 /// How many times systemd-boot tries a new entry before falling back.
@@ -115,6 +117,12 @@ pub struct InstallPlan {
     pub disk_guid: String,
     /// Disks not chosen, each with why.
     pub rejected: Vec<DiskVerdict>,
+    /// Disks kept for data and recorded in the node config; nothing is written to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<DataDiskPlan>,
+    /// Disks the data disk rules did not take, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_rejected: Vec<DiskVerdict>,
     pub layout: Layout,
     /// The machine's firmware.
     pub firmware: Firmware,
@@ -151,6 +159,17 @@ pub struct SelectedDisk {
     /// Which consent allows erasing it, when it is not blank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wipe_consent: Option<String>,
+}
+
+/// A data disk: how the node config names it and what it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataDiskPlan {
+    pub dev_path: String,
+    /// The path the node config records: the first by-id link, else `dev_path`.
+    pub stable_path: String,
+    pub size_bytes: u64,
+    pub usage: DataUsage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +270,8 @@ pub enum PlanError {
     NoDisks,
     #[error("no disk matches the install rules:{}", verdict_lines(.disks))]
     NoMatchingDisk { disks: Vec<DiskVerdict> },
+    #[error("no disk is left for data by spec.install.dataDisks:{}", verdict_lines(.disks))]
+    NoMatchingDataDisk { disks: Vec<DiskVerdict> },
     #[error(
         "disk {disk} is too small: it has {} ({have} bytes), the layout needs {} ({needed} bytes); \
          use a bigger disk or lower spec.install slotSize/stateSize/espSize",
@@ -369,6 +390,10 @@ pub fn plan(
     }
     let layout = layout::compute(disk.size_bytes, disk.logical_sector_size, &sizes)
         .expect("choose_disk keeps only disks the layout fits");
+    let (data_disks, data_rejected) = match &install.data_disks {
+        Some(rules) => choose_data_disks(rules, disk, hw)?,
+        None => (Vec::new(), Vec::new()),
+    };
 
     let mut kernel_args = vec![
         Slot::A.kernel_arg(),
@@ -376,7 +401,7 @@ pub fn plan(
     ];
     kernel_args.extend(spec.kernel_args());
     let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
-    let seed = seed_files(spec, &hostname, opts.enrolment.as_ref());
+    let seed = seed_files(spec, &hostname, &data_disks, opts.enrolment.as_ref());
 
     let selected = SelectedDisk {
         dev_path: disk.dev_path.clone(),
@@ -406,6 +431,8 @@ pub fn plan(
         disk: selected,
         disk_guid: opts.disk_guid.clone(),
         rejected,
+        data_disks,
+        data_rejected,
         layout,
         firmware: hw.firmware,
         boot_loader,
@@ -436,7 +463,7 @@ fn choose_disk<'a>(
     let mut too_small: Option<(&Disk, u64)> = None;
     for d in disks {
         let needed = layout::required_disk_bytes(sizes, d.logical_sector_size);
-        let mut why = rule_failures(rules, d);
+        let mut why = rule_failures("spec.install.disk", rules, d);
         if why.is_empty()
             && d.size_bytes < needed
             && too_small.is_none_or(|(t, _)| d.size_bytes > t.size_bytes)
@@ -534,8 +561,56 @@ fn min_fat32_bytes(logical_sector_size: u32) -> u64 {
         + ByteSize::mib(4).0
 }
 
-/// Why `d` fails the rules (empty when it passes).
-fn rule_failures(rules: &DiskRules, d: &Disk) -> Vec<String> {
+/// The data disks: every disk other than `install` the rules select, if blank; and every
+/// other disk with why not. Nothing left is an error naming each disk's reasons.
+fn choose_data_disks(
+    rules: &DataDiskRules,
+    install: &Disk,
+    hw: &HardwareInventory,
+) -> Result<(Vec<DataDiskPlan>, Vec<DiskVerdict>), PlanError> {
+    let mut disks: Vec<&Disk> = hw
+        .disks
+        .iter()
+        .filter(|d| d.dev_path != install.dev_path)
+        .collect();
+    disks.sort_by(|a, b| device_order(&a.dev_path, &b.dev_path));
+    let mut taken = Vec::new();
+    let mut rejected = Vec::new();
+    for d in disks {
+        let mut why = rule_failures("spec.install.dataDisks.rules", &rules.rules, d);
+        if why.is_empty() && !d.is_blank() {
+            why.push(format!(
+                "holds {}: data disks are taken only blank, kiln never erases one",
+                d.contents().join("; ")
+            ));
+        }
+        if why.is_empty() {
+            taken.push(DataDiskPlan {
+                dev_path: d.dev_path.clone(),
+                stable_path: d
+                    .by_id
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| d.dev_path.clone()),
+                size_bytes: d.size_bytes,
+                usage: rules.usage,
+            });
+        } else {
+            rejected.push(DiskVerdict {
+                dev_path: d.dev_path.clone(),
+                size_bytes: d.size_bytes,
+                reasons: why,
+            });
+        }
+    }
+    if taken.is_empty() {
+        return Err(PlanError::NoMatchingDataDisk { disks: rejected });
+    }
+    Ok((taken, rejected))
+}
+
+/// Why `d` fails the rules (empty when it passes); `at` is where the rules are in the spec.
+fn rule_failures(at: &str, rules: &DiskRules, d: &Disk) -> Vec<String> {
     let mut why = Vec::new();
     if d.holds_boot_medium {
         why.push("holds the boot medium".to_string());
@@ -544,7 +619,7 @@ fn rule_failures(rules: &DiskRules, d: &Disk) -> Vec<String> {
         why.push("is read-only".to_string());
     }
     if d.removable && !rules.allow_removable {
-        why.push("is removable (spec.install.disk.allowRemovable is false)".to_string());
+        why.push(format!("is removable ({at}.allowRemovable is false)"));
     }
     if let Some(min) = rules.min_size
         && d.size_bytes < min.0
@@ -749,8 +824,20 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
 /// The node config and the spec, seeded into `KILN_STATE` for the agent, and the enrolment
 /// it reports with. The spec is the node's: the installer sees no inventory, so its
 /// overrides are already applied.
-fn seed_files(spec: &Appliance, hostname: &str, enrolment: Option<&Enrolment>) -> Vec<PlannedFile> {
-    let node = node_config_for(spec, None, hostname);
+fn seed_files(
+    spec: &Appliance,
+    hostname: &str,
+    data_disks: &[DataDiskPlan],
+    enrolment: Option<&Enrolment>,
+) -> Vec<PlannedFile> {
+    let mut node = node_config_for(spec, None, hostname);
+    node.spec
+        .data_disks
+        .extend(data_disks.iter().map(|d| DataDisk {
+            part_label: None,
+            device: Some(d.stable_path.clone()),
+            usage: d.usage,
+        }));
     // A cluster node's config carries its join token (and on the first control plane the
     // CA's key): then it is for root alone.
     let secret = node.spec.kubernetes.is_some();

@@ -183,6 +183,10 @@ pub struct InstallSpec {
     /// Which disk to install to. The disk holding the boot medium is never chosen.
     #[serde(default)]
     pub disk: DiskRules,
+    /// Which other disks the node keeps for data (Ceph OSDs, VM disks): every blank disk
+    /// meeting these rules, recorded in the node config. The installer writes nothing to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_disks: Option<DataDiskRules>,
     /// Whether the installer may erase a disk that already holds data.
     #[serde(default)]
     pub wipe: WipePolicy,
@@ -219,6 +223,7 @@ impl Default for InstallSpec {
     fn default() -> Self {
         InstallSpec {
             disk: DiskRules::default(),
+            data_disks: None,
             wipe: WipePolicy::default(),
             slot_size: default_slot_size(),
             esp_size: default_esp_size(),
@@ -227,6 +232,18 @@ impl Default for InstallSpec {
             after_install: AfterInstall::default(),
         }
     }
+}
+
+/// The node's data disks: every disk other than the install disk meeting `rules` (`prefer`
+/// does not apply) and blank. A disk holding anything is not taken: kiln never erases one
+/// (wipe it yourself to have it used).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataDiskRules {
+    #[serde(default)]
+    pub rules: DiskRules,
+    #[serde(default)]
+    pub usage: crate::nodeconfig::DataUsage,
 }
 
 /// Rules a disk must meet to be installed to; every rule given must hold.
@@ -588,13 +605,12 @@ fn validate_os(os: &OsSpec, errs: &mut ValidationErrors) {
     crate::host::check_kernel_args("spec.os.kernelArgs", &os.kernel_args, errs);
 }
 
-fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
-    let d = &i.disk;
+fn validate_disk_rules(at: &str, d: &DiskRules, errs: &mut ValidationErrors) {
     if let (Some(min), Some(max)) = (d.min_size, d.max_size)
         && min > max
     {
         errs.push(
-            "spec.install.disk.maxSize",
+            format!("{at}.maxSize"),
             format!("{max} is smaller than minSize {min}"),
         );
     }
@@ -604,14 +620,14 @@ fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
         ("byIdPath", &d.by_id_path),
     ] {
         if let Some(Err(reason)) = pattern.as_deref().map(crate::glob::check_glob) {
-            errs.push(format!("spec.install.disk.{field}"), reason);
+            errs.push(format!("{at}.{field}"), reason);
         }
     }
     if let Some(w) = &d.wwn
         && (w.is_empty() || w.contains(char::is_whitespace))
     {
         errs.push(
-            "spec.install.disk.wwn",
+            format!("{at}.wwn"),
             "must be a world wide name like 0x5002538e40a1b2c3",
         );
     }
@@ -619,9 +635,16 @@ fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
         && !p.starts_with("/dev/disk/by-id/")
     {
         errs.push(
-            "spec.install.disk.byIdPath",
+            format!("{at}.byIdPath"),
             format!("{p:?} must start with /dev/disk/by-id/"),
         );
+    }
+}
+
+fn validate_install(i: &InstallSpec, errs: &mut ValidationErrors) {
+    validate_disk_rules("spec.install.disk", &i.disk, errs);
+    if let Some(data) = &i.data_disks {
+        validate_disk_rules("spec.install.dataDisks.rules", &data.rules, errs);
     }
     for (field, size, min) in [
         ("slotSize", i.slot_size, 64 * MIB),

@@ -406,6 +406,23 @@ pub fn plan_text(plan: &InstallPlan) -> String {
             r.reasons.join("; ")
         ));
     }
+    for d in &plan.data_disks {
+        s.push_str(&format!(
+            "data disk {} ({}, {}): {}, recorded in the node config; nothing is written to it\n",
+            d.dev_path,
+            d.stable_path,
+            ByteSize(d.size_bytes).human(),
+            kiln_spec::serde_name(&d.usage)
+        ));
+    }
+    for r in &plan.data_rejected {
+        s.push_str(&format!(
+            "  not data {} ({}): {}\n",
+            r.dev_path,
+            ByteSize(r.size_bytes).human(),
+            r.reasons.join("; ")
+        ));
+    }
     s.push_str(&format!(
         "host name {}, {} firmware, kernel arguments: {}\n",
         plan.hostname,
