@@ -67,15 +67,7 @@ impl CephNs {
                 root.path().join(d).display()
             ));
         }
-        let holder = netns
-            .enter(|| {
-                Command::new("unshare")
-                    .args(["-m", "--propagation", "slave", "sh", "-c"])
-                    .arg(format!("{mounts}exec sleep infinity"))
-                    .spawn()
-                    .expect("starting the mount namespace holder")
-            })
-            .unwrap();
+        let holder = common::mount_namespace(&netns, &mounts);
         let ns = CephNs {
             netns,
             holder,

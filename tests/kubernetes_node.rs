@@ -64,15 +64,7 @@ impl NodeNs {
             .iter()
             .map(|d| format!("mount -t tmpfs kiln-node {d} && "))
             .collect();
-        let holder = netns
-            .enter(|| {
-                Command::new("unshare")
-                    .args(["-m", "--propagation", "slave", "sh", "-c"])
-                    .arg(format!("{mounts}exec sleep infinity"))
-                    .spawn()
-                    .expect("starting the mount namespace holder")
-            })
-            .unwrap();
+        let holder = common::mount_namespace(&netns, &mounts);
         let cgroup = format!("kiln-test-{}", netns.name());
         for controller in cgroup_controllers() {
             let dir = controller.join(&cgroup);

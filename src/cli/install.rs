@@ -398,13 +398,16 @@ pub fn plan_text(plan: &InstallPlan) -> String {
     for r in &d.reasons {
         s.push_str(&format!("  - {r}\n"));
     }
-    for r in &plan.rejected {
+    let not = |s: &mut String, what: &str, r: &kiln_installer::plan::DiskVerdict| {
         s.push_str(&format!(
-            "  not {} ({}): {}\n",
+            "  not {what}{} ({}): {}\n",
             r.dev_path,
             ByteSize(r.size_bytes).human(),
             r.reasons.join("; ")
-        ));
+        ))
+    };
+    for r in &plan.rejected {
+        not(&mut s, "", r);
     }
     for d in &plan.data_disks {
         s.push_str(&format!(
@@ -416,12 +419,7 @@ pub fn plan_text(plan: &InstallPlan) -> String {
         ));
     }
     for r in &plan.data_rejected {
-        s.push_str(&format!(
-            "  not data {} ({}): {}\n",
-            r.dev_path,
-            ByteSize(r.size_bytes).human(),
-            r.reasons.join("; ")
-        ));
+        not(&mut s, "data ", r);
     }
     s.push_str(&format!(
         "host name {}, {} firmware, kernel arguments: {}\n",

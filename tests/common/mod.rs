@@ -129,3 +129,18 @@ impl<S> Drop for TestAgent<S> {
         }
     }
 }
+
+/// A process holding a mount namespace of its own, in network namespace `netns`, after
+/// running `mounts` (shell commands, each ending in `&& `) in it: a test node's daemons share
+/// it through `nsenter -t PID -m`, and its mounts vanish with it.
+pub fn mount_namespace(netns: &kiln_lab::netns::Netns, mounts: &str) -> std::process::Child {
+    netns
+        .enter(|| {
+            Command::new("unshare")
+                .args(["-m", "--propagation", "slave", "sh", "-c"])
+                .arg(format!("{mounts}exec sleep infinity"))
+                .spawn()
+                .expect("starting the mount namespace holder")
+        })
+        .unwrap()
+}
