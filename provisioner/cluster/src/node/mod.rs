@@ -409,6 +409,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     let pki = |f: &str| host.at(&format!("{}/{f}", paths::PKI));
     // Controller-manager and scheduler: one kubeconfig for the API and for checking their
     // own callers, serving on loopback only; one of each leads among the control planes.
+    // Leases 4x the upstream default: a leader on a loaded or emulated node that misses the
+    // 10 s renew deadline exits, and while it does no CSR is signed and no worker joins.
     let local_component = |component: &str, kubeconfig: &str| {
         let kubeconfig = host.at(kubeconfig);
         vec![
@@ -418,6 +420,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             format!("--authorization-kubeconfig={kubeconfig}"),
             "--bind-address=127.0.0.1".into(),
             "--leader-elect=true".into(),
+            "--leader-elect-lease-duration=60s".into(),
+            "--leader-elect-renew-deadline=40s".into(),
+            "--leader-elect-retry-period=5s".into(),
         ]
     };
     let ip = bracket(&node.node_ip);
