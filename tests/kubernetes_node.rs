@@ -696,6 +696,22 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     .unwrap_or_else(|e| panic!("joining the worker: {e}"));
     wait_ready(&a, &bins, &admin, "node/kiln-b");
     eprintln!("[{:5.1}s] node kiln-b Ready", t0.elapsed().as_secs_f64());
+    // Bringing a running node up again (a retry, an agent restart) imports nothing again:
+    // containerd holds the bundle's images already.
+    let steps = std::sync::Mutex::new(Vec::new());
+    b.run(bring_up(
+        &worker(&join_token, &ca_cert_hash),
+        &host_b,
+        &mut sup_b,
+        &|step| steps.lock().unwrap().push(step.to_string()),
+    ))
+    .unwrap_or_else(|e| panic!("bringing the running worker up again: {e}"));
+    let steps = steps.into_inner().unwrap();
+    assert!(
+        steps.iter().any(|s| s == "starting the kubelet")
+            && !steps.iter().any(|s| s.starts_with("importing")),
+        "a second bring-up's steps: {steps:?}"
+    );
     let csrs = kubectl(
         &a,
         &bins,

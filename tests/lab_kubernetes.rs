@@ -46,6 +46,9 @@ struct Node {
     ip: &'static str,
     cluster_mac: &'static str,
     pod_cidr: &'static str,
+    /// QEMU's niceness: the control plane keeps the larger share of this host's cores, as
+    /// every other node waits on its API server (on real machines each has its own CPUs).
+    nice: i32,
 }
 
 const INIT: Node = Node {
@@ -53,12 +56,14 @@ const INIT: Node = Node {
     ip: "192.168.77.10",
     cluster_mac: "52:54:00:4b:77:0a",
     pod_cidr: "10.42.0.0/24",
+    nice: 0,
 };
 const WORKER: Node = Node {
     name: "kube-b",
     ip: "192.168.77.11",
     cluster_mac: "52:54:00:4b:77:0b",
     pod_cidr: "10.42.1.0/24",
+    nice: 5,
 };
 
 /// The fleet both nodes belong to: kube-a the control plane, kube-b a worker, each with its
@@ -118,9 +123,11 @@ spec:
         kubectl=BIN_DIR/kubectl
         say() { sed "s/^/NAME-$1: /" > /dev/console; }
         mark() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" | say uptime; }
+        # What keeps the node busy, each minute: on a failure the console's tail shows it.
+        while sleep 60; do /bin/busybox top -b -n1 | head -12 | say top; done &
         until /usr/bin/kiln node status > /run/kiln-k8s-status 2>&1 &&
               awk '$1 == "KubernetesReady" && $2 == "True" { ok = 1 } END { exit !ok }' /run/kiln-k8s-status
-        do sleep 2; done
+        do sleep 10; done
         mark ready
         say status < /run/kiln-k8s-status
 PROBE        echo NAME-end > /dev/console
@@ -187,7 +194,7 @@ fn write_node_config(disk: &Path, dir: &Path, node: &Node, probe: &str) -> NodeC
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
-until $kubectl get node {worker} >/dev/null 2>&1; do sleep 2; done
+until $kubectl get node {worker} >/dev/null 2>&1; do sleep 10; done
 $kubectl wait --for=condition=Ready node/{worker} --timeout=900s 2>&1 | say kubectl
 mark worker-ready
 $kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
@@ -244,6 +251,7 @@ fn boot(node: &Node, disk: &Path, console: &Path, hostfwd: Vec<String>, cluster:
         .name(format!("kiln-lab-{}", node.name))
         .firmware(Firmware::Bios)
         .memory_mib(2560)
+        .nice(node.nice)
         .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
         .nic(Nic::User {
             mac: LAB_MAC.into(),
@@ -369,10 +377,20 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         Vec::new(),
         &format!("connect=127.0.0.1:{cluster_port}"),
     );
-    vm_b.wait_for_console("kube-b-end", Duration::from_secs(900))
-        .unwrap_or_else(|e| panic!("{e}"));
-    vm_a.wait_for_console("kube-a-end", Duration::from_secs(900))
-        .unwrap_or_else(|e| panic!("{e}"));
+    // A worker that does not join is as often the control plane's story: show both.
+    let tail = |console: &Path| {
+        let lines = console_lines(console);
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    };
+    for (vm, end) in [(&mut vm_b, "kube-b-end"), (&mut vm_a, "kube-a-end")] {
+        if let Err(e) = vm.wait_for_console(end, Duration::from_secs(900)) {
+            panic!(
+                "{e}\n\nkube-a's console:\n{}\n\nkube-b's console:\n{}",
+                tail(&console_a),
+                tail(&console_b)
+            );
+        }
+    }
 
     let lines_a = console_lines(&console_a);
     let lines_b = console_lines(&console_b);

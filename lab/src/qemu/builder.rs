@@ -20,6 +20,7 @@ pub struct VmBuilder {
     netns: Option<String>,
     work_dir: Option<PathBuf>,
     serial_log: Option<PathBuf>,
+    nice: Option<i32>,
 }
 
 impl Default for VmBuilder {
@@ -40,6 +41,7 @@ impl Default for VmBuilder {
             netns: None,
             work_dir: None,
             serial_log: None,
+            nice: None,
         }
     }
 }
@@ -102,6 +104,13 @@ impl VmBuilder {
         self
     }
     /// Runs QEMU inside an existing network namespace (`ip netns exec NAME …`).
+    /// Runs QEMU at this scheduling niceness: on a host emulating several machines, the one
+    /// others depend on (a control plane) keeps the larger share of the cores.
+    pub fn nice(mut self, nice: i32) -> Self {
+        self.nice = Some(nice);
+        self
+    }
+
     pub fn netns(mut self, name: impl Into<String>) -> Self {
         self.netns = Some(name.into());
         self
@@ -291,9 +300,13 @@ impl VmBuilder {
         a
     }
 
-    /// The program and arguments that start this machine (`ip netns exec` first if needed).
+    /// The program and arguments that start this machine (`nice` and `ip netns exec` first
+    /// if needed).
     pub fn command_line(&self, work_dir: &Path) -> Vec<String> {
         let mut argv = Vec::new();
+        if let Some(n) = self.nice {
+            argv.extend(["nice".to_string(), "-n".into(), n.to_string()]);
+        }
         if let Some(ns) = &self.netns {
             argv.extend(["ip".to_string(), "netns".into(), "exec".into(), ns.clone()]);
         }

@@ -144,10 +144,11 @@ mod tests {
                 bootindex: Some(3),
             })
             .no_reboot(true)
+            .nice(5)
             .netns("ns1")
             .extra_args(["-device", "isa-ipmi-kcs,bmc=bmc0"]);
         let line = shell_quote(&b.command_line(Path::new("/w")));
-        let golden = "ip netns exec ns1 qemu-system-x86_64 -name node1 -machine q35 \
+        let golden = "nice -n 5 ip netns exec ns1 qemu-system-x86_64 -name node1 -machine q35 \
             -accel tcg,thread=multi -cpu max -m 2048 -smp 2 -display none -vga none -nodefaults \
             -serial file:/w/serial.log -qmp unix:/w/qmp.sock,server=on,wait=off \
             -device virtio-rng-pci -no-reboot \

@@ -347,21 +347,7 @@ pub async fn bring_up(
         async move { ok.then_some(()) }
     })
     .await?;
-    for archive in bundle(&host.images)? {
-        progress(&format!("importing {}", archive.display()));
-        let out = ctr(&["images", "import", &archive.display().to_string()]).map_err(|e| {
-            BringupError::Import {
-                archive: archive.display().to_string(),
-                reason: e.to_string(),
-            }
-        })?;
-        if !out.status.success() {
-            return Err(BringupError::Import {
-                archive: archive.display().to_string(),
-                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-    }
+    super::images::import_bundle(&host.images, &ctr, progress)?;
 
     progress("starting the kubelet");
     supervisor.start(&plan.kubelet)?;
@@ -427,21 +413,6 @@ fn forget_registries(root: &Path, plan: &NodePlan) -> Result<(), BringupError> {
         }
     }
     Ok(())
-}
-
-/// The OCI archives of the airgap bundle, sorted; none when the directory does not exist.
-fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(format!("reading {}", dir.display()))(e)),
-    };
-    let mut out: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
-        .collect();
-    out.sort();
-    Ok(out)
 }
 
 /// Whether an interface of this network namespace has `address`.

@@ -40,7 +40,11 @@ pub enum JoinError {
 }
 
 fn client(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
-    let b = reqwest::Client::builder().timeout(Duration::from_secs(15));
+    // The API server's own request limit: a control plane busy bringing up other nodes may
+    // answer late, and a join that gives up sooner only asks again, adding to its load.
+    let b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(60));
     let b = match ca_pem {
         // Not trusted yet: only the pinned hash decides what is accepted.
         None => b.danger_accept_invalid_certs(true),

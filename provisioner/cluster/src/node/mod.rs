@@ -14,6 +14,7 @@
 pub mod bringup;
 pub mod dns;
 pub mod etcd;
+mod images;
 pub mod join;
 pub mod routes;
 pub mod systemd;
