@@ -123,6 +123,8 @@ spec:
         kubectl=BIN_DIR/kubectl
         say() { sed "s/^/NAME-$1: /" > /dev/console; }
         mark() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" | say uptime; }
+        # A loaded API server may time a request out: try again, as an operator would.
+        retry() { n=0; until "$@"; do n=$((n+1)); [ $n -ge 10 ] && return 1; sleep 5; done; }
         # What keeps the node busy, each minute: on a failure the console's tail shows it.
         while sleep 60; do /bin/busybox top -b -n1 | head -12 | say top; done &
         until /usr/bin/kiln node status > /run/kiln-k8s-status 2>&1 &&
@@ -197,13 +199,14 @@ fn init_probe() -> String {
 until $kubectl get node {worker} >/dev/null 2>&1; do sleep 10; done
 $kubectl wait --for=condition=Ready node/{worker} --timeout=900s 2>&1 | say kubectl
 mark worker-ready
-$kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
-sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml | $kubectl apply -f - 2>&1 | say kubectl
+retry $kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
+sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml > /run/kiln-probe-{worker}.yaml
+retry $kubectl apply -f /run/kiln-probe-{worker}.yaml 2>&1 | say kubectl
 $kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeout=600s 2>&1 | say kubectl
 mark pods-running
 $kubectl -n kube-system rollout status deployment/coredns --timeout=600s 2>&1 | say kubectl
 mark dns-running
-cat <<'END' | $kubectl apply -f - 2>&1 | say kubectl
+cat > /run/kiln-hello.yaml <<'END'
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: hello, namespace: default}}
@@ -224,6 +227,7 @@ spec:
   selector: {{app: hello}}
   ports: [{{port: 80, targetPort: 8080}}]
 END
+retry $kubectl apply -f /run/kiln-hello.yaml 2>&1 | say kubectl
 $kubectl rollout status deployment/hello --timeout=600s 2>&1 | say kubectl
 pod=$($kubectl get pods -l app=hello --field-selector=status.phase=Running -o jsonpath='{{.items[0].metadata.name}}')
 for i in $(seq 30); do
@@ -382,8 +386,13 @@ fn installed_nodes_form_a_cluster_and_run_pods() {
         let lines = console_lines(console);
         lines[lines.len().saturating_sub(60)..].join("\n")
     };
-    for (vm, end) in [(&mut vm_b, "kube-b-end"), (&mut vm_a, "kube-a-end")] {
-        if let Err(e) = vm.wait_for_console(end, Duration::from_secs(900)) {
+    // The worker boots, joins and reports Ready while sharing the host with the control
+    // plane: the longer wait.
+    for (vm, end, limit) in [
+        (&mut vm_b, "kube-b-end", 1500),
+        (&mut vm_a, "kube-a-end", 900),
+    ] {
+        if let Err(e) = vm.wait_for_console(end, Duration::from_secs(limit)) {
             panic!(
                 "{e}\n\nkube-a's console:\n{}\n\nkube-b's console:\n{}",
                 tail(&console_a),
