@@ -103,7 +103,6 @@ impl VmBuilder {
         self.no_reboot = no_reboot;
         self
     }
-    /// Runs QEMU inside an existing network namespace (`ip netns exec NAME …`).
     /// Runs QEMU at this scheduling niceness: on a host emulating several machines, the one
     /// others depend on (a control plane) keeps the larger share of the cores.
     pub fn nice(mut self, nice: i32) -> Self {
@@ -111,6 +110,7 @@ impl VmBuilder {
         self
     }
 
+    /// Runs QEMU inside an existing network namespace (`ip netns exec NAME …`).
     pub fn netns(mut self, name: impl Into<String>) -> Self {
         self.netns = Some(name.into());
         self

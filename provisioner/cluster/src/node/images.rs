@@ -13,7 +13,7 @@ use super::bringup::{BringupError, io};
 const NAME_ANNOTATION: &str = "io.containerd.image.name";
 
 /// The OCI archives of the bundle in `dir`, sorted; none when the directory does not exist.
-pub(super) fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
+fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -28,7 +28,7 @@ pub(super) fn bundle(dir: &Path) -> Result<Vec<PathBuf>, BringupError> {
 }
 
 /// The images (name, manifest digest) an OCI image-layout `index.json` names.
-pub(super) fn indexed_images(index: &[u8]) -> BTreeSet<(String, String)> {
+fn indexed_images(index: &[u8]) -> BTreeSet<(String, String)> {
     let Ok(index) = serde_json::from_slice::<serde_json::Value>(index) else {
         return BTreeSet::new();
     };
@@ -44,7 +44,7 @@ pub(super) fn indexed_images(index: &[u8]) -> BTreeSet<(String, String)> {
 }
 
 /// The images (reference, target digest) in `ctr images ls` output.
-pub(super) fn listed_images(ctr_ls: &str) -> BTreeSet<(String, String)> {
+fn listed_images(ctr_ls: &str) -> BTreeSet<(String, String)> {
     ctr_ls
         .lines()
         .skip(1)
