@@ -190,22 +190,17 @@ fn write_node_config(disk: &Path, dir: &Path, node: &Node, probe: &str) -> NodeC
     fleet
 }
 
-/// The first control plane's probe: once the worker has registered, a pod on each node, the
-/// cluster DNS from the bundle running, the bundle's check workload on the worker fetched
-/// through its Service by name from a pod, and the route its agent sets to the worker's pods.
+/// The first control plane's probe: a pod on each node, the cluster DNS from the bundle
+/// running, the bundle's check workload on the worker fetched through its Service by name from
+/// a pod, and the route its agent sets to the worker's pods. What needs no worker is applied
+/// while the worker still boots (the check workload waits for it in the scheduler); the
+/// worker's own pod names it, so it follows its registration (a pod bound to a node that does
+/// not exist is collected). Each wait is one `kubectl` watching, not a poll: under emulation
+/// every `kubectl` start costs the control plane's CPU seconds.
 fn init_probe() -> String {
     format!(
         r#"export KUBECONFIG=/etc/kubernetes/admin.conf
-until $kubectl get node {worker} >/dev/null 2>&1; do sleep 10; done
-$kubectl wait --for=condition=Ready node/{worker} --timeout=900s 2>&1 | say kubectl
-mark worker-ready
-retry $kubectl apply -f /etc/kiln/probe-pod.yaml 2>&1 | say kubectl
-sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml > /run/kiln-probe-{worker}.yaml
-retry $kubectl apply -f /run/kiln-probe-{worker}.yaml 2>&1 | say kubectl
-$kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeout=600s 2>&1 | say kubectl
-mark pods-running
-$kubectl -n kube-system rollout status deployment/coredns --timeout=600s 2>&1 | say kubectl
-mark dns-running
+apply() {{ retry $kubectl apply --validate=false "$@" 2>&1 | say kubectl; }}
 cat > /run/kiln-hello.yaml <<'END'
 apiVersion: apps/v1
 kind: Deployment
@@ -227,7 +222,16 @@ spec:
   selector: {{app: hello}}
   ports: [{{port: 80, targetPort: 8080}}]
 END
-retry $kubectl apply -f /run/kiln-hello.yaml 2>&1 | say kubectl
+apply -f /etc/kiln/probe-pod.yaml -f /run/kiln-hello.yaml
+$kubectl wait --for=create node/{worker} --timeout=1500s 2>&1 | say kubectl
+$kubectl wait --for=condition=Ready node/{worker} --timeout=900s 2>&1 | say kubectl
+mark worker-ready
+sed 's/{init}/{worker}/g' /etc/kiln/probe-pod.yaml > /run/kiln-probe-{worker}.yaml
+apply -f /run/kiln-probe-{worker}.yaml
+$kubectl wait --for=condition=Ready pod/probe-{init} pod/probe-{worker} --timeout=600s 2>&1 | say kubectl
+mark pods-running
+$kubectl -n kube-system rollout status deployment/coredns --timeout=600s 2>&1 | say kubectl
+mark dns-running
 $kubectl rollout status deployment/hello --timeout=600s 2>&1 | say kubectl
 pod=$($kubectl get pods -l app=hello --field-selector=status.phase=Running -o jsonpath='{{.items[0].metadata.name}}')
 for i in $(seq 30); do
