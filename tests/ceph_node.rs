@@ -391,18 +391,33 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
         .map(|d| format!("  - {{device: {d}, usage: ceph-osd}}\n"))
         .collect();
     let config = ns.root.path().join("node.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nspec:\n  dataDisks:\n{}  ceph:\n    monitorAddress: 127.0.0.1\n    publicNetwork: 127.0.0.0/8\n    pools:\n    - {{name: rbd, size: 3, pgNum: 32}}\n",
-            data_disks.concat()
-        ),
-    )
-    .unwrap();
+    let write_config = |pools: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nspec:\n  dataDisks:\n{}  ceph:\n    monitorAddress: 127.0.0.1\n    publicNetwork: 127.0.0.0/8\n    pools:\n    - {{name: rbd, size: 3, pgNum: 32}}\n{pools}",
+                data_disks.concat()
+            ),
+        )
+        .unwrap()
+    };
+    write_config("");
 
-    // The agent makes the cluster; the disk with a file system stays as it was.
+    // The agent makes the cluster; the disk with a file system stays as it was. A pool added
+    // to the config while the bootstrap makes the OSDs is taken up once that bootstrap ends,
+    // and the agent goes on reporting meanwhile.
     let agent = start_agent(&ns, config.clone());
+    wait_for(&agent, t0, |c| c.message.starts_with("OSD on"));
+    write_config("    - {name: vms, size: 3, pgNum: 8}\n");
+    wait_for(&agent, t0, |c| {
+        c.reason == "BringingUp" && c.message.starts_with("the node config changed")
+    });
     let first = wait_for(&agent, t0, settled);
+    let pools = ns.sh("ceph osd pool ls").unwrap();
+    assert!(
+        pools.lines().any(|p| p == "vms"),
+        "the pool added mid-bootstrap: {pools}"
+    );
     eprintln!(
         "[{:5.1}s] HEALTH_OK, every PG active+clean",
         t0.elapsed().as_secs_f64()

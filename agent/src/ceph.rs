@@ -160,15 +160,26 @@ impl Controller for CephController {
                 // A changed spec bootstraps again with what already runs.
                 let supervisor = match c.phase {
                     Phase::Up { supervisor, .. } | Phase::Failed(supervisor) => supervisor,
-                    Phase::Bootstrapping(mut job) => {
-                        // Wait for the running bootstrap: its supervisor holds the daemons.
-                        loop {
-                            if let Some(done) = job.take() {
-                                break done?.0;
-                            }
-                            std::thread::sleep(Duration::from_millis(100));
+                    Phase::Bootstrapping(mut job) => match job.take() {
+                        Some(done) => done?.0,
+                        None => {
+                            // Its supervisor holds the daemons: the new wish starts when the
+                            // running bootstrap ends (which wakes this controller), and the
+                            // engine goes on meanwhile.
+                            let message = format!(
+                                "the node config changed; bootstrapping again once the running \
+                                 bootstrap ends (now: {})",
+                                job.step()
+                            );
+                            let state = bringing_up(&c.wanted, message);
+                            self.current = Some(Current {
+                                wanted: c.wanted,
+                                phase: Phase::Bootstrapping(job),
+                            });
+                            ctx.put(ID, state)?;
+                            return Ok(());
                         }
-                    }
+                    },
                 };
                 self.bootstrap(&wanted, supervisor)
             }
@@ -181,6 +192,19 @@ impl Controller for CephController {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+}
+
+/// The state while a bootstrap runs: nothing read from the cluster yet.
+fn bringing_up(wanted: &Wanted, message: String) -> CephState {
+    CephState {
+        healthy: false,
+        reason: "BringingUp".into(),
+        message,
+        report: CephReport {
+            warnings: wanted.node.warnings(),
+            ..CephReport::default()
+        },
     }
 }
 
@@ -218,7 +242,7 @@ impl CephController {
         Ok(match phase {
             Phase::Bootstrapping(mut job) => match job.take() {
                 None => {
-                    let s = state(false, "BringingUp", job.step(), report(None, None));
+                    let s = bringing_up(wanted, job.step());
                     (Phase::Bootstrapping(job), s, None)
                 }
                 Some(done) => {
