@@ -798,6 +798,25 @@ fn a_kiln_node_runs_a_cluster_and_a_worker_joins_with_its_token() {
     });
     wait_for(&agent_a, t0, |k| k.ready);
     wait_ready(&a, &bins, &admin, "node/kiln-a");
+    // So are an API server and a kube-proxy that stop together: the bring-up's wait for the
+    // API server holds only the API server to account, not kube-proxy, which a later step
+    // starts again.
+    for pattern in [
+        format!("kube-apiserver .*{}", host_a.path(paths::PKI).display()),
+        format!(
+            "kube-proxy --config={}",
+            host_a.path(paths::KUBE_PROXY_CONFIG).display()
+        ),
+    ] {
+        let killed = Command::new("pkill")
+            .args(["-KILL", "-f", "--", &pattern])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "nothing of kiln-a matched {pattern}");
+    }
+    wait_for(&agent_a, t0, |k| k.reason == "ServiceStopped");
+    wait_for(&agent_a, t0, |k| k.ready);
+    wait_ready(&a, &bins, &admin, "node/kiln-a");
 
     // A second control plane joins: its own etcd member, API server, controller-manager and
     // scheduler, with the keys every control plane shares, copied from kiln-a as an operator

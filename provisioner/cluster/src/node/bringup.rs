@@ -448,7 +448,9 @@ where
         if let Some(v) = probe().await {
             return Ok(v);
         }
-        supervisor.check(None)?;
+        // Only the awaited service: one that stopped since an earlier bring-up is started
+        // again by a later step of this one, and must not fail this wait.
+        supervisor.check(Some(service))?;
         if start.elapsed() > STEP_TIMEOUT {
             return Err(BringupError::Timeout {
                 what: what.to_string(),
