@@ -25,6 +25,9 @@ struct Cli {
 enum Cmd {
     /// Build the OS image, hybrid ISO and PXE bundle from an appliance spec
     Build(cli::build::BuildArgs),
+    /// Keys that sign builds, and checking a signed build
+    #[command(subcommand)]
+    Key(cli::key::KeyCmd),
     /// Validate, show and describe appliance specs
     #[command(subcommand)]
     Spec(cli::spec::SpecCmd),
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Build(a) => cli::build::run(a),
         Cmd::Spec(c) => cli::spec::run(c),
+        Cmd::Key(c) => cli::key::run(c),
         Cmd::Node(c) => cli::node::run(c),
         Cmd::Agent(c) => cli::agent::run(c),
         Cmd::Bmc(c) => cli::bmc::run(c),

@@ -48,8 +48,9 @@ fn tool(name: &str, package: &str) -> Command {
     Command::new(name)
 }
 
-/// Builds `spec` (None: the embedded default spec) into `out`; returns the JSON report.
-fn build(spec: Option<&Path>, out: &Path) -> serde_json::Value {
+/// Builds `spec` (None: the embedded default spec) into `out`, signed with `sign_key` when
+/// given; returns the JSON report.
+fn build(spec: Option<&Path>, out: &Path, sign_key: Option<&Path>) -> serde_json::Value {
     let mut cmd = kiln();
     cmd.arg("build")
         .arg("--out")
@@ -57,6 +58,9 @@ fn build(spec: Option<&Path>, out: &Path) -> serde_json::Value {
         .args(["--output", "json"]);
     if let Some(spec) = spec {
         cmd.arg("--spec").arg(spec);
+    }
+    if let Some(key) = sign_key {
+        cmd.arg("--sign-key").arg(key);
     }
     let out = run(&mut cmd);
     serde_json::from_slice(&out.stdout).expect("kiln build --output json prints JSON")
@@ -81,7 +85,7 @@ fn built() -> &'static Path {
             }
         }
         let out = parent.join(format!("build-{}", std::process::id()));
-        let report = build(None, &out);
+        let report = build(None, &out, None);
         assert!(
             report["manifest"]["artifacts"]
                 .as_array()
@@ -526,9 +530,26 @@ fn pxe_root_with_a_wrong_digest_is_not_mounted() {
 }
 
 #[test]
-fn rebuild_after_an_overlay_change_reuses_the_cached_rootfs() {
+fn rebuild_after_an_overlay_change_reuses_the_cached_rootfs_and_is_signed() {
     let first = manifest(built());
     let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    run(kiln().args(["key", "generate", "--out"]).arg(&keys));
+    let (key, public) = (keys.join("kiln.key"), keys.join("kiln.pub"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = kiln()
+        .args(["key", "generate", "--out"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"),
+        "a second generate replaced the key: {again:?}"
+    );
     let spec = dir.path().join("kiln.yaml");
     std::fs::write(
         &spec,
@@ -537,7 +558,7 @@ fn rebuild_after_an_overlay_change_reuses_the_cached_rootfs() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let report = build(Some(&spec), &out);
+    let report = build(Some(&spec), &out, Some(&key));
     assert_eq!(
         report["rootfs_cache_hit"], true,
         "mmdebstrap did not run again: {report}"
@@ -577,6 +598,52 @@ fn rebuild_after_an_overlay_change_reuses_the_cached_rootfs() {
         .arg(out.join("pxe/rootfs.squashfs"))
         .arg("/etc/hostname"));
     assert_eq!(String::from_utf8_lossy(&hostname.stdout).trim(), "rebuilt");
+
+    // Signed: OpenSSL verifies the manifest's signature with the generated public key, the
+    // image trusts that key, and `kiln key verify` checks every artifact against the manifest.
+    let signed_by = report["signed_by"].as_str().unwrap();
+    let verified = run(tool("openssl", "openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+        .arg(&public)
+        .arg("-in")
+        .arg(out.join("manifest.json"))
+        .arg("-sigfile")
+        .arg(out.join("manifest.json.sig")));
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("Signature Verified Successfully"),
+        "{verified:?}"
+    );
+    let trusted = run(tool("unsquashfs", "squashfs-tools")
+        .arg("-cat")
+        .arg(out.join("pxe/rootfs.squashfs"))
+        .arg(format!(
+            "/usr/share/kiln/trusted-keys/{}.pub",
+            signed_by.replace(':', "-")
+        )));
+    assert_eq!(trusted.stdout, std::fs::read(&public).unwrap());
+    let ok = run(kiln()
+        .args(["key", "verify", "--key"])
+        .arg(&public)
+        .arg(&out));
+    assert!(
+        String::from_utf8_lossy(&ok.stdout)
+            .contains(&format!("signed by {signed_by}; 5 artifacts")),
+        "{ok:?}"
+    );
+    let mut script = std::fs::read_to_string(out.join("pxe/boot.ipxe")).unwrap();
+    script.push_str("echo tampered\n");
+    std::fs::write(out.join("pxe/boot.ipxe"), script).unwrap();
+    let tampered = kiln()
+        .args(["key", "verify", "--key"])
+        .arg(&public)
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&tampered.stderr);
+    assert!(
+        !tampered.status.success() && err.contains("pxe/boot.ipxe: ") && !err.contains("kiln.iso"),
+        "a changed boot script: {tampered:?}"
+    );
 }
 
 #[test]

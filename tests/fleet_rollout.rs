@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use kiln_lab::rack::{self, RackNode, RackSpec};
 use kiln_spec::layout;
-use lab_support::{KILN, disk_fingerprint, test_iso, text};
+use lab_support::{KILN, disk_fingerprint, test_iso, test_signing_key, text};
 use serde_json::Value;
 
 /// Generous bounds against hangs only: six machines share two cores under software emulation.
@@ -38,7 +38,13 @@ fn rack_cmd(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn rollout_args<'a>(dir: &'a str, artifacts: &'a str, nodes: &'a str) -> Vec<&'a str> {
+/// A rollout of `nodes` from the signed `artifacts`, checked with `key`.
+fn rollout_args<'a>(
+    dir: &'a str,
+    artifacts: &'a str,
+    key: &'a str,
+    nodes: &'a str,
+) -> Vec<&'a str> {
     vec![
         "fleet",
         "rollout",
@@ -46,6 +52,8 @@ fn rollout_args<'a>(dir: &'a str, artifacts: &'a str, nodes: &'a str) -> Vec<&'a
         dir,
         "--artifacts",
         artifacts,
+        "--trusted-key",
+        key,
         "--nodes",
         nodes,
         "--parallel",
@@ -154,15 +162,37 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
         .map(|n| disk_fingerprint(&n.disks[0]))
         .collect();
 
-    // The plan probes every BMC and touches nothing.
-    let out = rack_cmd(&dir, &["fleet", "plan", "--output", "json", "--inventory"])
-        .arg(&inventory)
-        .arg("--artifacts")
-        .arg(&artifacts)
-        .arg("--state-dir")
-        .arg(&state)
+    // A build not signed by the key the operator trusts is refused before any BMC is asked.
+    let trusted = test_signing_key();
+    let other = tmp.path().join("other");
+    let out = Command::new(KILN)
+        .args(["key", "generate", "--out"])
+        .arg(&other)
         .output()
         .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = |key: &Path| {
+        rack_cmd(&dir, &["fleet", "plan", "--output", "json", "--inventory"])
+            .arg(&inventory)
+            .arg("--artifacts")
+            .arg(&artifacts)
+            .arg("--trusted-key")
+            .arg(key)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let out = plan(&other.join("kiln.pub"));
+    assert!(
+        !out.status.success()
+            && text(&out).contains("manifest.json: the signature does not verify"),
+        "fleet plan with another key: {}",
+        text(&out)
+    );
+
+    // The plan checks the build's signature, probes every BMC and touches nothing.
+    let out = plan(&trusted);
     assert!(out.status.success(), "fleet plan: {}", text(&out));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     for (i, p) in plan.as_array().unwrap().iter().enumerate() {
@@ -193,7 +223,8 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     // The good nodes: killed while the first of them installs, then run again to the end.
     let inv = inventory.to_str().unwrap();
     let art = artifacts.to_str().unwrap();
-    let mut first = rack_cmd(&dir, &rollout_args(inv, art, GOOD));
+    let key = trusted.to_str().unwrap();
+    let mut first = rack_cmd(&dir, &rollout_args(inv, art, key, GOOD));
     first
         .arg("--state-dir")
         .arg(&state)
@@ -222,7 +253,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     let killed = child.wait_with_output().unwrap();
     eprintln!("first rollout, killed:\n{}", text(&killed));
 
-    let mut again = rack_cmd(&dir, &rollout_args(inv, art, GOOD));
+    let mut again = rack_cmd(&dir, &rollout_args(inv, art, key, GOOD));
     again
         .arg("--state-dir")
         .arg(&state)
@@ -342,7 +373,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     }
 
     // The faulty nodes fail, each in its own stage, and nothing else happens to them.
-    let mut faulty = rack_cmd(&dir, &rollout_args(inv, art, FAULTY));
+    let mut faulty = rack_cmd(&dir, &rollout_args(inv, art, key, FAULTY));
     faulty
         .arg("--state-dir")
         .arg(&state)

@@ -51,6 +51,8 @@ pub struct BuildInputs {
     pub kiln_binary: PathBuf,
     /// kiln's Kubernetes build, for images with the `kubernetes` feature.
     pub kubernetes: Option<crate::kubernetes::KubeBinaries>,
+    /// Signs `manifest.json`; its public half goes into the image as a trusted key.
+    pub signing_key: Option<kiln_spec::signing::SigningKey>,
 }
 
 impl BuildInputs {

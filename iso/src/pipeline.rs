@@ -11,8 +11,9 @@ use serde::Serialize;
 use crate::cache::{Cache, rootfs_key};
 use crate::error::{BuildError, Result};
 use crate::initramfs::{self, STAGE1_MODULES};
-use crate::inputs::BuildInputs;
+use crate::inputs::{BuildInputs, OverlayFile};
 use kiln_spec::bootargs::{self, BootDigests};
+use kiln_spec::signing::{SIGNATURE_FILE, TRUSTED_KEYS_DIR};
 
 use crate::manifest::{self, Manifest};
 use crate::progress::{Reporter, StepTiming};
@@ -37,6 +38,9 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Whether the base rootfs came from the cache (mmdebstrap did not run).
     pub rootfs_cache_hit: bool,
+    /// The fingerprint of the key that signed `manifest.json` (and that the image trusts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
     pub timings: Vec<StepTiming>,
     pub seconds: f64,
 }
@@ -96,6 +100,10 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
         out: out.to_path_buf(),
         manifest,
         rootfs_cache_hit: hit,
+        signed_by: inputs
+            .signing_key
+            .as_ref()
+            .map(|k| k.public().fingerprint()),
         timings: rep.timings,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -176,7 +184,16 @@ fn trim_rootfs(
 fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<PathBuf> {
     let t = Instant::now();
     let pb = rep.spinner("overlay");
-    overlay::apply(&dirs.root, &inputs.files, &inputs.units_enabled)?;
+    let mut files = inputs.files.clone();
+    if let Some(key) = &inputs.signing_key {
+        let public = key.public();
+        files.push(OverlayFile {
+            path: format!("{TRUSTED_KEYS_DIR}/{}", public.file_name()),
+            contents: public.to_pem().into_bytes(),
+            mode: 0o644,
+        });
+    }
+    overlay::apply(&dirs.root, &files, &inputs.units_enabled)?;
     let kiln = dirs.root.join("usr/bin/kiln");
     overlay::install_kiln(&inputs.kiln_binary, &kiln)?;
     rep.done(
@@ -185,7 +202,7 @@ fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Resu
         t,
         format!(
             "{} files, {} units",
-            inputs.files.len(),
+            files.len(),
             inputs.units_enabled.len()
         ),
     );
@@ -340,8 +357,12 @@ fn write_manifest(
     std::fs::write(dirs.stage.join(SPEC_FILE), &inputs.spec_yaml)
         .map_err(BuildError::io(format!("writing {SPEC_FILE}")))?;
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises") + "\n";
-    std::fs::write(dirs.stage.join("manifest.json"), json)
+    std::fs::write(dirs.stage.join("manifest.json"), &json)
         .map_err(BuildError::io("writing manifest.json"))?;
+    if let Some(key) = &inputs.signing_key {
+        std::fs::write(dirs.stage.join(SIGNATURE_FILE), key.sign(json.as_bytes()))
+            .map_err(BuildError::io(format!("writing {SIGNATURE_FILE}")))?;
+    }
     rep.done(
         &pb,
         "manifest",

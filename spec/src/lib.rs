@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod nodeconfig;
 pub mod paths;
 pub mod remote;
+pub mod signing;
 pub mod size;
 
 pub use appliance::{Appliance, ApplianceSpec, Feature, ProfileName};

@@ -22,6 +22,10 @@ pub struct BuildArgs {
     /// Build cache [default: $KILN_CACHE or ~/.cache/kiln]
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Sign manifest.json with this ed25519 key (PEM, from `kiln key generate`) and put its
+    /// public half into the image as a trusted key
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
     /// The kiln binary to put into the image [default: this program]
     #[arg(long, value_name = "FILE", hide = true)]
     pub kiln_binary: Option<PathBuf>,
@@ -36,7 +40,16 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         None => std::env::current_exe().context("finding the kiln binary")?,
     };
     let cache = Cache::locate(args.cache.clone());
-    let inputs = resolve(&appliance, spec_yaml, kiln_binary, cache.root())?;
+    // Before the long build: a key that does not load fails now.
+    let signing_key = args
+        .sign_key
+        .as_deref()
+        .map(super::key::load_signing_key)
+        .transpose()?;
+    let inputs = BuildInputs {
+        signing_key,
+        ..resolve(&appliance, spec_yaml, kiln_binary, cache.root())?
+    };
     tracing::info!(
         "building {} ({} packages) into {} with cache {}",
         appliance.metadata.name,
@@ -125,6 +138,7 @@ fn resolve(
         units_enabled: rendered.units_enabled,
         kiln_binary,
         kubernetes,
+        signing_key: None,
     })
 }
 
@@ -162,5 +176,11 @@ fn summary(r: &BuildReport) -> String {
         r.manifest.packages.len(),
         r.manifest.spec_sha256
     ));
+    if let Some(key) = &r.signed_by {
+        s.push_str(&format!(
+            "manifest.json signed by {key} ({})\n",
+            kiln_spec::signing::SIGNATURE_FILE
+        ));
+    }
     s
 }

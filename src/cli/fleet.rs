@@ -63,6 +63,10 @@ pub struct Source {
     /// Appliance spec the nodes install from [default: spec.yaml in --artifacts]
     #[arg(long, value_name = "FILE")]
     spec: Option<PathBuf>,
+    /// Roll out only a build signed by this key (NAME.pub): manifest.json's signature and
+    /// every artifact are checked before any machine is touched
+    #[arg(long, value_name = "FILE")]
+    trusted_key: Option<PathBuf>,
     /// Which nodes: names, globs, role=R, label=V, comma-separated [default: all]
     #[arg(long, value_name = "SELECTOR")]
     nodes: Option<String>,
@@ -184,10 +188,17 @@ fn load(src: &Source) -> anyhow::Result<Loaded> {
     let appliance = Appliance::load(&spec_path)
         .with_context(|| format!("loading the appliance spec {}", spec_path.display()))?;
     let manifest_path = src.artifacts.join("manifest.json");
-    let manifest: Manifest = std::fs::read_to_string(&manifest_path)
-        .map_err(anyhow::Error::from)
-        .and_then(|t| Ok(serde_json::from_str(&t)?))
-        .with_context(|| format!("loading the build manifest {}", manifest_path.display()))?;
+    let manifest: Manifest = match &src.trusted_key {
+        Some(key) => {
+            let key = super::key::load_public_key(key)?;
+            kiln_image::manifest::verify_bundle(&src.artifacts, &key)
+                .context("checking the build's signature and artifacts")?
+        }
+        None => std::fs::read_to_string(&manifest_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(serde_json::from_str(&t)?))
+            .with_context(|| format!("loading the build manifest {}", manifest_path.display()))?,
+    };
     let image_sha256 = manifest
         .sha256_of(kiln_spec::bootargs::PXE_ROOTFS)
         .with_context(|| {

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod docs;
 pub mod fleet;
 pub mod install;
+pub mod key;
 pub mod lab;
 pub mod node;
 pub mod output;

@@ -13,16 +13,37 @@ use kiln_lab::qemu::ConsoleLog;
 pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
 /// The `test` profile ISO, built once per test process (kiln's build cache makes a rebuild of
-/// unchanged inputs fast) into `$KILN_CACHE/lab-install-iso`.
+/// unchanged inputs fast) into `$KILN_CACHE/lab-install-iso`, signed with
+/// [`test_signing_key`].
 pub fn test_iso() -> PathBuf {
     static ISO: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
     let mut iso = ISO.get_or_init(|| Mutex::new(None)).lock().unwrap();
     if let Some(p) = iso.as_ref() {
         return p.clone();
     }
-    let path = build_iso(&["--profile", "test"], "lab-install-iso");
+    let key = test_signing_key().with_extension("key");
+    let path = build_iso(
+        &["--profile", "test", "--sign-key", key.to_str().unwrap()],
+        "lab-install-iso",
+    );
     *iso = Some(path.clone());
     path
+}
+
+/// The public half of the key the test ISO is signed with, made by `kiln key generate` under
+/// `$KILN_CACHE/test-signing` on first use (the private half beside it, `kiln.key`).
+pub fn test_signing_key() -> PathBuf {
+    let dir = kiln_spec::paths::cache_dir().join("test-signing");
+    let public = dir.join("kiln.pub");
+    if !public.exists() {
+        let out = Command::new(KILN)
+            .args(["key", "generate", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kiln key generate:\n{}", text(&out));
+    }
+    public
 }
 
 /// `kiln build` with `args` (the spec to build) into `$KILN_CACHE/<out>`: its ISO.
