@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use kiln_lab::rack::{self, RackNode, RackSpec};
 use kiln_spec::layout;
-use lab_support::{KILN, disk_fingerprint, test_iso, test_signing_key, text};
+use lab_support::{KILN, disk_fingerprint, generate_key, test_iso, test_signing_key, text};
 use serde_json::Value;
 
 /// Generous bounds against hangs only: six machines share two cores under software emulation.
@@ -164,13 +164,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
 
     // A build not signed by the key the operator trusts is refused before any BMC is asked.
     let trusted = test_signing_key();
-    let other = tmp.path().join("other");
-    let out = Command::new(KILN)
-        .args(["key", "generate", "--out"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let other = generate_key(&tmp.path().join("other"));
     let plan = |key: &Path| {
         rack_cmd(&dir, &["fleet", "plan", "--output", "json", "--inventory"])
             .arg(&inventory)
@@ -183,7 +177,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
             .output()
             .unwrap()
     };
-    let out = plan(&other.join("kiln.pub"));
+    let out = plan(&other);
     assert!(
         !out.status.success()
             && text(&out).contains("manifest.json: the signature does not verify"),

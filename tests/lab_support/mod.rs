@@ -35,15 +35,22 @@ pub fn test_iso() -> PathBuf {
 pub fn test_signing_key() -> PathBuf {
     let dir = kiln_spec::paths::cache_dir().join("test-signing");
     let public = dir.join("kiln.pub");
-    if !public.exists() {
-        let out = Command::new(KILN)
-            .args(["key", "generate", "--out"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "kiln key generate:\n{}", text(&out));
+    if public.exists() {
+        public
+    } else {
+        generate_key(&dir)
     }
-    public
+}
+
+/// `kiln key generate` into `dir`: the public key's path.
+pub fn generate_key(dir: &Path) -> PathBuf {
+    let out = Command::new(KILN)
+        .args(["key", "generate", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln key generate:\n{}", text(&out));
+    dir.join("kiln.pub")
 }
 
 /// `kiln build` with `args` (the spec to build) into `$KILN_CACHE/<out>`: its ISO.
