@@ -109,11 +109,10 @@ pub fn verify_bundle(dir: &Path, key: &PublicKey) -> std::result::Result<Manifes
             Ok(_) => {}
         }
     }
-    match std::fs::read(dir.join(SPEC_FILE)) {
+    match std::fs::read(dir.join(SPEC_FILE)).map(|spec| sha256_hex(&spec)) {
         Err(e) => problems.push(format!("reading {SPEC_FILE}: {e}")),
-        Ok(spec) if sha256_hex(&spec) != manifest.spec_sha256 => problems.push(format!(
-            "{SPEC_FILE}: sha256 {}, the manifest says {}",
-            sha256_hex(&spec),
+        Ok(sha256) if sha256 != manifest.spec_sha256 => problems.push(format!(
+            "{SPEC_FILE}: sha256 {sha256}, the manifest says {}",
             manifest.spec_sha256
         )),
         Ok(_) => {}

@@ -5,7 +5,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use kiln_spec::signing::{PublicKey, SigningKey};
+use kiln_spec::signing::{KeyError, PublicKey, SigningKey};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeyCmd {
@@ -93,13 +93,15 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 pub fn load_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    SigningKey::from_pem(&text).with_context(|| format!("loading {}", path.display()))
+    load_pem(path, SigningKey::from_pem)
 }
 
 pub fn load_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    load_pem(path, PublicKey::from_pem)
+}
+
+fn load_pem<T>(path: &Path, parse: fn(&str) -> Result<T, KeyError>) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    PublicKey::from_pem(&text).with_context(|| format!("loading {}", path.display()))
+    parse(&text).with_context(|| format!("loading {}", path.display()))
 }
