@@ -9,6 +9,9 @@
 //! | GET    | /v1/events   | newline-delimited JSON [`Event`]s as they happen        |
 //! | GET    | /v1/kubeconfig | the cluster's admin kubeconfig (first control plane;  |
 //! |        |              | 404 elsewhere)                                          |
+//! | POST   | /v1/upgrade?image=DIR\|URL[&reboot=true][&dryRun=true] | writes a signed   |
+//! |        |              | image into the other slot: [`UpgradeReport`]            |
+//! | POST   | /v1/rollback[?reboot=true] | makes the other good slot the default     |
 //! | GET    | /metrics     | Prometheus text format                                  |
 //!
 //! The same routes are served over HTTPS with client certificates when the node config asks
@@ -20,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,8 +35,12 @@ use serde::de::DeserializeOwned;
 use crate::controllers::{Shared, Sources, plan_now};
 use crate::engine::Trigger;
 use crate::host::Host;
+use crate::slots::{self, UpgradeRequest};
 #[cfg(doc)]
-use crate::status::{Event, NodeStatus, PlanReport};
+use crate::{
+    slots::UpgradeReport,
+    status::{Event, NodeStatus, PlanReport},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/agent.sock";
 
@@ -53,6 +60,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/apply", post(apply))
         .route("/v1/events", get(events))
+        .route("/v1/upgrade", post(upgrade))
+        .route("/v1/rollback", post(rollback))
         .route("/v1/kubeconfig", get(kubeconfig))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -66,13 +75,72 @@ fn json<T: serde::Serialize>(code: StatusCode, value: &T) -> Response {
 }
 
 async fn status(State(s): State<Arc<ApiState>>) -> Response {
-    let st = s
+    let mut st = s
         .shared
         .status
         .read()
         .map(|g| g.clone())
         .unwrap_or_default();
+    let sysroot = s.host.sysroot.clone();
+    st.boot = tokio::task::spawn_blocking(move || slots::status(&sysroot))
+        .await
+        .ok()
+        .flatten();
     json(StatusCode::OK, &st)
+}
+
+/// An upgrade's refusals are the caller's to fix (409); the rest is the node's (500).
+fn upgrade_error(e: &kiln_installer::upgrade::UpgradeError) -> Response {
+    use kiln_installer::upgrade::UpgradeError as E;
+    let code = match e {
+        E::NotInstalled
+        | E::NoBootCounting
+        | E::BootedOnTrial { .. }
+        | E::NoTrustedKeys(_)
+        | E::Untrusted { .. }
+        | E::Bundle { .. }
+        | E::Fetch(_)
+        | E::NothingToRollBackTo { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, e.to_string()).into_response()
+}
+
+async fn upgrade(State(s): State<Arc<ApiState>>, Query(req): Query<UpgradeRequest>) -> Response {
+    let r =
+        tokio::task::spawn_blocking(move || slots::run_upgrade(&s.host.sysroot, &s.shared, &req))
+            .await;
+    match r {
+        Ok(Ok(report)) => {
+            if report.rebooting {
+                slots::reboot_soon();
+            }
+            json(StatusCode::OK, &report)
+        }
+        Ok(Err(e)) => upgrade_error(&e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct RebootQuery {
+    #[serde(default)]
+    reboot: bool,
+}
+
+async fn rollback(State(s): State<Arc<ApiState>>, Query(q): Query<RebootQuery>) -> Response {
+    let r =
+        tokio::task::spawn_blocking(move || slots::run_rollback(&s.host.sysroot, &s.shared)).await;
+    match r {
+        Ok(Ok(entry)) => {
+            if q.reboot {
+                slots::reboot_soon();
+            }
+            json(StatusCode::OK, &entry)
+        }
+        Ok(Err(e)) => upgrade_error(&e),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn plan(State(s): State<Arc<ApiState>>) -> Response {

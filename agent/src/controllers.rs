@@ -530,6 +530,7 @@ impl HostController {
             config,
             conditions: vec![],
             kubernetes: None,
+            boot: None,
             ceph: None,
             resources: vec![],
             last_apply: self.last_apply.clone(),

@@ -180,6 +180,13 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     crate::watch::spawn(sysroot.clone(), shared.clone(), trigger.clone(), "host")
         .map_err(io("starting the file watcher"))?;
+    {
+        let (sysroot, shared) = (sysroot.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("kiln-boot-assessment".into())
+            .spawn(move || crate::slots::assess(sysroot, shared, crate::slots::HEALTH_DEADLINE))
+            .map_err(io("starting the boot assessment"))?;
+    }
 
     let tokio_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

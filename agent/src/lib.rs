@@ -6,6 +6,7 @@
 //!   host, and the crash-safe apply (journal, record of managed resources, atomic writes).
 //! - [`host`] and [`sysroot`]: every host access under one root, behind small traits.
 //! - [`controllers`], [`kubernetes`], [`ceph`], [`watch`], [`api`], [`daemon`]: the running agent.
+//! - [`slots`]: A/B upgrades, rollbacks and the boot assessment.
 
 pub mod api;
 pub mod apply;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod notify;
 pub mod plan;
 pub mod remote;
+pub mod slots;
 pub mod status;
 pub mod sysroot;
 pub mod watch;

@@ -15,6 +15,9 @@ pub struct NodeStatus {
     /// The node's part in its Kubernetes cluster, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesReport>,
+    /// The A/B slots of an installed node: booted, staged, rollback, last assessment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<kiln_spec::boot::BootStatus>,
     /// The node's part in its Ceph cluster, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph: Option<CephReport>,

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
+use kiln_spec::boot::{self, SlotImage, SlotsRecord};
 use kiln_spec::layout::{Layout, PartitionRole, Slot};
 use serde::Serialize;
 
@@ -186,6 +187,33 @@ pub fn state_files(plan: &InstallPlan) -> Vec<StateFile> {
         content: format!("{}\n", plan.hostname),
     });
     files
+}
+
+/// The slot record of a fresh install: slot A holds the image just written.
+fn slot_a_record(sha256: &str, source: &str) -> SlotsRecord {
+    let mut record = SlotsRecord::default();
+    record.images.insert(
+        Slot::A,
+        SlotImage {
+            rootfs_sha256: sha256.to_string(),
+            source: source.to_string(),
+            written: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        },
+    );
+    record
+}
+
+/// `slots.json` in the root overlay's upper layer.
+fn slots_record_file(record: &SlotsRecord) -> StateFile {
+    StateFile {
+        path: format!(
+            "{}/{}",
+            statefs::OVERLAY_UPPER,
+            boot::SLOTS_RECORD_PATH.trim_start_matches('/')
+        ),
+        mode: 0o644,
+        content: serde_json::to_string_pretty(record).expect("a record serializes") + "\n",
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -382,7 +410,14 @@ impl Run<'_> {
             Step::State => {
                 let (offset, len) = self.offset(PartitionRole::State);
                 let seed = self.staging.join("state");
-                statefs::write_seed(&state_files(self.plan), &seed)?;
+                let mut files = state_files(self.plan);
+                if let Some((written, _)) = &self.image {
+                    files.push(slots_record_file(&slot_a_record(
+                        &written.sha256,
+                        &self.plan.image.rootfs.path,
+                    )));
+                }
+                statefs::write_seed(&files, &seed)?;
                 statefs::make_ext4(path, offset, len, &seed)?;
             }
             Step::PartitionTable => {

@@ -12,6 +12,7 @@ pub mod source;
 pub mod stage1;
 pub mod statefs;
 pub mod tools;
+pub mod upgrade;
 
 /// How long a netbooted node keeps trying a download from the provisioner (connection
 /// refused, a cut transfer, a 5xx) before it gives up: long enough to ride out a provisioner

@@ -27,15 +27,13 @@ use kiln_spec::Appliance;
 use kiln_spec::appliance::{
     AfterInstall, DataDiskRules, DiskPreference, DiskRules, FirmwareChoice, WipePolicy,
 };
+use kiln_spec::boot::{self, BootEntryName};
 use kiln_spec::enrol::{ENROLMENT_PATH, Enrolment};
 use kiln_spec::glob::glob_match;
 use kiln_spec::hardware::{Disk, Firmware, HardwareInventory};
 use kiln_spec::layout::{self, Layout, LayoutSizes, PartitionRole, Slot};
 use kiln_spec::nodeconfig::{DataDisk, DataUsage, node_config_for};
 use kiln_spec::size::ByteSize;
-
-/// How many times systemd-boot tries a new entry before falling back.
-pub const BOOT_TRIES: u32 = 3;
 
 /// Where the installed system finds its node config (the agent's lowest-priority source).
 pub const NODE_CONFIG_PATH: &str = "/var/lib/kiln/node.yaml";
@@ -395,11 +393,7 @@ pub fn plan(
         None => (Vec::new(), Vec::new()),
     };
 
-    let mut kernel_args = vec![
-        Slot::A.kernel_arg(),
-        format!("{}={}", layout::DISK_KERNEL_ARG, opts.disk_guid),
-    ];
-    kernel_args.extend(spec.kernel_args());
+    let kernel_args = boot::slot_kernel_args(Slot::A, &opts.disk_guid, &spec.kernel_args());
     let boot_loader = boot_loader(boot_loader_kind, spec, &kernel_args);
     let seed = seed_files(spec, &hostname, &data_disks, opts.enrolment.as_ref());
 
@@ -767,34 +761,33 @@ fn check_consent(
 fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -> BootLoader {
     let slot = Slot::A;
     let dir = slot.esp_dir();
+    // The first generation, on trial like every later one: the agent blesses it.
+    let counted = BootEntryName::on_trial(1, slot);
     let entry = BootEntry {
-        id: format!("kiln-{}", slot.letter().to_ascii_lowercase()),
-        title: format!("{} (slot {})", spec.metadata.name, slot.letter()),
+        id: match kind {
+            BootLoaderKind::SystemdBoot => counted.id(),
+            BootLoaderKind::Grub => format!("kiln-{}", slot.letter().to_ascii_lowercase()),
+        },
+        title: slot_title(spec, slot),
         slot,
         kernel: format!("{dir}/vmlinuz"),
         initrd: format!("{dir}/initrd.img"),
         options: kernel_args.join(" "),
-        tries_left: (kind == BootLoaderKind::SystemdBoot).then_some(BOOT_TRIES),
+        tries_left: (kind == BootLoaderKind::SystemdBoot).then_some(boot::BOOT_TRIES),
     };
     let files = match kind {
         BootLoaderKind::SystemdBoot => vec![
             PlannedFile {
-                path: "/loader/loader.conf".into(),
+                path: boot::LOADER_CONF.into(),
                 mode: "0644".into(),
-                content: format!(
-                    "default {}.conf\ntimeout 3\neditor no\nconsole-mode keep\n",
-                    entry.id
-                ),
+                content: boot::loader_conf(),
                 secret: false,
             },
             PlannedFile {
                 // `+N` is systemd-boot's boot counter: tries left before the entry is bad.
-                path: format!("/loader/entries/{}+{BOOT_TRIES}.conf", entry.id),
+                path: counted.path(),
                 mode: "0644".into(),
-                content: format!(
-                    "title   {}\nlinux   {}\ninitrd  {}\noptions {}\n",
-                    entry.title, entry.kernel, entry.initrd, entry.options
-                ),
+                content: boot::entry_conf(&entry.title, slot, &entry.options),
                 secret: false,
             },
         ],
@@ -819,6 +812,11 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
         entries: vec![entry],
         files,
     }
+}
+
+/// The boot menu's title of a slot.
+pub fn slot_title(spec: &Appliance, slot: Slot) -> String {
+    format!("{} (slot {})", spec.metadata.name, slot.letter())
 }
 
 /// The node config and the spec, seeded into `KILN_STATE` for the agent, and the enrolment
@@ -949,8 +947,9 @@ fn steps(
     let files: Vec<&str> = boot.files.iter().map(|f| f.path.as_str()).collect();
     s.push(match boot.kind {
         BootLoaderKind::SystemdBoot => format!(
-            "install systemd-boot to the ESP as the default EFI loader and write {} (slot A, {BOOT_TRIES} tries)",
-            files.join(", ")
+            "install systemd-boot to the ESP as the default EFI loader and write {} (slot A, {} tries)",
+            files.join(", "),
+            boot::BOOT_TRIES
         ),
         BootLoaderKind::Grub => format!(
             "install GRUB for BIOS: boot code in the protective MBR, core image in {} (LBA {}), {} on the ESP",

@@ -250,6 +250,19 @@ pub fn fetch_text(
     token: Option<&str>,
     patience: Duration,
 ) -> Result<String, SourceError> {
+    let bytes = fetch_bytes(url, token, patience)?;
+    String::from_utf8(bytes).map_err(|e| SourceError::Fetch {
+        url: url.to_string(),
+        reason: format!("not UTF-8 text: {e}"),
+    })
+}
+
+/// Fetches a small document (a spec, a manifest, a signature) into memory; see [`fetch_text`].
+pub fn fetch_bytes(
+    url: &str,
+    token: Option<&str>,
+    patience: Duration,
+) -> Result<Vec<u8>, SourceError> {
     let fail = |reason: String| SourceError::Fetch {
         url: url.to_string(),
         reason,
@@ -272,8 +285,9 @@ pub fn fetch_text(
             let status = resp.status();
             return Err(Attempt::by_status(status, fail(refusal(resp).await)));
         }
-        resp.text()
+        resp.bytes()
             .await
+            .map(|b| b.to_vec())
             .map_err(|e| Attempt::Transient(fail(e.to_string())))
     }))
 }

@@ -263,8 +263,23 @@ fn say(msg: &str) {
     let _ = out.flush();
 }
 
+/// How long an installed slot that cannot boot shows its error before rebooting.
+const FAILED_SLOT_REBOOT: Duration = Duration::from_secs(30);
+
 fn emergency(err: &Stage1Error) -> ! {
     say(&format!("error: {err}"));
+    let installed = fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| Cmdline::parse(&c).get(layout::SLOT_KERNEL_ARG).is_some());
+    if installed {
+        // The boot loader counts this as a failed try of the slot; after the last one it
+        // boots the last good slot. Waiting here forever would need someone at the console.
+        say(&format!(
+            "emergency: this slot cannot boot; rebooting in {} s so the boot loader can fall back.",
+            FAILED_SLOT_REBOOT.as_secs()
+        ));
+        std::thread::sleep(FAILED_SLOT_REBOOT);
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    }
     say("emergency: the root file system could not be mounted; nothing more will happen.");
     say(
         "check the kernel command line (kiln.root=… or kiln.slot=…) and the boot medium, then power-cycle.",
@@ -488,7 +503,7 @@ fn find_iso_by_label(label: &str) -> Option<PathBuf> {
 }
 
 /// The partition named `name` on the whole disk whose GPT disk GUID is `disk`.
-fn find_partition(disk: &uuid::Uuid, name: &str) -> Option<PathBuf> {
+pub fn find_partition(disk: &uuid::Uuid, name: &str) -> Option<PathBuf> {
     let whole = block_devices().into_iter().find_map(|(dev, part)| {
         if part.is_some() {
             return None;

@@ -267,6 +267,24 @@ fn assert_common(f: &Fixture, report: &apply::ApplyReport, events: &[Progress]) 
         ok && host.contains(&format!("{}\n", plan.hostname)),
         "{host}"
     );
+    // The slot record: slot A holds the image just written, by its digest.
+    let (ok, record) = tool(
+        "debugfs",
+        &[
+            "-R",
+            &format!("cat /root/upper{}", kiln_spec::boot::SLOTS_RECORD_PATH),
+            &state,
+        ],
+    );
+    assert!(ok, "{record}");
+    // debugfs adds its banner to what it prints.
+    let json = &record[record.find('{').unwrap_or(0)..=record.rfind('}').unwrap_or(0)];
+    let record: kiln_spec::boot::SlotsRecord =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("slots.json: {e}\n{record}"));
+    assert_eq!(
+        record.images[&kiln_spec::layout::Slot::A].rootfs_sha256,
+        report.image_sha256
+    );
     bytes
 }
 
@@ -282,7 +300,7 @@ fn a_uefi_install_onto_a_disk_image_gives_a_valid_kiln_disk() {
         "::/EFI/BOOT/BOOTX64.EFI",
         "::/EFI/systemd/systemd-bootx64.efi",
         "::/loader/loader.conf",
-        "::/loader/entries/kiln-a+3.conf",
+        "::/loader/entries/kiln-1-a+3.conf",
         "::/kiln/a/vmlinuz",
         "::/kiln/a/initrd.img",
     ] {
@@ -291,7 +309,7 @@ fn a_uefi_install_onto_a_disk_image_gives_a_valid_kiln_disk() {
             "{path} missing from the ESP:\n{out}"
         );
     }
-    let (ok, entry) = tool("mtype", &["-i", &esp, "::/loader/entries/kiln-a+3.conf"]);
+    let (ok, entry) = tool("mtype", &["-i", &esp, "::/loader/entries/kiln-1-a+3.conf"]);
     assert!(ok, "{entry}");
     assert!(entry.contains("kiln.slot=A"), "{entry}");
     // No BIOS boot code: the plan chose systemd-boot.

@@ -56,7 +56,9 @@ pub const SLOT_KERNEL_ARG: &str = "kiln.slot";
 pub const DISK_KERNEL_ARG: &str = "kiln.disk";
 
 /// One of the two OS slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum Slot {
     A,
     B,

@@ -4,6 +4,7 @@
 //! JSON schema of the documents. Nothing here touches disks, networks or processes.
 
 pub mod appliance;
+pub mod boot;
 pub mod bootargs;
 pub mod ceph;
 mod check;

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kiln_agent::slots::{UpgradeReport, UpgradeRequest};
 use kiln_agent::status::{NodeStatus, PlanReport};
 use kiln_agent::{AgentOptions, Client, DEFAULT_SOCKET};
+use kiln_spec::boot::BootEntryName;
 
 use super::output::OutputArgs;
 
@@ -18,6 +20,41 @@ pub enum NodeLocalCmd {
     Plan(LocalArgs),
     /// Re-read the node config and converge the host now
     Apply(LocalArgs),
+    /// Write a signed build into the slot this node did not boot, on trial for the next boot:
+    /// the agent blesses it once the node is healthy, or the node falls back by itself
+    Upgrade(UpgradeArgs),
+    /// Make the other slot's good image the default again (takes effect at the next boot)
+    Rollback(RollbackArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// The build to install: its output directory on this node, or that directory's URL
+    #[arg(long, value_name = "DIR|URL")]
+    pub image: String,
+    /// Reboot into the new slot once it is written
+    #[arg(long)]
+    pub reboot: bool,
+    /// Check the image and show the plan; write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The agent's API socket
+    #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// Reboot into the other slot at once
+    #[arg(long)]
+    pub reboot: bool,
+    /// The agent's API socket
+    #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,7 +203,68 @@ pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        NodeLocalCmd::Upgrade(a) => {
+            let query = serde_urlencoded::to_string(UpgradeRequest {
+                image: a.image.clone(),
+                reboot: a.reboot,
+                dry_run: a.dry_run,
+            })?;
+            let (_, report): (_, UpgradeReport) = rt
+                .block_on(Client::new(&a.socket).json("POST", &format!("/v1/upgrade?{query}"), &[]))
+                .context("upgrading through the agent")?;
+            a.output.emit(&report, upgrade_text)
+        }
+        NodeLocalCmd::Rollback(a) => {
+            let path = format!("/v1/rollback?reboot={}", a.reboot);
+            let (_, entry): (_, BootEntryName) = rt
+                .block_on(Client::new(&a.socket).json("POST", &path, &[]))
+                .context("rolling back through the agent")?;
+            a.output.emit(&entry, |e| {
+                format!(
+                    "slot {} is the default ({}){}\n",
+                    e.slot.letter(),
+                    e.file_name(),
+                    if a.reboot {
+                        "; rebooting"
+                    } else {
+                        "; it boots next time"
+                    }
+                )
+            })
+        }
     }
+}
+
+fn upgrade_text(r: &UpgradeReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} slot {} (booted: {}), image signed by {}:",
+        if r.applied {
+            "upgraded"
+        } else {
+            "would upgrade"
+        },
+        r.plan.target.letter(),
+        r.plan.booted.letter(),
+        r.signed_by
+    );
+    for s in &r.plan.steps {
+        let _ = writeln!(o, "  - {s}");
+    }
+    if r.applied {
+        let _ = writeln!(
+            o,
+            "done in {:.1} s; {}",
+            r.seconds,
+            if r.rebooting {
+                "rebooting into it now"
+            } else {
+                "reboot to try it (kiln node status shows it staged)"
+            }
+        );
+    }
+    o
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -204,6 +302,46 @@ fn status_text(s: &NodeStatus) -> String {
             k.api_server,
             k.ca_cert_hash.as_deref().unwrap_or("(not yet known)")
         );
+    }
+    if let Some(b) = &s.boot {
+        let slot = |r: &kiln_spec::boot::SlotReport| {
+            let image = r
+                .image
+                .as_ref()
+                .map(|i| {
+                    format!(
+                        " image {}",
+                        &i.rootfs_sha256[..i.rootfs_sha256.len().min(16)]
+                    )
+                })
+                .unwrap_or_default();
+            let state = r
+                .state
+                .map(|s| kiln_spec::serde_name(&s))
+                .unwrap_or("no entry".into());
+            format!(
+                "{} (generation {}, {state}){image}",
+                r.slot.letter(),
+                r.generation.map_or("-".into(), |g| g.to_string())
+            )
+        };
+        let _ = writeln!(o, "boot: booted {}", slot(&b.booted));
+        if let Some(r) = &b.staged {
+            let _ = writeln!(o, "  staged {}", slot(r));
+        }
+        if let Some(r) = &b.rollback {
+            let _ = writeln!(o, "  rollback {}", slot(r));
+        }
+        if let Some(a) = &b.last_assessment {
+            let _ = writeln!(
+                o,
+                "  last assessment: slot {} generation {} {}: {}",
+                a.slot.letter(),
+                a.generation,
+                if a.good { "good" } else { "FAILED" },
+                a.reason
+            );
+        }
     }
     if let Some(c) = &s.ceph {
         let _ = writeln!(

@@ -1,0 +1,698 @@
+//! A/B upgrades of a running node: a signed build goes into the slot the node did not boot
+//! from, with a boot entry on trial; the agent blesses or rejects it after the next boot
+//! ([`kiln_spec::boot`] has the rules the loader follows).
+//!
+//! The order of the writes is what keeps the node bootable when power fails at any point:
+//! the target slot's old entry goes first (the loader must never pick a half-written slot),
+//! then the root image (read back and checked), kernel and initrd, and the new entry last,
+//! written under a name the loader ignores and renamed into place. The booted slot and its
+//! entry are never touched; `KILN_STATE` is shared and not part of an upgrade.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_spec::boot::{self, BootEntryName, EntryState, SlotImage};
+use kiln_spec::layout::{self, Slot};
+use kiln_spec::manifest::Manifest;
+use kiln_spec::signing::{PublicKey, SIGNATURE_FILE};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::blockdev::{BlockDevError, Target};
+use crate::stage1::Cmdline;
+use crate::tools::{self, Tool, ToolError};
+
+const MDIR: Tool = Tool::new("mdir", "mtools");
+const MDEL: Tool = Tool::new("mdel", "mtools");
+const MREN: Tool = Tool::new("mren", "mtools");
+
+/// The bundle files an upgrade uses, as the build names them.
+pub const ROOTFS: &str = "pxe/rootfs.squashfs";
+pub const KERNEL: &str = "pxe/vmlinuz";
+pub const INITRD: &str = "pxe/initrd.img";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(
+        "this system was not booted from an installed slot (no kiln.slot and kiln.disk on its \
+         kernel command line): only an installed node can be upgraded"
+    )]
+    NotInstalled,
+    #[error("kiln.disk={0:?} on the kernel command line is not a GUID")]
+    BadDisk(String),
+    #[error("no partition named {name} on the disk with GPT GUID {disk}")]
+    NoPartition {
+        disk: uuid::Uuid,
+        name: &'static str,
+    },
+    #[error(
+        "this node boots with GRUB (BIOS): A/B upgrades need systemd-boot's boot counting, which \
+         only UEFI machines have here"
+    )]
+    NoBootCounting,
+    #[error(
+        "slot {slot} is still on trial (generation {generation}, {left} boot(s) left): wait until \
+         the agent has blessed it, or roll back, before upgrading; writing slot {other} now \
+         would destroy the last good system"
+    )]
+    BootedOnTrial {
+        slot: &'static str,
+        other: &'static str,
+        generation: u32,
+        left: u32,
+    },
+    #[error(
+        "this node trusts no image signing key (its image has nothing in {0}; it was built \
+         without --sign-key), so it cannot check an upgrade"
+    )]
+    NoTrustedKeys(String),
+    #[error("{image}: manifest.json is not signed by a key this node trusts ({keys})")]
+    Untrusted { image: String, keys: String },
+    #[error("{image}: {reason}")]
+    Bundle { image: String, reason: String },
+    #[error(transparent)]
+    Fetch(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error(transparent)]
+    BlockDev(#[from] BlockDevError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("no kiln boot entry for the booted slot {0} on the ESP")]
+    NoBootedEntry(&'static str),
+    #[error("slot {slot} has no good entry to roll back to ({why})")]
+    NothingToRollBackTo { slot: &'static str, why: String },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpgradeError {
+    let what = what.into();
+    move |source| UpgradeError::Io { what, source }
+}
+
+/// Which slot the running system booted and from which disk: `kiln.slot` and `kiln.disk`.
+pub fn booted(cmdline: &str) -> Result<(Slot, uuid::Uuid), UpgradeError> {
+    let c = Cmdline::parse(cmdline);
+    let (Some(slot), Some(disk)) = (
+        c.get(layout::SLOT_KERNEL_ARG),
+        c.get(layout::DISK_KERNEL_ARG),
+    ) else {
+        return Err(UpgradeError::NotInstalled);
+    };
+    let slot = match slot {
+        "A" => Slot::A,
+        "B" => Slot::B,
+        _ => return Err(UpgradeError::NotInstalled),
+    };
+    let guid = disk
+        .parse()
+        .map_err(|_| UpgradeError::BadDisk(disk.to_string()))?;
+    Ok((slot, guid))
+}
+
+/// The partitions of the installed disk, by their GPT names.
+#[derive(Debug, Clone)]
+pub struct NodeDisk {
+    pub guid: uuid::Uuid,
+    pub esp: PathBuf,
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+impl NodeDisk {
+    pub fn find(guid: uuid::Uuid) -> Result<NodeDisk, UpgradeError> {
+        let part = |name: &'static str| {
+            crate::stage1::find_partition(&guid, name)
+                .ok_or(UpgradeError::NoPartition { disk: guid, name })
+        };
+        Ok(NodeDisk {
+            guid,
+            esp: part(layout::ESP)?,
+            a: part(layout::KILN_A)?,
+            b: part(layout::KILN_B)?,
+        })
+    }
+
+    pub fn slot(&self, slot: Slot) -> &Path {
+        match slot {
+            Slot::A => &self.a,
+            Slot::B => &self.b,
+        }
+    }
+
+    pub fn esp(&self) -> Esp {
+        Esp {
+            image: tools::mtools_image(&self.esp, 0),
+        }
+    }
+}
+
+/// The ESP of a running node, through mtools: nothing mounts it, so nothing caches it.
+#[derive(Debug, Clone)]
+pub struct Esp {
+    image: String,
+}
+
+impl Esp {
+    pub fn at(path: &Path, offset: u64) -> Esp {
+        Esp {
+            image: tools::mtools_image(path, offset),
+        }
+    }
+
+    fn on(&self, path: &str) -> String {
+        format!("::{path}")
+    }
+
+    /// Whether systemd-boot is the loader (GRUB machines have no entry directory).
+    pub fn has_entry_dir(&self) -> bool {
+        tools::run(
+            MDIR,
+            "listing the ESP",
+            ["-b", "-i", &self.image, "::/loader"],
+        )
+        .is_ok()
+    }
+
+    /// The kiln entries, newest generation first.
+    pub fn entries(&self) -> Result<Vec<BootEntryName>, ToolError> {
+        let out = tools::run(
+            MDIR,
+            "listing the boot entries",
+            ["-b", "-i", &self.image, &self.on(boot::ENTRY_DIR)],
+        )?;
+        Ok(boot::entries(
+            out.lines()
+                .map(|l| l.trim().rsplit('/').next().unwrap_or_default()),
+        ))
+    }
+
+    /// Makes `dir` unless it exists.
+    pub fn make_dir(&self, dir: &str) -> Result<(), ToolError> {
+        if tools::run(
+            MDIR,
+            "listing the ESP",
+            ["-b", "-i", &self.image, &self.on(dir)],
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+        tools::run(
+            tools::MMD,
+            "creating a directory on the ESP",
+            ["-i", &self.image, &self.on(dir)],
+        )
+        .map(drop)
+    }
+
+    pub fn copy(&self, src: &Path, path: &str) -> Result<(), ToolError> {
+        tools::run(
+            tools::MCOPY,
+            "copying onto the ESP",
+            [
+                "-o".to_string(),
+                "-i".into(),
+                self.image.clone(),
+                src.display().to_string(),
+                self.on(path),
+            ],
+        )
+        .map(drop)
+    }
+
+    pub fn delete(&self, path: &str) -> Result<(), ToolError> {
+        tools::run(
+            MDEL,
+            "deleting from the ESP",
+            ["-i", &self.image, &self.on(path)],
+        )
+        .map(drop)
+    }
+
+    /// Renames an entry in the entry directory.
+    pub fn rename_entry(&self, from: &BootEntryName, to: &BootEntryName) -> Result<(), ToolError> {
+        if from == to {
+            return Ok(());
+        }
+        tools::run(
+            MREN,
+            "renaming a boot entry",
+            [
+                "-D".to_string(),
+                "o".into(),
+                "-i".into(),
+                self.image.clone(),
+                self.on(&from.path()),
+                to.file_name(),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// Writes an entry so it appears whole or not at all: under a name the loader ignores
+    /// (not ending in `.conf`), then renamed.
+    pub fn write_entry(
+        &self,
+        entry: &BootEntryName,
+        text: &str,
+        staging: &Path,
+    ) -> Result<(), UpgradeError> {
+        let src = staging.join("entry.conf");
+        std::fs::write(&src, text).map_err(io_err(format!("writing {}", src.display())))?;
+        let tmp = format!("{}.new", entry.path());
+        self.copy(&src, &tmp)?;
+        tools::run(
+            MREN,
+            "renaming a boot entry",
+            [
+                "-D".to_string(),
+                "o".into(),
+                "-i".into(),
+                self.image.clone(),
+                self.on(&tmp),
+                entry.file_name(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// Where the new image comes from: a build's output directory, or its URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ImageRef {
+    Dir(PathBuf),
+    Url(String),
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> ImageRef {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            ImageRef::Url(s.trim_end_matches('/').to_string())
+        } else {
+            ImageRef::Dir(PathBuf::from(s))
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ImageRef::Dir(d) => d.display().to_string(),
+            ImageRef::Url(u) => u.clone(),
+        }
+    }
+}
+
+/// The trusted public keys in `dir` (`*.pub`), with their fingerprints.
+pub fn trusted_keys(dir: &Path) -> Result<Vec<PublicKey>, UpgradeError> {
+    let none = || UpgradeError::NoTrustedKeys(dir.display().to_string());
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Err(none());
+    };
+    let mut keys = Vec::new();
+    for e in read.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "pub")
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(key) = PublicKey::from_pem(&text)
+        {
+            keys.push(key);
+        }
+    }
+    if keys.is_empty() {
+        return Err(none());
+    }
+    Ok(keys)
+}
+
+/// A bundle whose manifest verified, with its kernel, initrd and root image at hand.
+#[derive(Debug, Clone)]
+pub struct VerifiedImage {
+    pub source: ImageRef,
+    pub manifest: Manifest,
+    pub signed_by: String,
+    pub rootfs: PathBuf,
+    pub rootfs_sha256: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Reads (or downloads into `staging`) the manifest and its signature, checks them against
+/// `keys`, then gets the kernel, initrd and root image, each checked against the manifest.
+/// Nothing is believed before the signature checks; nothing is written to the node's disk.
+pub fn fetch_and_verify(
+    source: &ImageRef,
+    keys: &[PublicKey],
+    staging: &Path,
+    patience: Duration,
+) -> Result<VerifiedImage, UpgradeError> {
+    let bundle = |reason: String| UpgradeError::Bundle {
+        image: source.describe(),
+        reason,
+    };
+    let (json, signature) = match source {
+        ImageRef::Dir(dir) => {
+            let read = |name: &str| {
+                std::fs::read(dir.join(name)).map_err(|e| bundle(format!("reading {name}: {e}")))
+            };
+            (read("manifest.json")?, read(SIGNATURE_FILE)?)
+        }
+        ImageRef::Url(url) => {
+            let get =
+                |name: &str| crate::source::fetch_bytes(&format!("{url}/{name}"), None, patience);
+            (get("manifest.json")?, get(SIGNATURE_FILE)?)
+        }
+    };
+    let signer = keys
+        .iter()
+        .find(|k| k.verify(&json, &signature).is_ok())
+        .ok_or_else(|| UpgradeError::Untrusted {
+            image: source.describe(),
+            keys: keys
+                .iter()
+                .map(PublicKey::fingerprint)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| bundle(format!("manifest.json: {e}")))?;
+    let sha = |path: &str| {
+        manifest
+            .sha256_of(path)
+            .map(str::to_string)
+            .ok_or_else(|| bundle(format!("the manifest lists no {path}")))
+    };
+    let (rootfs_sha, kernel_sha, initrd_sha) = (sha(ROOTFS)?, sha(KERNEL)?, sha(INITRD)?);
+    let local = |rel: &str, want: &str, check: bool| -> Result<PathBuf, UpgradeError> {
+        match source {
+            ImageRef::Dir(dir) => {
+                let path = dir.join(rel);
+                if check {
+                    let got = file_sha256(&path)?;
+                    if got != want {
+                        return Err(bundle(format!(
+                            "{rel}: sha256 {got}, the manifest says {want}"
+                        )));
+                    }
+                }
+                Ok(path)
+            }
+            ImageRef::Url(url) => {
+                let dest = staging.join(rel.rsplit('/').next().unwrap_or(rel));
+                crate::source::fetch_verified(&format!("{url}/{rel}"), want, &dest, patience)?;
+                Ok(dest)
+            }
+        }
+    };
+    Ok(VerifiedImage {
+        source: source.clone(),
+        signed_by: signer.fingerprint(),
+        kernel: local(KERNEL, &kernel_sha, true)?,
+        initrd: local(INITRD, &initrd_sha, true)?,
+        // The slot write hashes the root image as it goes and refuses a mismatch.
+        rootfs: local(ROOTFS, &rootfs_sha, false)?,
+        rootfs_sha256: rootfs_sha,
+        manifest,
+    })
+}
+
+fn file_sha256(path: &Path) -> Result<String, UpgradeError> {
+    let mut f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// What an upgrade will do, decided before anything is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradePlan {
+    pub booted: Slot,
+    pub target: Slot,
+    /// Entries of the target slot that go first (its old image is overwritten).
+    pub removes: Vec<BootEntryName>,
+    pub entry: BootEntryName,
+    pub options: String,
+    pub steps: Vec<String>,
+}
+
+/// Plans writing an image into the slot the node did not boot. Refuses while the booted slot
+/// is itself on trial: its fallback is the other slot, which the upgrade would overwrite.
+pub fn plan(
+    booted: Slot,
+    entries: &[BootEntryName],
+    disk_guid: &uuid::Uuid,
+    kernel_args: &[String],
+    rootfs_sha256: &str,
+) -> Result<UpgradePlan, UpgradeError> {
+    let target = booted.other();
+    let current = entries
+        .iter()
+        .filter(|e| e.slot == booted)
+        .max_by_key(|e| e.generation)
+        .ok_or(UpgradeError::NoBootedEntry(booted.letter()))?;
+    if let (EntryState::OnTrial, Some(t)) = (current.state(), current.tries) {
+        return Err(UpgradeError::BootedOnTrial {
+            slot: booted.letter(),
+            other: target.letter(),
+            generation: current.generation,
+            left: t.left,
+        });
+    }
+    let generation = entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
+    let entry = BootEntryName::on_trial(generation, target);
+    let removes: Vec<BootEntryName> = entries
+        .iter()
+        .filter(|e| e.slot == target)
+        .copied()
+        .collect();
+    let options =
+        boot::slot_kernel_args(target, &disk_guid.hyphenated().to_string(), kernel_args).join(" ");
+    let mut steps = Vec::new();
+    if !removes.is_empty() {
+        steps.push(format!(
+            "remove slot {}'s boot entries ({}) so nothing boots it while it is written",
+            target.letter(),
+            removes
+                .iter()
+                .map(BootEntryName::file_name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    steps.push(format!(
+        "write the root image (sha256 {rootfs_sha256}) into {} and verify it by reading it back",
+        target.gpt_name()
+    ));
+    steps.push(format!(
+        "copy the kernel and initrd to {} on the ESP",
+        target.esp_dir()
+    ));
+    steps.push(format!(
+        "write {} (generation {generation}, {} tries): the next boot tries slot {}, and slot {} \
+         stays the fallback until the agent blesses the new one",
+        entry.path(),
+        boot::BOOT_TRIES,
+        target.letter(),
+        booted.letter(),
+    ));
+    Ok(UpgradePlan {
+        booted,
+        target,
+        removes,
+        entry,
+        options,
+        steps,
+    })
+}
+
+/// Progress of an upgrade being applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpgradeProgress {
+    Step(String),
+    Bytes { done: u64, total: u64 },
+}
+
+/// Applies `plan` with `image`; the record of what the target slot now holds.
+pub fn apply(
+    plan: &UpgradePlan,
+    image: &VerifiedImage,
+    disk: &NodeDisk,
+    title: &str,
+    staging: &Path,
+    progress: &mut dyn FnMut(UpgradeProgress),
+) -> Result<SlotImage, UpgradeError> {
+    let esp = disk.esp();
+    let mut step = 0;
+    let mut say = |progress: &mut dyn FnMut(UpgradeProgress)| {
+        if let Some(s) = plan.steps.get(step) {
+            progress(UpgradeProgress::Step(s.clone()));
+        }
+        step += 1;
+    };
+    if !plan.removes.is_empty() {
+        say(progress);
+        for e in &plan.removes {
+            esp.delete(&e.path())?;
+        }
+    }
+    say(progress);
+    let part = disk.slot(plan.target);
+    let target = Target::open(part)?;
+    let written = target.write_image_verified(
+        &image.rootfs,
+        0,
+        target.size(),
+        Some(&image.rootfs_sha256),
+        |done, total| progress(UpgradeProgress::Bytes { done, total }),
+    )?;
+    say(progress);
+    let dir = plan.target.esp_dir();
+    esp.make_dir(&dir)?;
+    esp.copy(&image.kernel, &format!("{dir}/vmlinuz"))?;
+    esp.copy(&image.initrd, &format!("{dir}/initrd.img"))?;
+    say(progress);
+    esp.write_entry(
+        &plan.entry,
+        &boot::entry_conf(title, plan.target, &plan.options),
+        staging,
+    )?;
+    Ok(SlotImage {
+        rootfs_sha256: written.sha256,
+        source: image.source.describe(),
+        written: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    })
+}
+
+/// Makes the other slot the default: its good entry gets the next generation. Refuses when
+/// the other slot has no good entry (never booted healthy, or overwritten).
+pub fn rollback(booted: Slot, esp: &Esp) -> Result<BootEntryName, UpgradeError> {
+    let entries = esp.entries()?;
+    let other = booted.other();
+    let Some(entry) = entries.iter().find(|e| e.slot == other) else {
+        return Err(UpgradeError::NothingToRollBackTo {
+            slot: other.letter(),
+            why: "it has no boot entry".into(),
+        });
+    };
+    if entry.state() != EntryState::Good {
+        return Err(UpgradeError::NothingToRollBackTo {
+            slot: other.letter(),
+            why: format!("its entry {} is {:?}", entry.file_name(), entry.state()),
+        });
+    }
+    let generation = entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
+    let to = BootEntryName {
+        generation,
+        ..*entry
+    };
+    esp.rename_entry(entry, &to)?;
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(files: &[&str]) -> Vec<BootEntryName> {
+        boot::entries(files.iter().copied())
+    }
+
+    const GUID: &str = "6b696c6e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn the_booted_slot_comes_from_the_command_line() {
+        let (slot, disk) = booted(&format!("kiln.slot=B kiln.disk={GUID} quiet")).unwrap();
+        assert_eq!((slot, disk.to_string()), (Slot::B, GUID.to_string()));
+        assert!(matches!(
+            booted("kiln.root=live:KILN"),
+            Err(UpgradeError::NotInstalled)
+        ));
+        assert!(matches!(
+            booted("kiln.slot=A kiln.disk=x"),
+            Err(UpgradeError::BadDisk(_))
+        ));
+    }
+
+    #[test]
+    fn an_upgrade_goes_into_the_other_slot_with_the_next_generation() {
+        let guid: uuid::Uuid = GUID.parse().unwrap();
+        let p = plan(
+            Slot::A,
+            &names(&["kiln-1-a.conf"]),
+            &guid,
+            &["console=ttyS0".into()],
+            "ab",
+        )
+        .unwrap();
+        assert_eq!(p.target, Slot::B);
+        assert_eq!(p.entry.file_name(), "kiln-2-b+3.conf");
+        assert!(p.removes.is_empty());
+        assert_eq!(
+            p.options,
+            format!("kiln.slot=B kiln.disk={GUID} panic=10 console=ttyS0")
+        );
+        assert_eq!(p.steps.len(), 3);
+        // Back into A from a good B: A's old entry goes first.
+        let p = plan(
+            Slot::B,
+            &names(&["kiln-1-a.conf", "kiln-2-b.conf"]),
+            &guid,
+            &[],
+            "cd",
+        )
+        .unwrap();
+        assert_eq!(p.entry.file_name(), "kiln-3-a+3.conf");
+        assert_eq!(p.removes, names(&["kiln-1-a.conf"]));
+        assert!(p.steps[0].starts_with("remove slot A's boot entries"));
+        // A bad B is overwritten the same way.
+        let p = plan(
+            Slot::A,
+            &names(&["kiln-1-a.conf", "kiln-2-b+0-3.conf"]),
+            &guid,
+            &[],
+            "x",
+        )
+        .unwrap();
+        assert_eq!(p.entry.file_name(), "kiln-3-b+3.conf");
+    }
+
+    #[test]
+    fn no_upgrade_while_the_booted_slot_is_on_trial() {
+        let guid: uuid::Uuid = GUID.parse().unwrap();
+        let e = plan(
+            Slot::B,
+            &names(&["kiln-1-a.conf", "kiln-2-b+2-1.conf"]),
+            &guid,
+            &[],
+            "x",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, UpgradeError::BootedOnTrial { left: 2, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("would destroy the last good system"));
+    }
+
+    #[test]
+    fn image_refs_are_urls_or_directories() {
+        assert_eq!(
+            ImageRef::parse("http://10.0.2.2:8080/v2/"),
+            ImageRef::Url("http://10.0.2.2:8080/v2".into())
+        );
+        assert_eq!(ImageRef::parse("/srv/v2"), ImageRef::Dir("/srv/v2".into()));
+    }
+}
