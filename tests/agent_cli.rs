@@ -479,6 +479,32 @@ fn the_network_api_serves_the_fleets_admins_only() {
     assert_eq!(remote.slot, agent.status().slot);
     assert!(remote.config.valid, "{remote:#?}");
 
+    // An upgrade over the same API reaches the agent, which refuses: this root is no
+    // installed node (the install tier upgrades real ones).
+    let out = Command::new(KILN)
+        .args([
+            "node",
+            "upgrade",
+            "--image",
+            "/srv/v2",
+            "--dry-run",
+            "--node",
+            "n1",
+        ])
+        .arg("--inventory")
+        .arg(&inventory)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--address", &address])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("409") && err.contains("only an installed node can be upgraded"),
+        "{err}"
+    );
+
     // Another fleet's admin: the node does not know its CA (nor it the node's).
     let stranger = dir.path().join("other-fleet");
     kiln_fleet::cluster::FleetSecrets::load_or_create(&stranger).unwrap();

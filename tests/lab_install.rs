@@ -3,7 +3,8 @@
 //! agent is ready, the disk's GPT is exactly kiln's layout, and a second install onto the now
 //! used disk without wipe consent refuses and leaves every byte as it was. On BIOS, a clone of
 //! the installed disk (another kiln disk in the same machine, found first) is booted beside
-//! it: the node runs from, and writes to, only the disk it was installed to.
+//! it: the node runs from, and writes to, only the disk it was installed to. Then each node
+//! goes through the A/B upgrade run of [`lab_support::upgrade`].
 
 mod lab_support;
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
 use kiln_spec::layout::{self, PartitionRole, Slot};
-use lab_support::{disk_fingerprint, lab_install, sgdisk_field, test_iso, text};
+use lab_support::{disk_fingerprint, lab_install, sgdisk_field, test_iso, text, upgrade};
 
 /// `sgdisk -i N`: (name, type GUID).
 fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
@@ -175,6 +176,9 @@ fn install_and_boot(firmware: &str) {
     if firmware == "bios" {
         boots_only_from_its_own_disk(&disk);
     }
+    // Day 2 on the same disk: upgrades, power cuts (on UEFI), an image that cannot boot.
+    let fw: Firmware = firmware.parse().unwrap();
+    upgrade::upgrade_and_fall_back(&disk, fw, fw == Firmware::Uefi);
 }
 
 #[test]

@@ -106,20 +106,31 @@ fn upgrade_error(e: &kiln_installer::upgrade::UpgradeError) -> Response {
     (code, e.to_string()).into_response()
 }
 
-async fn upgrade(State(s): State<Arc<ApiState>>, Query(req): Query<UpgradeRequest>) -> Response {
-    let r =
-        tokio::task::spawn_blocking(move || slots::run_upgrade(&s.host.sysroot, &s.shared, &req))
-            .await;
-    match r {
-        Ok(Ok(report)) => {
-            if report.rebooting {
+/// Runs a slot operation off the async threads, answers what it returns, then reboots when
+/// it says so.
+async fn slot_operation<T: serde::Serialize + Send + 'static>(
+    op: impl FnOnce() -> Result<(T, bool), kiln_installer::upgrade::UpgradeError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok((answer, reboot))) => {
+            if reboot {
                 slots::reboot_soon();
             }
-            json(StatusCode::OK, &report)
+            json(StatusCode::OK, &answer)
         }
         Ok(Err(e)) => upgrade_error(&e),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+async fn upgrade(State(s): State<Arc<ApiState>>, Query(req): Query<UpgradeRequest>) -> Response {
+    slot_operation(move || {
+        slots::run_upgrade(&s.host.sysroot, &s.shared, &req).map(|r| {
+            let reboot = r.rebooting;
+            (r, reboot)
+        })
+    })
+    .await
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -129,18 +140,10 @@ struct RebootQuery {
 }
 
 async fn rollback(State(s): State<Arc<ApiState>>, Query(q): Query<RebootQuery>) -> Response {
-    let r =
-        tokio::task::spawn_blocking(move || slots::run_rollback(&s.host.sysroot, &s.shared)).await;
-    match r {
-        Ok(Ok(entry)) => {
-            if q.reboot {
-                slots::reboot_soon();
-            }
-            json(StatusCode::OK, &entry)
-        }
-        Ok(Err(e)) => upgrade_error(&e),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    slot_operation(move || {
+        slots::run_rollback(&s.host.sysroot, &s.shared).map(|entry| (entry, q.reboot))
+    })
+    .await
 }
 
 async fn plan(State(s): State<Arc<ApiState>>) -> Response {

@@ -130,6 +130,9 @@ fn node_supervisor(root: &Path, log_dir: &Path) -> Box<dyn Supervisor> {
     }
 }
 
+/// How long the ready announcement waits for the boot assessment's verdict (an unhealthy
+/// node keeps being assessed after it).
+const ASSESSMENT_WAIT: Duration = Duration::from_secs(15);
 /// How long the ready announcement waits for the remote API's listener.
 const REMOTE_API_WAIT: Duration = Duration::from_secs(60);
 
@@ -180,13 +183,18 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     crate::watch::spawn(sysroot.clone(), shared.clone(), trigger.clone(), "host")
         .map_err(io("starting the file watcher"))?;
-    {
+    let assessed = {
         let (sysroot, shared) = (sysroot.clone(), shared.clone());
+        let (done, assessed) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("kiln-boot-assessment".into())
-            .spawn(move || crate::slots::assess(sysroot, shared, crate::slots::HEALTH_DEADLINE))
+            .spawn(move || {
+                crate::slots::assess(sysroot, shared, crate::slots::HEALTH_DEADLINE);
+                let _ = done.send(());
+            })
             .map_err(io("starting the boot assessment"))?;
-    }
+        assessed
+    };
 
     let tokio_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -255,6 +263,9 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         // than this (the event stream says why).
         let _ =
             tokio::time::timeout(REMOTE_API_WAIT, remote_served.wait_for(|served| *served)).await;
+        // A healthy node's slot is blessed before it says it is ready, so whoever powers it
+        // off then finds the verdict on its disk.
+        let _ = tokio::task::spawn_blocking(move || assessed.recv_timeout(ASSESSMENT_WAIT)).await;
         let hostname = shared
             .status
             .read()

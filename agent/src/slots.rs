@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_installer::upgrade::{self, Esp, ImageRef, NodeDisk, UpgradeError, UpgradeProgress};
+use kiln_installer::upgrade::{self, BootMenu, ImageRef, NodeDisk, UpgradeError, UpgradeProgress};
 use kiln_spec::boot::{
     self, Assessment, BootEntryName, BootStatus, EntryState, SLOTS_RECORD_PATH, SlotsRecord,
 };
@@ -44,14 +44,8 @@ fn installed_or_refuse(sysroot: &Sysroot) -> Result<(Slot, NodeDisk), UpgradeErr
     installed(sysroot)?.ok_or(UpgradeError::NotInstalled)
 }
 
-/// A systemd-boot ESP, or the refusal for GRUB machines.
-fn counting_esp(disk: &NodeDisk) -> Result<Esp, UpgradeError> {
-    let esp = disk.esp();
-    if esp.has_entry_dir() {
-        Ok(esp)
-    } else {
-        Err(UpgradeError::NoBootCounting)
-    }
+fn boot_menu(disk: &NodeDisk) -> Result<BootMenu, UpgradeError> {
+    BootMenu::on(disk.esp())
 }
 
 pub fn read_record(sysroot: &Sysroot) -> SlotsRecord {
@@ -84,7 +78,7 @@ fn write_record(sysroot: &Sysroot, record: &SlotsRecord) -> std::io::Result<()> 
 /// GRUB).
 pub fn status(sysroot: &Sysroot) -> Option<BootStatus> {
     let (booted, disk) = installed(sysroot).ok()??;
-    let entries = counting_esp(&disk).ok()?.entries().ok()?;
+    let entries = boot_menu(&disk).ok()?.entries().ok()?;
     Some(boot::boot_status(booted, &entries, &read_record(sysroot)))
 }
 
@@ -120,8 +114,8 @@ pub fn run_upgrade(
 ) -> Result<UpgradeReport, UpgradeError> {
     let start = Instant::now();
     let (booted, disk) = installed_or_refuse(sysroot)?;
-    let esp = counting_esp(&disk)?;
-    let entries = esp.entries()?;
+    let menu = boot_menu(&disk)?;
+    let entries = menu.entries()?;
     // The booted slot's state refuses early, before any download.
     upgrade::plan(booted, &entries, &disk.guid, &[], "")?;
     let keys = upgrade::trusted_keys(&sysroot.path(TRUSTED_KEYS_DIR))?;
@@ -169,8 +163,8 @@ pub fn run_upgrade(
             &report.plan,
             &image,
             &disk,
+            &menu,
             &title,
-            &staging,
             &mut |p| match p {
                 UpgradeProgress::Step(s) => say(s),
                 UpgradeProgress::Bytes { done, total } => {
@@ -204,8 +198,8 @@ pub fn run_upgrade(
 /// Makes the other slot's good image the default.
 pub fn run_rollback(sysroot: &Sysroot, shared: &Shared) -> Result<BootEntryName, UpgradeError> {
     let (booted, disk) = installed_or_refuse(sysroot)?;
-    let esp = counting_esp(&disk)?;
-    let to = upgrade::rollback(booted, &esp)?;
+    let menu = boot_menu(&disk)?;
+    let to = upgrade::rollback(booted, &menu)?;
     shared.emit(Event::new(
         "rollback",
         format!(
@@ -254,6 +248,13 @@ fn console(sysroot: &Sysroot, line: &str) {
     }
 }
 
+/// What a boot assessment decided: what to tell, and whether to leave the slot by a reboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub message: String,
+    pub reboot: bool,
+}
+
 /// The boot assessment, after the agent's first converge: a slot on trial is blessed once
 /// healthy, or marked bad and left by a reboot after [`HEALTH_DEADLINE`]. A slot that never
 /// reached the agent (the loader gave up on it) is recorded as such from the slot the node
@@ -262,60 +263,96 @@ pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
     let Ok(Some((booted, disk))) = installed(&sysroot) else {
         return;
     };
-    let Ok(esp) = counting_esp(&disk) else {
+    let Ok(menu) = boot_menu(&disk) else {
         return;
     };
-    let Ok(entries) = esp.entries() else {
-        return;
+    let mut record = read_record(&sysroot);
+    let say = |msg: String| {
+        console(&sysroot, &format!("kiln-agent: {msg}"));
+        shared.emit(Event::new("boot", msg, None));
     };
+    match assess_boot(
+        booted,
+        &menu,
+        &mut record,
+        || healthy(&shared),
+        deadline,
+        HEALTH_POLL,
+    ) {
+        Ok(None) => {}
+        Ok(Some(verdict)) => {
+            if let Err(e) = write_record(&sysroot, &record) {
+                say(format!("could not write {SLOTS_RECORD_PATH}: {e}"));
+            }
+            say(verdict.message);
+            if verdict.reboot {
+                reboot_soon();
+            }
+        }
+        Err(e) => say(format!("could not assess this boot: {e}")),
+    }
+}
+
+/// The decision of [`assess`], with the node's health as `health` and its boot menu as `menu`:
+/// renames the booted slot's entry (blessed or bad) and records the assessment in `record`.
+/// `None` when there is nothing to decide.
+pub fn assess_boot(
+    booted: Slot,
+    menu: &BootMenu,
+    record: &mut SlotsRecord,
+    mut health: impl FnMut() -> Result<(), String>,
+    deadline: Duration,
+    poll: Duration,
+) -> Result<Option<Verdict>, UpgradeError> {
+    let entries = menu.entries()?;
     let Some(current) = entries
         .iter()
         .filter(|e| e.slot == booted)
         .max_by_key(|e| e.generation)
         .copied()
     else {
-        return;
-    };
-    let mut record = read_record(&sysroot);
-    let say = |shared: &Shared, msg: String| {
-        console(&sysroot, &format!("kiln-agent: {msg}"));
-        shared.emit(Event::new("boot", msg, None));
+        return Ok(None);
     };
     if current.state() != EntryState::OnTrial {
         // Fell back here from a newer slot the loader gave up on, unnoticed so far?
-        if let Some(failed) = entries.iter().find(|e| {
+        let Some(failed) = entries.iter().find(|e| {
             e.slot != booted && e.generation > current.generation && e.state() == EntryState::Bad
-        }) && record
+        }) else {
+            return Ok(None);
+        };
+        if record
             .last_assessment
             .as_ref()
-            .is_none_or(|a| a.slot != failed.slot || a.generation != failed.generation)
+            .is_some_and(|a| a.slot == failed.slot && a.generation == failed.generation)
         {
-            let reason = format!(
-                "slot {} (generation {}) used up its {} boot tries without reaching the agent; \
-                 the loader went back to slot {}",
-                failed.slot.letter(),
-                failed.generation,
-                failed.tries.map_or(boot::BOOT_TRIES, |t| t.done),
-                booted.letter()
-            );
-            record.last_assessment = Some(Assessment {
-                slot: failed.slot,
-                generation: failed.generation,
-                good: false,
-                reason: reason.clone(),
-                at: now(),
-            });
-            let _ = write_record(&sysroot, &record);
-            say(&shared, format!("rolled back: {reason}"));
+            return Ok(None);
         }
-        return;
+        let reason = format!(
+            "slot {} (generation {}) used up its {} boot tries without reaching the agent; \
+             the loader went back to slot {}",
+            failed.slot.letter(),
+            failed.generation,
+            failed.tries.map_or(boot::BOOT_TRIES, |t| t.done),
+            booted.letter()
+        );
+        record.last_assessment = Some(Assessment {
+            slot: failed.slot,
+            generation: failed.generation,
+            good: false,
+            reason: reason.clone(),
+            at: now(),
+        });
+        return Ok(Some(Verdict {
+            message: format!("rolled back: {reason}"),
+            reboot: false,
+        }));
     }
     let started = Instant::now();
     let verdict = loop {
-        match healthy(&shared) {
+        match health() {
             Ok(()) => break Ok(()),
             Err(why) if started.elapsed() >= deadline => break Err(why),
-            Err(_) => std::thread::sleep(HEALTH_POLL),
+            Err(_) => std::thread::sleep(poll),
         }
     };
     let (to, good, reason) = match verdict {
@@ -330,13 +367,7 @@ pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
             format!("not healthy within {} s: {why}", deadline.as_secs()),
         ),
     };
-    if let Err(e) = esp.rename_entry(&current, &to) {
-        say(
-            &shared,
-            format!("could not record the assessment on the ESP: {e}"),
-        );
-        return;
-    }
+    menu.set(&current, &to)?;
     record.last_assessment = Some(Assessment {
         slot: booted,
         generation: current.generation,
@@ -344,25 +375,193 @@ pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
         reason: reason.clone(),
         at: now(),
     });
-    let _ = write_record(&sysroot, &record);
-    if good {
-        say(
-            &shared,
-            format!(
-                "slot {} (generation {}) is good: {reason}",
-                booted.letter(),
-                current.generation
+    let slot = booted.letter();
+    let generation = current.generation;
+    let fallback = entries
+        .iter()
+        .any(|e| e.slot != booted && e.state() == EntryState::Good);
+    Ok(Some(if good {
+        Verdict {
+            message: format!("slot {slot} (generation {generation}) is good: {reason}"),
+            reboot: false,
+        }
+    } else if !fallback {
+        // A reboot would come back here: stay up, reachable, and say so.
+        Verdict {
+            message: format!(
+                "slot {slot} (generation {generation}) failed its health check ({reason}); \
+                 there is no good slot to fall back to, so the node stays on it"
             ),
-        );
+            reboot: false,
+        }
     } else {
-        say(
-            &shared,
-            format!(
-                "slot {} (generation {}) failed its health check ({reason}); rebooting into the last good slot",
-                booted.letter(),
-                current.generation
+        Verdict {
+            message: format!(
+                "slot {slot} (generation {generation}) failed its health check ({reason}); \
+                 rebooting into the last good slot"
             ),
-        );
-        reboot_soon();
+            reboot: true,
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_installer::upgrade::Esp;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// A real FAT file system in a file holding `entries` in the menu of `loader`
+    /// (`systemd-boot` or `grub`).
+    fn menu_with(dir: &Path, loader: &str, entries: &[&str]) -> BootMenu {
+        let image = dir.join(format!("{loader}.img"));
+        let file = std::fs::File::create(&image).unwrap();
+        file.set_len(40 << 20).unwrap();
+        let out = Command::new("mkfs.vfat")
+            .args(["-F", "32"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let esp = Esp::at(&image, 0);
+        if loader == "grub" {
+            esp.make_dir("/grub").unwrap();
+            esp.write(boot::GRUBENV, &boot::render_grubenv(&Default::default()))
+                .unwrap();
+        } else {
+            esp.make_dir("/loader").unwrap();
+            esp.make_dir(boot::ENTRY_DIR).unwrap();
+        }
+        let menu = BootMenu::on(esp).unwrap();
+        for e in entries {
+            let name = BootEntryName::parse(e).unwrap();
+            menu.add(&name, "t", "kiln.slot=X").unwrap();
+        }
+        menu
+    }
+
+    fn files(menu: &BootMenu) -> Vec<String> {
+        let mut f: Vec<String> = menu
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| e.file_name())
+            .collect();
+        f.sort();
+        f
+    }
+
+    const LOADERS: [&str; 2] = ["systemd-boot", "grub"];
+
+    /// [`assess_boot`] with no waiting: the health as it is now decides.
+    fn decide(
+        booted: Slot,
+        menu: &BootMenu,
+        record: &mut SlotsRecord,
+        health: impl FnMut() -> Result<(), String>,
+    ) -> Option<Verdict> {
+        assess_boot(booted, menu, record, health, Duration::ZERO, Duration::ZERO).unwrap()
+    }
+
+    #[test]
+    fn a_healthy_slot_on_trial_is_blessed() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-1-a.conf", "kiln-2-b+2-1.conf"]);
+            let mut record = SlotsRecord::default();
+            let mut calls = 0;
+            let health = || {
+                calls += 1;
+                if calls < 3 {
+                    Err("converging".to_string())
+                } else {
+                    Ok(())
+                }
+            };
+            let v = assess_boot(
+                Slot::B,
+                &menu,
+                &mut record,
+                health,
+                Duration::from_secs(60),
+                Duration::ZERO,
+            )
+            .unwrap()
+            .unwrap();
+            assert!(!v.reboot, "{v:?}");
+            assert!(
+                v.message.starts_with("slot B (generation 2) is good"),
+                "{v:?}"
+            );
+            assert_eq!(files(&menu), ["kiln-1-a.conf", "kiln-2-b.conf"]);
+            let a = record.last_assessment.unwrap();
+            assert!(a.good && a.slot == Slot::B && a.generation == 2);
+        }
+    }
+
+    #[test]
+    fn an_unhealthy_slot_is_marked_bad_and_left_for_the_last_good_one() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-1-a.conf", "kiln-2-b+2-1.conf"]);
+            let mut record = SlotsRecord::default();
+            let v = decide(Slot::B, &menu, &mut record, || {
+                Err("ActionFailed: unit:web.service: start failed".to_string())
+            })
+            .unwrap();
+            assert!(v.reboot, "{v:?}");
+            assert!(v.message.contains("unit:web.service"), "{v:?}");
+            assert_eq!(files(&menu), ["kiln-1-a.conf", "kiln-2-b+0-3.conf"]);
+            // The loader's next choice is the last good slot.
+            assert_eq!(
+                boot::next_boot(&menu.entries().unwrap()).unwrap().slot,
+                Slot::A
+            );
+            // Back on A: the failure is already recorded, nothing more to say.
+            let again = decide(Slot::A, &menu, &mut record, || Ok(()));
+            assert_eq!(again, None);
+            assert!(!record.last_assessment.unwrap().good);
+        }
+    }
+
+    #[test]
+    fn an_unhealthy_slot_without_a_fallback_keeps_running() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-1-a+2-1.conf"]);
+            let mut record = SlotsRecord::default();
+            let v = decide(Slot::A, &menu, &mut record, || {
+                Err("ConfigRejected".to_string())
+            })
+            .unwrap();
+            assert!(!v.reboot, "{v:?}");
+            assert!(v.message.contains("no good slot to fall back to"), "{v:?}");
+            assert_eq!(files(&menu), ["kiln-1-a+0-3.conf"]);
+        }
+    }
+
+    #[test]
+    fn a_slot_the_loader_gave_up_on_is_reported_from_the_fallback() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-2-b.conf", "kiln-3-a+0-3.conf"]);
+            let mut record = SlotsRecord::default();
+            let v = decide(Slot::B, &menu, &mut record, || Ok(())).unwrap();
+            assert!(!v.reboot);
+            assert!(
+                v.message
+                    .contains("slot A (generation 3) used up its 3 boot tries"),
+                "{v:?}"
+            );
+            assert_eq!(
+                files(&menu),
+                ["kiln-2-b.conf", "kiln-3-a+0-3.conf"],
+                "nothing renamed"
+            );
+            // Once recorded, later boots say nothing new.
+            let again = decide(Slot::B, &menu, &mut record, || Ok(()));
+            assert_eq!(again, None);
+        }
     }
 }

@@ -26,7 +26,8 @@ const BLOCKLIST: usize = SECTOR - 12;
 /// Real-mode segment where diskboot loads the rest of core.img (0x800 + one sector).
 const CORE_SEGMENT: u16 = 0x820;
 
-/// Modules built into core.img: enough to read a GPT disk's FAT ESP and boot Linux from it.
+/// Modules built into core.img: enough to read a GPT disk's FAT ESP, keep kiln's boot
+/// counters in its `grubenv` and boot Linux from it.
 const MODULES: &[&str] = &[
     "biosdisk",
     "part_gpt",
@@ -41,6 +42,8 @@ const MODULES: &[&str] = &[
     "serial",
     "terminal",
     "boot",
+    // grubenv: the slots' generations and boot counters.
+    "loadenv",
 ];
 
 #[derive(Debug, thiserror::Error)]

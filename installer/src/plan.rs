@@ -773,7 +773,7 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
         kernel: format!("{dir}/vmlinuz"),
         initrd: format!("{dir}/initrd.img"),
         options: kernel_args.join(" "),
-        tries_left: (kind == BootLoaderKind::SystemdBoot).then_some(boot::BOOT_TRIES),
+        tries_left: Some(boot::BOOT_TRIES),
     };
     let files = match kind {
         BootLoaderKind::SystemdBoot => vec![
@@ -791,21 +791,26 @@ fn boot_loader(kind: BootLoaderKind, spec: &Appliance, kernel_args: &[String]) -
                 secret: false,
             },
         ],
-        BootLoaderKind::Grub => vec![PlannedFile {
-            path: "/grub/grub.cfg".into(),
-            mode: "0644".into(),
-            content: format!(
-                "serial --unit=0 --speed=115200\nterminal_input console serial\n\
-                 terminal_output console serial\nset default={id}\nset timeout=3\n\n\
-                 menuentry \"{title}\" --id {id} {{\n    linux {kernel} {options}\n    initrd {initrd}\n}}\n",
-                id = entry.id,
-                title = entry.title,
-                kernel = entry.kernel,
-                options = entry.options,
-                initrd = entry.initrd,
-            ),
-            secret: false,
-        }],
+        BootLoaderKind::Grub => {
+            let mut env = std::collections::BTreeMap::new();
+            boot::set_grubenv_entry(&mut env, slot, Some(&counted));
+            boot::set_grubenv_entry(&mut env, slot.other(), None);
+            let file = |path: String, content: String| PlannedFile {
+                path,
+                mode: "0644".into(),
+                content,
+                secret: false,
+            };
+            vec![
+                file(boot::GRUB_CFG.into(), boot::grub_cfg()),
+                file(
+                    boot::grub_entry_path(slot),
+                    boot::grub_entry(&entry.title, slot, &entry.options),
+                ),
+                // The try counter GRUB counts down, as systemd-boot does in file names.
+                file(boot::GRUBENV.into(), boot::render_grubenv(&env)),
+            ]
+        }
     };
     BootLoader {
         kind,

@@ -26,6 +26,7 @@ use crate::tools::{self, Tool, ToolError};
 const MDIR: Tool = Tool::new("mdir", "mtools");
 const MDEL: Tool = Tool::new("mdel", "mtools");
 const MREN: Tool = Tool::new("mren", "mtools");
+const MTYPE: Tool = Tool::new("mtype", "mtools");
 
 /// The bundle files an upgrade uses, as the build names them.
 pub const ROOTFS: &str = "pxe/rootfs.squashfs";
@@ -47,8 +48,9 @@ pub enum UpgradeError {
         name: &'static str,
     },
     #[error(
-        "this node boots with GRUB (BIOS): A/B upgrades need systemd-boot's boot counting, which \
-         only UEFI machines have here"
+        "the ESP has neither systemd-boot entries nor kiln's GRUB environment (/grub/grubenv): \
+         this node was installed before kiln counted boots, and upgrading it could leave it \
+         without a fallback; reinstall it"
     )]
     NoBootCounting,
     #[error(
@@ -167,38 +169,41 @@ impl Esp {
         format!("::{path}")
     }
 
-    /// Whether systemd-boot is the loader (GRUB machines have no entry directory).
-    pub fn has_entry_dir(&self) -> bool {
+    pub fn exists(&self, path: &str) -> bool {
         tools::run(
             MDIR,
             "listing the ESP",
-            ["-b", "-i", &self.image, "::/loader"],
+            ["-b", "-i", &self.image, &self.on(path)],
         )
         .is_ok()
     }
 
-    /// The kiln entries, newest generation first.
-    pub fn entries(&self) -> Result<Vec<BootEntryName>, ToolError> {
+    /// The names in directory `dir`.
+    pub fn list(&self, dir: &str) -> Result<Vec<String>, ToolError> {
         let out = tools::run(
             MDIR,
-            "listing the boot entries",
-            ["-b", "-i", &self.image, &self.on(boot::ENTRY_DIR)],
+            "listing the ESP",
+            ["-b", "-i", &self.image, &self.on(dir)],
         )?;
-        Ok(boot::entries(
-            out.lines()
-                .map(|l| l.trim().rsplit('/').next().unwrap_or_default()),
-        ))
+        Ok(out
+            .lines()
+            .filter_map(|l| l.trim().rsplit('/').next())
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    pub fn read(&self, path: &str) -> Result<String, ToolError> {
+        tools::run(
+            MTYPE,
+            "reading from the ESP",
+            ["-i", &self.image, &self.on(path)],
+        )
     }
 
     /// Makes `dir` unless it exists.
     pub fn make_dir(&self, dir: &str) -> Result<(), ToolError> {
-        if tools::run(
-            MDIR,
-            "listing the ESP",
-            ["-b", "-i", &self.image, &self.on(dir)],
-        )
-        .is_ok()
-        {
+        if self.exists(dir) {
             return Ok(());
         }
         tools::run(
@@ -233,51 +238,119 @@ impl Esp {
         .map(drop)
     }
 
-    /// Renames an entry in the entry directory.
-    pub fn rename_entry(&self, from: &BootEntryName, to: &BootEntryName) -> Result<(), ToolError> {
-        if from == to {
-            return Ok(());
-        }
+    /// Renames `path` to `name` in the same directory, replacing what has that name.
+    pub fn rename(&self, path: &str, name: &str) -> Result<(), ToolError> {
         tools::run(
             MREN,
-            "renaming a boot entry",
-            [
-                "-D".to_string(),
-                "o".into(),
-                "-i".into(),
-                self.image.clone(),
-                self.on(&from.path()),
-                to.file_name(),
-            ],
+            "renaming on the ESP",
+            ["-D", "o", "-i", &self.image, &self.on(path), name],
         )
         .map(drop)
     }
 
-    /// Writes an entry so it appears whole or not at all: under a name the loader ignores
-    /// (not ending in `.conf`), then renamed.
-    pub fn write_entry(
+    /// Writes `path` so it appears whole or not at all: under another name first (one no
+    /// loader reads), then renamed over it.
+    pub fn write(&self, path: &str, text: &str) -> Result<(), UpgradeError> {
+        let mut src = tempfile::NamedTempFile::new().map_err(io_err("making a staging file"))?;
+        use std::io::Write;
+        src.write_all(text.as_bytes())
+            .and_then(|()| src.flush())
+            .map_err(io_err("writing a staging file"))?;
+        let tmp = format!("{path}.new");
+        self.copy(src.path(), &tmp)?;
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.rename(&tmp, name)?;
+        Ok(())
+    }
+}
+
+/// The boot menu of an installed node, whichever loader reads it: systemd-boot's entry files
+/// (UEFI) or kiln's `grubenv` and per-slot menu files (GRUB, BIOS). Both hold the same
+/// [`BootEntryName`]s and follow the same rules.
+#[derive(Debug, Clone)]
+pub enum BootMenu {
+    SystemdBoot(Esp),
+    Grub(Esp),
+}
+
+impl BootMenu {
+    /// The menu on `esp`; refuses an ESP without boot counting (a GRUB install made before
+    /// kiln counted GRUB boots).
+    pub fn on(esp: Esp) -> Result<BootMenu, UpgradeError> {
+        if esp.exists(boot::ENTRY_DIR) {
+            Ok(BootMenu::SystemdBoot(esp))
+        } else if esp.exists(boot::GRUBENV) {
+            Ok(BootMenu::Grub(esp))
+        } else {
+            Err(UpgradeError::NoBootCounting)
+        }
+    }
+
+    fn grubenv(esp: &Esp) -> Result<std::collections::BTreeMap<String, String>, ToolError> {
+        Ok(boot::parse_grubenv(&esp.read(boot::GRUBENV)?))
+    }
+
+    /// The kiln entries, newest generation first.
+    pub fn entries(&self) -> Result<Vec<BootEntryName>, ToolError> {
+        match self {
+            BootMenu::SystemdBoot(esp) => {
+                let names = esp.list(boot::ENTRY_DIR)?;
+                Ok(boot::entries(names.iter().map(String::as_str)))
+            }
+            BootMenu::Grub(esp) => Ok(boot::grubenv_entries(&Self::grubenv(esp)?)),
+        }
+    }
+
+    fn set_grub(esp: &Esp, slot: Slot, entry: Option<&BootEntryName>) -> Result<(), UpgradeError> {
+        let mut vars = Self::grubenv(esp)?;
+        boot::set_grubenv_entry(&mut vars, slot, entry);
+        esp.write(boot::GRUBENV, &boot::render_grubenv(&vars))
+    }
+
+    /// Adds `entry`, booting `entry.slot` with `options`.
+    pub fn add(
         &self,
         entry: &BootEntryName,
-        text: &str,
-        staging: &Path,
+        title: &str,
+        options: &str,
     ) -> Result<(), UpgradeError> {
-        let src = staging.join("entry.conf");
-        std::fs::write(&src, text).map_err(io_err(format!("writing {}", src.display())))?;
-        let tmp = format!("{}.new", entry.path());
-        self.copy(&src, &tmp)?;
-        tools::run(
-            MREN,
-            "renaming a boot entry",
-            [
-                "-D".to_string(),
-                "o".into(),
-                "-i".into(),
-                self.image.clone(),
-                self.on(&tmp),
-                entry.file_name(),
-            ],
-        )?;
-        Ok(())
+        match self {
+            BootMenu::SystemdBoot(esp) => {
+                esp.write(&entry.path(), &boot::entry_conf(title, entry.slot, options))
+            }
+            BootMenu::Grub(esp) => {
+                esp.write(
+                    &boot::grub_entry_path(entry.slot),
+                    &boot::grub_entry(title, entry.slot, options),
+                )?;
+                Self::set_grub(esp, entry.slot, Some(entry))
+            }
+        }
+    }
+
+    /// Replaces `from` by `to` (blessed, marked bad, a new generation).
+    pub fn set(&self, from: &BootEntryName, to: &BootEntryName) -> Result<(), UpgradeError> {
+        if from == to {
+            return Ok(());
+        }
+        match self {
+            BootMenu::SystemdBoot(esp) => Ok(esp.rename(&from.path(), &to.file_name())?),
+            BootMenu::Grub(esp) => Self::set_grub(esp, to.slot, Some(to)),
+        }
+    }
+
+    /// Removes `entry`: nothing boots its slot any more.
+    pub fn remove(&self, entry: &BootEntryName) -> Result<(), UpgradeError> {
+        match self {
+            BootMenu::SystemdBoot(esp) => Ok(esp.delete(&entry.path())?),
+            BootMenu::Grub(esp) => Self::set_grub(esp, entry.slot, None),
+        }
+    }
+
+    pub fn esp(&self) -> &Esp {
+        match self {
+            BootMenu::SystemdBoot(esp) | BootMenu::Grub(esp) => esp,
+        }
     }
 }
 
@@ -501,9 +574,9 @@ pub fn plan(
         target.esp_dir()
     ));
     steps.push(format!(
-        "write {} (generation {generation}, {} tries): the next boot tries slot {}, and slot {} \
-         stays the fallback until the agent blesses the new one",
-        entry.path(),
+        "add slot {}'s boot entry (generation {generation}, {} tries): the next boot tries slot {}, \
+         and slot {} stays the fallback until the agent blesses the new one",
+        target.letter(),
         boot::BOOT_TRIES,
         target.letter(),
         booted.letter(),
@@ -530,11 +603,10 @@ pub fn apply(
     plan: &UpgradePlan,
     image: &VerifiedImage,
     disk: &NodeDisk,
+    menu: &BootMenu,
     title: &str,
-    staging: &Path,
     progress: &mut dyn FnMut(UpgradeProgress),
 ) -> Result<SlotImage, UpgradeError> {
-    let esp = disk.esp();
     let mut step = 0;
     let mut say = |progress: &mut dyn FnMut(UpgradeProgress)| {
         if let Some(s) = plan.steps.get(step) {
@@ -545,7 +617,7 @@ pub fn apply(
     if !plan.removes.is_empty() {
         say(progress);
         for e in &plan.removes {
-            esp.delete(&e.path())?;
+            menu.remove(e)?;
         }
     }
     say(progress);
@@ -559,16 +631,13 @@ pub fn apply(
         |done, total| progress(UpgradeProgress::Bytes { done, total }),
     )?;
     say(progress);
+    let esp = menu.esp();
     let dir = plan.target.esp_dir();
     esp.make_dir(&dir)?;
     esp.copy(&image.kernel, &format!("{dir}/vmlinuz"))?;
     esp.copy(&image.initrd, &format!("{dir}/initrd.img"))?;
     say(progress);
-    esp.write_entry(
-        &plan.entry,
-        &boot::entry_conf(title, plan.target, &plan.options),
-        staging,
-    )?;
+    menu.add(&plan.entry, title, &plan.options)?;
     Ok(SlotImage {
         rootfs_sha256: written.sha256,
         source: image.source.describe(),
@@ -578,8 +647,8 @@ pub fn apply(
 
 /// Makes the other slot the default: its good entry gets the next generation. Refuses when
 /// the other slot has no good entry (never booted healthy, or overwritten).
-pub fn rollback(booted: Slot, esp: &Esp) -> Result<BootEntryName, UpgradeError> {
-    let entries = esp.entries()?;
+pub fn rollback(booted: Slot, menu: &BootMenu) -> Result<BootEntryName, UpgradeError> {
+    let entries = menu.entries()?;
     let other = booted.other();
     let Some(entry) = entries.iter().find(|e| e.slot == other) else {
         return Err(UpgradeError::NothingToRollBackTo {
@@ -598,7 +667,7 @@ pub fn rollback(booted: Slot, esp: &Esp) -> Result<BootEntryName, UpgradeError> 
         generation,
         ..*entry
     };
-    esp.rename_entry(entry, &to)?;
+    menu.set(entry, &to)?;
     Ok(to)
 }
 

@@ -331,10 +331,18 @@ fn a_bios_install_puts_grub_into_the_mbr_and_biosboot() {
     assert_eq!(&bytes[core + 500..core + 508], &2049u64.to_le_bytes());
     let esp = mtools_image(&f.disk, offset(&f.plan, PartitionRole::Esp));
     let (ok, cfg) = tool("mtype", &["-i", &esp, "::/grub/grub.cfg"]);
+    assert!(ok && cfg.contains("load_env"), "{cfg}");
+    let (ok, entry) = tool("mtype", &["-i", &esp, "::/grub/kiln-a.cfg"]);
     assert!(
-        ok && cfg.contains("linux /kiln/a/vmlinuz kiln.slot=A"),
-        "{cfg}"
+        ok && entry.contains("linux /kiln/a/vmlinuz kiln.slot=A"),
+        "{entry}"
     );
+    // Slot A on trial: generation 1, three tries, in the block GRUB rewrites in place.
+    let (ok, env) = tool("mtype", &["-i", &esp, "::/grub/grubenv"]);
+    assert!(ok && env.len() == 1024, "{env}");
+    let entries = kiln_spec::boot::grubenv_entries(&kiln_spec::boot::parse_grubenv(&env));
+    let names: Vec<String> = entries.iter().map(|e| e.file_name()).collect();
+    assert_eq!(names, ["kiln-1-a+3.conf"]);
 }
 
 #[test]

@@ -53,6 +53,130 @@ pub fn entry_conf(title: &str, slot: Slot, options: &str) -> String {
     format!("title   {title}\nlinux   {dir}/vmlinuz\ninitrd  {dir}/initrd.img\noptions {options}\n")
 }
 
+/// GRUB (BIOS machines) follows the same rules from a script: the ESP's `grubenv` holds each
+/// slot's generation and tries (`kiln_a_gen=1`, `kiln_b_tries=2`, `good` once blessed, `0`
+/// when bad), `grub.cfg` boots the newest slot that is not bad and counts its try down with
+/// `save_env`, and each slot's menu entry is its own file, like a systemd-boot entry.
+pub const GRUB_CFG: &str = "/grub/grub.cfg";
+pub const GRUBENV: &str = "/grub/grubenv";
+/// What `grub-editenv` writes: a 1024-byte block GRUB rewrites in place.
+const GRUBENV_HEADER: &str = "# GRUB Environment Block\n";
+const GRUBENV_SIZE: usize = 1024;
+const GOOD: &str = "good";
+
+/// The menu entry file of a slot on the ESP: `/grub/kiln-a.cfg`.
+pub fn grub_entry_path(slot: Slot) -> String {
+    format!("/grub/kiln-{}.cfg", slot.letter().to_ascii_lowercase())
+}
+
+/// A slot's GRUB menu entry, with the id `grub.cfg` selects it by.
+pub fn grub_entry(title: &str, slot: Slot, options: &str) -> String {
+    let s = slot.letter().to_ascii_lowercase();
+    let dir = slot.esp_dir();
+    format!(
+        "menuentry \"{title}\" --id kiln-{s} {{\n    linux {dir}/vmlinuz {options}\n    initrd {dir}/initrd.img\n}}\n"
+    )
+}
+
+/// `grub.cfg`: picks the slot as systemd-boot would pick its entries and counts its try down.
+/// GRUB has no arithmetic, so each count is a branch.
+pub fn grub_cfg() -> String {
+    let boot = |s: &str| {
+        let mut t = String::new();
+        for left in (1..=BOOT_TRIES).rev() {
+            let kw = if left == BOOT_TRIES { "if" } else { "elif" };
+            t.push_str(&format!(
+                "    {kw} [ \"$kiln_{s}_tries\" = {left} ]; then set kiln_{s}_tries={}; save_env kiln_{s}_tries\n",
+                left - 1
+            ));
+        }
+        t.push_str(&format!("    fi\n    set default=kiln-{s}\n"));
+        t
+    };
+    format!(
+        "serial --unit=0 --speed=115200\nterminal_input console serial\nterminal_output console serial\n\
+         set timeout=3\nload_env\n\
+         if [ -z \"$kiln_a_gen\" ]; then set kiln_a_gen=0; fi\n\
+         if [ -z \"$kiln_b_gen\" ]; then set kiln_b_gen=0; fi\n\
+         # The newest slot that is not bad; the newest at all when both are.\n\
+         if [ \"$kiln_b_gen\" -gt \"$kiln_a_gen\" -a \"$kiln_b_tries\" != 0 ]; then\n{b}\
+         elif [ \"$kiln_a_gen\" != 0 -a \"$kiln_a_tries\" != 0 ]; then\n{a}\
+         elif [ \"$kiln_b_gen\" != 0 -a \"$kiln_b_tries\" != 0 ]; then\n{b}\
+         elif [ \"$kiln_b_gen\" -gt \"$kiln_a_gen\" ]; then\n    set default=kiln-b\n\
+         else\n    set default=kiln-a\nfi\n\
+         for kiln_slot in a b; do\n    \
+         if [ -f \"$prefix/kiln-$kiln_slot.cfg\" ]; then source \"$prefix/kiln-$kiln_slot.cfg\"; fi\n\
+         done\n",
+        a = boot("a"),
+        b = boot("b"),
+    )
+}
+
+/// The variables of a `grubenv` block, in order.
+pub fn parse_grubenv(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A `grubenv` block: the header, the variables, `#` padding to 1024 bytes.
+pub fn render_grubenv(vars: &BTreeMap<String, String>) -> String {
+    let mut t = GRUBENV_HEADER.to_string();
+    for (k, v) in vars {
+        t.push_str(&format!("{k}={v}\n"));
+    }
+    let pad = GRUBENV_SIZE.saturating_sub(t.len());
+    t.push_str(&"#".repeat(pad));
+    t
+}
+
+/// The kiln entries a `grubenv` describes, newest generation first.
+pub fn grubenv_entries(vars: &BTreeMap<String, String>) -> Vec<BootEntryName> {
+    let mut out = Vec::new();
+    for slot in [Slot::A, Slot::B] {
+        let s = slot.letter().to_ascii_lowercase();
+        let Some(generation) = vars
+            .get(&format!("kiln_{s}_gen"))
+            .and_then(|g| g.parse::<u32>().ok())
+            .filter(|g| *g > 0)
+        else {
+            continue;
+        };
+        let tries = match vars.get(&format!("kiln_{s}_tries")).map(String::as_str) {
+            None | Some(GOOD) => None,
+            Some(n) => n.parse::<u32>().ok().map(|left| Tries {
+                left,
+                done: BOOT_TRIES.saturating_sub(left),
+            }),
+        };
+        out.push(BootEntryName {
+            generation,
+            slot,
+            tries,
+        });
+    }
+    out.sort_by_key(|e| std::cmp::Reverse(e.generation));
+    out
+}
+
+/// Sets (or, with `None`, clears) `slot`'s entry in `vars`.
+pub fn set_grubenv_entry(
+    vars: &mut BTreeMap<String, String>,
+    slot: Slot,
+    entry: Option<&BootEntryName>,
+) {
+    let s = slot.letter().to_ascii_lowercase();
+    let generation = entry.map_or(0, |e| e.generation);
+    vars.insert(format!("kiln_{s}_gen"), generation.to_string());
+    let tries = match entry.and_then(|e| e.tries) {
+        None => GOOD.to_string(),
+        Some(t) => t.left.to_string(),
+    };
+    vars.insert(format!("kiln_{s}_tries"), tries);
+}
+
 /// systemd-boot's boot counter in an entry's file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tries {
@@ -363,6 +487,50 @@ mod tests {
         assert_eq!(s.staged, None);
         assert_eq!(s.rollback.as_ref().map(|r| r.slot), Some(Slot::A));
         assert_eq!(s.booted.state, Some(EntryState::Good));
+    }
+
+    #[test]
+    fn grubenv_holds_the_same_entries_as_systemd_boot_files() {
+        let mut vars = BTreeMap::new();
+        let a = BootEntryName::on_trial(1, Slot::A);
+        set_grubenv_entry(&mut vars, Slot::A, Some(&a.blessed()));
+        set_grubenv_entry(
+            &mut vars,
+            Slot::B,
+            Some(&BootEntryName::on_trial(2, Slot::B)),
+        );
+        let text = render_grubenv(&vars);
+        assert_eq!(text.len(), 1024);
+        assert!(text.starts_with("# GRUB Environment Block\nkiln_a_gen=1\nkiln_a_tries=good\n"));
+        let back = grubenv_entries(&parse_grubenv(&text));
+        let files: Vec<String> = back.iter().map(BootEntryName::file_name).collect();
+        assert_eq!(files, ["kiln-2-b+3.conf", "kiln-1-a.conf"]);
+        // GRUB counted two boots; the agent marks it bad.
+        vars.insert("kiln_b_tries".into(), "1".into());
+        let b = grubenv_entries(&vars)[0];
+        assert_eq!(b.tries, Some(Tries { left: 1, done: 2 }));
+        set_grubenv_entry(&mut vars, Slot::B, Some(&b.marked_bad()));
+        assert_eq!(vars["kiln_b_tries"], "0");
+        assert_eq!(next_boot(&grubenv_entries(&vars)).unwrap().slot, Slot::A);
+        set_grubenv_entry(&mut vars, Slot::B, None);
+        assert_eq!(grubenv_entries(&vars).len(), 1);
+    }
+
+    #[test]
+    fn grub_cfg_counts_down_and_sources_each_slot() {
+        let cfg = grub_cfg();
+        assert!(cfg.contains("load_env\n"));
+        assert!(cfg.contains(
+            "if [ \"$kiln_b_tries\" = 3 ]; then set kiln_b_tries=2; save_env kiln_b_tries\n"
+        ));
+        assert!(cfg.contains(
+            "elif [ \"$kiln_a_tries\" = 1 ]; then set kiln_a_tries=0; save_env kiln_a_tries\n"
+        ));
+        assert!(cfg.contains("source \"$prefix/kiln-$kiln_slot.cfg\""));
+        assert_eq!(
+            grub_entry("t", Slot::B, "kiln.slot=B"),
+            "menuentry \"t\" --id kiln-b {\n    linux /kiln/b/vmlinuz kiln.slot=B\n    initrd /kiln/b/initrd.img\n}\n"
+        );
     }
 
     #[test]

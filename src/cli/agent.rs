@@ -20,8 +20,8 @@ pub enum NodeLocalCmd {
     Plan(LocalArgs),
     /// Re-read the node config and converge the host now
     Apply(LocalArgs),
-    /// Write a signed build into the slot this node did not boot, on trial for the next boot:
-    /// the agent blesses it once the node is healthy, or the node falls back by itself
+    /// Write a signed build into the slot this node (or --node) did not boot, on trial for
+    /// the next boot: the agent blesses it once healthy, or the node falls back by itself
     Upgrade(UpgradeArgs),
     /// Make the other slot's good image the default again (takes effect at the next boot)
     Rollback(RollbackArgs),
@@ -29,7 +29,7 @@ pub enum NodeLocalCmd {
 
 #[derive(Debug, clap::Args)]
 pub struct UpgradeArgs {
-    /// The build to install: its output directory on this node, or that directory's URL
+    /// The build to install: its output directory on the node, or that directory's URL
     #[arg(long, value_name = "DIR|URL")]
     pub image: String,
     /// Reboot into the new slot once it is written
@@ -38,11 +38,8 @@ pub struct UpgradeArgs {
     /// Check the image and show the plan; write nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// The agent's API socket
-    #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub local: LocalArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,11 +47,8 @@ pub struct RollbackArgs {
     /// Reboot into the other slot at once
     #[arg(long)]
     pub reboot: bool,
-    /// The agent's API socket
-    #[arg(long, value_name = "PATH", env = "KILN_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
     #[command(flatten)]
-    pub output: OutputArgs,
+    pub local: LocalArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,9 +108,20 @@ impl LocalArgs {
     /// A `GET` of `path` from the agent this command talks to: another node's over the
     /// network (`--node`), else this node's on its socket.
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<T> {
         match self.remote.api()? {
-            Some(api) => Ok(serde_json::from_slice(&api.get(path).await?)?),
-            None => Ok(Client::new(&self.socket).json("GET", path, &[]).await?.1),
+            Some(api) => Ok(serde_json::from_slice(&api.request(method, path).await?)?),
+            None => Ok(Client::new(&self.socket)
+                .json(method.as_str(), path, &[])
+                .await?
+                .1),
         }
     }
 }
@@ -209,17 +214,20 @@ pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
                 reboot: a.reboot,
                 dry_run: a.dry_run,
             })?;
-            let (_, report): (_, UpgradeReport) = rt
-                .block_on(Client::new(&a.socket).json("POST", &format!("/v1/upgrade?{query}"), &[]))
+            let report: UpgradeReport = rt
+                .block_on(
+                    a.local
+                        .call(reqwest::Method::POST, &format!("/v1/upgrade?{query}")),
+                )
                 .context("upgrading through the agent")?;
-            a.output.emit(&report, upgrade_text)
+            a.local.output.emit(&report, upgrade_text)
         }
         NodeLocalCmd::Rollback(a) => {
             let path = format!("/v1/rollback?reboot={}", a.reboot);
-            let (_, entry): (_, BootEntryName) = rt
-                .block_on(Client::new(&a.socket).json("POST", &path, &[]))
+            let entry: BootEntryName = rt
+                .block_on(a.local.call(reqwest::Method::POST, &path))
                 .context("rolling back through the agent")?;
-            a.output.emit(&entry, |e| {
+            a.local.output.emit(&entry, |e| {
                 format!(
                     "slot {} is the default ({}){}\n",
                     e.slot.letter(),

@@ -83,6 +83,15 @@ impl NodeApi {
 
     /// The body of a `GET` of `path` that the agent answered 200.
     pub async fn get(&self, path: &str) -> Result<Vec<u8>, NodeApiError> {
+        self.request(reqwest::Method::GET, path).await
+    }
+
+    /// The body of a `method` request of `path` that the agent answered 200.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<Vec<u8>, NodeApiError> {
         let port = self.address.port();
         let url = format!("https://{}:{port}{path}", self.node);
         let unreachable = |e: reqwest::Error| NodeApiError::Unreachable {
@@ -90,7 +99,12 @@ impl NodeApi {
             address: self.address,
             reason: error_chain(&e),
         };
-        let resp = self.client.get(&url).send().await.map_err(unreachable)?;
+        let resp = self
+            .client
+            .request(method, &url)
+            .send()
+            .await
+            .map_err(unreachable)?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(unreachable)?;
         if status != 200 {

@@ -1,0 +1,387 @@
+//! The A/B upgrade run of the install tier, on real firmware (OVMF with systemd-boot, SeaBIOS
+//! with GRUB): a node installed from the signed `test` ISO (v1) upgrades itself with
+//! `kiln node upgrade` from a media disk.
+//!
+//! One machine, one run of boots:
+//! 1. v1 in slot A: the agent blesses generation 1; an unsigned bundle and one whose manifest
+//!    was edited after signing are refused; the signed v2 (the same spec plus one kernel
+//!    argument) starts going into slot B, and the power fails (QEMU is killed) mid-write.
+//! 2. The node comes back on slot A with nothing staged; the upgrade runs again, completes,
+//!    and the node reboots; the power fails again while slot B boots for the first time.
+//! 3. v2 in slot B: the new kernel argument is on the command line, the agent blesses
+//!    generation 2, and a signed bundle whose initrd cannot boot goes into slot A.
+//! 4. Slot A panics three times (`panic=10`); systemd-boot marks it bad and boots B, the last
+//!    good slot, where the agent reports the rollback and why.
+//!
+//! The same run on BIOS (GRUB counting tries in its `grubenv`), without the power cuts. The
+//! boot menu's entries are read back from the disk image at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
+
+use super::{KILN, StateMount, console_lines, sgdisk_field, test_signing_key, text};
+
+const PROBE_UNIT: &str = "kiln-lab-upgrade.service";
+const PROBE_SCRIPT: &str = "/usr/local/bin/kiln-lab-upgrade";
+const MEDIA_SERIAL: &str = "kiln-upgrades";
+
+fn override_yaml() -> String {
+    format!(
+        r#"apiVersion: kiln.dev/v1alpha1
+kind: NodeConfig
+spec:
+  files:
+    - path: {PROBE_SCRIPT}
+      mode: "0755"
+      content: |
+        #!/bin/sh
+        say() {{ echo "kiln-lab-upgrade: $*" > /dev/console; }}
+        mkdir -p /run/upgrades
+        mount -o ro /dev/disk/by-id/virtio-{MEDIA_SERIAL} /run/upgrades || say "cannot mount the upgrade media"
+        # The assessment of this boot is over once no slot is on trial.
+        until /usr/bin/kiln node status > /run/st 2>&1 && grep -q '^boot:' /run/st && ! grep -q 'on-trial' /run/st; do sleep 2; done
+        sed 's/^/kiln-lab-status: /' /run/st > /dev/console
+        slot=$(sed -n 's/.*kiln\.slot=\([AB]\).*/\1/p' /proc/cmdline)
+        say "boot slot=$slot cmdline $(sed 's/\\/\//g' /proc/cmdline)"
+        upgrade() {{
+          /usr/bin/kiln node upgrade --image "/run/upgrades/$1" $2 > /run/out 2>&1
+          rc=$?
+          say "$1 exit $rc: $(tr '\n' ' ' < /run/out)"
+        }}
+        if [ "$slot" = A ]; then
+          attempt=$(cat /var/lib/kiln-lab-attempts 2>/dev/null || echo 0)
+          if [ "$attempt" = 0 ]; then upgrade unsigned; upgrade tampered; fi
+          echo $((attempt + 1)) > /var/lib/kiln-lab-attempts; sync
+          say "v1 attempt $attempt"
+          upgrade v2 --reboot
+        elif [ ! -e /var/lib/kiln-lab-bad ]; then
+          touch /var/lib/kiln-lab-bad; sync
+          upgrade bad --reboot
+        else
+          say "done"
+        fi
+        exec sleep infinity
+  units:
+    - name: {PROBE_UNIT}
+      enabled: true
+      started: true
+      content: |
+        [Unit]
+        Description=kiln lab upgrade probe
+
+        [Service]
+        ExecStart={PROBE_SCRIPT}
+
+        [Install]
+        WantedBy=multi-user.target
+"#
+    )
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}:\n{}", text(&out));
+    out
+}
+
+/// v2: the test profile with one more kernel argument, signed with the key v1 trusts.
+fn build_v2(dir: &Path, key: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let spec = dir.join("v2.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: kiln-test\n\
+         spec:\n  profile: test\n  os:\n    kernelArgs:\n      - console=tty0\n      - console=ttyS0,115200\n      - kiln.test=v2\n",
+    )
+    .unwrap();
+    let out = dir.join("v2-build");
+    run(Command::new(KILN)
+        .arg("build")
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--sign-key")
+        .arg(key)
+        .arg("--out")
+        .arg(&out));
+    out
+}
+
+/// Copies what an upgrade reads from a build (manifest, signature, spec, boot files).
+fn copy_bundle(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("pxe")).unwrap();
+    for f in [
+        "manifest.json",
+        "manifest.json.sig",
+        "spec.yaml",
+        "pxe/vmlinuz",
+        "pxe/initrd.img",
+        "pxe/rootfs.squashfs",
+    ] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}
+
+/// The media: v2, v2 unsigned, v2 with its manifest edited after signing, and a v2 whose
+/// initrd is garbage, re-signed with the trusted key (a bad build from a trusted builder).
+fn make_media(v2: &Path, key: &Path, dir: &Path) -> PathBuf {
+    let tree = dir.join("media");
+    copy_bundle(v2, &tree.join("v2"));
+    let unsigned = tree.join("unsigned");
+    std::fs::create_dir_all(&unsigned).unwrap();
+    std::fs::copy(v2.join("manifest.json"), unsigned.join("manifest.json")).unwrap();
+    let tampered = tree.join("tampered");
+    std::fs::create_dir_all(&tampered).unwrap();
+    std::fs::copy(
+        v2.join("manifest.json.sig"),
+        tampered.join("manifest.json.sig"),
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(v2.join("manifest.json")).unwrap();
+    std::fs::write(
+        tampered.join("manifest.json"),
+        manifest.replacen(
+            "\"kernel_args\": [",
+            "\"kernel_args\": [\n    \"init=/bin/sh\",",
+            1,
+        ),
+    )
+    .unwrap();
+
+    let bad = tree.join("bad");
+    copy_bundle(v2, &bad);
+    let garbage: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(bad.join("pxe/initrd.img"), &garbage).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    for a in m["artifacts"].as_array_mut().unwrap() {
+        if a["path"] == "pxe/initrd.img" {
+            a["size"] = garbage.len().into();
+            a["sha256"] = kiln_image::manifest::sha256_hex(&garbage).into();
+        }
+    }
+    std::fs::write(
+        bad.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(key)
+        .arg("-in")
+        .arg(bad.join("manifest.json"))
+        .arg("-out")
+        .arg(bad.join("manifest.json.sig")));
+
+    let image = dir.join("media.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("768M"));
+    image
+}
+
+/// The kiln entries of an installed disk image's boot menu, as file names (systemd-boot's
+/// entry files; GRUB's `grubenv` holds the same entries).
+fn boot_entries(disk: &Path, firmware: Firmware) -> Vec<String> {
+    let first: u64 = sgdisk_field(disk, 2, "First sector:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let image = format!("{}@@{}", disk.display(), first * 512);
+    let mtools = |args: &[&str]| {
+        let out = run(Command::new(args[0])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-i", &image])
+            .args(&args[1..]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut names: Vec<String> = match firmware {
+        Firmware::Uefi => mtools(&["mdir", "-b", "::/loader/entries"])
+            .lines()
+            .filter_map(|l| l.trim().rsplit('/').next().map(str::to_string))
+            .filter(|n| !n.is_empty())
+            .collect(),
+        Firmware::Bios => {
+            let env = mtools(&["mtype", "::/grub/grubenv"]);
+            kiln_spec::boot::grubenv_entries(&kiln_spec::boot::parse_grubenv(&env))
+                .iter()
+                .map(|e| e.file_name())
+                .collect()
+        }
+    };
+    names.sort();
+    names
+}
+
+/// v2 and the media, made once per test process under `$KILN_CACHE/lab-upgrade`: the media
+/// image and v2's root image digest.
+fn v2_media() -> (PathBuf, String) {
+    static MEDIA: OnceLock<(PathBuf, String)> = OnceLock::new();
+    MEDIA
+        .get_or_init(|| {
+            let key = test_signing_key().with_extension("key");
+            let dir = kiln_spec::paths::cache_dir().join("lab-upgrade");
+            let v2 = build_v2(&dir, &key);
+            let manifest: kiln_spec::manifest::Manifest =
+                serde_json::from_slice(&std::fs::read(v2.join("manifest.json")).unwrap()).unwrap();
+            let rootfs = manifest
+                .sha256_of("pxe/rootfs.squashfs")
+                .unwrap()
+                .to_string();
+            let _ = std::fs::remove_dir_all(dir.join("media"));
+            let _ = std::fs::remove_file(dir.join("media.img"));
+            (make_media(&v2, &key, &dir), rootfs)
+        })
+        .clone()
+}
+
+/// The whole run on the machine whose installed disk is `disk`, with `firmware`; with
+/// `power_cuts`, QEMU is also killed in the middle of the slot write and during the new slot's
+/// first boot.
+pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) {
+    let name = firmware.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let state = StateMount::new(disk);
+        let path = state.upper(kiln_agent::controllers::OVERRIDE_CONFIG);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, override_yaml()).unwrap();
+    }
+    let (media, v2_rootfs) = v2_media();
+
+    // Each power-on gets its own console log; a power cut is a killed QEMU.
+    let mut consoles: Vec<PathBuf> = Vec::new();
+    let mut power_on = || {
+        let console = dir
+            .path()
+            .join(format!("console-{}.log", consoles.len() + 1));
+        consoles.push(console.clone());
+        Vm::builder()
+            .name(format!("kiln-lab-upgrade-{name}-{}", std::process::id()))
+            .firmware(firmware)
+            .memory_mib(2048)
+            .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
+            .disk(Disk::new(&media).serial(MEDIA_SERIAL).read_only(true))
+            .nic(Nic::User {
+                mac: "52:54:00:4b:49:4c".into(),
+                hostfwd: Vec::new(),
+                bootindex: None,
+                isolated: true,
+            })
+            .serial_log(console)
+            .spawn()
+            .unwrap()
+    };
+    let start = Instant::now();
+    let wait = |node: &mut Vm, what: &str, secs: u64| {
+        node.wait_for_console(what, Duration::from_secs(secs))
+            .unwrap_or_else(|e| panic!("{name}: waiting for {what:?}: {e}"));
+        let t = start.elapsed().as_secs_f64();
+        eprintln!("{name} {t:7.1} s  {what}");
+        t
+    };
+    let mut node = power_on();
+    let mut write_start = wait(&mut node, "kiln-lab-upgrade: v1 attempt 0", 600);
+    if power_cuts {
+        // Power fails while the root image goes into slot B.
+        wait(&mut node, "written 30% of the root image", 300);
+        node.kill();
+        node = power_on();
+        write_start = wait(&mut node, "kiln-lab-upgrade: v1 attempt 1", 600);
+    }
+    let written = wait(&mut node, "kiln-lab-upgrade: v2 exit", 600);
+    if power_cuts {
+        // And again while the new slot boots for the first time.
+        wait(&mut node, "kiln-stage1: found KILN_B", 300);
+        node.kill();
+        node = power_on();
+    }
+    let blessed = wait(&mut node, "kiln-lab-upgrade: boot slot=B", 900);
+    let bad_written = wait(&mut node, "kiln-lab-upgrade: bad exit", 600);
+    let fell_back = wait(&mut node, "kiln-lab-upgrade: done", 1200);
+    let _ = node.quit();
+    eprintln!(
+        "{name}: upgrade to v2: {:.0} s write; {:.0} s from the reboot to slot B blessed{}; \
+         rollback from the unbootable image: {:.0} s from its reboot to slot B blessed",
+        written - write_start,
+        blessed - written,
+        if power_cuts {
+            " (one boot cut short)"
+        } else {
+            ""
+        },
+        fell_back - bad_written
+    );
+
+    let logs: Vec<String> = consoles
+        .iter()
+        .map(|c| console_lines(c).join("\n"))
+        .collect();
+    let all = logs.join("\n");
+    let said = |log: &str, prefix: &str| -> String {
+        log.lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.to_string()))
+            .unwrap_or_else(|| panic!("{name}: no {prefix:?} on the console:\n{log}"))
+    };
+    // Refused before anything was written.
+    let unsigned = said(&all, "kiln-lab-upgrade: unsigned exit ");
+    assert!(
+        !unsigned.starts_with('0') && unsigned.contains("manifest.json.sig"),
+        "{unsigned}"
+    );
+    let tampered = said(&all, "kiln-lab-upgrade: tampered exit ");
+    assert!(
+        !tampered.starts_with('0') && tampered.contains("not signed by a key this node trusts"),
+        "{tampered}"
+    );
+    if power_cuts {
+        // After the cut write: slot A, good, nothing staged.
+        let second = &logs[1];
+        assert!(second.contains("kiln-stage1: found KILN_A"), "{second}");
+        assert!(
+            second.contains("kiln-lab-status: boot: booted A (generation 1, good)")
+                && !second.contains("kiln-lab-status:   staged"),
+            "{second}"
+        );
+    }
+    let upgraded = said(&all, "kiln-lab-upgrade: v2 exit ");
+    assert!(upgraded.starts_with("0:"), "{upgraded}");
+    // Slot B runs v2, blessed, with A as its fallback.
+    let on_b = said(&all, "kiln-lab-upgrade: boot slot=B cmdline ");
+    assert!(on_b.contains("kiln.test=v2"), "{on_b}");
+    let blessed_line = format!("booted B (generation 2, good) image {}", &v2_rootfs[..16]);
+    assert!(all.contains(&blessed_line), "no {blessed_line:?}:\n{all}");
+    assert!(
+        all.contains("kiln-lab-status:   rollback A (generation 1, good)"),
+        "{all}"
+    );
+    let bad = said(&all, "kiln-lab-upgrade: bad exit ");
+    assert!(bad.starts_with("0:"), "{bad}");
+    // The bad slot panicked until its tries ran out; the node is back on B.
+    let after_bad = all.split_once("kiln-lab-upgrade: bad exit").unwrap().1;
+    assert_eq!(
+        after_bad.matches("Kernel panic").count(),
+        3,
+        "slot A should be tried exactly three times:\n{after_bad}"
+    );
+    let last = said(after_bad, "kiln-lab-upgrade: boot slot=");
+    assert!(last.starts_with("B cmdline"), "{last}");
+    assert!(
+        after_bad.contains(
+            "last assessment: slot A generation 3 FAILED: slot A (generation 3) used up its 3 boot tries"
+        ),
+        "{after_bad}"
+    );
+    assert_eq!(
+        boot_entries(disk, firmware),
+        ["kiln-2-b.conf", "kiln-3-a+0-3.conf"]
+    );
+}
