@@ -74,6 +74,13 @@ fn write_record(sysroot: &Sysroot, record: &SlotsRecord) -> std::io::Result<()> 
     sync_dir(dir)
 }
 
+fn save_record(sysroot: &Sysroot, record: &SlotsRecord) -> Result<(), UpgradeError> {
+    write_record(sysroot, record).map_err(|source| UpgradeError::Io {
+        what: format!("writing {SLOTS_RECORD_PATH}"),
+        source,
+    })
+}
+
 /// The A/B state for `kiln node status`; `None` where there are no slots (live, netboot,
 /// GRUB).
 pub fn status(sysroot: &Sysroot) -> Option<BootStatus> {
@@ -116,8 +123,8 @@ pub fn run_upgrade(
     let (booted, disk) = installed_or_refuse(sysroot)?;
     let menu = boot_menu(&disk)?;
     let entries = menu.entries()?;
-    // The booted slot's state refuses early, before any download.
-    upgrade::plan(booted, &entries, &disk.guid, &[], "")?;
+    // Refused early, before any download.
+    upgrade::check_booted(booted, &entries)?;
     let keys = upgrade::trusted_keys(&sysroot.path(TRUSTED_KEYS_DIR))?;
     let staging = sysroot.path(STAGING_DIR);
     let _ = std::fs::remove_dir_all(&staging);
@@ -153,10 +160,7 @@ pub fn run_upgrade(
         // A new upgrade starts a new trial: nothing of an earlier assessment carries over.
         record.last_assessment = None;
         record.images.remove(&report.plan.target);
-        write_record(sysroot, &record).map_err(|source| UpgradeError::Io {
-            what: format!("writing {SLOTS_RECORD_PATH}"),
-            source,
-        })?;
+        save_record(sysroot, &record)?;
         let mut last_tenth = 0;
         let title = format!("kiln (slot {})", report.plan.target.letter());
         let written = upgrade::apply(
@@ -177,10 +181,7 @@ pub fn run_upgrade(
             },
         )?;
         record.images.insert(report.plan.target, written);
-        write_record(sysroot, &record).map_err(|source| UpgradeError::Io {
-            what: format!("writing {SLOTS_RECORD_PATH}"),
-            source,
-        })?;
+        save_record(sysroot, &record)?;
         report.applied = true;
         report.rebooting = req.reboot;
         Ok(report)
@@ -305,12 +306,7 @@ pub fn assess_boot(
     poll: Duration,
 ) -> Result<Option<Verdict>, UpgradeError> {
     let entries = menu.entries()?;
-    let Some(current) = entries
-        .iter()
-        .filter(|e| e.slot == booted)
-        .max_by_key(|e| e.generation)
-        .copied()
-    else {
+    let Some(current) = boot::slot_entry(&entries, booted).copied() else {
         return Ok(None);
     };
     if current.state() != EntryState::OnTrial {
@@ -538,6 +534,25 @@ mod tests {
             assert!(!v.reboot, "{v:?}");
             assert!(v.message.contains("no good slot to fall back to"), "{v:?}");
             assert_eq!(files(&menu), ["kiln-1-a+0-3.conf"]);
+        }
+    }
+
+    #[test]
+    fn a_rollback_promotes_the_other_good_slot_only() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-1-a.conf", "kiln-2-b.conf"]);
+            let to = upgrade::rollback(Slot::B, &menu).unwrap();
+            assert_eq!(to.file_name(), "kiln-3-a.conf");
+            assert_eq!(files(&menu), ["kiln-2-b.conf", "kiln-3-a.conf"]);
+            assert_eq!(
+                boot::next_boot(&menu.entries().unwrap()).unwrap().slot,
+                Slot::A
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-2-b.conf", "kiln-3-a+0-3.conf"]);
+            let e = upgrade::rollback(Slot::B, &menu).unwrap_err();
+            assert!(matches!(e, UpgradeError::NothingToRollBackTo { .. }), "{e}");
         }
     }
 

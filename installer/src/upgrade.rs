@@ -355,8 +355,7 @@ impl BootMenu {
 }
 
 /// Where the new image comes from: a build's output directory, or its URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRef {
     Dir(PathBuf),
     Url(String),
@@ -521,8 +520,23 @@ pub struct UpgradePlan {
     pub steps: Vec<String>,
 }
 
-/// Plans writing an image into the slot the node did not boot. Refuses while the booted slot
-/// is itself on trial: its fallback is the other slot, which the upgrade would overwrite.
+/// Whether the other slot may be written: not while the booted slot is itself on trial, as
+/// its fallback is the other slot, which the upgrade would overwrite.
+pub fn check_booted(booted: Slot, entries: &[BootEntryName]) -> Result<(), UpgradeError> {
+    let current =
+        boot::slot_entry(entries, booted).ok_or(UpgradeError::NoBootedEntry(booted.letter()))?;
+    if let (EntryState::OnTrial, Some(t)) = (current.state(), current.tries) {
+        return Err(UpgradeError::BootedOnTrial {
+            slot: booted.letter(),
+            other: booted.other().letter(),
+            generation: current.generation,
+            left: t.left,
+        });
+    }
+    Ok(())
+}
+
+/// Plans writing an image into the slot the node did not boot ([`check_booted`] first).
 pub fn plan(
     booted: Slot,
     entries: &[BootEntryName],
@@ -530,21 +544,9 @@ pub fn plan(
     kernel_args: &[String],
     rootfs_sha256: &str,
 ) -> Result<UpgradePlan, UpgradeError> {
+    check_booted(booted, entries)?;
     let target = booted.other();
-    let current = entries
-        .iter()
-        .filter(|e| e.slot == booted)
-        .max_by_key(|e| e.generation)
-        .ok_or(UpgradeError::NoBootedEntry(booted.letter()))?;
-    if let (EntryState::OnTrial, Some(t)) = (current.state(), current.tries) {
-        return Err(UpgradeError::BootedOnTrial {
-            slot: booted.letter(),
-            other: target.letter(),
-            generation: current.generation,
-            left: t.left,
-        });
-    }
-    let generation = entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
+    let generation = boot::next_generation(entries);
     let entry = BootEntryName::on_trial(generation, target);
     let removes: Vec<BootEntryName> = entries
         .iter()
@@ -650,7 +652,7 @@ pub fn apply(
 pub fn rollback(booted: Slot, menu: &BootMenu) -> Result<BootEntryName, UpgradeError> {
     let entries = menu.entries()?;
     let other = booted.other();
-    let Some(entry) = entries.iter().find(|e| e.slot == other) else {
+    let Some(entry) = boot::slot_entry(&entries, other) else {
         return Err(UpgradeError::NothingToRollBackTo {
             slot: other.letter(),
             why: "it has no boot entry".into(),
@@ -662,9 +664,8 @@ pub fn rollback(booted: Slot, menu: &BootMenu) -> Result<BootEntryName, UpgradeE
             why: format!("its entry {} is {:?}", entry.file_name(), entry.state()),
         });
     }
-    let generation = entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
     let to = BootEntryName {
-        generation,
+        generation: boot::next_generation(&entries),
         ..*entry
     };
     menu.set(entry, &to)?;

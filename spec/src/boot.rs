@@ -302,6 +302,19 @@ pub fn entries<'a>(files: impl IntoIterator<Item = &'a str>) -> Vec<BootEntryNam
     out
 }
 
+/// `slot`'s newest entry.
+pub fn slot_entry(entries: &[BootEntryName], slot: Slot) -> Option<&BootEntryName> {
+    entries
+        .iter()
+        .filter(|e| e.slot == slot)
+        .max_by_key(|e| e.generation)
+}
+
+/// The generation a new or re-promoted entry gets: one above every entry there is.
+pub fn next_generation(entries: &[BootEntryName]) -> u32 {
+    entries.iter().map(|e| e.generation).max().unwrap_or(0) + 1
+}
+
 /// The entry systemd-boot boots next given the default `kiln-*`: the newest that is not bad,
 /// else the newest.
 pub fn next_boot(entries: &[BootEntryName]) -> Option<&BootEntryName> {
@@ -380,7 +393,7 @@ pub struct BootStatus {
 /// The A/B state from the booted slot, the ESP's entries and the record.
 pub fn boot_status(booted: Slot, entries: &[BootEntryName], record: &SlotsRecord) -> BootStatus {
     let report = |slot: Slot| {
-        let entry = entries.iter().find(|e| e.slot == slot);
+        let entry = slot_entry(entries, slot);
         SlotReport {
             slot,
             generation: entry.map(|e| e.generation),
@@ -390,7 +403,7 @@ pub fn boot_status(booted: Slot, entries: &[BootEntryName], record: &SlotsRecord
         }
     };
     let next = next_boot(entries);
-    let other = entries.iter().find(|e| e.slot == booted.other());
+    let other = slot_entry(entries, booted.other());
     BootStatus {
         booted: report(booted),
         staged: next
