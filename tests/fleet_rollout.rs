@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use kiln_lab::rack::{self, RackNode, RackSpec};
 use kiln_spec::layout;
+use lab_support::upgrade::bundles;
 use lab_support::{KILN, disk_fingerprint, generate_key, test_iso, test_signing_key, text};
 use serde_json::Value;
 
@@ -366,6 +367,8 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
         assert_eq!(remote["hostname"], n.name.as_str(), "{remote:#}");
     }
 
+    rolling_upgrade(&dir, &inventory, &artifacts, &state, &trusted);
+
     // The faulty nodes fail, each in its own stage, and nothing else happens to them.
     let mut faulty = rack_cmd(&dir, &rollout_args(inv, art, key, FAULTY));
     faulty
@@ -407,4 +410,226 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
         assert_eq!(node(&st, &n.name)["stage"], "ready");
     }
     drop(rack);
+}
+
+/// A node's boot slots, as its agent reports them over the network.
+fn boot_of(dir: &Path, inventory: &Path, state: &Path, name: &str) -> Value {
+    let out = rack_cmd(dir, &["node", "status", "--output", "json", "--node", name])
+        .arg("--inventory")
+        .arg(inventory)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln node status --node {name}: {}",
+        text(&out)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    st["boot"].clone()
+}
+
+fn fleet_upgrade(dir: &Path, inventory: &Path, state: &Path, key: &Path, args: &[&str]) -> Command {
+    let mut c = rack_cmd(dir, &["fleet", "upgrade", "--inventory"]);
+    c.arg(inventory)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--trusted-key")
+        .arg(key)
+        .args(args)
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// The ready nodes upgrade through their agents from the provisioner's side of the rack: a
+/// build whose initrd cannot boot stops the rolling upgrade at its first node, which comes
+/// back on slot A by itself while the next node is never touched; then a good build goes to
+/// two nodes at once, and the third keeps its version.
+fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path, key: &Path) {
+    let b = bundles();
+    let host = rack::PROVISIONER_CIDR.split('/').next().unwrap();
+    let mut http = Command::new(KILN);
+    http.args(["lab", "rack", "exec", "--dir"])
+        .arg(dir)
+        .args(["--", "python3", "-m", "http.server", "8088", "--bind", host])
+        .arg("--directory")
+        .arg(&b.tree)
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut http = http.spawn().unwrap();
+    // The nodes take their addresses from kiln's DHCP (`mode: dhcp`), which the rollout served
+    // while it ran; a site keeps `kiln pxe serve` running for them, with the rollout's leases.
+    let mut dhcp = rack_cmd(
+        dir,
+        &[
+            "pxe",
+            "serve",
+            "--mode",
+            "dhcp",
+            "--interface",
+            rack::BRIDGE,
+        ],
+    )
+    .args([
+        "--pool-start",
+        rack::POOL_START,
+        "--pool-end",
+        rack::POOL_END,
+    ])
+    .arg("--inventory")
+    .arg(inventory)
+    .arg("--artifacts")
+    .arg(artifacts)
+    .arg("--state")
+    .arg(state.join("pxe"))
+    .process_group(0)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let base = format!("http://{host}:8088");
+    let bad = format!("{base}/bad");
+    let v2 = format!("{base}/v2");
+    let started = Instant::now();
+
+    // The dry run asks each node's agent to check the build and plan the write.
+    let out = wait_output(
+        fleet_upgrade(
+            dir,
+            inventory,
+            state,
+            key,
+            &[
+                "--image",
+                &bad,
+                "--nodes",
+                "node-01,node-02",
+                "--dry-run",
+                "--output",
+                "json",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+        ROLLOUT_TIMEOUT,
+    );
+    assert!(out.status.success(), "dry run: {}", text(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = plan["nodes"].as_array().unwrap();
+    assert_eq!(rows[0]["node"], "node-01", "{plan:#}");
+    assert_eq!(rows[1]["wave"], 2, "{plan:#}");
+    for r in rows {
+        assert_eq!(
+            r["verdict"], "would write slot B (generation 2) and reboot",
+            "{plan:#}"
+        );
+    }
+    for n in ["node-01", "node-02"] {
+        let boot = boot_of(dir, inventory, state, n);
+        assert!(boot["staged"].is_null(), "the dry run staged {n}: {boot:#}");
+    }
+
+    // The bad build: node-01 tries it, falls back, and the upgrade stops there.
+    let out = wait_output(
+        fleet_upgrade(
+            dir,
+            inventory,
+            state,
+            key,
+            &[
+                "--image",
+                &bad,
+                "--nodes",
+                "node-01,node-02",
+                "--boot-timeout",
+                "25m",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+        ROLLOUT_TIMEOUT,
+    );
+    let bad_done = started.elapsed();
+    let said = text(&out);
+    assert!(!out.status.success(), "a bad build went through:\n{said}");
+    assert!(
+        said.contains(
+            "node node-01 failed: slot B (generation 2) failed and the node is back on slot A"
+        ) && said.contains("used up its 3 boot tries")
+            && said.contains("1 node(s) not upgraded"),
+        "{said}"
+    );
+    let st = status(dir, state);
+    let up = &st["upgrade"];
+    assert_eq!(up["nodes"][0]["stage"], "failed", "{up:#}");
+    assert_eq!(up["nodes"][1]["stage"], "pending", "{up:#}");
+    let back = boot_of(dir, inventory, state, "node-01");
+    assert_eq!(back["booted"]["slot"], "A", "{back:#}");
+    assert_eq!(back["booted"]["state"], "good", "{back:#}");
+    let untouched = boot_of(dir, inventory, state, "node-02");
+    assert_eq!(untouched["booted"]["generation"], 1, "{untouched:#}");
+    assert!(untouched["staged"].is_null(), "{untouched:#}");
+
+    // The good build, two nodes at a time.
+    let out = wait_output(
+        fleet_upgrade(
+            dir,
+            inventory,
+            state,
+            key,
+            &[
+                "--image",
+                &v2,
+                "--nodes",
+                "node-01,node-02",
+                "--max-unavailable",
+                "2",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+        ROLLOUT_TIMEOUT,
+    );
+    assert!(out.status.success(), "good upgrade: {}", text(&out));
+    let good_done = started.elapsed();
+    for (n, generation) in [("node-01", 3), ("node-02", 2)] {
+        let boot = boot_of(dir, inventory, state, n);
+        assert_eq!(boot["booted"]["slot"], "B", "{n}: {boot:#}");
+        assert_eq!(boot["booted"]["generation"], generation, "{n}: {boot:#}");
+        assert_eq!(boot["booted"]["state"], "good", "{n}: {boot:#}");
+        assert_eq!(
+            boot["booted"]["image"]["rootfsSha256"],
+            b.v2_rootfs.as_str(),
+            "{n}: {boot:#}"
+        );
+        assert_eq!(boot["rollback"]["slot"], "A", "{n}: {boot:#}");
+    }
+    let kept = boot_of(dir, inventory, state, "node-03");
+    assert_eq!(kept["booted"]["slot"], "A", "{kept:#}");
+    assert_ne!(
+        kept["booted"]["image"]["rootfsSha256"],
+        b.v2_rootfs.as_str(),
+        "{kept:#}"
+    );
+    let st = status(dir, state);
+    for n in st["upgrade"]["nodes"].as_array().unwrap() {
+        assert_eq!(n["stage"], "done", "{st:#}");
+    }
+    eprintln!(
+        "fleet upgrade: dry run and the bad build stopped at node-01 after {:.0} s; \
+         two nodes upgraded at once in {:.0} s",
+        bad_done.as_secs_f64(),
+        (good_done - bad_done).as_secs_f64()
+    );
+    for server in [&mut http, &mut dhcp] {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(server.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = server.wait();
+    }
 }

@@ -412,15 +412,20 @@ pub struct VerifiedImage {
     pub initrd: PathBuf,
 }
 
-/// Reads (or downloads into `staging`) the manifest and its signature, checks them against
-/// `keys`, then gets the kernel, initrd and root image, each checked against the manifest.
-/// Nothing is believed before the signature checks; nothing is written to the node's disk.
-pub fn fetch_and_verify(
+/// A manifest whose signature verified, and the fingerprint of the key that signed it.
+#[derive(Debug, Clone)]
+pub struct SignedManifest {
+    pub manifest: Manifest,
+    pub signed_by: String,
+}
+
+/// Reads (or downloads) a bundle's manifest and its signature and checks them against `keys`.
+/// Nothing in the manifest is believed before that.
+pub fn fetch_manifest(
     source: &ImageRef,
     keys: &[PublicKey],
-    staging: &Path,
     patience: Duration,
-) -> Result<VerifiedImage, UpgradeError> {
+) -> Result<SignedManifest, UpgradeError> {
     let bundle = |reason: String| UpgradeError::Bundle {
         image: source.describe(),
         reason,
@@ -451,6 +456,29 @@ pub fn fetch_and_verify(
         })?;
     let manifest: Manifest =
         serde_json::from_slice(&json).map_err(|e| bundle(format!("manifest.json: {e}")))?;
+    Ok(SignedManifest {
+        manifest,
+        signed_by: signer.fingerprint(),
+    })
+}
+
+/// Reads (or downloads into `staging`) the manifest and its signature, checks them against
+/// `keys`, then gets the kernel, initrd and root image, each checked against the manifest.
+/// Nothing is believed before the signature checks; nothing is written to the node's disk.
+pub fn fetch_and_verify(
+    source: &ImageRef,
+    keys: &[PublicKey],
+    staging: &Path,
+    patience: Duration,
+) -> Result<VerifiedImage, UpgradeError> {
+    let bundle = |reason: String| UpgradeError::Bundle {
+        image: source.describe(),
+        reason,
+    };
+    let SignedManifest {
+        manifest,
+        signed_by,
+    } = fetch_manifest(source, keys, patience)?;
     let sha = |path: &str| {
         manifest
             .sha256_of(path)
@@ -481,7 +509,7 @@ pub fn fetch_and_verify(
     };
     Ok(VerifiedImage {
         source: source.clone(),
-        signed_by: signer.fingerprint(),
+        signed_by,
         kernel: local(KERNEL, &kernel_sha, true)?,
         initrd: local(INITRD, &initrd_sha, true)?,
         // The slot write hashes the root image as it goes and refuses a mismatch.

@@ -117,7 +117,16 @@ impl LocalArgs {
         path: &str,
     ) -> anyhow::Result<T> {
         match self.remote.api()? {
-            Some(api) => Ok(serde_json::from_slice(&api.request(method, path).await?)?),
+            Some(api) => {
+                let timeout = if method == reqwest::Method::GET {
+                    kiln_fleet::remote::READ_TIMEOUT
+                } else {
+                    kiln_fleet::remote::CHANGE_TIMEOUT
+                };
+                Ok(serde_json::from_slice(
+                    &api.request(method, path, timeout).await?,
+                )?)
+            }
             None => Ok(Client::new(&self.socket)
                 .json(method.as_str(), path, &[])
                 .await?

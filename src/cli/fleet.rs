@@ -1,4 +1,4 @@
-//! `kiln fleet plan|rollout|status|node-config`: roll an inventory from powered off to
+//! `kiln fleet plan|rollout|status|node-config` (and `upgrade`, in its own module): roll an inventory from powered off to
 //! installed and ready over its BMCs and kiln's own netboot services, with progress kept in
 //! the state directory.
 
@@ -29,8 +29,11 @@ pub enum FleetCmd {
     Plan(PlanArgs),
     /// Power, netboot and install every selected node, until each is ready or failed
     Rollout(Box<RolloutArgs>),
-    /// Progress of the rollout kept in the state directory
+    /// Progress of the rollout and of the last upgrade kept in the state directory
     Status(StatusArgs),
+    /// Rolling A/B upgrade of installed nodes through their agents, a few at a time, each in
+    /// cluster maintenance while it reboots; stops at the first failure, resumable
+    Upgrade(Box<super::fleet_upgrade::UpgradeArgs>),
     /// Print the node config a node installs with, its cluster credentials included (for
     /// nodes installed from the ISO rather than netbooted: copy it to the node's
     /// /etc/kiln/node.override.yaml)
@@ -133,6 +136,7 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
         FleetCmd::Plan(a) => plan_cmd(a),
         FleetCmd::Rollout(a) => rollout_cmd(*a),
         FleetCmd::Status(a) => status_cmd(a),
+        FleetCmd::Upgrade(a) => super::fleet_upgrade::run(*a),
         FleetCmd::NodeConfig(a) => node_config_cmd(a),
     }
 }

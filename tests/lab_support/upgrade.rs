@@ -221,26 +221,38 @@ fn boot_entries(disk: &Path, firmware: Firmware) -> Vec<String> {
     names
 }
 
-/// v2 and the media, made once per test process under `$KILN_CACHE/lab-upgrade`: the media
-/// image and v2's root image digest.
-fn v2_media() -> (PathBuf, String) {
-    static MEDIA: OnceLock<(PathBuf, String)> = OnceLock::new();
-    MEDIA
-        .get_or_init(|| {
-            let key = test_signing_key().with_extension("key");
-            let dir = kiln_spec::paths::cache_dir().join("lab-upgrade");
-            let v2 = build_v2(&dir, &key);
-            let manifest: kiln_spec::manifest::Manifest =
-                serde_json::from_slice(&std::fs::read(v2.join("manifest.json")).unwrap()).unwrap();
-            let rootfs = manifest
-                .sha256_of("pxe/rootfs.squashfs")
-                .unwrap()
-                .to_string();
-            let _ = std::fs::remove_dir_all(dir.join("media"));
-            let _ = std::fs::remove_file(dir.join("media.img"));
-            (make_media(&v2, &key, &dir), rootfs)
-        })
-        .clone()
+/// The signed builds the upgrade runs use, made once per test process under
+/// `$KILN_CACHE/lab-upgrade`.
+#[derive(Debug)]
+pub struct Bundles {
+    /// One directory per bundle: `v2`, `unsigned`, `tampered`, `bad`.
+    pub tree: PathBuf,
+    /// The same as an ext4 image, for a machine's media disk.
+    pub media: PathBuf,
+    /// sha256 of v2's root image.
+    pub v2_rootfs: String,
+}
+
+pub fn bundles() -> &'static Bundles {
+    static BUNDLES: OnceLock<Bundles> = OnceLock::new();
+    BUNDLES.get_or_init(|| {
+        let key = test_signing_key().with_extension("key");
+        let dir = kiln_spec::paths::cache_dir().join("lab-upgrade");
+        let v2 = build_v2(&dir, &key);
+        let manifest: kiln_spec::manifest::Manifest =
+            serde_json::from_slice(&std::fs::read(v2.join("manifest.json")).unwrap()).unwrap();
+        let v2_rootfs = manifest
+            .sha256_of("pxe/rootfs.squashfs")
+            .unwrap()
+            .to_string();
+        let _ = std::fs::remove_dir_all(dir.join("media"));
+        let _ = std::fs::remove_file(dir.join("media.img"));
+        Bundles {
+            media: make_media(&v2, &key, &dir),
+            tree: dir.join("media"),
+            v2_rootfs,
+        }
+    })
 }
 
 /// The whole run on the machine whose installed disk is `disk`, with `firmware`; with
@@ -255,7 +267,9 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, override_yaml()).unwrap();
     }
-    let (media, v2_rootfs) = v2_media();
+    let Bundles {
+        media, v2_rootfs, ..
+    } = bundles();
 
     // Each power-on gets its own console log; a power cut is a killed QEMU.
     let mut consoles: Vec<PathBuf> = Vec::new();
@@ -269,7 +283,7 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
             .firmware(firmware)
             .memory_mib(2048)
             .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
-            .disk(Disk::new(&media).serial(MEDIA_SERIAL).read_only(true))
+            .disk(Disk::new(media).serial(MEDIA_SERIAL).read_only(true))
             .nic(Nic::User {
                 mac: "52:54:00:4b:49:4c".into(),
                 hostfwd: Vec::new(),

@@ -8,8 +8,10 @@
 pub mod cluster;
 pub mod plan;
 pub mod remote;
+pub mod rolling;
 pub mod rollout;
 pub mod stage;
 pub mod status;
 pub mod store;
+pub mod upgrade;
 pub mod webhook;

@@ -34,6 +34,11 @@ pub enum NodeApiError {
     },
 }
 
+/// How long a read of a node's agent may take.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a change may take: an upgrade answers once the slot is written and checked.
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// One node's agent API.
 #[derive(Debug)]
 pub struct NodeApi {
@@ -71,7 +76,6 @@ impl NodeApi {
             .identity(identity)
             .resolve(&node.name, address)
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
             .build()
             .map_err(client_err)?;
         Ok(NodeApi {
@@ -83,14 +87,15 @@ impl NodeApi {
 
     /// The body of a `GET` of `path` that the agent answered 200.
     pub async fn get(&self, path: &str) -> Result<Vec<u8>, NodeApiError> {
-        self.request(reqwest::Method::GET, path).await
+        self.request(reqwest::Method::GET, path, READ_TIMEOUT).await
     }
 
-    /// The body of a `method` request of `path` that the agent answered 200.
+    /// The body of a `method` request of `path` that the agent answered 200 within `timeout`.
     pub async fn request(
         &self,
         method: reqwest::Method,
         path: &str,
+        timeout: Duration,
     ) -> Result<Vec<u8>, NodeApiError> {
         let port = self.address.port();
         let url = format!("https://{}:{port}{path}", self.node);
@@ -102,6 +107,7 @@ impl NodeApi {
         let resp = self
             .client
             .request(method, &url)
+            .timeout(timeout)
             .send()
             .await
             .map_err(unreachable)?;

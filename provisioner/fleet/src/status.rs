@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::stage::{NodeProgress, Stage};
 use crate::store::Snapshot;
+use crate::upgrade::{SlotTarget, UpgradeStage};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -21,6 +22,105 @@ pub struct FleetStatus {
     /// has finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
+    /// The last rolling upgrade, if there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeView {
+    pub image: String,
+    pub image_sha256: String,
+    pub nodes: Vec<NodeUpgradeView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUpgradeView {
+    pub name: String,
+    pub stage: UpgradeStage,
+    pub seconds_in_stage: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<SlotTarget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<SlotTarget>,
+    pub in_maintenance: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The last rolling upgrade in `snapshot`, in its order.
+pub fn upgrade_view(snapshot: &Snapshot, now_ms: u64) -> Option<UpgradeView> {
+    let info = snapshot.upgrade.as_ref()?;
+    Some(UpgradeView {
+        image: info.image.clone(),
+        image_sha256: info.image_sha256.clone(),
+        nodes: info
+            .nodes
+            .iter()
+            .filter_map(|name| {
+                let p = snapshot.upgrade_of(name)?;
+                Some(NodeUpgradeView {
+                    name: name.clone(),
+                    stage: p.stage,
+                    seconds_in_stage: secs(now_ms.saturating_sub(p.since_ms)),
+                    from: p.from,
+                    target: p.target,
+                    in_maintenance: p.in_maintenance,
+                    note: p.history.last().and_then(|e| e.note.clone()),
+                    error: p
+                        .failure
+                        .as_ref()
+                        .map(|f| format!("{}: {}", f.stage, f.reason)),
+                })
+            })
+            .collect(),
+    })
+}
+
+/// The upgrade as a table.
+pub fn upgrade_table(view: &UpgradeView) -> String {
+    let slot = |t: Option<SlotTarget>| {
+        t.map_or("-".to_string(), |t| {
+            format!("{}{}", t.slot.letter(), t.generation)
+        })
+    };
+    let mut s = format!(
+        "upgrade to {} ({})\n{:<16} {:<20} {:>9}  {:<4} {:<4} {}\n",
+        view.image,
+        &view.image_sha256[..view.image_sha256.len().min(12)],
+        "NODE",
+        "STAGE",
+        "IN STAGE",
+        "FROM",
+        "TO",
+        "NOTE"
+    );
+    for n in &view.nodes {
+        let mut note = n
+            .error
+            .clone()
+            .or_else(|| n.note.clone())
+            .unwrap_or_default();
+        if n.in_maintenance {
+            note.push_str(" [in maintenance]");
+        }
+        let row = format!(
+            "{:<16} {:<20} {:>8.0}s  {:<4} {:<4} {}",
+            n.name,
+            n.stage.as_str(),
+            n.seconds_in_stage,
+            slot(n.from),
+            slot(n.target),
+            note.trim()
+        );
+        s.push_str(row.trim_end());
+        s.push('\n');
+    }
+    s
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -145,6 +245,7 @@ pub fn fleet_status(snapshot: &Snapshot, now_ms: u64) -> FleetStatus {
         nodes,
         counts,
         eta_seconds,
+        upgrade: upgrade_view(snapshot, now_ms),
     }
 }
 
@@ -185,6 +286,10 @@ pub fn table(status: &FleetStatus) -> String {
             s.push_str(&format!(", about {eta:.0}s left (measured stage times)\n"));
         }
         _ => s.push('\n'),
+    }
+    if let Some(u) = &status.upgrade {
+        s.push('\n');
+        s.push_str(&upgrade_table(u));
     }
     s
 }
@@ -258,5 +363,56 @@ node-03          failed             78s  -          -     -              powerin
 [####################----------] 1/3 ready, 1 failed, about 30s left (measured stage times)
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn the_upgrade_table_shows_each_nodes_slots_and_its_failure() {
+        use crate::store::UpgradeInfo;
+        use crate::upgrade::{NodeUpgrade, UpgradeFailure};
+        use kiln_spec::layout::Slot;
+        let mut done = NodeUpgrade::new(0);
+        done.stage = UpgradeStage::Done;
+        done.since_ms = 50_000;
+        done.from = Some(SlotTarget {
+            slot: Slot::A,
+            generation: 1,
+        });
+        done.target = Some(SlotTarget {
+            slot: Slot::B,
+            generation: 2,
+        });
+        done.history.last_mut().unwrap().note =
+            Some("slot B (generation 2) booted and blessed".into());
+        let mut failed = done.clone();
+        failed.stage = UpgradeStage::Failed;
+        failed.in_maintenance = true;
+        failed.failure = Some(UpgradeFailure {
+            stage: UpgradeStage::Rebooting,
+            reason: "slot B (generation 2) failed and the node is back on slot A: no tries left"
+                .into(),
+        });
+        let snap = Snapshot {
+            upgrade: Some(UpgradeInfo {
+                image: "http://10.0.0.1/v2".into(),
+                image_sha256: "abcdef0123456789".into(),
+                started_ms: 0,
+                nodes: vec!["node-01".into(), "node-02".into(), "node-03".into()],
+            }),
+            upgrades: vec![
+                ("node-01".into(), done),
+                ("node-02".into(), failed),
+                ("node-03".into(), NodeUpgrade::new(0)),
+            ],
+            ..Snapshot::default()
+        };
+        let view = fleet_status(&snap, 60_000).upgrade.unwrap();
+        let expected = "\
+upgrade to http://10.0.0.1/v2 (abcdef012345)
+NODE             STAGE                 IN STAGE  FROM TO   NOTE
+node-01          done                       10s  A1   B2   slot B (generation 2) booted and blessed
+node-02          failed                     10s  A1   B2   rebooting: slot B (generation 2) failed and the node is back on slot A: no tries left [in maintenance]
+node-03          pending                    60s  -    -
+";
+        assert_eq!(upgrade_table(&view), expected);
     }
 }

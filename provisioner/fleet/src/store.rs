@@ -16,6 +16,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::stage::NodeProgress;
+use crate::upgrade::NodeUpgrade;
 
 /// Node name → its progress (JSON).
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
@@ -24,7 +25,10 @@ const REPORTS: TableDefinition<(&str, u64), &str> = TableDefinition::new("report
 /// (node, sequence) → sha256 of an enrolment token; all of a node's tokens stay valid until it
 /// is ready, so a node that fetched its script before a restart can still report.
 const TOKENS: TableDefinition<(&str, u64), &str> = TableDefinition::new("tokens");
-/// Settings of the rollout that wrote the store (JSON under `rollout`).
+/// Node name → its rolling upgrade's progress (JSON).
+const UPGRADES: TableDefinition<&str, &str> = TableDefinition::new("upgrades");
+/// Settings of the rollout and of the upgrade that wrote the store (JSON under `rollout` and
+/// `upgrade`).
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 pub const FILE_NAME: &str = "fleet.redb";
@@ -56,6 +60,16 @@ pub enum StoreError {
 pub struct StoredReport {
     pub at_ms: u64,
     pub report: Report,
+}
+
+/// What a rolling upgrade was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeInfo {
+    pub image: String,
+    pub image_sha256: String,
+    pub started_ms: u64,
+    pub nodes: Vec<String>,
 }
 
 /// What a rollout was asked to do, kept so `status` can say it.
@@ -130,6 +144,7 @@ impl Store {
         // Tables exist from the start, so readers never see a half-made store.
         store.write(|tx| {
             tx.open_table(NODES)?;
+            tx.open_table(UPGRADES)?;
             tx.open_table(REPORTS)?;
             tx.open_table(TOKENS)?;
             tx.open_table(META)?;
@@ -180,10 +195,22 @@ impl Store {
 
     /// Many nodes in one transaction (a rollout's start: one commit, not one per node).
     pub fn put_nodes(&self, nodes: &[(String, NodeProgress)]) -> Result<(), StoreError> {
+        self.put_all(NODES, nodes)
+    }
+
+    pub fn put_upgrades(&self, nodes: &[(String, NodeUpgrade)]) -> Result<(), StoreError> {
+        self.put_all(UPGRADES, nodes)
+    }
+
+    fn put_all<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        rows: &[(String, T)],
+    ) -> Result<(), StoreError> {
         let texts: Vec<(&str, String)> =
-            nodes.iter().map(|(n, p)| (n.as_str(), encode(p))).collect();
+            rows.iter().map(|(n, p)| (n.as_str(), encode(p))).collect();
         self.write(|tx| {
-            let mut t = tx.open_table(NODES)?;
+            let mut t = tx.open_table(table)?;
             for (name, text) in &texts {
                 t.insert(*name, text.as_str())?;
             }
@@ -192,9 +219,17 @@ impl Store {
     }
 
     pub fn set_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError> {
-        let text = encode(info);
+        self.set_meta("rollout", info)
+    }
+
+    pub fn set_upgrade(&self, info: &UpgradeInfo) -> Result<(), StoreError> {
+        self.set_meta("upgrade", info)
+    }
+
+    fn set_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let text = encode(value);
         self.write(|tx| {
-            tx.open_table(META)?.insert("rollout", text.as_str())?;
+            tx.open_table(META)?.insert(key, text.as_str())?;
             Ok(())
         })
     }
@@ -235,6 +270,8 @@ impl StoreReader {
 pub struct Snapshot {
     pub rollout: Option<RolloutInfo>,
     pub nodes: Vec<(String, NodeProgress)>,
+    pub upgrade: Option<UpgradeInfo>,
+    pub upgrades: Vec<(String, NodeUpgrade)>,
     pub reports: Vec<(String, StoredReport)>,
     /// (node, token sha256), oldest first per node.
     pub token_hashes: Vec<(String, String)>,
@@ -245,6 +282,13 @@ impl Snapshot {
         self.nodes.iter().find(|(n, _)| n == name).map(|(_, p)| p)
     }
 
+    pub fn upgrade_of(&self, name: &str) -> Option<&NodeUpgrade> {
+        self.upgrades
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+    }
+
     pub fn reports_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a StoredReport> {
         self.reports
             .iter()
@@ -253,40 +297,58 @@ impl Snapshot {
     }
 }
 
+/// A table's rows as (key, JSON text); an absent table (a store from before it existed) has
+/// none.
+fn rows<K: redb::Key + 'static>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<K, &str>,
+    key: impl Fn(K::SelfType<'_>) -> String,
+) -> Result<Vec<(String, String)>, redb::Error> {
+    let t = match tx.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        out.push((key(k.value()), v.value().to_string()));
+    }
+    Ok(out)
+}
+
+fn decode_rows<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    table: &str,
+    rows: Vec<(String, String)>,
+) -> Result<Vec<(String, T)>, StoreError> {
+    rows.into_iter()
+        .map(|(n, t)| Ok((n.clone(), decode(path, &format!("{table}/{n}"), &t)?)))
+        .collect()
+}
+
 fn snapshot(db: &impl ReadableDatabase, path: &Path) -> Result<Snapshot, StoreError> {
     let read = || -> Result<_, redb::Error> {
         let tx = db.begin_read()?;
-        let mut raw = (None, Vec::new(), Vec::new(), Vec::new());
-        if let Some(v) = tx.open_table(META)?.get("rollout")? {
-            raw.0 = Some(v.value().to_string());
-        }
-        for row in tx.open_table(NODES)?.iter()? {
-            let (k, v) = row?;
-            raw.1.push((k.value().to_string(), v.value().to_string()));
-        }
-        for row in tx.open_table(REPORTS)?.iter()? {
-            let (k, v) = row?;
-            raw.2.push((k.value().0.to_string(), v.value().to_string()));
-        }
-        for row in tx.open_table(TOKENS)?.iter()? {
-            let (k, v) = row?;
-            raw.3.push((k.value().0.to_string(), v.value().to_string()));
-        }
-        Ok(raw)
+        let meta = rows(&tx, META, |k| k.to_string())?;
+        let nodes = rows(&tx, NODES, |k| k.to_string())?;
+        let upgrades = rows(&tx, UPGRADES, |k| k.to_string())?;
+        let reports = rows(&tx, REPORTS, |k| k.0.to_string())?;
+        let tokens = rows(&tx, TOKENS, |k| k.0.to_string())?;
+        Ok((meta, nodes, upgrades, reports, tokens))
     };
-    let (rollout, nodes, reports, tokens) = read().map_err(db_err(path))?;
+    let (meta, nodes, upgrades, reports, tokens) = read().map_err(db_err(path))?;
+    let meta_of = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
     Ok(Snapshot {
-        rollout: rollout
-            .map(|t| decode(path, "meta/rollout", &t))
+        rollout: meta_of("rollout")
+            .map(|t| decode(path, "meta/rollout", t))
             .transpose()?,
-        nodes: nodes
-            .into_iter()
-            .map(|(n, t)| Ok((n.clone(), decode(path, &format!("nodes/{n}"), &t)?)))
-            .collect::<Result<_, StoreError>>()?,
-        reports: reports
-            .into_iter()
-            .map(|(n, t)| Ok((n.clone(), decode(path, &format!("reports/{n}"), &t)?)))
-            .collect::<Result<_, StoreError>>()?,
+        upgrade: meta_of("upgrade")
+            .map(|t| decode(path, "meta/upgrade", t))
+            .transpose()?,
+        nodes: decode_rows(path, "nodes", nodes)?,
+        upgrades: decode_rows(path, "upgrades", upgrades)?,
+        reports: decode_rows(path, "reports", reports)?,
         token_hashes: tokens,
     })
 }
