@@ -536,3 +536,86 @@ fn the_network_api_serves_the_fleets_admins_only() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("kind: Config"));
 }
+
+/// `kiln fleet upgrade` checks the build's signature against the operator's key before it
+/// reads the inventory or asks any node: a build on a directory path, or signed by another
+/// key, stops there with the reason, and no fleet state is made.
+#[test]
+fn a_fleet_upgrade_refuses_a_build_the_operator_did_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let out = Command::new(KILN)
+            .args(["key", "generate", "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.path().join(name).join("kiln")
+    };
+    let (builder, operator) = (key("builder"), key("operator"));
+    let bundle = dir.path().join("www/v2");
+    fs::create_dir_all(&bundle).unwrap();
+    fs::write(bundle.join("manifest.json"), "{\"artifacts\": []}\n").unwrap();
+    let sign = Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(builder.with_extension("key"))
+        .arg("-in")
+        .arg(bundle.join("manifest.json"))
+        .arg("-out")
+        .arg(bundle.join("manifest.json.sig"))
+        .output()
+        .unwrap();
+    assert!(
+        sign.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sign.stderr)
+    );
+    let port = common::free_port();
+    let mut http = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .arg("--directory")
+        .arg(dir.path().join("www"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_until("the HTTP server", TIMEOUT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let state = dir.path().join("fleet");
+    let upgrade = |image: &str| {
+        Command::new(KILN)
+            .args(["fleet", "upgrade", "--inventory", "/nonexistent/fleet.yaml"])
+            .args(["--image", image, "--trusted-key"])
+            .arg(operator.with_extension("pub"))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let out = upgrade(&format!("http://127.0.0.1:{port}/v2"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("checking the build's signature")
+            && err.contains("manifest.json is not signed by any of the trusted keys"),
+        "{err}"
+    );
+    let out = upgrade(bundle.to_str().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("give the build's base URL"), "{err}");
+    assert!(!state.exists(), "fleet state was made");
+    let _ = http.kill();
+    let _ = http.wait();
+}

@@ -430,7 +430,8 @@ fn boot_of(dir: &Path, inventory: &Path, state: &Path, name: &str) -> Value {
     st["boot"].clone()
 }
 
-fn fleet_upgrade(dir: &Path, inventory: &Path, state: &Path, key: &Path, args: &[&str]) -> Command {
+/// `kiln fleet upgrade` with `args` in the rack, run to its end.
+fn fleet_upgrade(dir: &Path, inventory: &Path, state: &Path, key: &Path, args: &[&str]) -> Output {
     let mut c = rack_cmd(dir, &["fleet", "upgrade", "--inventory"]);
     c.arg(inventory)
         .arg("--state-dir")
@@ -441,7 +442,7 @@ fn fleet_upgrade(dir: &Path, inventory: &Path, state: &Path, key: &Path, args: &
         .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    c
+    wait_output(c.spawn().unwrap(), ROLLOUT_TIMEOUT)
 }
 
 /// The ready nodes upgrade through their agents from the provisioner's side of the rack: a
@@ -497,25 +498,20 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
     let started = Instant::now();
 
     // The dry run asks each node's agent to check the build and plan the write.
-    let out = wait_output(
-        fleet_upgrade(
-            dir,
-            inventory,
-            state,
-            key,
-            &[
-                "--image",
-                &bad,
-                "--nodes",
-                "node-01,node-02",
-                "--dry-run",
-                "--output",
-                "json",
-            ],
-        )
-        .spawn()
-        .unwrap(),
-        ROLLOUT_TIMEOUT,
+    let out = fleet_upgrade(
+        dir,
+        inventory,
+        state,
+        key,
+        &[
+            "--image",
+            &bad,
+            "--nodes",
+            "node-01,node-02",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
     );
     assert!(out.status.success(), "dry run: {}", text(&out));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -534,24 +530,19 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
     }
 
     // The bad build: node-01 tries it, falls back, and the upgrade stops there.
-    let out = wait_output(
-        fleet_upgrade(
-            dir,
-            inventory,
-            state,
-            key,
-            &[
-                "--image",
-                &bad,
-                "--nodes",
-                "node-01,node-02",
-                "--boot-timeout",
-                "25m",
-            ],
-        )
-        .spawn()
-        .unwrap(),
-        ROLLOUT_TIMEOUT,
+    let out = fleet_upgrade(
+        dir,
+        inventory,
+        state,
+        key,
+        &[
+            "--image",
+            &bad,
+            "--nodes",
+            "node-01,node-02",
+            "--boot-timeout",
+            "25m",
+        ],
     );
     let bad_done = started.elapsed();
     let said = text(&out);
@@ -575,24 +566,19 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
     assert!(untouched["staged"].is_null(), "{untouched:#}");
 
     // The good build, two nodes at a time.
-    let out = wait_output(
-        fleet_upgrade(
-            dir,
-            inventory,
-            state,
-            key,
-            &[
-                "--image",
-                &v2,
-                "--nodes",
-                "node-01,node-02",
-                "--max-unavailable",
-                "2",
-            ],
-        )
-        .spawn()
-        .unwrap(),
-        ROLLOUT_TIMEOUT,
+    let out = fleet_upgrade(
+        dir,
+        inventory,
+        state,
+        key,
+        &[
+            "--image",
+            &v2,
+            "--nodes",
+            "node-01,node-02",
+            "--max-unavailable",
+            "2",
+        ],
     );
     assert!(out.status.success(), "good upgrade: {}", text(&out));
     let good_done = started.elapsed();

@@ -458,6 +458,26 @@ impl Runtime {
         true
     }
 
+    /// [`Runtime::run`] until `done` holds for the resources of kind `R` under `ids` (once
+    /// each exists), or until [`Trigger::stop`]; returns them as they ended.
+    pub fn run_to_end<R: Resource>(
+        &mut self,
+        resync: Duration,
+        ids: &[String],
+        mut done: impl FnMut(&[&R]) -> bool,
+    ) -> Vec<(String, R)> {
+        let trigger = self.trigger();
+        self.run(resync, resync, |state| {
+            let found: Vec<&R> = ids.iter().filter_map(|id| state.get::<R>(id)).collect();
+            if found.len() == ids.len() && done(&found) {
+                trigger.stop();
+            }
+        });
+        ids.iter()
+            .filter_map(|id| Some((id.clone(), self.state.get::<R>(id)?.clone())))
+            .collect()
+    }
+
     /// Serves events until [`Trigger::stop`]: outside wake-ups, backoff retries, and a resync
     /// of every controller each `resync`. `tick` runs at least every `tick_every` while the
     /// loop is healthy (the daemon feeds the service watchdog from it).

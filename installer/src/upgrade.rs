@@ -69,7 +69,7 @@ pub enum UpgradeError {
          without --sign-key), so it cannot check an upgrade"
     )]
     NoTrustedKeys(String),
-    #[error("{image}: manifest.json is not signed by a key this node trusts ({keys})")]
+    #[error("{image}: manifest.json is not signed by any of the trusted keys ({keys})")]
     Untrusted { image: String, keys: String },
     #[error("{image}: {reason}")]
     Bundle { image: String, reason: String },

@@ -27,6 +27,10 @@ use super::output::OutputArgs;
 use super::parse_duration;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    override_usage = "kiln fleet upgrade --inventory <FILE> --image <URL> --trusted-key <FILE>
+       [OPTIONS]"
+)]
 pub struct UpgradeArgs {
     /// Fleet inventory (kind: Inventory)
     #[arg(long, value_name = "FILE")]

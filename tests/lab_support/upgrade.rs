@@ -353,7 +353,7 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
     );
     let tampered = said(&all, "kiln-lab-upgrade: tampered exit ");
     assert!(
-        !tampered.starts_with('0') && tampered.contains("not signed by a key this node trusts"),
+        !tampered.starts_with('0') && tampered.contains("not signed by any of the trusted keys"),
         "{tampered}"
     );
     if power_cuts {

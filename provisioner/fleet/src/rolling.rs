@@ -18,7 +18,7 @@ use kiln_cluster::kube_client::Client;
 use kiln_cluster::maintenance::{self, EnterOptions};
 
 use crate::remote::{CHANGE_TIMEOUT, NodeApi, READ_TIMEOUT};
-use crate::rollout::now_ms;
+use crate::rollout::{now_ms, open_event_log};
 use crate::store::{Store, StoreError, UpgradeInfo};
 use crate::upgrade::{
     self, NodeUpgrade, SlotTarget, UpgradeAction, UpgradeInput, UpgradeLimits, UpgradeObservation,
@@ -382,19 +382,8 @@ impl RollingUpgrade {
             started_ms: now,
             nodes: nodes.to_vec(),
         })?;
-        let events = match &opts.events {
-            None => None,
-            Some(path) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| UpgradeRunError::Events {
-                        path: path.clone(),
-                        source,
-                    })?,
-            )),
-        };
+        let events = open_event_log(opts.events.as_deref())
+            .map_err(|(path, source)| UpgradeRunError::Events { path, source })?;
         let shared = Arc::new(UpgradeShared {
             store,
             inbox: Mutex::new(Vec::new()),
@@ -435,27 +424,14 @@ impl RollingUpgrade {
     /// Runs until every node is done, or a node failed and none is in progress any more (or
     /// `stop` is triggered); returns each node's progress.
     pub fn run(mut self, resync: Duration) -> Vec<(String, NodeUpgrade)> {
-        let trigger = self.runtime.trigger();
-        let nodes = self.nodes.clone();
-        self.runtime.run(resync, resync, |state| {
-            let progress: Vec<&NodeUpgrade> = nodes
-                .iter()
-                .filter_map(|n| state.get::<UpgradeStatus>(n).map(|s| &s.0))
-                .collect();
-            let all_done =
-                progress.len() == nodes.len() && progress.iter().all(|p| p.stage.is_done());
-            let halted = progress.iter().any(|p| p.stage == UpgradeStage::Failed)
-                && !progress.iter().any(|p| p.stage.is_active());
-            if all_done || halted {
-                trigger.stop();
-            }
-        });
-        self.nodes
-            .iter()
-            .filter_map(|n| {
-                let s = self.runtime.state().get::<UpgradeStatus>(n)?;
-                Some((n.clone(), s.0.clone()))
+        self.runtime
+            .run_to_end::<UpgradeStatus>(resync, &self.nodes, |all| {
+                all.iter().all(|s| s.0.stage.is_done())
+                    || (all.iter().any(|s| s.0.stage == UpgradeStage::Failed)
+                        && !all.iter().any(|s| s.0.stage.is_active()))
             })
+            .into_iter()
+            .map(|(n, s)| (n, s.0))
             .collect()
     }
 

@@ -445,6 +445,21 @@ fn announce(
     }));
 }
 
+/// The JSON-lines log of stage changes at `path`, appended to; or why it cannot be opened.
+pub(crate) fn open_event_log(
+    path: Option<&std::path::Path>,
+) -> Result<Option<Mutex<std::fs::File>>, (PathBuf, std::io::Error)> {
+    path.map(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Mutex::new)
+            .map_err(|e| (path.to_path_buf(), e))
+    })
+    .transpose()
+}
+
 /// A rollout, ready to run.
 pub struct Rollout {
     pub shared: Arc<Shared>,
@@ -539,19 +554,8 @@ impl Rollout {
         let store = Store::open(&opts.state_dir)?;
         let snapshot: Snapshot = store.read()?;
         let now = now_ms();
-        let events = match &opts.events {
-            None => None,
-            Some(path) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| RolloutError::Events {
-                        path: path.clone(),
-                        source,
-                    })?,
-            )),
-        };
+        let events = open_event_log(opts.events.as_deref())
+            .map_err(|(path, source)| RolloutError::Events { path, source })?;
         let mut token_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (node, hash) in &snapshot.token_hashes {
             token_hashes
@@ -620,24 +624,12 @@ impl Rollout {
     /// Runs until every node is ready or failed (or `stop` is triggered); returns each node's
     /// final progress.
     pub fn run(mut self, resync: Duration) -> Vec<(String, NodeProgress)> {
-        let trigger = self.runtime.trigger();
-        let nodes = self.nodes.clone();
-        self.runtime.run(resync, resync, |state| {
-            let all_done = nodes.iter().all(|n| {
-                state
-                    .get::<NodeStatus>(n)
-                    .is_some_and(|s| s.0.stage.is_done())
-            });
-            if all_done {
-                trigger.stop();
-            }
-        });
-        self.nodes
-            .iter()
-            .filter_map(|n| {
-                let s = self.runtime.state().get::<NodeStatus>(n)?;
-                Some((n.clone(), s.0.clone()))
+        self.runtime
+            .run_to_end::<NodeStatus>(resync, &self.nodes, |all| {
+                all.iter().all(|s| s.0.stage.is_done())
             })
+            .into_iter()
+            .map(|(n, s)| (n, s.0))
             .collect()
     }
 
