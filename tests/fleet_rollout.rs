@@ -346,23 +346,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     // Each installed node's agent serves its API on its address with the certificate the
     // rollout gave it, to the fleet's admins: its status, read from the provisioner's side.
     for n in &nodes[..3] {
-        let out = rack_cmd(
-            &dir,
-            &["node", "status", "--output", "json", "--node", &n.name],
-        )
-        .arg("--inventory")
-        .arg(&inventory)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "kiln node status --node {}: {}",
-            n.name,
-            text(&out)
-        );
-        let remote: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let remote = agent_status(&dir, &inventory, &state, &n.name);
         assert_eq!(remote["slot"], "A", "{remote:#}");
         assert_eq!(remote["hostname"], n.name.as_str(), "{remote:#}");
     }
@@ -412,8 +396,8 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     drop(rack);
 }
 
-/// A node's boot slots, as its agent reports them over the network.
-fn boot_of(dir: &Path, inventory: &Path, state: &Path, name: &str) -> Value {
+/// A node's status, as its agent reports it over its network API to the fleet's admins.
+fn agent_status(dir: &Path, inventory: &Path, state: &Path, name: &str) -> Value {
     let out = rack_cmd(dir, &["node", "status", "--output", "json", "--node", name])
         .arg("--inventory")
         .arg(inventory)
@@ -426,8 +410,7 @@ fn boot_of(dir: &Path, inventory: &Path, state: &Path, name: &str) -> Value {
         "kiln node status --node {name}: {}",
         text(&out)
     );
-    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
-    st["boot"].clone()
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// `kiln fleet upgrade` with `args` in the rack, run to its end.
@@ -495,24 +478,20 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
     let base = format!("http://{host}:8088");
     let bad = format!("{base}/bad");
     let v2 = format!("{base}/v2");
+    let upgrade = |args: &[&str]| fleet_upgrade(dir, inventory, state, key, args);
+    let boot_of = |node: &str| agent_status(dir, inventory, state, node)["boot"].clone();
     let started = Instant::now();
 
     // The dry run asks each node's agent to check the build and plan the write.
-    let out = fleet_upgrade(
-        dir,
-        inventory,
-        state,
-        key,
-        &[
-            "--image",
-            &bad,
-            "--nodes",
-            "node-01,node-02",
-            "--dry-run",
-            "--output",
-            "json",
-        ],
-    );
+    let out = upgrade(&[
+        "--image",
+        &bad,
+        "--nodes",
+        "node-01,node-02",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
     assert!(out.status.success(), "dry run: {}", text(&out));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = plan["nodes"].as_array().unwrap();
@@ -525,25 +504,19 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
         );
     }
     for n in ["node-01", "node-02"] {
-        let boot = boot_of(dir, inventory, state, n);
+        let boot = boot_of(n);
         assert!(boot["staged"].is_null(), "the dry run staged {n}: {boot:#}");
     }
 
     // The bad build: node-01 tries it, falls back, and the upgrade stops there.
-    let out = fleet_upgrade(
-        dir,
-        inventory,
-        state,
-        key,
-        &[
-            "--image",
-            &bad,
-            "--nodes",
-            "node-01,node-02",
-            "--boot-timeout",
-            "25m",
-        ],
-    );
+    let out = upgrade(&[
+        "--image",
+        &bad,
+        "--nodes",
+        "node-01,node-02",
+        "--boot-timeout",
+        "25m",
+    ]);
     let bad_done = started.elapsed();
     let said = text(&out);
     assert!(!out.status.success(), "a bad build went through:\n{said}");
@@ -558,32 +531,26 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
     let up = &st["upgrade"];
     assert_eq!(up["nodes"][0]["stage"], "failed", "{up:#}");
     assert_eq!(up["nodes"][1]["stage"], "pending", "{up:#}");
-    let back = boot_of(dir, inventory, state, "node-01");
+    let back = boot_of("node-01");
     assert_eq!(back["booted"]["slot"], "A", "{back:#}");
     assert_eq!(back["booted"]["state"], "good", "{back:#}");
-    let untouched = boot_of(dir, inventory, state, "node-02");
+    let untouched = boot_of("node-02");
     assert_eq!(untouched["booted"]["generation"], 1, "{untouched:#}");
     assert!(untouched["staged"].is_null(), "{untouched:#}");
 
     // The good build, two nodes at a time.
-    let out = fleet_upgrade(
-        dir,
-        inventory,
-        state,
-        key,
-        &[
-            "--image",
-            &v2,
-            "--nodes",
-            "node-01,node-02",
-            "--max-unavailable",
-            "2",
-        ],
-    );
+    let out = upgrade(&[
+        "--image",
+        &v2,
+        "--nodes",
+        "node-01,node-02",
+        "--max-unavailable",
+        "2",
+    ]);
     assert!(out.status.success(), "good upgrade: {}", text(&out));
     let good_done = started.elapsed();
     for (n, generation) in [("node-01", 3), ("node-02", 2)] {
-        let boot = boot_of(dir, inventory, state, n);
+        let boot = boot_of(n);
         assert_eq!(boot["booted"]["slot"], "B", "{n}: {boot:#}");
         assert_eq!(boot["booted"]["generation"], generation, "{n}: {boot:#}");
         assert_eq!(boot["booted"]["state"], "good", "{n}: {boot:#}");
@@ -594,7 +561,7 @@ fn rolling_upgrade(dir: &Path, inventory: &Path, artifacts: &Path, state: &Path,
         );
         assert_eq!(boot["rollback"]["slot"], "A", "{n}: {boot:#}");
     }
-    let kept = boot_of(dir, inventory, state, "node-03");
+    let kept = boot_of("node-03");
     assert_eq!(kept["booted"]["slot"], "A", "{kept:#}");
     assert_ne!(
         kept["booted"]["image"]["rootfsSha256"],

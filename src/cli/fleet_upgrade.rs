@@ -230,7 +230,16 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
         stopper.stop();
     });
     let results = rolling.run(Duration::from_secs(1));
-    let snapshot = kiln_fleet::store::StoreReader::open(&a.state_dir)?.read()?;
+    let snapshot = kiln_fleet::store::Snapshot {
+        upgrade: Some(kiln_fleet::store::UpgradeInfo {
+            image: opts.image.clone(),
+            image_sha256: opts.image_sha256.clone(),
+            started_ms: 0,
+            nodes: order.clone(),
+        }),
+        upgrades: results.clone(),
+        ..Default::default()
+    };
     if let Some(view) = status::upgrade_view(&snapshot, kiln_fleet::rollout::now_ms()) {
         print!("{}", status::upgrade_table(&view));
     }

@@ -6,6 +6,7 @@
 //! resumes where it stopped.
 
 pub mod cluster;
+pub mod mailbox;
 pub mod plan;
 pub mod remote;
 pub mod rolling;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_agent::engine::{Controller, Ctx, ReconcileError, Resource, Runtime, Trigger};
@@ -17,6 +17,7 @@ use kiln_cluster::ceph::CephAdmin;
 use kiln_cluster::kube_client::Client;
 use kiln_cluster::maintenance::{self, EnterOptions};
 
+use crate::mailbox::Mailbox;
 use crate::remote::{CHANGE_TIMEOUT, NodeApi, READ_TIMEOUT};
 use crate::rollout::{now_ms, open_event_log};
 use crate::store::{Store, StoreError, UpgradeInfo};
@@ -30,8 +31,7 @@ const CONTROLLER: &str = "fleet-upgrade";
 /// What the controller and the action tasks share.
 pub struct UpgradeShared {
     store: Store,
-    inbox: Mutex<Vec<(String, UpgradeObservation)>>,
-    trigger: OnceLock<Trigger>,
+    inbox: Mailbox<UpgradeObservation>,
     events: Option<Mutex<std::fs::File>>,
 }
 
@@ -45,13 +45,7 @@ impl std::fmt::Debug for UpgradeShared {
 
 impl UpgradeShared {
     pub fn observe(&self, node: &str, obs: UpgradeObservation) {
-        self.inbox
-            .lock()
-            .expect("inbox lock")
-            .push((node.to_string(), obs));
-        if let Some(t) = self.trigger.get() {
-            t.wake(CONTROLLER);
-        }
+        self.inbox.post(node, obs);
     }
 }
 
@@ -148,20 +142,19 @@ pub async fn maintenance_step(
 
 impl UpgradeActuator for AgentActuator {
     fn start(&self, node: &str, action: UpgradeAction) {
-        let shared = self.shared.clone();
-        let node = node.to_string();
+        let (shared, node) = (self.shared.clone(), node.to_string());
         let api = self.apis.get(&node).cloned();
-        let image = self.image.clone();
-        let cluster = self.cluster.clone();
+        let (image, cluster) = (self.image.clone(), self.cluster.clone());
         self.runtime.spawn(async move {
-            let Some(api) = api else {
-                return;
-            };
-            let obs = match action {
-                UpgradeAction::Status => {
+            let missing = |what: &str| format!("no {what} for node {node}");
+            let obs = match (action, api, cluster) {
+                (UpgradeAction::Status, Some(api), _) => {
                     UpgradeObservation::Status(read_status(&api).await.map(Box::new))
                 }
-                UpgradeAction::Upgrade => {
+                (UpgradeAction::Status, None, _) => {
+                    UpgradeObservation::Status(Err(missing("agent API")))
+                }
+                (UpgradeAction::Upgrade, Some(api), _) => {
                     UpgradeObservation::Written(request_upgrade(&api, &image, false).await.map(
                         |r| SlotTarget {
                             slot: r.plan.target,
@@ -169,12 +162,11 @@ impl UpgradeActuator for AgentActuator {
                         },
                     ))
                 }
-                UpgradeAction::EnterMaintenance | UpgradeAction::ExitMaintenance => {
-                    let Some(c) = cluster else {
-                        return;
-                    };
-                    maintenance_step(&c, &node, action).await
+                (UpgradeAction::Upgrade, None, _) => {
+                    UpgradeObservation::Written(Err(missing("agent API")))
                 }
+                (_, _, Some(c)) => maintenance_step(&c, &node, action).await,
+                (_, _, None) => UpgradeObservation::Maintenance(Err(missing("cluster access"))),
             };
             shared.observe(&node, obs);
         });
@@ -218,7 +210,7 @@ impl Controller for UpgradeController {
     fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
         let now = now_ms();
         let mut fresh: BTreeMap<String, Vec<UpgradeObservation>> = BTreeMap::new();
-        for (node, obs) in std::mem::take(&mut *self.shared.inbox.lock().expect("inbox lock")) {
+        for (node, obs) in self.shared.inbox.take() {
             fresh.entry(node).or_default().push(obs);
         }
         let mut unavailable = self
@@ -368,11 +360,16 @@ impl RollingUpgrade {
         let resumed: Vec<(String, NodeUpgrade)> = nodes
             .iter()
             .map(|n| {
-                let stored = snapshot.upgrade_of(n).filter(|p| {
+                let stored = snapshot.upgrade_of(n);
+                let progress = if same_image {
+                    NodeUpgrade::resume(stored, now)
+                } else {
                     // Another image's run is over for this node, but not its maintenance.
-                    same_image || !p.stage.is_done() || p.in_maintenance
-                });
-                (n.clone(), NodeUpgrade::resume(stored, now))
+                    let mut fresh = NodeUpgrade::new(now);
+                    fresh.in_maintenance = stored.is_some_and(|p| p.in_maintenance);
+                    fresh
+                };
+                (n.clone(), progress)
             })
             .collect();
         store.put_upgrades(&resumed)?;
@@ -386,12 +383,11 @@ impl RollingUpgrade {
             .map_err(|(path, source)| UpgradeRunError::Events { path, source })?;
         let shared = Arc::new(UpgradeShared {
             store,
-            inbox: Mutex::new(Vec::new()),
-            trigger: OnceLock::new(),
+            inbox: Mailbox::default(),
             events,
         });
         let mut runtime = Runtime::new();
-        let _ = shared.trigger.set(runtime.trigger());
+        shared.inbox.connect(runtime.trigger(), CONTROLLER);
         let actuator = actuator(shared.clone());
         runtime
             .register(Box::new(UpgradeController {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_agent::engine::{Controller, Ctx, ReconcileError, Resource, Runtime, Trigger};
@@ -15,6 +15,7 @@ use kiln_bmc::{BmcTarget, BootDevice, BootOverride, PowerAction, PowerState};
 use kiln_netboot::enrol::{Enrolment, Refusal};
 use kiln_spec::enrol::{self, Report};
 
+use crate::mailbox::Mailbox;
 use crate::stage::{
     self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage, StepInput,
 };
@@ -44,11 +45,10 @@ pub struct Target {
 /// What the HTTP handlers, the BMC tasks and the controllers share.
 pub struct Shared {
     store: Store,
-    inbox: Mutex<Vec<(String, Observation)>>,
+    inbox: Mailbox<Observation>,
     /// Each node's stage as last committed: what token decisions are made on.
     stages: RwLock<BTreeMap<String, Stage>>,
     token_hashes: RwLock<BTreeMap<String, Vec<String>>>,
-    trigger: OnceLock<Trigger>,
     events: Option<Mutex<std::fs::File>>,
     webhook: Option<Webhook>,
 }
@@ -63,13 +63,7 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     fn observe(&self, node: &str, obs: Observation) {
-        self.inbox
-            .lock()
-            .expect("inbox lock")
-            .push((node.to_string(), obs));
-        if let Some(t) = self.trigger.get() {
-            t.wake(INBOX);
-        }
+        self.inbox.post(node, obs);
     }
 
     fn stage(&self, node: &str) -> Option<Stage> {
@@ -267,8 +261,7 @@ impl Controller for Inbox {
         vec![NodeEvents::KIND]
     }
     fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
-        let drained = std::mem::take(&mut *self.shared.inbox.lock().expect("inbox lock"));
-        for (node, obs) in drained {
+        for (node, obs) in self.shared.inbox.take() {
             let mut events = ctx.get::<NodeEvents>(&node)?.unwrap_or_default();
             events.0.push(obs);
             ctx.put(&node, events)?;
@@ -589,15 +582,14 @@ impl Rollout {
         })?;
         let shared = Arc::new(Shared {
             store,
-            inbox: Mutex::new(Vec::new()),
+            inbox: Mailbox::default(),
             stages: RwLock::new(stages),
             token_hashes: RwLock::new(token_hashes),
-            trigger: OnceLock::new(),
             events,
             webhook,
         });
         let mut runtime = Runtime::new();
-        let _ = shared.trigger.set(runtime.trigger());
+        shared.inbox.connect(runtime.trigger(), INBOX);
         let actuator = actuator(shared.clone());
         runtime
             .register(Box::new(Inbox {

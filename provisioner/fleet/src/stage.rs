@@ -91,18 +91,19 @@ pub enum Observation {
     Report(Report),
 }
 
+/// Where a node failed and why; `S` is the stage type (the rollout's, or the upgrade's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Failure {
-    pub stage: Stage,
+pub struct Failure<S = Stage> {
+    pub stage: S,
     pub reason: String,
 }
 
 /// One entry of a node's stage history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StageEntry {
-    pub stage: Stage,
+pub struct StageEntry<S = Stage> {
+    pub stage: S,
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,8 @@ use kiln_spec::boot::{BootStatus, EntryState};
 use kiln_spec::layout::Slot;
 use serde::{Deserialize, Serialize};
 
+use crate::stage::{Failure, StageEntry};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpgradeStage {
@@ -91,21 +93,8 @@ pub enum UpgradeObservation {
     Written(Result<SlotTarget, String>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpgradeFailure {
-    pub stage: UpgradeStage,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpgradeEntry {
-    pub stage: UpgradeStage,
-    pub at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
+pub type UpgradeFailure = Failure<UpgradeStage>;
+pub type UpgradeEntry = StageEntry<UpgradeStage>;
 
 /// A node's upgrade progress, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -568,12 +557,42 @@ mod tests {
         status(slot(Slot::A, 1, EntryState::Good, "1111"), None)
     }
 
+    const B2: SlotTarget = SlotTarget {
+        slot: Slot::B,
+        generation: 2,
+    };
+
     struct Run {
         limits: UpgradeLimits,
         now: u64,
     }
 
     impl Run {
+        fn new(limits: UpgradeLimits) -> Run {
+            Run { limits, now: 0 }
+        }
+
+        /// A node taken through its preflight (on slot A) and, with maintenance, into it:
+        /// what it is once it waits on the slot write.
+        fn writing(&mut self) -> NodeUpgrade {
+            use UpgradeObservation as O;
+            let mut n = NodeUpgrade::new(0);
+            self.step(&mut n, &[], 0, false);
+            self.step(&mut n, &[O::Status(Ok(on_a()))], 1, false);
+            if self.limits.maintenance {
+                self.step(&mut n, &[O::Maintenance(Ok("drained".into()))], 1, false);
+            }
+            assert_eq!(n.stage, UpgradeStage::Writing);
+            n
+        }
+
+        /// A node whose slot B (generation 2) was written: it waits for the reboot.
+        fn rebooting(&mut self) -> NodeUpgrade {
+            let mut n = self.writing();
+            self.step(&mut n, &[UpgradeObservation::Written(Ok(B2))], 1, false);
+            n
+        }
+
         fn step(
             &mut self,
             node: &mut NodeUpgrade,
@@ -605,13 +624,10 @@ mod tests {
     fn a_node_in_a_cluster_goes_through_maintenance_and_ends_blessed() {
         use UpgradeAction as A;
         use UpgradeObservation as O;
-        let mut run = Run {
-            limits: UpgradeLimits {
-                maintenance: true,
-                ..UpgradeLimits::default()
-            },
-            now: 0,
-        };
+        let mut run = Run::new(UpgradeLimits {
+            maintenance: true,
+            ..UpgradeLimits::default()
+        });
         let mut n = NodeUpgrade::new(0);
         assert_eq!(run.step(&mut n, &[], 0, false), [A::Status]);
         assert_eq!(
@@ -622,12 +638,8 @@ mod tests {
             run.step(&mut n, &[O::Maintenance(Ok("drained".into()))], 1, false),
             [A::Upgrade]
         );
-        let b2 = SlotTarget {
-            slot: Slot::B,
-            generation: 2,
-        };
         // The first status read waits one poll interval.
-        assert!(run.step(&mut n, &[O::Written(Ok(b2))], 1, false).is_empty());
+        assert!(run.step(&mut n, &[O::Written(Ok(B2))], 1, false).is_empty());
         run.now += 5000;
         assert_eq!(run.step(&mut n, &[], 1, false), [A::Status]);
         // Unreachable, then still on A: keep waiting.
@@ -675,22 +687,11 @@ mod tests {
     #[test]
     fn a_rolled_back_node_fails_with_the_reason_and_stays_in_maintenance() {
         use UpgradeObservation as O;
-        let mut run = Run {
-            limits: UpgradeLimits {
-                maintenance: true,
-                ..UpgradeLimits::default()
-            },
-            now: 0,
-        };
-        let mut n = NodeUpgrade::new(0);
-        run.step(&mut n, &[], 0, false);
-        run.step(&mut n, &[O::Status(Ok(on_a()))], 1, false);
-        run.step(&mut n, &[O::Maintenance(Ok("drained".into()))], 1, false);
-        let b2 = SlotTarget {
-            slot: Slot::B,
-            generation: 2,
-        };
-        run.step(&mut n, &[O::Written(Ok(b2))], 1, false);
+        let mut run = Run::new(UpgradeLimits {
+            maintenance: true,
+            ..UpgradeLimits::default()
+        });
+        let mut n = run.rebooting();
         let back = status(
             slot(Slot::A, 1, EntryState::Good, "1111"),
             Some(Assessment {
@@ -732,13 +733,10 @@ mod tests {
 
     #[test]
     fn admission_honours_max_unavailable_and_a_halt() {
-        let mut run = Run {
-            limits: UpgradeLimits {
-                max_unavailable: 2,
-                ..UpgradeLimits::default()
-            },
-            now: 0,
-        };
+        let mut run = Run::new(UpgradeLimits {
+            max_unavailable: 2,
+            ..UpgradeLimits::default()
+        });
         let mut n = NodeUpgrade::new(0);
         assert!(run.step(&mut n, &[], 2, false).is_empty());
         assert!(run.step(&mut n, &[], 0, true).is_empty());
@@ -766,11 +764,7 @@ mod tests {
                 .contains("still on trial")
         );
         let done = status(slot(Slot::B, 2, EntryState::Good, NEW), None);
-        let b2 = SlotTarget {
-            slot: Slot::B,
-            generation: 2,
-        };
-        assert_eq!(preflight(&done, NEW), Ok(Preflight::AlreadyDone(b2)));
+        assert_eq!(preflight(&done, NEW), Ok(Preflight::AlreadyDone(B2)));
         let no_slots = NodeStatus::default();
         assert!(preflight(&no_slots, NEW).unwrap_err().contains("no A/B"));
     }
@@ -778,14 +772,8 @@ mod tests {
     #[test]
     fn an_interrupted_write_resumes_from_what_the_node_runs() {
         use UpgradeObservation as O;
-        let mut run = Run {
-            limits: UpgradeLimits::default(),
-            now: 0,
-        };
-        let mut n = NodeUpgrade::new(0);
-        run.step(&mut n, &[], 0, false);
-        run.step(&mut n, &[O::Status(Ok(on_a()))], 1, false);
-        assert_eq!(n.stage, UpgradeStage::Writing);
+        let mut run = Run::new(UpgradeLimits::default());
+        let n = run.writing();
         // Stopped here; the node wrote B and rebooted into it meanwhile.
         let mut resumed = NodeUpgrade::resume(Some(&n), run.now);
         assert_eq!(resumed.stage, UpgradeStage::Preflight);
@@ -801,18 +789,8 @@ mod tests {
     #[test]
     fn a_node_that_never_comes_back_fails_naming_what_was_last_seen() {
         use UpgradeObservation as O;
-        let mut run = Run {
-            limits: UpgradeLimits::default(),
-            now: 0,
-        };
-        let mut n = NodeUpgrade::new(0);
-        run.step(&mut n, &[], 0, false);
-        run.step(&mut n, &[O::Status(Ok(on_a()))], 1, false);
-        let b2 = SlotTarget {
-            slot: Slot::B,
-            generation: 2,
-        };
-        run.step(&mut n, &[O::Written(Ok(b2))], 1, false);
+        let mut run = Run::new(UpgradeLimits::default());
+        let mut n = run.rebooting();
         run.now += 10_000;
         run.step(
             &mut n,
