@@ -8,7 +8,6 @@
 //! written under a name the loader ignores and renamed into place. The booted slot and its
 //! entry are never touched; `KILN_STATE` is shared and not part of an upgrade.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use kiln_spec::layout::{self, Slot};
 use kiln_spec::manifest::Manifest;
 use kiln_spec::signing::{PublicKey, SIGNATURE_FILE};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use crate::blockdev::{BlockDevError, Target};
 use crate::stage1::Cmdline;
@@ -520,19 +518,10 @@ pub fn fetch_and_verify(
 }
 
 fn file_sha256(path: &Path) -> Result<String, UpgradeError> {
-    let mut f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(io_err(format!("reading {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    let f = std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let (_, sha256) = kiln_spec::manifest::sha256_stream(f)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    Ok(sha256)
 }
 
 /// What an upgrade will do, decided before anything is written.

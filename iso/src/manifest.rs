@@ -1,7 +1,6 @@
 //! `manifest.json`: what a build produced (size and sha256 of every artifact), from which spec,
 //! and which Debian packages (name, version) the image carries.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use kiln_spec::signing::{PublicKey, SIGNATURE_FILE};
@@ -44,25 +43,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Size and sha256 of `dir/rel`, read in one streaming pass.
 pub fn artifact(dir: &Path, rel: &str) -> Result<Artifact> {
     let path = dir.join(rel);
-    let mut f = std::fs::File::open(&path)
+    let f = std::fs::File::open(&path)
         .map_err(BuildError::io(format!("opening {}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(BuildError::io(format!("reading {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
+    let (size, sha256) = kiln_spec::manifest::sha256_stream(f)
+        .map_err(BuildError::io(format!("reading {}", path.display())))?;
     Ok(Artifact {
         path: rel.to_string(),
         size,
-        sha256: hex::encode(h.finalize()),
+        sha256,
     })
 }
 

@@ -60,6 +60,23 @@ pub struct NodeImage {
     pub path: String,
 }
 
+/// Size and sha256 (hex) of everything `reader` yields, in one streaming pass: how an
+/// artifact's manifest entry is made and checked.
+pub fn sha256_stream(mut reader: impl std::io::Read) -> std::io::Result<(u64, String)> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok((size, hex::encode(h.finalize())));
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+}
+
 impl Manifest {
     /// The sha256 of the artifact at `path` (relative to the build's output directory).
     pub fn sha256_of(&self, path: &str) -> Option<&str> {
