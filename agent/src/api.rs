@@ -96,7 +96,9 @@ fn upgrade_error(e: &kiln_installer::upgrade::UpgradeError) -> Response {
         E::NotInstalled
         | E::NoBootCounting
         | E::BootedOnTrial { .. }
+        | E::BootedBad { .. }
         | E::NoTrustedKeys(_)
+        | E::UnsignedNotAllowed
         | E::Untrusted { .. }
         | E::Bundle { .. }
         | E::Fetch(_)

@@ -189,7 +189,7 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         std::thread::Builder::new()
             .name("kiln-boot-assessment".into())
             .spawn(move || {
-                crate::slots::assess(sysroot, shared, crate::slots::HEALTH_DEADLINE);
+                crate::slots::assess(sysroot, shared);
                 let _ = done.send(());
             })
             .map_err(io("starting the boot assessment"))?;

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_installer::upgrade::{self, BootMenu, ImageRef, NodeDisk, UpgradeError, UpgradeProgress};
+use kiln_installer::upgrade::{
+    self, BootMenu, ImageRef, NodeDisk, Trust, UpgradeError, UpgradeProgress,
+};
+use kiln_spec::appliance::{IMAGE_UPGRADE_RULES_PATH, UpgradeSpec};
 use kiln_spec::boot::{
     self, Assessment, BootEntryName, BootStatus, EntryState, SLOTS_RECORD_PATH, SlotsRecord,
 };
@@ -18,8 +21,6 @@ use crate::controllers::Shared;
 use crate::status::{Event, now};
 use crate::sysroot::{Meta, Sysroot, sync_dir, write_atomic};
 
-/// How long a slot on trial has to become healthy before the agent gives up on it.
-pub const HEALTH_DEADLINE: Duration = Duration::from_secs(600);
 const HEALTH_POLL: Duration = Duration::from_secs(5);
 
 /// Where an upgrade downloads its files: on `KILN_STATE`, which has room for an image while
@@ -98,6 +99,9 @@ pub struct UpgradeRequest {
     pub reboot: bool,
     #[serde(default)]
     pub dry_run: bool,
+    /// Take a build without a signature, if the running image's spec allows that.
+    #[serde(default)]
+    pub allow_unsigned: bool,
 }
 
 /// What an upgrade did (or, dry, would do).
@@ -125,7 +129,17 @@ pub fn run_upgrade(
     let entries = menu.entries()?;
     // Refused early, before any download.
     upgrade::check_booted(booted, &entries)?;
-    let keys = upgrade::trusted_keys(&sysroot.path(TRUSTED_KEYS_DIR))?;
+    if req.allow_unsigned && !image_rules(sysroot).is_ok_and(|r| r.allow_unsigned) {
+        return Err(UpgradeError::UnsignedNotAllowed);
+    }
+    let trust = Trust {
+        keys: match upgrade::trusted_keys(&sysroot.path(TRUSTED_KEYS_DIR)) {
+            Ok(keys) => keys,
+            Err(_) if req.allow_unsigned => Vec::new(),
+            Err(e) => return Err(e),
+        },
+        unsigned_ok: req.allow_unsigned,
+    };
     let staging = sysroot.path(STAGING_DIR);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|source| UpgradeError::Io {
@@ -137,7 +151,7 @@ pub fn run_upgrade(
     say(format!("checking {}", source.describe()));
     let result = (|| -> Result<UpgradeReport, UpgradeError> {
         let image =
-            upgrade::fetch_and_verify(&source, &keys, &staging, kiln_installer::FETCH_PATIENCE)?;
+            upgrade::fetch_and_verify(&source, &trust, &staging, kiln_installer::FETCH_PATIENCE)?;
         let plan = upgrade::plan(
             booted,
             &entries,
@@ -225,17 +239,100 @@ pub fn reboot_soon() {
         });
 }
 
-/// Whether the node is healthy by the agent's own account: converged, nothing failed.
-fn healthy(shared: &Shared) -> Result<(), String> {
+/// The running image's upgrade rules (its build's `spec.upgrade`); an image built before
+/// they existed has the defaults.
+fn image_rules(sysroot: &Sysroot) -> Result<UpgradeSpec, String> {
+    let path = sysroot.path(IMAGE_UPGRADE_RULES_PATH);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UpgradeSpec::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// How a slot on trial stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Healthy, and what showed it.
+    Good(String),
+    /// Not yet: the deadline decides.
+    NotYet(String),
+    /// Failed for good (a required unit missing or failed): waiting would change nothing.
+    Failed(String),
+}
+
+/// The node's health: the agent converged with nothing failed, and every required unit active.
+fn healthy(shared: &Shared, units: &[String]) -> Health {
     let st = shared.status.read().map(|s| s.clone()).unwrap_or_default();
     let cond = |kind: &str| st.condition(kind).cloned();
     if let Some(c) = cond("Failed").filter(|c| c.status) {
-        return Err(format!("{}: {}", c.reason, c.message));
+        return Health::NotYet(format!("{}: {}", c.reason, c.message));
     }
     match cond("Ready") {
-        Some(c) if c.status => Ok(()),
-        Some(c) => Err(format!("not converged: {} {}", c.reason, c.message)),
-        None => Err("not converged yet".into()),
+        Some(c) if c.status => {}
+        Some(c) => return Health::NotYet(format!("not converged: {} {}", c.reason, c.message)),
+        None => return Health::NotYet("not converged yet".into()),
+    }
+    let converged = "the agent converged with nothing failed";
+    if units.is_empty() {
+        return Health::Good(converged.into());
+    }
+    let out = std::process::Command::new("systemctl")
+        .args([
+            "show",
+            "--property=LoadState,ActiveState,SubState,Result",
+            "--",
+        ])
+        .args(units)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            match units_health(&String::from_utf8_lossy(&o.stdout), units) {
+                Health::Good(active) => Health::Good(format!("{converged}; {active}")),
+                other => other,
+            }
+        }
+        Ok(o) => Health::NotYet(format!(
+            "systemctl show: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Health::NotYet(format!("running systemctl: {e}")),
+    }
+}
+
+/// The required `units` judged from `systemctl show` of them (one block per unit, in order).
+pub fn units_health(show: &str, units: &[String]) -> Health {
+    let blocks: Vec<&str> = show.split("\n\n").collect();
+    let (mut failed, mut waiting) = (Vec::new(), Vec::new());
+    for (i, unit) in units.iter().enumerate() {
+        let prop = |key: &str| {
+            blocks.get(i).and_then(|b| {
+                b.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            })
+        };
+        match (prop("LoadState"), prop("ActiveState")) {
+            (Some("not-found"), _) => failed.push(format!("{unit} is not installed")),
+            (Some("masked"), _) => failed.push(format!("{unit} is masked")),
+            (Some("bad-setting" | "error"), _) => failed.push(format!("{unit} cannot be loaded")),
+            (_, Some("failed")) => failed.push(format!(
+                "{unit} failed ({})",
+                prop("Result").unwrap_or("no result")
+            )),
+            (_, Some("active" | "reloading")) => {}
+            (_, Some(state)) => waiting.push(format!(
+                "{unit} is {state} ({})",
+                prop("SubState").unwrap_or("")
+            )),
+            (_, None) => waiting.push(format!("{unit}: systemd said nothing about it")),
+        }
+    }
+    if !failed.is_empty() {
+        Health::Failed(failed.join("; "))
+    } else if !waiting.is_empty() {
+        Health::NotYet(waiting.join("; "))
+    } else {
+        Health::Good(format!("{} active", units.join(", ")))
     }
 }
 
@@ -257,10 +354,10 @@ pub struct Verdict {
 }
 
 /// The boot assessment, after the agent's first converge: a slot on trial is blessed once
-/// healthy, or marked bad and left by a reboot after [`HEALTH_DEADLINE`]. A slot that never
-/// reached the agent (the loader gave up on it) is recorded as such from the slot the node
-/// fell back to.
-pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
+/// healthy by its own image's rules (`spec.upgrade.health`), or marked bad and left by a
+/// reboot when a check fails or the rules' timeout passes. A slot that never reached the
+/// agent (the loader gave up on it) is recorded as such from the slot the node fell back to.
+pub fn assess(sysroot: Sysroot, shared: Arc<Shared>) {
     let Ok(Some((booted, disk))) = installed(&sysroot) else {
         return;
     };
@@ -268,6 +365,14 @@ pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
         return;
     };
     let mut record = read_record(&sysroot);
+    let rules = image_rules(&sysroot);
+    let deadline = Duration::from_secs(
+        rules
+            .as_ref()
+            .map_or(UpgradeSpec::default().health.timeout_seconds, |r| {
+                r.health.timeout_seconds
+            }),
+    );
     let say = |msg: String| {
         console(&sysroot, &format!("kiln-agent: {msg}"));
         shared.emit(Event::new("boot", msg, None));
@@ -276,7 +381,10 @@ pub fn assess(sysroot: Sysroot, shared: Arc<Shared>, deadline: Duration) {
         booted,
         &menu,
         &mut record,
-        || healthy(&shared),
+        || match &rules {
+            Ok(r) => healthy(&shared, &r.health.required_units),
+            Err(e) => Health::Failed(format!("the image's upgrade rules cannot be read: {e}")),
+        },
         deadline,
         HEALTH_POLL,
     ) {
@@ -301,7 +409,7 @@ pub fn assess_boot(
     booted: Slot,
     menu: &BootMenu,
     record: &mut SlotsRecord,
-    mut health: impl FnMut() -> Result<(), String>,
+    mut health: impl FnMut() -> Health,
     deadline: Duration,
     poll: Duration,
 ) -> Result<Option<Verdict>, UpgradeError> {
@@ -344,24 +452,16 @@ pub fn assess_boot(
         }));
     }
     let started = Instant::now();
-    let verdict = loop {
+    let (to, good, reason) = loop {
         match health() {
-            Ok(()) => break Ok(()),
-            Err(why) if started.elapsed() >= deadline => break Err(why),
-            Err(_) => std::thread::sleep(poll),
+            Health::Good(why) => break (current.blessed(), true, why),
+            Health::Failed(why) => break (current.marked_bad(), false, why),
+            Health::NotYet(why) if started.elapsed() >= deadline => {
+                let why = format!("not healthy within {} s: {why}", deadline.as_secs());
+                break (current.marked_bad(), false, why);
+            }
+            Health::NotYet(_) => std::thread::sleep(poll),
         }
-    };
-    let (to, good, reason) = match verdict {
-        Ok(()) => (
-            current.blessed(),
-            true,
-            "the agent converged with nothing failed".to_string(),
-        ),
-        Err(why) => (
-            current.marked_bad(),
-            false,
-            format!("not healthy within {} s: {why}", deadline.as_secs()),
-        ),
     };
     menu.set(&current, &to)?;
     record.last_assessment = Some(Assessment {
@@ -455,9 +555,13 @@ mod tests {
         booted: Slot,
         menu: &BootMenu,
         record: &mut SlotsRecord,
-        health: impl FnMut() -> Result<(), String>,
+        health: impl FnMut() -> Health,
     ) -> Option<Verdict> {
         assess_boot(booted, menu, record, health, Duration::ZERO, Duration::ZERO).unwrap()
+    }
+
+    fn good() -> Health {
+        Health::Good("converged".into())
     }
 
     #[test]
@@ -470,9 +574,9 @@ mod tests {
             let health = || {
                 calls += 1;
                 if calls < 3 {
-                    Err("converging".to_string())
+                    Health::NotYet("converging".to_string())
                 } else {
-                    Ok(())
+                    Health::Good("converged".to_string())
                 }
             };
             let v = assess_boot(
@@ -503,7 +607,7 @@ mod tests {
             let menu = menu_with(dir.path(), loader, &["kiln-1-a.conf", "kiln-2-b+2-1.conf"]);
             let mut record = SlotsRecord::default();
             let v = decide(Slot::B, &menu, &mut record, || {
-                Err("ActionFailed: unit:web.service: start failed".to_string())
+                Health::NotYet("ActionFailed: unit:web.service: start failed".to_string())
             })
             .unwrap();
             assert!(v.reboot, "{v:?}");
@@ -515,10 +619,74 @@ mod tests {
                 Slot::A
             );
             // Back on A: the failure is already recorded, nothing more to say.
-            let again = decide(Slot::A, &menu, &mut record, || Ok(()));
+            let again = decide(Slot::A, &menu, &mut record, good);
             assert_eq!(again, None);
             assert!(!record.last_assessment.unwrap().good);
         }
+    }
+
+    #[test]
+    fn a_failed_required_unit_fails_the_slot_at_once() {
+        for loader in LOADERS {
+            let dir = tempfile::tempdir().unwrap();
+            let menu = menu_with(dir.path(), loader, &["kiln-1-a.conf", "kiln-2-b+2-1.conf"]);
+            let mut record = SlotsRecord::default();
+            let started = Instant::now();
+            // A day's deadline: only the failure can end the wait.
+            let v = assess_boot(
+                Slot::B,
+                &menu,
+                &mut record,
+                || Health::Failed("web.service is not installed".into()),
+                Duration::from_secs(86_400),
+                Duration::from_secs(60),
+            )
+            .unwrap()
+            .unwrap();
+            assert!(started.elapsed() < Duration::from_secs(60));
+            assert!(v.reboot, "{v:?}");
+            assert!(
+                v.message
+                    .contains("failed its health check (web.service is not installed)"),
+                "{v:?}"
+            );
+            assert_eq!(files(&menu), ["kiln-1-a.conf", "kiln-2-b+0-3.conf"]);
+        }
+    }
+
+    fn units(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn required_units_are_judged_from_systemctl_show() {
+        let wanted = units(&["a.service", "b.target", "c.service"]);
+        let all_up = "LoadState=loaded\nActiveState=active\nSubState=running\nResult=success\n\n\
+                      LoadState=loaded\nActiveState=active\nSubState=active\nResult=success\n\n\
+                      LoadState=loaded\nActiveState=reloading\nSubState=reload\nResult=success\n";
+        assert_eq!(
+            units_health(all_up, &wanted),
+            Health::Good("a.service, b.target, c.service active".into())
+        );
+        let starting = "LoadState=loaded\nActiveState=activating\nSubState=start\nResult=success\n\n\
+                        LoadState=loaded\nActiveState=inactive\nSubState=dead\nResult=success\n\n\
+                        LoadState=loaded\nActiveState=active\nSubState=running\nResult=success\n";
+        assert_eq!(
+            units_health(starting, &wanted),
+            Health::NotYet("a.service is activating (start); b.target is inactive (dead)".into())
+        );
+        // Missing or failed outweighs waiting: no point in waiting for the others.
+        let broken = "LoadState=not-found\nActiveState=inactive\nSubState=dead\nResult=success\n\n\
+                      LoadState=loaded\nActiveState=activating\nSubState=start\nResult=success\n\n\
+                      LoadState=loaded\nActiveState=failed\nSubState=failed\nResult=exit-code\n";
+        assert_eq!(
+            units_health(broken, &wanted),
+            Health::Failed("a.service is not installed; c.service failed (exit-code)".into())
+        );
+        assert_eq!(
+            units_health("", &units(&["a.service"])),
+            Health::NotYet("a.service: systemd said nothing about it".into())
+        );
     }
 
     #[test]
@@ -528,7 +696,7 @@ mod tests {
             let menu = menu_with(dir.path(), loader, &["kiln-1-a+2-1.conf"]);
             let mut record = SlotsRecord::default();
             let v = decide(Slot::A, &menu, &mut record, || {
-                Err("ConfigRejected".to_string())
+                Health::NotYet("ConfigRejected".to_string())
             })
             .unwrap();
             assert!(!v.reboot, "{v:?}");
@@ -562,7 +730,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let menu = menu_with(dir.path(), loader, &["kiln-2-b.conf", "kiln-3-a+0-3.conf"]);
             let mut record = SlotsRecord::default();
-            let v = decide(Slot::B, &menu, &mut record, || Ok(())).unwrap();
+            let v = decide(Slot::B, &menu, &mut record, good).unwrap();
             assert!(!v.reboot);
             assert!(
                 v.message
@@ -575,7 +743,7 @@ mod tests {
                 "nothing renamed"
             );
             // Once recorded, later boots say nothing new.
-            let again = decide(Slot::B, &menu, &mut record, || Ok(()));
+            let again = decide(Slot::B, &menu, &mut record, good);
             assert_eq!(again, None);
         }
     }

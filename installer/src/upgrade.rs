@@ -63,10 +63,25 @@ pub enum UpgradeError {
         left: u32,
     },
     #[error(
+        "slot {slot} (generation {generation}) failed its health check and the node is about to \
+         go back to slot {other}, the last good system: writing slot {other} now would destroy \
+         it; upgrade once the node runs slot {other} again"
+    )]
+    BootedBad {
+        slot: &'static str,
+        other: &'static str,
+        generation: u32,
+    },
+    #[error(
         "this node trusts no image signing key (its image has nothing in {0}; it was built \
          without --sign-key), so it cannot check an upgrade"
     )]
     NoTrustedKeys(String),
+    #[error(
+        "this node's image does not take unsigned builds (its spec's upgrade.allowUnsigned is \
+         off); sign the build with kiln build --sign-key"
+    )]
+    UnsignedNotAllowed,
     #[error("{image}: manifest.json is not signed by any of the trusted keys ({keys})")]
     Untrusted { image: String, keys: String },
     #[error("{image}: {reason}")]
@@ -410,6 +425,29 @@ pub struct VerifiedImage {
     pub initrd: PathBuf,
 }
 
+/// What a bundle's manifest must show before anything in it is believed.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// A signature by one of these keys.
+    pub keys: Vec<PublicKey>,
+    /// Or no signature at all (the running image's spec allows unsigned builds and the
+    /// operator asked for one). A signature that is there must still verify.
+    pub unsigned_ok: bool,
+}
+
+impl Trust {
+    /// Signed by one of `keys`, nothing else.
+    pub fn signed_by(keys: Vec<PublicKey>) -> Trust {
+        Trust {
+            keys,
+            unsigned_ok: false,
+        }
+    }
+}
+
+/// The signer named for a build taken without a signature.
+pub const UNSIGNED: &str = "nobody (unsigned, allowed by the node's spec)";
+
 /// A manifest whose signature verified, and the fingerprint of the key that signed it.
 #[derive(Debug, Clone)]
 pub struct SignedManifest {
@@ -417,11 +455,11 @@ pub struct SignedManifest {
     pub signed_by: String,
 }
 
-/// Reads (or downloads) a bundle's manifest and its signature and checks them against `keys`.
-/// Nothing in the manifest is believed before that.
+/// Reads (or downloads) a bundle's manifest and its signature and checks them against
+/// `trust`. Nothing in the manifest is believed before that.
 pub fn fetch_manifest(
     source: &ImageRef,
-    keys: &[PublicKey],
+    trust: &Trust,
     patience: Duration,
 ) -> Result<SignedManifest, UpgradeError> {
     let bundle = |reason: String| UpgradeError::Bundle {
@@ -433,39 +471,48 @@ pub fn fetch_manifest(
             let read = |name: &str| {
                 std::fs::read(dir.join(name)).map_err(|e| bundle(format!("reading {name}: {e}")))
             };
-            (read("manifest.json")?, read(SIGNATURE_FILE)?)
+            (read("manifest.json")?, read(SIGNATURE_FILE))
         }
         ImageRef::Url(url) => {
-            let get =
-                |name: &str| crate::source::fetch_bytes(&format!("{url}/{name}"), None, patience);
-            (get("manifest.json")?, get(SIGNATURE_FILE)?)
+            let get = |name: &str| {
+                crate::source::fetch_bytes(&format!("{url}/{name}"), None, patience)
+                    .map_err(UpgradeError::from)
+            };
+            (get("manifest.json")?, get(SIGNATURE_FILE))
         }
     };
-    let signer = keys
-        .iter()
-        .find(|k| k.verify(&json, &signature).is_ok())
-        .ok_or_else(|| UpgradeError::Untrusted {
-            image: source.describe(),
-            keys: keys
-                .iter()
-                .map(PublicKey::fingerprint)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+    let signed_by = match signature {
+        Ok(signature) => trust
+            .keys
+            .iter()
+            .find(|k| k.verify(&json, &signature).is_ok())
+            .ok_or_else(|| UpgradeError::Untrusted {
+                image: source.describe(),
+                keys: trust
+                    .keys
+                    .iter()
+                    .map(PublicKey::fingerprint)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?
+            .fingerprint(),
+        Err(_) if trust.unsigned_ok => UNSIGNED.to_string(),
+        Err(e) => return Err(e),
+    };
     let manifest: Manifest =
         serde_json::from_slice(&json).map_err(|e| bundle(format!("manifest.json: {e}")))?;
     Ok(SignedManifest {
         manifest,
-        signed_by: signer.fingerprint(),
+        signed_by,
     })
 }
 
 /// Reads (or downloads into `staging`) the manifest and its signature, checks them against
-/// `keys`, then gets the kernel, initrd and root image, each checked against the manifest.
+/// `trust`, then gets the kernel, initrd and root image, each checked against the manifest.
 /// Nothing is believed before the signature checks; nothing is written to the node's disk.
 pub fn fetch_and_verify(
     source: &ImageRef,
-    keys: &[PublicKey],
+    trust: &Trust,
     staging: &Path,
     patience: Duration,
 ) -> Result<VerifiedImage, UpgradeError> {
@@ -476,7 +523,7 @@ pub fn fetch_and_verify(
     let SignedManifest {
         manifest,
         signed_by,
-    } = fetch_manifest(source, keys, patience)?;
+    } = fetch_manifest(source, trust, patience)?;
     let sha = |path: &str| {
         manifest
             .sha256_of(path)
@@ -489,7 +536,7 @@ pub fn fetch_and_verify(
             ImageRef::Dir(dir) => {
                 let path = dir.join(rel);
                 if check {
-                    let got = file_sha256(&path)?;
+                    let got = file_sha256(&path).map_err(|e| bundle(e.to_string()))?;
                     if got != want {
                         return Err(bundle(format!(
                             "{rel}: sha256 {got}, the manifest says {want}"
@@ -548,6 +595,15 @@ pub fn check_booted(booted: Slot, entries: &[BootEntryName]) -> Result<(), Upgra
             other: booted.other().letter(),
             generation: current.generation,
             left: t.left,
+        });
+    }
+    let fallback = boot::slot_entry(entries, booted.other());
+    if current.state() == EntryState::Bad && fallback.is_some_and(|e| e.state() == EntryState::Good)
+    {
+        return Err(UpgradeError::BootedBad {
+            slot: booted.letter(),
+            other: booted.other().letter(),
+            generation: current.generation,
         });
     }
     Ok(())
@@ -772,6 +828,33 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("would destroy the last good system"));
+    }
+
+    #[test]
+    fn no_upgrade_over_the_last_good_slot_from_a_bad_one() {
+        let guid: uuid::Uuid = GUID.parse().unwrap();
+        let e = plan(
+            Slot::A,
+            &names(&["kiln-2-b.conf", "kiln-3-a+0-3.conf"]),
+            &guid,
+            &[],
+            "x",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, UpgradeError::BootedBad { generation: 3, .. }),
+            "{e}"
+        );
+        // Without a good slot to go back to, writing the other one is the way out.
+        let p = plan(
+            Slot::A,
+            &names(&["kiln-2-b+0-3.conf", "kiln-3-a+0-3.conf"]),
+            &guid,
+            &[],
+            "x",
+        )
+        .unwrap();
+        assert_eq!(p.target, Slot::B);
     }
 
     #[test]

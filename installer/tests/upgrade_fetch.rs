@@ -1,13 +1,14 @@
 //! `kiln node upgrade --image URL`: a signed bundle served by a real HTTP server (Python's
 //! `http.server` on loopback) is fetched and checked file by file; a bundle whose initrd was
-//! swapped after signing, or signed by a key the node does not trust, is refused.
+//! swapped after signing, or signed by a key the node does not trust, is refused; an unsigned
+//! one only where the node's spec allows it.
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_installer::upgrade::{self, ImageRef, UpgradeError};
+use kiln_installer::upgrade::{self, ImageRef, Trust, UpgradeError};
 use kiln_spec::signing::SigningKey;
 use sha2::Digest;
 
@@ -91,7 +92,7 @@ fn a_bundle_is_fetched_over_http_and_checked_before_use() {
 
     let image = upgrade::fetch_and_verify(
         &ImageRef::parse(&format!("{}/", server.url)),
-        &[key.public()],
+        &Trust::signed_by(vec![key.public()]),
         &staging,
         patience,
     )
@@ -107,7 +108,7 @@ fn a_bundle_is_fetched_over_http_and_checked_before_use() {
     let other = SigningKey::generate().unwrap();
     let e = upgrade::fetch_and_verify(
         &ImageRef::Url(server.url.clone()),
-        &[other.public()],
+        &Trust::signed_by(vec![other.public()]),
         &staging,
         patience,
     )
@@ -118,7 +119,7 @@ fn a_bundle_is_fetched_over_http_and_checked_before_use() {
     std::fs::write(served.join(upgrade::INITRD), b"initrd, changed").unwrap();
     let e = upgrade::fetch_and_verify(
         &ImageRef::Url(server.url.clone()),
-        &[key.public()],
+        &Trust::signed_by(vec![key.public()]),
         &staging,
         patience,
     )
@@ -128,4 +129,42 @@ fn a_bundle_is_fetched_over_http_and_checked_before_use() {
         msg.contains("initrd.img") && msg.contains("sha256"),
         "{msg}"
     );
+}
+
+#[test]
+fn an_unsigned_bundle_is_taken_only_when_allowed_and_a_bad_signature_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served");
+    let key = SigningKey::generate().unwrap();
+    bundle(&served, &key);
+    std::fs::remove_file(served.join("manifest.json.sig")).unwrap();
+    let server = Server::serve(&served);
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let patience = Duration::from_secs(5);
+    let fetch = |unsigned_ok: bool| {
+        let trust = Trust {
+            keys: vec![key.public()],
+            unsigned_ok,
+        };
+        upgrade::fetch_and_verify(
+            &ImageRef::Url(server.url.clone()),
+            &trust,
+            &staging,
+            patience,
+        )
+    };
+
+    let e = fetch(false).unwrap_err();
+    assert!(e.to_string().contains("manifest.json.sig"), "{e}");
+    let image = fetch(true).unwrap();
+    assert_eq!(image.signed_by, upgrade::UNSIGNED);
+    assert_eq!(std::fs::read(&image.kernel).unwrap(), b"kernel");
+
+    // A signature that is there must verify, allowed or not.
+    let other = SigningKey::generate().unwrap();
+    let json = std::fs::read(served.join("manifest.json")).unwrap();
+    std::fs::write(served.join("manifest.json.sig"), other.sign(&json)).unwrap();
+    let e = fetch(true).unwrap_err();
+    assert!(matches!(e, UpgradeError::Untrusted { .. }), "{e}");
 }

@@ -122,6 +122,10 @@ pub fn render(spec: &Appliance, node: Option<&NodeContext>) -> Result<Rendered, 
     );
     base.insert("node", &node);
     base.insert("spec_yaml", &spec.to_yaml());
+    base.insert(
+        "upgrade_json",
+        &serde_json::to_string_pretty(&spec.spec.upgrade).expect("upgrade rules serialize"),
+    );
     let expansions = expansions(spec);
 
     let mut files: BTreeMap<String, RenderedFile> = BTreeMap::new();

@@ -53,6 +53,99 @@ pub struct ApplianceSpec {
     /// filled in by the fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_api: Option<RemoteApi>,
+    /// How a node running this image takes the next one.
+    #[serde(default, skip_serializing_if = "UpgradeSpec::is_default")]
+    pub upgrade: UpgradeSpec,
+}
+
+/// The image's own rules for upgrades of a node running it: the build carries them, so a new
+/// image brings its own health checks and the running one decides what it accepts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpgradeSpec {
+    /// Let `kiln node upgrade --allow-unsigned` take a build without a signature. Its files
+    /// are still checked against its manifest, and a signature that is present must verify.
+    #[serde(default)]
+    pub allow_unsigned: bool,
+    /// What a newly booted slot must show before it is kept.
+    #[serde(default)]
+    pub health: HealthSpec,
+}
+
+impl UpgradeSpec {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// The boot assessment of a slot on trial: besides the agent's own converge with nothing
+/// failed, these units must be active within the timeout, or the slot is marked bad and the
+/// node reboots into the last good one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthSpec {
+    /// systemd units (`name.service`, `name.target`, …) that must be active. One that is
+    /// not installed or has failed fails the check at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_units: Vec<String>,
+    /// Seconds a slot on trial has to become healthy.
+    #[serde(default = "default_health_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_health_timeout() -> u64 {
+    600
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            required_units: Vec::new(),
+            timeout_seconds: default_health_timeout(),
+        }
+    }
+}
+
+/// Where the build puts [`UpgradeSpec`] in the image (JSON), out of reach of the node's
+/// writable state, so each slot is assessed by its own build's rules.
+pub const IMAGE_UPGRADE_RULES_PATH: &str = "/usr/lib/kiln/upgrade.json";
+
+/// The unit types a health check may name.
+const UNIT_SUFFIXES: [&str; 7] = [
+    ".service", ".target", ".mount", ".socket", ".timer", ".path", ".device",
+];
+
+fn validate_upgrade(u: &UpgradeSpec, errs: &mut ValidationErrors) {
+    let h = &u.health;
+    for (i, unit) in h.required_units.iter().enumerate() {
+        let well_formed = UNIT_SUFFIXES
+            .iter()
+            .any(|s| unit.len() > s.len() && unit.ends_with(s))
+            && unit
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c));
+        if !well_formed {
+            errs.push(
+                format!("spec.upgrade.health.requiredUnits[{i}]"),
+                format!(
+                    "{unit:?} is not a systemd unit name ending in one of {}",
+                    UNIT_SUFFIXES.join(", ")
+                ),
+            );
+        }
+        if h.required_units[..i].contains(unit) {
+            errs.push(
+                format!("spec.upgrade.health.requiredUnits[{i}]"),
+                format!("{unit:?} is listed twice"),
+            );
+        }
+    }
+    if !(10..=86_400).contains(&h.timeout_seconds) {
+        errs.push(
+            "spec.upgrade.health.timeoutSeconds",
+            format!("{} is out of range (10 to 86400)", h.timeout_seconds),
+        );
+    }
 }
 
 fn default_hostname() -> String {
@@ -546,6 +639,7 @@ impl Appliance {
         if let Some(r) = &s.remote_api {
             r.validate_into("spec.remoteApi", &mut errs);
         }
+        validate_upgrade(&s.upgrade, &mut errs);
         errs.into_result()
     }
 }

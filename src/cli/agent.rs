@@ -38,6 +38,10 @@ pub struct UpgradeArgs {
     /// Check the image and show the plan; write nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Take a build without a signature (only if the node's image allows it with
+    /// spec.upgrade.allowUnsigned); its files are still checked against its manifest
+    #[arg(long)]
+    pub allow_unsigned: bool,
     #[command(flatten)]
     pub local: LocalArgs,
 }
@@ -222,6 +226,7 @@ pub fn run_node(cmd: NodeLocalCmd) -> anyhow::Result<()> {
                 image: a.image.clone(),
                 reboot: a.reboot,
                 dry_run: a.dry_run,
+                allow_unsigned: a.allow_unsigned,
             })?;
             let report: UpgradeReport = rt
                 .block_on(

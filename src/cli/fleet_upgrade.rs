@@ -137,9 +137,12 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
     }
     // The operator's key first: nothing is asked of any node for a build it does not sign.
     let key = super::key::load_public_key(&a.trusted_key)?;
-    let signed =
-        kiln_installer::upgrade::fetch_manifest(&source, &[key], kiln_installer::FETCH_PATIENCE)
-            .context("checking the build's signature")?;
+    let signed = kiln_installer::upgrade::fetch_manifest(
+        &source,
+        &kiln_installer::upgrade::Trust::signed_by(vec![key]),
+        kiln_installer::FETCH_PATIENCE,
+    )
+    .context("checking the build's signature")?;
     let image_sha256 = signed
         .manifest
         .sha256_of(ROOTFS)

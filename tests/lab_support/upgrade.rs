@@ -11,7 +11,13 @@
 //! 3. v2 in slot B: the new kernel argument is on the command line, the agent blesses
 //!    generation 2, and a signed bundle whose initrd cannot boot goes into slot A.
 //! 4. Slot A panics three times (`panic=10`); systemd-boot marks it bad and boots B, the last
-//!    good slot, where the agent reports the rollback and why.
+//!    good slot, where the agent reports the rollback and why. v2 does not allow unsigned
+//!    builds, so `--allow-unsigned` is refused; a signed build whose spec requires a unit the
+//!    image does not have goes into slot A.
+//! 5. Slot A boots, the agent finds the required unit missing, marks the slot bad and reboots.
+//! 6. Back on B, which reports why A failed, v3 (requiring a unit it has, and allowing unsigned
+//!    builds) goes into slot A.
+//! 7. v3 in slot A, blessed, with B as its fallback; its dry run of an unsigned build is taken.
 //!
 //! The same run on BIOS (GRUB counting tries in its `grubenv`), without the power cuts. The
 //! boot menu's entries are read back from the disk image at the end.
@@ -42,27 +48,47 @@ spec:
         say() {{ echo "kiln-lab-upgrade: $*" > /dev/console; }}
         mkdir -p /run/upgrades
         mount -o ro /dev/disk/by-id/virtio-{MEDIA_SERIAL} /run/upgrades || say "cannot mount the upgrade media"
+        slot=$(sed -n 's/.*kiln\.slot=\([AB]\).*/\1/p' /proc/cmdline)
+        say "boot slot=$slot cmdline $(sed 's/\\/\//g' /proc/cmdline)"
         # The assessment of this boot is over once no slot is on trial.
         until /usr/bin/kiln node status > /run/st 2>&1 && grep -q '^boot:' /run/st && ! grep -q 'on-trial' /run/st; do sleep 2; done
         sed 's/^/kiln-lab-status: /' /run/st > /dev/console
-        slot=$(sed -n 's/.*kiln\.slot=\([AB]\).*/\1/p' /proc/cmdline)
-        say "boot slot=$slot cmdline $(sed 's/\\/\//g' /proc/cmdline)"
         upgrade() {{
-          /usr/bin/kiln node upgrade --image "/run/upgrades/$1" $2 > /run/out 2>&1
+          bundle=$1; shift
+          /usr/bin/kiln node upgrade --image "/run/upgrades/$bundle" "$@" > /run/out 2>&1
           rc=$?
-          say "$1 exit $rc: $(tr '\n' ' ' < /run/out)"
+          say "$bundle exit $rc: $(tr '\n' ' ' < /run/out)"
         }}
-        if [ "$slot" = A ]; then
+        # Each step is marked done on the state partition before it starts.
+        next() {{
+          say "ready for $1"
+          touch "/var/lib/kiln-lab-$1"; sync
+        }}
+        if [ "$slot" = A ] && [ ! -e /var/lib/kiln-lab-bad ]; then
           attempt=$(cat /var/lib/kiln-lab-attempts 2>/dev/null || echo 0)
           if [ "$attempt" = 0 ]; then upgrade unsigned; upgrade tampered; fi
           echo $((attempt + 1)) > /var/lib/kiln-lab-attempts; sync
           say "v1 attempt $attempt"
           upgrade v2 --reboot
+        elif [ "$slot" = A ]; then
+          if grep -q 'booted A (generation [0-9]*, good)' /run/st; then
+            upgrade unsigned --allow-unsigned --dry-run
+            say "done"
+          else
+            say "slot A is not good"
+          fi
         elif [ ! -e /var/lib/kiln-lab-bad ]; then
-          touch /var/lib/kiln-lab-bad; sync
+          next bad
           upgrade bad --reboot
+        elif [ ! -e /var/lib/kiln-lab-unhealthy ]; then
+          upgrade unsigned --allow-unsigned --dry-run
+          next unhealthy
+          upgrade unhealthy --reboot
+        elif [ ! -e /var/lib/kiln-lab-v3 ]; then
+          next v3
+          upgrade v3 --reboot
         else
-          say "done"
+          say "back on B after v3"
         fi
         exec sleep infinity
   units:
@@ -88,17 +114,21 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-/// v2: the test profile with one more kernel argument, signed with the key v1 trusts.
-fn build_v2(dir: &Path, key: &Path) -> PathBuf {
+/// A test-profile build named `name`, with the kernel argument `kiln.test=NAME` and `extra`
+/// added to its spec, signed with the key v1 trusts.
+fn build(dir: &Path, key: &Path, name: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let spec = dir.join("v2.yaml");
+    let spec = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &spec,
-        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: kiln-test\n\
-         spec:\n  profile: test\n  os:\n    kernelArgs:\n      - console=tty0\n      - console=ttyS0,115200\n      - kiln.test=v2\n",
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: kiln-test\n\
+             spec:\n  profile: test\n  os:\n    kernelArgs: [console=tty0, \"console=ttyS0,115200\", \
+             kiln.test={name}]\n{extra}"
+        ),
     )
     .unwrap();
-    let out = dir.join("v2-build");
+    let out = dir.join(format!("{name}-build"));
     run(Command::new(KILN)
         .arg("build")
         .arg("--spec")
@@ -125,14 +155,18 @@ fn copy_bundle(from: &Path, to: &Path) {
     }
 }
 
-/// The media: v2, v2 unsigned, v2 with its manifest edited after signing, and a v2 whose
-/// initrd is garbage, re-signed with the trusted key (a bad build from a trusted builder).
-fn make_media(v2: &Path, key: &Path, dir: &Path) -> PathBuf {
+/// The media: v2, v2 without its signature, v2 with its manifest edited after signing, a v2 whose
+/// initrd is garbage, re-signed with the trusted key (a bad build from a trusted builder),
+/// and the `unhealthy` and `v3` builds.
+fn make_media(v2: &Path, others: &[(&str, PathBuf)], key: &Path, dir: &Path) -> PathBuf {
     let tree = dir.join("media");
     copy_bundle(v2, &tree.join("v2"));
+    for (name, build) in others {
+        copy_bundle(build, &tree.join(name));
+    }
     let unsigned = tree.join("unsigned");
-    std::fs::create_dir_all(&unsigned).unwrap();
-    std::fs::copy(v2.join("manifest.json"), unsigned.join("manifest.json")).unwrap();
+    copy_bundle(v2, &unsigned);
+    std::fs::remove_file(unsigned.join("manifest.json.sig")).unwrap();
     let tampered = tree.join("tampered");
     std::fs::create_dir_all(&tampered).unwrap();
     std::fs::copy(
@@ -182,7 +216,7 @@ fn make_media(v2: &Path, key: &Path, dir: &Path) -> PathBuf {
         .args(["-q", "-t", "ext4", "-d"])
         .arg(&tree)
         .arg(&image)
-        .arg("768M"));
+        .arg("1280M"));
     image
 }
 
@@ -225,12 +259,26 @@ fn boot_entries(disk: &Path, firmware: Firmware) -> Vec<String> {
 /// `$KILN_CACHE/lab-upgrade`.
 #[derive(Debug)]
 pub struct Bundles {
-    /// One directory per bundle: `v2`, `unsigned`, `tampered`, `bad`.
+    /// One directory per bundle: `v2`, `unsigned`, `tampered`, `bad`, `unhealthy`, `v3`.
     pub tree: PathBuf,
     /// The same as an ext4 image, for a machine's media disk.
     pub media: PathBuf,
     /// sha256 of v2's root image.
     pub v2_rootfs: String,
+    /// sha256 of v3's root image.
+    pub v3_rootfs: String,
+}
+
+/// The unit the `unhealthy` build requires and does not have.
+const MISSING_UNIT: &str = "kiln-lab-never.service";
+
+fn rootfs_sha256(build: &Path) -> String {
+    let manifest: kiln_spec::manifest::Manifest =
+        serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
+    manifest
+        .sha256_of("pxe/rootfs.squashfs")
+        .unwrap()
+        .to_string()
 }
 
 pub fn bundles() -> &'static Bundles {
@@ -238,19 +286,30 @@ pub fn bundles() -> &'static Bundles {
     BUNDLES.get_or_init(|| {
         let key = test_signing_key().with_extension("key");
         let dir = kiln_spec::paths::cache_dir().join("lab-upgrade");
-        let v2 = build_v2(&dir, &key);
-        let manifest: kiln_spec::manifest::Manifest =
-            serde_json::from_slice(&std::fs::read(v2.join("manifest.json")).unwrap()).unwrap();
-        let v2_rootfs = manifest
-            .sha256_of("pxe/rootfs.squashfs")
-            .unwrap()
-            .to_string();
+        let v2 = build(&dir, &key, "v2", "");
+        let unhealthy = build(
+            &dir,
+            &key,
+            "unhealthy",
+            &format!(
+                "  upgrade:\n    health:\n      requiredUnits: [systemd-journald.service, \
+                 {MISSING_UNIT}]\n"
+            ),
+        );
+        let v3 = build(
+            &dir,
+            &key,
+            "v3",
+            "  upgrade:\n    allowUnsigned: true\n    health:\n      requiredUnits: \
+             [systemd-journald.service]\n      timeoutSeconds: 900\n",
+        );
         let _ = std::fs::remove_dir_all(dir.join("media"));
         let _ = std::fs::remove_file(dir.join("media.img"));
         Bundles {
-            media: make_media(&v2, &key, &dir),
+            v2_rootfs: rootfs_sha256(&v2),
+            v3_rootfs: rootfs_sha256(&v3),
+            media: make_media(&v2, &[("unhealthy", unhealthy), ("v3", v3)], &key, &dir),
             tree: dir.join("media"),
-            v2_rootfs,
         }
     })
 }
@@ -268,7 +327,10 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         std::fs::write(&path, override_yaml()).unwrap();
     }
     let Bundles {
-        media, v2_rootfs, ..
+        media,
+        v2_rootfs,
+        v3_rootfs,
+        ..
     } = bundles();
 
     // Each power-on gets its own console log; a power cut is a killed QEMU.
@@ -318,13 +380,23 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         node.kill();
         node = power_on();
     }
-    let blessed = wait(&mut node, "kiln-lab-upgrade: boot slot=B", 900);
+    let blessed = wait(
+        &mut node,
+        "kiln-lab-status: boot: booted B (generation 2, good)",
+        900,
+    );
     let bad_written = wait(&mut node, "kiln-lab-upgrade: bad exit", 600);
-    let fell_back = wait(&mut node, "kiln-lab-upgrade: done", 1200);
+    let fell_back = wait(&mut node, "kiln-lab-upgrade: ready for unhealthy", 1200);
+    let unhealthy_written = wait(&mut node, "kiln-lab-upgrade: unhealthy exit", 600);
+    let rolled_back = wait(&mut node, "kiln-lab-upgrade: ready for v3", 1200);
+    let v3_written = wait(&mut node, "kiln-lab-upgrade: v3 exit", 600);
+    let v3_blessed = wait(&mut node, "kiln-lab-upgrade: done", 900);
     let _ = node.quit();
     eprintln!(
         "{name}: upgrade to v2: {:.0} s write; {:.0} s from the reboot to slot B blessed{}; \
-         rollback from the unbootable image: {:.0} s from its reboot to slot B blessed",
+         rollback from the unbootable image: {:.0} s and from the unhealthy one: {:.0} s, \
+         each from the upgrade's answer to slot B blessed; upgrade to v3: {:.0} s from the \
+         upgrade's answer to slot A blessed",
         written - write_start,
         blessed - written,
         if power_cuts {
@@ -332,7 +404,9 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         } else {
             ""
         },
-        fell_back - bad_written
+        fell_back - bad_written,
+        rolled_back - unhealthy_written,
+        v3_blessed - v3_written,
     );
 
     let logs: Vec<String> = consoles
@@ -386,6 +460,9 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         3,
         "slot A should be tried exactly three times:\n{after_bad}"
     );
+    let (after_bad, after_unhealthy) = after_bad
+        .split_once("kiln-lab-upgrade: unhealthy exit")
+        .unwrap();
     let last = said(after_bad, "kiln-lab-upgrade: boot slot=");
     assert!(last.starts_with("B cmdline"), "{last}");
     assert!(
@@ -394,8 +471,68 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         ),
         "{after_bad}"
     );
+    // v2 does not take unsigned builds.
+    let refused = said(after_bad, "kiln-lab-upgrade: unsigned exit ");
+    assert!(
+        !refused.starts_with('0') && refused.contains("does not take unsigned builds"),
+        "{refused}"
+    );
+    assert!(after_unhealthy.starts_with(" 0:"), "{after_unhealthy}");
+
+    // The unhealthy build booted in slot A; its missing unit failed it at once and the
+    // agent went back to B, which tells why.
+    let (unhealthy_boot, on_v3) = after_unhealthy
+        .split_once("kiln-lab-upgrade: v3 exit")
+        .unwrap();
+    let booted = said(unhealthy_boot, "kiln-lab-upgrade: boot slot=");
+    assert!(
+        booted.starts_with("A cmdline") && booted.contains("kiln.test=unhealthy"),
+        "{booted}"
+    );
+    let reason = format!("{MISSING_UNIT} is not installed");
+    assert!(
+        unhealthy_boot.contains(&format!(
+            "kiln-agent: slot A (generation 4) failed its health check ({reason}); rebooting \
+             into the last good slot"
+        )),
+        "{unhealthy_boot}"
+    );
+    let back = unhealthy_boot
+        .rsplit_once("kiln-lab-upgrade: boot slot=")
+        .unwrap()
+        .1;
+    assert!(back.starts_with("B cmdline"), "{back}");
+    assert!(
+        back.contains(&format!(
+            "last assessment: slot A generation 4 FAILED: {reason}"
+        )),
+        "{back}"
+    );
+
+    // v3 in slot A, blessed once its required unit was active; it takes unsigned builds.
+    assert!(on_v3.starts_with(" 0:"), "{on_v3}");
+    let on_a = said(on_v3, "kiln-lab-upgrade: boot slot=");
+    assert!(
+        on_a.starts_with("A cmdline") && on_a.contains("kiln.test=v3"),
+        "{on_a}"
+    );
+    let blessed_line = format!("booted A (generation 5, good) image {}", &v3_rootfs[..16]);
+    assert!(
+        on_v3.contains(&blessed_line),
+        "no {blessed_line:?}:\n{on_v3}"
+    );
+    assert!(
+        on_v3.contains("kiln-lab-status:   rollback B (generation 2, good)"),
+        "{on_v3}"
+    );
+    assert!(on_v3.contains("systemd-journald.service active"), "{on_v3}");
+    let unsigned = said(on_v3, "kiln-lab-upgrade: unsigned exit ");
+    assert!(
+        unsigned.starts_with("0:") && unsigned.contains(kiln_installer::upgrade::UNSIGNED),
+        "{unsigned}"
+    );
     assert_eq!(
         boot_entries(disk, firmware),
-        ["kiln-2-b.conf", "kiln-3-a+0-3.conf"]
+        ["kiln-2-b.conf", "kiln-5-a.conf"]
     );
 }
