@@ -7,6 +7,7 @@
 # Build profile: KILN_BENCH_PROFILE (default release). Prints figures; never fails on them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 profile="${KILN_BENCH_PROFILE:-release}"
 idle_secs="${KILN_BENCH_IDLE_SECS:-60}"
@@ -67,13 +68,17 @@ t1=$(now_ms)
 peer_ms=$((t1 - t0))
 echo "kiln agent: ${kiln_ms} ms for $count files (atomic write + fsync each, record, journal)"
 echo "peer (tar -x + sync): ${peer_ms} ms; ratio kiln/peer: $(awk "BEGIN{printf \"%.1f\", $kiln_ms/($peer_ms>0?$peer_ms:1)}")"
+record "agent converge, 1,000 files from empty" ms lower "$kiln_ms" "tar -x + sync" "$((peer_ms > 0 ? peer_ms : 1))" 1.0
 t0=$(now_ms)
 "$kiln" node apply --socket "$sock" > /dev/null
 t1=$(now_ms)
 echo "second apply (no change, 1,001 files compared): $((t1 - t0)) ms"
 
 echo "== drift repair (inotify), 200 edits"
-"$bin/examples/drift_latency" "$root/etc/bench/watched.conf" $'managed\n' 200
+drift=$("$bin/examples/drift_latency" "$root/etc/bench/watched.conf" $'managed\n' 200)
+echo "$drift"
+p99=$(sed -n 's/.* p99 \([0-9.]*\) ms.*/\1/p' <<<"$drift")
+record "agent drift repair p99" ms lower "$p99" "the 100 ms target" 100 1.0
 
 echo "== idle agent over ${idle_secs} s (1,001 managed files, resync every hour)"
 clk=$(getconf CLK_TCK)

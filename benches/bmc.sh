@@ -5,6 +5,7 @@
 #   benches/bmc.sh [N]      (KILN_BENCH_PROFILE=release for an optimised kiln build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 n="${1:-200}"
 profile="${KILN_BENCH_PROFILE:-dev}"
@@ -39,6 +40,7 @@ while read -r port; do
   ipmi "$port" | grep -q 'is off' && seq=$((seq + 1))
 done <"$work/ports"
 t3=$(now)
+record "power status of $n BMCs" s lower "$(bc <<<"$t1 - $t0")" "ipmitool, 64 at once" "$(bc <<<"$t2 - $t1")" 1.0
 
 awk -v n="$n" -v ok="$ok" -v par="$par" -v seq="$seq" \
     -v t0="$t0" -v t1="$t1" -v t2="$t2" -v t3="$t3" 'BEGIN {

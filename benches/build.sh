@@ -7,6 +7,7 @@
 # Usage: benches/build.sh [--appliance]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
@@ -37,6 +38,7 @@ spec:
 YAML
 "$kiln" build --spec "$work/changed.yaml" --out "$work/warm" --cache "$work/cache" --output json >"$work/warm.json"
 warm=$(seconds "$work/warm.json")
+record "rebuild after a spec change" s lower "$warm" "kiln cold build" "$cold" 0.05
 [ "$(jq -r .rootfs_cache_hit "$work/warm.json")" = true ] || { echo "rebuild missed the cache" >&2; exit 1; }
 
 mkosi_line="mkosi: not installed (Debian package mkosi), no comparison"
@@ -50,6 +52,7 @@ if command -v mkosi >/dev/null 2>&1; then
   (cd "$work/mkosi" && mkosi --distribution debian --release bookworm --with-docs \
     --format directory --package "$include" --output image build >/dev/null)
   mkosi_s=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN { print a - b }')
+  record "cold build, test profile" s lower "$cold" "mkosi, same packages" "$mkosi_s" 1.0
   mkosi_line=$(printf "mkosi (directory, same packages): %.1f s; kiln cold / mkosi = %s" "$mkosi_s" "$(ratio "$cold" "$mkosi_s")")
 fi
 

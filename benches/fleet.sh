@@ -6,6 +6,7 @@
 # Needs root. KILN_BIN=PATH measures that binary; NODES=N (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 cache="${KILN_CACHE:-$HOME/.cache/kiln}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
@@ -67,5 +68,6 @@ many_split=$(split "$work/status-$nodes.json")
 printf '\n%-10s %9s %12s %12s   %s\n' nodes wall "kiln CPU" "kiln RSS" "mean per stage"
 printf '%-10s %8.1fs %11.2fs %9d KiB   %s\n' 1 "$one_wall" "$one_cpu" "$one_rss" "$one_split"
 printf '%-10s %8.1fs %11.2fs %9d KiB   %s\n' "$nodes" "$many_wall" "$many_cpu" "$many_rss" "$many_split"
+record "rollout wall time, $nodes nodes at once" s lower "$many_wall" "one node alone" "$one_wall" 1.3
 printf '\nratio %s-node / 1-node wall time: %.2f (target <= 1.3; the machines share %s cores)\n' \
   "$nodes" "$(echo "$many_wall / $one_wall" | bc -l)" "$(nproc)"

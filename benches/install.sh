@@ -3,15 +3,16 @@
 # (streamed with sha256, synced, read back and verified) against `dd` writing the same bytes
 # to the same offset of the same target (conv=fsync). Prints MiB/s of both and the ratio.
 # Usage: benches/install.sh [IMAGE]   (default: out/pxe/rootfs.squashfs, else 512 MiB of
-# random bytes). Needs a built kiln (release, or KILN=PATH) and jq.
+# random bytes). Needs a built kiln (release, or KILN_BIN=PATH) and jq.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
-kiln="${KILN:-$CARGO_TARGET_DIR/release/kiln}"
+kiln="${KILN_BIN:-$CARGO_TARGET_DIR/release/kiln}"
 "$kiln" install --help >/dev/null 2>&1 \
-  || { echo "no kiln with 'install' at $kiln: cargo build --release, or set KILN=PATH" >&2; exit 1; }
+  || { echo "no kiln with 'install' at $kiln: cargo build --release, or set KILN_BIN=PATH" >&2; exit 1; }
 runs="${RUNS:-3}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/kiln-bench-install.XXXXXX")"
@@ -46,10 +47,6 @@ spec:
     stateSize: 64MiB
     wipe: always
 YAML
-cat > "$work/hw.json" <<JSON
-{"firmware":"uefi","disks":[{"devPath":"$disk","sizeBytes":$disk_bytes,"transport":"virtio"}],
- "nics":[{"name":"ens3","mac":"52:54:00:00:00:01"}]}
-JSON
 
 # Slot A starts after 1 MiB of GPT space, BIOSBOOT (1 MiB) and the ESP (64 MiB).
 slot_offset=$(( (1 + 1 + 64) << 20 ))
@@ -73,7 +70,7 @@ for i in $(seq "$runs"); do
   ddv_rates+=("$(rate_of "$start" "$verified")")
 
   rm -f "$disk"; truncate -s "$disk_bytes" "$disk"
-  rate=$("$kiln" install --spec "$work/kiln.yaml" --inventory "$work/hw.json" --image "$image" \
+  rate=$("$kiln" install --spec "$work/kiln.yaml" --disk-image "$disk" --image "$image" \
       --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second')
   kiln_rates+=("$rate")
   printf 'run %d: dd %.1f MiB/s, dd + read-back sha256 %.1f MiB/s, kiln %.1f MiB/s\n' \
@@ -89,3 +86,5 @@ printf '  dd write + fsync + read-back sha256 %8.1f\n' "$ddv_med"
 printf '  kiln (hash, write, fsync, verify)   %8.1f\n' "$kiln_med"
 printf 'kiln/dd = %.2f, kiln/(dd + verify) = %.2f\n' \
   "$(ratio "$kiln_med" "$dd_med")" "$(ratio "$kiln_med" "$ddv_med")"
+record "image write with read-back verification" MiB/s higher "$kiln_med" "dd write + fsync" "$dd_med" 0.45
+record "image write with read-back verification" MiB/s higher "$kiln_med" "dd write + fsync + read-back sha256" "$ddv_med" 1.0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Netboot benchmarks, kiln against the usual peers, same client, same files, same run:
-#   TFTP: one 30 MB download with curl (blksize 512 and 1468) vs dnsmasq's TFTP server
+#   TFTP: one 30 MB download with curl (blksize 512, 1468 and 8192) vs dnsmasq's TFTP server,
+#         and a rack booting: 500 downloads of the iPXE loader, 50 at a time
 #   HTTP: 50 concurrent curl downloads of a 32 MB initrd vs nginx serving the same directory
 #   DHCP: full DORA transactions per second (a load client with 64 in flight) vs dnsmasq
 # Everything runs in two network namespaces joined by a veth; medians of 3 runs; ratios are
@@ -8,6 +9,7 @@
 # release build and measures that binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 
 cache="${KILN_CACHE:-$HOME/.cache/kiln}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
@@ -25,6 +27,7 @@ fi
 srv="kbsrv$$"
 cli="kbcli$$"
 work=$(mktemp -d)
+chmod 755 "$work"  # nginx workers run as nobody and must read the files
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -64,6 +67,21 @@ spec:
       bootMACs: ["02:00:00:00:00:01"]
 EOF
 
+# `kiln pxe serve` serves each node its config from a spec and checks the files against a build
+# manifest; the benchmark serves plain files, so both are minimal.
+cat > "$work/spec.yaml" <<EOF
+apiVersion: kiln.dev/v1alpha1
+kind: Appliance
+metadata:
+  name: bench
+spec:
+  profile: test
+EOF
+artifact() { jq -nc --arg p "$1" --arg s "$(sha256sum < "$2" | cut -d' ' -f1)" --argjson n "$(stat -c %s "$2")" '{path: $p, size: $n, sha256: $s}'; }
+jq -n --argjson a "[$(artifact pxe/vmlinuz "$files/snponly.efi"),$(artifact pxe/initrd.img "$files/initrd.img"),$(artifact pxe/rootfs.squashfs "$files/big.bin")]" \
+  '{kiln_version: "bench", spec_sha256: "", suite: "", mirror: "", kernel: "", kernel_args: [],
+    rootfs_cache_key: "", packages: [], artifacts: $a}' > "$work/manifest.json"
+
 now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
@@ -80,7 +98,8 @@ wait_port() {  # wait_port PROTO PORT
 }
 start_kiln() {
   start_srv "$kiln" pxe serve --interface br0 --artifacts "$files" --ipxe-dir "$files" \
-    --inventory "$work/fleet.yaml" --state "$work/state-$1" --unknown-macs discovery --mode "$@"
+    --inventory "$work/fleet.yaml" --spec "$work/spec.yaml" --manifest "$work/manifest.json" \
+    --state "$work/state-$1" --unknown-macs discovery --mode "$@"
   wait_port -t 8080
 }
 
@@ -88,26 +107,36 @@ start_kiln() {
 tftp_run() {  # blksize -> seconds
   local t0 t1
   t0=$(now)
-  in_cli curl -sS --tftp-blksize "$1" -o "$work/tftp.out" tftp://10.44.0.1/big.bin
+  in_cli curl -fsS --tftp-blksize "$1" -o "$work/tftp.out" tftp://10.44.0.1/big.bin
   t1=$(now)
   cmp -s "$work/tftp.out" "$files/big.bin" || { echo "bench: TFTP download differs" >&2; exit 1; }
   python3 -c "print($t1 - $t0)"
 }
+tftp_rack_run() {  # -> seconds for 500 downloads of undionly.kpxe, 50 in flight
+  local t0 t1
+  t0=$(now)
+  seq 500 | in_cli xargs -P 50 -I{} curl -fsS --tftp-blksize 1468 -o /dev/null tftp://10.44.0.1/undionly.kpxe
+  t1=$(now)
+  python3 -c "print($t1 - $t0)"
+}
 declare -A tftp_kiln tftp_dnsmasq
+tftp_sizes="512 1468 8192"
 start_kiln proxy
-for b in 512 1468; do tftp_kiln[$b]=$(median "$(tftp_run $b)" "$(tftp_run $b)" "$(tftp_run $b)"); done
+for b in $tftp_sizes; do tftp_kiln[$b]=$(median "$(tftp_run $b)" "$(tftp_run $b)" "$(tftp_run $b)"); done
+tftp_rack_kiln=$(median "$(tftp_rack_run)" "$(tftp_rack_run)" "$(tftp_rack_run)")
 stop_bg
 start_srv dnsmasq --no-daemon --conf-file=/dev/null --port=0 --user=root --interface=br0 \
   --bind-interfaces --enable-tftp --tftp-root="$files" --pid-file=
 wait_port -u 69
-for b in 512 1468; do tftp_dnsmasq[$b]=$(median "$(tftp_run $b)" "$(tftp_run $b)" "$(tftp_run $b)"); done
+for b in $tftp_sizes; do tftp_dnsmasq[$b]=$(median "$(tftp_run $b)" "$(tftp_run $b)" "$(tftp_run $b)"); done
+tftp_rack_dnsmasq=$(median "$(tftp_rack_run)" "$(tftp_rack_run)" "$(tftp_rack_run)")
 stop_bg
 
 # --- HTTP -------------------------------------------------------------------------------
 http_run() {  # url -> seconds for 50 concurrent downloads
   local t0 t1
   t0=$(now)
-  seq 50 | in_cli xargs -P 50 -I{} curl -sS -o /dev/null "$1"
+  seq 50 | in_cli xargs -P 50 -I{} curl -fsS -o /dev/null "$1"
   t1=$(now)
   python3 -c "print($t1 - $t0)"
 }
@@ -198,6 +227,9 @@ while done < N:
     elif kind == 5 and state[i] is not None:
         del state[i]
         done += 1
+    elif kind == 6:  # NAK: start over, as a real client does
+        state[i] = None
+        sent[i] = 0
 print(f"{N / (time.time() - start):.1f}")
 EOF
 dhcp_run() { in_cli python3 "$work/dora.py" 2000 64; }
@@ -214,12 +246,19 @@ stop_bg
 mbps() { python3 -c "print(f'{$1 / 1048576 / $2:.1f}')"; }
 echo
 echo "netboot benchmarks (medians of 3; ratio = kiln / peer, above 1 = kiln faster)"
-for b in 512 1468; do
+for b in $tftp_sizes; do
   k=$(mbps $((30 * 1048576)) "${tftp_kiln[$b]}")
   d=$(mbps $((30 * 1048576)) "${tftp_dnsmasq[$b]}")
   printf 'TFTP 30 MB, blksize %-5s kiln %7s MB/s   dnsmasq %7s MB/s   ratio %s\n' "$b" "$k" "$d" "$(ratio "$k" "$d")"
+  record "TFTP 30 MB, blksize $b" MB/s higher "$k" dnsmasq "$d" 1.0
 done
+k=$(python3 -c "print(f'{500 / $tftp_rack_kiln:.1f}')")
+d=$(python3 -c "print(f'{500 / $tftp_rack_dnsmasq:.1f}')")
+printf 'TFTP iPXE loader, 50 at once kiln %7s /s     dnsmasq %7s /s     ratio %s\n' "$k" "$d" "$(ratio "$k" "$d")"
+record "TFTP iPXE loader downloads, 50 at once" downloads/s higher "$k" dnsmasq "$d" 1.0
 k=$(mbps $((50 * 32 * 1048576)) "$http_kiln")
 n=$(mbps $((50 * 32 * 1048576)) "$http_nginx")
 printf 'HTTP 50 x 32 MB concurrent   kiln %7s MB/s   nginx   %7s MB/s   ratio %s\n' "$k" "$n" "$(ratio "$k" "$n")"
+record "HTTP 50 concurrent 32 MB downloads" MB/s higher "$k" nginx "$n" 1.0
 printf 'DHCP DORA, 2000 clients      kiln %7s tx/s   dnsmasq %7s tx/s   ratio %s\n' "$dhcp_kiln" "$dhcp_dnsmasq" "$(ratio "$dhcp_kiln" "$dhcp_dnsmasq")"
+record "DHCP DORA transactions, 2000 clients" tx/s higher "$dhcp_kiln" dnsmasq "$dhcp_dnsmasq" 1.0

@@ -1,0 +1,18 @@
+# Shared by the bench scripts (sourced). `record` keeps one figure for benches/run-all.sh,
+# which gathers them into bench-results.json; a script run alone just prints its table.
+#
+#   record FIGURE UNIT BETTER KILN PEER PEER_VALUE TARGET
+#
+# BETTER is "higher" (throughput) or "lower" (time); the ratio is always KILN / PEER_VALUE
+# and the figure meets its target when the ratio is at or beyond TARGET in that direction.
+record() {
+  [ -n "${KILN_BENCH_RESULTS:-}" ] || return 0
+  jq -nc --arg figure "$1" --arg unit "$2" --arg better "$3" --argjson kiln "$4" \
+    --arg peer "$5" --argjson peer_value "$6" --argjson target "$7" '
+    def r: . * 1000 | round / 1000;
+    ($kiln / $peer_value) as $ratio
+    | {figure: $figure, unit: $unit, better: $better, kiln: ($kiln | r), peer: $peer,
+       peer_value: ($peer_value | r), ratio: ($ratio | r), target: $target,
+       met: (if $better == "higher" then $ratio >= $target else $ratio <= $target end)}' \
+    >> "$KILN_BENCH_RESULTS"
+}
