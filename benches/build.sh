@@ -25,17 +25,7 @@ echo "== cold build (empty cache)"
 cold=$(seconds "$work/cold.json")
 
 echo "== rebuild after a spec change (cached base rootfs)"
-cat >"$work/changed.yaml" <<'YAML'
-apiVersion: kiln.dev/v1alpha1
-kind: Appliance
-metadata:
-  name: bench
-spec:
-  profile: test
-  os:
-    kernelArgs:
-      - kiln.bench=1
-YAML
+{ bench_spec; printf '  os:\n    kernelArgs:\n      - kiln.bench=1\n'; } >"$work/changed.yaml"
 "$kiln" build --spec "$work/changed.yaml" --out "$work/warm" --cache "$work/cache" --output json >"$work/warm.json"
 warm=$(seconds "$work/warm.json")
 record "rebuild after a spec change" s lower "$warm" "kiln cold build" "$cold" 0.05

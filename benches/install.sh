@@ -33,13 +33,7 @@ slot_mib=$(( img_mib + 64 ))
 disk_bytes=$(( (slot_mib * 2 + 64 * 2 + 16) << 20 ))
 disk="$work/disk.raw"
 
-cat > "$work/kiln.yaml" <<YAML
-apiVersion: kiln.dev/v1alpha1
-kind: Appliance
-metadata:
-  name: bench
-spec:
-  profile: test
+{ bench_spec; cat <<YAML; } > "$work/kiln.yaml"
   hostname: bench-{mac}
   install:
     espSize: 64MiB

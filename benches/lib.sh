@@ -1,5 +1,12 @@
-# Shared by the bench scripts (sourced). `record` keeps one figure for benches/run-all.sh,
-# which gathers them into bench-results.json; a script run alone just prints its table.
+# Shared by the bench scripts (sourced).
+
+# The start of a `test` profile spec; a caller appends its own fields under `spec:`.
+bench_spec() {
+  printf 'apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: bench\nspec:\n  profile: test\n'
+}
+
+# Keeps one figure for benches/run-all.sh, which gathers them into bench-results.json; a
+# script run alone just prints its table.
 #
 #   record FIGURE UNIT BETTER KILN PEER PEER_VALUE TARGET
 #

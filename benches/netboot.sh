@@ -69,14 +69,7 @@ EOF
 
 # `kiln pxe serve` serves each node its config from a spec and checks the files against a build
 # manifest; the benchmark serves plain files, so both are minimal.
-cat > "$work/spec.yaml" <<EOF
-apiVersion: kiln.dev/v1alpha1
-kind: Appliance
-metadata:
-  name: bench
-spec:
-  profile: test
-EOF
+bench_spec > "$work/spec.yaml"
 artifact() { jq -nc --arg p "$1" --arg s "$(sha256sum < "$2" | cut -d' ' -f1)" --argjson n "$(stat -c %s "$2")" '{path: $p, size: $n, sha256: $s}'; }
 jq -n --argjson a "[$(artifact pxe/vmlinuz "$files/snponly.efi"),$(artifact pxe/initrd.img "$files/initrd.img"),$(artifact pxe/rootfs.squashfs "$files/big.bin")]" \
   '{kiln_version: "bench", spec_sha256: "", suite: "", mirror: "", kernel: "", kernel_args: [],
