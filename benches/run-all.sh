@@ -53,7 +53,7 @@ jq -s --arg cpu "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head 
 rm -f "$KILN_BENCH_RESULTS"
 
 echo
-printf '%-52s %10s %12s  %-38s %7s %7s\n' figure kiln peer "(peer)" ratio target
+printf '%-52s %10s %12s  %-38s %7s %7s\n' figure kiln peer "(peer)" ratio target | tee -a "$out/bench.txt"
 jq -r '.figures[] | [.figure, (.kiln | tostring), (.peer_value | tostring), .peer,
   (.ratio | tostring), ((if .better == "higher" then ">= " else "<= " end) + (.target | tostring))
   + (if .met then "" else "  (missed)" end)] | @tsv' "$out/bench-results.json" \
