@@ -16,6 +16,11 @@
 //!   log line each second onto its RBD disk — and sets `noout` on the OSDs; the log has no
 //!   gap; exit clears `noout`; Ceph refuses to stop an OSD holding a pool of one copy.
 //!
+//! A second cluster spans three nodes, as a fleet makes it: with the node configs the fleet
+//! derives from an inventory (its fsid and keys, each node's role), the first monitor makes the cluster, a second monitor joins its quorum
+//! and runs a standby manager, an OSD-only node adds its disk; each node's OSD lands under its
+//! own CRUSH host, and the pool's three copies go to the three hosts.
+//!
 //! The guest is Debian's cloud kernel (`scripts/guest-kernel.sh` caches it) with a busybox
 //! initramfs. KubeVirt does not run here: a stand-in controller plays its part in the API
 //! server and hands each migration to real QEMU.
@@ -36,6 +41,7 @@ use kiln_cluster::testing::{
 };
 use kiln_lab::netns::Netns;
 use kiln_lab::qemu::{Accel, DirectBoot, Vm, VmBuilder};
+use kiln_spec::ceph::CephRole;
 
 mod common;
 
@@ -49,14 +55,19 @@ const CEPH_DIRS: [&str; 4] = ["etc/ceph", "var/lib/ceph", "run/ceph", "var/log/c
 /// node's root's Ceph directories are mounted over the real ones (commands and daemons find
 /// them at their usual paths; the agent writes them below the root).
 struct CephNs {
-    netns: Netns,
+    netns: Arc<Netns>,
     holder: Child,
     root: tempfile::TempDir,
+    name: String,
 }
 
 impl CephNs {
     fn create() -> CephNs {
-        let netns = Netns::create("kceph").unwrap();
+        CephNs::beside(Arc::new(Netns::create("kceph").unwrap()), NODE)
+    }
+
+    /// Node `name` in network namespace `netns`, which other nodes may share.
+    fn beside(netns: Arc<Netns>, name: &str) -> CephNs {
         let root = tempfile::tempdir().unwrap();
         let mut mounts = String::new();
         for d in CEPH_DIRS {
@@ -72,6 +83,7 @@ impl CephNs {
             netns,
             holder,
             root,
+            name: name.into(),
         };
         // The holder has made its mounts once the node's view shows the root's files.
         std::fs::write(ns.root.path().join("etc/ceph/.kiln-test"), "").unwrap();
@@ -95,7 +107,7 @@ impl CephNs {
         CephHost {
             root: self.root.path().to_path_buf(),
             prefix: self.prefix(),
-            node_name: NODE.into(),
+            node_name: self.name.clone(),
             user: Some("ceph".into()),
             shared_disk: true,
         }
@@ -379,8 +391,14 @@ fn qemu_migrate(source: &Vm) -> Result<(u64, u64), String> {
     }
 }
 
+/// The tests' clusters take the machine's two cores: one at a time.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let ns = CephNs::create();
     let disks = Disks::create(3);
@@ -680,4 +698,146 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
     drop(target);
     drop(source);
     drop(agent);
+}
+
+#[test]
+fn three_agents_form_one_cluster_from_the_fleets_keys() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let netns = Arc::new(Netns::create("kcephc").unwrap());
+    let disks = Disks::create(3);
+    // The node configs come from the fleet (`kiln fleet node-config`, as an operator installing
+    // from the ISO gives them): its fsid and keys, each node's part from its inventory role
+    // (two control planes are monitors, the storage node adds its disk).
+    let fleet = tempfile::tempdir().unwrap();
+    let spec = fleet.path().join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata: {name: rack}\nspec:\n  profile: test\n  features: [kubernetes, ceph]\n  cluster:\n    ceph:\n      publicNetwork: 127.0.0.0/8\n      pools: [{name: rbd, size: 3}]\n",
+    )
+    .unwrap();
+    let node = |name: &str, role: &str, address: &str| {
+        format!(
+            "  - name: {name}\n    role: {role}\n    overrides:\n      network:\n        interfaces: [{{name: eth0, addresses: [{address}/8]}}]\n"
+        )
+    };
+    let inventory = fleet.path().join("inventory.yaml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Inventory\nspec:\n  nodes:\n{}{}{}",
+            node("kiln-a", "control-plane", "127.0.0.1"),
+            node("kiln-b", "control-plane", "127.0.0.2"),
+            node("kiln-c", "storage", "127.0.0.3"),
+        ),
+    )
+    .unwrap();
+    let part = |name: &str| {
+        let text = run(Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["fleet", "node-config", name, "--inventory"])
+            .arg(&inventory)
+            .arg("--spec")
+            .arg(&spec)
+            .arg("--state-dir")
+            .arg(fleet.path().join("state")));
+        kiln_spec::NodeConfig::from_yaml(&text)
+            .unwrap()
+            .spec
+            .ceph
+            .expect("the fleet gives every node its Ceph part")
+    };
+    let parts: std::collections::BTreeMap<&str, kiln_spec::ceph::CephNode> =
+        ["kiln-a", "kiln-b", "kiln-c"].map(|n| (n, part(n))).into();
+    let fsid = parts["kiln-a"].fsid.clone().expect("the fleet's fsid");
+    let nodes = ["kiln-a", "kiln-b", "kiln-c"];
+    let mut agents = Vec::new();
+    let mut spaces = Vec::new();
+    // All three start together, as a rollout's nodes do: the joining ones wait for the first
+    // monitor's quorum.
+    for (i, name) in nodes.iter().enumerate() {
+        let ns = CephNs::beside(netns.clone(), name);
+        let mut config = kiln_spec::NodeConfig::from_yaml(&format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: NodeConfig\nspec:\n  dataDisks:\n  - {{device: {}, usage: ceph-osd}}\n",
+            disks.devices[i]
+        ))
+        .unwrap();
+        config.spec.ceph = Some(parts[name].clone());
+        let path = ns.root.path().join("node.yaml");
+        std::fs::write(&path, config.to_yaml()).unwrap();
+        agents.push(start_agent(&ns, path));
+        spaces.push(ns);
+    }
+    let states: Vec<CephState> = agents
+        .iter()
+        .map(|agent| wait_for(agent, t0, |c| c.healthy && settled(c)))
+        .collect();
+    eprintln!(
+        "[{:5.1}s] three nodes: HEALTH_OK, every PG active+clean",
+        t0.elapsed().as_secs_f64()
+    );
+    let roles = [CephRole::FirstMonitor, CephRole::Monitor, CephRole::Osd];
+    for ((state, name), role) in states.iter().zip(&nodes).zip(roles) {
+        assert_eq!(state.report.role, role, "{name}");
+        assert_eq!(state.report.fsid.as_deref(), Some(fsid.as_str()), "{name}");
+        assert_eq!(state.report.disks.len(), 1, "{name}: {:?}", state.report);
+        let status = state.report.status.as_ref().unwrap();
+        assert_eq!(status.quorum, ["kiln-a", "kiln-b"], "{name}");
+        assert_eq!((status.osds, status.osds_up, status.osds_in), (3, 3, 3));
+    }
+    let cli = spaces[2].host().cli();
+    let tree: serde_json::Value = cli.json(&["osd", "tree"]).unwrap();
+    let hosts: Vec<(String, usize)> = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["type"] == "host")
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_string(),
+                n["children"].as_array().unwrap().len(),
+            )
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            ("kiln-a".into(), 1),
+            ("kiln-b".into(), 1),
+            ("kiln-c".into(), 1)
+        ]
+    );
+    let mgr: serde_json::Value = cli.json(&["mgr", "dump"]).unwrap();
+    assert_eq!(mgr["active_name"], "kiln-a");
+    assert_eq!(mgr["standbys"][0]["name"], "kiln-b", "{mgr}");
+
+    // The OSD-only node serves RBD with the admin key the fleet gave it.
+    let payload = spaces[2].root.path().join("payload");
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&payload, &bytes).unwrap();
+    let p = payload.display();
+    spaces[2]
+        .sh(&format!(
+            "rbd import {p} rbd/spread && rbd export rbd/spread {p}.back"
+        ))
+        .unwrap();
+    assert_eq!(std::fs::read(format!("{p}.back")).unwrap(), bytes);
+
+    // The joining monitor's second bootstrap (its agent restarted) changes nothing.
+    agents.remove(1);
+    let again = wait_for(
+        &start_agent(&spaces[1], spaces[1].root.path().join("node.yaml")),
+        t0,
+        |c| c.healthy && settled(c),
+    );
+    assert_eq!(again.report.disks, states[1].report.disks);
+    assert_eq!(osd_flags(&cli).len(), 3, "no OSD was made twice");
+    eprintln!(
+        "[{:5.1}s] the joined monitor's second bootstrap changed nothing",
+        t0.elapsed().as_secs_f64()
+    );
+    drop(agents);
 }

@@ -57,7 +57,8 @@ enum Phase {
         supervisor: Box<dyn Supervisor>,
         outcome: Outcome,
         probe: Background<Result<CephStatus, String>>,
-        status: Option<Result<CephStatus, String>>,
+        /// Boxed: a status is large beside the other phases.
+        status: Option<Box<Result<CephStatus, String>>>,
     },
     /// Returned to the engine once; the next reconcile (its retry) starts again.
     Failed(Box<dyn Supervisor>),
@@ -202,6 +203,7 @@ fn bringing_up(wanted: &Wanted, message: String) -> CephState {
         reason: "BringingUp".into(),
         message,
         report: CephReport {
+            role: wanted.node.role,
             warnings: wanted.node.warnings(),
             ..CephReport::default()
         },
@@ -217,6 +219,7 @@ impl CephController {
         phase: Phase,
     ) -> Result<(Phase, CephState, Option<String>), ReconcileError> {
         let report = |outcome: Option<&Outcome>, status: Option<&CephStatus>| CephReport {
+            role: wanted.node.role,
             fsid: outcome.map(|o| o.fsid.clone()),
             disks: outcome
                 .map(|o| {
@@ -290,7 +293,7 @@ impl CephController {
                     return Ok((Phase::Failed(supervisor), s, Some(failure)));
                 }
                 if let Some(done) = probe.take() {
-                    status = Some(done?);
+                    status = Some(Box::new(done?));
                     probe = self.probe(&wanted.host, PROBE_EVERY);
                 }
                 let failed: Vec<String> = outcome
@@ -298,14 +301,14 @@ impl CephController {
                     .iter()
                     .filter_map(|d| d.osd.as_ref().err().cloned())
                     .collect();
-                let s = match (&status, failed.is_empty()) {
+                let s = match (status.as_deref(), failed.is_empty()) {
                     (_, false) => state(
                         false,
                         "DataDiskFailed",
                         failed.join("; "),
                         report(
                             Some(&outcome),
-                            status.as_ref().and_then(|s| s.as_ref().ok()),
+                            status.as_deref().and_then(|s| s.as_ref().ok()),
                         ),
                     ),
                     (None, true) => state(

@@ -78,6 +78,10 @@ pub struct KubernetesReport {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CephReport {
+    /// The node's part: `first-monitor` (what every node was before roles), `monitor` or
+    /// `osd`.
+    #[serde(default)]
+    pub role: kiln_spec::ceph::CephRole,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsid: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -476,8 +476,17 @@ pub struct ClusterSpec {
     /// which fills it in from the node's inventory role. Its networks must be the ones above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<KubernetesNode>,
+    /// The Ceph cluster the fleet makes of its nodes (needs the `ceph` feature): its network
+    /// and pools. Without it the fleet gives nodes no Ceph part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph: Option<CephCluster>,
+    /// This node's part in the Ceph cluster (role, monitors, keys): per node, like `node`, so
+    /// it comes from an inventory node's `overrides.cephNode` or from the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph_node: Option<CephNode>,
 }
 
+use crate::ceph::{CephCluster, CephNode};
 use crate::remote::RemoteApi;
 
 use crate::kubernetes::{
@@ -492,6 +501,8 @@ impl Default for ClusterSpec {
             service_cidr: default_service_cidr(),
             cluster_domain: default_cluster_domain(),
             node: None,
+            ceph: None,
+            ceph_node: None,
         }
     }
 }
@@ -635,6 +646,21 @@ impl Appliance {
                     );
                 }
             }
+        }
+        for (field, given) in [
+            ("ceph", s.cluster.ceph.is_some()),
+            ("cephNode", s.cluster.ceph_node.is_some()),
+        ] {
+            if given && !self.has_feature(Feature::Ceph) {
+                errs.push(format!("spec.cluster.{field}"), "needs the ceph feature");
+            }
+        }
+        if let Some(c) = &s.cluster.ceph {
+            c.validate_into("spec.cluster.ceph", &mut errs);
+        }
+        if let Some(n) = &s.cluster.ceph_node {
+            // The node's data disks are known only at install; its node config checks them.
+            n.validate_into("spec.cluster.cephNode", usize::MAX, &mut errs);
         }
         if let Some(r) = &s.remote_api {
             r.validate_into("spec.remoteApi", &mut errs);
@@ -882,6 +908,10 @@ pub struct ApplianceOverrides {
     /// derives nothing for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_node: Option<KubernetesNode>,
+    /// The node's part in the Ceph cluster (`spec.cluster.cephNode`), as written: the fleet
+    /// then derives nothing for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceph_node: Option<CephNode>,
     /// The node's network API (`spec.remoteApi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_api: Option<RemoteApi>,
@@ -955,6 +985,9 @@ impl Appliance {
         if let Some(n) = &o.cluster_node {
             s.cluster.node = Some(n.clone());
         }
+        if let Some(n) = &o.ceph_node {
+            s.cluster.ceph_node = Some(n.clone());
+        }
         if let Some(r) = &o.remote_api {
             s.remote_api = Some(r.clone());
         }
@@ -1007,6 +1040,13 @@ impl ApplianceOverrides {
                 .cluster
                 .cluster_domain
                 .clone_from(&n.cluster_domain);
+        }
+        if self.ceph_node.is_some() {
+            for f in [Feature::Kubernetes, Feature::Ceph] {
+                if !base.spec.features.contains(&f) {
+                    base.spec.features.push(f);
+                }
+            }
         }
         if let Err(found) = base.with_overrides(self).validate() {
             for e in found.0 {

@@ -445,6 +445,7 @@ pub fn node_config_for(
             network: Some(a.spec.network.clone()),
             kernel_args: a.kernel_args(),
             kubernetes: a.spec.cluster.node.clone(),
+            ceph: a.spec.cluster.ceph_node.clone(),
             remote_api: a.spec.remote_api.clone(),
             ..NodeSpec::default()
         },
@@ -750,6 +751,48 @@ spec:
                     "spec.ceph.pools[0].application",
                     "\"nfs\" is not one of rbd, cephfs, rgw"
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_joining_ceph_node_is_told_each_thing_it_lacks() {
+        let joining = |role: &str, extra: &str| {
+            let text = format!(
+                "{GOOD}  ceph:\n    role: {role}\n    publicNetwork: 10.0.10.0/24\n{extra}"
+            );
+            match NodeConfig::from_yaml(&text) {
+                Err(SpecError::Invalid { errors, .. }) => errors
+                    .0
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.reason))
+                    .collect::<Vec<_>>(),
+                other => panic!("expected validation errors: {other:?}"),
+            }
+        };
+        assert_eq!(
+            joining("monitor", ""),
+            [
+                "spec.ceph.monitorAddress: a monitor needs the address it listens on",
+                "spec.ceph.monitors: a joining node needs the cluster's monitors",
+                "spec.ceph.keys: a joining node needs the cluster's keys (the fleet makes them)",
+            ]
+        );
+        let key = "AQBPTQFnAAAAABAAAAECAwQFBgcICQoLDA0ODw==";
+        assert_eq!(
+            joining(
+                "osd",
+                &format!(
+                    "    monitorAddress: 10.0.10.6\n    monitors: [10.0.10.5, 10.1.1.1]\n    keys: {{monitor: {key}, admin: nope, bootstrapOsd: {key}}}\n    pools: [{{name: rbd, size: 1}}]\n"
+                )
+            ),
+            [
+                "spec.ceph.monitorAddress: an osd node runs no monitor; name the cluster's monitors in monitors",
+                "spec.ceph.monitors[1]: 10.1.1.1 is outside publicNetwork 10.0.10.0/24",
+                "spec.ceph.fsid: a cluster of several nodes needs its fsid given with its keys",
+                "spec.ceph.keys.monitor: an osd node is not given the monitors' key",
+                "spec.ceph.keys.admin: is not a cephx key (base64 of 28 bytes, as ceph-authtool makes)",
+                "spec.ceph.pools[0].size: one copy is allowed only in a cluster of one node: in a cluster of several, a node in maintenance would take the pool down",
             ]
         );
     }

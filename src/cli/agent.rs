@@ -368,7 +368,12 @@ fn status_text(s: &NodeStatus) -> String {
     if let Some(c) = &s.ceph {
         let _ = writeln!(
             o,
-            "ceph: cluster {}  {}",
+            "ceph: {} of cluster {}  {}",
+            match c.role {
+                kiln_spec::ceph::CephRole::FirstMonitor => "first monitor",
+                kiln_spec::ceph::CephRole::Monitor => "monitor",
+                kiln_spec::ceph::CephRole::Osd => "OSD node",
+            },
             c.fsid.as_deref().unwrap_or("(not yet made)"),
             c.status
                 .as_ref()

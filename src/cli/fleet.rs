@@ -141,8 +141,8 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
     }
 }
 
-/// The inventory with each node's part in the cluster (none without the kubernetes feature)
-/// and its agent API filled in, from the fleet's credentials in the state directory (made on
+/// The inventory with each node's part in the cluster (none without the kubernetes feature),
+/// in the Ceph cluster (none without `spec.cluster.ceph`) and its agent API filled in, from the fleet's credentials in the state directory (made on
 /// first use).
 fn with_node_parts(
     appliance: &Appliance,
@@ -152,8 +152,10 @@ fn with_node_parts(
     let secrets = FleetSecrets::load_or_create(state_dir)?;
     let members = cluster::members(appliance, inventory, &secrets)
         .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the cluster: {e}"))?;
+    let ceph = cluster::ceph_members(appliance, inventory, &secrets)
+        .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the Ceph cluster: {e}"))?;
     let apis = cluster::remote_apis(inventory, &secrets)?;
-    Ok(cluster::with_members(inventory, &members, &apis))
+    Ok(cluster::with_members(inventory, &members, &ceph, &apis))
 }
 
 fn node_config_cmd(a: NodeConfigArgs) -> anyhow::Result<()> {
@@ -261,7 +263,12 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
     );
     let seats = cluster::seats(&l.appliance, &l.inventory)
         .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the cluster: {e}"))?;
-    for warning in cluster::seat_warnings(&seats) {
+    let ceph = cluster::ceph_seats(&l.appliance, &l.inventory)
+        .map_err(|e| anyhow::anyhow!("the inventory's nodes cannot form the Ceph cluster: {e}"))?;
+    for warning in cluster::seat_warnings(&seats)
+        .into_iter()
+        .chain(cluster::ceph_seat_warnings(&ceph))
+    {
         eprintln!("warning: {warning}");
     }
     let rt = super::runtime()?;
@@ -293,7 +300,10 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<()> {
     });
     for (p, probe) in plans.iter_mut().zip(probes) {
         p.probe = probe;
-        p.cluster = seats.get(&p.name).map(cluster::Seat::describe);
+        let parts: Vec<String> = (seats.get(&p.name).map(cluster::Seat::describe).into_iter())
+            .chain(ceph.get(&p.name).map(cluster::CephSeat::describe))
+            .collect();
+        p.cluster = (!parts.is_empty()).then(|| parts.join("; "));
     }
     a.output.emit(&plans, |p| plan::table(p))
 }

@@ -349,3 +349,34 @@ fn ceph_conf_and_daemons_of_a_first_monitor() {
         "[v2:[fd00::1]:3300,v1:[fd00::1]:6789]"
     );
 }
+
+#[test]
+fn ceph_conf_of_the_nodes_of_a_cluster_of_several() {
+    use kiln_cluster::ceph::conf;
+    let fsid = "0b72ae7b-5a17-4f09-8572-829a37973a44";
+    let keys = conf::new_keys();
+    let text: String = [
+        ("first-monitor", Some("10.0.0.11"), "node-1"),
+        ("monitor", Some("10.0.0.12"), "node-2"),
+        ("osd", None, "node-3"),
+    ]
+    .into_iter()
+    .map(|(role, address, name)| {
+        let mut node: kiln_spec::ceph::CephNode = serde_saphyr::from_str(&format!(
+            "role: {role}\nfsid: {fsid}\npublicNetwork: 10.0.0.0/24\nmonitors: [10.0.0.11, 10.0.0.12]\n"
+        ))
+        .unwrap();
+        node.monitor_address = address.map(String::from);
+        node.keys = Some(keys.clone());
+        if role == "osd" {
+            node.keys.as_mut().unwrap().monitor = None;
+        }
+        // The fleet's keys are well-formed cephx keys, and each role's config valid.
+        let mut errs = kiln_spec::errors::ValidationErrors::default();
+        node.validate_into("ceph", 1, &mut errs);
+        assert!(errs.0.is_empty(), "{role}: {errs:?}");
+        format!("--- {name} ({role})\n{}", conf::ceph_conf(&node, fsid, name, false))
+    })
+    .collect();
+    golden("ceph-cluster-nodes.txt", &text);
+}

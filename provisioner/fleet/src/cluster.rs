@@ -1,8 +1,9 @@
-//! The Kubernetes cluster a rollout makes of its nodes: each inventory node's part
-//! (`spec.cluster.node`) follows from its inventory role and address, with credentials the
-//! fleet makes once and keeps in its state directory. The fleet makes the CA itself, so every
-//! joining node knows the CA's hash before the first control plane is even installed: all
-//! nodes install and join in one rollout, none waits for another to report.
+//! The Kubernetes and Ceph clusters a rollout makes of its nodes: each inventory node's part
+//! (`spec.cluster.node`, `spec.cluster.cephNode`) follows from its inventory role and address,
+//! with credentials the fleet makes once and keeps in its state directory. The fleet makes the
+//! CA and Ceph's fsid and keys itself, so every joining node knows them before the first
+//! control plane or monitor is even installed: all nodes install and join in one rollout,
+//! none waits for another to report.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use kiln_cluster::pki::{Ca, CertPair, Leaf, Usage};
 use kiln_spec::appliance::Feature;
+use kiln_spec::ceph::{CephKeys, CephNode, CephRole};
 use kiln_spec::errors::ValidationErrors;
 use kiln_spec::kubernetes::{ClusterCa, JoinCredentials, KubeRole, KubernetesNode, SecretPem};
 use kiln_spec::remote::RemoteApi;
@@ -49,8 +51,18 @@ pub struct FleetSecrets {
     /// service-account tokens.
     pub etcd_ca: ClusterCa,
     pub service_account_key: SecretPem,
+    /// The Ceph cluster's fsid and keys; absent from a state directory made before them
+    /// until a rollout makes them.
+    pub ceph: Option<CephSecrets>,
     admin_ca: CertPair,
     admin_ca_path: PathBuf,
+}
+
+/// What every node of the fleet's Ceph cluster shares (`secrets/ceph.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CephSecrets {
+    pub fsid: String,
+    pub keys: CephKeys,
 }
 
 impl FleetSecrets {
@@ -107,6 +119,31 @@ impl FleetSecrets {
                 path: dir.join("kubernetes-ca.crt"),
                 reason: e.to_string(),
             })?;
+        let ceph_path = dir.join("ceph.json");
+        if create && !ceph_path.exists() {
+            let fresh = CephSecrets {
+                fsid: uuid::Uuid::new_v4().to_string(),
+                keys: kiln_cluster::ceph::conf::new_keys(),
+            };
+            let json = serde_json::to_string_pretty(&fresh).expect("plain data serialises");
+            write_private(&ceph_path, json)?;
+        }
+        let ceph = match std::fs::read(&ceph_path) {
+            Ok(bytes) => Some(
+                serde_json::from_slice(&bytes).map_err(|e| ClusterError::Pki {
+                    path: ceph_path.clone(),
+                    reason: e.to_string(),
+                })?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(ClusterError::Io {
+                    what: "reading",
+                    path: ceph_path,
+                    source,
+                });
+            }
+        };
         Ok(FleetSecrets {
             kubernetes_ca: ClusterCa {
                 cert: kube.cert_pem,
@@ -119,6 +156,7 @@ impl FleetSecrets {
                 key: etcd.key_pem,
             },
             service_account_key,
+            ceph,
             admin_ca,
             admin_ca_path: dir.join("admin-ca.crt"),
         })
@@ -485,6 +523,205 @@ pub fn members(
         .collect())
 }
 
+/// Monitors beyond three add no safety for a rack, only elections.
+const MAX_MONITORS: usize = 3;
+
+/// Where a node sits in the Ceph cluster, decided from the inventory alone (no keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CephSeat {
+    /// Derived by the fleet; `address` is the monitor's, for monitors.
+    Derived {
+        role: CephRole,
+        address: Option<IpAddr>,
+    },
+    /// The node's overrides give its `cephNode`; it is used as written.
+    Written(Box<CephNode>),
+}
+
+impl CephSeat {
+    pub fn role(&self) -> CephRole {
+        match self {
+            CephSeat::Derived { role, .. } => *role,
+            CephSeat::Written(c) => c.role,
+        }
+    }
+
+    /// A few words for `kiln fleet plan`.
+    pub fn describe(&self) -> String {
+        let (written, address) = match self {
+            CephSeat::Derived { address, .. } => ("", *address),
+            CephSeat::Written(c) => (" (as written)", c.monitor_ip()),
+        };
+        let role = match self.role() {
+            CephRole::FirstMonitor => "ceph first monitor",
+            CephRole::Monitor => "ceph monitor",
+            CephRole::Osd => "ceph OSDs",
+        };
+        match address {
+            Some(a) => format!("{role} at {a}{written}"),
+            None => format!("{role}{written}"),
+        }
+    }
+}
+
+/// Each inventory node's seat in the Ceph cluster, by name, when the appliance names one
+/// (`spec.cluster.ceph`; else none): the first `control-plane` node makes the cluster, the
+/// next two `control-plane` nodes join as monitors, and every other node adds its data disks
+/// as OSDs. A node whose overrides give `cephNode` keeps it as written. Every problem is
+/// reported, with its inventory or spec path.
+pub fn ceph_seats(
+    appliance: &Appliance,
+    inventory: &Inventory,
+) -> Result<BTreeMap<String, CephSeat>, ValidationErrors> {
+    let mut errs = ValidationErrors::default();
+    let Some(cluster) = &appliance.spec.cluster.ceph else {
+        return Ok(BTreeMap::new());
+    };
+    let nodes = &inventory.spec.nodes;
+    for (i, p) in cluster.pools.iter().enumerate() {
+        let at = format!("spec.cluster.ceph.pools[{i}].size");
+        if p.size == 1 && nodes.len() > 1 {
+            errs.push(
+                at,
+                format!(
+                    "one copy is allowed only in a cluster of one node, and the inventory has {}",
+                    nodes.len()
+                ),
+            );
+        } else if usize::from(p.size) > nodes.len() && nodes.len() > 1 {
+            errs.push(
+                at,
+                format!(
+                    "{} copies go to as many hosts, and the inventory has {}",
+                    p.size,
+                    nodes.len()
+                ),
+            );
+        }
+    }
+    let monitors: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.role == NodeRole::ControlPlane)
+        .take(MAX_MONITORS)
+        .map(|n| n.name.as_str())
+        .collect();
+    if monitors.is_empty() {
+        errs.push(
+            "spec.nodes",
+            "the appliance names a Ceph cluster (spec.cluster.ceph), so one node needs role control-plane to be its first monitor",
+        );
+    }
+    let network = cluster.public_network.parse::<IpNet>().ok();
+    let mut out = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if let Some(written) = node.overrides.as_ref().and_then(|o| o.ceph_node.clone()) {
+            out.insert(node.name.clone(), CephSeat::Written(Box::new(written)));
+            continue;
+        }
+        let role = match monitors.iter().position(|m| *m == node.name) {
+            Some(0) => CephRole::FirstMonitor,
+            Some(_) => CephRole::Monitor,
+            None => CephRole::Osd,
+        };
+        let address = match node_address(node) {
+            None if role.runs_monitor() => {
+                errs.push(
+                    format!("spec.nodes[{i}]"),
+                    "a Ceph monitor needs a fixed address: a static address in \
+                     overrides.network, or bootAddress when the netboot DHCP server hands out \
+                     addresses",
+                );
+                continue;
+            }
+            Some(ip) if role.runs_monitor() && network.is_some_and(|n| !n.contains(&ip)) => {
+                errs.push(
+                    format!("spec.nodes[{i}]"),
+                    format!(
+                        "its address {ip} is outside spec.cluster.ceph.publicNetwork {}",
+                        cluster.public_network
+                    ),
+                );
+                continue;
+            }
+            ip => ip.filter(|_| role.runs_monitor()),
+        };
+        out.insert(node.name.clone(), CephSeat::Derived { role, address });
+    }
+    errs.into_result().map(|()| out)
+}
+
+/// What the Ceph seats leave to be said: monitors with two members stop when either stops.
+pub fn ceph_seat_warnings(seats: &BTreeMap<String, CephSeat>) -> Vec<String> {
+    let monitors = seats.values().filter(|s| s.role().runs_monitor()).count();
+    if monitors == 2 {
+        vec![
+            "two Ceph monitors: their quorum stops when either of them stops; run one or three control-plane nodes"
+                .into(),
+        ]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Each inventory node's part in the Ceph cluster ([`ceph_seats`]), with the fleet's fsid
+/// and keys. A fleet of one node makes a cluster of that node alone, whose keys stay on it.
+pub fn ceph_members(
+    appliance: &Appliance,
+    inventory: &Inventory,
+    secrets: &FleetSecrets,
+) -> Result<BTreeMap<String, CephNode>, ValidationErrors> {
+    let seats = ceph_seats(appliance, inventory)?;
+    let Some(cluster) = &appliance.spec.cluster.ceph else {
+        return Ok(BTreeMap::new());
+    };
+    let shared = match &secrets.ceph {
+        _ if inventory.spec.nodes.len() == 1 => None,
+        Some(c) => Some(c),
+        None => {
+            let mut errs = ValidationErrors::default();
+            errs.push(
+                "spec.cluster.ceph",
+                "the fleet's state directory has no Ceph keys yet: `kiln fleet rollout` or `kiln fleet node-config` makes them",
+            );
+            return Err(errs);
+        }
+    };
+    let monitors: Vec<String> = seats
+        .values()
+        .filter_map(|s| match s {
+            CephSeat::Derived {
+                address: Some(a), ..
+            } => Some(a.to_string()),
+            _ => None,
+        })
+        .collect();
+    Ok(seats
+        .into_iter()
+        .map(|(name, seat)| {
+            let member = match seat {
+                CephSeat::Written(c) => *c,
+                CephSeat::Derived { role, address } => CephNode {
+                    role,
+                    fsid: shared.map(|c| c.fsid.clone()),
+                    monitor_address: address.map(|a| a.to_string()),
+                    public_network: cluster.public_network.clone(),
+                    monitors: if shared.is_some() {
+                        monitors.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    keys: shared.map(|c| CephKeys {
+                        monitor: c.keys.monitor.clone().filter(|_| role.runs_monitor()),
+                        ..c.keys.clone()
+                    }),
+                    pools: cluster.pools.clone(),
+                },
+            };
+            (name, member)
+        })
+        .collect())
+}
+
 fn host_port(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
@@ -513,6 +750,7 @@ pub fn remote_apis(
 pub fn with_members(
     inventory: &Inventory,
     members: &BTreeMap<String, KubernetesNode>,
+    ceph: &BTreeMap<String, CephNode>,
     apis: &BTreeMap<String, RemoteApi>,
 ) -> Inventory {
     let mut out = inventory.clone();
@@ -520,6 +758,9 @@ pub fn with_members(
         let o = node.overrides.get_or_insert_with(Default::default);
         if o.cluster_node.is_none() {
             o.cluster_node = members.get(&node.name).cloned();
+        }
+        if o.ceph_node.is_none() {
+            o.ceph_node = ceph.get(&node.name).cloned();
         }
         if o.remote_api.is_none() {
             o.remote_api = apis.get(&node.name).cloned();
@@ -649,19 +890,108 @@ spec:
     #[test]
     fn each_node_config_carries_its_part_and_validates() {
         let dir = tempfile::tempdir().unwrap();
-        let appliance = appliance("kubernetes");
+        let appliance = ceph_appliance();
         let inventory = Inventory::from_yaml(INVENTORY).unwrap();
         let m = members(&appliance, &inventory, &secrets(dir.path())).unwrap();
         let s = secrets(dir.path());
+        let ceph = ceph_members(&appliance, &inventory, &s).unwrap();
         let apis = remote_apis(&inventory, &s).unwrap();
-        let inventory = with_members(&inventory, &m, &apis);
+        let inventory = with_members(&inventory, &m, &ceph, &apis);
         for node in &inventory.spec.nodes {
             let spec = appliance.for_node(node, None).unwrap();
             let text = kiln_spec::nodeconfig::node_config_for(&spec, None, &node.name).to_yaml();
             let config = NodeConfig::from_yaml(&text).unwrap();
             assert_eq!(config.spec.kubernetes.as_ref(), Some(&m[&node.name]));
+            assert_eq!(config.spec.ceph.as_ref(), Some(&ceph[&node.name]));
             assert_eq!(config.spec.remote_api.as_ref(), Some(&apis[&node.name]));
         }
+        let described: Vec<String> =
+            ceph_seats(&appliance, &Inventory::from_yaml(INVENTORY).unwrap())
+                .unwrap()
+                .values()
+                .map(CephSeat::describe)
+                .collect();
+        assert_eq!(
+            described,
+            [
+                "ceph first monitor at 192.168.10.11",
+                "ceph OSDs",
+                "ceph OSDs"
+            ]
+        );
+        let fleet = s.ceph.unwrap();
+        let parts: Vec<_> = ceph
+            .iter()
+            .map(|(name, c)| {
+                assert_eq!(c.fsid.as_ref(), Some(&fleet.fsid));
+                assert_eq!(c.monitors, ["192.168.10.11"]);
+                let keys = c.keys.as_ref().unwrap();
+                assert_eq!(keys.admin, fleet.keys.admin);
+                (
+                    name.as_str(),
+                    c.role,
+                    c.monitor_address.as_deref(),
+                    keys.monitor.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                ("cp-1", CephRole::FirstMonitor, Some("192.168.10.11"), true),
+                ("s-1", CephRole::Osd, None, false),
+                ("w-1", CephRole::Osd, None, false),
+            ]
+        );
+    }
+
+    fn ceph_appliance() -> Appliance {
+        let mut a = appliance("kubernetes, ceph");
+        a.spec.cluster.ceph = Some(kiln_spec::ceph::CephCluster {
+            public_network: "192.168.10.0/24".into(),
+            pools: serde_json::from_str(r#"[{"name": "rbd", "size": 3}]"#).unwrap(),
+        });
+        a
+    }
+
+    #[test]
+    fn a_ceph_cluster_the_nodes_cannot_hold_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = secrets(dir.path());
+        let mut a = ceph_appliance();
+        let two = Inventory::from_yaml(&INVENTORY.replace(
+            "    - name: s-1\n      role: storage\n      bootAddress: 192.168.10.31\n",
+            "",
+        ))
+        .unwrap();
+        a.spec.cluster.ceph.as_mut().unwrap().pools[0].size = 3;
+        let errs = ceph_members(&a, &two, &s).unwrap_err().to_string();
+        assert!(
+            errs.contains("spec.cluster.ceph.pools[0].size: 3 copies go to as many hosts, and the inventory has 2"),
+            "{errs}"
+        );
+        a.spec.cluster.ceph.as_mut().unwrap().pools[0].size = 1;
+        let errs = ceph_members(&a, &two, &s).unwrap_err().to_string();
+        assert!(
+            errs.contains("one copy is allowed only in a cluster of one node"),
+            "{errs}"
+        );
+        let mut pair = a.clone();
+        pair.spec.cluster.ceph.as_mut().unwrap().pools[0].size = 2;
+        assert!(ceph_seat_warnings(&ceph_seats(&pair, &two).unwrap()).is_empty());
+        let two_monitors = Inventory::from_yaml(&INVENTORY.replace(
+            "    - name: w-1\n",
+            "    - name: w-1\n      role: control-plane\n",
+        ))
+        .unwrap();
+        let warned = ceph_seat_warnings(&ceph_seats(&pair, &two_monitors).unwrap());
+        assert!(warned[0].starts_with("two Ceph monitors"), "{warned:?}");
+        // One node makes a cluster of its own, with keys that never leave it.
+        let one =
+            Inventory::from_yaml(&INVENTORY[..INVENTORY.find("    - name: w-1").unwrap()]).unwrap();
+        let alone = &ceph_members(&a, &one, &s).unwrap()["cp-1"];
+        assert_eq!(alone.role, CephRole::FirstMonitor);
+        assert!(alone.keys.is_none() && alone.fsid.is_none() && alone.single_node());
     }
 
     #[test]
@@ -695,6 +1025,7 @@ spec:
             "admin-ca.key",
             "admin-ca.crt",
             "bootstrap-token",
+            "ceph.json",
         ] {
             assert_eq!(mode(f), 0o600, "{f}");
         }

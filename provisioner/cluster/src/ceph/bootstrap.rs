@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kiln_spec::ceph::{CephNode, CephPool};
+use kiln_spec::ceph::{CephNode, CephPool, CephRole, CephSecret};
 use serde::Deserialize;
 
 use super::conf::{self, paths};
@@ -149,30 +149,81 @@ pub fn bootstrap(
         &conf::ceph_conf(node, &fsid, &host.node_name, host.shared_disk),
         0o644,
     )?;
-    for (rel, name, caps) in [
-        (paths::ADMIN_KEYRING, "client.admin", conf::ADMIN_CAPS),
+    let keys = node.keys.as_ref();
+    for (rel, name, caps, key) in [
+        (
+            paths::ADMIN_KEYRING,
+            "client.admin",
+            conf::ADMIN_CAPS,
+            keys.map(|k| &k.admin),
+        ),
         (
             paths::BOOTSTRAP_OSD_KEYRING,
             "client.bootstrap-osd",
             conf::BOOTSTRAP_OSD_CAPS,
+            keys.map(|k| &k.bootstrap_osd),
         ),
     ] {
         if !host.path(rel).exists() {
-            new_keyring(host, rel, name, caps)?;
+            new_keyring(host, rel, name, caps, key)?;
         }
     }
     for rel in paths::DAEMON_DIRS {
         host.chown(rel)?;
     }
 
+    if node.role.runs_monitor() {
+        start_monitor(node, &fsid, host, supervisor, progress)?;
+    } else {
+        progress("waiting for the cluster's monitors");
+        wait_for_quorum(host, None)?;
+    }
+
+    let mut outcomes = Vec::new();
+    for disk in disks {
+        progress(&format!("OSD on {disk}"));
+        let osd = osd_on(disk, &fsid, host);
+        if let Ok(id) = osd {
+            supervisor.start(&conf::osd_service(id, user))?;
+        }
+        outcomes.push(DiskOutcome {
+            disk: disk.clone(),
+            osd: osd.map_err(|e| match e {
+                Error::Ceph { reason, .. } => reason,
+                other => other.to_string(),
+            }),
+        });
+    }
+
+    if node.role == CephRole::FirstMonitor {
+        progress("creating pools");
+        ensure_pools(host, &node.pools)?;
+    }
+    Ok(Outcome {
+        fsid,
+        disks: outcomes,
+    })
+}
+
+/// The node's monitor (made when missing: the cluster's first, or one joining the quorum)
+/// in quorum, and its manager running.
+fn start_monitor(
+    node: &CephNode,
+    fsid: &str,
+    host: &CephHost,
+    supervisor: &mut dyn Supervisor,
+    progress: &dyn Fn(&str),
+) -> Result<(), Error> {
+    let user = host.user.as_deref();
     let mon = paths::mon_data(&host.node_name);
     if !host.path(&format!("{mon}/done")).exists() {
         progress(&format!("creating monitor {}", host.node_name));
-        create_monitor(node, &fsid, host)?;
+        create_monitor(node, fsid, host)?;
     }
-    supervisor.start(&conf::mon_service(&host.node_name, user))?;
+    let service = conf::mon_service(&host.node_name, user);
+    supervisor.start(&service)?;
     progress("waiting for the monitor's quorum");
-    wait_for_quorum(host, supervisor)?;
+    wait_for_quorum(host, Some((supervisor, &service.name)))?;
 
     let mgr = paths::mgr_data(&host.node_name);
     let mgr_keyring = format!("{mgr}/keyring");
@@ -191,48 +242,36 @@ pub fn bootstrap(
         host.chown(&mgr)?;
     }
     supervisor.start(&conf::mgr_service(&host.node_name, user))?;
-
-    let mut outcomes = Vec::new();
-    for disk in disks {
-        progress(&format!("OSD on {disk}"));
-        let osd = osd_on(disk, &fsid, host);
-        if let Ok(id) = osd {
-            supervisor.start(&conf::osd_service(id, user))?;
-        }
-        outcomes.push(DiskOutcome {
-            disk: disk.clone(),
-            osd: osd.map_err(|e| match e {
-                Error::Ceph { reason, .. } => reason,
-                other => other.to_string(),
-            }),
-        });
-    }
-
-    progress("creating pools");
-    ensure_pools(host, &node.pools)?;
-    Ok(Outcome {
-        fsid,
-        disks: outcomes,
-    })
+    Ok(())
 }
 
-fn new_keyring(host: &CephHost, rel: &str, name: &str, caps: &[(&str, &str)]) -> Result<(), Error> {
+/// A keyring of one key: `key` when the cluster's keys are given, a new one otherwise.
+fn new_keyring(
+    host: &CephHost,
+    rel: &str,
+    name: &str,
+    caps: &[(&str, &str)],
+    key: Option<&CephSecret>,
+) -> Result<(), Error> {
     let mut args = vec![
         "ceph-authtool".to_string(),
         "--create-keyring".into(),
         node_path(rel),
-        "--gen-key".into(),
-        "-n".into(),
-        name.into(),
     ];
+    match key {
+        Some(k) => args.extend(["--add-key".into(), k.0.clone()]),
+        None => args.push("--gen-key".into()),
+    }
+    args.extend(["-n".into(), name.into()]);
     args.extend(conf::cap_args(caps));
     host.run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     std::fs::set_permissions(host.path(rel), std::fs::Permissions::from_mode(0o600))
         .map_err(host.io(rel))
 }
 
-/// `ceph-mon --mkfs` with a fresh monitor key and the admin and bootstrap-osd keys, for a
-/// monitor map of this node alone.
+/// `ceph-mon --mkfs` with the monitors' key and the admin and bootstrap-osd keys: the first
+/// monitor with a monitor map of itself alone, a joining one with the cluster's current map
+/// (it asks the quorum to take it in once it runs).
 fn create_monitor(node: &CephNode, fsid: &str, host: &CephHost) -> Result<(), Error> {
     let ip = node.monitor_ip().ok_or_else(|| Error::Ceph {
         command: "bootstrap".into(),
@@ -241,21 +280,33 @@ fn create_monitor(node: &CephNode, fsid: &str, host: &CephHost) -> Result<(), Er
     let seed = node_path(paths::MON_SEED_KEYRING);
     let monmap = node_path(paths::MONMAP);
     let _ = std::fs::remove_file(host.path(paths::MON_SEED_KEYRING));
-    new_keyring(host, paths::MON_SEED_KEYRING, "mon.", conf::MON_CAPS)?;
+    let mon_key = node.keys.as_ref().and_then(|k| k.monitor.as_ref());
+    new_keyring(
+        host,
+        paths::MON_SEED_KEYRING,
+        "mon.",
+        conf::MON_CAPS,
+        mon_key,
+    )?;
     for rel in [paths::ADMIN_KEYRING, paths::BOOTSTRAP_OSD_KEYRING] {
         host.run(&["ceph-authtool", &seed, "--import-keyring", &node_path(rel)])?;
     }
-    host.run(&[
-        "monmaptool",
-        "--create",
-        "--clobber",
-        "--fsid",
-        fsid,
-        "--addv",
-        &host.node_name,
-        &conf::mon_addrs(ip),
-        &monmap,
-    ])?;
+    if node.role == CephRole::FirstMonitor {
+        host.run(&[
+            "monmaptool",
+            "--create",
+            "--clobber",
+            "--fsid",
+            fsid,
+            "--addv",
+            &host.node_name,
+            &conf::mon_addrs(ip),
+            &monmap,
+        ])?;
+    } else {
+        wait_for_quorum(host, None)?;
+        host.cli().run(&["mon", "getmap", "-o", &monmap])?;
+    }
     let mon = paths::mon_data(&host.node_name);
     let _ = std::fs::remove_dir_all(host.path(&mon));
     std::fs::create_dir_all(host.path(&mon)).map_err(host.io(&mon))?;
@@ -280,13 +331,24 @@ fn create_monitor(node: &CephNode, fsid: &str, host: &CephHost) -> Result<(), Er
     Ok(())
 }
 
-fn wait_for_quorum(host: &CephHost, supervisor: &mut dyn Supervisor) -> Result<CephStatus, Error> {
+/// Waits until the cluster's monitors have a quorum, with this node's monitor in it when it
+/// runs one (`monitor`: its service, which must keep running meanwhile).
+fn wait_for_quorum(
+    host: &CephHost,
+    mut monitor: Option<(&mut dyn Supervisor, &str)>,
+) -> Result<CephStatus, Error> {
     let deadline = Instant::now() + QUORUM_TIMEOUT;
-    let mon = conf::mon_service(&host.node_name, None).name;
     loop {
-        supervisor.check(Some(&mon))?;
+        if let Some((supervisor, service)) = monitor.as_mut() {
+            supervisor.check(Some(service))?;
+        }
         match host.cli().status() {
-            Ok(s) if s.monitors_in_quorum > 0 => return Ok(s),
+            Ok(s)
+                if !s.quorum.is_empty()
+                    && (monitor.is_none() || s.quorum.contains(&host.node_name)) =>
+            {
+                return Ok(s);
+            }
             Ok(_) | Err(_) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(500))
             }

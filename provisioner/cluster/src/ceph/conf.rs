@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use kiln_spec::ceph::CephNode;
+use kiln_spec::ceph::{CephKeys, CephNode, CephRole, CephSecret};
 
 use crate::node::Service;
 
@@ -71,25 +71,29 @@ pub fn mon_addrs(ip: IpAddr) -> String {
 /// The cluster's `ceph.conf` on a node named `host_name`. `shared_disk`: the monitor's disk
 /// is a machine's shared with much else (a test host), so only a nearly full one warns.
 pub fn ceph_conf(node: &CephNode, fsid: &str, host_name: &str, shared_disk: bool) -> String {
-    let mon_host = node
-        .monitor_ip()
-        .map(mon_addrs)
-        .unwrap_or_else(|| node.monitor_address.clone());
+    let mon_host: Vec<String> = node.all_monitors().into_iter().map(mon_addrs).collect();
     let mut c = format!(
         "# Written by the kiln agent from the node config (spec.ceph).\n\
          [global]\n\
          fsid = {fsid}\n\
-         mon initial members = {host_name}\n\
          mon host = {mon_host}\n\
          public network = {net}\n\
          auth cluster required = cephx\n\
          auth service required = cephx\n\
          auth client required = cephx\n\
-         auth allow insecure global id reclaim = false\n\
-         # One host: the copies of an object go to different OSDs of it.\n\
-         osd crush chooseleaf type = 0\n",
+         auth allow insecure global id reclaim = false\n",
+        mon_host = mon_host.join(","),
         net = node.public_network,
     );
+    if node.role == CephRole::FirstMonitor {
+        c.push_str(&format!("mon initial members = {host_name}\n"));
+    }
+    if node.single_node() {
+        c.push_str(
+            "# One host: the copies of an object go to different OSDs of it.\n\
+             osd crush chooseleaf type = 0\n",
+        );
+    }
     if node.pools.iter().any(|p| p.size == 1) {
         c.push_str(
             "# The spec asks for pools of one copy; kiln reports that itself.\n\
@@ -100,10 +104,39 @@ pub fn ceph_conf(node: &CephNode, fsid: &str, host_name: &str, shared_disk: bool
     if shared_disk {
         c.push_str("mon data avail warn = 2\nmon data avail crit = 1\n");
     }
+    if let Some(ip) = node.monitor_ip() {
+        // A joining monitor is in no monitor map yet: this is the address it asks to join with.
+        c.push_str(&format!("\n[mon.{host_name}]\npublic addr = {ip}\n"));
+    }
     c.push_str(&format!(
         "\n[osd]\ncrush location = root=default host={host_name}\n"
     ));
     c
+}
+
+/// A new cephx key as Ceph writes it in keyrings: base64 of its type (1, AES), creation time
+/// and length (16), then 16 random bytes.
+pub fn new_secret() -> CephSecret {
+    use base64::Engine as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut raw = Vec::with_capacity(28);
+    raw.extend(1u16.to_le_bytes());
+    raw.extend((now.as_secs() as u32).to_le_bytes());
+    raw.extend(now.subsec_nanos().to_le_bytes());
+    raw.extend(16u16.to_le_bytes());
+    raw.extend(rand::random::<[u8; 16]>());
+    CephSecret(base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+/// The keys of a cluster of several nodes, made once (by the fleet).
+pub fn new_keys() -> CephKeys {
+    CephKeys {
+        monitor: Some(new_secret()),
+        admin: new_secret(),
+        bootstrap_osd: new_secret(),
+    }
 }
 
 /// The fsid a `ceph.conf` names.

@@ -207,7 +207,9 @@ pub struct CephStatus {
     /// One line per health check Ceph raises.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<String>,
-    pub monitors_in_quorum: usize,
+    /// The monitors in quorum, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quorum: Vec<String>,
     pub osds: usize,
     pub osds_up: usize,
     pub osds_in: usize,
@@ -222,11 +224,20 @@ impl CephStatus {
         self.health == "HEALTH_OK"
     }
 
-    /// One line: `HEALTH_OK; 3/3 OSDs up, 3 in; 33 PGs: 33 active+clean`.
+    /// One line: `HEALTH_OK; quorum a, b; 3/3 OSDs up, 3 in; 33 PGs: 33 active+clean`.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{}; {}/{} OSDs up, {} in; {} PGs",
-            self.health, self.osds_up, self.osds, self.osds_in, self.pgs
+            "{}; quorum {}; {}/{} OSDs up, {} in; {} PGs",
+            self.health,
+            if self.quorum.is_empty() {
+                "(none)".to_string()
+            } else {
+                self.quorum.join(", ")
+            },
+            self.osds_up,
+            self.osds,
+            self.osds_in,
+            self.pgs
         );
         if !self.pg_states.is_empty() {
             s.push_str(&format!(": {}", self.pg_states.join(", ")));
@@ -296,7 +307,7 @@ impl From<RawStatus> for CephStatus {
                 .into_iter()
                 .map(|(name, c)| format!("{name}: {}", c.summary.message))
                 .collect(),
-            monitors_in_quorum: r.quorum_names.len(),
+            quorum: r.quorum_names,
             osds: r.osdmap.num_osds,
             osds_up: r.osdmap.num_up_osds,
             osds_in: r.osdmap.num_in_osds,
@@ -375,8 +386,8 @@ mod tests {
         assert!(!s.healthy());
         assert_eq!(
             s.summary(),
-            "HEALTH_WARN; 2/3 OSDs up, 3 in; 33 PGs: 33 active+undersized+degraded; OSD_DOWN: 1 osds down"
+            "HEALTH_WARN; quorum a; 2/3 OSDs up, 3 in; 33 PGs: 33 active+undersized+degraded; OSD_DOWN: 1 osds down"
         );
-        assert_eq!(s.monitors_in_quorum, 1);
+        assert_eq!(s.quorum, ["a"]);
     }
 }
