@@ -177,6 +177,25 @@ impl Disks {
     }
 }
 
+impl Disks {
+    /// A blank disk the kernel will not write: blank to kiln's look, so `ceph-volume` is the
+    /// one to fail on it.
+    fn add_read_only(&mut self) -> String {
+        let file = self._dir.path().join("read-only.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(4 << 30)
+            .unwrap();
+        let device = run(Command::new("losetup")
+            .args(["-r", "-f", "--show"])
+            .arg(&file))
+        .trim()
+        .to_string();
+        self.devices.push(device.clone());
+        device
+    }
+}
+
 impl Drop for Disks {
     fn drop(&mut self) {
         for d in &self.devices {
@@ -401,8 +420,9 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
         .unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let ns = CephNs::create();
-    let disks = Disks::create(3);
+    let mut disks = Disks::create(3);
     let bad = disks.devices[3].clone();
+    let read_only = disks.add_read_only();
     let data_disks: Vec<String> = disks
         .devices
         .iter()
@@ -447,10 +467,17 @@ fn agent_bootstraps_a_native_ceph_node_that_serves_rbd_and_maintenance() {
         "{}",
         first.message
     );
+    assert!(
+        first
+            .message
+            .contains(&format!("{read_only}: ceph-volume raw prepare failed")),
+        "the disk ceph-volume failed on, and why: {}",
+        first.message
+    );
     let osds: Vec<Option<u32>> = first.report.disks.iter().map(|d| d.osd).collect();
     assert_eq!(
         osds,
-        [Some(0), Some(1), Some(2), None],
+        [Some(0), Some(1), Some(2), None, None],
         "{:?}",
         first.report
     );

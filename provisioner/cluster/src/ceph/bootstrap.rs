@@ -403,6 +403,7 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
                     "holds {signature}; kiln makes OSDs only on blank disks (wipe it first if it is meant for Ceph)"
                 )));
             }
+            let before = osd_dirs(host);
             host.run(&[
                 "ceph-volume",
                 "raw",
@@ -412,7 +413,14 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
                 "--data",
                 disk,
             ])
-            .map_err(|e| refuse(format!("ceph-volume raw prepare failed: {e}")))?;
+            .map_err(|e| {
+                // ceph-volume gives the OSD id back but leaves its directory, which would
+                // break the next OSD to get that id.
+                for dir in osd_dirs(host).difference(&before) {
+                    let _ = std::fs::remove_dir_all(host.path(paths::OSD_DIR).join(dir));
+                }
+                refuse(format!("ceph-volume raw prepare failed: {e}"))
+            })?;
             existing_osd(disk, host)?
                 .map(|o| o.osd_id)
                 .ok_or_else(|| refuse("ceph-volume prepared no OSD on it".into()))?
@@ -429,6 +437,13 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
     ])
     .map_err(|e| refuse(format!("ceph-volume raw activate failed: {e}")))?;
     Ok(id)
+}
+
+/// The OSD directories on the node, by name.
+fn osd_dirs(host: &CephHost) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(host.path(paths::OSD_DIR))
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+        .unwrap_or_default()
 }
 
 fn existing_osd(disk: &str, host: &CephHost) -> Result<Option<RawOsd>, Error> {

@@ -15,11 +15,12 @@ pub mod paths {
     /// The monitor's first keyring and map, gone once the monitor exists.
     pub const MON_SEED_KEYRING: &str = "var/lib/ceph/tmp/kiln-mon.keyring";
     pub const MONMAP: &str = "var/lib/ceph/tmp/kiln-monmap";
+    pub const OSD_DIR: &str = "var/lib/ceph/osd";
     /// Directories Ceph's daemons write, owned by the daemons' user.
     pub const DAEMON_DIRS: [&str; 8] = [
         "var/lib/ceph/mon",
         "var/lib/ceph/mgr",
-        "var/lib/ceph/osd",
+        OSD_DIR,
         "var/lib/ceph/bootstrap-osd",
         "var/lib/ceph/tmp",
         "var/lib/ceph/crash",
@@ -36,7 +37,7 @@ pub mod paths {
     }
 
     pub fn osd_data(id: u32) -> String {
-        format!("var/lib/ceph/osd/ceph-{id}")
+        format!("{OSD_DIR}/ceph-{id}")
     }
 }
 

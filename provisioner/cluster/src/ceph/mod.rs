@@ -45,18 +45,49 @@ pub(crate) fn run(argv: &[String]) -> Result<Vec<u8>, Error> {
             reason: e.to_string(),
         })?;
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         return Err(Error::Ceph {
             command,
             reason: format!(
                 "{}: {}",
                 output.status,
-                lines[lines.len().saturating_sub(4)..].join(" / ")
+                failure_reason(&String::from_utf8_lossy(&output.stderr))
             ),
         });
     }
     Ok(output.stdout)
+}
+
+/// Why a Ceph command failed, from its error output: the first error a Ceph program logged
+/// (level -1) other than the harmless ones every run has, else the last lines. ceph-volume
+/// buries the cause under its rollback's noise, and the order of its lines varies.
+fn failure_reason(stderr: &str) -> String {
+    const HARMLESS: [&str; 3] = ["unparsable uuid", "keyring", "AuthRegistry"];
+    let logged = stderr.lines().find_map(|l| {
+        let l = l.trim_start().strip_prefix("stderr:").unwrap_or(l).trim();
+        let mut fields = l.splitn(4, ' ');
+        let (_time, _thread, level, message) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        let message = without_colours(message);
+        (level == "-1" && !HARMLESS.iter().any(|h| message.contains(h))).then_some(message)
+    });
+    logged.unwrap_or_else(|| {
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(4)..].join(" / ")
+    })
+}
+
+/// `text` without terminal colour codes (`ESC[0;31m`).
+fn without_colours(text: &str) -> String {
+    let mut parts = text.split('\x1b');
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for p in parts {
+        out.push_str(p.split_once('m').map_or("", |(_, rest)| rest));
+    }
+    out.trim().to_string()
 }
 
 /// The `ceph` CLI through a command prefix: `ceph` on a node with the admin keyring,
@@ -370,6 +401,26 @@ mod tests {
             refusing.stop_refusal(&[0]).await.unwrap().as_deref(),
             Some("unsafe to stop osd(s) at this time (8 PGs are or would become offline)")
         );
+    }
+
+    #[test]
+    fn a_failure_is_the_first_error_logged_else_the_last_lines() {
+        let volume = "Running command: /usr/bin/ceph-osd --mkfs -i 3\n \
+             stderr: 2026-12-05T10:18:42.825+0000 7fdb -1 auth: unable to find a keyring on /etc/ceph/ceph.keyring\n \
+             stderr: 2026-12-05T10:18:53.693+0000 7f07 -1 bluestore(/var/lib/ceph/osd/ceph-3/) _read_fsid unparsable uuid\n \
+             stderr: 2026-12-05T10:18:53.693+0000 7f07 -1 bluestore(/var/lib/ceph/osd/ceph-3//block) _write_bdev_label failed to write to /var/lib/ceph/osd/ceph-3//block: (1) Operation not permitted\n \
+             stderr: 2026-12-05T10:18:53.977+0000 7f07 -1 \x1b[0;31m ** ERROR: error creating empty object store in /var/lib/ceph/osd/ceph-3/: (1) Operation not permitted\x1b[0m\n\
+             --> Was unable to complete a new OSD, will rollback changes\n stderr: purged osd.3\n\
+             -->  RuntimeError: Unable to find any LV for zapping OSD: 3\n";
+        assert_eq!(
+            failure_reason(volume),
+            "bluestore(/var/lib/ceph/osd/ceph-3//block) _write_bdev_label failed to write to /var/lib/ceph/osd/ceph-3//block: (1) Operation not permitted"
+        );
+        assert_eq!(
+            without_colours("\x1b[0;31m ** ERROR: no store\x1b[0m"),
+            "** ERROR: no store"
+        );
+        assert_eq!(failure_reason("a\n\nb\nc\nd\ne\n"), "b / c / d / e");
     }
 
     #[test]
