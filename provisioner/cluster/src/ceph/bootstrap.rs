@@ -383,13 +383,20 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
         command: format!("OSD on {disk}"),
         reason: format!("{disk}: {reason}"),
     };
+    // ceph-volume's `raw` commands fail on a link (`/dev/disk/by-id/…`): they get the
+    // kernel's name for the disk.
+    let device = host
+        .run(&["readlink", "-e", disk])
+        .map(|out| String::from_utf8_lossy(&out).trim().to_string())
+        .map_err(|_| refuse("no such device".into()))?;
     let kind = host
-        .run(&["stat", "-L", "-c", "%F", disk])
+        .run(&["stat", "-c", "%F", &device])
         .map_err(|_| refuse("no such device".into()))?;
     if String::from_utf8_lossy(&kind).trim() != "block special file" {
         return Err(refuse("not a block device".into()));
     }
-    let id = match existing_osd(disk, host)? {
+    let failed = |e: Error| refuse(e.to_string());
+    let id = match existing_osd(&device, host).map_err(failed)? {
         Some(osd) if osd.ceph_fsid == fsid => osd.osd_id,
         Some(osd) => {
             return Err(refuse(format!(
@@ -398,7 +405,7 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
             )));
         }
         None => {
-            if let Some(signature) = signature(disk, host)? {
+            if let Some(signature) = signature(&device, host).map_err(failed)? {
                 return Err(refuse(format!(
                     "holds {signature}; kiln makes OSDs only on blank disks (wipe it first if it is meant for Ceph)"
                 )));
@@ -411,7 +418,7 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
                 "--bluestore",
                 "--no-tmpfs",
                 "--data",
-                disk,
+                &device,
             ])
             .map_err(|e| {
                 // ceph-volume gives the OSD id back but leaves its directory, which would
@@ -421,7 +428,8 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
                 }
                 refuse(format!("ceph-volume raw prepare failed: {e}"))
             })?;
-            existing_osd(disk, host)?
+            existing_osd(&device, host)
+                .map_err(failed)?
                 .map(|o| o.osd_id)
                 .ok_or_else(|| refuse("ceph-volume prepared no OSD on it".into()))?
         }
@@ -431,7 +439,7 @@ fn osd_on(disk: &str, fsid: &str, host: &CephHost) -> Result<u32, Error> {
         "raw",
         "activate",
         "--device",
-        disk,
+        &device,
         "--no-systemd",
         "--no-tmpfs",
     ])
