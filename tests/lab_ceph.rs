@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
 use kiln_spec::NodeConfig;
-use lab_support::{StateMount, build_iso, console_lines, lab_install, text};
+use lab_support::{StateMount, build_iso, console_lines, lab_install, prefixed, probe_unit, text};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lab-ceph.yaml");
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
@@ -62,30 +62,8 @@ spec:
         ceph osd tree 2>&1 | say tree
         echo ceph-end > /dev/console
         exec sleep infinity
-  units:
-    - name: kiln-ceph-probe.service
-      enabled: true
-      started: true
-      content: |
-        [Unit]
-        Description=kiln Ceph probe
-
-        [Service]
-        ExecStart=/usr/local/bin/kiln-ceph-probe
-
-        [Install]
-        WantedBy=multi-user.target
 "#
-    )
-}
-
-/// The text after `<prefix>: ` on each line that has it.
-fn prefixed(lines: &[String], prefix: &str) -> Vec<String> {
-    let prefix = format!("{prefix}: ");
-    lines
-        .iter()
-        .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, s)| s.to_string()))
-        .collect()
+    ) + &probe_unit("kiln-ceph-probe", "kiln Ceph probe")
 }
 
 fn sparse_disk(path: &Path, size: u64) {

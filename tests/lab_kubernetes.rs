@@ -31,7 +31,9 @@ use std::time::Duration;
 use common::free_port;
 use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
 use kiln_spec::NodeConfig;
-use lab_support::{KILN, StateMount, build_iso, console_lines, lab_install, text};
+use lab_support::{
+    KILN, StateMount, build_iso, console_lines, lab_install, prefixed, probe_unit, text,
+};
 
 /// The lab NIC of `kiln lab install`: each node keeps it (each has its own user network).
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
@@ -134,24 +136,12 @@ spec:
         say status < /run/kiln-k8s-status
 PROBE        echo NAME-end > /dev/console
         exec sleep infinity
-  units:
-    - name: kiln-k8s-probe.service
-      enabled: true
-      started: true
-      content: |
-        [Unit]
-        Description=kiln Kubernetes probe
-
-        [Service]
-        ExecStart=/usr/local/bin/kiln-k8s-probe
-
-        [Install]
-        WantedBy=multi-user.target
 "#
     .replace("PROBE", &probe_lines)
     .replace("NAME", node.name)
     .replace("PAUSE_IMAGE", kiln_spec::kubernetes::PAUSE_IMAGE)
     .replace("BIN_DIR", kiln_spec::kubernetes::BIN_DIR)
+        + &probe_unit("kiln-k8s-probe", "kiln Kubernetes probe")
 }
 
 /// The node's config as an operator installing from the ISO gives it: what `kiln fleet
@@ -278,15 +268,6 @@ fn boot(node: &Node, disk: &Path, console: &Path, hostfwd: Vec<String>, cluster:
         .serial_log(console)
         .spawn()
         .unwrap()
-}
-
-/// The text after `<prefix>: ` on each line that has it.
-fn prefixed(lines: &[String], prefix: &str) -> Vec<String> {
-    let prefix = format!("{prefix}: ");
-    lines
-        .iter()
-        .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, s)| s.to_string()))
-        .collect()
 }
 
 /// The bring-up's steps as the node's agent logged them (journald forwards them to the

@@ -212,3 +212,33 @@ pub fn console_lines(path: &Path) -> Vec<String> {
     }
     lines
 }
+
+/// The text after `<prefix>: ` on each console line that has it (what a node's probe said).
+pub fn prefixed(lines: &[String], prefix: &str) -> Vec<String> {
+    let prefix = format!("{prefix}: ");
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, s)| s.to_string()))
+        .collect()
+}
+
+/// A node config's `units:` section: `name`.service running `/usr/local/bin/<name>`, the probe
+/// a VM tier's node reports to the console with.
+pub fn probe_unit(name: &str, description: &str) -> String {
+    format!(
+        r#"  units:
+    - name: {name}.service
+      enabled: true
+      started: true
+      content: |
+        [Unit]
+        Description={description}
+
+        [Service]
+        ExecStart=/usr/local/bin/{name}
+
+        [Install]
+        WantedBy=multi-user.target
+"#
+    )
+}
