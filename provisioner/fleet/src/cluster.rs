@@ -401,12 +401,10 @@ pub fn seats(
         );
         return Err(errs);
     };
-    let no_address = "a cluster node needs a fixed address: a static address in \
-                      overrides.network, or bootAddress when the netboot DHCP server hands out \
-                      addresses";
+    let no_address = format!("a cluster node needs {FIXED_ADDRESS}");
     let init_address = node_address(init);
     if init_address.is_none() {
-        errs.push(format!("spec.nodes[{init_index}]"), no_address);
+        errs.push(format!("spec.nodes[{init_index}]"), &no_address);
     }
     for (i, node) in nodes.iter().enumerate() {
         if let Some(written) = node.overrides.as_ref().and_then(|o| o.cluster_node.clone()) {
@@ -415,7 +413,7 @@ pub fn seats(
         }
         let Some(address) = node_address(node) else {
             if i != init_index {
-                errs.push(format!("spec.nodes[{i}]"), no_address);
+                errs.push(format!("spec.nodes[{i}]"), &no_address);
             }
             continue;
         };
@@ -523,6 +521,10 @@ pub fn members(
         .collect())
 }
 
+/// How a node gets an address other nodes can rely on.
+const FIXED_ADDRESS: &str = "a fixed address: a static address in overrides.network, or \
+                             bootAddress when the netboot DHCP server hands out addresses";
+
 /// Monitors beyond three add no safety for a rack, only elections.
 const MAX_MONITORS: usize = 3;
 
@@ -546,12 +548,21 @@ impl CephSeat {
         }
     }
 
+    /// The address of the node's monitor, when it runs one (derived or as written).
+    pub fn monitor_address(&self) -> Option<IpAddr> {
+        match self {
+            CephSeat::Derived { address, .. } => *address,
+            CephSeat::Written(c) => c.monitor_ip().filter(|_| c.role.runs_monitor()),
+        }
+    }
+
     /// A few words for `kiln fleet plan`.
     pub fn describe(&self) -> String {
-        let (written, address) = match self {
-            CephSeat::Derived { address, .. } => ("", *address),
-            CephSeat::Written(c) => (" (as written)", c.monitor_ip()),
+        let written = match self {
+            CephSeat::Derived { .. } => "",
+            CephSeat::Written(_) => " (as written)",
         };
+        let address = self.monitor_address();
         let role = match self.role() {
             CephRole::FirstMonitor => "ceph first monitor",
             CephRole::Monitor => "ceph monitor",
@@ -627,9 +638,7 @@ pub fn ceph_seats(
             None if role.runs_monitor() => {
                 errs.push(
                     format!("spec.nodes[{i}]"),
-                    "a Ceph monitor needs a fixed address: a static address in \
-                     overrides.network, or bootAddress when the netboot DHCP server hands out \
-                     addresses",
+                    format!("a Ceph monitor needs {FIXED_ADDRESS}"),
                 );
                 continue;
             }
@@ -688,12 +697,8 @@ pub fn ceph_members(
     };
     let monitors: Vec<String> = seats
         .values()
-        .filter_map(|s| match s {
-            CephSeat::Derived {
-                address: Some(a), ..
-            } => Some(a.to_string()),
-            _ => None,
-        })
+        .filter_map(CephSeat::monitor_address)
+        .map(|a| a.to_string())
         .collect();
     Ok(seats
         .into_iter()
@@ -952,6 +957,32 @@ spec:
             pools: serde_json::from_str(r#"[{"name": "rbd", "size": 3}]"#).unwrap(),
         });
         a
+    }
+
+    #[test]
+    fn a_monitor_written_in_the_overrides_is_among_every_nodes_monitors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = secrets(dir.path());
+        let fleet = s.ceph.clone().unwrap();
+        let mut inventory = Inventory::from_yaml(INVENTORY).unwrap();
+        inventory.spec.nodes[1]
+            .overrides
+            .get_or_insert_with(Default::default)
+            .ceph_node = Some(CephNode {
+            role: CephRole::Monitor,
+            fsid: Some(fleet.fsid.clone()),
+            monitor_address: Some("192.168.10.21".into()),
+            public_network: "192.168.10.0/24".into(),
+            monitors: vec!["192.168.10.11".into()],
+            keys: Some(fleet.keys.clone()),
+            pools: Vec::new(),
+        });
+        let ceph = ceph_members(&ceph_appliance(), &inventory, &s).unwrap();
+        assert_eq!(ceph["s-1"].monitors, ["192.168.10.11", "192.168.10.21"]);
+        assert_eq!(
+            ceph_seats(&ceph_appliance(), &inventory).unwrap()["w-1"].describe(),
+            "ceph monitor at 192.168.10.21 (as written)"
+        );
     }
 
     #[test]
