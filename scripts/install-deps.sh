@@ -29,6 +29,9 @@ packages=(
   # the native Ceph node, run for real by tests/ceph_node.rs (ceph-volume needs udevadm;
   # QEMU opens RBD images through qemu-block-extra)
   ceph-mon ceph-mgr udev qemu-block-extra
+  # the fleet web view, driven in headless Chromium by tests/fleet_web.rs; promtool checks
+  # every /metrics output and the Grafana dashboard's queries (tests/metrics_check.rs)
+  chromium chromium-driver prometheus
 )
 
 sudo_cmd=()
@@ -43,5 +46,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # The peers' own services are not wanted: tests and benches start them when they need them.
-  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd docker-registry ceph.target >/dev/null 2>&1 || true
+  "${sudo_cmd[@]}" systemctl disable --now dnsmasq nginx containerd docker-registry ceph.target prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 fi

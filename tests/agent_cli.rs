@@ -220,6 +220,10 @@ fn status_plan_and_apply_through_the_socket() {
         "{metrics}"
     );
     assert!(metrics.contains("kiln_agent_actions_total"), "{metrics}");
+    assert!(
+        metrics.contains("kiln_agent_condition{type=\"ConfigValid\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[test]

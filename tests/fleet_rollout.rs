@@ -8,8 +8,11 @@
 //! One rack serves every scenario (the VM boots are the cost): three good nodes, with the
 //! rollout killed while one installs and run again; then three faulty ones in a second
 //! rollout: a wrong BMC password, a disk that holds a filesystem, a node whose NIC is not the
-//! one the inventory names.
+//! one the inventory names. That rollout serves its fleet view: the boot chain of a node as
+//! the view shows it, metrics that pass promtool, and the node with the wrong password
+//! retried from the view with its token once the password is put right.
 
+mod common;
 mod lab_support;
 
 use std::ffi::OsString;
@@ -28,6 +31,9 @@ use serde_json::Value;
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 const GOOD: &str = "node-01,node-02,node-03";
 const FAULTY: &str = "node-04,node-05,node-06";
+/// The faulty rollout's fleet view, on the rack namespace's loopback.
+const VIEW: &str = "127.0.0.1:9180";
+const VIEW_TOKEN: &str = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5";
 
 fn rack_cmd(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(KILN);
@@ -157,6 +163,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     let yaml = std::fs::read_to_string(&inventory).unwrap();
     assert!(yaml.contains(&nodes[4].mac), "{yaml}");
     std::fs::write(&inventory, yaml.replace(&nodes[4].mac, "52:54:00:6b:00:55")).unwrap();
+    let node_06_password = std::fs::read_to_string(&nodes[5].password_file).unwrap();
     std::fs::write(&nodes[5].password_file, "not-the-password\n").unwrap();
     let fingerprints: Vec<String> = nodes
         .iter()
@@ -353,16 +360,33 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
 
     rolling_upgrade(&dir, &inventory, &artifacts, &state, &trusted);
 
-    // The faulty nodes fail, each in its own stage, and nothing else happens to them.
+    // The faulty nodes fail, each in its own stage, and nothing else happens to them; the one
+    // with the wrong BMC password is retried from the fleet view once it is put right.
+    let token_file = dir.join("view.token");
+    std::fs::write(&token_file, VIEW_TOKEN).unwrap();
     let mut faulty = rack_cmd(&dir, &rollout_args(inv, art, key, FAULTY));
     faulty
         .arg("--state-dir")
         .arg(&state)
-        .args(["--netboot-timeout", "4m"])
+        .args(["--netboot-timeout", "4m", "--listen", VIEW, "--token-file"])
+        .arg(&token_file)
         .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = wait_output(faulty.spawn().unwrap(), ROLLOUT_TIMEOUT);
+    let mut child = faulty.spawn().unwrap();
+    // node-05 keeps the rollout (and its view) up for its 4-minute netboot deadline.
+    retry_from_the_view(&dir, &mut child, &nodes[5], &node_06_password);
+    let metrics = wait_for_metrics(&dir, &mut child, "kiln_netboot_events_total{");
+    common::promtool_check_metrics(&metrics);
+    for line in [
+        "kiln_fleet_nodes{stage=\"powering-on\"}",
+        "kiln_fleet_bmc_operation_errors_total{action=\"netboot-once\",kind=\"auth\"} 1",
+        "kiln_fleet_bmc_operation_duration_seconds_count{action=\"netboot-once\"}",
+        "kiln_netboot_bytes_total{",
+    ] {
+        assert!(metrics.contains(line), "no {line} in:\n{metrics}");
+    }
+    let out = wait_output(child, ROLLOUT_TIMEOUT);
     assert!(
         !out.status.success(),
         "a rollout with faults succeeded:\n{}",
@@ -374,6 +398,7 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
         assert_eq!(s["stage"], "failed", "{s:#}");
         s["error"].as_str().unwrap().to_string()
     };
+    node_04_in_the_view(&state);
     let e = failure("node-04");
     assert!(
         e.starts_with("installing:") && e.contains("refusing to erase"),
@@ -386,14 +411,179 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     );
     let e = failure("node-05");
     assert!(e.starts_with("netbooting: timed out"), "{e}");
-    let e = failure("node-06");
-    assert!(e.starts_with("powering-on: BMC auth"), "{e}");
-    assert!(nodes[5].records().power_ons().is_empty());
+    // node-06 failed on its password, was retried from the view, and installed.
+    let s = node(&st, "node-06");
+    assert_eq!(s["stage"], "ready", "{s:#}");
+    assert!(
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["note"].as_str().is_some_and(|n| n
+                .starts_with("retry asked by the fleet view after powering-on failed: BMC auth"))),
+        "{s:#}"
+    );
     // The good nodes were left as they were.
     for n in &nodes[..3] {
         assert_eq!(node(&st, &n.name)["stage"], "ready");
     }
     drop(rack);
+}
+
+/// A request to the running rollout's fleet view from inside the rack's namespace: the status
+/// code and the body.
+fn view(dir: &Path, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut c = Command::new(KILN);
+    c.args(["lab", "rack", "exec", "--dir"]).arg(dir).args([
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(format!("http://{VIEW}{path}")).output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = body.rsplit_once('\n').unwrap_or(("", &body));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A node's page in the running rollout's view, once `ready` holds for it.
+fn wait_for_view(
+    dir: &Path,
+    rollout: &mut Child,
+    name: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let (code, body) = view(dir, "GET", &format!("/api/nodes/{name}"), None);
+        if code == 200 {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if ready(&v) {
+                return v;
+            }
+        }
+        if let Some(said) = ended(rollout) {
+            panic!(
+                "the rollout ended before {name} got there in its view ({code} {body}):\n{said}"
+            );
+        }
+        assert!(
+            started.elapsed() < ROLLOUT_TIMEOUT,
+            "{name} never got there in the view: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// What the rollout printed, once it has ended.
+fn ended(rollout: &mut Child) -> Option<String> {
+    use std::io::Read as _;
+    let status = rollout.try_wait().unwrap()?;
+    let mut said = format!("{status}\n");
+    for pipe in [
+        rollout
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        rollout
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut pipe = pipe;
+        let _ = pipe.read_to_string(&mut said);
+    }
+    Some(said)
+}
+
+/// The running rollout's metrics, once they show `wanted`.
+fn wait_for_metrics(dir: &Path, rollout: &mut Child, wanted: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let (code, metrics) = view(dir, "GET", "/metrics", None);
+        if code == 200 && metrics.contains(wanted) {
+            return metrics;
+        }
+        if let Some(said) = ended(rollout) {
+            panic!("the rollout ended before its metrics showed {wanted}:\n{said}");
+        }
+        assert!(
+            started.elapsed() < ROLLOUT_TIMEOUT,
+            "the view's metrics never showed {wanted}: {code} {metrics}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// node-04's boot chain in `kiln fleet serve` over the state the rollout left: every link
+/// with its bytes and time, and the installer's refusal.
+fn node_04_in_the_view(state: &Path) {
+    let body = common::FleetView::start(state).get("/api/nodes/node-04");
+    let node: Value = serde_json::from_str(&body).unwrap();
+    let steps = node["timeline"].as_array().unwrap();
+    let parts: Vec<&str> = steps.iter().map(|s| s["part"].as_str().unwrap()).collect();
+    for part in [
+        "dhcp",
+        "tftp",
+        "ipxe",
+        "kernel",
+        "initrd",
+        "rootfs",
+        "installer",
+    ] {
+        assert!(parts.contains(&part), "no {part} step in {node:#}");
+    }
+    assert!(
+        steps.iter().any(|s| s["part"] == "rootfs"
+            && s["bytes"].as_u64().unwrap() > 1 << 20
+            && s["durationMs"].is_u64()),
+        "{node:#}"
+    );
+    assert!(
+        steps.iter().any(|s| s["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("refusing to erase"))),
+        "{node:#}"
+    );
+}
+
+/// `node` fails on its BMC password; actions without the view's token are refused; with the
+/// password put right, a retry with the token powers it on again.
+fn retry_from_the_view(dir: &Path, rollout: &mut Child, node: &RackNode, right_password: &str) {
+    let failed = wait_for_view(dir, rollout, &node.name, |n| n["stage"] == "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("powering-on: BMC auth"),
+        "{failed:#}"
+    );
+    assert!(node.records().power_ons().is_empty());
+    let retry = format!("/api/nodes/{}/retry", node.name);
+    let (code, body) = view(dir, "POST", &retry, None);
+    assert_eq!(code, 401, "a retry without the token: {body}");
+    let (code, body) = view(dir, "POST", &retry, Some("not-the-token-at-all"));
+    assert_eq!(code, 401, "a retry with another token: {body}");
+    assert_eq!(
+        wait_for_view(dir, rollout, &node.name, |_| true)["stage"],
+        "failed",
+        "a refused retry changed the node"
+    );
+    std::fs::write(&node.password_file, right_password).unwrap();
+    let (code, body) = view(dir, "POST", &retry, Some(VIEW_TOKEN));
+    assert_eq!(code, 202, "a retry with the token: {body}");
+    wait_for_view(dir, rollout, &node.name, |n| n["stage"] != "failed");
 }
 
 /// A node's status, as its agent reports it over its network API to the fleet's admins.

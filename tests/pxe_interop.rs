@@ -536,6 +536,7 @@ fn http_serves_ranges_etags_scripts_config_and_phone_home() {
         ),
         "{metrics}"
     );
+    common::promtool_check_metrics(&metrics);
 }
 
 /// `kiln install` as a netbooted node runs it, its kernel command line (the node's script's

@@ -12,7 +12,7 @@
 //! | POST   | /v1/upgrade?image=DIR\|URL[&reboot=true][&dryRun=true] | writes a signed   |
 //! |        |              | image into the other slot: [`UpgradeReport`]            |
 //! | POST   | /v1/rollback[?reboot=true] | makes the other good slot the default     |
-//! | GET    | /metrics     | Prometheus text format                                  |
+//! | GET    | /metrics     | Prometheus text format (OpenMetrics when asked for)     |
 //!
 //! The same routes are served over HTTPS with client certificates when the node config asks
 //! for it ([`crate::remote`]).
@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -36,10 +36,11 @@ use crate::controllers::{Shared, Sources, plan_now};
 use crate::engine::Trigger;
 use crate::host::Host;
 use crate::slots::{self, UpgradeRequest};
+use crate::status::NodeStatus;
 #[cfg(doc)]
 use crate::{
     slots::UpgradeReport,
-    status::{Event, NodeStatus, PlanReport},
+    status::{Event, PlanReport},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/kiln/agent.sock";
@@ -74,7 +75,8 @@ fn json<T: serde::Serialize>(code: StatusCode, value: &T) -> Response {
     }
 }
 
-async fn status(State(s): State<Arc<ApiState>>) -> Response {
+/// The node's status now, its boot slots read from the ESP.
+async fn current_status(s: &ApiState) -> NodeStatus {
     let mut st = s
         .shared
         .status
@@ -86,7 +88,11 @@ async fn status(State(s): State<Arc<ApiState>>) -> Response {
         .await
         .ok()
         .flatten();
-    json(StatusCode::OK, &st)
+    st
+}
+
+async fn status(State(s): State<Arc<ApiState>>) -> Response {
+    json(StatusCode::OK, &current_status(&s).await)
 }
 
 /// An upgrade's refusals are the caller's to fix (409); the rest is the node's (500).
@@ -224,15 +230,11 @@ async fn events(State(s): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.shared.metrics.render(),
-    )
-        .into_response()
+async fn metrics(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let text = s.shared.metrics.render(&current_status(&s).await);
+    let (kind, body) = kiln_spec::exposition::negotiate(accept, text);
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ mod check;
 pub mod document;
 pub mod enrol;
 pub mod errors;
+pub mod exposition;
 pub mod glob;
 pub mod hardware;
 pub mod host;

@@ -8,7 +8,8 @@
 //! spec: a later source replaces scalars, replaces list entries with the same key (path or
 //! name) and adds new ones, and merges maps key by key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use schemars::JsonSchema;
@@ -514,11 +515,18 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a NodeSpec>) -> NodeSpec {
 }
 
 fn merge_keyed<T: Clone>(into: &mut Vec<T>, from: &[T], key: impl Fn(&T) -> String) {
+    // Positions by key: a search of `into` per item is quadratic in a config of many files.
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for (i, x) in into.iter().enumerate() {
+        at.entry(key(x)).or_insert(i);
+    }
     for item in from {
-        let k = key(item);
-        match into.iter_mut().find(|x| key(x) == k) {
-            Some(slot) => *slot = item.clone(),
-            None => into.push(item.clone()),
+        match at.entry(key(item)) {
+            Entry::Occupied(e) => into[*e.get()] = item.clone(),
+            Entry::Vacant(e) => {
+                e.insert(into.len());
+                into.push(item.clone());
+            }
         }
     }
 }

@@ -1,8 +1,9 @@
-//! `kiln fleet plan|rollout|status|node-config` (and `upgrade`, in its own module): roll an inventory from powered off to
-//! installed and ready over its BMCs and kiln's own netboot services, with progress kept in
-//! the state directory.
+//! `kiln fleet plan|rollout|status|serve|node-config` (and `upgrade`, in its own module): roll
+//! an inventory from powered off to installed and ready over its BMCs and kiln's own netboot
+//! services, with progress kept in the state directory and shown in the fleet view.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,13 @@ use anyhow::{Context, bail};
 use kiln_bmc::ipmi::CipherSuite;
 use kiln_bmc::{BmcTarget, PowerState};
 use kiln_fleet::cluster::{self, FleetSecrets};
+use kiln_fleet::metrics::FleetMetrics;
 use kiln_fleet::plan::{self, Probe};
 use kiln_fleet::rollout::{self, BmcActuator, Rollout, RolloutOptions, Target};
 use kiln_fleet::stage::{Limits, Stage};
 use kiln_fleet::status;
 use kiln_fleet::store::StoreReader;
+use kiln_fleet::web::{StateDir, WebConfig};
 use kiln_netboot::config::ServeConfig;
 use kiln_spec::manifest::Manifest;
 use kiln_spec::{Appliance, Inventory};
@@ -31,9 +34,19 @@ pub enum FleetCmd {
     Rollout(Box<RolloutArgs>),
     /// Progress of the rollout and of the last upgrade kept in the state directory
     Status(StatusArgs),
+    /// Serve the fleet view (a live browser page of the rack, its JSON API and Prometheus
+    /// metrics) over the state directory, read-only; `kiln fleet rollout --listen` serves the
+    /// same with actions
+    Serve(ServeArgs),
     /// Rolling A/B upgrade of installed nodes through their agents, a few at a time, each in
     /// cluster maintenance while it reboots; stops at the first failure, resumable
     Upgrade(Box<super::fleet_upgrade::UpgradeArgs>),
+    /// Print the custom resource definitions of the fleet as Kubernetes resources (Machine,
+    /// Rollout, group kiln.dev) for `kubectl apply -f -`
+    Crds,
+    /// Create or update a Machine per inventory node in a cluster, each BMC password in a
+    /// Secret the Machine names (server-side apply: running it again changes nothing)
+    Import(super::fleet_resources::ImportArgs),
     /// Print the node config a node installs with, its cluster credentials included (for
     /// nodes installed from the ISO rather than netbooted: copy it to the node's
     /// /etc/kiln/node.override.yaml)
@@ -117,6 +130,31 @@ pub struct RolloutArgs {
     /// POST every stage change as JSON to this URL (best effort)
     #[arg(long, value_name = "URL")]
     webhook: Option<String>,
+    #[command(flatten)]
+    view: ViewArgs,
+}
+
+/// The fleet view of a running rollout.
+#[derive(Debug, clap::Args)]
+pub struct ViewArgs {
+    /// Serve the fleet view (page, JSON API, /metrics) on this address while the rollout
+    /// runs, e.g. 127.0.0.1:9180
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Let whoever presents the token in this file act in the view (retry a failed node);
+    /// without it the view is read-only
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// State directory of the rollout
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
+    state_dir: PathBuf,
+    /// Address to serve on
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9180")]
+    listen: SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +174,9 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
         FleetCmd::Plan(a) => plan_cmd(a),
         FleetCmd::Rollout(a) => rollout_cmd(*a),
         FleetCmd::Status(a) => status_cmd(a),
+        FleetCmd::Serve(a) => serve_cmd(a),
+        FleetCmd::Crds => super::fleet_resources::crds_cmd(),
+        FleetCmd::Import(a) => super::fleet_resources::import_cmd(a),
         FleetCmd::Upgrade(a) => super::fleet_upgrade::run(*a),
         FleetCmd::NodeConfig(a) => node_config_cmd(a),
     }
@@ -359,6 +400,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         match bmc_target(n, &l.inventory_dir) {
             Ok(bmc) => targets.push(Target {
                 name: n.name.clone(),
+                role: n.role,
                 macs: n
                     .boot_macs
                     .iter()
@@ -399,6 +441,14 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         .collect();
     let handle = rt.handle().clone();
     let timeout = a.power_timeout;
+    let passwords = nodes
+        .iter()
+        .filter_map(|n| {
+            let bmc = n.bmc.as_ref()?;
+            let secret = (bmc.password_ref.clone(), l.inventory_dir.clone());
+            Some((n.name.clone(), secret))
+        })
+        .collect();
     let webhook = a
         .webhook
         .clone()
@@ -411,6 +461,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
             targets: bmc_targets,
             shared,
             timeout,
+            passwords,
         })
     })
     .context("opening the rollout state")?;
@@ -421,7 +472,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         state_dir.display()
     );
     let shutdown = kiln_netboot::server::CancellationToken::new();
-    let server = start_netboot(
+    let (server, trace) = start_netboot(
         &rt,
         &netboot,
         &a.source,
@@ -430,6 +481,22 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         rollout.shared.clone(),
         shutdown.clone(),
     )?;
+    let view = match a.view.listen {
+        Some(listen) => Some(start_view(
+            &rt,
+            listen,
+            WebConfig {
+                source: rollout.shared.clone(),
+                trace_file: opts.trace_file.clone(),
+                netboot: Some(trace),
+                metrics: rollout.shared.metrics.clone(),
+                action_token_sha256: a.view.token_file.as_deref().map(read_token).transpose()?,
+                poll: VIEW_POLL,
+            },
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     let stopper = rollout.stopper();
     rt.spawn(async move {
         super::wait_for_signal().await;
@@ -440,6 +507,9 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     if let Err(e) = rt.block_on(server) {
         eprintln!("netboot services: {e}");
+    }
+    if let Some(Ok(Err(e))) = view.map(|v| rt.block_on(v)) {
+        eprintln!("fleet view: {e}");
     }
     let store_status = status::fleet_status(
         &kiln_fleet::store::Snapshot {
@@ -495,8 +565,74 @@ fn status_cmd(a: StatusArgs) -> anyhow::Result<()> {
     }
 }
 
+/// How often the fleet view looks at the store for changes to push to open pages.
+const VIEW_POLL: Duration = Duration::from_millis(500);
+
+fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
+    // Fails now, not on the first page load, when there is nothing to show.
+    StoreReader::open(&a.state_dir)?;
+    let rt = super::runtime()?;
+    let shutdown = kiln_netboot::server::CancellationToken::new();
+    let view = start_view(
+        &rt,
+        a.listen,
+        WebConfig {
+            source: Arc::new(StateDir(a.state_dir.clone())),
+            trace_file: a
+                .state_dir
+                .join("pxe")
+                .join(kiln_netboot::trace::TRACE_FILE),
+            netboot: None,
+            metrics: Arc::new(FleetMetrics::new()),
+            action_token_sha256: None,
+            poll: VIEW_POLL,
+        },
+        shutdown.clone(),
+    )?;
+    rt.block_on(async {
+        super::wait_for_signal().await;
+        shutdown.cancel();
+        view.await
+    })?
+    .context("fleet view")
+}
+
+/// The token's hash, from a file that holds only the token.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the view's token from {}", path.display()))?;
+    if text.trim().len() < 16 {
+        bail!(
+            "{}: the token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            path.display()
+        );
+    }
+    Ok(WebConfig::token_sha256(&text))
+}
+
+/// Binds the fleet view (so a busy address fails the command at once) and serves it on `rt`
+/// until `shutdown`.
+fn start_view(
+    rt: &tokio::runtime::Runtime,
+    listen: SocketAddr,
+    config: WebConfig,
+    shutdown: kiln_netboot::server::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("binding the fleet view to {listen}"))?;
+    let addr = listener.local_addr()?;
+    eprintln!("fleet view on http://{addr}/");
+    Ok(
+        rt.spawn(kiln_fleet::web::serve(listener, config, async move {
+            shutdown.cancelled().await
+        })),
+    )
+}
+
 /// Starts kiln's netboot services for the rollout and waits until they listen, so no node is
-/// powered on before its boot can be answered.
+/// powered on before its boot can be answered; also gives the trace they record into, which
+/// the fleet view shows.
 fn start_netboot(
     rt: &tokio::runtime::Runtime,
     netboot: &kiln_spec::inventory::InventoryNetboot,
@@ -505,7 +641,11 @@ fn start_netboot(
     pxe_state: &Path,
     shared: Arc<rollout::Shared>,
     shutdown: kiln_netboot::server::CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    Arc<kiln_netboot::trace::Trace>,
+)> {
+    let trace = kiln_netboot::server::open_trace(pxe_state)?;
     let http = match netboot.http_port {
         Some(port) => {
             let (ip, _) = kiln_netboot::server::interface_ipv4(&netboot.interface)?;
@@ -536,12 +676,14 @@ fn start_netboot(
     let listen = resolved.settings.http_listen;
     // The file's inventory, with what the fleet fills in for each node.
     let inventory = inventory.clone();
+    let served_trace = trace.clone();
     let server = rt.spawn(async move {
         kiln_netboot::server::serve(
             resolved.settings,
             inventory,
             resolved.appliance,
             shared,
+            served_trace,
             shutdown,
         )
         .await
@@ -557,7 +699,7 @@ fn start_netboot(
             };
         }
         if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
-            return Ok(server);
+            return Ok((server, trace));
         }
         if started.elapsed() > Duration::from_secs(30) {
             bail!("the netboot services did not listen on {listen} within 30 s");

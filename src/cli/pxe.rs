@@ -62,6 +62,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .resolve()
         .map_err(|errors| anyhow::anyhow!("invalid settings:\n  {}", errors.join("\n  ")))?;
     let enrolment = Arc::new(MemoryEnrolment::new(&resolved.inventory));
+    let trace = kiln_netboot::server::open_trace(&resolved.settings.state_dir)?;
     let rt = crate::cli::runtime()?;
     rt.block_on(async move {
         let shutdown = kiln_netboot::server::CancellationToken::new();
@@ -76,6 +77,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resolved.inventory,
             resolved.appliance,
             enrolment,
+            trace,
             shutdown,
         )
         .await

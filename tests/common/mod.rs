@@ -144,3 +144,82 @@ pub fn mount_namespace(netns: &kiln_lab::netns::Netns, mounts: &str) -> std::pro
         })
         .unwrap()
 }
+
+/// Fails the test with promtool's findings unless `text` is a clean Prometheus exposition
+/// (`promtool check metrics` lints names, units, types and help).
+pub fn promtool_check_metrics(text: &str) {
+    use std::io::Write as _;
+    require("promtool", "prometheus");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && findings.trim().is_empty(),
+        "promtool check metrics: {findings}\non:\n{text}"
+    );
+}
+
+/// `kiln fleet serve` over a state directory on a loopback port; stopped when dropped.
+pub struct FleetView(std::process::Child, u16);
+
+impl FleetView {
+    pub fn start(state: &std::path::Path) -> FleetView {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["fleet", "serve", "--state-dir"])
+            .arg(state)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(
+            "kiln fleet serve to listen",
+            Duration::from_secs(60),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        FleetView(child, port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.1)
+    }
+
+    /// The body of `GET path`; fails the test on an HTTP error.
+    pub fn get(&self, path: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--max-time", "30"])
+            .arg(self.url(path))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for FleetView {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -6,7 +6,9 @@
 //! resumes where it stopped.
 
 pub mod cluster;
+pub mod crd;
 pub mod mailbox;
+pub mod metrics;
 pub mod plan;
 pub mod remote;
 pub mod rolling;
@@ -15,4 +17,5 @@ pub mod stage;
 pub mod status;
 pub mod store;
 pub mod upgrade;
+pub mod web;
 pub mod webhook;

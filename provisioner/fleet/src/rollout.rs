@@ -11,15 +11,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_agent::engine::{Controller, Ctx, ReconcileError, Resource, Runtime, Trigger};
-use kiln_bmc::{BmcTarget, BootDevice, BootOverride, PowerAction, PowerState};
+use kiln_bmc::{BmcTarget, BootDevice, BootOverride, Password, PowerAction, PowerState};
 use kiln_netboot::enrol::{Enrolment, Refusal};
 use kiln_spec::enrol::{self, Report};
+use kiln_spec::inventory::{NodeRole, SecretRef};
 
 use crate::mailbox::Mailbox;
+use crate::metrics::FleetMetrics;
 use crate::stage::{
     self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage, StepInput,
 };
-use crate::store::{RolloutInfo, Snapshot, Store, StoreError, StoredReport};
+use crate::store::{MachineInfo, RolloutInfo, Snapshot, Store, StoreError, StoredReport};
 use crate::webhook::Webhook;
 
 const INBOX: &str = "fleet-inbox";
@@ -37,6 +39,7 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
+    pub role: NodeRole,
     /// Boot MACs, canonical form.
     pub macs: Vec<String>,
     pub bmc: Option<BmcTarget>,
@@ -51,6 +54,8 @@ pub struct Shared {
     token_hashes: RwLock<BTreeMap<String, Vec<String>>>,
     events: Option<Mutex<std::fs::File>>,
     webhook: Option<Webhook>,
+    /// Counters of what this process does (BMC operations), for `/metrics`.
+    pub metrics: Arc<FleetMetrics>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -61,9 +66,38 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// Why an operator's retry was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RetryRefused {
+    #[error("{0} is not a node of this rollout")]
+    UnknownNode(String),
+    #[error("{node} is {stage}, not failed: only a failed node is retried")]
+    NotFailed { node: String, stage: Stage },
+}
+
 impl Shared {
     fn observe(&self, node: &str, obs: Observation) {
         self.inbox.post(node, obs);
+    }
+
+    /// The store as it is now, for the fleet view of the running rollout.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.store.read()
+    }
+
+    /// Has the controller try a failed node again; `by` names who asked.
+    pub fn retry(&self, node: &str, by: &str) -> Result<(), RetryRefused> {
+        match self.stage(node) {
+            None => Err(RetryRefused::UnknownNode(node.to_string())),
+            Some(Stage::Failed) => {
+                self.observe(node, Observation::Retry { by: by.to_string() });
+                Ok(())
+            }
+            Some(stage) => Err(RetryRefused::NotFailed {
+                node: node.to_string(),
+                stage,
+            }),
+        }
     }
 
     fn stage(&self, node: &str) -> Option<Stage> {
@@ -150,22 +184,42 @@ pub struct BmcActuator {
     pub shared: Arc<Shared>,
     /// Bound on one whole action (session, boot device and power).
     pub timeout: Duration,
+    /// Where each node's BMC password is kept (and the directory a relative file is in): it
+    /// is read again for every action, so a password put right is used by the next try.
+    pub passwords: HashMap<String, (SecretRef, PathBuf)>,
 }
 
 impl Actuator for BmcActuator {
     fn start(&self, node: &str, action: BmcAction) {
-        let target = self.targets.get(node).cloned().flatten();
+        let target =
+            self.targets
+                .get(node)
+                .cloned()
+                .flatten()
+                .map(|mut t| match self.passwords.get(node) {
+                    Some((secret, base)) => secret.resolve(base).map(|p| {
+                        t.password = Password::new(p);
+                        t
+                    }),
+                    None => Ok(t),
+                });
         let shared = self.shared.clone();
         let node = node.to_string();
         let timeout = self.timeout;
         self.runtime.spawn(async move {
+            let started = std::time::Instant::now();
             let outcome = match target {
                 None => BmcOutcome::Failed {
                     kind: "config".into(),
                     message: "the inventory gives this node no bmc".into(),
                     transient: false,
                 },
-                Some(t) => match tokio::time::timeout(timeout, bmc_action(t, action)).await {
+                Some(Err(e)) => BmcOutcome::Failed {
+                    kind: "config".into(),
+                    message: format!("reading the BMC password: {e}"),
+                    transient: false,
+                },
+                Some(Ok(t)) => match tokio::time::timeout(timeout, bmc_action(t, action)).await {
                     Ok(o) => o,
                     Err(_) => BmcOutcome::Failed {
                         kind: "timeout".into(),
@@ -177,6 +231,9 @@ impl Actuator for BmcActuator {
                     },
                 },
             };
+            shared
+                .metrics
+                .bmc_operation(action, started.elapsed(), &outcome);
             shared.observe(&node, Observation::Bmc { action, outcome });
         });
     }
@@ -501,17 +558,6 @@ fn resume(stored: Option<&NodeProgress>, opts: &RolloutOptions, now: u64) -> Nod
         return NodeProgress::new(now);
     };
     let mut p = p.clone();
-    let again = |p: &mut NodeProgress, why: String| {
-        let mut fresh = NodeProgress::new(now);
-        fresh.history = std::mem::take(&mut p.history);
-        fresh.history.push(stage::StageEntry {
-            stage: Stage::Pending,
-            at_ms: now,
-            note: Some(why),
-        });
-        fresh.installs = p.installs;
-        fresh
-    };
     match p.stage {
         Stage::Failed => {
             let why = p
@@ -519,9 +565,13 @@ fn resume(stored: Option<&NodeProgress>, opts: &RolloutOptions, now: u64) -> Nod
                 .as_ref()
                 .map(|f| format!("retrying after {} failed: {}", f.stage, f.reason))
                 .unwrap_or_else(|| "retrying".into());
-            again(&mut p, why)
+            p.start_over(now, why);
+            p
         }
-        Stage::Ready if opts.reinstall => again(&mut p, "reinstalling (--reinstall)".into()),
+        Stage::Ready if opts.reinstall => {
+            p.start_over(now, "reinstalling (--reinstall)".into());
+            p
+        }
         Stage::Ready if p.image_sha256.as_deref() != Some(opts.image_sha256.as_str()) => {
             // Installed with another image: left alone without explicit consent.
             p
@@ -579,6 +629,16 @@ impl Rollout {
             image_sha256: opts.image_sha256.clone(),
             started_ms: now,
             nodes: targets.iter().map(|t| t.name.clone()).collect(),
+            machines: targets
+                .iter()
+                .map(|t| {
+                    let info = MachineInfo {
+                        role: t.role,
+                        macs: t.macs.clone(),
+                    };
+                    (t.name.clone(), info)
+                })
+                .collect(),
         })?;
         let shared = Arc::new(Shared {
             store,
@@ -587,6 +647,7 @@ impl Rollout {
             token_hashes: RwLock::new(token_hashes),
             events,
             webhook,
+            metrics: Arc::new(FleetMetrics::new()),
         });
         let mut runtime = Runtime::new();
         shared.inbox.connect(runtime.trigger(), INBOX);
@@ -628,5 +689,57 @@ impl Rollout {
     /// Stops [`Rollout::run`] from another thread (a signal handler).
     pub fn stopper(&self) -> Trigger {
         self.runtime.trigger()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bmc_actuator_counts_each_operation_in_the_rollouts_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RolloutOptions {
+            state_dir: dir.path().to_path_buf(),
+            limits: Limits::default(),
+            image_sha256: "0".repeat(64),
+            events: None,
+            trace_file: dir.path().join("trace.jsonl"),
+            reinstall: false,
+        };
+        let targets = [Target {
+            name: "node-01".into(),
+            role: NodeRole::Worker,
+            macs: vec!["52:54:00:00:00:01".into()],
+            bmc: None,
+        }];
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut actuator = None;
+        let rollout = Rollout::new(&targets, &opts, None, |shared| {
+            let a: Arc<dyn Actuator> = Arc::new(BmcActuator {
+                runtime: rt.handle().clone(),
+                // The inventory gave it no BMC: the operation fails at once, as a config error.
+                targets: HashMap::from([("node-01".to_string(), None)]),
+                shared,
+                timeout: Duration::from_secs(5),
+                passwords: HashMap::new(),
+            });
+            actuator = Some(a.clone());
+            a
+        })
+        .unwrap();
+        actuator.unwrap().start("node-01", BmcAction::NetbootOnce);
+        let counted =
+            "kiln_fleet_bmc_operation_errors_total{action=\"netboot-once\",kind=\"config\"} 1";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let metrics = &rollout.shared.metrics;
+        while !metrics
+            .render(&Snapshot::default(), 0, None)
+            .lines()
+            .any(|l| l == counted)
+        {
+            assert!(std::time::Instant::now() < deadline, "never counted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -10,9 +10,12 @@
 use std::time::Duration;
 
 use kiln_spec::enrol::{Phase, Report};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
     Pending,
@@ -25,6 +28,17 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in the order a node goes through them.
+    pub const ALL: [Stage; 7] = [
+        Stage::Pending,
+        Stage::PoweringOn,
+        Stage::Netbooting,
+        Stage::Installing,
+        Stage::Rebooting,
+        Stage::Ready,
+        Stage::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Pending => "pending",
@@ -89,10 +103,14 @@ pub enum Observation {
         outcome: BmcOutcome,
     },
     Report(Report),
+    /// An operator asked to try a failed node again; `by` says who (kept in its history).
+    Retry {
+        by: String,
+    },
 }
 
 /// Where a node failed and why; `S` is the stage type (the rollout's, or the upgrade's).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Failure<S = Stage> {
     pub stage: S,
@@ -100,7 +118,7 @@ pub struct Failure<S = Stage> {
 }
 
 /// One entry of a node's stage history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StageEntry<S = Stage> {
     pub stage: S,
@@ -182,6 +200,20 @@ impl NodeProgress {
         self.waiting_on = None;
         self.retry_at_ms = None;
         self.enter(Stage::Failed, now_ms, Some(reason));
+    }
+
+    /// The node as a fresh one that waits to be powered on again, keeping its history (with
+    /// `why`) and its install count.
+    pub fn start_over(&mut self, now_ms: u64, why: String) {
+        let mut fresh = NodeProgress::new(now_ms);
+        fresh.history = std::mem::take(&mut self.history);
+        fresh.history.push(StageEntry {
+            stage: Stage::Pending,
+            at_ms: now_ms,
+            note: Some(why),
+        });
+        fresh.installs = self.installs;
+        *self = fresh;
     }
 
     fn wait_on(&mut self, action: BmcAction) {
@@ -334,10 +366,17 @@ pub fn step(
 }
 
 fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64) {
-    if node.stage.is_done() {
-        return; // a finished node's story is told
-    }
     match obs {
+        Observation::Retry { by } => {
+            if let Some(f) = node.failure.clone().filter(|_| node.stage == Stage::Failed) {
+                node.start_over(
+                    now,
+                    format!("retry asked by {by} after {} failed: {}", f.stage, f.reason),
+                );
+            }
+        }
+        // A finished node's story is told.
+        Observation::Bmc { .. } | Observation::Report(_) if node.stage.is_done() => {}
         Observation::Bmc { action, outcome } => {
             if node.waiting_on != Some(*action) {
                 return; // an answer to a question no longer asked
@@ -604,6 +643,50 @@ mod tests {
                 stage: Stage::PoweringOn,
                 reason: "BMC auth: wrong password".into()
             })
+        );
+    }
+
+    #[test]
+    fn an_operators_retry_starts_a_failed_node_over_and_nothing_else() {
+        let l = Limits::default();
+        let retry = Observation::Retry {
+            by: "the fleet view".into(),
+        };
+        let mut n = NodeProgress::new(0);
+        step(&mut n, &[], input(0, &l));
+        let before = n.clone();
+        step(&mut n, std::slice::from_ref(&retry), input(1, &l));
+        assert_eq!(n, before, "a node that has not failed is left alone");
+        let auth = Observation::Bmc {
+            action: BmcAction::NetbootOnce,
+            outcome: BmcOutcome::Failed {
+                kind: "auth".into(),
+                message: "wrong password".into(),
+                transient: false,
+            },
+        };
+        step(&mut n, &[auth], input(2, &l));
+        assert_eq!(n.stage, Stage::Failed);
+        // Admitted again in the same step, asking its BMC once more.
+        let commands = step(&mut n, &[retry], input(3, &l));
+        assert_eq!(commands, vec![Command::Bmc(BmcAction::NetbootOnce)]);
+        assert_eq!(n.stage, Stage::PoweringOn);
+        assert_eq!(n.failure, None);
+        assert_eq!(
+            stages(&n),
+            [
+                Stage::Pending,
+                Stage::PoweringOn,
+                Stage::Failed,
+                Stage::Pending,
+                Stage::PoweringOn
+            ]
+        );
+        assert_eq!(
+            n.history[3].note.as_deref(),
+            Some(
+                "retry asked by the fleet view after powering-on failed: BMC auth: wrong password"
+            )
         );
     }
 

@@ -6,9 +6,11 @@
 //! One process writes (the rollout); `kiln fleet status` opens the same file read-only while it
 //! runs (redb's single-writer mode).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_spec::enrol::Report;
+use kiln_spec::inventory::NodeRole;
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
     TableDefinition,
@@ -79,6 +81,19 @@ pub struct RolloutInfo {
     pub image_sha256: String,
     pub started_ms: u64,
     pub nodes: Vec<String>,
+    /// What the fleet view shows of each node besides its progress (absent in stores written
+    /// before it was kept).
+    #[serde(default)]
+    pub machines: BTreeMap<String, MachineInfo>,
+}
+
+/// A node as the inventory described it when the rollout started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineInfo {
+    pub role: NodeRole,
+    /// Boot MACs, canonical form: the keys of the node's netboot trace.
+    pub macs: Vec<String>,
 }
 
 fn mode() -> Builder {

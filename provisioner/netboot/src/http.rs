@@ -584,15 +584,10 @@ async fn trace_json(State(state): Shared, UrlPath(mac_text): UrlPath<String>) ->
     }
 }
 
-async fn metrics(State(state): Shared) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.trace.metrics(),
-    )
-        .into_response()
+async fn metrics(State(state): Shared, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (kind, body) = kiln_spec::exposition::negotiate(accept, state.trace.metrics());
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
 #[cfg(test)]

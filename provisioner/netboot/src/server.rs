@@ -3,7 +3,7 @@
 //! in-process (a rollout controller with its own [`Enrolment`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
@@ -137,6 +137,16 @@ fn check_node_specs(inventory: &Inventory, appliance: &Appliance) -> Result<(), 
     Ok(())
 }
 
+/// The state directory made and its boot-chain trace opened, for [`serve`] and whoever else
+/// in the process shows the trace (the fleet view).
+pub fn open_trace(state_dir: &Path) -> Result<Arc<Trace>, ServeError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| ServeError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
+    Ok(Arc::new(Trace::open(state_dir)?))
+}
+
 /// Binds every service, then serves `inventory` until `shutdown` is cancelled; HTTP finishes
 /// in-flight requests first. Nodes get `appliance` rendered for them at `/config/MAC`, and
 /// `enrolment` guards that and phone-home.
@@ -145,16 +155,12 @@ pub async fn serve(
     inventory: Inventory,
     appliance: Appliance,
     enrolment: Arc<dyn Enrolment>,
+    trace: Arc<Trace>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     check_node_specs(&inventory, &appliance)?;
     let backend: Arc<dyn Backend> =
         Arc::new(InventoryBackend::new(inventory, settings.unknown_macs));
-    std::fs::create_dir_all(&settings.state_dir).map_err(|source| ServeError::StateDir {
-        path: settings.state_dir.clone(),
-        source,
-    })?;
-    let trace = Arc::new(Trace::open(&settings.state_dir)?);
     let pool = match (settings.mode, settings.pool) {
         (NetbootMode::Dhcp, Some((start, end))) => {
             let mut pool = LeasePool::new(start, end, settings.lease_secs);

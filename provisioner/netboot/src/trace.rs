@@ -413,8 +413,15 @@ impl Trace {
     /// Prometheus text exposition of the counters.
     pub fn metrics(&self) -> String {
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        self.encode_counters(&mut out);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
+    }
+
+    /// The counters without the exposition's end, for an exposition with other registries.
+    pub fn encode_counters(&self, out: &mut String) {
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
     }
 
     pub fn events_for(&self, mac: &str) -> Result<Vec<Event>, TraceError> {
@@ -597,6 +604,10 @@ mod tests {
             ),
             "{metrics}"
         );
+        // The counters alone are the same exposition without its end, for the fleet's.
+        let mut counters = String::new();
+        trace.encode_counters(&mut counters);
+        assert_eq!(metrics, format!("{counters}# EOF\n"));
     }
 
     #[test]

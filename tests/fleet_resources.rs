@@ -1,0 +1,252 @@
+//! The fleet as Kubernetes resources against a real kube-apiserver + etcd: `kiln fleet import`
+//! installs the Machine and Rollout definitions and turns an inventory into Machines with
+//! their BMC passwords in Secrets; `kubectl get machines` shows each one's stage from its
+//! status subresource.
+
+use std::process::{Command, Output};
+
+use kiln_cluster::testing::TestCluster;
+use serde_json::Value;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const PASSWORD: &str = "s3cret-bmc-password";
+
+const INVENTORY: &str = r#"apiVersion: kiln.dev/v1alpha1
+kind: Inventory
+metadata: {name: rack1}
+spec:
+  nodes:
+    - name: node-01
+      role: control-plane
+      bootMACs: ["52:54:00:00:00:01"]
+      labels: {rack: r1}
+      bmc:
+        protocol: ipmi
+        address: 10.0.0.11
+        username: admin
+        passwordRef: {file: node-01.bmc}
+    - name: node-02
+      bootMACs: ["52:54:00:00:00:02"]
+      bmc:
+        protocol: redfish
+        address: 10.0.0.12
+        port: 8443
+        username: root
+        insecure: true
+        passwordRef: {file: node-02.bmc}
+    - name: node-03
+      role: storage
+      bootMACs: ["52:54:00:00:00:03"]
+"#;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
+    let out = Command::new(&cluster.binaries().kubectl)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn import(cluster: &TestCluster, inventory: &std::path::Path) -> Output {
+    Command::new(KILN)
+        .args([
+            "fleet",
+            "import",
+            "-o",
+            "json",
+            "--namespace",
+            "rack1",
+            "--inventory",
+        ])
+        .arg(inventory)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
+    let cluster = TestCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("fleet.yaml");
+    std::fs::write(&inventory, INVENTORY).unwrap();
+    std::fs::write(dir.path().join("node-01.bmc"), format!("{PASSWORD}\n")).unwrap();
+
+    // A missing password stops the import before anything is written.
+    let out = import(cluster, &inventory);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("node node-02: reading its BMC password"),
+        "{}",
+        text(&out)
+    );
+    let crds = kubectl(cluster, &["get", "crd", "-o", "name"]);
+    assert!(!crds.contains("machines.kiln.dev"), "{crds}");
+
+    std::fs::write(dir.path().join("node-02.bmc"), "another-password").unwrap();
+    let out = import(cluster, &inventory);
+    assert!(out.status.success(), "{}", text(&out));
+    let imported: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        imported["machines"],
+        serde_json::json!(["node-01", "node-02", "node-03"])
+    );
+    assert_eq!(
+        imported["secrets"],
+        serde_json::json!(["node-01-bmc", "node-02-bmc"])
+    );
+
+    // The Machines carry what the inventory says, the password only by reference.
+    let machines: Value = serde_json::from_str(&kubectl(
+        cluster,
+        &["get", "machines", "-n", "rack1", "-o", "json"],
+    ))
+    .unwrap();
+    let items = machines["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let m1 = &items[0];
+    assert_eq!(m1["spec"]["role"], "control-plane");
+    assert_eq!(
+        m1["spec"]["bootMACs"],
+        serde_json::json!(["52:54:00:00:00:01"])
+    );
+    assert_eq!(m1["spec"]["bmc"]["credentialsSecret"], "node-01-bmc");
+    assert_eq!(m1["metadata"]["labels"]["rack"], "r1");
+    assert_eq!(items[1]["spec"]["bmc"]["port"], 8443);
+    assert_eq!(items[1]["spec"]["bmc"]["insecure"], true);
+    assert!(items[2]["spec"].get("bmc").is_none());
+    assert!(
+        !machines.to_string().contains(PASSWORD),
+        "a password is in a Machine"
+    );
+    let secret = kubectl(
+        cluster,
+        &[
+            "get",
+            "secret",
+            "node-01-bmc",
+            "-n",
+            "rack1",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    );
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), secret.as_bytes()).unwrap();
+    let password = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&password.stdout), PASSWORD);
+
+    // A second import changes nothing.
+    let before = kubectl(
+        cluster,
+        &[
+            "get",
+            "machine",
+            "node-01",
+            "-n",
+            "rack1",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+    );
+    let out = import(cluster, &inventory);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = kubectl(
+        cluster,
+        &[
+            "get",
+            "machine",
+            "node-01",
+            "-n",
+            "rack1",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+    );
+    assert_eq!(
+        before, after,
+        "a second import rewrote an unchanged Machine"
+    );
+
+    // The status subresource takes a stage; kubectl's columns show it.
+    kubectl(
+        cluster,
+        &[
+            "patch",
+            "machine",
+            "node-02",
+            "-n",
+            "rack1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"stage":"failed","failure":{"stage":"powering-on","reason":"BMC auth: wrong password"},"installs":0}}"#,
+        ],
+    );
+    let table = kubectl(cluster, &["get", "machines", "-n", "rack1", "-o", "wide"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "ROLE", "STAGE", "SLOT", "ERROR", "IMAGE", "AGE"],
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("node-02")).unwrap();
+    assert!(
+        row.contains("worker")
+            && row.contains("failed")
+            && row.contains("BMC auth: wrong password"),
+        "{table}"
+    );
+    // A stage that is not one is refused by the schema.
+    let bad = Command::new(&cluster.binaries().kubectl)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args([
+            "patch",
+            "machine",
+            "node-02",
+            "-n",
+            "rack1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"stage":"exploded"}}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "{}", text(&bad));
+    assert!(text(&bad).contains("status.stage"), "{}", text(&bad));
+}
+
+#[test]
+fn the_definitions_print_as_yaml_kubectl_accepts() {
+    let cluster = TestCluster::shared();
+    let out = Command::new(KILN).args(["fleet", "crds"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crds.yaml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let applied = kubectl(
+        cluster,
+        &["apply", "--dry-run=server", "-f", file.to_str().unwrap()],
+    );
+    assert!(applied.contains("machines.kiln.dev"), "{applied}");
+    assert!(applied.contains("rollouts.kiln.dev"), "{applied}");
+}
