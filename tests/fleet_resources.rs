@@ -154,32 +154,24 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
     assert_eq!(String::from_utf8_lossy(&password.stdout), PASSWORD);
 
     // A second import changes nothing.
-    let before = kubectl(
-        cluster,
-        &[
-            "get",
-            "machine",
-            "node-01",
-            "-n",
-            "rack1",
-            "-o",
-            "jsonpath={.metadata.resourceVersion}",
-        ],
-    );
+    let version = || {
+        kubectl(
+            cluster,
+            &[
+                "get",
+                "machine",
+                "node-01",
+                "-n",
+                "rack1",
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ],
+        )
+    };
+    let before = version();
     let out = import(cluster, &inventory);
     assert!(out.status.success(), "{}", text(&out));
-    let after = kubectl(
-        cluster,
-        &[
-            "get",
-            "machine",
-            "node-01",
-            "-n",
-            "rack1",
-            "-o",
-            "jsonpath={.metadata.resourceVersion}",
-        ],
-    );
+    let after = version();
     assert_eq!(
         before, after,
         "a second import rewrote an unchanged Machine"

@@ -376,13 +376,14 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     let mut child = faulty.spawn().unwrap();
     // node-05 keeps the rollout (and its view) up for its 4-minute netboot deadline.
     retry_from_the_view(&dir, &mut child, &nodes[5], &node_06_password);
-    let metrics = wait_for_metrics(&dir, &mut child, "kiln_netboot_events_total{");
+    // Bytes are counted once a boot file has gone out: the last of these to appear.
+    let metrics = wait_for_metrics(&dir, &mut child, "kiln_netboot_bytes_total{");
     common::promtool_check_metrics(&metrics);
     for line in [
         "kiln_fleet_nodes{stage=\"powering-on\"}",
         "kiln_fleet_bmc_operation_errors_total{action=\"netboot-once\",kind=\"auth\"} 1",
         "kiln_fleet_bmc_operation_duration_seconds_count{action=\"netboot-once\"}",
-        "kiln_netboot_bytes_total{",
+        "kiln_netboot_events_total{",
     ] {
         assert!(metrics.contains(line), "no {line} in:\n{metrics}");
     }

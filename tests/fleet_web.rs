@@ -359,6 +359,14 @@ impl Browser {
             .unwrap()
     }
 
+    /// Opens the fleet page and waits for its table to show `rows` nodes.
+    async fn fleet_table(&self, server: &FleetView, rows: usize) {
+        self.client.goto(&server.url("/")).await.unwrap();
+        let script =
+            format!("return document.querySelectorAll('#fleet tbody tr').length === {rows}");
+        self.until("the fleet table", &script).await;
+    }
+
     async fn rows(&self) -> Vec<(String, String)> {
         let v = self
             .js(
@@ -395,13 +403,7 @@ async fn the_fleet_page_shows_the_rack_live_and_a_node_its_boot_chain() {
 
     // The fleet table: every node in its stage, the failed one with its reason.
     c.set_window_size(1280, 800).await.unwrap();
-    c.goto(&server.url("/")).await.unwrap();
-    browser
-        .until(
-            "the fleet table",
-            "return document.querySelectorAll('#fleet tbody tr').length === 5",
-        )
-        .await;
+    browser.fleet_table(&server, 5).await;
     assert_eq!(
         browser.rows().await,
         [
@@ -529,13 +531,7 @@ async fn the_fleet_page_shows_the_rack_live_and_a_node_its_boot_chain() {
 
     // A phone's width: the table keeps the name, stage and progress; the rest gives way.
     c.set_window_size(390, 844).await.unwrap();
-    c.goto(&server.url("/")).await.unwrap();
-    browser
-        .until(
-            "the fleet table",
-            "return document.querySelectorAll('#fleet tbody tr').length === 5",
-        )
-        .await;
+    browser.fleet_table(&server, 5).await;
     let name = c
         .find(Locator::Css("tr[data-node='node-0001'] a"))
         .await
