@@ -47,13 +47,18 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
-    let out = Command::new(&cluster.binaries().kubectl)
+/// Whatever kubectl says to `args`, success or not.
+fn kubectl_output(cluster: &TestCluster, args: &[&str]) -> Output {
+    Command::new(&cluster.binaries().kubectl)
         .arg("--kubeconfig")
         .arg(&cluster.kubeconfig)
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
+    let out = kubectl_output(cluster, args);
     assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -207,10 +212,9 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
         "{table}"
     );
     // A stage that is not one is refused by the schema.
-    let bad = Command::new(&cluster.binaries().kubectl)
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .args([
+    let bad = kubectl_output(
+        cluster,
+        &[
             "patch",
             "machine",
             "node-02",
@@ -220,9 +224,8 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
             "--type=merge",
             "-p",
             r#"{"status":{"stage":"exploded"}}"#,
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(!bad.status.success(), "{}", text(&bad));
     assert!(text(&bad).contains("status.stage"), "{}", text(&bad));
 }

@@ -393,11 +393,7 @@ pub fn render_inventory(nodes: &[RackNode]) -> String {
     for (i, n) in nodes.iter().enumerate() {
         // Reserved in the pool, so each node keeps one address its agent is reached at.
         let address = std::net::Ipv4Addr::from(u32::from(first) + i as u32);
-        let role = match n.role {
-            NodeRole::ControlPlane => "control-plane",
-            NodeRole::Worker => "worker",
-            NodeRole::Storage => "storage",
-        };
+        let role = n.role.as_str();
         let _ = writeln!(
             y,
             "    - name: {name}\n\

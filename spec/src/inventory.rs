@@ -99,6 +99,17 @@ pub enum NodeRole {
     Storage,
 }
 
+impl NodeRole {
+    /// The name the inventory spells it with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::ControlPlane => "control-plane",
+            NodeRole::Worker => "worker",
+            NodeRole::Storage => "storage",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BmcProtocol {

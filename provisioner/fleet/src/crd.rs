@@ -180,7 +180,7 @@ fn machine(node: &InventoryNode, namespace: &str) -> Machine {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    labels.insert("kiln.dev/role".into(), role_name(node.role).into());
+    labels.insert("kiln.dev/role".into(), node.role.as_str().into());
     Machine {
         metadata: ObjectMeta {
             name: Some(node.name.clone()),
@@ -195,14 +195,6 @@ fn machine(node: &InventoryNode, namespace: &str) -> Machine {
             bmc,
         },
         status: None,
-    }
-}
-
-fn role_name(role: NodeRole) -> &'static str {
-    match role {
-        NodeRole::ControlPlane => "control-plane",
-        NodeRole::Worker => "worker",
-        NodeRole::Storage => "storage",
     }
 }
 

@@ -45,13 +45,6 @@ fn bmc_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 14))
 }
 
-fn action_name(action: BmcAction) -> &'static str {
-    match action {
-        BmcAction::NetbootOnce => "netboot-once",
-        BmcAction::BootFromDisk => "boot-from-disk",
-    }
-}
-
 /// The BMC operations this process made; [`FleetMetrics::render`] adds what a snapshot of the
 /// store shows. Shared (`Arc`) by the rollout's BMC tasks and whatever serves `/metrics`.
 #[derive(Debug)]
@@ -91,7 +84,7 @@ impl FleetMetrics {
 
     /// One BMC action the rollout made: how long it took, and its kind of failure if it failed.
     pub fn bmc_operation(&self, action: BmcAction, took: Duration, outcome: &BmcOutcome) {
-        let action = action_name(action);
+        let action = action.as_str();
         self.bmc_durations
             .get_or_create(&ActionLabel { action })
             .observe(took.as_secs_f64());

@@ -64,6 +64,15 @@ impl Stage {
     }
 }
 
+impl BmcAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BmcAction::NetbootOnce => "netboot-once",
+            BmcAction::BootFromDisk => "boot-from-disk",
+        }
+    }
+}
+
 impl std::fmt::Display for Stage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

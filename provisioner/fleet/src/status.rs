@@ -189,6 +189,39 @@ fn measured(nodes: &[(String, NodeProgress)], now_ms: u64) -> Option<BTreeMap<St
     )
 }
 
+/// What `kiln fleet status` shows of one node of `snapshot`.
+pub fn node_status(
+    snapshot: &Snapshot,
+    name: &str,
+    p: &NodeProgress,
+    now_ms: u64,
+) -> NodeStatusView {
+    NodeStatusView {
+        name: name.to_string(),
+        stage: p.stage,
+        seconds_in_stage: secs(now_ms.saturating_sub(p.since_ms)),
+        stages: p
+            .stage_durations(now_ms)
+            .into_iter()
+            .zip(&p.history)
+            .map(|((stage, ms), entry)| StageTime {
+                stage,
+                seconds: secs(ms),
+                note: entry.note.clone(),
+            })
+            .collect(),
+        last_phase: p.last_phase,
+        slot: p.slot.clone(),
+        image_sha256: p.image_sha256.clone(),
+        installs: p.installs,
+        error: p
+            .failure
+            .as_ref()
+            .map(|f| format!("{}: {}", f.stage, f.reason)),
+        reports: snapshot.reports_of(name).count(),
+    }
+}
+
 pub fn fleet_status(snapshot: &Snapshot, now_ms: u64) -> FleetStatus {
     let mut counts = BTreeMap::new();
     let nodes: Vec<NodeStatusView> = snapshot
@@ -196,30 +229,7 @@ pub fn fleet_status(snapshot: &Snapshot, now_ms: u64) -> FleetStatus {
         .iter()
         .map(|(name, p)| {
             *counts.entry(p.stage).or_default() += 1;
-            NodeStatusView {
-                name: name.clone(),
-                stage: p.stage,
-                seconds_in_stage: secs(now_ms.saturating_sub(p.since_ms)),
-                stages: p
-                    .stage_durations(now_ms)
-                    .into_iter()
-                    .zip(&p.history)
-                    .map(|((stage, ms), entry)| StageTime {
-                        stage,
-                        seconds: secs(ms),
-                        note: entry.note.clone(),
-                    })
-                    .collect(),
-                last_phase: p.last_phase,
-                slot: p.slot.clone(),
-                image_sha256: p.image_sha256.clone(),
-                installs: p.installs,
-                error: p
-                    .failure
-                    .as_ref()
-                    .map(|f| format!("{}: {}", f.stage, f.reason)),
-                reports: snapshot.reports_of(name).count(),
-            }
+            node_status(snapshot, name, p, now_ms)
         })
         .collect();
     // Nodes move in parallel: the rollout ends when the slowest remaining node does.

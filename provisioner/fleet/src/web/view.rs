@@ -8,7 +8,7 @@ use kiln_spec::inventory::NodeRole;
 use serde::{Deserialize, Serialize};
 
 use crate::stage::{NodeProgress, Stage};
-use crate::status::{FleetStatus, NodeStatusView, fleet_status};
+use crate::status::{FleetStatus, NodeStatusView, fleet_status, node_status};
 use crate::store::Snapshot;
 
 /// Most rows one page carries: the browser stays responsive with any fleet size.
@@ -95,10 +95,7 @@ fn bmc(p: &NodeProgress, now_ms: u64) -> String {
             "-".into()
         };
     };
-    let action = serde_json::to_value(action)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default();
+    let action = action.as_str();
     match p.retry_at_ms {
         Some(u64::MAX) => format!("{action}: try {} in flight", p.attempts),
         Some(t) if t > now_ms => format!(
@@ -246,22 +243,7 @@ pub fn node_detail(
     now_ms: u64,
 ) -> Option<NodeDetail> {
     let progress = snapshot.node(name)?;
-    let status = fleet_status(
-        &Snapshot {
-            rollout: snapshot.rollout.clone(),
-            nodes: vec![(name.to_string(), progress.clone())],
-            reports: snapshot
-                .reports
-                .iter()
-                .filter(|(n, _)| n == name)
-                .cloned()
-                .collect(),
-            ..Snapshot::default()
-        },
-        now_ms,
-    )
-    .nodes
-    .pop()?;
+    let status = node_status(snapshot, name, progress, now_ms);
     let mut timeline: Vec<Step> = progress
         .history
         .iter()
