@@ -66,7 +66,7 @@ t0=$(now_ms)
 tar -C "$peer_dst" -xf "$work/peer.tar" && sync -f "$peer_dst"
 t1=$(now_ms)
 peer_ms=$((t1 - t0))
-echo "kiln agent: ${kiln_ms} ms for $count files (atomic write + fsync each, record, journal)"
+echo "kiln agent: ${kiln_ms} ms for $count files (atomic writes, made durable per batch; record, journal)"
 echo "peer (tar -x + sync): ${peer_ms} ms; ratio kiln/peer: $(awk "BEGIN{printf \"%.1f\", $kiln_ms/($peer_ms>0?$peer_ms:1)}")"
 record "agent converge, 1,000 files from empty" ms lower "$kiln_ms" "tar -x + sync" "$((peer_ms > 0 ? peer_ms : 1))" 1.0
 t0=$(now_ms)

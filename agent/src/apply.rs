@@ -4,11 +4,15 @@
 //! 2. Every path, account and unit kiln is about to create or take over is added to the
 //!    record, and adopted files are backed up, before the first change: after a crash the
 //!    record already owns whatever may exist, so nothing kiln made is left unmanaged.
-//! 3. Actions run in order; each is idempotent (files by write-to-temp + fsync + rename).
+//! 3. Actions run in order; each is idempotent. A run of file writes goes as one batch:
+//!    every file is written under a temporary name, all of them are made durable together,
+//!    and only then is each renamed into place. A lone file is written to a temporary name,
+//!    fsynced and renamed.
 //! 4. Touched directories are synced, the record drops what was removed, the journal goes.
 //!
-//! A restart after a crash finds the journal, reports the interrupted apply and simply plans
-//! again: the level-triggered loop converges from whatever state the crash left.
+//! A restart after a crash finds the journal, removes the temporary files its writes may have
+//! left, reports the interrupted apply and simply plans again: the level-triggered loop
+//! converges from whatever state the crash left.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -20,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::desired::{Desired, digest};
 use crate::host::Host;
 use crate::plan::{Action, ManagedPath, ManagedUser, Record};
-use crate::sysroot::{self, Meta, Sysroot};
+use crate::sysroot::{self, AccountDb, Meta, Staged, Sysroot};
 
 /// `KILN_AGENT_FAILPOINT=apply-abort-after:N` aborts the process after the N-th action of an
 /// apply: the crash tests' hook.
@@ -57,12 +61,14 @@ pub struct Journal {
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
+    root: Sysroot,
 }
 
 impl StateStore {
     pub fn new(root: &Sysroot) -> StateStore {
         StateStore {
             dir: root.state_path(""),
+            root: root.clone(),
         }
     }
 
@@ -121,13 +127,27 @@ impl StateStore {
         }
     }
 
-    /// Finishes an interrupted apply: returns its journal (for the status) and clears it.
+    /// Finishes an interrupted apply: removes the temporary files of its writes (a batch
+    /// interrupted between its renames leaves the rest), returns its journal (for the status)
+    /// and clears it.
     pub fn recover(&self) -> Result<Option<Journal>, StateError> {
-        let j = self.journal()?;
-        if j.is_some() {
-            self.clear_journal()?;
+        let Some(j) = self.journal()? else {
+            return Ok(None);
+        };
+        for a in &j.actions {
+            if let Action::WriteFile { path, .. } | Action::RemoveFile { path } = a
+                && let Some(temp) = sysroot::temp_path(&self.root.path(path))
+            {
+                match fs::remove_file(&temp) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // A stray temporary file is only clutter: not worth refusing to start.
+                    Err(e) => tracing::warn!("removing {}: {e}", temp.display()),
+                }
+            }
         }
-        Ok(j)
+        self.clear_journal()?;
+        Ok(Some(j))
     }
 
     fn backup_path(&self, host_path: &str) -> PathBuf {
@@ -146,12 +166,15 @@ fn failpoint() -> Option<usize> {
     v.strip_prefix("apply-abort-after:")?.parse().ok()
 }
 
-fn missing_ancestors(root: &Sysroot, path: &str) -> Vec<String> {
+/// The directories above `path` that do not exist, outermost first. The walk up stops at one
+/// that exists or that an earlier walk of the same pass went through (`examined`): a pass
+/// over many files in a few directories looks at each directory once.
+fn missing_ancestors(root: &Sysroot, path: &str, examined: &mut BTreeSet<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = path;
     while let Some(i) = cur.rfind('/') {
         cur = &cur[..i];
-        if cur.is_empty() || root.path(cur).exists() {
+        if cur.is_empty() || !examined.insert(cur.to_string()) || root.path(cur).exists() {
             break;
         }
         out.push(cur.to_string());
@@ -193,28 +216,44 @@ pub fn apply(
 
     let abort_after = failpoint();
     let mut outcome = Outcome::default();
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    for (n, action) in actions.iter().enumerate() {
-        match run(host, store, desired, &mut record, action, &mut dirs) {
+    let mut finish = |action: &Action, result: Result<(), ActionError>| {
+        match result {
             Ok(()) => outcome.done.push(action.clone()),
             Err(e) => {
                 tracing::warn!("{action}: {e}");
                 outcome.failed.push((action.clone(), e.to_string()));
             }
         }
-        if abort_after == Some(n + 1) {
-            tracing::error!(
-                "failpoint {FAILPOINT_ENV}: aborting after {} action(s)",
-                n + 1
-            );
+        let n = outcome.done.len() + outcome.failed.len();
+        if abort_after == Some(n) {
+            tracing::error!("failpoint {FAILPOINT_ENV}: aborting after {n} action(s)");
             std::process::abort();
         }
-    }
-    for d in &dirs {
-        if d.exists() {
-            sysroot::sync_dir(d).map_err(io_err("syncing", d))?;
+    };
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    for chunk in actions.chunk_by(|a, b| written(a).is_some() && written(b).is_some()) {
+        if let [action] = chunk {
+            finish(
+                action,
+                run(host, store, desired, &mut record, action, &mut dirs),
+            );
+            continue;
+        }
+        let paths: Vec<&str> = chunk.iter().filter_map(written).collect();
+        let staged = stage_files(host, desired, &paths, &mut dirs);
+        for ((action, path), staged) in chunk.iter().zip(&paths).zip(staged) {
+            finish(action, staged.and_then(|s| placed(path, s.commit())));
         }
     }
+    let dirs: Vec<&Path> = dirs
+        .iter()
+        .map(PathBuf::as_path)
+        .filter(|d| d.exists())
+        .collect();
+    sysroot::sync_dirs(&dirs).map_err(io_err(
+        "syncing the changed directories in",
+        host.sysroot.root(),
+    ))?;
     if record != claimed {
         store.save_record(&record)?;
     }
@@ -245,10 +284,11 @@ fn claim(
     record: &mut Record,
     actions: &[Action],
 ) -> Result<(), StateError> {
+    let mut examined = BTreeSet::new();
     for a in actions {
         match a {
             Action::WriteFile { path, .. } | Action::CreateDir { path } => {
-                for dir in missing_ancestors(&host.sysroot, path) {
+                for dir in missing_ancestors(&host.sysroot, path, &mut examined) {
                     record.paths.entry(dir).or_insert(ManagedPath {
                         dir: true,
                         implicit: true,
@@ -328,16 +368,21 @@ enum ActionError {
     Other(String),
 }
 
-fn meta_for(host: &Host, mode: u32, owner: &str) -> Result<Meta, ActionError> {
-    let db = host.sysroot.accounts()?;
+fn meta_for(db: &AccountDb, mode: u32, owner: &str) -> Result<Meta, ActionError> {
     let (uid, gid) = db
         .resolve_owner(owner)
         .ok_or_else(|| ActionError::Other(format!("owner {owner} does not exist on this host")))?;
     Ok(Meta { mode, uid, gid })
 }
 
-fn create_parents(host: &Host, path: &str, dirs: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-    for d in missing_ancestors(&host.sysroot, path) {
+/// Creates the missing directories above `path`; `examined` as for [`missing_ancestors`].
+fn create_parents(
+    host: &Host,
+    path: &str,
+    examined: &mut BTreeSet<String>,
+    dirs: &mut BTreeSet<PathBuf>,
+) -> io::Result<()> {
+    for d in missing_ancestors(&host.sysroot, path, examined) {
         let full = host.sysroot.path(&d);
         fs::create_dir(&full)?;
         if let Some(p) = full.parent() {
@@ -345,6 +390,117 @@ fn create_parents(host: &Host, path: &str, dirs: &mut BTreeSet<PathBuf>) -> io::
         }
     }
     Ok(())
+}
+
+/// The path a file write puts in place.
+fn written(action: &Action) -> Option<&str> {
+    match action {
+        Action::WriteFile { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+/// Where desired file `path` goes, its content and metadata; its missing parents are created.
+fn prepare_write<'d>(
+    host: &Host,
+    db: &AccountDb,
+    desired: &'d Desired,
+    path: &str,
+    examined: &mut BTreeSet<String>,
+    dirs: &mut BTreeSet<PathBuf>,
+) -> Result<(PathBuf, &'d [u8], Meta), ActionError> {
+    let f = desired
+        .files
+        .get(path)
+        .ok_or_else(|| ActionError::Other(format!("{path} is no longer desired")))?;
+    let meta = meta_for(db, f.mode, &f.owner)?;
+    create_parents(host, path, examined, dirs)?;
+    let full = host.sysroot.path(path);
+    if let Some(p) = full.parent() {
+        dirs.insert(p.to_path_buf());
+    }
+    Ok((full, f.content.as_bytes(), meta))
+}
+
+/// Writes the files of a run of writes under their temporary names, then makes them all
+/// durable at once (see [`sysroot::sync_filesystems`]), so each rename that follows puts a
+/// complete file in place. One result per path, in order.
+fn stage_files(
+    host: &Host,
+    desired: &Desired,
+    paths: &[&str],
+    dirs: &mut BTreeSet<PathBuf>,
+) -> Vec<Result<Staged, ActionError>> {
+    // Accounts change only in user actions, and directories go only in removals: neither
+    // sits inside a run of writes.
+    let db = host.sysroot.accounts();
+    let mut examined = BTreeSet::new();
+    let prepared: Vec<_> = paths
+        .iter()
+        .map(|path| {
+            let db = db
+                .as_ref()
+                .map_err(|e| ActionError::Other(format!("reading the accounts: {e}")))?;
+            prepare_write(host, db, desired, path, &mut examined, dirs)
+        })
+        .collect();
+    let staged = in_parallel(prepared, |p| {
+        let (full, content, meta) = p?;
+        Ok(Staged::write(&full, content, meta)?.0)
+    });
+    let parents: BTreeSet<&Path> = staged
+        .iter()
+        .flatten()
+        .filter_map(|s| s.temp().parent())
+        .collect();
+    match sysroot::sync_filesystems(parents) {
+        Ok(()) => staged,
+        // Not durable, so none may replace its target: dropping them removes the temps.
+        Err(e) => {
+            let why = format!("syncing the new files: {e}");
+            staged
+                .into_iter()
+                .map(|s| s.and(Err(ActionError::Other(why.clone()))))
+                .collect()
+        }
+    }
+}
+
+/// Fewest items worth a thread of their own in [`in_parallel`].
+const ITEMS_PER_THREAD: usize = 64;
+
+/// `f` over `items` on up to one thread per core, results in order. Creating many small files
+/// is mostly time in the kernel, which the other cores can share.
+fn in_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (items.len() / ITEMS_PER_THREAD).clamp(1, cores);
+    if threads == 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let per_thread = items.len().div_ceil(threads);
+    let mut items = items.into_iter();
+    let chunks = std::iter::from_fn(|| {
+        let chunk: Vec<T> = items.by_ref().take(per_thread).collect();
+        (!chunk.is_empty()).then_some(chunk)
+    });
+    let f = &f;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = chunks
+            .map(|chunk| s.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// The result of putting `path` in place, saying so when a directory stands there.
+fn placed(path: &str, renamed: io::Result<()>) -> Result<(), ActionError> {
+    renamed.map_err(|e| match e.kind() {
+        io::ErrorKind::IsADirectory => ActionError::Other(format!("{path} is a directory")),
+        _ => e.into(),
+    })
 }
 
 /// Drops a removed path from the record unless the entry already stands for its replacement
@@ -385,8 +541,8 @@ fn run(
                 .dirs
                 .get(path)
                 .ok_or_else(|| ActionError::Other(format!("{path} is no longer desired")))?;
-            let meta = meta_for(host, d.mode, &d.owner)?;
-            create_parents(host, path, dirs)?;
+            let meta = meta_for(&root.accounts()?, d.mode, &d.owner)?;
+            create_parents(host, path, &mut BTreeSet::new(), dirs)?;
             let full = root.path(path);
             match fs::create_dir(&full) {
                 Ok(()) => {}
@@ -399,20 +555,15 @@ fn run(
             }
         }
         Action::WriteFile { path, .. } => {
-            let f = desired
-                .files
-                .get(path)
-                .ok_or_else(|| ActionError::Other(format!("{path} is no longer desired")))?;
-            let meta = meta_for(host, f.mode, &f.owner)?;
-            create_parents(host, path, dirs)?;
-            let full = root.path(path);
-            if full.is_dir() {
-                return Err(ActionError::Other(format!("{path} is a directory")));
-            }
-            sysroot::write_atomic(&full, f.content.as_bytes(), meta)?;
-            if let Some(p) = full.parent() {
-                dirs.insert(p.to_path_buf());
-            }
+            let (full, content, meta) = prepare_write(
+                host,
+                &root.accounts()?,
+                desired,
+                path,
+                &mut BTreeSet::new(),
+                dirs,
+            )?;
+            placed(path, sysroot::write_atomic(&full, content, meta))?;
         }
         Action::SetMeta { path } => {
             let (mode, owner) = match (desired.files.get(path), desired.dirs.get(path)) {
@@ -420,7 +571,7 @@ fn run(
                 (_, Some(d)) => (d.mode, d.owner.as_str()),
                 _ => return Err(ActionError::Other(format!("{path} is no longer desired"))),
             };
-            sysroot::set_meta(&root.path(path), meta_for(host, mode, owner)?)?;
+            sysroot::set_meta(&root.path(path), meta_for(&root.accounts()?, mode, owner)?)?;
         }
         Action::RemoveFile { path } => {
             let full = root.path(path);
@@ -488,4 +639,143 @@ fn run(
         Action::StopUnit { unit } => host.services.control("stop", unit)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::desired::DesiredFile;
+
+    fn host_tree() -> (tempfile::TempDir, Host) {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(t.path().join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+        let host = Host::real(t.path());
+        (t, host)
+    }
+
+    fn file(content: &str, mode: u32, owner: &str) -> DesiredFile {
+        DesiredFile {
+            content: content.into(),
+            mode,
+            owner: owner.into(),
+        }
+    }
+
+    fn temp_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(temp_files(&p));
+            } else if p.to_string_lossy().ends_with(".kiln-tmp") {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_of_writes_lands_whole_and_a_failed_file_names_itself_and_leaves_no_trace() {
+        let (t, host) = host_tree();
+        // A directory where a file is wanted: its write fails at the rename, after every
+        // file of the batch was staged and synced.
+        fs::create_dir_all(t.path().join("srv/b")).unwrap();
+        fs::write(t.path().join("srv/b/keep"), "mine").unwrap();
+        let mut desired = Desired::default();
+        desired
+            .files
+            .insert("/srv/a".into(), file("A\n", 0o640, "app:app"));
+        desired
+            .files
+            .insert("/srv/b".into(), file("B\n", 0o644, "root:root"));
+        desired
+            .files
+            .insert("/srv/new/c".into(), file("C\n", 0o600, "root"));
+        desired
+            .files
+            .insert("/srv/new/d".into(), file("D\n", 0o644, "ghost"));
+        let store = StateStore::new(&host.sysroot);
+        let actual = crate::plan::observe(&host, &desired, &Record::default()).unwrap();
+        let actions = crate::plan::plan(&desired, &actual, &Record::default());
+        assert_eq!(actions.len(), 4, "{actions:?}");
+
+        let outcome = apply(&host, &store, &desired, &actions).unwrap();
+
+        let failed: Vec<(String, &str)> = outcome
+            .failed
+            .iter()
+            .map(|(a, why)| (a.resource(), why.as_str()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("file:/srv/b".to_string(), "/srv/b is a directory"),
+                (
+                    "file:/srv/new/d".to_string(),
+                    "owner ghost does not exist on this host"
+                ),
+            ]
+        );
+        assert_eq!(outcome.done.len(), 2);
+        let check = |path: &str, content: &str, mode: u32, uid: u32| {
+            let full = t.path().join(path);
+            assert_eq!(fs::read_to_string(&full).unwrap(), content, "{path}");
+            let m = fs::metadata(&full).unwrap();
+            assert_eq!(
+                (m.mode() & 0o7777, m.uid(), m.gid()),
+                (mode, uid, uid),
+                "{path}"
+            );
+        };
+        check("srv/a", "A\n", 0o640, 1000);
+        check("srv/new/c", "C\n", 0o600, 0);
+        assert_eq!(
+            fs::read_to_string(t.path().join("srv/b/keep")).unwrap(),
+            "mine"
+        );
+        assert!(!t.path().join("srv/new/d").exists());
+        assert_eq!(temp_files(t.path()), Vec::<PathBuf>::new());
+        assert_eq!(store.journal().unwrap(), None);
+    }
+
+    #[test]
+    fn recovery_removes_the_temporary_files_of_an_interrupted_batch() {
+        let (t, host) = host_tree();
+        let store = StateStore::new(&host.sysroot);
+        let actions: Vec<Action> = ["/srv/a", "/srv/b"]
+            .into_iter()
+            .map(|p| Action::WriteFile {
+                path: p.into(),
+                reason: crate::plan::WriteReason::Create,
+            })
+            .collect();
+        let journal = Journal {
+            started: "then".into(),
+            actions,
+        };
+        store.write_json(JOURNAL, &journal).unwrap();
+        fs::create_dir_all(t.path().join("srv")).unwrap();
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        // A crash between the batch's sync and its renames: the staged files stay behind.
+        for p in ["srv/a", "srv/b"] {
+            std::mem::forget(Staged::write(&t.path().join(p), b"new", meta).unwrap());
+        }
+        assert_eq!(temp_files(t.path()).len(), 2);
+
+        assert_eq!(store.recover().unwrap(), Some(journal));
+        assert_eq!(temp_files(t.path()), Vec::<PathBuf>::new());
+        assert_eq!(store.journal().unwrap(), None);
+    }
 }

@@ -447,9 +447,18 @@ impl HostController {
                 ));
             }
         }
+        // One log line per apply, not per action: an apply of thousands of files would
+        // flood the journal. Each action is still an event on the stream.
+        tracing::info!(
+            "applied {} action(s), {} failed",
+            outcome.done.len(),
+            outcome.failed.len()
+        );
         for a in &outcome.done {
-            self.shared
-                .emit(Event::new("applied", a.to_string(), Some(a.resource())));
+            let _ =
+                self.shared
+                    .events
+                    .send(Event::new("applied", a.to_string(), Some(a.resource())));
         }
         for (a, why) in &outcome.failed {
             self.shared.emit(Event::new(

@@ -1,7 +1,7 @@
 //! Every host path the agent touches, resolved under one root directory (`/` in production, a
 //! temporary tree in tests), and the crash-safe file primitives on top of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -98,38 +98,101 @@ impl Meta {
     }
 }
 
-/// Replaces `path` atomically: the content goes to a temporary file in the same directory,
-/// is flushed to disk with its owner and mode already set, then renamed over the target. A
-/// crash leaves either the old file or the new one, never a mix. The caller syncs the
-/// directory (see [`sync_dir`]) before it records the write as durable.
-pub fn write_atomic(path: &Path, content: &[u8], meta: Meta) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent"))?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.kiln-tmp"));
-    let result = (|| {
+/// A file written under a temporary name beside its target and not yet in place. Dropped
+/// without [`Staged::commit`], it removes the temporary file.
+#[derive(Debug)]
+pub struct Staged {
+    temp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Writes `content` to `target`'s temporary name with its owner and mode already set.
+    /// Nothing is flushed: the caller makes the content durable (through the returned handle,
+    /// or with [`sync_filesystems`] for many files at once) before it commits.
+    pub fn write(target: &Path, content: &[u8], meta: Meta) -> io::Result<(Staged, File)> {
+        let temp = temp_path(target).ok_or_else(|| io::Error::other("path has no parent"))?;
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(&temp)?;
+        let staged = Staged {
+            temp,
+            target: target.to_path_buf(),
+            committed: false,
+        };
         f.write_all(content)?;
         std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))?;
         f.set_permissions(fs::Permissions::from_mode(meta.mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        Ok((staged, f))
     }
-    result
+
+    pub fn temp(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Renames the file into place. Its directory still needs a sync for the rename to last.
+    pub fn commit(mut self) -> io::Result<()> {
+        fs::rename(&self.temp, &self.target)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Where [`Staged::write`] puts `target`'s content before the rename: in the same directory,
+/// so the rename cannot cross filesystems.
+pub fn temp_path(target: &Path) -> Option<PathBuf> {
+    let name = target.file_name()?.to_string_lossy();
+    Some(target.parent()?.join(format!(".{name}.kiln-tmp")))
+}
+
+/// Replaces `path` atomically: the content goes to a temporary file in the same directory,
+/// is flushed to disk with its owner and mode already set, then renamed over the target. A
+/// crash leaves either the old file or the new one, never a mix. The caller syncs the
+/// directory (see [`sync_dir`]) before it records the write as durable.
+pub fn write_atomic(path: &Path, content: &[u8], meta: Meta) -> io::Result<()> {
+    let (staged, f) = Staged::write(path, content, meta)?;
+    f.sync_all()?;
+    staged.commit()
 }
 
 /// Makes renames and unlinks in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Makes renames and unlinks in `dirs` durable: one directory is fsynced, several are made
+/// durable by [`sync_filesystems`].
+pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
+    match dirs {
+        [one] => sync_dir(one),
+        _ => sync_filesystems(dirs.iter().copied()),
+    }
+}
+
+/// Makes everything written on the filesystems of `dirs` durable with one syncfs(2) each: for
+/// many files, one writeback and one device flush instead of one per file. It also flushes
+/// whatever else is dirty on those filesystems.
+pub fn sync_filesystems<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
+    let mut synced = BTreeSet::new();
+    for d in dirs {
+        let dir = File::open(d)?;
+        if synced.insert(dir.metadata()?.dev()) {
+            nix::unistd::syncfs(&dir)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn set_meta(path: &Path, meta: Meta) -> io::Result<()> {
