@@ -240,7 +240,7 @@ impl Rack {
             .1
             .clone();
         self.report(name, &mut p, report(Phase::Installed, None));
-        self.store.put_node(name, &p).unwrap();
+        self.store.put_nodes(&[(name.to_string(), p)]).unwrap();
     }
 }
 

@@ -78,7 +78,7 @@ fn drive(
 
 fn answered(action: BmcAction) -> (BmcOutcome, Duration) {
     let took = match action {
-        BmcAction::NetbootOnce => Duration::from_millis(1_200),
+        BmcAction::NetbootOnce | BmcAction::NetbootIfOff => Duration::from_millis(1_200),
         BmcAction::BootFromDisk => Duration::from_millis(300),
     };
     (BmcOutcome::Done { note: None }, took)

@@ -51,7 +51,19 @@ pub fn token_matches(presented: &str, stored_hash: &str) -> bool {
 }
 
 /// Where a node is in its own install, as it reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// The live system is up and the installer runs.
@@ -88,7 +100,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// One phone-home report: `POST` JSON to the phone-home URL with the bearer token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Report {
     pub phase: Phase,

@@ -271,10 +271,7 @@ fn bmc_target(node: &kiln_spec::InventoryNode, base: &Path) -> anyhow::Result<Op
     node.bmc
         .as_ref()
         .map(|b| {
-            let timeout = match b.protocol {
-                kiln_spec::BmcProtocol::Ipmi => Duration::from_secs(1),
-                kiln_spec::BmcProtocol::Redfish => Duration::from_secs(10),
-            };
+            let timeout = BmcTarget::rollout_timeout(b.protocol);
             BmcTarget::from_inventory(b, base, timeout, 3, CipherSuite::Suite3)
                 .with_context(|| format!("node {}: reading its BMC password", node.name))
         })
@@ -427,12 +424,12 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         ..Limits::default()
     };
     let opts = RolloutOptions {
-        state_dir: state_dir.clone(),
         limits,
         image_sha256: l.image_sha256.clone(),
         events: a.events.clone(),
         trace_file: pxe_state.join(kiln_netboot::trace::TRACE_FILE),
         reinstall: a.source.reinstall,
+        metrics: Arc::default(),
     };
     let rt = super::runtime()?;
     let bmc_targets: HashMap<String, Option<BmcTarget>> = targets
@@ -455,7 +452,8 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         .map(|url| kiln_fleet::webhook::Webhook::start(rt.handle(), url))
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let rollout = Rollout::new(&targets, &opts, webhook, |shared| {
+    let store = kiln_fleet::store::Store::open(&state_dir).context("opening the rollout state")?;
+    let rollout = Rollout::new(&targets, &opts, Box::new(store), webhook, |shared| {
         Arc::new(BmcActuator {
             runtime: handle,
             targets: bmc_targets,

@@ -59,6 +59,15 @@ pub struct BmcTarget {
 }
 
 impl BmcTarget {
+    /// How long a fleet rollout waits for one exchange: an IPMI datagram is answered at once
+    /// or lost (and retried), a Redfish BMC's web server can be slow.
+    pub fn rollout_timeout(protocol: BmcProtocol) -> Duration {
+        match protocol {
+            BmcProtocol::Ipmi => Duration::from_secs(1),
+            BmcProtocol::Redfish => Duration::from_secs(10),
+        }
+    }
+
     /// The target an inventory `bmc:` entry describes, its password read from where the entry
     /// points (relative files against `base`, the inventory's directory).
     pub fn from_inventory(

@@ -16,7 +16,8 @@ use kube::{Client, CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::stage::{Failure, Stage, StageEntry};
+use crate::stage::NodeProgress;
+use crate::store::StoredReport;
 
 /// The key of the password in a BMC credentials Secret.
 pub const PASSWORD_KEY: &str = "password";
@@ -70,23 +71,22 @@ pub struct MachineBmc {
     pub allow_plain_http: bool,
 }
 
-/// Where the machine's rollout stands: what `kiln fleet status` shows for a node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Where the machine's rollout stands: its progress as the rollout engine keeps it (stage,
+/// stage history, failure, booted slot, image digest, install count and the BMC action it
+/// waits on), the phone-home reports it sent, and the hashes of its enrolment tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stage: Option<Stage>,
+    /// The Rollout that drives the machine.
+    pub rollout: String,
+    #[serde(flatten)]
+    pub progress: NodeProgress,
+    /// The last phone-home reports, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub history: Vec<StageEntry>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<Failure>,
-    /// The slot the installed node booted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_sha256: Option<String>,
-    #[serde(default)]
-    pub installs: u32,
+    pub reports: Vec<StoredReport>,
+    /// sha256 of each enrolment token handed out in this rollout (never the tokens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enrolment_token_hashes: Vec<String>,
 }
 
 /// A rollout of one image to the Machines a selector picks.
@@ -137,6 +137,9 @@ pub struct RolloutStatus {
     /// Machines per stage.
     #[serde(default)]
     pub stages: BTreeMap<String, u32>,
+    /// When the replica leading it now started (milliseconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
 }
 
 /// Every custom resource definition kiln's provisioner uses.

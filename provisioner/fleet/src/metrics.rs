@@ -45,6 +45,14 @@ fn bmc_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 14))
 }
 
+/// 1 ms to 30 s: from a node's news to its committed effect.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Lag samples kept for [`FleetMetrics::lag_quantiles`] (the oldest go first).
+const LAG_SAMPLES: usize = 1 << 18;
+
 /// The BMC operations this process made; [`FleetMetrics::render`] adds what a snapshot of the
 /// store shows. Shared (`Arc`) by the rollout's BMC tasks and whatever serves `/metrics`.
 #[derive(Debug)]
@@ -52,6 +60,9 @@ pub struct FleetMetrics {
     registry: Registry,
     bmc_durations: Histograms<ActionLabel>,
     bmc_errors: Family<ErrorLabels, Counter>,
+    lag: Histogram,
+    lag_samples: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+    api_requests: Counter,
 }
 
 impl Default for FleetMetrics {
@@ -75,8 +86,24 @@ impl FleetMetrics {
             "BMC actions that failed, by action and kind of failure",
             bmc_errors.clone(),
         );
+        let lag = lag_histogram();
+        registry.register(
+            "event_to_commit_seconds",
+            "Time from a node's news (a BMC result, a phone-home report) to its effect being \
+             committed: how far the controller lags behind the fleet",
+            lag.clone(),
+        );
+        let api_requests = Counter::default();
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API server made for the rollout's state",
+            api_requests.clone(),
+        );
         FleetMetrics {
             registry,
+            lag,
+            lag_samples: Default::default(),
+            api_requests,
             bmc_durations,
             bmc_errors,
         }
@@ -96,6 +123,46 @@ impl FleetMetrics {
                 })
                 .inc();
         }
+    }
+
+    /// A node's news took `lag` to be committed.
+    pub fn committed(&self, lag: Duration) {
+        self.lag.observe(lag.as_secs_f64());
+        let mut samples = self.lag_samples.lock().expect("lag lock");
+        if samples.len() == LAG_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(lag);
+    }
+
+    /// The lags at quantiles `qs` (0..=1) of the recent samples; none before the first.
+    pub fn lag_quantiles(&self, qs: &[f64]) -> Option<Vec<Duration>> {
+        let mut sorted: Vec<Duration> = self
+            .lag_samples
+            .lock()
+            .expect("lag lock")
+            .iter()
+            .copied()
+            .collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_unstable();
+        let last = sorted.len() - 1;
+        Some(
+            qs.iter()
+                .map(|q| sorted[((last as f64) * q.clamp(0.0, 1.0)).round() as usize])
+                .collect(),
+        )
+    }
+
+    /// One request to the API server was made.
+    pub fn api_request(&self) {
+        self.api_requests.inc();
+    }
+
+    pub fn api_requests(&self) -> u64 {
+        self.api_requests.get()
     }
 
     /// The whole exposition: the fleet as `snapshot` has it at `now_ms`, this process's BMC

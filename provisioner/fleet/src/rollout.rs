@@ -21,7 +21,7 @@ use crate::metrics::FleetMetrics;
 use crate::stage::{
     self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage, StepInput,
 };
-use crate::store::{MachineInfo, RolloutInfo, Snapshot, Store, StoreError, StoredReport};
+use crate::store::{MachineInfo, RolloutInfo, RolloutStore, Snapshot, StoreError, StoredReport};
 use crate::webhook::Webhook;
 
 const INBOX: &str = "fleet-inbox";
@@ -47,7 +47,7 @@ pub struct Target {
 
 /// What the HTTP handlers, the BMC tasks and the controllers share.
 pub struct Shared {
-    store: Store,
+    store: Box<dyn RolloutStore>,
     inbox: Mailbox<Observation>,
     /// Each node's stage as last committed: what token decisions are made on.
     stages: RwLock<BTreeMap<String, Stage>>,
@@ -56,12 +56,14 @@ pub struct Shared {
     webhook: Option<Webhook>,
     /// Counters of what this process does (BMC operations), for `/metrics`.
     pub metrics: Arc<FleetMetrics>,
+    /// When the oldest news of a node not yet committed came in.
+    news_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("store", &self.store.path())
+            .field("store", &self.store.location())
             .finish_non_exhaustive()
     }
 }
@@ -77,7 +79,17 @@ pub enum RetryRefused {
 
 impl Shared {
     fn observe(&self, node: &str, obs: Observation) {
+        self.news_since
+            .lock()
+            .expect("news lock")
+            .entry(node.to_string())
+            .or_insert_with(std::time::Instant::now);
         self.inbox.post(node, obs);
+    }
+
+    /// What a BMC action came to (from an [`Actuator`]).
+    pub fn bmc_result(&self, node: &str, action: BmcAction, outcome: BmcOutcome) {
+        self.observe(node, Observation::Bmc { action, outcome });
     }
 
     /// The store as it is now, for the fleet view of the running rollout.
@@ -234,7 +246,7 @@ impl Actuator for BmcActuator {
             shared
                 .metrics
                 .bmc_operation(action, started.elapsed(), &outcome);
-            shared.observe(&node, Observation::Bmc { action, outcome });
+            shared.bmc_result(&node, action, outcome);
         });
     }
 }
@@ -251,7 +263,7 @@ async fn bmc_action(target: BmcTarget, action: BmcAction) -> BmcOutcome {
     };
     let run = async {
         match action {
-            BmcAction::NetbootOnce => {
+            BmcAction::NetbootOnce | BmcAction::NetbootIfOff => {
                 driver
                     .set_boot_override(BootOverride {
                         device: BootDevice::Pxe,
@@ -259,14 +271,21 @@ async fn bmc_action(target: BmcTarget, action: BmcAction) -> BmcOutcome {
                         uefi: false,
                     })
                     .await?;
-                if driver.power_status().await? == PowerState::On {
-                    driver.power(PowerAction::Cycle).await?;
-                    Ok(Some(
-                        "the node was on: power-cycled into the network boot".to_string(),
-                    ))
-                } else {
-                    driver.power(PowerAction::On).await?;
-                    Ok(None)
+                match (driver.power_status().await?, action) {
+                    (PowerState::On, BmcAction::NetbootOnce) => {
+                        driver.power(PowerAction::Cycle).await?;
+                        Ok(Some(
+                            "the node was on: power-cycled into the network boot".to_string(),
+                        ))
+                    }
+                    (PowerState::On, _) => Ok(Some(
+                        "already on when asked again after a restart: not powered twice"
+                            .to_string(),
+                    )),
+                    _ => {
+                        driver.power(PowerAction::On).await?;
+                        Ok(None)
+                    }
                 }
             }
             BmcAction::BootFromDisk => {
@@ -327,6 +346,7 @@ impl Controller for Inbox {
     }
 }
 
+#[derive(Clone)]
 struct NodeRun {
     progress: NodeProgress,
     /// Observations of this node already applied.
@@ -390,6 +410,9 @@ impl Controller for RolloutController {
     fn reconcile(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ReconcileError> {
         let now = now_ms();
         let mut load = Load::of(self.nodes.values().map(|n| &n.progress));
+        // Each changed node as it was before this pass, to put back if the commit fails.
+        let mut changed: Vec<(String, NodeRun)> = Vec::new();
+        let mut commands: Vec<(String, BmcAction)> = Vec::new();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
             let events = ctx.get::<NodeEvents>(&name)?.unwrap_or_default();
@@ -405,13 +428,13 @@ impl Controller for RolloutController {
                 None
             };
             let run = self.nodes.get_mut(&name).expect("known node");
+            let before = run.clone();
             let fresh = &events.0[run.applied.min(events.0.len())..];
             run.applied = events.0.len();
             if fresh.iter().any(|o| matches!(o, Observation::Bmc { .. })) {
                 run.bmc_busy = false;
             }
-            let before = run.progress.clone();
-            let commands = stage::step(
+            let asked = stage::step(
                 &mut run.progress,
                 fresh,
                 StepInput {
@@ -422,10 +445,12 @@ impl Controller for RolloutController {
                     netboot_hint: hint.as_deref(),
                 },
             );
-            if run.progress != before {
-                // Committed first: a crash after this line resumes from here.
-                self.shared.store.put_node(&name, &run.progress)?;
-                for (s, delta) in [(before.stage, -1i64), (run.progress.stage, 1)] {
+            for Command::Bmc(action) in asked {
+                run.bmc_busy = true;
+                commands.push((name.clone(), action));
+            }
+            if run.progress != before.progress {
+                for (s, delta) in [(before.progress.stage, -1i64), (run.progress.stage, 1)] {
                     let n = delta as isize;
                     if s.is_active() {
                         load.active = load.active.saturating_add_signed(n);
@@ -434,27 +459,62 @@ impl Controller for RolloutController {
                         load.netbooting = load.netbooting.saturating_add_signed(n);
                     }
                 }
-                self.shared
-                    .stages
-                    .write()
-                    .expect("stages lock")
-                    .insert(name.clone(), run.progress.stage);
-                if run.progress.stage != before.stage {
-                    announce(
-                        &self.shared,
-                        &name,
-                        &before,
-                        &run.progress,
-                        now,
-                        self.started_ms,
-                    );
+            }
+            if run.progress != before.progress || run.applied != before.applied {
+                changed.push((name, before));
+            }
+        }
+        let commit: Vec<(String, NodeProgress)> = changed
+            .iter()
+            .filter(|(name, before)| self.nodes[name].progress != before.progress)
+            .map(|(name, _)| (name.clone(), self.nodes[name].progress.clone()))
+            .collect();
+        // Committed first, in one batch: a crash after this resumes from here. When the
+        // commit fails, the pass never happened: the next one takes the same step again.
+        if !commit.is_empty()
+            && let Err(e) = self.shared.store.put_nodes(&commit)
+        {
+            for (name, before) in changed {
+                self.nodes.insert(name, before);
+            }
+            return Err(e.into());
+        }
+        for (name, before) in &changed {
+            let after = &self.nodes[name].progress;
+            if after == &before.progress {
+                continue;
+            }
+            self.shared
+                .stages
+                .write()
+                .expect("stages lock")
+                .insert(name.clone(), after.stage);
+            if after.stage != before.progress.stage {
+                announce(
+                    &self.shared,
+                    name,
+                    &before.progress,
+                    after,
+                    now,
+                    self.started_ms,
+                );
+            }
+        }
+        {
+            let mut news = self.shared.news_since.lock().expect("news lock");
+            for (name, before) in &changed {
+                if self.nodes[name].applied != before.applied
+                    && let Some(since) = news.remove(name)
+                {
+                    self.shared.metrics.committed(since.elapsed());
                 }
             }
-            for Command::Bmc(action) in commands {
-                run.bmc_busy = true;
-                self.actuator.start(&name, action);
-            }
-            ctx.put(&name, NodeStatus(run.progress.clone()))?;
+        }
+        for (name, action) in commands {
+            self.actuator.start(&name, action);
+        }
+        for (name, run) in &self.nodes {
+            ctx.put(name, NodeStatus(run.progress.clone()))?;
         }
         Ok(())
     }
@@ -528,7 +588,6 @@ impl std::fmt::Debug for Rollout {
 /// How to start a rollout.
 #[derive(Debug, Clone)]
 pub struct RolloutOptions {
-    pub state_dir: PathBuf,
     pub limits: Limits,
     /// sha256 of the root image the nodes install.
     pub image_sha256: String,
@@ -538,6 +597,8 @@ pub struct RolloutOptions {
     pub trace_file: PathBuf,
     /// Install nodes again that an earlier rollout left ready.
     pub reinstall: bool,
+    /// Where the rollout counts what it does (the store may count into it too).
+    pub metrics: Arc<FleetMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -577,24 +638,21 @@ fn resume(stored: Option<&NodeProgress>, opts: &RolloutOptions, now: u64) -> Nod
             p
         }
         _ => {
-            if p.waiting_on.is_some() {
-                p.retry_at_ms = None;
-                p.attempts = 0;
-            }
+            p.take_over();
             p
         }
     }
 }
 
 impl Rollout {
-    /// Opens the store, resumes every node from it and wires the controllers.
+    /// Resumes every node from `store` and wires the controllers.
     pub fn new(
         targets: &[Target],
         opts: &RolloutOptions,
+        store: Box<dyn RolloutStore>,
         webhook: Option<Webhook>,
         actuator: impl FnOnce(Arc<Shared>) -> Arc<dyn Actuator>,
     ) -> Result<Rollout, RolloutError> {
-        let store = Store::open(&opts.state_dir)?;
         let snapshot: Snapshot = store.read()?;
         let now = now_ms();
         let events = open_event_log(opts.events.as_deref())
@@ -647,7 +705,8 @@ impl Rollout {
             token_hashes: RwLock::new(token_hashes),
             events,
             webhook,
-            metrics: Arc::new(FleetMetrics::new()),
+            metrics: opts.metrics.clone(),
+            news_since: Mutex::default(),
         });
         let mut runtime = Runtime::new();
         shared.inbox.connect(runtime.trigger(), INBOX);
@@ -700,12 +759,12 @@ mod tests {
     fn the_bmc_actuator_counts_each_operation_in_the_rollouts_metrics() {
         let dir = tempfile::tempdir().unwrap();
         let opts = RolloutOptions {
-            state_dir: dir.path().to_path_buf(),
             limits: Limits::default(),
             image_sha256: "0".repeat(64),
             events: None,
             trace_file: dir.path().join("trace.jsonl"),
             reinstall: false,
+            metrics: Arc::default(),
         };
         let targets = [Target {
             name: "node-01".into(),
@@ -715,7 +774,8 @@ mod tests {
         }];
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mut actuator = None;
-        let rollout = Rollout::new(&targets, &opts, None, |shared| {
+        let store = Box::new(crate::store::Store::open(dir.path()).unwrap());
+        let rollout = Rollout::new(&targets, &opts, store, None, |shared| {
             let a: Arc<dyn Actuator> = Arc::new(BmcActuator {
                 runtime: rt.handle().clone(),
                 // The inventory gave it no BMC: the operation fails at once, as a config error.

@@ -68,6 +68,7 @@ impl BmcAction {
     pub fn as_str(self) -> &'static str {
         match self {
             BmcAction::NetbootOnce => "netboot-once",
+            BmcAction::NetbootIfOff => "netboot-if-off",
             BmcAction::BootFromDisk => "boot-from-disk",
         }
     }
@@ -80,11 +81,15 @@ impl std::fmt::Display for Stage {
 }
 
 /// What the provisioner asks a node's BMC to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BmcAction {
     /// One-time boot from the network, then power on (or cycle, if it was on).
     NetbootOnce,
+    /// The same, asked again after the provisioner stopped (or lost its lead) while a
+    /// `NetbootOnce` was in flight: the boot override again, but power on only a machine that
+    /// is off, so no machine is powered twice.
+    NetbootIfOff,
     /// Boot from disk from now on.
     BootFromDisk,
 }
@@ -138,7 +143,7 @@ pub struct StageEntry<S = Stage> {
 }
 
 /// A node's rollout progress: what the store keeps and `kiln fleet status` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeProgress {
     pub stage: Stage,
@@ -225,6 +230,24 @@ impl NodeProgress {
         *self = fresh;
     }
 
+    /// Whether the node's BMC action was started and its outcome not yet seen.
+    pub fn bmc_in_flight(&self) -> bool {
+        self.waiting_on.is_some() && self.retry_at_ms.is_some_and(|t| t >= IN_FLIGHT)
+    }
+
+    /// The node as a new run of the provisioner takes it over: a BMC action in flight when the
+    /// last one stopped is asked again (a `NetbootOnce` as `NetbootIfOff`: it may have powered
+    /// the machine already), a wait for a retry is cut short.
+    pub fn take_over(&mut self) {
+        if self.bmc_in_flight() && self.waiting_on == Some(BmcAction::NetbootOnce) {
+            self.waiting_on = Some(BmcAction::NetbootIfOff);
+        }
+        if self.waiting_on.is_some() {
+            self.retry_at_ms = None;
+            self.attempts = 0;
+        }
+    }
+
     fn wait_on(&mut self, action: BmcAction) {
         self.waiting_on = Some(action);
         self.attempts = 0;
@@ -247,6 +270,10 @@ impl NodeProgress {
             .collect()
     }
 }
+
+/// `retry_at_ms` of a node whose BMC action runs: no retry until its outcome arrives. The
+/// largest integer a Kubernetes API server takes (stores written earlier hold `u64::MAX`).
+const IN_FLIGHT: u64 = i64::MAX as u64;
 
 /// The rollout's bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +395,7 @@ pub fn step(
         && node.retry_at_ms.is_none_or(|t| t <= now)
     {
         node.attempts += 1;
-        node.retry_at_ms = Some(u64::MAX); // until the outcome arrives
+        node.retry_at_ms = Some(IN_FLIGHT);
         commands.push(Command::Bmc(action));
     }
     commands
@@ -395,7 +422,7 @@ fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64
                     node.waiting_on = None;
                     node.retry_at_ms = None;
                     match action {
-                        BmcAction::NetbootOnce => {
+                        BmcAction::NetbootOnce | BmcAction::NetbootIfOff => {
                             node.enter(Stage::Netbooting, now, note.clone());
                         }
                         BmcAction::BootFromDisk => {

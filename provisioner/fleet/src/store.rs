@@ -54,10 +54,54 @@ pub enum StoreError {
     },
     #[error("no fleet state at {0} (run `kiln fleet rollout` first)")]
     Missing(PathBuf),
+    #[error("{node} is not a machine of {store}")]
+    UnknownNode { node: String, store: String },
+    #[error("{what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Where a rollout keeps its state: the embedded [`Store`] when one provisioner serves a rack,
+/// the Machine resources of a cluster (`crate::controller::KubeStore`) when replicas share a
+/// fleet. The rollout engine is the same over both.
+pub trait RolloutStore: Send + Sync {
+    /// Where the state is, for messages.
+    fn location(&self) -> String;
+    fn read(&self) -> Result<Snapshot, StoreError>;
+    /// Commits the nodes' progress. After an error the engine takes the same step again, so a
+    /// batch written in part is overwritten.
+    fn put_nodes(&self, nodes: &[(String, NodeProgress)]) -> Result<(), StoreError>;
+    fn set_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError>;
+    fn add_report(&self, node: &str, report: &StoredReport) -> Result<(), StoreError>;
+    fn add_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError>;
+}
+
+impl RolloutStore for Store {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        Store::read(self)
+    }
+    fn put_nodes(&self, nodes: &[(String, NodeProgress)]) -> Result<(), StoreError> {
+        Store::put_nodes(self, nodes)
+    }
+    fn set_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError> {
+        Store::set_rollout(self, info)
+    }
+    fn add_report(&self, node: &str, report: &StoredReport) -> Result<(), StoreError> {
+        Store::add_report(self, node, report)
+    }
+    fn add_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError> {
+        Store::add_token_hash(self, node, hash)
+    }
 }
 
 /// A report as stored: when it came and what it said.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredReport {
     pub at_ms: u64,
@@ -202,10 +246,6 @@ impl Store {
             t.insert((node, next), value)?;
             Ok(())
         })
-    }
-
-    pub fn put_node(&self, name: &str, progress: &NodeProgress) -> Result<(), StoreError> {
-        self.put_nodes(&[(name.to_string(), progress.clone())])
     }
 
     /// Many nodes in one transaction (a rollout's start: one commit, not one per node).
@@ -379,7 +419,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut p = NodeProgress::new(5);
         p.installs = 1;
-        store.put_node("node-01", &p).unwrap();
+        store.put_nodes(&[("node-01".into(), p.clone())]).unwrap();
         store
             .add_report(
                 "node-01",

@@ -97,7 +97,7 @@ fn bmc(p: &NodeProgress, now_ms: u64) -> String {
     };
     let action = action.as_str();
     match p.retry_at_ms {
-        Some(u64::MAX) => format!("{action}: try {} in flight", p.attempts),
+        _ if p.bmc_in_flight() => format!("{action}: try {} in flight", p.attempts),
         Some(t) if t > now_ms => format!(
             "{action}: try {} failed, again in {}s",
             p.attempts,
