@@ -64,16 +64,13 @@ fn kubectl(cluster: &TestCluster, args: &[&str]) -> String {
 }
 
 fn import(cluster: &TestCluster, inventory: &std::path::Path) -> Output {
+    import_into(cluster, inventory, "rack1")
+}
+
+fn import_into(cluster: &TestCluster, inventory: &std::path::Path, namespace: &str) -> Output {
     Command::new(KILN)
-        .args([
-            "fleet",
-            "import",
-            "-o",
-            "json",
-            "--namespace",
-            "rack1",
-            "--inventory",
-        ])
+        .args(["fleet", "import", "-o", "json", "--namespace", namespace])
+        .arg("--inventory")
         .arg(inventory)
         .arg("--kubeconfig")
         .arg(&cluster.kubeconfig)
@@ -97,8 +94,9 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
         "{}",
         text(&out)
     );
-    let crds = kubectl(cluster, &["get", "crd", "-o", "name"]);
-    assert!(!crds.contains("machines.kiln.dev"), "{crds}");
+    // (Other tests of this cluster install the definitions: the namespace tells.)
+    let namespaces = kubectl(cluster, &["get", "namespaces", "-o", "name"]);
+    assert!(!namespaces.contains("namespace/rack1"), "{namespaces}");
 
     std::fs::write(dir.path().join("node-02.bmc"), "another-password").unwrap();
     let out = import(cluster, &inventory);
@@ -194,7 +192,7 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
             "--subresource=status",
             "--type=merge",
             "-p",
-            r#"{"status":{"stage":"failed","failure":{"stage":"powering-on","reason":"BMC auth: wrong password"},"installs":0}}"#,
+            r#"{"status":{"rollout":"rack","stage":"failed","sinceMs":1,"history":[{"stage":"failed","atMs":1}],"failure":{"stage":"powering-on","reason":"BMC auth: wrong password"},"installs":0}}"#,
         ],
     );
     let table = kubectl(cluster, &["get", "machines", "-n", "rack1", "-o", "wide"]);
@@ -228,6 +226,81 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
     );
     assert!(!bad.status.success(), "{}", text(&bad));
     assert!(text(&bad).contains("status.stage"), "{}", text(&bad));
+}
+
+#[test]
+fn the_controller_refuses_a_rollout_of_another_build_before_it_leads() {
+    let cluster = TestCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("fleet.yaml");
+    std::fs::write(&inventory, INVENTORY.replace("rack1", "rack2")).unwrap();
+    for n in ["node-01", "node-02"] {
+        std::fs::write(dir.path().join(format!("{n}.bmc")), PASSWORD).unwrap();
+    }
+    let out = import_into(cluster, &inventory, "rack2");
+    assert!(out.status.success(), "{}", text(&out));
+    let rollout = dir.path().join("rollout.yaml");
+    let wanted = "a".repeat(64);
+    std::fs::write(
+        &rollout,
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: r1, namespace: rack2}}\n\
+             spec: {{artifacts: /srv/build, imageSha256: {wanted}, parallelism: 2}}\n"
+        ),
+    )
+    .unwrap();
+    kubectl(cluster, &["apply", "-f", rollout.to_str().unwrap()]);
+    // A build whose root image is another one.
+    let artifacts = dir.path().join("build");
+    std::fs::create_dir(&artifacts).unwrap();
+    let built = "b".repeat(64);
+    let manifest = serde_json::json!({
+        "kiln_version": "0", "spec_sha256": "0", "suite": "trixie", "mirror": "", "kernel": "",
+        "kernel_args": [], "rootfs_cache_key": "", "packages": [],
+        "artifacts": [{"path": kiln_spec::bootargs::PXE_ROOTFS, "size": 1, "sha256": built}],
+    });
+    std::fs::write(artifacts.join("manifest.json"), manifest.to_string()).unwrap();
+    let spec = kiln_spec::Appliance::profile(kiln_spec::ProfileName::Test).to_yaml();
+    std::fs::write(artifacts.join("spec.yaml"), spec).unwrap();
+    let out = Command::new(KILN)
+        .args(["fleet", "controller", "--kubeconfig"])
+        .arg(&cluster.kubeconfig)
+        .args([
+            "--namespace",
+            "rack2",
+            "--rollout",
+            "r1",
+            "--interface",
+            "lo",
+        ])
+        .arg("--artifacts")
+        .arg(&artifacts)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "Rollout r1 installs image {wanted}, but the build in {} has {built}: nothing was started",
+            artifacts.display()
+        )),
+        "{}",
+        text(&out)
+    );
+    // It never took part in the election, and no Machine was touched.
+    let leases = kubectl(cluster, &["get", "leases", "-n", "rack2", "-o", "name"]);
+    assert!(leases.trim().is_empty(), "{leases}");
+    let machines = kubectl(cluster, &["get", "machines", "-n", "rack2", "-o", "json"]);
+    let machines: Value = serde_json::from_str(&machines).unwrap();
+    assert!(
+        machines["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m.get("status").is_none()),
+        "{machines:#}"
+    );
 }
 
 #[test]

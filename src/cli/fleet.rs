@@ -47,6 +47,10 @@ pub enum FleetCmd {
     /// Create or update a Machine per inventory node in a cluster, each BMC password in a
     /// Secret the Machine names (server-side apply: running it again changes nothing)
     Import(super::fleet_resources::ImportArgs),
+    /// Drive a Rollout resource as one replica of the provisioner's controller: the replica
+    /// holding the rollout's Lease powers, netboots and installs its Machines, keeping their
+    /// progress in their status; the others wait to take over
+    Controller(Box<super::fleet_controller::ControllerArgs>),
     /// Print the node config a node installs with, its cluster credentials included (for
     /// nodes installed from the ISO rather than netbooted: copy it to the node's
     /// /etc/kiln/node.override.yaml)
@@ -112,6 +116,21 @@ pub struct RolloutArgs {
     /// Nodes powering on or netbooting at once [default: --parallel]
     #[arg(long, value_name = "N")]
     netboot_parallel: Option<usize>,
+    #[command(flatten)]
+    deadlines: Deadlines,
+    /// Append every stage change as a JSON line to this file
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// POST every stage change as JSON to this URL (best effort)
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+    #[command(flatten)]
+    view: ViewArgs,
+}
+
+/// How long each stage of a node may take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Deadlines {
     /// Deadline for the BMC to power a node on into its network boot
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2m")]
     power_timeout: Duration,
@@ -124,14 +143,26 @@ pub struct RolloutArgs {
     /// Deadline from the disk being written to the installed node's agent reporting ready
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "20m")]
     ready_timeout: Duration,
-    /// Append every stage change as a JSON line to this file
-    #[arg(long, value_name = "FILE")]
-    events: Option<PathBuf>,
-    /// POST every stage change as JSON to this URL (best effort)
-    #[arg(long, value_name = "URL")]
-    webhook: Option<String>,
-    #[command(flatten)]
-    view: ViewArgs,
+}
+
+impl Deadlines {
+    /// The rollout's limits with these deadlines.
+    pub(super) fn limits(&self, parallel: usize, netboot_parallel: usize) -> Limits {
+        Limits {
+            parallel: parallel.max(1),
+            netboot_parallel: netboot_parallel.max(1),
+            powering_on: self.power_timeout,
+            netbooting: self.netboot_timeout,
+            installing: self.install_timeout,
+            rebooting: self.ready_timeout,
+            ..Limits::default()
+        }
+    }
+
+    /// Bound on one whole BMC action.
+    pub(super) fn bmc_action(&self) -> Duration {
+        self.power_timeout
+    }
 }
 
 /// The fleet view of a running rollout.
@@ -177,6 +208,7 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
         FleetCmd::Serve(a) => serve_cmd(a),
         FleetCmd::Crds => super::fleet_resources::crds_cmd(),
         FleetCmd::Import(a) => super::fleet_resources::import_cmd(a),
+        FleetCmd::Controller(a) => super::fleet_controller::run(*a),
         FleetCmd::Upgrade(a) => super::fleet_upgrade::run(*a),
         FleetCmd::NodeConfig(a) => node_config_cmd(a),
     }
@@ -185,7 +217,7 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
 /// The inventory with each node's part in the cluster (none without the kubernetes feature),
 /// in the Ceph cluster (none without `spec.cluster.ceph`) and its agent API filled in, from the fleet's credentials in the state directory (made on
 /// first use).
-fn with_node_parts(
+pub(super) fn with_node_parts(
     appliance: &Appliance,
     inventory: &Inventory,
     state_dir: &Path,
@@ -228,17 +260,41 @@ struct Loaded {
 fn load(src: &Source) -> anyhow::Result<Loaded> {
     let inventory = Inventory::load(&src.inventory)
         .with_context(|| format!("loading the inventory {}", src.inventory.display()))?;
-    let spec_path = src
-        .spec
-        .clone()
-        .unwrap_or_else(|| src.artifacts.join("spec.yaml"));
-    let appliance = Appliance::load(&spec_path)
+    let (appliance, image_sha256) = load_build(
+        &src.artifacts,
+        &spec_path(&src.artifacts, src.spec.as_deref()),
+        src.trusted_key.as_deref(),
+    )?;
+    Ok(Loaded {
+        inventory_dir: src
+            .inventory
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        inventory,
+        appliance,
+        image_sha256,
+    })
+}
+
+/// The appliance spec nodes install from: `spec`, or the build's own.
+pub(super) fn spec_path(artifacts: &Path, spec: Option<&Path>) -> PathBuf {
+    spec.map_or_else(|| artifacts.join("spec.yaml"), Path::to_path_buf)
+}
+
+/// The appliance spec and the sha256 of the root image of the build in `artifacts` (its
+/// signature and every artifact checked first when a trusted key is given).
+pub(super) fn load_build(
+    artifacts: &Path,
+    spec_path: &Path,
+    trusted_key: Option<&Path>,
+) -> anyhow::Result<(Appliance, String)> {
+    let appliance = Appliance::load(spec_path)
         .with_context(|| format!("loading the appliance spec {}", spec_path.display()))?;
-    let manifest_path = src.artifacts.join("manifest.json");
-    let manifest: Manifest = match &src.trusted_key {
+    let manifest_path = artifacts.join("manifest.json");
+    let manifest: Manifest = match trusted_key {
         Some(key) => {
             let key = super::key::load_public_key(key)?;
-            kiln_image::manifest::verify_bundle(&src.artifacts, &key)
+            kiln_image::manifest::verify_bundle(artifacts, &key)
                 .context("checking the build's signature and artifacts")?
         }
         None => std::fs::read_to_string(&manifest_path)
@@ -256,15 +312,7 @@ fn load(src: &Source) -> anyhow::Result<Loaded> {
             )
         })?
         .to_string();
-    Ok(Loaded {
-        inventory_dir: src
-            .inventory
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-        inventory,
-        appliance,
-        image_sha256,
-    })
+    Ok((appliance, image_sha256))
 }
 
 fn bmc_target(node: &kiln_spec::InventoryNode, base: &Path) -> anyhow::Result<Option<BmcTarget>> {
@@ -414,15 +462,9 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
     }
     let state_dir = a.source.state_dir.clone();
     let pxe_state = state_dir.join("pxe");
-    let limits = Limits {
-        parallel: a.parallel.max(1),
-        netboot_parallel: a.netboot_parallel.unwrap_or(a.parallel).max(1),
-        powering_on: a.power_timeout,
-        netbooting: a.netboot_timeout,
-        installing: a.install_timeout,
-        rebooting: a.ready_timeout,
-        ..Limits::default()
-    };
+    let limits = a
+        .deadlines
+        .limits(a.parallel, a.netboot_parallel.unwrap_or(a.parallel));
     let opts = RolloutOptions {
         limits,
         image_sha256: l.image_sha256.clone(),
@@ -437,7 +479,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         .map(|t| (t.name.clone(), t.bmc.clone()))
         .collect();
     let handle = rt.handle().clone();
-    let timeout = a.power_timeout;
+    let timeout = a.deadlines.bmc_action();
     let passwords = nodes
         .iter()
         .filter_map(|n| {
@@ -470,15 +512,20 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         state_dir.display()
     );
     let shutdown = kiln_netboot::server::CancellationToken::new();
-    let (server, trace) = start_netboot(
-        &rt,
-        &netboot,
-        &a.source,
-        &l.inventory,
-        &pxe_state,
+    let spec = spec_path(&a.source.artifacts, a.source.spec.as_deref());
+    let sources = NetbootSources {
+        netboot: &netboot,
+        artifacts: &a.source.artifacts,
+        inventory_file: &a.source.inventory,
+        inventory: &l.inventory,
+        spec: &spec,
+        pxe_state: &pxe_state,
+    };
+    let (server, trace) = rt.block_on(start_netboot(
+        sources,
         rollout.shared.clone(),
         shutdown.clone(),
-    )?;
+    ))?;
     let view = match a.view.listen {
         Some(listen) => Some(start_view(
             &rt,
@@ -628,22 +675,30 @@ fn start_view(
     )
 }
 
+/// Where the netboot services get what they serve.
+pub(super) struct NetbootSources<'a> {
+    pub netboot: &'a kiln_spec::inventory::InventoryNetboot,
+    pub artifacts: &'a Path,
+    /// The inventory file (for its settings) and the inventory served, node parts filled in.
+    pub inventory_file: &'a Path,
+    pub inventory: &'a Inventory,
+    pub spec: &'a Path,
+    pub pxe_state: &'a Path,
+}
+
 /// Starts kiln's netboot services for the rollout and waits until they listen, so no node is
 /// powered on before its boot can be answered; also gives the trace they record into, which
 /// the fleet view shows.
-fn start_netboot(
-    rt: &tokio::runtime::Runtime,
-    netboot: &kiln_spec::inventory::InventoryNetboot,
-    src: &Source,
-    inventory: &Inventory,
-    pxe_state: &Path,
+pub(super) async fn start_netboot(
+    src: NetbootSources<'_>,
     shared: Arc<rollout::Shared>,
     shutdown: kiln_netboot::server::CancellationToken,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     Arc<kiln_netboot::trace::Trace>,
 )> {
-    let trace = kiln_netboot::server::open_trace(pxe_state)?;
+    let netboot = src.netboot;
+    let trace = kiln_netboot::server::open_trace(src.pxe_state)?;
     let http = match netboot.http_port {
         Some(port) => {
             let (ip, _) = kiln_netboot::server::interface_ipv4(&netboot.interface)?;
@@ -656,14 +711,10 @@ fn start_netboot(
         mode: Some(netboot.mode),
         artifacts: Some(src.artifacts.join("pxe")),
         manifest: Some(src.artifacts.join("manifest.json")),
-        inventory: Some(src.inventory.clone()),
-        spec: Some(
-            src.spec
-                .clone()
-                .unwrap_or_else(|| src.artifacts.join("spec.yaml")),
-        ),
+        inventory: Some(src.inventory_file.to_path_buf()),
+        spec: Some(src.spec.to_path_buf()),
         http,
-        state: Some(pxe_state.to_path_buf()),
+        state: Some(src.pxe_state.to_path_buf()),
         pool_start: netboot.pool_start,
         pool_end: netboot.pool_end,
         ..ServeConfig::default()
@@ -672,10 +723,9 @@ fn start_netboot(
         anyhow::anyhow!("invalid netboot settings:\n  {}", errors.join("\n  "))
     })?;
     let listen = resolved.settings.http_listen;
-    // The file's inventory, with what the fleet fills in for each node.
-    let inventory = inventory.clone();
+    let inventory = src.inventory.clone();
     let served_trace = trace.clone();
-    let server = rt.spawn(async move {
+    let mut server = tokio::spawn(async move {
         kiln_netboot::server::serve(
             resolved.settings,
             inventory,
@@ -690,18 +740,19 @@ fn start_netboot(
     let started = std::time::Instant::now();
     loop {
         if server.is_finished() {
-            return match rt.block_on(server) {
+            return match (&mut server).await {
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(())) => bail!("the netboot services stopped at once"),
                 Err(e) => bail!("the netboot services panicked: {e}"),
             };
         }
-        if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+        let probe = tokio::net::TcpStream::connect(listen);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
             return Ok((server, trace));
         }
         if started.elapsed() > Duration::from_secs(30) {
             bail!("the netboot services did not listen on {listen} within 30 s");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod cluster;
 pub mod docs;
 pub mod fleet;
+pub mod fleet_controller;
 pub mod fleet_resources;
 pub mod fleet_upgrade;
 pub mod install;

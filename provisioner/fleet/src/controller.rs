@@ -491,6 +491,21 @@ pub enum ReplicaEnd {
     Stopped,
 }
 
+/// The Rollout resource `name` of `namespace`.
+pub async fn read_rollout(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<RolloutResource, ControllerError> {
+    Api::<RolloutResource>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(|source| ControllerError::Kube {
+            what: format!("reading Rollout {namespace}/{name}"),
+            source,
+        })
+}
+
 /// The Lease the replicas of one rollout share.
 pub fn lease_name(rollout: &str) -> String {
     format!("kiln-rollout-{rollout}")
@@ -584,14 +599,21 @@ impl Drop for StopOnDrop {
 
 /// Runs one replica: waits for the rollout's Lease, then drives the Rollout with the same
 /// engine as `kiln fleet rollout` until every selected Machine is done, the lead is lost or
-/// `stop` fires. `actuator` makes what acts on the machines (the BMC drivers) once the
-/// replica leads; `shared` is also what the netboot services report into.
-pub async fn run_replica(
+/// `stop` fires. Once it leads, `actuator` makes what acts on the selected machines (the BMC
+/// drivers)
+/// and `serve` starts what the machines reach (the netboot services, reporting into the
+/// rollout's [`Shared`]) for the Machines as an inventory; what `serve` returns is kept until
+/// the replica stops leading. No machine is powered before `serve` is done.
+pub async fn run_replica<G, S>(
     client: Client,
     config: ReplicaConfig,
-    actuator: impl FnOnce(Arc<Shared>) -> Arc<dyn Actuator>,
+    actuator: impl FnOnce(Arc<Shared>, &[Target]) -> Arc<dyn Actuator>,
+    serve: impl FnOnce(Arc<Shared>, Inventory) -> S,
     stop: kiln_netboot::server::CancellationToken,
-) -> Result<ReplicaEnd, ControllerError> {
+) -> Result<ReplicaEnd, ControllerError>
+where
+    S: Future<Output = Result<G, String>>,
+{
     let secs = config.lease.as_secs().max(2);
     let manager = LeaseManagerBuilder::new(client.clone(), lease_name(&config.rollout))
         .with_namespace(&config.namespace)
@@ -613,14 +635,7 @@ pub async fn run_replica(
         }
     }
     tracing::info!(identity = %config.identity, rollout = %config.rollout, "leading");
-    let rollouts: Api<RolloutResource> = Api::namespaced(client.clone(), &config.namespace);
-    let resource = rollouts
-        .get(&config.rollout)
-        .await
-        .map_err(|source| ControllerError::Kube {
-            what: format!("reading Rollout {}", config.rollout),
-            source,
-        })?;
+    let resource = read_rollout(&client, &config.namespace, &config.rollout).await?;
     let metrics = Arc::new(FleetMetrics::new());
     let store = KubeStore::open(
         client.clone(),
@@ -659,8 +674,16 @@ pub async fn run_replica(
         reinstall: false,
         metrics,
     };
-    let rollout = Rollout::new(&targets, &opts, Box::new(store), None, actuator)?;
+    let rollout = Rollout::new(&targets, &opts, Box::new(store), None, |shared| {
+        actuator(shared, &targets)
+    })?;
     let _stop_engine = StopOnDrop(rollout.stopper());
+    let _served = serve(rollout.shared.clone(), inventory_of(&machines))
+        .await
+        .map_err(|reason| ControllerError::Rollout {
+            rollout: config.rollout.clone(),
+            reason,
+        })?;
     let stopper = rollout.stopper();
     let resync = config.resync;
     let mut engine = tokio::task::spawn_blocking(move || rollout.run(resync));

@@ -232,7 +232,7 @@ impl Replica {
             let result = controller::run_replica(
                 kubeconfig_client,
                 config,
-                move |s: Arc<Shared>| {
+                move |s: Arc<Shared>, _: &[Target]| {
                     *seen.lock().unwrap() = Some(s.clone());
                     *sim.leader.write().unwrap() = Some(s.clone());
                     Arc::new(SimulatedBmcs {
@@ -241,6 +241,8 @@ impl Replica {
                         runtime: handle,
                     })
                 },
+                // The simulated machines reach the leader without netboot services.
+                |_, _| async { Ok(()) },
                 CancellationToken::new(),
             )
             .await;
