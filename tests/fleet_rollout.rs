@@ -428,7 +428,183 @@ fn a_rack_rolls_out_from_powered_off_to_ready_and_faults_fail_alone() {
     for n in &nodes[..3] {
         assert_eq!(node(&st, &n.name)["stage"], "ready");
     }
+
+    rollout_through_the_cluster(&dir, &rack, &inventory, &artifacts, &state, &trusted);
     drop(rack);
+}
+
+/// node-05, failed above on the wrong MAC in the inventory, is put right and rolled out
+/// through Kubernetes resources: the inventory imported as Machines into a real API server, a
+/// Rollout of node-05, and `kiln fleet controller` in the rack's namespace (reaching the API
+/// server through a relay on its loopback) leading it, powering the machine over IPMI and
+/// serving its netboot, to ready — the story in the Machine's status and Events.
+fn rollout_through_the_cluster(
+    dir: &Path,
+    rack: &rack::Rack,
+    inventory: &Path,
+    artifacts: &Path,
+    state: &Path,
+    key: &Path,
+) {
+    let node = &rack.nodes()[4];
+    let cluster = kiln_cluster::testing::TestCluster::shared();
+    let yaml = std::fs::read_to_string(inventory).unwrap();
+    std::fs::write(inventory, yaml.replace("52:54:00:6b:00:55", &node.mac)).unwrap();
+    let ns = "kiln-lab";
+    let out = Command::new(KILN)
+        .args(["fleet", "import", "--namespace", ns, "--inventory"])
+        .arg(inventory)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet import: {}", text(&out));
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(artifacts.join("manifest.json")).unwrap()).unwrap();
+    let image = manifest["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["path"] == kiln_spec::bootargs::PXE_ROOTFS)
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rollout = dir.join("rollout.yaml");
+    std::fs::write(
+        &rollout,
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: lab, namespace: {ns}}}\n\
+             spec: {{selector: {}, artifacts: {}, imageSha256: {image}, parallelism: 1}}\n",
+            node.name,
+            artifacts.display()
+        ),
+    )
+    .unwrap();
+    kubectl(cluster, &["apply", "-f", rollout.to_str().unwrap()]);
+
+    let kubeconfig = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let port: u16 = kubeconfig
+        .split("https://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .expect("the API server's port in the kubeconfig");
+    let _relay = lab_support::relay_into_netns(&rack.state().netns, port);
+    let netboot = kiln_spec::Inventory::load(inventory)
+        .unwrap()
+        .spec
+        .netboot
+        .unwrap();
+    let mut controller = rack_cmd(dir, &["fleet", "controller", "--kubeconfig"]);
+    controller
+        .arg(&cluster.kubeconfig)
+        .args([
+            "--namespace",
+            ns,
+            "--rollout",
+            "lab",
+            "--identity",
+            "lab-replica",
+        ])
+        .arg("--artifacts")
+        .arg(artifacts)
+        .arg("--trusted-key")
+        .arg(key)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--interface", &netboot.interface, "--mode", "dhcp"])
+        .args(["--pool-start", &netboot.pool_start.unwrap().to_string()])
+        .args(["--pool-end", &netboot.pool_end.unwrap().to_string()])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(controller.spawn().unwrap(), ROLLOUT_TIMEOUT);
+    let log = text(&out);
+    eprintln!("fleet controller:\n{log}");
+    assert!(
+        out.status.success(),
+        "the controller's rollout failed:\n{log}\n{}",
+        console_tails(std::slice::from_ref(node))
+    );
+
+    let machine: Value = serde_json::from_str(&kubectl(
+        cluster,
+        &["get", "machine", &node.name, "-n", ns, "-o", "json"],
+    ))
+    .unwrap();
+    let status = &machine["status"];
+    assert_eq!(status["stage"], "ready", "{status:#}");
+    assert_eq!(status["slot"], "A", "{status:#}");
+    assert_eq!(status["imageSha256"], image.as_str(), "{status:#}");
+    assert!(
+        status["reports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["report"]["phase"] == "agent-ready"),
+        "{status:#}"
+    );
+    let events = kubectl(
+        cluster,
+        &[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("regarding.name={}", node.name),
+            "-o",
+            "json",
+        ],
+    );
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    for reason in [
+        "PoweringOn",
+        "Netbooting",
+        "Installing",
+        "Rebooting",
+        "Ready",
+    ] {
+        assert!(reasons.contains(&reason), "no {reason} Event: {reasons:?}");
+    }
+    let lease = kubectl(
+        cluster,
+        &[
+            "get",
+            "lease",
+            "kiln-rollout-lab",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    );
+    // Released when the rollout ended, or still naming the replica that led it.
+    assert!(lease.is_empty() || lease == "lab-replica", "{lease}");
+    let console = String::from_utf8_lossy(&std::fs::read(&node.console_log).unwrap()).into_owned();
+    assert!(
+        console.contains(&format!("kiln-agent ready node={} slot=A", node.name)),
+        "{} never said ready",
+        node.name
+    );
+}
+
+fn kubectl(cluster: &kiln_cluster::testing::TestCluster, args: &[&str]) -> String {
+    let out = Command::new(&cluster.binaries().kubectl)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A request to the running rollout's fleet view from inside the rack's namespace: the status

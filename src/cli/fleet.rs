@@ -77,16 +77,8 @@ pub struct Source {
     /// Fleet inventory (kind: Inventory)
     #[arg(long, value_name = "FILE")]
     inventory: PathBuf,
-    /// Build output directory (manifest.json, spec.yaml, pxe/) [default: .]
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    artifacts: PathBuf,
-    /// Appliance spec the nodes install from [default: spec.yaml in --artifacts]
-    #[arg(long, value_name = "FILE")]
-    spec: Option<PathBuf>,
-    /// Roll out only a build signed by this key (NAME.pub): manifest.json's signature and
-    /// every artifact are checked before any machine is touched
-    #[arg(long, value_name = "FILE")]
-    trusted_key: Option<PathBuf>,
+    #[command(flatten)]
+    build: Build,
     /// Which nodes: names, globs, role=R, label=V, comma-separated [default: all]
     #[arg(long, value_name = "SELECTOR")]
     nodes: Option<String>,
@@ -126,6 +118,64 @@ pub struct RolloutArgs {
     webhook: Option<String>,
     #[command(flatten)]
     view: ViewArgs,
+}
+
+/// The build nodes install.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Build {
+    /// Build output directory (manifest.json, spec.yaml, pxe/) [default: .]
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub artifacts: PathBuf,
+    /// Appliance spec the nodes install from [default: spec.yaml in --artifacts]
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Roll out only a build signed by this key (NAME.pub): manifest.json's signature and
+    /// every artifact are checked before any machine is touched
+    #[arg(long, value_name = "FILE")]
+    trusted_key: Option<PathBuf>,
+}
+
+impl Build {
+    /// The appliance spec nodes install from: `--spec`, or the build's own.
+    pub(super) fn spec_path(&self) -> PathBuf {
+        self.spec
+            .clone()
+            .unwrap_or_else(|| self.artifacts.join("spec.yaml"))
+    }
+
+    /// The appliance spec and the sha256 of the build's root image (its signature and every
+    /// artifact checked first when a trusted key is given).
+    pub(super) fn load(&self) -> anyhow::Result<(Appliance, String)> {
+        let spec_path = self.spec_path();
+        let artifacts = &self.artifacts;
+        let appliance = Appliance::load(&spec_path)
+            .with_context(|| format!("loading the appliance spec {}", spec_path.display()))?;
+        let manifest_path = artifacts.join("manifest.json");
+        let manifest: Manifest = match &self.trusted_key {
+            Some(key) => {
+                let key = super::key::load_public_key(key)?;
+                kiln_image::manifest::verify_bundle(artifacts, &key)
+                    .context("checking the build's signature and artifacts")?
+            }
+            None => std::fs::read_to_string(&manifest_path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(serde_json::from_str(&t)?))
+                .with_context(|| {
+                    format!("loading the build manifest {}", manifest_path.display())
+                })?,
+        };
+        let image_sha256 = manifest
+            .sha256_of(kiln_spec::bootargs::PXE_ROOTFS)
+            .with_context(|| {
+                format!(
+                    "{} lists no {} (build with `kiln build --out DIR`)",
+                    manifest_path.display(),
+                    kiln_spec::bootargs::PXE_ROOTFS
+                )
+            })?
+            .to_string();
+        Ok((appliance, image_sha256))
+    }
 }
 
 /// How long each stage of a node may take.
@@ -260,11 +310,7 @@ struct Loaded {
 fn load(src: &Source) -> anyhow::Result<Loaded> {
     let inventory = Inventory::load(&src.inventory)
         .with_context(|| format!("loading the inventory {}", src.inventory.display()))?;
-    let (appliance, image_sha256) = load_build(
-        &src.artifacts,
-        &spec_path(&src.artifacts, src.spec.as_deref()),
-        src.trusted_key.as_deref(),
-    )?;
+    let (appliance, image_sha256) = src.build.load()?;
     Ok(Loaded {
         inventory_dir: src
             .inventory
@@ -274,45 +320,6 @@ fn load(src: &Source) -> anyhow::Result<Loaded> {
         appliance,
         image_sha256,
     })
-}
-
-/// The appliance spec nodes install from: `spec`, or the build's own.
-pub(super) fn spec_path(artifacts: &Path, spec: Option<&Path>) -> PathBuf {
-    spec.map_or_else(|| artifacts.join("spec.yaml"), Path::to_path_buf)
-}
-
-/// The appliance spec and the sha256 of the root image of the build in `artifacts` (its
-/// signature and every artifact checked first when a trusted key is given).
-pub(super) fn load_build(
-    artifacts: &Path,
-    spec_path: &Path,
-    trusted_key: Option<&Path>,
-) -> anyhow::Result<(Appliance, String)> {
-    let appliance = Appliance::load(spec_path)
-        .with_context(|| format!("loading the appliance spec {}", spec_path.display()))?;
-    let manifest_path = artifacts.join("manifest.json");
-    let manifest: Manifest = match trusted_key {
-        Some(key) => {
-            let key = super::key::load_public_key(key)?;
-            kiln_image::manifest::verify_bundle(artifacts, &key)
-                .context("checking the build's signature and artifacts")?
-        }
-        None => std::fs::read_to_string(&manifest_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| Ok(serde_json::from_str(&t)?))
-            .with_context(|| format!("loading the build manifest {}", manifest_path.display()))?,
-    };
-    let image_sha256 = manifest
-        .sha256_of(kiln_spec::bootargs::PXE_ROOTFS)
-        .with_context(|| {
-            format!(
-                "{} lists no {} (build with `kiln build --out DIR`)",
-                manifest_path.display(),
-                kiln_spec::bootargs::PXE_ROOTFS
-            )
-        })?
-        .to_string();
-    Ok((appliance, image_sha256))
 }
 
 fn bmc_target(node: &kiln_spec::InventoryNode, base: &Path) -> anyhow::Result<Option<BmcTarget>> {
@@ -443,17 +450,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
             problems.push(format!("node {}: {e}", n.name));
         }
         match bmc_target(n, &l.inventory_dir) {
-            Ok(bmc) => targets.push(Target {
-                name: n.name.clone(),
-                role: n.role,
-                macs: n
-                    .boot_macs
-                    .iter()
-                    .filter_map(|m| kiln_spec::inventory::parse_mac(m))
-                    .map(|m| kiln_spec::inventory::format_mac(&m))
-                    .collect(),
-                bmc,
-            }),
+            Ok(bmc) => targets.push(Target::of(n, bmc)),
             Err(e) => problems.push(format!("{e:#}")),
         }
     }
@@ -512,10 +509,10 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         state_dir.display()
     );
     let shutdown = kiln_netboot::server::CancellationToken::new();
-    let spec = spec_path(&a.source.artifacts, a.source.spec.as_deref());
+    let spec = a.source.build.spec_path();
     let sources = NetbootSources {
         netboot: &netboot,
-        artifacts: &a.source.artifacts,
+        artifacts: &a.source.build.artifacts,
         inventory_file: &a.source.inventory,
         inventory: &l.inventory,
         spec: &spec,

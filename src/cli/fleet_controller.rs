@@ -16,9 +16,7 @@ use kiln_fleet::status;
 use kiln_netboot::server::CancellationToken;
 use kiln_spec::inventory::{InventoryNetboot, NetbootMode};
 
-use super::fleet::{
-    Deadlines, NetbootSources, load_build, spec_path, start_netboot, with_node_parts,
-};
+use super::fleet::{Build, Deadlines, NetbootSources, start_netboot, with_node_parts};
 use super::parse_duration;
 
 #[derive(Debug, clap::Args)]
@@ -32,16 +30,9 @@ pub struct ControllerArgs {
     /// The Rollout resource to drive
     #[arg(long, value_name = "NAME")]
     rollout: String,
-    /// Build output directory (manifest.json, spec.yaml, pxe/); its root image must be the
-    /// Rollout's imageSha256
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    artifacts: PathBuf,
-    /// Appliance spec the nodes install from [default: spec.yaml in --artifacts]
-    #[arg(long, value_name = "FILE")]
-    spec: Option<PathBuf>,
-    /// Drive only a build signed by this key (NAME.pub)
-    #[arg(long, value_name = "FILE")]
-    trusted_key: Option<PathBuf>,
+    /// The build (its root image must be the Rollout's imageSha256)
+    #[command(flatten)]
+    build: Build,
     /// The fleet's credentials (every replica needs the same) and this replica's netboot
     /// state
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
@@ -96,8 +87,8 @@ impl Drop for Serving {
 }
 
 pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
-    let spec = spec_path(&a.artifacts, a.spec.as_deref());
-    let (appliance, image_sha256) = load_build(&a.artifacts, &spec, a.trusted_key.as_deref())?;
+    let spec = a.build.spec_path();
+    let (appliance, image_sha256) = a.build.load()?;
     let rt = super::runtime()?;
     let client = rt
         .block_on(kiln_cluster::kube_client::from_kubeconfig(&a.kubeconfig))
@@ -108,7 +99,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
             "Rollout {} installs image {}, but the build in {} has {}: nothing was started",
             a.rollout,
             resource.spec.image_sha256,
-            a.artifacts.display(),
+            a.build.artifacts.display(),
             image_sha256
         );
     }
@@ -175,7 +166,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
                 &appliance,
                 &a.state_dir,
                 &pxe_state,
-                &a.artifacts,
+                &a.build.artifacts,
                 &spec,
                 &netboot,
             );

@@ -242,3 +242,52 @@ pub fn probe_unit(name: &str, description: &str) -> String {
 "#
     )
 }
+
+/// Makes `127.0.0.1:port` inside network namespace `netns` lead to `127.0.0.1:port` of the
+/// test's own namespace (a TCP relay on both loopbacks), so a command run in a lab rack
+/// reaches a test's API server with the kubeconfig the test uses. Stops accepting on drop.
+pub struct LoopbackRelay(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for LoopbackRelay {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub fn relay_into_netns(netns: &str, port: u16) -> LoopbackRelay {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let ns = kiln_lab::netns::Netns::existing(netns).expect("the rack's namespace");
+    let listener = ns
+        .enter(|| TcpListener::bind(("127.0.0.1", port)))
+        .expect("entering the rack's namespace")
+        .expect("listening in the rack's namespace");
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let inside = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) else {
+                continue;
+            };
+            inside.set_nonblocking(false).unwrap();
+            for (mut from, mut to) in [
+                (inside.try_clone().unwrap(), outside.try_clone().unwrap()),
+                (outside, inside),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    LoopbackRelay(stop)
+}

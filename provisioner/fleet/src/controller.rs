@@ -572,17 +572,7 @@ async fn targets(
                 })
             }
         };
-        out.push(Target {
-            name: node.name.clone(),
-            role: node.role,
-            macs: node
-                .boot_macs
-                .iter()
-                .filter_map(|m| kiln_spec::inventory::parse_mac(m))
-                .map(|m| kiln_spec::inventory::format_mac(&m))
-                .collect(),
-            bmc,
-        });
+        out.push(Target::of(node, bmc));
     }
     Ok(out)
 }

@@ -45,6 +45,23 @@ pub struct Target {
     pub bmc: Option<BmcTarget>,
 }
 
+impl Target {
+    /// An inventory node as a rollout target, its BMC reached as `bmc`.
+    pub fn of(node: &kiln_spec::InventoryNode, bmc: Option<BmcTarget>) -> Target {
+        Target {
+            name: node.name.clone(),
+            role: node.role,
+            macs: node
+                .boot_macs
+                .iter()
+                .filter_map(|m| kiln_spec::inventory::parse_mac(m))
+                .map(|m| kiln_spec::inventory::format_mac(&m))
+                .collect(),
+            bmc,
+        }
+    }
+}
+
 /// What the HTTP handlers, the BMC tasks and the controllers share.
 pub struct Shared {
     store: Box<dyn RolloutStore>,
