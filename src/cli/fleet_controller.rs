@@ -20,6 +20,10 @@ use super::fleet::{Build, Deadlines, NetbootSources, start_netboot, with_node_pa
 use super::parse_duration;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    override_usage = "kiln fleet controller --kubeconfig <FILE> --rollout <NAME>
+       --interface <IFACE> [OPTIONS]"
+)]
 pub struct ControllerArgs {
     /// kubeconfig of the cluster that keeps the Machines and the Rollout
     #[arg(long, value_name = "FILE")]
