@@ -21,6 +21,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_fleet::controller;
+use kiln_fleet::stage::Stage;
 use kiln_lab::rack::{self, RackNode, RackSpec};
 use kiln_spec::layout;
 use lab_support::upgrade::bundles;
@@ -565,14 +567,16 @@ fn rollout_through_the_cluster(
         .iter()
         .filter_map(|e| e["reason"].as_str())
         .collect();
-    for reason in [
-        "PoweringOn",
-        "Netbooting",
-        "Installing",
-        "Rebooting",
-        "Ready",
-    ] {
-        assert!(reasons.contains(&reason), "no {reason} Event: {reasons:?}");
+    // The Machine's story: every stage of the way to ready has its Event.
+    for reason in Stage::ALL
+        .into_iter()
+        .filter(|s| s.is_active() || *s == Stage::Ready)
+        .map(controller::event_reason)
+    {
+        assert!(
+            reasons.contains(&reason.as_str()),
+            "no {reason} Event: {reasons:?}"
+        );
     }
     let lease = kubectl(
         cluster,

@@ -292,7 +292,7 @@ impl KubeStore {
             } else {
                 EventType::Normal
             },
-            reason: pascal(to.stage.as_str()),
+            reason: event_reason(to.stage),
             note: Some(note),
             action: "Rollout".into(),
             secondary: None,
@@ -309,9 +309,10 @@ impl KubeStore {
     }
 }
 
-/// `powering-on` → `PoweringOn`.
-fn pascal(kebab: &str) -> String {
-    kebab
+/// The reason of the Event a Machine gets on entering `stage`: `PoweringOn`, `Ready`, …
+pub fn event_reason(stage: Stage) -> String {
+    stage
+        .as_str()
         .split('-')
         .map(|w| {
             let mut c = w.chars();
@@ -719,7 +720,7 @@ mod tests {
 
     #[test]
     fn stage_events_are_named_in_pascal_case() {
-        assert_eq!(pascal("powering-on"), "PoweringOn");
-        assert_eq!(pascal("ready"), "Ready");
+        assert_eq!(event_reason(Stage::PoweringOn), "PoweringOn");
+        assert_eq!(event_reason(Stage::Ready), "Ready");
     }
 }
