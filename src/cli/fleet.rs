@@ -553,14 +553,22 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
     if let Some(Ok(Err(e))) = view.map(|v| rt.block_on(v)) {
         eprintln!("fleet view: {e}");
     }
-    let store_status = status::fleet_status(
+    report_results(&results)
+}
+
+/// Prints the nodes' final table; an error names the failed ones, or says how many were left
+/// unfinished (a rollout stopped early).
+pub(super) fn report_results(
+    results: &[(String, kiln_fleet::stage::NodeProgress)],
+) -> anyhow::Result<()> {
+    let view = status::fleet_status(
         &kiln_fleet::store::Snapshot {
-            nodes: results.clone(),
+            nodes: results.to_vec(),
             ..Default::default()
         },
         rollout::now_ms(),
     );
-    print!("{}", status::table(&store_status));
+    print!("{}", status::table(&view));
     let failed: Vec<&str> = results
         .iter()
         .filter(|(_, p)| p.stage == Stage::Failed)

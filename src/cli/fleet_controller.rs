@@ -11,12 +11,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_fleet::controller::{self, ClientLimits, ReplicaConfig, ReplicaEnd};
 use kiln_fleet::rollout::{Actuator, BmcActuator, Shared, Target};
-use kiln_fleet::stage::Stage;
-use kiln_fleet::status;
 use kiln_netboot::server::CancellationToken;
 use kiln_spec::inventory::{InventoryNetboot, NetbootMode};
 
-use super::fleet::{Build, Deadlines, NetbootSources, start_netboot, with_node_parts};
+use super::fleet::{
+    Build, Deadlines, NetbootSources, report_results, start_netboot, with_node_parts,
+};
 use super::parse_duration;
 
 #[derive(Debug, clap::Args)]
@@ -210,30 +210,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
             stop.clone(),
         ))?;
         match end {
-            ReplicaEnd::Finished(results) => {
-                let view = status::fleet_status(
-                    &kiln_fleet::store::Snapshot {
-                        nodes: results.clone(),
-                        ..Default::default()
-                    },
-                    kiln_fleet::rollout::now_ms(),
-                );
-                print!("{}", status::table(&view));
-                let failed: Vec<&str> = results
-                    .iter()
-                    .filter(|(_, p)| p.stage == Stage::Failed)
-                    .map(|(n, _)| n.as_str())
-                    .collect();
-                if !failed.is_empty() {
-                    bail!(
-                        "{} of {} Machine(s) failed: {}",
-                        failed.len(),
-                        results.len(),
-                        failed.join(", ")
-                    );
-                }
-                return Ok(());
-            }
+            ReplicaEnd::Finished(results) => return report_results(&results),
             ReplicaEnd::LostLead => {
                 eprintln!("replica {identity}: lost the lead; waiting to lead again");
             }

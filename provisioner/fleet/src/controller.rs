@@ -90,7 +90,8 @@ fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> StoreError {
 }
 
 impl KubeStore {
-    /// Reads every Machine of `namespace` (the progress a previous leader left) once.
+    /// Reads every Machine of `namespace` (the progress a previous leader left) once; returns
+    /// them with the store.
     pub async fn open(
         client: Client,
         namespace: &str,
@@ -98,7 +99,7 @@ impl KubeStore {
         identity: &str,
         limits: ClientLimits,
         metrics: Arc<FleetMetrics>,
-    ) -> Result<KubeStore, StoreError> {
+    ) -> Result<(KubeStore, Vec<Machine>), StoreError> {
         let store = KubeStore {
             runtime: tokio::runtime::Handle::current(),
             namespace: namespace.into(),
@@ -121,7 +122,7 @@ impl KubeStore {
         };
         let machines = store.list_machines().await?;
         let mut cache = store.cache.lock().expect("cache lock");
-        for m in machines {
+        for m in &machines {
             let status = m.status.clone().filter(|s| s.rollout == rollout);
             cache.insert(
                 m.name_any(),
@@ -133,11 +134,11 @@ impl KubeStore {
             );
         }
         drop(cache);
-        Ok(store)
+        Ok((store, machines))
     }
 
     /// Every Machine of the namespace, a page at a time.
-    pub async fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
+    async fn list_machines(&self) -> Result<Vec<Machine>, StoreError> {
         let mut all = Vec::new();
         let mut params = ListParams::default().limit(500);
         loop {
@@ -517,16 +518,16 @@ pub fn lease_name(rollout: &str) -> String {
 async fn targets(
     client: &Client,
     namespace: &str,
-    spec_selector: Option<&str>,
+    rollout: &RolloutResource,
+    inventory: &Inventory,
     machines: &[Machine],
 ) -> Result<Vec<Target>, ControllerError> {
-    let inventory = inventory_of(machines);
-    let chosen = crate::plan::select(&inventory, spec_selector).map_err(|reason| {
-        ControllerError::Rollout {
-            rollout: String::new(),
-            reason,
-        }
-    })?;
+    let refused = |reason| ControllerError::Rollout {
+        rollout: rollout.name_any(),
+        reason,
+    };
+    let chosen =
+        crate::plan::select(inventory, rollout.spec.selector.as_deref()).map_err(refused)?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut out = Vec::new();
     for node in chosen {
@@ -551,12 +552,11 @@ async fn targets(
                     .as_ref()
                     .and_then(|d| d.get(PASSWORD_KEY))
                     .map(|v| String::from_utf8_lossy(&v.0).trim_end().to_string())
-                    .ok_or_else(|| ControllerError::Rollout {
-                        rollout: String::new(),
-                        reason: format!(
+                    .ok_or_else(|| {
+                        refused(format!(
                             "Machine {}: Secret {} has no `{PASSWORD_KEY}`",
                             node.name, b.credentials_secret
-                        ),
+                        ))
                     })?;
                 Some(BmcTarget {
                     protocol: b.protocol,
@@ -628,7 +628,7 @@ where
     tracing::info!(identity = %config.identity, rollout = %config.rollout, "leading");
     let resource = read_rollout(&client, &config.namespace, &config.rollout).await?;
     let metrics = Arc::new(FleetMetrics::new());
-    let store = KubeStore::open(
+    let (store, machines) = KubeStore::open(
         client.clone(),
         &config.namespace,
         &config.rollout,
@@ -637,21 +637,8 @@ where
         metrics.clone(),
     )
     .await?;
-    let machines = store.list_machines().await?;
-    let targets = targets(
-        &client,
-        &config.namespace,
-        resource.spec.selector.as_deref(),
-        &machines,
-    )
-    .await
-    .map_err(|e| match e {
-        ControllerError::Rollout { reason, .. } => ControllerError::Rollout {
-            rollout: config.rollout.clone(),
-            reason,
-        },
-        e => e,
-    })?;
+    let inventory = inventory_of(&machines);
+    let targets = targets(&client, &config.namespace, &resource, &inventory, &machines).await?;
     let parallel = resource.spec.parallelism.max(1) as usize;
     let opts = RolloutOptions {
         limits: Limits {
@@ -668,25 +655,24 @@ where
     let rollout = Rollout::new(&targets, &opts, Box::new(store), None, |shared| {
         actuator(shared, &targets)
     })?;
-    let _stop_engine = StopOnDrop(rollout.stopper());
-    let _served = serve(rollout.shared.clone(), inventory_of(&machines))
+    let stop_engine = StopOnDrop(rollout.stopper());
+    let _served = serve(rollout.shared.clone(), inventory)
         .await
         .map_err(|reason| ControllerError::Rollout {
             rollout: config.rollout.clone(),
             reason,
         })?;
-    let stopper = rollout.stopper();
     let resync = config.resync;
     let mut engine = tokio::task::spawn_blocking(move || rollout.run(resync));
     let end = tokio::select! {
         done = &mut engine => ReplicaEnd::Finished(done.expect("the rollout engine panicked")),
         () = lost(&mut leading) => {
-            stopper.stop();
+            stop_engine.0.stop();
             let _ = engine.await;
             ReplicaEnd::LostLead
         }
         () = stop.cancelled() => {
-            stopper.stop();
+            stop_engine.0.stop();
             let _ = engine.await;
             ReplicaEnd::Stopped
         }

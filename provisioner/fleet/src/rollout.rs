@@ -363,19 +363,21 @@ impl Controller for Inbox {
     }
 }
 
+/// What a pass changes of a node (and puts back when its commit fails).
 #[derive(Clone)]
 struct NodeRun {
     progress: NodeProgress,
     /// Observations of this node already applied.
     applied: usize,
     bmc_busy: bool,
-    macs: Vec<String>,
 }
 
 struct RolloutController {
     shared: Arc<Shared>,
     limits: Limits,
     nodes: BTreeMap<String, NodeRun>,
+    /// Each node's boot MACs, for its netboot trace.
+    macs: BTreeMap<String, Vec<String>>,
     actuator: Arc<dyn Actuator>,
     /// The netboot trace, for the last event of a node that never got going.
     trace_file: PathBuf,
@@ -440,7 +442,7 @@ impl Controller for RolloutController {
                         > self.limits.netbooting.as_millis() as u64
             };
             let hint = if expiring {
-                Some(self.netboot_hint(&self.nodes[&name].macs))
+                Some(self.netboot_hint(&self.macs[&name]))
             } else {
                 None
             };
@@ -696,7 +698,6 @@ impl Rollout {
                     progress,
                     applied: 0,
                     bmc_busy: false,
-                    macs: t.macs.clone(),
                 },
             );
         }
@@ -738,6 +739,10 @@ impl Rollout {
                 shared: shared.clone(),
                 limits: opts.limits.clone(),
                 nodes,
+                macs: targets
+                    .iter()
+                    .map(|t| (t.name.clone(), t.macs.clone()))
+                    .collect(),
                 actuator,
                 trace_file: opts.trace_file.clone(),
                 started_ms: now,
