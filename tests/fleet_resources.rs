@@ -37,6 +37,10 @@ spec:
     - name: node-03
       role: storage
       bootMACs: ["52:54:00:00:00:03"]
+      overrides:
+        install:
+          disk: {minSize: 20GiB, model: "Samsung SSD 9*", transport: [nvme]}
+          wipe: kilnOnly
 "#;
 
 fn text(o: &Output) -> String {
@@ -130,6 +134,14 @@ fn an_inventory_becomes_machines_with_their_bmc_passwords_in_secrets() {
     assert_eq!(items[1]["spec"]["bmc"]["port"], 8443);
     assert_eq!(items[1]["spec"]["bmc"]["insecure"], true);
     assert!(items[2]["spec"].get("bmc").is_none());
+    // Its own disk rules travel with the Machine, as the inventory wrote them.
+    let install = &items[2]["spec"]["overrides"]["install"];
+    assert_eq!(install["disk"]["model"], "Samsung SSD 9*");
+    assert_eq!(install["disk"]["transport"], serde_json::json!(["nvme"]));
+    assert_eq!(install["wipe"], "kilnOnly");
+    let min: kiln_spec::size::ByteSize =
+        serde_json::from_value(install["disk"]["minSize"].clone()).unwrap();
+    assert_eq!(min.0, 20 << 30);
     assert!(
         !machines.to_string().contains(PASSWORD),
         "a password is in a Machine"

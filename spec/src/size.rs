@@ -140,11 +140,15 @@ impl JsonSchema for ByteSize {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        // anyOf rather than a type list, with Kubernetes' int-or-string marker, so the same
+        // schema is also a structural one in custom resource definitions.
         json_schema!({
             "description": "A size: \"512MiB\", \"8GiB\", \"1TB\" or a number of bytes",
-            "type": ["string", "integer"],
-            "minimum": 0,
-            "format": BYTE_SIZE_FORMAT,
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "format": BYTE_SIZE_FORMAT },
+            ],
         })
     }
 }

@@ -108,6 +108,9 @@ pub struct RolloutArgs {
     /// Nodes powering on or netbooting at once [default: --parallel]
     #[arg(long, value_name = "N")]
     netboot_parallel: Option<usize>,
+    /// Nodes failed or in progress before no more start [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_unavailable: Option<u32>,
     #[command(flatten)]
     deadlines: Deadlines,
     /// Append every stage change as a JSON line to this file
@@ -459,9 +462,11 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
     }
     let state_dir = a.source.state_dir.clone();
     let pxe_state = state_dir.join("pxe");
-    let limits = a
-        .deadlines
-        .limits(a.parallel, a.netboot_parallel.unwrap_or(a.parallel));
+    let limits = Limits {
+        max_unavailable: a.max_unavailable.map(|m| m as usize),
+        ..a.deadlines
+            .limits(a.parallel, a.netboot_parallel.unwrap_or(a.parallel))
+    };
     let opts = RolloutOptions {
         limits,
         image_sha256: l.image_sha256.clone(),
@@ -576,8 +581,17 @@ pub(super) fn report_results(
         .collect();
     let unfinished = results.iter().filter(|(_, p)| !p.stage.is_done()).count();
     if !failed.is_empty() {
+        let held = results
+            .iter()
+            .filter(|(_, p)| p.stage == Stage::Pending)
+            .count();
+        let held = if held > 0 {
+            format!(" ({held} not started: too many unavailable)")
+        } else {
+            String::new()
+        };
         bail!(
-            "{} of {} node(s) failed: {}",
+            "{} of {} node(s) failed: {}{held}",
             failed.len(),
             results.len(),
             failed.join(", ")

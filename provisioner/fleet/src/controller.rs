@@ -428,7 +428,7 @@ pub fn inventory_of(machines: &[Machine]) -> Inventory {
                 boot_address: m.spec.boot_address,
                 bmc: None,
                 labels,
-                overrides: None,
+                overrides: m.spec.overrides.clone(),
             }
         })
         .collect();
@@ -644,6 +644,7 @@ where
         limits: Limits {
             parallel,
             netboot_parallel: parallel,
+            max_unavailable: resource.spec.max_unavailable.map(|m| m.max(1) as usize),
             ..config.limits.clone()
         },
         image_sha256: resource.spec.image_sha256.clone(),
@@ -708,5 +709,30 @@ mod tests {
     fn stage_events_are_named_in_pascal_case() {
         assert_eq!(event_reason(Stage::PoweringOn), "PoweringOn");
         assert_eq!(event_reason(Stage::Ready), "Ready");
+    }
+
+    #[test]
+    fn machines_give_back_the_inventory_they_were_imported_from_less_the_bmcs() {
+        let inventory = Inventory::from_yaml(
+            r#"
+apiVersion: kiln.dev/v1alpha1
+kind: Inventory
+spec:
+  nodes:
+    - name: node-01
+      role: storage
+      bootMACs: ["52:54:00:00:00:01"]
+      bootAddress: 10.0.0.11
+      labels: {rack: r1}
+      bmc: {protocol: ipmi, address: 10.0.0.1, username: admin, passwordRef: {file: p}}
+      overrides:
+        install: {disk: {minSize: 20GiB, transport: [nvme]}, wipe: kilnOnly}
+"#,
+        )
+        .unwrap();
+        let back = inventory_of(&crate::crd::machines_from(&inventory, "ns").machines);
+        let mut want = inventory.spec.nodes.clone();
+        want[0].bmc = None;
+        assert_eq!(back.spec.nodes, want);
     }
 }

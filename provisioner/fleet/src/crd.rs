@@ -50,6 +50,10 @@ pub struct MachineSpec {
     pub boot_address: Option<std::net::Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bmc: Option<MachineBmc>,
+    /// The machine's own settings over the appliance spec (static addresses, disk rules, …),
+    /// as an inventory node's `overrides`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<kiln_spec::appliance::ApplianceOverrides>,
 }
 
 /// A BMC, its password in a Secret of the Machine's namespace.
@@ -196,6 +200,7 @@ fn machine(node: &InventoryNode, namespace: &str) -> Machine {
             boot_macs: node.boot_macs.clone(),
             boot_address: node.boot_address,
             bmc,
+            overrides: node.overrides.clone(),
         },
         status: None,
     }

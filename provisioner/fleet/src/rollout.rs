@@ -477,6 +477,9 @@ impl Controller for RolloutController {
                     if matches!(s, Stage::PoweringOn | Stage::Netbooting) {
                         load.netbooting = load.netbooting.saturating_add_signed(n);
                     }
+                    if s == Stage::Failed {
+                        load.failed = load.failed.saturating_add_signed(n);
+                    }
                 }
             }
             if run.progress != before.progress || run.applied != before.applied {
@@ -594,6 +597,7 @@ pub struct Rollout {
     pub shared: Arc<Shared>,
     runtime: Runtime,
     nodes: Vec<String>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Rollout {
@@ -752,15 +756,19 @@ impl Rollout {
             shared,
             runtime,
             nodes: targets.iter().map(|t| t.name.clone()).collect(),
+            limits: opts.limits.clone(),
         })
     }
 
     /// Runs until every node is ready or failed (or `stop` is triggered); returns each node's
-    /// final progress.
+    /// final progress. Nodes held back by `max_unavailable` once nothing is left in progress
+    /// stay pending.
     pub fn run(mut self, resync: Duration) -> Vec<(String, NodeProgress)> {
+        let limits = self.limits.clone();
         self.runtime
             .run_to_end::<NodeStatus>(resync, &self.nodes, |all| {
                 all.iter().all(|s| s.0.stage.is_done())
+                    || limits.halted(&Load::of(all.iter().map(|s| &s.0)))
             })
             .into_iter()
             .map(|(n, s)| (n, s.0))

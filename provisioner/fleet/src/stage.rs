@@ -282,6 +282,9 @@ pub struct Limits {
     pub parallel: usize,
     /// Nodes powering on or netbooting at once (the netboot services' load).
     pub netboot_parallel: usize,
+    /// Nodes failed or in an active stage before no more start (a rollout that keeps failing
+    /// stops taking machines down); none: only `parallel` counts.
+    pub max_unavailable: Option<usize>,
     /// Tries of one BMC action when its failures are transient.
     pub bmc_attempts: u32,
     pub bmc_retry_after: Duration,
@@ -291,11 +294,19 @@ pub struct Limits {
     pub rebooting: Duration,
 }
 
+impl Limits {
+    /// Whether the rollout stopped taking machines: too many failed, nothing in progress.
+    pub fn halted(&self, load: &Load) -> bool {
+        load.active == 0 && self.max_unavailable.is_some_and(|max| load.failed >= max)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             parallel: 10,
             netboot_parallel: 10,
+            max_unavailable: None,
             bmc_attempts: 3,
             bmc_retry_after: Duration::from_secs(2),
             powering_on: Duration::from_secs(120),
@@ -323,6 +334,7 @@ impl Limits {
 pub struct Load {
     pub active: usize,
     pub netbooting: usize,
+    pub failed: usize,
 }
 
 impl Load {
@@ -335,8 +347,20 @@ impl Load {
             if matches!(n.stage, Stage::PoweringOn | Stage::Netbooting) {
                 load.netbooting += 1;
             }
+            if n.stage == Stage::Failed {
+                load.failed += 1;
+            }
         }
         load
+    }
+
+    /// Whether one more node may start under `limits`.
+    fn admits(&self, limits: &Limits) -> bool {
+        self.active < limits.parallel
+            && self.netbooting < limits.netboot_parallel
+            && limits
+                .max_unavailable
+                .is_none_or(|max| self.active + self.failed < max)
     }
 }
 
@@ -371,10 +395,7 @@ pub fn step(
         observe(node, obs, input.limits, now);
     }
     let mut commands = Vec::new();
-    if node.stage == Stage::Pending
-        && input.load.active < input.limits.parallel
-        && input.load.netbooting < input.limits.netboot_parallel
-    {
+    if node.stage == Stage::Pending && input.load.admits(input.limits) {
         node.enter(Stage::PoweringOn, now, None);
         node.wait_on(BmcAction::NetbootOnce);
     }
@@ -623,13 +644,41 @@ mod tests {
         i.load = Load {
             active: 1,
             netbooting: 1,
+            failed: 0,
         };
         assert_eq!(step(&mut n, &[], i), vec![]);
         assert_eq!(n.stage, Stage::Pending);
         i.load = Load {
             active: 1,
             netbooting: 0,
+            failed: 0,
         };
+        assert_eq!(step(&mut n, &[], i).len(), 1);
+        assert_eq!(n.stage, Stage::PoweringOn);
+    }
+
+    #[test]
+    fn max_unavailable_counts_failed_and_active_nodes() {
+        let l = Limits {
+            parallel: 10,
+            max_unavailable: Some(3),
+            ..Limits::default()
+        };
+        let mut n = NodeProgress::new(0);
+        let mut i = input(1, &l);
+        i.load = Load {
+            active: 1,
+            netbooting: 0,
+            failed: 2,
+        };
+        assert_eq!(step(&mut n, &[], i), vec![]);
+        assert_eq!(n.stage, Stage::Pending);
+        assert!(!l.halted(&i.load), "a node is still in progress");
+        i.load.active = 0;
+        i.load.failed = 3;
+        assert!(l.halted(&i.load));
+        i.load.failed = 1;
+        assert!(!l.halted(&i.load));
         assert_eq!(step(&mut n, &[], i).len(), 1);
         assert_eq!(n.stage, Stage::PoweringOn);
     }

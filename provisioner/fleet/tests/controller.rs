@@ -168,6 +168,7 @@ async fn fleet(client: &Client, namespace: &str, nodes: &[String], parallelism: 
                 boot_macs: vec![format!("52:54:01:00:{:02x}:{:02x}", i / 256, i % 256)],
                 boot_address: None,
                 bmc: None,
+                overrides: None,
             },
             status: None,
         })
