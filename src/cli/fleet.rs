@@ -519,7 +519,7 @@ fn rollout_cmd(a: RolloutArgs) -> anyhow::Result<()> {
         netboot: &netboot,
         artifacts: &a.source.build.artifacts,
         inventory_file: &a.source.inventory,
-        inventory: &l.inventory,
+        inventory: tokio::sync::watch::channel(l.inventory.clone()).1,
         spec: &spec,
         pxe_state: &pxe_state,
     };
@@ -698,9 +698,10 @@ fn start_view(
 pub(super) struct NetbootSources<'a> {
     pub netboot: &'a kiln_spec::inventory::InventoryNetboot,
     pub artifacts: &'a Path,
-    /// The inventory file (for its settings) and the inventory served, node parts filled in.
+    /// The inventory file (for its settings) and the inventory served, node parts filled in
+    /// (each new one sent is served from then on).
     pub inventory_file: &'a Path,
-    pub inventory: &'a Inventory,
+    pub inventory: tokio::sync::watch::Receiver<Inventory>,
     pub spec: &'a Path,
     pub pxe_state: &'a Path,
 }
@@ -742,7 +743,7 @@ pub(super) async fn start_netboot(
         anyhow::anyhow!("invalid netboot settings:\n  {}", errors.join("\n  "))
     })?;
     let listen = resolved.settings.http_listen;
-    let inventory = src.inventory.clone();
+    let inventory = src.inventory;
     let served_trace = trace.clone();
     let mut server = tokio::spawn(async move {
         kiln_netboot::server::serve(

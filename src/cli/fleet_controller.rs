@@ -12,7 +12,9 @@ use anyhow::{Context, bail};
 use kiln_fleet::controller::{self, ClientLimits, ReplicaConfig, ReplicaEnd};
 use kiln_fleet::rollout::{Actuator, BmcActuator, Shared, Target};
 use kiln_netboot::server::CancellationToken;
+use kiln_spec::Inventory;
 use kiln_spec::inventory::{InventoryNetboot, NetbootMode};
+use tokio::sync::watch;
 
 use super::fleet::{
     Build, Deadlines, NetbootSources, report_results, start_netboot, with_node_parts,
@@ -81,13 +83,28 @@ fn parse_mode(s: &str) -> Result<NetbootMode, String> {
         .map_err(|_| format!("{s:?}: expected proxy or dhcp"))
 }
 
-/// Stops the netboot services when the replica stops leading.
-struct Serving(CancellationToken);
+/// Stops the netboot services, and what feeds them the Machines, when the replica stops
+/// leading.
+struct Serving(CancellationToken, tokio::task::JoinHandle<()>);
 
 impl Drop for Serving {
     fn drop(&mut self) {
         self.0.cancel();
+        self.1.abort();
     }
+}
+
+/// The Machines as the netboot services serve them: with the boot network's settings and
+/// each node's part in the cluster.
+fn served(
+    machines: &Inventory,
+    netboot: &InventoryNetboot,
+    appliance: &kiln_spec::Appliance,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Inventory> {
+    let mut inventory = machines.clone();
+    inventory.spec.netboot = Some(netboot.clone());
+    with_node_parts(appliance, &inventory, state_dir)
 }
 
 pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
@@ -164,8 +181,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
                 passwords: HashMap::new(),
             })
         };
-        let serve = |shared: Arc<Shared>, mut inventory: kiln_spec::Inventory| {
-            inventory.spec.netboot = Some(netboot.clone());
+        let serve = |shared: Arc<Shared>, machines: watch::Receiver<Inventory>| {
             let (appliance, state_dir, pxe_state, artifacts, spec, netboot) = (
                 &appliance,
                 &a.state_dir,
@@ -175,31 +191,54 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
                 &netboot,
             );
             async move {
+                let inventory = served(&machines.borrow(), netboot, appliance, state_dir)
+                    .map_err(|e| format!("{e:#}"))?;
                 eprintln!(
                     "leading: serving netboot for {} Machine(s)",
                     inventory.spec.nodes.len()
                 );
-                let inventory = with_node_parts(appliance, &inventory, state_dir)
-                    .map_err(|e| format!("{e:#}"))?;
                 std::fs::create_dir_all(pxe_state).map_err(|e| e.to_string())?;
                 // The services read their settings from a file: the Machines, as served.
                 let file = pxe_state.join("machines.inventory.json");
                 let text = serde_json::to_string_pretty(&inventory).map_err(|e| e.to_string())?;
                 std::fs::write(&file, text)
                     .map_err(|e| format!("writing {}: {e}", file.display()))?;
+                let (updates, inventories) = watch::channel(inventory);
                 let shutdown = CancellationToken::new();
                 let sources = NetbootSources {
                     netboot,
                     artifacts,
                     inventory_file: &file,
-                    inventory: &inventory,
+                    inventory: inventories,
                     spec,
                     pxe_state,
                 };
                 start_netboot(sources, shared, shutdown.clone())
                     .await
                     .map_err(|e| format!("{e:#}"))?;
-                Ok(Serving(shutdown))
+                // Each change of the Machines, as the services serve it.
+                let (appliance, state_dir, netboot) =
+                    (appliance.clone(), state_dir.clone(), netboot.clone());
+                let following = tokio::spawn(async move {
+                    let mut machines = machines;
+                    while machines.changed().await.is_ok() {
+                        let changed = machines.borrow_and_update().clone();
+                        match served(&changed, &netboot, &appliance, &state_dir) {
+                            Ok(inventory) => {
+                                eprintln!(
+                                    "the Machines changed: serving netboot for {}",
+                                    inventory.spec.nodes.len()
+                                );
+                                updates.send_replace(inventory);
+                            }
+                            Err(e) => eprintln!(
+                                "the Machines changed, but cannot be served (the last \
+                                 inventory still is): {e:#}"
+                            ),
+                        }
+                    }
+                });
+                Ok(Serving(shutdown, following))
             }
         };
         let end = rt.block_on(controller::run_replica(

@@ -74,7 +74,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         kiln_netboot::server::serve(
             resolved.settings,
-            resolved.inventory,
+            tokio::sync::watch::channel(resolved.inventory).1,
             resolved.appliance,
             enrolment,
             trace,

@@ -3,7 +3,7 @@
 //! status (server-side apply), an Event on the Machine for every stage change, the counts in
 //! the Rollout's status — run by whichever replica holds the rollout's Lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +59,25 @@ struct Cached {
     write: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// A replica's API requests: within its rate limit, counted in its metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct Requests {
+    limiter: Arc<DefaultDirectRateLimiter>,
+    metrics: Arc<FleetMetrics>,
+}
+
+impl Requests {
+    pub(crate) async fn call<T>(
+        &self,
+        what: impl Into<String>,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, StoreError> {
+        self.limiter.until_ready().await;
+        self.metrics.api_request();
+        request.await.map_err(kube_err(what))
+    }
+}
+
 /// The rollout's state in the cluster. Reads come from what it wrote (it is the only writer
 /// while it holds the lease), so only writes cost requests.
 pub struct KubeStore {
@@ -68,12 +87,11 @@ pub struct KubeStore {
     machines: Api<Machine>,
     rollouts: Api<RolloutResource>,
     recorder: Recorder,
-    limiter: DefaultDirectRateLimiter,
+    requests: Requests,
     concurrency: usize,
     cache: Mutex<BTreeMap<String, Cached>>,
     info: Mutex<Option<RolloutInfo>>,
     rollout_status: Mutex<(Option<RolloutStatus>, Option<Instant>)>,
-    metrics: Arc<FleetMetrics>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -113,12 +131,16 @@ impl KubeStore {
                     instance: Some(identity.into()),
                 },
             ),
-            limiter: RateLimiter::direct(Quota::per_second(limits.qps).allow_burst(limits.burst)),
+            requests: Requests {
+                limiter: Arc::new(RateLimiter::direct(
+                    Quota::per_second(limits.qps).allow_burst(limits.burst),
+                )),
+                metrics,
+            },
             concurrency: limits.concurrency.max(1),
             cache: Mutex::default(),
             info: Mutex::default(),
             rollout_status: Mutex::default(),
-            metrics,
         };
         let machines = store.list_machines().await?;
         let mut cache = store.cache.lock().expect("cache lock");
@@ -159,9 +181,16 @@ impl KubeStore {
         what: impl Into<String>,
         request: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, StoreError> {
-        self.limiter.until_ready().await;
-        self.metrics.api_request();
-        request.await.map_err(kube_err(what))
+        self.requests.call(what, request).await
+    }
+
+    /// What changes the Machines' metadata beside the store (their finalizers).
+    pub(crate) fn holder(&self) -> crate::follow::Holder {
+        crate::follow::Holder {
+            machines: self.machines.clone(),
+            requests: self.requests.clone(),
+            concurrency: self.concurrency,
+        }
     }
 
     /// Runs `f` to its end from synchronous code: the engine's thread, or a handler on a
@@ -187,16 +216,27 @@ impl KubeStore {
             "kind": "Machine",
             "status": status,
         });
-        self.call(
-            format!("writing the status of Machine {name}"),
-            self.machines.patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            ),
-        )
-        .await
-        .map(drop)
+        let written = self
+            .call(
+                format!("writing the status of Machine {name}"),
+                self.machines.patch_status(
+                    name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                ),
+            )
+            .await;
+        match written {
+            // Deleted (and let go of): there is no status left to keep.
+            Err(StoreError::Kube {
+                source: kube::Error::Api(e),
+                ..
+            }) if e.code == 404 => {
+                tracing::debug!(machine = name, "not written: the Machine is gone");
+                Ok(())
+            }
+            other => other.map(drop),
+        }
     }
 
     fn unknown(&self, name: &str) -> StoreError {
@@ -588,18 +628,29 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs one replica: waits for the rollout's Lease, then drives the Rollout with the same
 /// engine as `kiln fleet rollout` until every selected Machine is done, the lead is lost or
 /// `stop` fires. Once it leads, `actuator` makes what acts on the selected machines (the BMC
 /// drivers)
 /// and `serve` starts what the machines reach (the netboot services, reporting into the
-/// rollout's [`Shared`]) for the Machines as an inventory; what `serve` returns is kept until
-/// the replica stops leading. No machine is powered before `serve` is done.
+/// rollout's [`Shared`]) for the Machines as an inventory, a new one sent on each change of
+/// them; what `serve` returns is kept until the replica stops leading. No machine is powered
+/// before `serve` is done. The driven Machines carry [`crate::follow::FINALIZER`] while the
+/// rollout runs; one deleted meanwhile is withdrawn (failed where it stands) and let go.
 pub async fn run_replica<G, S>(
     client: Client,
     config: ReplicaConfig,
     actuator: impl FnOnce(Arc<Shared>, &[Target]) -> Arc<dyn Actuator>,
-    serve: impl FnOnce(Arc<Shared>, Inventory) -> S,
+    serve: impl FnOnce(Arc<Shared>, tokio::sync::watch::Receiver<Inventory>) -> S,
     stop: kiln_netboot::server::CancellationToken,
 ) -> Result<ReplicaEnd, ControllerError>
 where
@@ -637,8 +688,32 @@ where
         metrics.clone(),
     )
     .await?;
+    let holder = store.holder();
+    let refused = |e: StoreError| ControllerError::Rollout {
+        rollout: config.rollout.clone(),
+        reason: e.to_string(),
+    };
+    // A Machine deleted while no replica led is not driven; one this rollout held is let go.
+    let (deleting, machines): (Vec<Machine>, Vec<Machine>) = machines
+        .into_iter()
+        .partition(|m| m.meta().deletion_timestamp.is_some());
+    let ours: Vec<&Machine> = deleting
+        .iter()
+        .filter(|m| {
+            m.status
+                .as_ref()
+                .is_none_or(|s| s.rollout == config.rollout)
+        })
+        .collect();
+    holder.set(&ours, false).await.map_err(refused)?;
     let inventory = inventory_of(&machines);
     let targets = targets(&client, &config.namespace, &resource, &inventory, &machines).await?;
+    let driven: BTreeSet<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let held: Vec<&Machine> = machines
+        .iter()
+        .filter(|m| driven.contains(&m.name_any()))
+        .collect();
+    holder.set(&held, true).await.map_err(refused)?;
     let parallel = resource.spec.parallelism.max(1) as usize;
     let opts = RolloutOptions {
         limits: Limits {
@@ -657,7 +732,16 @@ where
         actuator(shared, &targets)
     })?;
     let stop_engine = StopOnDrop(rollout.stopper());
-    let _served = serve(rollout.shared.clone(), inventory)
+    let (inventories, served) = tokio::sync::watch::channel(inventory);
+    let known = machines.into_iter().map(|m| (m.name_any(), m)).collect();
+    let _following = AbortOnDrop(tokio::spawn(crate::follow::follow(
+        holder.clone(),
+        rollout.shared.clone(),
+        driven.clone(),
+        known,
+        inventories,
+    )));
+    let _served = serve(rollout.shared.clone(), served)
         .await
         .map_err(|reason| ControllerError::Rollout {
             rollout: config.rollout.clone(),
@@ -678,6 +762,14 @@ where
             ReplicaEnd::Stopped
         }
     };
+    if matches!(end, ReplicaEnd::Finished(_))
+        && let Err(e) = holder.release(&driven).await
+    {
+        tracing::warn!(
+            "the rollout is over, but its finalizer ({}) is still on some Machines: {e}",
+            crate::follow::FINALIZER
+        );
+    }
     // Closing the channel releases the Lease (when still held).
     drop(leading);
     let _ = lease_task.await;

@@ -109,6 +109,11 @@ impl Shared {
         self.observe(node, Observation::Bmc { action, outcome });
     }
 
+    /// Takes `node` out of the rollout (see [`Observation::Withdrawn`]).
+    pub fn withdraw(&self, node: &str, why: &str) {
+        self.observe(node, Observation::Withdrawn { why: why.into() });
+    }
+
     /// The store as it is now, for the fleet view of the running rollout.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.store.read()
@@ -129,7 +134,8 @@ impl Shared {
         }
     }
 
-    fn stage(&self, node: &str) -> Option<Stage> {
+    /// The node's stage as last committed.
+    pub fn stage(&self, node: &str) -> Option<Stage> {
         self.stages.read().expect("stages lock").get(node).copied()
     }
 

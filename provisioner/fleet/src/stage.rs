@@ -121,6 +121,11 @@ pub enum Observation {
     Retry {
         by: String,
     },
+    /// The node left the rollout (its Machine was deleted): it fails where it stands and is
+    /// never acted on again.
+    Withdrawn {
+        why: String,
+    },
 }
 
 /// Where a node failed and why; `S` is the stage type (the rollout's, or the upgrade's).
@@ -433,7 +438,9 @@ fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64
             }
         }
         // A finished node's story is told.
-        Observation::Bmc { .. } | Observation::Report(_) if node.stage.is_done() => {}
+        Observation::Bmc { .. } | Observation::Report(_) | Observation::Withdrawn { .. }
+            if node.stage.is_done() => {}
+        Observation::Withdrawn { why } => node.fail(now, format!("withdrawn: {why}")),
         Observation::Bmc { action, outcome } => {
             if node.waiting_on != Some(*action) {
                 return; // an answer to a question no longer asked

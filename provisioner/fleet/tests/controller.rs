@@ -22,6 +22,7 @@ use kiln_fleet::stage::{BmcAction, BmcOutcome, Limits, Stage};
 use kiln_fleet::store::Store;
 use kiln_netboot::enrol::Enrolment;
 use kiln_netboot::server::CancellationToken;
+use kiln_spec::Inventory;
 use kiln_spec::enrol::{Phase, Report};
 use kiln_spec::inventory::NodeRole;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -215,6 +216,8 @@ struct Replica {
     runtime: Option<tokio::runtime::Runtime>,
     end: std::sync::mpsc::Receiver<Result<ReplicaEnd, String>>,
     shared: Arc<Mutex<Option<Arc<Shared>>>>,
+    /// The Machines as netboot would serve them now.
+    served: Arc<Mutex<Option<tokio::sync::watch::Receiver<Inventory>>>>,
 }
 
 impl Replica {
@@ -228,6 +231,8 @@ impl Replica {
         let shared = Arc::new(Mutex::new(None));
         let kubeconfig_client = runtime.block_on(cluster.client());
         let seen = shared.clone();
+        let served = Arc::new(Mutex::new(None));
+        let netboot = served.clone();
         runtime.spawn(async move {
             let handle = tokio::runtime::Handle::current();
             let result = controller::run_replica(
@@ -242,8 +247,12 @@ impl Replica {
                         runtime: handle,
                     })
                 },
-                // The simulated machines reach the leader without netboot services.
-                |_, _| async { Ok(()) },
+                // The simulated machines reach the leader without netboot services; what
+                // those would serve is kept to look at.
+                move |_, inventories| {
+                    *netboot.lock().unwrap() = Some(inventories);
+                    async { Ok(()) }
+                },
                 CancellationToken::new(),
             )
             .await;
@@ -253,6 +262,7 @@ impl Replica {
             runtime: Some(runtime),
             end,
             shared,
+            served,
         }
     }
 
@@ -386,6 +396,116 @@ fn a_second_replica_takes_over_a_rollout_whose_leader_died_without_powering_anyt
         .unwrap();
     let status = rollout.status.expect("the Rollout's status");
     assert_eq!((status.total, status.ready, status.failed), (40, 40, 0));
+}
+
+/// The netboot MACs of each Machine the leader would serve now.
+fn served_macs(replica: &Replica) -> BTreeMap<String, Vec<String>> {
+    let served = replica.served.lock().unwrap();
+    let inventory = served.as_ref().expect("serving").borrow();
+    inventory
+        .spec
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.boot_macs.clone()))
+        .collect()
+}
+
+#[test]
+fn machines_deleted_or_edited_mid_rollout_are_followed() {
+    let cluster = TestCluster::shared();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(cluster.client());
+    let ns = "kiln-follow";
+    let nodes = names(8);
+    rt.block_on(fleet(&client, ns, &nodes, 2));
+    let sim = SimulatedMachines::new(&nodes, rt.handle().clone(), Duration::from_millis(300));
+    let replica = Replica::start(
+        cluster,
+        config(ns, "replica-a", Duration::from_secs(4)),
+        sim.clone(),
+    );
+    let machines: Api<Machine> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // node-00001 installing, node-00008 still waiting its turn.
+    loop {
+        let stages = machine_stages(&rt, &client, ns);
+        if stages.get("node-00001").is_some_and(|s| s.is_active()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-00001 never started: {stages:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held = rt.block_on(machines.get("node-00008")).unwrap();
+    assert!(
+        held.finalizers()
+            .iter()
+            .any(|f| f == kiln_fleet::follow::FINALIZER),
+        "a driven Machine without the rollout's finalizer: {:?}",
+        held.finalizers()
+    );
+    for gone in ["node-00001", "node-00008"] {
+        rt.block_on(machines.delete(gone, &Default::default()))
+            .unwrap();
+    }
+    let new_mac = "52:54:01:ff:00:07";
+    rt.block_on(machines.patch(
+        "node-00007",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"bootMACs": [new_mac]}})),
+    ))
+    .unwrap();
+    // Netboot follows: the deleted ones are no longer served, the edited MAC is.
+    loop {
+        let served = served_macs(&replica);
+        if !served.contains_key("node-00001")
+            && !served.contains_key("node-00008")
+            && served.get("node-00007") == Some(&vec![new_mac.to_string()])
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "netboot still serves {served:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ReplicaEnd::Finished(results) = replica.wait(Duration::from_secs(120)) else {
+        panic!("the rollout did not finish");
+    };
+    let results: BTreeMap<String, _> = results.into_iter().collect();
+    for gone in ["node-00001", "node-00008"] {
+        let p = &results[gone];
+        assert_eq!(p.stage, Stage::Failed, "{gone}: {p:?}");
+        let reason = &p.failure.as_ref().unwrap().reason;
+        assert!(reason.contains("deleted"), "{gone}: {reason}");
+        // Let go of: the delete went through.
+        assert!(
+            rt.block_on(machines.get_opt(gone)).unwrap().is_none(),
+            "{gone} is still there"
+        );
+    }
+    assert_eq!(
+        sim.counts()["node-00008"].power_ons,
+        0,
+        "a deleted Machine was powered on"
+    );
+    for node in nodes
+        .iter()
+        .filter(|n| !["node-00001", "node-00008"].contains(&n.as_str()))
+    {
+        assert_eq!(
+            results[node].stage,
+            Stage::Ready,
+            "{node}: {:?}",
+            results[node]
+        );
+        let m = rt.block_on(machines.get(node)).unwrap();
+        assert!(
+            m.finalizers().is_empty(),
+            "{node} still held after the rollout: {:?}",
+            m.finalizers()
+        );
+    }
 }
 
 #[test]

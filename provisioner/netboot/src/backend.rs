@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
 
 use kiln_spec::inventory::{Inventory, InventoryNode, parse_mac};
 use serde::{Deserialize, Serialize};
@@ -43,24 +44,38 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn reservations(&self) -> BTreeMap<[u8; 6], Ipv4Addr>;
     /// The inventory node that boots from `mac`: whose spec `/config/MAC` serves and whose
     /// token the per-node endpoints check.
-    fn node(&self, mac: &[u8; 6]) -> Option<&InventoryNode>;
+    fn node(&self, mac: &[u8; 6]) -> Option<InventoryNode>;
 }
 
-#[derive(Debug, Clone)]
+/// Decisions from an inventory that can be replaced while the services run (a controller's
+/// Machines change under it).
+#[derive(Debug)]
 pub struct InventoryBackend {
-    inventory: Inventory,
+    inventory: RwLock<Arc<Inventory>>,
     unknown: UnknownMacs,
 }
 
 impl InventoryBackend {
     pub fn new(inventory: Inventory, unknown: UnknownMacs) -> InventoryBackend {
-        InventoryBackend { inventory, unknown }
+        InventoryBackend {
+            inventory: RwLock::new(Arc::new(inventory)),
+            unknown,
+        }
+    }
+
+    /// Serves `inventory` from now on.
+    pub fn replace(&self, inventory: Inventory) {
+        *self.inventory.write().expect("inventory lock") = Arc::new(inventory);
+    }
+
+    fn current(&self) -> Arc<Inventory> {
+        self.inventory.read().expect("inventory lock").clone()
     }
 }
 
 impl Backend for InventoryBackend {
     fn lookup(&self, mac: &[u8; 6]) -> Decision {
-        match self.inventory.node_by_mac(mac) {
+        match self.current().node_by_mac(mac) {
             Some(node) => Decision::Boot {
                 node: node.name.clone(),
             },
@@ -72,7 +87,7 @@ impl Backend for InventoryBackend {
     }
 
     fn reservations(&self) -> BTreeMap<[u8; 6], Ipv4Addr> {
-        self.inventory
+        self.current()
             .spec
             .nodes
             .iter()
@@ -86,8 +101,8 @@ impl Backend for InventoryBackend {
             .collect()
     }
 
-    fn node(&self, mac: &[u8; 6]) -> Option<&InventoryNode> {
-        self.inventory.node_by_mac(mac)
+    fn node(&self, mac: &[u8; 6]) -> Option<InventoryNode> {
+        self.current().node_by_mac(mac).cloned()
     }
 }
 
@@ -132,5 +147,20 @@ spec:
         );
         assert_eq!(b.node(&known).unwrap().name, "node-01");
         assert!(b.node(&unknown).is_none());
+        // A new inventory is what the next decision is made on.
+        let mut edited = inv_without_node_01(&b);
+        edited.spec.nodes[0]
+            .boot_macs
+            .push("52:54:00:00:00:09".into());
+        b.replace(edited);
+        assert_eq!(b.lookup(&known), Decision::Ignore);
+        assert_eq!(b.node(&unknown).unwrap().name, "node-02");
+        assert!(b.reservations().is_empty());
+    }
+
+    fn inv_without_node_01(b: &InventoryBackend) -> Inventory {
+        let mut inv = (*b.current()).clone();
+        inv.spec.nodes.retain(|n| n.name != "node-01");
+        inv
     }
 }

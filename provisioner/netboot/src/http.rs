@@ -463,7 +463,7 @@ impl Drop for Tally {
 struct NodeRequest<'a> {
     access: Access<'a>,
     mac: [u8; 6],
-    node: &'a InventoryNode,
+    node: InventoryNode,
 }
 
 /// The inventory node of the MAC in the path, if the request carries its token; else the
@@ -513,7 +513,7 @@ async fn node_config(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    match state.appliance.for_node(req.node, Some(&req.mac)) {
+    match state.appliance.for_node(&req.node, Some(&req.mac)) {
         Ok(spec) => {
             let body = spec.to_yaml();
             req.access.record(StatusCode::OK, body.len() as u64, None);

@@ -147,20 +147,52 @@ pub fn open_trace(state_dir: &Path) -> Result<Arc<Trace>, ServeError> {
     Ok(Arc::new(Trace::open(state_dir)?))
 }
 
-/// Binds every service, then serves `inventory` until `shutdown` is cancelled; HTTP finishes
+/// Serves each new inventory from `updates` until they end or `shutdown`; one whose node
+/// specs do not check is refused (logged) and the last good one kept.
+async fn follow_inventory(
+    mut updates: tokio::sync::watch::Receiver<Inventory>,
+    backend: Arc<InventoryBackend>,
+    dhcp: Arc<DhcpServer>,
+    appliance: Appliance,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = updates.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+        let inventory = updates.borrow_and_update().clone();
+        if let Err(e) = check_node_specs(&inventory, &appliance) {
+            tracing::error!("a new inventory was refused, the last one is still served: {e}");
+            continue;
+        }
+        let nodes = inventory.spec.nodes.len();
+        backend.replace(inventory);
+        if let Some(pool) = &dhcp.pool {
+            pool.lock()
+                .expect("lease pool lock")
+                .set_reservations(backend.reservations());
+        }
+        tracing::info!(nodes, "netboot inventory updated");
+    }
+}
+
+/// Binds every service, then serves `inventory` until `shutdown` is cancelled (each new
+/// inventory sent on it is served from then on, once its nodes' specs check); HTTP finishes
 /// in-flight requests first. Nodes get `appliance` rendered for them at `/config/MAC`, and
 /// `enrolment` guards that and phone-home.
 pub async fn serve(
     settings: Settings,
-    inventory: Inventory,
+    mut inventory: tokio::sync::watch::Receiver<Inventory>,
     appliance: Appliance,
     enrolment: Arc<dyn Enrolment>,
     trace: Arc<Trace>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    check_node_specs(&inventory, &appliance)?;
-    let backend: Arc<dyn Backend> =
-        Arc::new(InventoryBackend::new(inventory, settings.unknown_macs));
+    let first = inventory.borrow_and_update().clone();
+    check_node_specs(&first, &appliance)?;
+    let inventories = Arc::new(InventoryBackend::new(first, settings.unknown_macs));
+    let backend: Arc<dyn Backend> = inventories.clone();
     let pool = match (settings.mode, settings.pool) {
         (NetbootMode::Dhcp, Some((start, end))) => {
             let mut pool = LeasePool::new(start, end, settings.lease_secs);
@@ -225,6 +257,13 @@ pub async fn serve(
     });
 
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(follow_inventory(
+        inventory,
+        inventories,
+        dhcp_server.clone(),
+        http_state.appliance.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(
         dhcp_server
             .clone()
