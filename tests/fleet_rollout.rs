@@ -530,6 +530,27 @@ fn rollout_through_the_cluster(
         console_tails(std::slice::from_ref(node))
     );
 
+    // The fleet's credentials are the cluster's now: the ones this state directory held.
+    let shared = kiln_fleet::credentials::CREDENTIALS_SECRET;
+    assert!(
+        log.contains(&format!("this replica's, put in Secret {ns}/{shared}")),
+        "{log}"
+    );
+    let secret: Value = serde_json::from_str(&kubectl(
+        cluster,
+        &["get", "secret", shared, "-n", ns, "-o", "json"],
+    ))
+    .unwrap();
+    let ca = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["kubernetes-ca.crt"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ca,
+        std::fs::read(state.join("secrets/kubernetes-ca.crt")).unwrap()
+    );
+
     let machine: Value = serde_json::from_str(&kubectl(
         cluster,
         &["get", "machine", &node.name, "-n", ns, "-o", "json"],
@@ -545,6 +566,25 @@ fn rollout_through_the_cluster(
             .unwrap()
             .iter()
             .any(|r| r["report"]["phase"] == "agent-ready"),
+        "{status:#}"
+    );
+    // What the installer found on the machine: its disk and the NIC it booted from.
+    let hardware = &status["hardware"];
+    assert!(hardware["cpus"].as_u64().unwrap_or(0) >= 1, "{status:#}");
+    assert!(
+        hardware["memoryBytes"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+    assert!(
+        hardware["disks"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["sizeBytes"].as_u64() > Some(0))),
+        "{status:#}"
+    );
+    assert!(
+        hardware["nics"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["mac"] == node.mac.as_str())),
         "{status:#}"
     );
     let events = kubectl(

@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::hardware::{Firmware, HardwareInventory, Nic, Transport};
+
 /// The node's enrolment token on the kernel command line.
 pub const TOKEN_ARG: &str = "kiln.token";
 /// Where the node reports progress (`http://SERVER/phone-home/MAC`).
@@ -112,6 +114,108 @@ pub struct Report {
     /// sha256 of the root image installed or running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_sha256: Option<String>,
+    /// What the installer found on the machine, with [`Phase::Planned`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HardwareSummary>,
+}
+
+/// Most disks a report's hardware lists (the rest are only counted): the report fits the
+/// phone-home body limit on any machine.
+pub const MAX_HARDWARE_DISKS: usize = 24;
+/// Most NICs a report's hardware lists.
+pub const MAX_HARDWARE_NICS: usize = 16;
+/// Longest name, model or serial in a report's hardware, in bytes (longer ones are cut).
+pub const MAX_HARDWARE_TEXT: usize = 64;
+
+/// The machine as the installer saw it: what an operator looks up about a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HardwareSummary {
+    pub firmware: Firmware,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskSummary>,
+    /// Disks on the machine (more than listed when over [`MAX_HARDWARE_DISKS`]).
+    pub disks_total: u32,
+    pub nics: Vec<Nic>,
+    pub nics_total: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskSummary {
+    pub dev_path: String,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    pub transport: Transport,
+    #[serde(default)]
+    pub rotational: bool,
+    #[serde(default)]
+    pub removable: bool,
+}
+
+fn clip(text: &str) -> String {
+    let mut end = text.len().min(MAX_HARDWARE_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+impl HardwareSummary {
+    /// The summary of `hw`, cut to the bounds a report keeps.
+    pub fn of(hw: &HardwareInventory) -> HardwareSummary {
+        HardwareSummary {
+            firmware: hw.firmware,
+            cpus: hw.cpus,
+            memory_bytes: hw.memory_bytes,
+            disks: hw
+                .disks
+                .iter()
+                .take(MAX_HARDWARE_DISKS)
+                .map(|d| DiskSummary {
+                    dev_path: clip(&d.dev_path),
+                    size_bytes: d.size_bytes,
+                    model: d.model.as_deref().map(clip),
+                    serial: d.serial.as_deref().map(clip),
+                    transport: d.transport,
+                    rotational: d.rotational,
+                    removable: d.removable,
+                })
+                .collect(),
+            disks_total: hw.disks.len() as u32,
+            nics: hw
+                .nics
+                .iter()
+                .take(MAX_HARDWARE_NICS)
+                .map(|n| Nic {
+                    name: clip(&n.name),
+                    mac: clip(&n.mac),
+                })
+                .collect(),
+            nics_total: hw.nics.len() as u32,
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        if self.disks.len() > MAX_HARDWARE_DISKS || self.nics.len() > MAX_HARDWARE_NICS {
+            return Some(format!(
+                "hardware lists more than {MAX_HARDWARE_DISKS} disks or {MAX_HARDWARE_NICS} NICs"
+            ));
+        }
+        let texts = self.disks.iter().flat_map(|d| {
+            [Some(&d.dev_path), d.model.as_ref(), d.serial.as_ref()]
+                .into_iter()
+                .flatten()
+        });
+        let mut texts = texts.chain(self.nics.iter().flat_map(|n| [&n.name, &n.mac]));
+        texts
+            .any(|t| t.len() > MAX_HARDWARE_TEXT)
+            .then(|| format!("a hardware name longer than {MAX_HARDWARE_TEXT} bytes"))
+    }
 }
 
 impl Report {
@@ -121,6 +225,7 @@ impl Report {
             message: message.into(),
             slot: None,
             image_sha256: None,
+            hardware: None,
         }
     }
 
@@ -144,7 +249,7 @@ impl Report {
         {
             return Some("imageSha256 must be 64 hex digits".into());
         }
-        None
+        self.hardware.as_ref().and_then(HardwareSummary::problem)
     }
 }
 

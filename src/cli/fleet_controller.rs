@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kiln_fleet::controller::{self, ClientLimits, ReplicaConfig, ReplicaEnd};
+use kiln_fleet::credentials;
 use kiln_fleet::rollout::{Actuator, BmcActuator, Shared, Target};
 use kiln_netboot::server::CancellationToken;
 use kiln_spec::Inventory;
@@ -39,8 +40,8 @@ pub struct ControllerArgs {
     /// The build (its root image must be the Rollout's imageSha256)
     #[command(flatten)]
     build: Build,
-    /// The fleet's credentials (every replica needs the same) and this replica's netboot
-    /// state
+    /// This replica's netboot state and its copy of the fleet's credentials (shared through
+    /// the Secret kiln-fleet-credentials: the first replica to lead puts its own there)
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln/fleet")]
     state_dir: PathBuf,
     /// Interface on the machines' boot network
@@ -190,7 +191,19 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
                 &spec,
                 &netboot,
             );
+            let (client, namespace) = (client.clone(), &a.namespace);
             async move {
+                let sharing = credentials::share(&client, namespace, state_dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "the fleet's credentials: {} Secret {namespace}/{}",
+                    match sharing {
+                        credentials::Sharing::FromCluster => "taken from",
+                        credentials::Sharing::ToCluster => "this replica's, put in",
+                    },
+                    credentials::CREDENTIALS_SECRET
+                );
                 let inventory = served(&machines.borrow(), netboot, appliance, state_dir)
                     .map_err(|e| format!("{e:#}"))?;
                 eprintln!(

@@ -16,7 +16,7 @@ use kiln_installer::plan::{
 use kiln_installer::source::{self, NetbootImage};
 use kiln_spec::Appliance;
 use kiln_spec::appliance::AfterInstall;
-use kiln_spec::enrol::{Phase, Report};
+use kiln_spec::enrol::{HardwareSummary, Phase, Report};
 use kiln_spec::hardware::{Firmware, HardwareInventory};
 use kiln_spec::size::ByteSize;
 
@@ -211,10 +211,10 @@ fn install(
     if args.dry_run {
         return Ok(None);
     }
-    reports.send(phonehome::report(
-        Phase::Planned,
-        Some(&disk_summary(&plan.disk)),
-    ));
+    reports.send(Report {
+        hardware: Some(HardwareSummary::of(&hw)),
+        ..phonehome::report(Phase::Planned, Some(&disk_summary(&plan.disk)))
+    });
     let apply_opts = ApplyOptions {
         target: args.disk_image.clone(),
         failpoint: std::env::var(FAILPOINT_ENV).ok(),

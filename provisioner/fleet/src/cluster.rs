@@ -253,7 +253,8 @@ fn new_bootstrap_token() -> String {
     format!("{}.{}", part(6), part(16))
 }
 
-fn create_dir_private(dir: &Path) -> Result<(), ClusterError> {
+/// Creates `dir` (and its parents), readable by its owner only.
+pub fn create_dir_private(dir: &Path) -> Result<(), ClusterError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -413,6 +413,7 @@ impl RolloutStore for KubeStore {
                             rollout: self.rollout.clone(),
                             progress: progress.clone(),
                             reports: Vec::new(),
+                            hardware: None,
                             enrolment_token_hashes: Vec::new(),
                         });
                     }
@@ -442,7 +443,12 @@ impl RolloutStore for KubeStore {
 
     fn add_report(&self, node: &str, report: &StoredReport) -> Result<(), StoreError> {
         self.update(node, |s| {
-            s.reports.push(report.clone());
+            let mut report = report.clone();
+            // Kept once, in its own field, not in every report's copy.
+            if let Some(hardware) = report.report.hardware.take() {
+                s.hardware = Some(hardware);
+            }
+            s.reports.push(report);
             let extra = s.reports.len().saturating_sub(REPORTS_KEPT);
             s.reports.drain(..extra);
         })

@@ -88,6 +88,9 @@ pub struct MachineStatus {
     /// The last phone-home reports, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reports: Vec<StoredReport>,
+    /// What the installer found on the machine (CPUs, memory, disks, NICs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<kiln_spec::enrol::HardwareSummary>,
     /// sha256 of each enrolment token handed out in this rollout (never the tokens).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enrolment_token_hashes: Vec<String>,

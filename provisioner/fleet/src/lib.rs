@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 pub mod follow;
 pub mod mailbox;
 pub mod metrics;

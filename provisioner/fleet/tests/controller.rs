@@ -398,6 +398,60 @@ fn a_second_replica_takes_over_a_rollout_whose_leader_died_without_powering_anyt
     assert_eq!((status.total, status.ready, status.failed), (40, 40, 0));
 }
 
+#[test]
+fn replicas_share_the_fleets_credentials_through_a_secret() {
+    use kiln_fleet::cluster::{FleetSecrets, SECRETS_DIR};
+    use kiln_fleet::credentials::{self, CredentialsError, Sharing};
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::shared();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(cluster.client());
+    let ns = "kiln-credentials";
+    rt.block_on(fleet(&client, ns, &names(1), 1));
+    let files = |dir: &std::path::Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir.join(SECRETS_DIR))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", e.path().display());
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (first, second, stranger) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let share = |dir: &std::path::Path| rt.block_on(credentials::share(&client, ns, dir));
+    // The first replica to lead makes them and puts them in the cluster.
+    assert_eq!(share(first.path()).unwrap(), Sharing::ToCluster);
+    let made = files(first.path());
+    assert!(made.contains_key("kubernetes-ca.key") && made.contains_key("bootstrap-token"));
+    // Another replica, with an empty state directory, gets the same ones.
+    assert_eq!(share(second.path()).unwrap(), Sharing::FromCluster);
+    assert_eq!(files(second.path()), made);
+    assert_eq!(share(first.path()).unwrap(), Sharing::FromCluster);
+    // A replica holding another fleet's credentials is refused, its own left as they were.
+    FleetSecrets::load_or_create(stranger.path()).unwrap();
+    let own = files(stranger.path());
+    match share(stranger.path()) {
+        Err(e @ CredentialsError::Differ { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(credentials::CREDENTIALS_SECRET),
+                "{message}"
+            );
+        }
+        other => panic!("another fleet's credentials were taken: {other:?}"),
+    }
+    assert_eq!(files(stranger.path()), own);
+}
+
 /// The netboot MACs of each Machine the leader would serve now.
 fn served_macs(replica: &Replica) -> BTreeMap<String, Vec<String>> {
     let served = replica.served.lock().unwrap();

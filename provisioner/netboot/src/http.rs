@@ -803,6 +803,51 @@ mod tests {
                 "x".repeat(MAX_BODY_BYTES)
             );
             assert_eq!(s.report(&huge).await, 413);
+            // The largest report a machine makes fits the body limit: its hardware is cut to
+            // what a report keeps; more than that is refused.
+            let hw = kiln_spec::hardware::HardwareInventory {
+                firmware: kiln_spec::hardware::Firmware::Uefi,
+                disks: (0..40)
+                    .map(|i| kiln_spec::hardware::Disk {
+                        dev_path: format!("/dev/{}{i}", "x".repeat(200)),
+                        by_id: Vec::new(),
+                        size_bytes: u64::MAX,
+                        logical_sector_size: 4096,
+                        model: Some("m".repeat(200)),
+                        serial: Some("s".repeat(200)),
+                        wwn: None,
+                        rotational: true,
+                        removable: false,
+                        transport: kiln_spec::hardware::Transport::Sas,
+                        read_only: false,
+                        holds_boot_medium: false,
+                        partition_table: None,
+                        signatures: Vec::new(),
+                        unreadable: None,
+                    })
+                    .collect(),
+                nics: (0..40)
+                    .map(|i| kiln_spec::hardware::Nic {
+                        name: format!("{}{i}", "n".repeat(200)),
+                        mac: "52:54:00:00:00:01".into(),
+                    })
+                    .collect(),
+                memory_bytes: u64::MAX,
+                cpus: u32::MAX,
+                boot_medium_unresolved: None,
+            };
+            let mut largest =
+                kiln_spec::enrol::Report::new(Phase::Planned, Some("x".repeat(MAX_MESSAGE_BYTES)));
+            largest.hardware = Some(kiln_spec::enrol::HardwareSummary::of(&hw));
+            let body = serde_json::to_string(&largest).unwrap();
+            assert!(body.len() < MAX_BODY_BYTES, "{} bytes", body.len());
+            assert_eq!(s.report(&body).await, 204);
+            let summary = largest.hardware.as_mut().unwrap();
+            summary.disks.push(summary.disks[0].clone());
+            assert_eq!(
+                s.report(&serde_json::to_string(&largest).unwrap()).await,
+                422
+            );
             assert_eq!(s.report(good).await, 204);
             let events = s.events();
             assert!(events.contains(&EventKind::PhoneHome {
