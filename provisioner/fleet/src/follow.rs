@@ -163,24 +163,39 @@ pub async fn follow(
     let events = watcher(holder.machines.clone(), watcher::Config::default()).default_backoff();
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
-        match event {
+        // Most events are the rollout's own status writes: only a change of what netboot
+        // serves or of a deletion is looked at (with thousands of Machines, every event
+        // would cost a whole inventory).
+        let changed = match event {
             Ok(watcher::Event::Apply(m)) => {
-                known.insert(m.name_any(), m);
+                let name = m.name_any();
+                let served_differently = known.get(&name).is_none_or(|old| {
+                    old.spec != m.spec
+                        || old.labels() != m.labels()
+                        || being_deleted(old) != being_deleted(&m)
+                });
+                known.insert(name, m);
+                served_differently
             }
-            Ok(watcher::Event::Delete(m)) => {
-                known.remove(&m.name_any());
+            Ok(watcher::Event::Delete(m)) => known.remove(&m.name_any()).is_some(),
+            Ok(watcher::Event::Init) => {
+                relisted = Some(BTreeMap::new());
+                false
             }
-            Ok(watcher::Event::Init) => relisted = Some(BTreeMap::new()),
             Ok(watcher::Event::InitApply(m)) => {
                 relisted.get_or_insert_default().insert(m.name_any(), m);
+                false
             }
-            Ok(watcher::Event::InitDone) => known = relisted.take().unwrap_or_default(),
+            Ok(watcher::Event::InitDone) => {
+                known = relisted.take().unwrap_or_default();
+                true
+            }
             Err(e) => {
                 tracing::warn!("watching the Machines: {e}");
-                continue;
+                false
             }
-        }
-        if relisted.is_some() {
+        };
+        if !changed {
             continue;
         }
         for name in &driven {

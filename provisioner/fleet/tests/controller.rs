@@ -80,13 +80,28 @@ impl SimulatedMachines {
         self.runtime.spawn(async move { sim.install(&node).await });
     }
 
+    /// Asks whoever leads now, as a request to its netboot service: one that does not
+    /// answer in time (a killed replica, whose store waits forever on its dead runtime)
+    /// counts as no answer, and the machine asks again later.
+    async fn ask<T: Send + 'static>(
+        &self,
+        question: impl FnOnce(&Shared) -> Option<T> + Send + 'static,
+    ) -> Option<T> {
+        let leader = self.leader.read().unwrap().clone()?;
+        let asked = tokio::task::spawn_blocking(move || question(&leader));
+        tokio::time::timeout(self.step * 20, asked)
+            .await
+            .ok()?
+            .ok()?
+    }
+
     /// Fetches a boot script (and its token) from whoever leads, then reports each phase to
     /// whoever leads when it is sent, as a real installer reaches the netboot service.
     async fn install(self: Arc<Self>, node: &str) {
         tokio::time::sleep(self.step).await;
         let token = loop {
-            let leader = self.leader.read().unwrap().clone();
-            if let Some(t) = leader.and_then(|l| l.install_token(node)) {
+            let name = node.to_string();
+            if let Some(t) = self.ask(move |l| l.install_token(&name)).await {
                 break t;
             }
             tokio::time::sleep(self.step).await;
@@ -110,11 +125,13 @@ impl SimulatedMachines {
                 report.slot = Some("A".into());
             }
             loop {
-                let leader = self.leader.read().unwrap().clone();
-                if let Some(l) = leader
-                    && l.verify(node, Some(&token)).is_ok()
-                {
-                    l.report(node, &[0x52, 0x54, 0, 0, 0, 1], &report);
+                let (name, token, report) = (node.to_string(), token.clone(), report.clone());
+                let sent = self.ask(move |l| {
+                    l.verify(&name, Some(&token)).ok()?;
+                    l.report(&name, &[0x52, 0x54, 0, 0, 0, 1], &report);
+                    Some(())
+                });
+                if sent.await.is_some() {
                     break;
                 }
                 tokio::time::sleep(self.step).await;
@@ -218,6 +235,7 @@ struct Replica {
     shared: Arc<Mutex<Option<Arc<Shared>>>>,
     /// The Machines as netboot would serve them now.
     served: Arc<Mutex<Option<tokio::sync::watch::Receiver<Inventory>>>>,
+    sim: Arc<SimulatedMachines>,
 }
 
 impl Replica {
@@ -233,6 +251,7 @@ impl Replica {
         let seen = shared.clone();
         let served = Arc::new(Mutex::new(None));
         let netboot = served.clone();
+        let kept = sim.clone();
         runtime.spawn(async move {
             let handle = tokio::runtime::Handle::current();
             let result = controller::run_replica(
@@ -263,6 +282,7 @@ impl Replica {
             end,
             shared,
             served,
+            sim: kept,
         }
     }
 
@@ -270,8 +290,19 @@ impl Replica {
         self.shared.lock().unwrap().is_some()
     }
 
-    /// Dies as a killed process does: no lease released, nothing more sent.
+    /// Dies as a killed process does: no lease released, nothing more sent, its netboot
+    /// gone.
     fn kill(&mut self) {
+        let mine = self.shared.lock().unwrap().clone();
+        let mut leader = self.sim.leader.write().unwrap();
+        if leader
+            .as_ref()
+            .zip(mine)
+            .is_some_and(|(l, m)| Arc::ptr_eq(l, &m))
+        {
+            *leader = None;
+        }
+        drop(leader);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
