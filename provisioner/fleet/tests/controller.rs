@@ -80,19 +80,28 @@ impl SimulatedMachines {
         self.runtime.spawn(async move { sim.install(&node).await });
     }
 
-    /// Asks whoever leads now, as a request to its netboot service: one that does not
-    /// answer in time (a killed replica, whose store waits forever on its dead runtime)
-    /// counts as no answer, and the machine asks again later.
+    /// Asks whoever leads now, as a request to its netboot service: the answer is waited for
+    /// as long as that replica still leads (the API server may be slow), and given up when
+    /// it is killed — a killed replica's store waits forever on its dead runtime — so the
+    /// machine asks the next leader.
     async fn ask<T: Send + 'static>(
         &self,
         question: impl FnOnce(&Shared) -> Option<T> + Send + 'static,
     ) -> Option<T> {
         let leader = self.leader.read().unwrap().clone()?;
-        let asked = tokio::task::spawn_blocking(move || question(&leader));
-        tokio::time::timeout(self.step * 20, asked)
-            .await
-            .ok()?
-            .ok()?
+        let asked = leader.clone();
+        let mut answer = tokio::task::spawn_blocking(move || question(&asked));
+        loop {
+            tokio::select! {
+                answered = &mut answer => return answered.ok()?,
+                () = tokio::time::sleep(self.step) => {
+                    let now = self.leader.read().unwrap().clone();
+                    if !now.is_some_and(|l| Arc::ptr_eq(&l, &leader)) {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Fetches a boot script (and its token) from whoever leads, then reports each phase to
