@@ -700,9 +700,8 @@ where
         reason: e.to_string(),
     };
     // A Machine deleted while no replica led is not driven; one this rollout held is let go.
-    let (deleting, machines): (Vec<Machine>, Vec<Machine>) = machines
-        .into_iter()
-        .partition(|m| m.meta().deletion_timestamp.is_some());
+    let (deleting, machines): (Vec<Machine>, Vec<Machine>) =
+        machines.into_iter().partition(crate::follow::being_deleted);
     let ours: Vec<&Machine> = deleting
         .iter()
         .filter(|m| {

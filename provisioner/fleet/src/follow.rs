@@ -32,7 +32,8 @@ pub struct Holder {
     pub(crate) concurrency: usize,
 }
 
-fn being_deleted(m: &Machine) -> bool {
+/// Whether `m` is being deleted (held by a finalizer until let go of).
+pub(crate) fn being_deleted(m: &Machine) -> bool {
     m.meta().deletion_timestamp.is_some()
 }
 
