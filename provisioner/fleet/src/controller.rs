@@ -695,10 +695,6 @@ where
     )
     .await?;
     let holder = store.holder();
-    let refused = |e: StoreError| ControllerError::Rollout {
-        rollout: config.rollout.clone(),
-        reason: e.to_string(),
-    };
     // A Machine deleted while no replica led is not driven; one this rollout held is let go.
     let (deleting, machines): (Vec<Machine>, Vec<Machine>) =
         machines.into_iter().partition(crate::follow::being_deleted);
@@ -710,7 +706,7 @@ where
                 .is_none_or(|s| s.rollout == config.rollout)
         })
         .collect();
-    holder.set(&ours, false).await.map_err(refused)?;
+    holder.set(&ours, false).await?;
     let inventory = inventory_of(&machines);
     let targets = targets(&client, &config.namespace, &resource, &inventory, &machines).await?;
     let driven: BTreeSet<String> = targets.iter().map(|t| t.name.clone()).collect();
@@ -718,7 +714,7 @@ where
         .iter()
         .filter(|m| driven.contains(&m.name_any()))
         .collect();
-    holder.set(&held, true).await.map_err(refused)?;
+    holder.set(&held, true).await?;
     let parallel = resource.spec.parallelism.max(1) as usize;
     let opts = RolloutOptions {
         limits: Limits {
