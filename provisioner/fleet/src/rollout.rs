@@ -475,18 +475,8 @@ impl Controller for RolloutController {
                 commands.push((name.clone(), action));
             }
             if run.progress != before.progress {
-                for (s, delta) in [(before.progress.stage, -1i64), (run.progress.stage, 1)] {
-                    let n = delta as isize;
-                    if s.is_active() {
-                        load.active = load.active.saturating_add_signed(n);
-                    }
-                    if matches!(s, Stage::PoweringOn | Stage::Netbooting) {
-                        load.netbooting = load.netbooting.saturating_add_signed(n);
-                    }
-                    if s == Stage::Failed {
-                        load.failed = load.failed.saturating_add_signed(n);
-                    }
-                }
+                load.count(before.progress.stage, -1);
+                load.count(run.progress.stage, 1);
             }
             if run.progress != before.progress || run.applied != before.applied {
                 changed.push((name, before));

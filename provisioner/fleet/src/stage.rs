@@ -346,17 +346,23 @@ impl Load {
     pub fn of<'a>(nodes: impl IntoIterator<Item = &'a NodeProgress>) -> Load {
         let mut load = Load::default();
         for n in nodes {
-            if n.stage.is_active() {
-                load.active += 1;
-            }
-            if matches!(n.stage, Stage::PoweringOn | Stage::Netbooting) {
-                load.netbooting += 1;
-            }
-            if n.stage == Stage::Failed {
-                load.failed += 1;
-            }
+            load.count(n.stage, 1);
         }
         load
+    }
+
+    /// Counts a node in `stage` (`delta` 1), or no longer (-1).
+    pub fn count(&mut self, stage: Stage, delta: isize) {
+        let add = |n: &mut usize| *n = n.saturating_add_signed(delta);
+        if stage.is_active() {
+            add(&mut self.active);
+        }
+        if matches!(stage, Stage::PoweringOn | Stage::Netbooting) {
+            add(&mut self.netbooting);
+        }
+        if stage == Stage::Failed {
+            add(&mut self.failed);
+        }
     }
 
     /// Whether one more node may start under `limits`.
