@@ -43,10 +43,16 @@ fuzz_target!(|data: &[u8]| {
                 dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
             },
         };
-        let mut pool = LeasePool::new(Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 103), 600);
+        let mut pool = LeasePool::new(
+            Ipv4Addr::new(10, 0, 0, 100),
+            Ipv4Addr::new(10, 0, 0, 103),
+            600,
+        );
         for port in [SERVER_PORT, PXE_PORT] {
             let pool = (mode == NetbootMode::Dhcp).then_some(&mut pool);
-            if let (Outcome::Reply { msg, .. }, _) = handle(&settings, backend(), pool, &msg, port, src, 1000) {
+            if let (Outcome::Reply { msg, .. }, _) =
+                handle(&settings, backend(), pool, &msg, port, src, 1000)
+            {
                 msg.to_vec().expect("replies always encode");
             }
         }

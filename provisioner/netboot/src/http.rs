@@ -150,31 +150,166 @@ fn mac_from_path(text: &str) -> Option<[u8; 6]> {
     parse_mac(text)
 }
 
+/// A request for one of the file routes, as the router extracts it or as
+/// [`crate::download`] reads it from a request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileRoute {
+    /// `/boot/MAC/FILE`: the script (`boot.ipxe`) or an artifact, traced under that MAC.
+    Boot {
+        mac: String,
+        file: String,
+    },
+    Artifact(String),
+    Ipxe(String),
+}
+
+impl FileRoute {
+    /// The route of a raw request path, where the router would read the same text from it:
+    /// `None` for a path with a query, a fragment or a percent-escape (the router decodes
+    /// those), and for every other route.
+    pub fn from_path(path: &str) -> Option<FileRoute> {
+        if path.contains(['%', '?', '#']) {
+            return None;
+        }
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        if let Some(rest) = path.strip_prefix("/boot/") {
+            let (mac, file) = rest.split_once('/')?;
+            return Some(FileRoute::Boot {
+                mac: nonempty(mac)?,
+                file: nonempty(file)?,
+            });
+        }
+        if let Some(file) = path.strip_prefix("/artifacts/") {
+            return Some(FileRoute::Artifact(nonempty(file)?));
+        }
+        Some(FileRoute::Ipxe(nonempty(path.strip_prefix("/ipxe/")?)?))
+    }
+}
+
+/// A file route's answer: a finished response, or a file still to be sent after its head.
+pub(crate) enum Answer {
+    Done(Response),
+    Send(Box<Download>),
+}
+
+/// A file's bytes `start..start + count` under `head`, recorded in the trace when dropped.
+pub(crate) struct Download {
+    pub head: Response<()>,
+    pub file: tokio::fs::File,
+    pub start: u64,
+    pub count: u64,
+    pub tally: Tally,
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let d = match self {
+            Answer::Done(response) => return response,
+            Answer::Send(d) => d,
+        };
+        let Download {
+            head,
+            file,
+            count,
+            mut tally,
+            ..
+        } = *d;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 * 1024).map(
+            move |chunk| {
+                // Borrowing the whole guard moves it into the closure: it drops with the body.
+                let tally = &mut tally;
+                if let Ok(c) = &chunk {
+                    tally.sent += c.len() as u64;
+                }
+                chunk
+            },
+        );
+        head.map(|()| Body::from_stream(stream))
+    }
+}
+
+/// The answer to a file route, whichever way the request came in.
+pub(crate) async fn answer(
+    state: &HttpState,
+    client: SocketAddr,
+    method: Method,
+    headers: &HeaderMap,
+    route: FileRoute,
+) -> Answer {
+    match route {
+        FileRoute::Boot {
+            mac: mac_text,
+            file,
+        } => {
+            let path = format!("/boot/{mac_text}/{file}");
+            let Some(mac) = mac_from_path(&mac_text) else {
+                let access = access(state, String::new(), client, method, path);
+                return Answer::Done(access.fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("{mac_text:?} is not a MAC address"),
+                ));
+            };
+            let mac_str = format_mac(&mac);
+            state.trace.learn(client.ip(), &mac_str);
+            let access = access(state, mac_str, client, method, path);
+            if file == "boot.ipxe" {
+                return Answer::Done(script(state, &access, &mac));
+            }
+            if state.backend.lookup(&mac) == Decision::Ignore {
+                return Answer::Done(
+                    access.fail(StatusCode::NOT_FOUND, "MAC is not in the inventory".into()),
+                );
+            }
+            prepare(&state.artifacts, &file, headers, access).await
+        }
+        FileRoute::Artifact(file) => {
+            let mac = state.trace.mac_for(client.ip());
+            let access = access(state, mac, client, method, format!("/artifacts/{file}"));
+            prepare(&state.artifacts, &file, headers, access).await
+        }
+        FileRoute::Ipxe(file) => {
+            let mac = state.trace.mac_for(client.ip());
+            let access = access(state, mac, client, method, format!("/ipxe/{file}"));
+            prepare(&state.ipxe_dir, &file, headers, access).await
+        }
+    }
+}
+
 async fn boot_file(
     State(state): Shared,
     ConnectInfo(client): Client,
     method: Method,
     headers: HeaderMap,
-    UrlPath((mac_text, file)): UrlPath<(String, String)>,
-) -> Response {
-    let path = format!("/boot/{mac_text}/{file}");
-    let Some(mac) = mac_from_path(&mac_text) else {
-        let access = access(&state, String::new(), client, method, path);
-        return access.fail(
-            StatusCode::BAD_REQUEST,
-            format!("{mac_text:?} is not a MAC address"),
-        );
-    };
-    let mac_str = format_mac(&mac);
-    state.trace.learn(client.ip(), &mac_str);
-    let access = access(&state, mac_str.clone(), client, method, path);
-    if file == "boot.ipxe" {
-        return script(&state, &access, &mac);
-    }
-    if state.backend.lookup(&mac) == Decision::Ignore {
-        return access.fail(StatusCode::NOT_FOUND, "MAC is not in the inventory".into());
-    }
-    serve_file(&state.artifacts, &file, &headers, access).await
+    UrlPath((mac, file)): UrlPath<(String, String)>,
+) -> Answer {
+    answer(
+        &state,
+        client,
+        method,
+        &headers,
+        FileRoute::Boot { mac, file },
+    )
+    .await
+}
+
+async fn artifact(
+    State(state): Shared,
+    ConnectInfo(client): Client,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath(file): UrlPath<String>,
+) -> Answer {
+    answer(&state, client, method, &headers, FileRoute::Artifact(file)).await
+}
+
+async fn ipxe_binary(
+    State(state): Shared,
+    ConnectInfo(client): Client,
+    method: Method,
+    headers: HeaderMap,
+    UrlPath(file): UrlPath<String>,
+) -> Answer {
+    answer(&state, client, method, &headers, FileRoute::Ipxe(file)).await
 }
 
 fn access(
@@ -223,30 +358,6 @@ fn script(state: &HttpState, access: &Access<'_>, mac: &[u8; 6]) -> Response {
             format!("rendering the iPXE script: {e}"),
         ),
     }
-}
-
-async fn artifact(
-    State(state): Shared,
-    ConnectInfo(client): Client,
-    method: Method,
-    headers: HeaderMap,
-    UrlPath(file): UrlPath<String>,
-) -> Response {
-    let mac = state.trace.mac_for(client.ip());
-    let access = access(&state, mac, client, method, format!("/artifacts/{file}"));
-    serve_file(&state.artifacts, &file, &headers, access).await
-}
-
-async fn ipxe_binary(
-    State(state): Shared,
-    ConnectInfo(client): Client,
-    method: Method,
-    headers: HeaderMap,
-    UrlPath(file): UrlPath<String>,
-) -> Response {
-    let mac = state.trace.mac_for(client.ip());
-    let access = access(&state, mac, client, method, format!("/ipxe/{file}"));
-    serve_file(&state.ipxe_dir, &file, &headers, access).await
 }
 
 /// A `Range` request header, interpreted against a file of `len` bytes (RFC 9110 14.2).
@@ -330,28 +441,45 @@ fn etag_matches(list: &str, tag: &str) -> bool {
 /// Written here rather than with tower-http's `ServeDir`: that has no ETag or If-Range (a
 /// resumed download must not splice two versions of an artifact) and reports no byte counts
 /// for the per-MAC trace.
-async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access<'_>) -> Response {
+async fn prepare(root: &Path, name: &str, headers: &HeaderMap, access: Access<'_>) -> Answer {
+    Answer::Done(match prepare_download(root, name, headers, access).await {
+        Ok(download) => return Answer::Send(Box::new(download)),
+        Err(response) => response,
+    })
+}
+
+async fn prepare_download(
+    root: &Path,
+    name: &str,
+    headers: &HeaderMap,
+    access: Access<'_>,
+) -> Result<Download, Response> {
     let path = match jail::resolve(root, name) {
         Ok(p) => p,
         Err(e @ (JailError::Escapes(_) | JailError::Nul)) => {
-            return access.fail(StatusCode::FORBIDDEN, e.to_string());
+            return Err(access.fail(StatusCode::FORBIDDEN, e.to_string()));
         }
-        Err(e) => return access.fail(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => return Err(access.fail(StatusCode::NOT_FOUND, e.to_string())),
     };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(e) => return access.fail(StatusCode::FORBIDDEN, format!("opening {name}: {e}")),
+        Err(e) => {
+            return Err(access.fail(StatusCode::FORBIDDEN, format!("opening {name}: {e}")));
+        }
     };
     let meta = match file.metadata().await {
         Ok(m) => m,
-        Err(e) => return access.fail(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+        Err(e) => {
+            let why = format!("{name}: {e}");
+            return Err(access.fail(StatusCode::INTERNAL_SERVER_ERROR, why));
+        }
     };
     let len = meta.len();
     let tag = etag(&meta);
     let text = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
     if text(header::IF_NONE_MATCH).is_some_and(|v| etag_matches(v, &tag)) {
         access.record(StatusCode::NOT_MODIFIED, 0, None);
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+        return Err((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
     }
     // If-Range with another version: the whole (new) file instead of a piece of it.
     let range_header = match text(header::IF_RANGE) {
@@ -369,11 +497,11 @@ async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access
                 0,
                 Some(format!("range {range_header:?} outside {len} bytes")),
             );
-            return (
+            return Err((
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{len}"))],
             )
-                .into_response();
+                .into_response());
         }
     };
     let mut builder = Response::builder()
@@ -390,17 +518,17 @@ async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access
     }
     if access.method == Method::HEAD {
         access.record(status, 0, None);
-        return builder.body(Body::empty()).unwrap_or_default();
+        return Err(builder.body(Body::empty()).unwrap_or_default());
     }
     if start > 0
         && let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await
     {
-        return access.fail(
+        return Err(access.fail(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("seeking {name}: {e}"),
-        );
+        ));
     }
-    let mut tally = Tally {
+    let tally = Tally {
         trace: access.state.trace.clone(),
         mac: access.mac,
         client: access.client,
@@ -411,21 +539,17 @@ async fn serve_file(root: &Path, name: &str, headers: &HeaderMap, access: Access
         sent: 0,
         expected: count,
     };
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 * 1024).map(
-        move |chunk| {
-            // Borrowing the whole guard moves it into the closure: it drops with the body.
-            let tally = &mut tally;
-            if let Ok(c) = &chunk {
-                tally.sent += c.len() as u64;
-            }
-            chunk
-        },
-    );
-    builder.body(Body::from_stream(stream)).unwrap_or_default()
+    Ok(Download {
+        head: builder.body(()).unwrap_or_default(),
+        file,
+        start,
+        count,
+        tally,
+    })
 }
 
 /// Records a streamed download when the body is finished or abandoned.
-struct Tally {
+pub(crate) struct Tally {
     trace: Arc<Trace>,
     mac: String,
     client: IpAddr,
@@ -433,7 +557,7 @@ struct Tally {
     path: String,
     status: StatusCode,
     started: Instant,
-    sent: u64,
+    pub sent: u64,
     expected: u64,
 }
 

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod dhcp;
+pub mod download;
 pub mod enrol;
 pub mod http;
 pub mod ipxe;

@@ -11,6 +11,7 @@ pub use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, InventoryBackend, UnknownMacs};
 use crate::dhcp::{self, AddressSettings, BootSettings, DhcpServer, DhcpSettings};
+use crate::download::serve_connection;
 use crate::enrol::Enrolment;
 use crate::http::{HttpState, router};
 use crate::leases::{self, LeasePool};
@@ -69,8 +70,6 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("HTTP server: {0}")]
-    Http(std::io::Error),
     #[error("the appliance spec rendered for node {node} is invalid: {errors}")]
     NodeSpec {
         node: String,
@@ -280,13 +279,36 @@ pub async fn serve(
         settings.tftp_port,
         settings.http_base
     );
-    let app = router(http_state).into_make_service_with_connect_info::<SocketAddr>();
-    let http_shutdown = shutdown.clone();
-    let result = axum::serve(http_listener, app)
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-        .await
-        .map_err(ServeError::Http);
+    accept_http(http_listener, http_state, &shutdown).await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
-    result
+    Ok(())
+}
+
+/// Accepts HTTP connections until shutdown, then closes the ones still open.
+async fn accept_http(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    shutdown: &CancellationToken,
+) {
+    let app = router(state.clone());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+            // Finished connections leave the set as they go.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                connections.spawn(serve_connection(stream, client, state.clone(), app.clone()));
+            }
+            // Out of descriptors, say: the connections open now finish and free some.
+            Err(e) => {
+                tracing::warn!("accepting an HTTP connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
