@@ -14,8 +14,9 @@ packages=(
   openipmi ipmitool dnsmasq tftp-hpa curl isc-dhcp-client
   # the virtual rack's BMCs make PXE one-time over QMP (lab/src/ipmi_sim.rs); benches/fleet.sh
   python3 bc time
-  # benchmark peers (benches/netboot.sh, benches/build.sh)
-  nginx mkosi
+  # benchmark peers (benches/netboot.sh, benches/build.sh); benches/install.sh builds
+  # coreos-installer from its crate, which links these
+  nginx mkosi libzstd-dev libssl-dev liblzma-dev pkg-config
   # misc
   ca-certificates python3-venv jq
   # node agent tests (systemctl --root, useradd --root)

@@ -42,14 +42,10 @@ pub enum BlockDevError {
         actual: String,
     },
     #[error(
-        "verifying {path} at offset {offset}: read back sha256 {actual}, wrote {expected} (the disk does not hold what was written)"
+        "verifying {path}: the byte at offset {offset} reads back other than it was written \
+         (the disk does not hold what was written)"
     )]
-    ReadBack {
-        path: PathBuf,
-        offset: u64,
-        expected: String,
-        actual: String,
-    },
+    ReadBack { path: PathBuf, offset: u64 },
 }
 
 /// An open install target.
@@ -205,10 +201,13 @@ impl Target {
         self.file.sync_all().map_err(self.io("syncing"))
     }
 
-    /// Streams `image` into `[offset, offset + slot_len)`, hashing on the way, then syncs,
-    /// drops the cached pages and reads the region back: the digest of what the disk returns
-    /// must equal the digest of what was read (and `expected_sha256`, when known).
-    /// `progress(done, total)` is called after every chunk.
+    /// Streams `image` into `[offset, offset + slot_len)` and proves the disk holds it: one
+    /// thread reads and hashes the image, this one writes it, a third waits for each written
+    /// chunk to reach the device, drops its cached pages and compares what the device returns
+    /// with what was written. The three overlap, so verifying costs about what writing does
+    /// rather than a second pass after it; the image is hashed once. Then the device is synced;
+    /// the digest must equal `expected_sha256`, when known. `progress(done, total)` is called
+    /// after every chunk written.
     pub fn write_image_verified(
         &self,
         image: &Path,
@@ -233,23 +232,66 @@ impl Target {
                 slot_len,
             });
         }
-        // Reading and hashing run on a second thread, overlapping the writes.
         let mut hasher = Sha256::new();
         let hashing = &mut hasher;
         let mut done = 0u64;
-        pipelined(
-            |buf| {
-                let n = read_full(&mut src, buf).map_err(img_io("reading"))?;
-                hashing.update(&buf[..n]);
-                Ok(n)
-            },
-            |chunk| {
-                self.write_at(offset + done, chunk)?;
-                done += chunk.len() as u64;
-                progress(done, total);
+        std::thread::scope(|scope| {
+            use std::sync::mpsc::sync_channel;
+            let (free_tx, free_rx) = sync_channel::<Vec<u8>>(IN_FLIGHT);
+            for _ in 0..IN_FLIGHT {
+                let _ = free_tx.send(vec![0; CHUNK]);
+            }
+            let (read_tx, read_rx) = sync_channel(IN_FLIGHT);
+            let (written_tx, written_rx) = sync_channel::<(Vec<u8>, u64)>(IN_FLIGHT);
+            // Each stage ends when the one feeding it goes: the first error stops all three.
+            scope.spawn(move || {
+                for mut buf in free_rx {
+                    let read = read_full(&mut src, &mut buf).map(|n| {
+                        buf.truncate(n);
+                        hashing.update(&buf);
+                        buf
+                    });
+                    let last = !matches!(&read, Ok(buf) if !buf.is_empty());
+                    if read_tx.send(read.map_err(img_io("reading"))).is_err() || last {
+                        break;
+                    }
+                }
+            });
+            let verifier = scope.spawn(move || {
+                let mut back = vec![0; CHUNK];
+                for (buf, at) in written_rx {
+                    let back = &mut back[..buf.len()];
+                    self.read_from_device(at, back)?;
+                    if let Some(i) = first_difference(&buf, back) {
+                        return Err(BlockDevError::ReadBack {
+                            path: self.path.clone(),
+                            offset: at + i as u64,
+                        });
+                    }
+                    let mut buf = buf;
+                    buf.resize(CHUNK, 0);
+                    let _ = free_tx.send(buf);
+                }
                 Ok(())
-            },
-        )?;
+            });
+            for read in read_rx {
+                let buf = read?;
+                if buf.is_empty() {
+                    break;
+                }
+                let at = offset + done;
+                self.write_at(at, &buf)?;
+                done += buf.len() as u64;
+                progress(done, total);
+                if written_tx.send((buf, at)).is_err() {
+                    break;
+                }
+            }
+            drop(written_tx);
+            verifier
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })?;
         let sha256 = hex::encode(hasher.finalize());
         if let Some(expected) = expected_sha256
             && !expected.eq_ignore_ascii_case(&sha256)
@@ -261,89 +303,64 @@ impl Target {
             });
         }
         self.sync()?;
-        self.drop_cache(offset, done);
-        let actual = self.sha256_range(offset, done)?;
-        if actual != sha256 {
-            return Err(BlockDevError::ReadBack {
-                path: self.path.clone(),
-                offset,
-                expected: sha256,
-                actual,
-            });
-        }
         Ok(WrittenImage {
             bytes: done,
             sha256,
         })
     }
 
-    /// Asks the kernel to forget cached pages, so a read-back comes from the device.
-    fn drop_cache(&self, offset: u64, len: u64) {
+    /// Reads `[at, at + buf.len())` as the device holds it: waits for the range's writeback
+    /// to finish, then drops its pages from the cache so the read goes to the device.
+    fn read_from_device(&self, at: u64, buf: &mut [u8]) -> Result<(), BlockDevError> {
         use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
-        // Advisory: if it fails, the read-back still checks the page cache contents.
+        write_back(&self.file, at, buf.len() as u64).map_err(self.io("writing back"))?;
+        // Advisory: if it fails, the read still checks the page cache contents.
         let _ = posix_fadvise(
             &self.file,
-            offset as i64,
-            len as i64,
+            at as i64,
+            buf.len() as i64,
             PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
-    }
-
-    /// sha256 of `len` bytes at `offset` (reads overlap the hashing).
-    pub fn sha256_range(&self, offset: u64, len: u64) -> Result<String, BlockDevError> {
-        let mut hasher = Sha256::new();
-        let mut pos = 0u64;
-        pipelined(
-            |buf| {
-                let n = (len - pos).min(CHUNK as u64) as usize;
-                self.file
-                    .read_exact_at(&mut buf[..n], offset + pos)
-                    .map_err(self.io("reading back"))?;
-                pos += n as u64;
-                Ok(n)
-            },
-            |chunk| {
-                hasher.update(chunk);
-                Ok(())
-            },
-        )?;
-        Ok(hex::encode(hasher.finalize()))
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(self.io("reading back"))
     }
 }
 
-/// Runs `produce` (fills a chunk, returns its length, 0 at the end) on a second thread while
-/// `consume` handles the chunks in order: IO on one side overlaps hashing on the other.
-/// The first error of either side ends both.
-fn pipelined(
-    mut produce: impl FnMut(&mut [u8]) -> Result<usize, BlockDevError> + Send,
-    mut consume: impl FnMut(&[u8]) -> Result<(), BlockDevError>,
-) -> Result<(), BlockDevError> {
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, BlockDevError>>(2);
-        scope.spawn(move || {
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                match produce(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        // A closed channel means the consumer failed: stop reading.
-                        if tx.send(Ok(buf)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        break;
-                    }
-                }
-            }
-        });
-        for chunk in rx {
-            consume(&chunk?)?;
-        }
+/// Chunks between the reader and the verifier: enough to keep the device writing while
+/// earlier chunks are read back.
+const IN_FLIGHT: usize = 6;
+
+/// The first offset at which `written` and `read` differ.
+fn first_difference(written: &[u8], read: &[u8]) -> Option<usize> {
+    if written == read {
+        return None;
+    }
+    Some(
+        written
+            .iter()
+            .zip(read)
+            .position(|(a, b)| a != b)
+            .unwrap_or(written.len().min(read.len())),
+    )
+}
+
+/// Starts writeback of `[at, at + len)` of `file` and waits until it has reached the device
+/// (sync_file_range(2), which nix does not wrap). It does not flush the device's own cache:
+/// the final sync does that once for the whole image.
+#[allow(unsafe_code)]
+fn write_back(file: &File, at: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // Integers only: the descriptor is open for as long as `file` is borrowed.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), at as i64, len as i64, flags) };
+    if r == 0 {
         Ok(())
-    })
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Fills `buf` as far as the reader allows (short only at the end of the input).
@@ -402,6 +419,14 @@ mod tests {
         assert_eq!(w.bytes, content.len() as u64);
         assert_eq!(calls, 2);
         assert_eq!(t.read_at(2 * MIB, content.len()).unwrap(), content);
+    }
+
+    #[test]
+    fn a_read_back_names_the_first_byte_that_differs() {
+        assert_eq!(first_difference(b"abcd", b"abcd"), None);
+        assert_eq!(first_difference(b"abcd", b"abxd"), Some(2));
+        assert_eq!(first_difference(b"abcd", b"abc"), Some(3));
+        assert_eq!(first_difference(b"", b""), None);
     }
 
     #[test]
