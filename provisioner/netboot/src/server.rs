@@ -119,6 +119,44 @@ fn udp_socket(addr: SocketAddr, device: &str, what: &'static str) -> Result<UdpS
     bind(addr).map_err(|source| ServeError::Bind { what, addr, source })
 }
 
+/// Runs TFTP on a thread of its own with a single-threaded runtime, until shutdown. TFTP is
+/// lock-step (a block, then its ACK): on the shared multi-threaded runtime every ACK of every
+/// transfer woke a parked worker, and those wake-ups were most of the server's CPU per
+/// download. One thread polling all transfers' sockets, as dnsmasq does, wakes once for
+/// whatever is ready.
+async fn serve_tftp_on_own_thread(
+    tftp: Arc<TftpServer>,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let started = socket.into_std().and_then(|socket| {
+        std::thread::Builder::new()
+            .name("kiln-tftp".into())
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            tftp.serve(UdpSocket::from_std(socket)?, shutdown).await;
+                            Ok(())
+                        })
+                    });
+                let _ = done_tx.send(served);
+            })
+    });
+    let outcome = match started {
+        Ok(_) => done_rx
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the TFTP thread died"))),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        tracing::error!("TFTP service stopped: {e}");
+    }
+}
+
 /// Every netbooting node's spec renders ([`Appliance::for_node`], with its first boot MAC):
 /// a node whose overrides break the spec is found at start, not when it asks for its config.
 fn check_node_specs(inventory: &Inventory, appliance: &Appliance) -> Result<(), ServeError> {
@@ -269,7 +307,11 @@ pub async fn serve(
             .serve(dhcp_socket, dhcp::SERVER_PORT, shutdown.clone()),
     );
     tasks.spawn(dhcp_server.serve(pxe_socket, dhcp::PXE_PORT, shutdown.clone()));
-    tasks.spawn(tftp.serve(tftp_socket, shutdown.clone()));
+    tasks.spawn(serve_tftp_on_own_thread(
+        tftp,
+        tftp_socket,
+        shutdown.clone(),
+    ));
     tracing::info!(
         interface = settings.interface,
         mode = ?settings.mode,
