@@ -21,7 +21,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use futures::StreamExt;
 use kiln_spec::Appliance;
 use kiln_spec::bootargs::BootDigests;
@@ -61,8 +61,8 @@ type Client = ConnectInfo<SocketAddr>;
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/boot/{mac}/{*file}", get(boot_file))
-        .route("/artifacts/{*file}", get(artifact))
-        .route("/ipxe/{*file}", get(ipxe_binary))
+        .route("/artifacts/{*file}", file_under(FileRoute::Artifact))
+        .route("/ipxe/{*file}", file_under(FileRoute::Ipxe))
         .route("/config/{mac}", get(node_config))
         .route("/phone-home/{mac}", post(phone_home))
         .route("/trace/{mac}", get(trace_json))
@@ -292,24 +292,17 @@ async fn boot_file(
     .await
 }
 
-async fn artifact(
-    State(state): Shared,
-    ConnectInfo(client): Client,
-    method: Method,
-    headers: HeaderMap,
-    UrlPath(file): UrlPath<String>,
-) -> Answer {
-    answer(&state, client, method, &headers, FileRoute::Artifact(file)).await
-}
-
-async fn ipxe_binary(
-    State(state): Shared,
-    ConnectInfo(client): Client,
-    method: Method,
-    headers: HeaderMap,
-    UrlPath(file): UrlPath<String>,
-) -> Answer {
-    answer(&state, client, method, &headers, FileRoute::Ipxe(file)).await
+/// The handler of a route whose path ends in a file name: `variant` says which root it is under.
+fn file_under(variant: fn(String) -> FileRoute) -> MethodRouter<Arc<HttpState>> {
+    get(
+        move |State(state): Shared,
+              ConnectInfo(client): Client,
+              method: Method,
+              headers: HeaderMap,
+              UrlPath(file): UrlPath<String>| async move {
+            answer(&state, client, method, &headers, variant(file)).await
+        },
+    )
 }
 
 fn access(
