@@ -160,11 +160,19 @@ async fn write_buffered(
         .await
         .map_err(std::io::Error::other)?;
     let head = Response::from_parts(parts, ());
-    let length = (!head.headers().contains_key(header::CONTENT_LENGTH))
-        .then(|| (header::CONTENT_LENGTH, body.len().to_string()));
+    let length = missing_length(&head, body.len());
     let mut out = head_bytes(&head, keep_alive, length.as_slice());
     out.extend_from_slice(&body);
     stream.write_all(&out).await
+}
+
+/// The `Content-Length` a buffered answer of `len` bytes still needs: none when it has one,
+/// and none for a 304 or 204, whose length would claim a body they never carry (RFC 9110
+/// 8.6: a 304's length is the one a 200 would have had).
+fn missing_length<B>(head: &Response<B>, len: usize) -> Option<(HeaderName, String)> {
+    let bodiless = matches!(head.status().as_u16(), 204 | 304);
+    (!bodiless && !head.headers().contains_key(header::CONTENT_LENGTH))
+        .then(|| (header::CONTENT_LENGTH, len.to_string()))
 }
 
 /// The download's head, then its bytes straight from the file to the socket.
@@ -254,6 +262,20 @@ mod tests {
                 String::from_utf8_lossy(other)
             );
         }
+    }
+
+    #[test]
+    fn buffered_answers_get_a_length_unless_they_never_carry_a_body() {
+        let with = |status: u16| Response::builder().status(status).body(()).unwrap();
+        assert_eq!(
+            missing_length(&with(404), 12),
+            Some((header::CONTENT_LENGTH, "12".into()))
+        );
+        assert_eq!(missing_length(&with(304), 0), None);
+        assert_eq!(missing_length(&with(204), 0), None);
+        let mut known = with(200);
+        known.headers_mut().insert(header::CONTENT_LENGTH, 5.into());
+        assert_eq!(missing_length(&known, 5), None);
     }
 
     #[test]
