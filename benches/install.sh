@@ -82,6 +82,12 @@ coreos_installer_seconds() {
     _ "$coreos_installer" "$image" "$loop" "$work/coreos-installer.log"
 }
 
+# The image MiB/s kiln reports for installing onto $1 (a disk image file or a loop device).
+kiln_rate() {
+  "$kiln" install --spec "$work/kiln.yaml" --disk-image "$1" --image "$image" \
+    --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second'
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 kiln_rates=(); dd_rates=(); ddv_rates=(); loop_kiln_rates=(); coi_rates=()
 rate_of() { awk -v b="$img_bytes" -v s="$1" -v e="$2" 'BEGIN {print b / 1048576 / (e - s)}'; }
@@ -102,8 +108,7 @@ for i in $(seq "$runs"); do
 
   # Each write starts with nothing of the last one still being written back.
   rm -f "$disk"; truncate -s "$disk_bytes" "$disk"; sync
-  rate=$("$kiln" install --spec "$work/kiln.yaml" --disk-image "$disk" --image "$image" \
-      --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second')
+  rate=$(kiln_rate "$disk")
   kiln_rates+=("$rate")
   printf 'run %d: dd %.1f MiB/s, dd + read-back sha256 %.1f MiB/s, kiln %.1f MiB/s\n' \
     "$i" "${dd_rates[-1]}" "${ddv_rates[-1]}" "$rate"
@@ -111,8 +116,7 @@ for i in $(seq "$runs"); do
   fresh_loop
   coi_rates+=("$(rate_of 0 "$(coreos_installer_seconds)")")
   fresh_loop
-  rate=$("$kiln" install --spec "$work/kiln.yaml" --disk-image "$loop" --image "$image" \
-      --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second')
+  rate=$(kiln_rate "$loop")
   loop_kiln_rates+=("$rate")
   printf 'run %d on a loop device: coreos-installer %.1f MiB/s, kiln %.1f MiB/s\n' \
     "$i" "${coi_rates[-1]}" "$rate"

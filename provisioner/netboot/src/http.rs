@@ -58,11 +58,19 @@ pub struct HttpState {
 type Shared = State<Arc<HttpState>>;
 type Client = ConnectInfo<SocketAddr>;
 
+/// The file routes' prefixes, for the router and for [`FileRoute::from_path`] alike.
+const BOOT: &str = "/boot/";
+const ARTIFACTS: &str = "/artifacts/";
+const IPXE: &str = "/ipxe/";
+
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
-        .route("/boot/{mac}/{*file}", get(boot_file))
-        .route("/artifacts/{*file}", file_under(FileRoute::Artifact))
-        .route("/ipxe/{*file}", file_under(FileRoute::Ipxe))
+        .route(&format!("{BOOT}{{mac}}/{{*file}}"), get(boot_file))
+        .route(
+            &format!("{ARTIFACTS}{{*file}}"),
+            file_under(FileRoute::Artifact),
+        )
+        .route(&format!("{IPXE}{{*file}}"), file_under(FileRoute::Ipxe))
         .route("/config/{mac}", get(node_config))
         .route("/phone-home/{mac}", post(phone_home))
         .route("/trace/{mac}", get(trace_json))
@@ -172,17 +180,17 @@ impl FileRoute {
             return None;
         }
         let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        if let Some(rest) = path.strip_prefix("/boot/") {
+        if let Some(rest) = path.strip_prefix(BOOT) {
             let (mac, file) = rest.split_once('/')?;
             return Some(FileRoute::Boot {
                 mac: nonempty(mac)?,
                 file: nonempty(file)?,
             });
         }
-        if let Some(file) = path.strip_prefix("/artifacts/") {
+        if let Some(file) = path.strip_prefix(ARTIFACTS) {
             return Some(FileRoute::Artifact(nonempty(file)?));
         }
-        Some(FileRoute::Ipxe(nonempty(path.strip_prefix("/ipxe/")?)?))
+        Some(FileRoute::Ipxe(nonempty(path.strip_prefix(IPXE)?)?))
     }
 }
 
@@ -241,7 +249,7 @@ pub(crate) async fn answer(
             mac: mac_text,
             file,
         } => {
-            let path = format!("/boot/{mac_text}/{file}");
+            let path = format!("{BOOT}{mac_text}/{file}");
             let Some(mac) = mac_from_path(&mac_text) else {
                 let access = access(state, String::new(), client, method, path);
                 return Answer::Done(access.fail(
@@ -264,12 +272,12 @@ pub(crate) async fn answer(
         }
         FileRoute::Artifact(file) => {
             let mac = state.trace.mac_for(client.ip());
-            let access = access(state, mac, client, method, format!("/artifacts/{file}"));
+            let access = access(state, mac, client, method, format!("{ARTIFACTS}{file}"));
             prepare(&state.artifacts, &file, headers, access).await
         }
         FileRoute::Ipxe(file) => {
             let mac = state.trace.mac_for(client.ip());
-            let access = access(state, mac, client, method, format!("/ipxe/{file}"));
+            let access = access(state, mac, client, method, format!("{IPXE}{file}"));
             prepare(&state.ipxe_dir, &file, headers, access).await
         }
     }
@@ -435,10 +443,10 @@ fn etag_matches(list: &str, tag: &str) -> bool {
 /// resumed download must not splice two versions of an artifact) and reports no byte counts
 /// for the per-MAC trace.
 async fn prepare(root: &Path, name: &str, headers: &HeaderMap, access: Access<'_>) -> Answer {
-    Answer::Done(match prepare_download(root, name, headers, access).await {
-        Ok(download) => return Answer::Send(Box::new(download)),
-        Err(response) => response,
-    })
+    match prepare_download(root, name, headers, access).await {
+        Ok(download) => Answer::Send(Box::new(download)),
+        Err(response) => Answer::Done(response),
+    }
 }
 
 async fn prepare_download(
