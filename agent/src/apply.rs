@@ -18,12 +18,13 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{Desired, digest};
 use crate::host::Host;
-use crate::plan::{Action, ManagedPath, ManagedUser, Record};
+use crate::plan::{Action, DigestCache, ManagedPath, ManagedUser, Record};
 use crate::sysroot::{self, AccountDb, Meta, Staged, Sysroot};
 
 /// `KILN_AGENT_FAILPOINT=apply-abort-after:N` aborts the process after the N-th action of an
@@ -161,9 +162,32 @@ pub struct Outcome {
     pub failed: Vec<(Action, String)>,
 }
 
-fn failpoint() -> Option<usize> {
-    let v = std::env::var(FAILPOINT_ENV).ok()?;
-    v.strip_prefix("apply-abort-after:")?.parse().ok()
+/// The crash tests' hook ([`FAILPOINT_ENV`]): counts finished actions, also across the
+/// threads that put a batch in place, and aborts after the chosen one.
+struct Failpoint {
+    abort_after: Option<usize>,
+    finished: AtomicUsize,
+}
+
+impl Failpoint {
+    fn from_env() -> Failpoint {
+        let abort_after = std::env::var(FAILPOINT_ENV).ok().and_then(|v| {
+            v.strip_prefix("apply-abort-after:")
+                .and_then(|n| n.parse().ok())
+        });
+        Failpoint {
+            abort_after,
+            finished: AtomicUsize::new(0),
+        }
+    }
+
+    fn finished_one(&self) {
+        let n = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.abort_after == Some(n) {
+            tracing::error!("failpoint {FAILPOINT_ENV}: aborting after {n} action(s)");
+            std::process::abort();
+        }
+    }
 }
 
 /// The directories above `path` that do not exist, outermost first. The walk up stops at one
@@ -185,11 +209,14 @@ fn missing_ancestors(root: &Sysroot, path: &str, examined: &mut BTreeSet<String>
 
 /// Runs `actions` (from [`crate::plan::plan`]) against the host. Individual failures are
 /// collected in the outcome; an error is returned only when kiln's own state cannot be kept.
+/// `digests` learns the content of every file written, so the verifying observation after
+/// the apply does not read them back.
 pub fn apply(
     host: &Host,
     store: &StateStore,
     desired: &Desired,
     actions: &[Action],
+    digests: &mut DigestCache,
 ) -> Result<Outcome, StateError> {
     let stored = store.record()?;
     let mut record = stored.clone();
@@ -214,35 +241,41 @@ pub fn apply(
     }
     let claimed = record.clone();
 
-    let abort_after = failpoint();
+    let failpoint = Failpoint::from_env();
     let mut outcome = Outcome::default();
-    let mut finish = |action: &Action, result: Result<(), ActionError>| {
-        match result {
-            Ok(()) => outcome.done.push(action.clone()),
-            Err(e) => {
-                tracing::warn!("{action}: {e}");
-                outcome.failed.push((action.clone(), e.to_string()));
-            }
-        }
-        let n = outcome.done.len() + outcome.failed.len();
-        if abort_after == Some(n) {
-            tracing::error!("failpoint {FAILPOINT_ENV}: aborting after {n} action(s)");
-            std::process::abort();
+    let mut finish = |action: &Action, result: Result<(), ActionError>| match result {
+        Ok(()) => outcome.done.push(action.clone()),
+        Err(e) => {
+            tracing::warn!("{action}: {e}");
+            outcome.failed.push((action.clone(), e.to_string()));
         }
     };
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
     for chunk in actions.chunk_by(|a, b| written(a).is_some() && written(b).is_some()) {
         if let [action] = chunk {
-            finish(
+            let result = run(
+                host,
+                store,
+                desired,
+                &mut record,
                 action,
-                run(host, store, desired, &mut record, action, &mut dirs),
+                &mut dirs,
+                digests,
             );
+            failpoint.finished_one();
+            finish(action, result);
             continue;
         }
         let paths: Vec<&str> = chunk.iter().filter_map(written).collect();
         let staged = stage_files(host, desired, &paths, &mut dirs);
-        for ((action, path), staged) in chunk.iter().zip(&paths).zip(staged) {
-            finish(action, staged.and_then(|s| placed(path, s.commit())));
+        // The renames are independent of each other: the cores share them as the writes.
+        let committed = in_parallel(paths.iter().zip(staged).collect(), |(path, staged)| {
+            let result = staged.and_then(|s| placed(path, s.commit()));
+            failpoint.finished_one();
+            result
+        });
+        for ((action, path), result) in chunk.iter().zip(&paths).zip(committed) {
+            finish(action, result.map(|p| remember(digests, desired, path, p)));
         }
     }
     let dirs: Vec<&Path> = dirs
@@ -495,8 +528,19 @@ fn in_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Ve
     })
 }
 
+/// Notes the content of desired file `path` for the next observation, when the file was
+/// found as kiln wrote it (see [`Staged::commit`]).
+fn remember(digests: &mut DigestCache, desired: &Desired, path: &str, placed: Placed) {
+    if let (Some(meta), Some(f)) = (placed, desired.files.get(path)) {
+        digests.remember(path, &meta, f.content.as_bytes());
+    }
+}
+
+/// A file's metadata as put in place, when still as kiln wrote it.
+type Placed = Option<fs::Metadata>;
+
 /// The result of putting `path` in place, saying so when a directory stands there.
-fn placed(path: &str, renamed: io::Result<()>) -> Result<(), ActionError> {
+fn placed(path: &str, renamed: io::Result<Placed>) -> Result<Placed, ActionError> {
     renamed.map_err(|e| match e.kind() {
         io::ErrorKind::IsADirectory => ActionError::Other(format!("{path} is a directory")),
         _ => e.into(),
@@ -518,6 +562,7 @@ fn run(
     record: &mut Record,
     action: &Action,
     dirs: &mut BTreeSet<PathBuf>,
+    digests: &mut DigestCache,
 ) -> Result<(), ActionError> {
     let root = &host.sysroot;
     match action {
@@ -563,7 +608,8 @@ fn run(
                 &mut BTreeSet::new(),
                 dirs,
             )?;
-            placed(path, sysroot::write_atomic(&full, content, meta))?;
+            let file = placed(path, sysroot::write_atomic(&full, content, meta))?;
+            remember(digests, desired, path, file);
         }
         Action::SetMeta { path } => {
             let (mode, owner) = match (desired.files.get(path), desired.dirs.get(path)) {
@@ -707,7 +753,8 @@ mod tests {
         let actions = crate::plan::plan(&desired, &actual, &Record::default());
         assert_eq!(actions.len(), 4, "{actions:?}");
 
-        let outcome = apply(&host, &store, &desired, &actions).unwrap();
+        let mut digests = DigestCache::default();
+        let outcome = apply(&host, &store, &desired, &actions, &mut digests).unwrap();
 
         let failed: Vec<(String, &str)> = outcome
             .failed
@@ -744,6 +791,15 @@ mod tests {
         assert!(!t.path().join("srv/new/d").exists());
         assert_eq!(temp_files(t.path()), Vec::<PathBuf>::new());
         assert_eq!(store.journal().unwrap(), None);
+        // The observation after the apply, from what the apply remembered, finds the written
+        // files as desired: only the two failures remain.
+        let record = store.record().unwrap();
+        let actual = crate::plan::observe_cached(&host, &desired, &record, &mut digests).unwrap();
+        let remaining: Vec<String> = crate::plan::plan(&desired, &actual, &record)
+            .iter()
+            .map(Action::resource)
+            .collect();
+        assert_eq!(remaining, ["file:/srv/b", "file:/srv/new/d"]);
     }
 
     #[test]

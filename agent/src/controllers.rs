@@ -414,7 +414,13 @@ impl HostController {
             });
         }
         let drift = self.applied.as_deref() == generation;
-        let outcome = apply::apply(&self.host, &self.store, desired, &actions)?;
+        let outcome = apply::apply(
+            &self.host,
+            &self.store,
+            desired,
+            &actions,
+            &mut self.digests,
+        )?;
         let drift = self.report_apply(&outcome, drift);
         let record = self.store.record()?;
         let actual = plan::observe_cached(&self.host, desired, &record, &mut self.digests)?;

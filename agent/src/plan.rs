@@ -182,6 +182,19 @@ impl Action {
 #[derive(Debug, Default)]
 pub struct DigestCache(BTreeMap<String, (FileStamp, String)>);
 
+impl DigestCache {
+    /// Notes the digest of `content`, just written to `path` and found there with `placed`
+    /// (its metadata after the write), so the next observation need not read it back. A
+    /// change between the write and that stat goes unseen, as one between an observation's
+    /// read and its stat does.
+    pub fn remember(&mut self, path: &str, placed: &std::fs::Metadata, content: &[u8]) {
+        self.0.insert(
+            path.to_string(),
+            (FileStamp::of(placed), digest(&[content])),
+        );
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
     dev: u64,

@@ -104,6 +104,8 @@ impl Meta {
 pub struct Staged {
     temp: PathBuf,
     target: PathBuf,
+    /// The file as written: commit tells whether anything wrote to it since.
+    written: Option<fs::Metadata>,
     committed: bool,
 }
 
@@ -119,14 +121,16 @@ impl Staged {
             .truncate(true)
             .mode(0o600)
             .open(&temp)?;
-        let staged = Staged {
+        let mut staged = Staged {
             temp,
             target: target.to_path_buf(),
+            written: None,
             committed: false,
         };
         f.write_all(content)?;
         std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))?;
         f.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+        staged.written = Some(f.metadata()?);
         Ok((staged, f))
     }
 
@@ -135,10 +139,22 @@ impl Staged {
     }
 
     /// Renames the file into place. Its directory still needs a sync for the rename to last.
-    pub fn commit(mut self) -> io::Result<()> {
+    /// Returns the file's metadata as placed (the rename moved its change time) when it is
+    /// still the file kiln wrote, unmodified since: same inode, size and modification time.
+    pub fn commit(mut self) -> io::Result<Option<fs::Metadata>> {
         fs::rename(&self.temp, &self.target)?;
         self.committed = true;
-        Ok(())
+        let placed = fs::symlink_metadata(&self.target)?;
+        let unchanged = self.written.as_ref().is_some_and(|w| {
+            (w.ino(), w.size(), w.mtime(), w.mtime_nsec())
+                == (
+                    placed.ino(),
+                    placed.size(),
+                    placed.mtime(),
+                    placed.mtime_nsec(),
+                )
+        });
+        Ok(unchanged.then_some(placed))
     }
 }
 
@@ -160,8 +176,9 @@ pub fn temp_path(target: &Path) -> Option<PathBuf> {
 /// Replaces `path` atomically: the content goes to a temporary file in the same directory,
 /// is flushed to disk with its owner and mode already set, then renamed over the target. A
 /// crash leaves either the old file or the new one, never a mix. The caller syncs the
-/// directory (see [`sync_dir`]) before it records the write as durable.
-pub fn write_atomic(path: &Path, content: &[u8], meta: Meta) -> io::Result<()> {
+/// directory (see [`sync_dir`]) before it records the write as durable. Returns what
+/// [`Staged::commit`] does.
+pub fn write_atomic(path: &Path, content: &[u8], meta: Meta) -> io::Result<Option<fs::Metadata>> {
     let (staged, f) = Staged::write(path, content, meta)?;
     f.sync_all()?;
     staged.commit()
@@ -283,6 +300,36 @@ mod tests {
         assert_eq!(db.resolve_owner("5:6"), Some((5, 6)));
         assert_eq!(db.resolve_owner("nobody"), None);
         assert_eq!(db.groups_of("ops"), ["sudo"]);
+    }
+
+    #[test]
+    fn a_commit_vouches_only_for_the_file_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let kept = dir.path().join("kept");
+        let (staged, _) = Staged::write(&kept, b"as written", meta).unwrap();
+        let placed = staged
+            .commit()
+            .unwrap()
+            .expect("an untouched file is vouched for");
+        let now = fs::symlink_metadata(&kept).unwrap();
+        assert_eq!(
+            (placed.ino(), placed.size(), placed.ctime_nsec()),
+            (now.ino(), now.size(), now.ctime_nsec())
+        );
+
+        let edited = dir.path().join("edited");
+        let (staged, mut f) = Staged::write(&edited, b"as written", meta).unwrap();
+        f.write_all(b", then more by someone else").unwrap();
+        assert!(staged.commit().unwrap().is_none());
+        assert_eq!(
+            fs::read_to_string(&edited).unwrap(),
+            "as written, then more by someone else"
+        );
     }
 
     #[test]

@@ -57,14 +57,22 @@ pub fn spawn(
     Ok(())
 }
 
-/// The nearest existing directory for every managed path's parent.
+/// The nearest existing directory for every managed path's parent. Each parent is looked at
+/// once: a thousand files in a few directories cost a few stats.
 fn wanted_dirs(root: &Sysroot, managed: &BTreeSet<String>) -> BTreeSet<PathBuf> {
+    let parents: BTreeSet<&str> = managed
+        .iter()
+        .filter_map(|p| p.rsplit_once('/').map(|(parent, _)| parent))
+        .collect();
     let mut out = BTreeSet::new();
-    for p in managed {
-        let mut dir = root.path(p);
-        while dir.pop() {
+    for parent in parents {
+        let mut dir = root.path(parent);
+        loop {
             if dir.is_dir() {
-                out.insert(dir.clone());
+                out.insert(dir);
+                break;
+            }
+            if !dir.pop() {
                 break;
             }
         }
@@ -172,4 +180,35 @@ fn is_managed(root: &Sysroot, dir: &Path, name: &OsStr, managed: &BTreeSet<Strin
             .range(format!("{host}/")..)
             .next()
             .is_some_and(|m| m.starts_with(&format!("{host}/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watches_the_nearest_existing_directory_of_each_parent_once() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("etc/app")).unwrap();
+        let root = Sysroot::new(t.path());
+        let managed: BTreeSet<String> = [
+            "/etc/app/a.conf",
+            "/etc/app/b.conf",
+            "/etc/new/deep/c.conf",
+            "/etc/hostname",
+            "/srv/data/file",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let wanted = wanted_dirs(&root, &managed);
+        let expected: BTreeSet<PathBuf> = [
+            t.path().to_path_buf(),
+            t.path().join("etc"),
+            t.path().join("etc/app"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(wanted, expected);
+    }
 }
