@@ -183,10 +183,9 @@ impl Action {
 pub struct DigestCache(BTreeMap<String, (FileStamp, String)>);
 
 impl DigestCache {
-    /// Notes the digest of `content`, just written to `path` and found there with `placed`
-    /// (its metadata after the write), so the next observation need not read it back. A
-    /// change between the write and that stat goes unseen, as one between an observation's
-    /// read and its stat does.
+    /// Notes the digest of `content`, just written to `path` and found there unchanged with
+    /// `placed` (see [`crate::sysroot::Staged::commit`]), so the next observation need not
+    /// read it back.
     pub fn remember(&mut self, path: &str, placed: &std::fs::Metadata, content: &[u8]) {
         self.0.insert(
             path.to_string(),

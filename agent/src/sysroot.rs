@@ -104,8 +104,9 @@ impl Meta {
 pub struct Staged {
     temp: PathBuf,
     target: PathBuf,
-    /// The file as written: commit tells whether anything wrote to it since.
-    written: Option<fs::Metadata>,
+    /// [`written_stamp`] of the file once written: commit tells whether anything wrote to
+    /// it since.
+    written: Option<WrittenStamp>,
     committed: bool,
 }
 
@@ -130,7 +131,7 @@ impl Staged {
         f.write_all(content)?;
         std::os::unix::fs::fchown(&f, Some(meta.uid), Some(meta.gid))?;
         f.set_permissions(fs::Permissions::from_mode(meta.mode))?;
-        staged.written = Some(f.metadata()?);
+        staged.written = Some(written_stamp(&f.metadata()?));
         Ok((staged, f))
     }
 
@@ -145,17 +146,15 @@ impl Staged {
         fs::rename(&self.temp, &self.target)?;
         self.committed = true;
         let placed = fs::symlink_metadata(&self.target)?;
-        let unchanged = self.written.as_ref().is_some_and(|w| {
-            (w.ino(), w.size(), w.mtime(), w.mtime_nsec())
-                == (
-                    placed.ino(),
-                    placed.size(),
-                    placed.mtime(),
-                    placed.mtime_nsec(),
-                )
-        });
-        Ok(unchanged.then_some(placed))
+        Ok((self.written == Some(written_stamp(&placed))).then_some(placed))
     }
+}
+
+/// Inode, size and modification time: what a rename keeps and a write changes.
+type WrittenStamp = (u64, u64, i64, i64);
+
+fn written_stamp(m: &fs::Metadata) -> WrittenStamp {
+    (m.ino(), m.size(), m.mtime(), m.mtime_nsec())
 }
 
 impl Drop for Staged {
