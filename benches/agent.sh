@@ -12,7 +12,6 @@ source benches/lib.sh
 
 profile="${KILN_BENCH_PROFILE:-release}"
 idle_secs="${KILN_BENCH_IDLE_SECS:-60}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${KILN_CACHE:-$HOME/.cache/kiln}/target}"
 flag=(); [ "$profile" = release ] && flag=(--release)
 cargo build -q "${flag[@]}" -p kiln
 cargo build -q "${flag[@]}" -p kiln-agent --example drift_latency

@@ -9,7 +9,6 @@ source benches/lib.sh
 
 n="${1:-200}"
 profile="${KILN_BENCH_PROFILE:-dev}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${KILN_CACHE:-$HOME/.cache/kiln}/target}"
 for tool in ipmi_sim ipmitool; do
   command -v "$tool" >/dev/null || { echo "$tool missing (Debian packages openipmi, ipmitool)" >&2; exit 1; }
 done

@@ -9,9 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 
-export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
-cargo build --quiet --bin kiln
+cargo build --quiet --bin kiln --bin kiln-init
 kiln="$CARGO_TARGET_DIR/debug/kiln"
 work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -6,8 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
 
 scripts/kube-fixtures.sh
 cargo build -p kiln

@@ -8,17 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 
-cache="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 nodes="${NODES:-3}"
-if [ -n "${KILN_BIN:-}" ]; then
-  kiln="$KILN_BIN"
-else
-  echo "bench: building kiln (release)"
-  cargo build --release -q -p kiln
-  kiln="$CARGO_TARGET_DIR/release/kiln"
-fi
-out="$cache/bench-fleet-image"
+kiln=$(release_kiln)
+out="$KILN_CACHE/bench-fleet-image"
 echo "bench: building the test image into $out"
 "$kiln" build --profile test --out "$out" >/dev/null
 

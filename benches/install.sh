@@ -9,16 +9,12 @@
 #     its own (a tmpfs /run), and stops after each run.
 # Prints MiB/s of each and the ratios.
 # Usage: benches/install.sh [IMAGE]   (default: out/pxe/rootfs.squashfs, else 512 MiB of
-# random bytes). Needs a built kiln (release, or KILN_BIN=PATH), jq and root.
+# random bytes). Measures KILN_BIN=PATH, else a release build. Needs jq and root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 
-export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
-kiln="${KILN_BIN:-$CARGO_TARGET_DIR/release/kiln}"
-"$kiln" install --help >/dev/null 2>&1 \
-  || { echo "no kiln with 'install' at $kiln: cargo build --release, or set KILN_BIN=PATH" >&2; exit 1; }
+kiln=$(release_kiln)
 runs="${RUNS:-5}"
 
 coreos_installer_version=0.27.0

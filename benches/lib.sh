@@ -1,5 +1,21 @@
 # Shared by the bench scripts (sourced).
 
+# Every script's cache and Cargo target directory: the test suite's, so builds are shared.
+export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
+
+# The release kiln a bench measures: KILN_BIN (a prebuilt binary, e.g. from another checkout,
+# with kiln-init beside it), else this checkout's, built now.
+release_kiln() {
+  if [ -n "${KILN_BIN:-}" ]; then
+    echo "$KILN_BIN"
+  else
+    echo "bench: building kiln (release)" >&2
+    cargo build --release -q -p kiln >&2
+    echo "$CARGO_TARGET_DIR/release/kiln"
+  fi
+}
+
 # The start of a `test` profile spec; a caller appends its own fields under `spec:`.
 bench_spec() {
   printf 'apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: bench\nspec:\n  profile: test\n'

@@ -11,18 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 
-cache="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 for tool in dnsmasq nginx curl python3 ip; do
   command -v "$tool" >/dev/null || { echo "bench: $tool missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
-if [ -n "${KILN_BIN:-}" ]; then
-  kiln="$KILN_BIN"  # a prebuilt binary, e.g. from another checkout
-else
-  echo "bench: building kiln (release)"
-  cargo build --release -q -p kiln
-  kiln="$CARGO_TARGET_DIR/release/kiln"
-fi
+kiln=$(release_kiln)
 
 srv="kbsrv$$"
 cli="kbcli$$"

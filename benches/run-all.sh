@@ -3,7 +3,7 @@
 # bench-results/): bench.txt, each script's own table one after another, and
 # bench-results.json, every recorded figure (kiln, peer, ratio, target, met) with the machine
 # it was measured on. One release build of kiln serves the scripts that take a prebuilt binary.
-#   benches/run-all.sh [SCRIPT...]     (default: netboot install agent bmc cluster build fleet)
+#   benches/run-all.sh [SCRIPT...]     (default: netboot install boot agent bmc cluster build fleet)
 # Needs root (network namespaces, virtual rack). A failing script is reported and the rest run;
 # the exit status says whether all of them finished.
 set -euo pipefail
@@ -11,17 +11,15 @@ cd "$(dirname "$0")/.."
 
 out="${OUT:-bench-results}"
 scripts=("$@")
-[ "${#scripts[@]}" -gt 0 ] || scripts=(netboot install agent bmc cluster build fleet)
+[ "${#scripts[@]}" -gt 0 ] || scripts=(netboot install boot agent bmc cluster build fleet)
 for s in "${scripts[@]}"; do
   [ -x "benches/$s.sh" ] || { echo "run-all: no benches/$s.sh" >&2; exit 2; }
 done
 
-export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$KILN_CACHE/target}"
+source benches/lib.sh
 scripts/install-deps.sh
-echo "run-all: building kiln (release)"
-cargo build --release -q -p kiln
-export KILN_BIN="$CARGO_TARGET_DIR/release/kiln"
+KILN_BIN=$(release_kiln)
+export KILN_BIN
 
 mkdir -p "$out"
 export KILN_BENCH_RESULTS

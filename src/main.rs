@@ -1,5 +1,6 @@
-//! `kiln`: one multi-call binary for building, installing, provisioning and converging
-//! hyperconverged appliance nodes. This file only parses the command line and dispatches.
+//! `kiln`: one binary for building, installing, provisioning and converging hyperconverged
+//! appliance nodes (its stage-1, `kiln-init`, is built beside it). This file only parses the
+//! command line and dispatches.
 
 use std::process::ExitCode;
 
@@ -62,14 +63,6 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // Multi-call: as the initramfs's /init (PID 1) this binary is stage-1 and never returns.
-    if std::process::id() == 1
-        || std::env::args_os()
-            .next()
-            .is_some_and(|a| a.to_string_lossy().ends_with("init"))
-    {
-        kiln_installer::stage1::run();
-    }
     let cli = Cli::parse();
     cli::init_logging(cli.verbose);
     // One TLS provider for the whole process (rustls + ring), installed before any client:

@@ -692,3 +692,23 @@ fn unreachable_mirror_fails_cleanly() {
         "no cache entry, not even a temporary one"
     );
 }
+
+#[test]
+fn a_kiln_without_its_stage1_beside_it_builds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = dir.path().join("kiln");
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &lone).unwrap();
+    let out = dir.path().join("out");
+    let res = Command::new(&lone)
+        .args(["build", "--profile", "test", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "the build fails");
+    assert!(
+        stderr.contains(&format!("{}-init is missing", lone.display())),
+        "names the missing stage-1:\n{stderr}"
+    );
+    assert!(!out.exists(), "nothing in --out");
+}

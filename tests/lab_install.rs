@@ -103,6 +103,16 @@ fn install_and_boot(firmware: &str) {
     assert_eq!(summary["firmware"], firmware);
     // The test profile names hosts kiln-{mac}; the lab NIC is 52:54:00:4b:49:4c.
     assert_eq!(summary["node"], "kiln-5254004b494c");
+    // Where each boot's time went, read from its console: every step took some time.
+    for boot in ["live_split", "installed_split"] {
+        for step in ["firmware_loader", "kernel", "stage1", "userspace"] {
+            let seconds = summary[boot][step].as_f64();
+            assert!(
+                seconds.is_some_and(|s| s > 0.0),
+                "{boot}.{step} in {summary}"
+            );
+        }
+    }
     eprintln!("{firmware}: {}", serde_json::to_string(&summary).unwrap());
 
     // A clean GPT with exactly kiln's names and types, in order.

@@ -1,4 +1,5 @@
-//! Stage-1 init: the `kiln` binary runs as PID 1 of kiln's initramfs.
+//! Stage-1 init: `kiln-init` (this module and nothing of the CLI) runs as PID 1 of kiln's
+//! initramfs.
 //!
 //! It mounts the kernel filesystems, loads the kernel modules shipped in the initramfs (in
 //! dependency order, from its `modules.dep`), finds the root image named by the kernel command

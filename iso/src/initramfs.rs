@@ -1,9 +1,10 @@
-//! kiln's initramfs: the `kiln` binary as `/init` (stage-1), the shared libraries it links, and
+//! kiln's initramfs: `kiln-init` as `/init` (stage-1), the shared libraries it links, and
 //! the kernel modules stage-1 loads, as a zstd-compressed newc cpio archive.
 //!
 //! The binary is the host's build, dynamically linked against glibc: the host and the image are
-//! both Debian 12, so copying its libraries (found with `ldd`) is exact and avoids a second,
-//! static build of the whole workspace.
+//! both Debian 12, so copying its libraries (found with `ldd`) is exact and avoids a static
+//! build. It is a binary of its own, not the whole CLI: every boot loads and unpacks the
+//! initramfs, and under emulation each 10 MB of it costs about a second.
 
 use std::collections::BTreeSet;
 use std::io::{BufWriter, Write};
@@ -110,7 +111,7 @@ pub struct Entry {
 /// Every entry of the initramfs, parents before children. `modules` are paths relative to
 /// `module_dir` (the rootfs's `/usr/lib/modules/<release>`).
 pub fn plan(
-    kiln: &Path,
+    init: &Path,
     libs: &[PathBuf],
     release: &str,
     module_dir: &Path,
@@ -121,7 +122,7 @@ pub fn plan(
         Entry {
             path: "init".into(),
             mode: 0o755,
-            source: Source::File(kiln.to_path_buf()),
+            source: Source::File(init.to_path_buf()),
         },
         Entry {
             path: "dev/console".into(),
@@ -284,7 +285,7 @@ mod tests {
                 .map(String::from)
                 .into();
         let entries = plan(
-            Path::new("/build/kiln"),
+            Path::new("/build/kiln-init"),
             &parse_ldd(
                 "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n",
             ),

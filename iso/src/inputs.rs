@@ -47,8 +47,10 @@ pub struct BuildInputs {
     pub files: Vec<OverlayFile>,
     /// systemd units to enable in the image.
     pub units_enabled: Vec<String>,
-    /// The `kiln` binary for `/usr/bin/kiln` and the initramfs `/init`.
+    /// The `kiln` binary for `/usr/bin/kiln`.
     pub kiln_binary: PathBuf,
+    /// kiln's stage-1 (`kiln-init`) for the initramfs `/init`.
+    pub init_binary: PathBuf,
     /// kiln's Kubernetes build, for images with the `kubernetes` feature.
     pub kubernetes: Option<crate::kubernetes::KubeBinaries>,
     /// Signs `manifest.json`; its public half goes into the image as a trusted key.

@@ -43,9 +43,9 @@ pub fn apply(root: &Path, files: &[OverlayFile], units: &[String]) -> Result<()>
     Ok(())
 }
 
-/// Copies the `kiln` binary to `dest` without its debug sections (it is also the initramfs's
-/// init, where every megabyte is loaded on each boot).
-pub fn install_kiln(binary: &Path, dest: &Path) -> Result<()> {
+/// Copies a kiln binary to `dest` without symbols: the image carries no debugger, and the
+/// initramfs's init is loaded on every boot.
+pub fn install_stripped(binary: &Path, dest: &Path) -> Result<()> {
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent)
             .map_err(BuildError::io(format!("creating {}", parent.display())))?;

@@ -87,9 +87,9 @@ pub fn build(inputs: &BuildInputs, out: &Path, cache: &Cache) -> Result<BuildRep
     let (tarball, key, hit) = base_rootfs(inputs, cache, &mut rep)?;
     let kernel = unpack(&tarball, &dirs, &mut rep)?;
     trim_rootfs(inputs, &dirs, &kernel, &mut rep)?;
-    let kiln = apply_overlays(inputs, &dirs, &mut rep)?;
+    apply_overlays(inputs, &dirs, &mut rep)?;
     let kubernetes = kubernetes_payload(inputs, &dirs, &mut rep)?;
-    initramfs(&dirs, &kiln, &kernel, &mut rep)?;
+    initramfs(inputs, &dirs, &kernel, &mut rep)?;
     let packages = installed_packages(&dirs.root)?;
     squashfs(&dirs, &mut rep)?;
     make_iso(inputs, &dirs, &mut rep)?;
@@ -180,8 +180,8 @@ fn trim_rootfs(
     Ok(())
 }
 
-/// Step 3: The overlays and the kiln binary; returns where kiln sits in the tree.
-fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<PathBuf> {
+/// Step 3: The overlays and the kiln binary.
+fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("overlay");
     let mut files = inputs.files.clone();
@@ -194,8 +194,7 @@ fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Resu
         });
     }
     overlay::apply(&dirs.root, &files, &inputs.units_enabled)?;
-    let kiln = dirs.root.join("usr/bin/kiln");
-    overlay::install_kiln(&inputs.kiln_binary, &kiln)?;
+    overlay::install_stripped(&inputs.kiln_binary, &dirs.root.join("usr/bin/kiln"))?;
     rep.done(
         &pb,
         "overlay",
@@ -206,7 +205,7 @@ fn apply_overlays(inputs: &BuildInputs, dirs: &Dirs, rep: &mut Reporter) -> Resu
             inputs.units_enabled.len()
         ),
     );
-    Ok(kiln)
+    Ok(())
 }
 
 /// Step 3b: kiln's Kubernetes binaries and the airgap images, when the spec asks for them.
@@ -237,11 +236,18 @@ fn kubernetes_payload(
 
 /// Step 4: The initramfs and the kernel into the PXE bundle; a copy of the initramfs goes into the
 /// image so an installer or upgrade finds kernel and initramfs inside the slot it writes.
-fn initramfs(dirs: &Dirs, kiln: &Path, kernel: &rootfs::Kernel, rep: &mut Reporter) -> Result<()> {
+fn initramfs(
+    inputs: &BuildInputs,
+    dirs: &Dirs,
+    kernel: &rootfs::Kernel,
+    rep: &mut Reporter,
+) -> Result<()> {
     let t = Instant::now();
     let pb = rep.spinner("initramfs");
+    let init = dirs.work.join("init");
+    overlay::install_stripped(&inputs.init_binary, &init)?;
     let initrd = dirs.pxe.join("initrd.img");
-    let module_count = build_initramfs(kiln, kernel, &initrd)?;
+    let module_count = build_initramfs(&init, kernel, &initrd)?;
     let in_image = dirs
         .root
         .join("boot")
@@ -416,7 +422,7 @@ fn publish(staging: tempfile::TempDir, out: &Path) -> Result<()> {
 }
 
 /// Writes kiln's initramfs to `out`; returns how many module files it holds.
-fn build_initramfs(kiln: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<usize> {
+fn build_initramfs(init: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<usize> {
     let read = |name: &str| {
         let p = kernel.modules.join(name);
         std::fs::read_to_string(&p).map_err(BuildError::io(format!("reading {}", p.display())))
@@ -425,10 +431,10 @@ fn build_initramfs(kiln: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<u
     let deps = ModulesDep::parse(&full_dep)?;
     let builtin = trim::builtin_names(&read("modules.builtin")?);
     let modules: BTreeSet<String> = trim::modules_to_keep(&deps, &builtin, STAGE1_MODULES)?;
-    let libs = initramfs::shared_libraries(kiln)?;
+    let libs = initramfs::shared_libraries(init)?;
     let subset = initramfs::subset_modules_dep(&full_dep, &modules);
     let entries = initramfs::plan(
-        kiln,
+        init,
         &libs,
         &kernel.release,
         &kernel.modules,

@@ -30,9 +30,11 @@ pub const SLOTS_RECORD_PATH: &str = "/var/lib/kiln/slots.json";
 /// boot uses up its tries without anyone at the console.
 pub const PANIC_REBOOT_SECS: u32 = 10;
 
-/// `loader.conf`: boot the newest kiln entry that is not bad.
+/// `loader.conf`: boot the newest kiln entry that is not bad, at once. The try counters choose
+/// the slot, not a person, so the menu stays hidden (a key held during boot shows it) instead
+/// of costing every boot of every node its timeout.
 pub fn loader_conf() -> String {
-    "default kiln-*\ntimeout 3\neditor no\nconsole-mode keep\n".to_string()
+    "default kiln-*\ntimeout 0\neditor no\nconsole-mode keep\n".to_string()
 }
 
 /// The kernel command line of an installed slot: which slot and disk stage-1 mounts, a panic
@@ -79,7 +81,8 @@ pub fn grub_entry(title: &str, slot: Slot, options: &str) -> String {
 }
 
 /// `grub.cfg`: picks the slot as systemd-boot would pick its entries and counts its try down.
-/// GRUB has no arithmetic, so each count is a branch.
+/// GRUB has no arithmetic, so each count is a branch. Like systemd-boot's, the menu is hidden
+/// (Esc held during boot shows it).
 pub fn grub_cfg() -> String {
     let boot = |s: &str| {
         let mut t = String::new();
@@ -95,7 +98,7 @@ pub fn grub_cfg() -> String {
     };
     format!(
         "serial --unit=0 --speed=115200\nterminal_input console serial\nterminal_output console serial\n\
-         set timeout=3\nload_env\n\
+         set timeout_style=hidden\nset timeout=0\nload_env\n\
          if [ -z \"$kiln_a_gen\" ]; then set kiln_a_gen=0; fi\n\
          if [ -z \"$kiln_b_gen\" ]; then set kiln_b_gen=0; fi\n\
          # The newest slot that is not bad; the newest at all when both are.\n\

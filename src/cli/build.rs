@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use kiln_image::{BuildInputs, BuildReport, Cache, OverlayFile};
 use kiln_spec::{Appliance, ProfileName};
 
@@ -26,12 +26,16 @@ pub struct BuildArgs {
     /// public half into the image as a trusted key
     #[arg(long, value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
-    /// The kiln binary to put into the image [default: this program]
+    /// The kiln binary to put into the image [default: this program]; its stage-1,
+    /// `kiln-init`, is taken from beside it
     #[arg(long, value_name = "FILE", hide = true)]
     pub kiln_binary: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
+
+/// kiln's stage-1, the initramfs's `/init`: built beside `kiln` (src/bin/kiln-init.rs).
+const INIT_BINARY: &str = "kiln-init";
 
 pub fn run(args: BuildArgs) -> anyhow::Result<()> {
     let (appliance, spec_yaml) = load_spec(&args)?;
@@ -39,6 +43,15 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("finding the kiln binary")?,
     };
+    let init_binary = kiln_binary.with_file_name(INIT_BINARY);
+    if !init_binary.is_file() {
+        bail!(
+            "{} is missing: the initramfs needs kiln's stage-1 from beside {} \
+             (`cargo build` builds both binaries; install them together)",
+            init_binary.display(),
+            kiln_binary.display()
+        );
+    }
     let cache = Cache::locate(args.cache.clone());
     // Before the long build: a key that does not load fails now.
     let signing_key = args
@@ -48,7 +61,13 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         .transpose()?;
     let inputs = BuildInputs {
         signing_key,
-        ..resolve(&appliance, spec_yaml, kiln_binary, cache.root())?
+        ..resolve(
+            &appliance,
+            spec_yaml,
+            kiln_binary,
+            init_binary,
+            cache.root(),
+        )?
     };
     tracing::info!(
         "building {} ({} packages) into {} with cache {}",
@@ -94,6 +113,7 @@ fn resolve(
     a: &Appliance,
     spec_yaml: String,
     kiln_binary: PathBuf,
+    init_binary: PathBuf,
     cache: &std::path::Path,
 ) -> anyhow::Result<BuildInputs> {
     let rendered = kiln_overlays::render(a, None).context("rendering the overlays")?;
@@ -137,6 +157,7 @@ fn resolve(
             .collect(),
         units_enabled: rendered.units_enabled,
         kiln_binary,
+        init_binary,
         kubernetes,
         signing_key: None,
     })

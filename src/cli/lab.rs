@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kiln_lab::qemu::{self, Disk, Firmware, Nic, Regex, Vm};
+use kiln_lab::qemu::{self, BootSplit, Disk, Firmware, Nic, Regex, Vm};
 use kiln_lab::rack::{self, RackFirmware, RackSpec, RackState};
 use kiln_spec::size::ByteSize;
 use serde::Serialize;
@@ -168,8 +168,14 @@ pub struct LabInstallSummary {
     pub live_boot_seconds: f64,
     /// Installer start → disk written (`kiln-install: done`).
     pub install_seconds: f64,
+    /// Disk written → the live VM is off (the installer's reboot).
+    pub reboot_seconds: f64,
     /// Installed VM power-on → `kiln-agent ready`.
     pub installed_boot_seconds: f64,
+    /// Where the live boot's time went, from its console; None when the console lacks a step.
+    pub live_split: Option<BootSplit>,
+    /// Where the installed boot's time went.
+    pub installed_split: Option<BootSplit>,
     pub total_seconds: f64,
     pub install_console: PathBuf,
     pub installed_console: PathBuf,
@@ -292,23 +298,43 @@ fn rack_summary(s: &RackState) -> String {
 }
 
 fn summary_text(s: &LabInstallSummary) -> String {
+    let split = |b: &Option<BootSplit>| match b {
+        Some(b) => format!(
+            "\n\x20   firmware + loader {:>5.1}s, kernel {:>4.1}s, stage-1 {:>4.1}s, systemd {:>5.1}s",
+            b.firmware_loader, b.kernel, b.stage1, b.userspace
+        ),
+        None => String::new(),
+    };
     format!(
         "installed and booted {} ({} firmware, slot {})\n\
-         \x20 live boot      {:>7.1}s  power-on → installer start\n\
+         \x20 live boot      {:>7.1}s  power-on → installer start{}\n\
          \x20 install        {:>7.1}s  installer start → disk written\n\
-         \x20 installed boot {:>7.1}s  power-on → kiln-agent ready\n\
+         \x20 reboot         {:>7.1}s  disk written → live system off\n\
+         \x20 installed boot {:>7.1}s  power-on → kiln-agent ready{}\n\
          \x20 total          {:>7.1}s\n\
          console logs: {}, {}\n",
         s.node,
         s.firmware,
         s.slot,
         s.live_boot_seconds,
+        split(&s.live_split),
         s.install_seconds,
+        s.reboot_seconds,
         s.installed_boot_seconds,
+        split(&s.installed_split),
         s.total_seconds,
         s.install_console.display(),
         s.installed_console.display(),
     )
+}
+
+/// The installed node's agent prints this once it has converged and serves its API.
+const AGENT_READY: &str = "kiln-agent ready";
+
+/// A finished boot's split, from its console log.
+fn boot_split(console: &Path, marker: &str, seen_at: Duration) -> Option<BootSplit> {
+    let text = std::fs::read(console).ok()?;
+    BootSplit::from_console(&String::from_utf8_lossy(&text), marker, seen_at)
 }
 
 fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
@@ -378,6 +404,7 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     let install = install_start.elapsed();
     live.wait_exit(Duration::from_secs(120))
         .context("waiting for the live system to reboot after the install")?;
+    let reboot = install_start.elapsed() - install;
     drop(live);
 
     // Stage 2: the installed disk alone.
@@ -390,19 +417,28 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
         .nic(lab_nic())
         .serial_log(&boot_log)
         .spawn()?;
-    let ready = Regex::new(r"kiln-agent ready node=(\S+) slot=(\S+)").expect("static regex");
+    let ready = Regex::new(&format!(r"{AGENT_READY} node=(\S+) slot=(\S+)")).expect("static regex");
     let line = node
         .wait_for_console(&ready, a.timeout)
         .context("waiting for the installed node's agent")?;
     let installed_boot = node.uptime();
     let caps = ready.captures(&line).expect("the line matched");
+    // The console shows the line as the agent prints it and again, stamped by the kernel, from
+    // the journal; the boot split reads the stamped copy, so give it a moment to arrive.
+    let stamped = Regex::new(&format!(r"^\[\s*[0-9.]+\] .*{AGENT_READY}")).expect("static regex");
+    if !stamped.is_match(&line) {
+        let _ = node.wait_for_console(&stamped, Duration::from_secs(10));
+    }
     let summary = LabInstallSummary {
         firmware: firmware.to_string(),
         node: caps[1].to_string(),
         slot: caps[2].to_string(),
         live_boot_seconds: live_boot.as_secs_f64(),
         install_seconds: install.as_secs_f64(),
+        reboot_seconds: reboot.as_secs_f64(),
         installed_boot_seconds: installed_boot.as_secs_f64(),
+        live_split: boot_split(&install_log, START_MARKER, live_boot),
+        installed_split: boot_split(&boot_log, AGENT_READY, installed_boot),
         total_seconds: total.elapsed().as_secs_f64(),
         install_console: install_log,
         installed_console: boot_log,

@@ -77,11 +77,13 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> QemuError {
     move |source| QemuError::Io { context, source }
 }
 
+mod boot_split;
 mod builder;
 mod console;
 mod hardware;
 mod vm;
 
+pub use boot_split::BootSplit;
 pub use builder::VmBuilder;
 pub use console::{ConsoleLog, ConsolePattern};
 pub use hardware::{Accel, DirectBoot, Disk, DiskBus, Firmware, Nic};
