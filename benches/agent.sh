@@ -66,7 +66,6 @@ fresh_fs() { # $1 = mount point
 }
 drop_fs() { umount "$1"; rm -f "$1.img"; }
 now_ms() { date +%s%3N; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "== converge 1,000 managed files from empty, $runs runs each"
 kiln_runs=(); peer_runs=()

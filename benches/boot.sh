@@ -40,7 +40,6 @@ floor_seconds() {
   awk -v s="$start" -v e="$end" 'BEGIN {print e - s}'
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 floors=()
 for i in $(seq "$runs"); do
   floors+=("$(floor_seconds)")

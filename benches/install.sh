@@ -84,7 +84,6 @@ kiln_rate() {
     --output json --progress json 2>/dev/null | jq -r 'select(.event == "done") | .image_mib_per_second'
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 kiln_rates=(); dd_rates=(); ddv_rates=(); loop_kiln_rates=(); coi_rates=()
 rate_of() { awk -v b="$img_bytes" -v s="$1" -v e="$2" 'BEGIN {print b / 1048576 / (e - s)}'; }
 cat "$image" > /dev/null   # both read the image from the page cache

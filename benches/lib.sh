@@ -16,6 +16,10 @@ release_kiln() {
   fi
 }
 
+# The median of the numbers on standard input, one per line (the lower middle one of an even
+# count).
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
 # The start of a `test` profile spec; a caller appends its own fields under `spec:`.
 bench_spec() {
   printf 'apiVersion: kiln.dev/v1alpha1\nkind: Appliance\nmetadata:\n  name: bench\nspec:\n  profile: test\n'

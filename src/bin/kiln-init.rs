@@ -1,5 +1,5 @@
 //! kiln's stage-1: PID 1 of the initramfs (see `kiln_installer::stage1`). A binary of its own,
-//! a few hundred kilobytes rather than the whole CLI, because every boot loads and unpacks it.
+//! about a megabyte rather than the whole CLI, because every boot loads and unpacks it.
 
 fn main() {
     kiln_installer::stage1::run();
