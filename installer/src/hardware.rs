@@ -21,6 +21,7 @@ pub const BOOT_DEVICE_FILE: &str = "/run/kiln/boot-device";
 
 /// Reads the machine. Disks that cannot be opened or read are listed as unreadable.
 pub fn collect() -> HardwareInventory {
+    settle_udev();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (boot_disks, boot_medium_unresolved) = match boot_medium(&cmdline) {
         Ok(disks) => (disks, None),
@@ -411,6 +412,21 @@ fn read_ends(dev: &Path) -> Result<(u64, Vec<u8>, Vec<u8>), String> {
     Ok((size, head, tail))
 }
 
+/// Waits while udev still works through the kernel's device events, so every disk it has
+/// seen has its `/dev/disk/by-id` links: an unattended install starts as soon as udevd does,
+/// not after the whole system has come up. Without udev there is nothing to wait for.
+fn settle_udev() {
+    if !Path::new("/run/udev/control").exists() {
+        return;
+    }
+    let mut cmd = UDEVADM.command();
+    cmd.args(["settle", "--timeout=60"]);
+    if let Err(e) = UDEVADM.output(cmd, "waiting for udev") {
+        tracing::warn!("{e}; disks may be listed without their by-id links");
+    }
+}
+
+const UDEVADM: Tool = Tool::new("udevadm", "udev");
 const WIPEFS: Tool = Tool::new("wipefs", "util-linux");
 const BLKID: Tool = Tool::new("blkid", "util-linux");
 

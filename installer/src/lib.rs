@@ -4,6 +4,7 @@ pub mod biosboot;
 pub mod blockdev;
 pub mod esp;
 pub mod hardware;
+pub mod live;
 pub mod phonehome;
 pub mod plan;
 pub mod power;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_spec::bootargs;
-use kiln_spec::enrol::{CONFIG_ARG, INSTALL_ARG, TOKEN_ARG, bearer};
+use kiln_spec::enrol::{CONFIG_ARG, PHONE_HOME_ARG, TOKEN_ARG, bearer};
 
 use crate::hardware::MEDIUM_DIR;
 use crate::stage1::Cmdline;
@@ -69,10 +69,7 @@ pub struct NetbootImage {
 /// digests), `None` when the live system did not come over the network.
 pub fn netboot_image(cmdline: &str) -> Result<Option<NetbootImage>, SourceError> {
     let cmdline = Cmdline::parse(cmdline);
-    let Some(root) = cmdline
-        .get("kiln.root")
-        .filter(|r| r.starts_with("http://"))
-    else {
+    let Some(root) = netboot_root(&cmdline) else {
         return Ok(None);
     };
     let digest = |arg: &'static str| {
@@ -95,6 +92,23 @@ pub fn netboot_image(cmdline: &str) -> Result<Option<NetbootImage>, SourceError>
             initrd: digest(bootargs::INITRD_SHA256)?,
         },
     }))
+}
+
+fn netboot_root(cmdline: &Cmdline) -> Option<&str> {
+    cmdline
+        .get("kiln.root")
+        .filter(|r| r.starts_with("http://"))
+}
+
+/// `true` when the install the kernel command line describes reaches the network: a netbooted
+/// live system fetches the image from where it booted, `kiln.config` names the spec's URL and
+/// `kiln.phone-home` where progress goes. An install from an ISO reads everything from its
+/// medium, so its boot does not wait for a network it never uses.
+pub fn uses_network(cmdline: &str) -> bool {
+    let cmdline = Cmdline::parse(cmdline);
+    netboot_root(&cmdline).is_some()
+        || cmdline.get(CONFIG_ARG).is_some()
+        || cmdline.get(PHONE_HOME_ARG).is_some()
 }
 
 /// Disk consent from the kernel command line (`kiln.wipe=DISK`).
@@ -211,7 +225,7 @@ pub fn spec_source(
 
 /// `true` when the kernel command line asks for an unattended install.
 pub fn unattended_requested(cmdline: &str) -> bool {
-    Cmdline::parse(cmdline).get(INSTALL_ARG) == Some("auto")
+    Cmdline::parse(cmdline).unattended_install()
 }
 
 /// The node's enrolment token from the kernel command line (`kiln.token=TOKEN`).
@@ -360,6 +374,20 @@ mod tests {
         assert!(!unattended_requested("kiln.install=manual"));
         assert_eq!(token(cmd).as_deref(), Some("t0k"));
         assert_eq!(token("kiln.token= quiet"), None);
+    }
+
+    #[test]
+    fn only_installs_that_reach_the_network_wait_for_it() {
+        let iso = "kiln.root=live:KILN console=ttyS0 kiln.install=auto";
+        assert!(!uses_network(iso));
+        assert!(!uses_network(""));
+        for netboot in [
+            "kiln.root=http://10.0.0.1/boot/m/rootfs.squashfs kiln.install=auto",
+            "kiln.root=live:KILN kiln.config=http://10.0.0.1/config/m",
+            "kiln.root=live:KILN kiln.phone-home=http://10.0.0.1/phone-home/m",
+        ] {
+            assert!(uses_network(netboot), "{netboot}");
+        }
     }
 
     #[test]

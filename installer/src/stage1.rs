@@ -16,6 +16,10 @@
 //!   partition named `KILN_A`/`KILN_B`, writes go to the ext4 partition named `KILN_STATE`,
 //!   both on the disk whose GPT disk GUID is GUID and on no other.
 //!
+//! An unattended install (`kiln.install=auto`) boots systemd into [`INSTALL_TARGET`]: the
+//! installer and what it reads, not the whole live system, unless the command line names its
+//! own `systemd.unit=`.
+//!
 //! Everything that decides is a pure function with unit tests; [`run`] only does the IO.
 
 use std::ffi::CString;
@@ -36,6 +40,10 @@ pub const ISO_ROOTFS_PATH: &str = "live/rootfs.squashfs";
 pub const MODULES_DIR: &str = "/lib/modules";
 /// GPT partition name of the writable state partition on an installed disk.
 pub const STATE_PARTNAME: &str = "KILN_STATE";
+/// The systemd target an unattended install boots: the installer, the journal, udev and the
+/// local file systems. The live system's other services (network, logins) start only when the
+/// install needs the network, stays in the live system or fails.
+pub const INSTALL_TARGET: &str = "kiln-install.target";
 
 /// Why stage-1 cannot continue. Every variant says what it needed and what it found.
 #[derive(Debug, Error)]
@@ -141,6 +149,11 @@ impl Cmdline {
 
     pub fn has_flag(&self, key: &str) -> bool {
         self.params.iter().any(|(k, _)| k == key)
+    }
+
+    /// `true` when the command line asks for an unattended install (`kiln.install=auto`).
+    pub fn unattended_install(&self) -> bool {
+        self.get(kiln_spec::enrol::INSTALL_ARG) == Some("auto")
     }
 }
 
@@ -305,7 +318,16 @@ fn boot() -> Result<Never, Stage1Error> {
     let source = root_source(&cmdline)?;
     load_modules()?;
     let rw = prepare_root(&source)?;
-    switch_root(rw)
+    switch_root(rw, &init_argv(&cmdline))
+}
+
+/// The real init's argument vector.
+fn init_argv(cmdline: &Cmdline) -> Vec<String> {
+    let mut argv = vec!["/sbin/init".to_string()];
+    if cmdline.unattended_install() && cmdline.get("systemd.unit").is_none() {
+        argv.push(format!("--unit={INSTALL_TARGET}"));
+    }
+    argv
 }
 
 fn mount_kernel_filesystems() -> Result<(), Stage1Error> {
@@ -599,7 +621,7 @@ mod loop_ioctl {
     }
 }
 
-fn switch_root(prepared: Prepared) -> Result<Never, Stage1Error> {
+fn switch_root(prepared: Prepared, init_argv: &[String]) -> Result<Never, Stage1Error> {
     use nix::mount::{MsFlags, mount};
     let upper = prepared.upper_base.join("upper");
     let work = prepared.upper_base.join("work");
@@ -650,8 +672,11 @@ fn switch_root(prepared: Prepared) -> Result<Never, Stage1Error> {
         .map_err(sys_err("moving the new root onto /"))?;
     nix::unistd::chroot(".").map_err(sys_err("chroot into the new root"))?;
     nix::unistd::chdir("/").map_err(sys_err("entering /"))?;
-    let init = CString::new("/sbin/init").expect("static path");
-    let err = nix::unistd::execv(&init, std::slice::from_ref(&init)).unwrap_err();
+    let argv: Vec<CString> = init_argv
+        .iter()
+        .map(|a| CString::new(a.as_str()).expect("no NUL in init arguments"))
+        .collect();
+    let err = nix::unistd::execv(&argv[0], &argv).unwrap_err();
     Err(Stage1Error::Sys {
         what: "executing /sbin/init".into(),
         source: err,
@@ -674,6 +699,22 @@ mod tests {
         assert!(c.has_flag("quiet"));
         assert_eq!(c.get("quiet"), None);
         assert_eq!(c.get("missing"), None);
+    }
+
+    #[test]
+    fn an_unattended_install_boots_the_install_target_unless_told_otherwise() {
+        let argv = |s: &str| init_argv(&Cmdline::parse(s));
+        assert_eq!(argv("kiln.root=live:K console=ttyS0"), ["/sbin/init"]);
+        assert_eq!(argv("kiln.slot=A kiln.disk=g"), ["/sbin/init"]);
+        assert_eq!(
+            argv("kiln.root=live:K kiln.install=auto"),
+            ["/sbin/init", "--unit=kiln-install.target"]
+        );
+        assert_eq!(
+            argv("kiln.install=auto systemd.unit=rescue.target"),
+            ["/sbin/init"],
+            "the command line's own unit wins"
+        );
     }
 
     #[test]

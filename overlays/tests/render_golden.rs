@@ -76,10 +76,18 @@ fn test_profile_renders_the_base_system() {
         text(&r, "/etc/systemd/system/kiln-install.service")
             .contains("ConditionKernelCommandLine=kiln.install=auto")
     );
+    // The installer runs only in the target stage-1 boots for kiln.install=auto.
+    assert!(
+        text(&r, "/etc/systemd/system/kiln-install.target").contains("Wants=kiln-install.service")
+    );
+    assert!(
+        !r.units_enabled
+            .iter()
+            .any(|u| u.starts_with("kiln-install"))
+    );
     assert_eq!(text(&r, "/etc/hostname"), "kiln-test\n");
     for unit in [
         "kiln-agent.service",
-        "kiln-install.service",
         "serial-getty@ttyS0.service",
         "systemd-networkd.service",
     ] {

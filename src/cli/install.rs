@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use kiln_installer::apply::{self, ApplyOptions, FAILPOINT_ENV, Progress};
 use kiln_installer::hardware;
+use kiln_installer::live;
 use kiln_installer::phonehome::{self, PhoneHome};
 use kiln_installer::plan::{
     self, Artifact, ImageSource, InstallPlan, PlanOptions, SelectedDisk, WipeConsent,
@@ -96,6 +97,12 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let unattended = args.unattended || source::unattended_requested(&cmdline);
     status(START_MARKER);
+    if source::uses_network(&cmdline) {
+        status("kiln-install: waiting for the network");
+        if let Err(e) = live::wait_for_network() {
+            status(&format!("kiln-install: warning: {e}"));
+        }
+    }
     // A dry run changes nothing, so the provisioner hears nothing of it.
     let reports = if args.dry_run {
         Reports(None)
@@ -503,5 +510,5 @@ fn finish(after: AfterInstall) -> anyhow::Result<()> {
     if after != AfterInstall::Stay {
         bail!("the machine did not reboot");
     }
-    Ok(())
+    live::start_full_system().map_err(|e| anyhow::anyhow!("starting the live system: {e}"))
 }
