@@ -18,12 +18,7 @@ pub fn after_install(after: AfterInstall) -> nix::Result<()> {
         AfterInstall::Reboot => (RebootMode::RB_AUTOBOOT, "reboot"),
         AfterInstall::Poweroff => (RebootMode::RB_POWER_OFF, "poweroff"),
     };
-    if std::path::Path::new("/run/systemd/system").exists()
-        && std::process::Command::new("systemctl")
-            .arg(verb)
-            .status()
-            .is_ok_and(|s| s.success())
-    {
+    if crate::live::systemd_running() && crate::live::systemctl(&[verb]).is_ok() {
         // systemd stops this process as part of the shutdown.
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
