@@ -291,6 +291,16 @@ fn a_crash_between_actions_converges_on_restart() {
         .map(|i| format!("{{path: /srv/crash/d{}/f{i}, content: \"{i}\\n\"}}", i % 4))
         .collect();
     write_config(root, &format!("  files: [{}]\n", files.join(", ")));
+    // Files in a directory that exists are renamed into place one by one; d2 and d3 are new,
+    // so each is built whole under a temporary name and appears at once.
+    for d in ["d0", "d1"] {
+        fs::create_dir_all(root.join("srv/crash").join(d)).unwrap();
+    }
+    let in_dir = |d: usize| {
+        (0..20)
+            .filter(|i| i % 4 == d && root.join(format!("srv/crash/d{d}/f{i}")).exists())
+            .count()
+    };
 
     let mut crashing = Agent::start(
         root,
@@ -307,6 +317,13 @@ fn a_crash_between_actions_converges_on_restart() {
         written > 0 && written < 20,
         "crashed mid-apply ({written} of 20 written)"
     );
+    for d in [2, 3] {
+        assert!(
+            [0, 5].contains(&in_dir(d)),
+            "new directory d{d} is whole or absent, not {} of 5",
+            in_dir(d)
+        );
+    }
 
     let agent = Agent::start(root, &[]);
     agent.ready_line();
@@ -323,8 +340,14 @@ fn a_crash_between_actions_converges_on_restart() {
         let f = root.join(format!("srv/crash/d{}/f{i}", i % 4));
         assert_eq!(fs::read_to_string(&f).unwrap(), format!("{i}\n"));
     }
+    let leftovers: Vec<_> = fs::read_dir(root.join("srv/crash"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("kiln-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // Nothing was lost from the record: dropping the files removes every one, and the
-    // directories kiln made for them.
+    // directories kiln made for them; the ones made by hand stay.
     write_config(root, "  files: []\n");
     let out = agent.node(&["apply"]);
     assert!(
@@ -332,10 +355,14 @@ fn a_crash_between_actions_converges_on_restart() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !root.join("srv").exists(),
-        "everything kiln created is gone"
-    );
+    let left: Vec<_> = fs::read_dir(root.join("srv/crash"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(left, ["d0", "d1"], "everything kiln created is gone");
+    assert_eq!(in_dir(0) + in_dir(1), 0);
 }
 
 #[test]

@@ -5,16 +5,17 @@
 //!    record, and adopted files are backed up, before the first change: after a crash the
 //!    record already owns whatever may exist, so nothing kiln made is left unmanaged.
 //! 3. Actions run in order; each is idempotent. A run of file writes goes as one batch:
-//!    every file is written under a temporary name, all of them are made durable together,
-//!    and only then is each renamed into place. A lone file is written to a temporary name,
-//!    fsynced and renamed.
+//!    every file is written under a temporary name (in a directory that does not exist yet,
+//!    at its own name inside that directory built under a temporary name), all of them are
+//!    made durable together, and only then are the new directories and each file renamed
+//!    into place. A lone file is written to a temporary name, fsynced and renamed.
 //! 4. Touched directories are synced, the record drops what was removed, the journal goes.
 //!
-//! A restart after a crash finds the journal, removes the temporary files its writes may have
-//! left, reports the interrupted apply and simply plans again: the level-triggered loop
-//! converges from whatever state the crash left.
+//! A restart after a crash finds the journal, removes the temporary files and directories its
+//! writes may have left, reports the interrupted apply and simply plans again: the
+//! level-triggered loop converges from whatever state the crash left.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,7 @@ impl StateStore {
         let Some(j) = self.journal()? else {
             return Ok(None);
         };
+        let mut trees = BTreeSet::new();
         for a in &j.actions {
             if let Action::WriteFile { path, .. } | Action::RemoveFile { path } = a
                 && let Some(temp) = sysroot::temp_path(&self.root.path(path))
@@ -145,6 +147,21 @@ impl StateStore {
                     // A stray temporary file is only clutter: not worth refusing to start.
                     Err(e) => tracing::warn!("removing {}: {e}", temp.display()),
                 }
+                // A new directory above a write may have been staged as a tree.
+                let mut cur = path.as_str();
+                while let Some(i) = cur.rfind('/') {
+                    cur = &cur[..i];
+                    if cur.is_empty() || !trees.insert(cur) {
+                        break;
+                    }
+                }
+            }
+        }
+        for dir in trees {
+            if let Some(temp) = sysroot::temp_path(&self.root.path(dir))
+                && let Err(e) = sysroot::remove_staged_tree(&temp)
+            {
+                tracing::warn!("removing {}: {e}", temp.display());
             }
         }
         self.clear_journal()?;
@@ -433,31 +450,94 @@ fn written(action: &Action) -> Option<&str> {
     }
 }
 
-/// Where desired file `path` goes, its content and metadata; its missing parents are created.
+/// Where desired file `path` goes, its content and metadata.
 fn prepare_write<'d>(
     host: &Host,
     db: &AccountDb,
     desired: &'d Desired,
     path: &str,
-    examined: &mut BTreeSet<String>,
-    dirs: &mut BTreeSet<PathBuf>,
 ) -> Result<(PathBuf, &'d [u8], Meta), ActionError> {
     let f = desired
         .files
         .get(path)
         .ok_or_else(|| ActionError::Other(format!("{path} is no longer desired")))?;
     let meta = meta_for(db, f.mode, &f.owner)?;
-    create_parents(host, path, examined, dirs)?;
-    let full = host.sysroot.path(path);
-    if let Some(p) = full.parent() {
-        dirs.insert(p.to_path_buf());
-    }
-    Ok((full, f.content.as_bytes(), meta))
+    Ok((host.sysroot.path(path), f.content.as_bytes(), meta))
 }
 
-/// Writes the files of a run of writes under their temporary names, then makes them all
-/// durable at once (see [`sysroot::sync_filesystems`]), so each rename that follows puts a
-/// complete file in place. One result per path, in order.
+/// The new directory trees of one batch of writes (see [`sysroot::StagedTree`]).
+#[derive(Default)]
+struct Trees {
+    staged: Vec<sysroot::StagedTree>,
+    /// Host path of each tree's top directory → its index in `staged`.
+    by_top: BTreeMap<String, usize>,
+    /// Whether a host directory exists, as found before the batch.
+    exists: BTreeMap<String, bool>,
+    /// Directories made inside the trees.
+    made: BTreeSet<PathBuf>,
+}
+
+impl Trees {
+    /// Where a batch writes `path` (`full` on the host) before it is in place: beside it
+    /// under a temporary name when its directory exists, else at its own name inside the
+    /// tree of its topmost missing directory (made here, with the directories between), and
+    /// that tree's index. `dirs` gets the directory whose entry changes when it is placed.
+    fn location(
+        &mut self,
+        root: &Sysroot,
+        path: &str,
+        full: &Path,
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> io::Result<(PathBuf, Option<usize>)> {
+        let mut top = None;
+        let mut cur = path;
+        while let Some(i) = cur.rfind('/') {
+            cur = &cur[..i];
+            if cur.is_empty()
+                || *self
+                    .exists
+                    .entry(cur.to_string())
+                    .or_insert_with(|| root.path(cur).exists())
+            {
+                break;
+            }
+            top = Some(cur);
+        }
+        let Some(top) = top else {
+            if let Some(p) = full.parent() {
+                dirs.insert(p.to_path_buf());
+            }
+            let temp =
+                sysroot::temp_path(full).ok_or_else(|| io::Error::other("path has no parent"))?;
+            return Ok((temp, None));
+        };
+        let index = match self.by_top.get(top) {
+            Some(&i) => i,
+            None => {
+                let tree = sysroot::StagedTree::create(&root.path(top))?;
+                if let Some(p) = tree.target().parent() {
+                    dirs.insert(p.to_path_buf());
+                }
+                self.staged.push(tree);
+                self.by_top.insert(top.to_string(), self.staged.len() - 1);
+                self.staged.len() - 1
+            }
+        };
+        let inside = self.staged[index].inside(&path[top.len()..]);
+        if let Some(parent) = inside.parent()
+            && !self.made.contains(parent)
+        {
+            fs::create_dir_all(parent)?;
+            self.made.insert(parent.to_path_buf());
+        }
+        Ok((inside, Some(index)))
+    }
+}
+
+/// Writes the files of a run of writes where they wait to be placed (see [`Trees::location`]),
+/// makes them all durable at once (see [`sysroot::sync_filesystems`]) and puts the new
+/// directory trees in place, so each rename that follows puts a complete file in place. One
+/// result per path, in order.
 fn stage_files(
     host: &Host,
     desired: &Desired,
@@ -467,36 +547,57 @@ fn stage_files(
     // Accounts change only in user actions, and directories go only in removals: neither
     // sits inside a run of writes.
     let db = host.sysroot.accounts();
-    let mut examined = BTreeSet::new();
+    let mut trees = Trees::default();
     let prepared: Vec<_> = paths
         .iter()
         .map(|path| {
             let db = db
                 .as_ref()
                 .map_err(|e| ActionError::Other(format!("reading the accounts: {e}")))?;
-            prepare_write(host, db, desired, path, &mut examined, dirs)
+            let (full, content, meta) = prepare_write(host, db, desired, path)?;
+            let (temp, tree) = trees.location(&host.sysroot, path, &full, dirs)?;
+            Ok::<_, ActionError>((temp, full, tree, content, meta))
         })
         .collect();
-    let staged = in_parallel(prepared, |p| {
-        let (full, content, meta) = p?;
-        Ok(Staged::write(&full, content, meta)?.0)
+    let staged: Vec<Result<(Staged, Option<usize>), ActionError>> = in_parallel(prepared, |p| {
+        let (temp, full, tree, content, meta) = p?;
+        Ok((
+            Staged::write_at(temp, &full, tree.is_some(), content, meta)?.0,
+            tree,
+        ))
     });
     let parents: BTreeSet<&Path> = staged
         .iter()
         .flatten()
-        .filter_map(|s| s.temp().parent())
+        .filter_map(|(s, _)| s.temp().parent())
         .collect();
-    match sysroot::sync_filesystems(parents) {
-        Ok(()) => staged,
+    let failed = match sysroot::sync_filesystems(parents) {
         // Not durable, so none may replace its target: dropping them removes the temps.
-        Err(e) => {
-            let why = format!("syncing the new files: {e}");
-            staged
-                .into_iter()
-                .map(|s| s.and(Err(ActionError::Other(why.clone()))))
-                .collect()
-        }
-    }
+        Err(e) => Err(format!("syncing the new files: {e}")),
+        Ok(()) => Ok(trees
+            .staged
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let e = t.commit().err()?;
+                Some((i, format!("placing {}: {e}", t.target().display())))
+            })
+            .collect::<BTreeMap<usize, String>>()),
+    };
+    staged
+        .into_iter()
+        .map(|s| {
+            let (s, tree) = s?;
+            let why = match &failed {
+                Err(why) => Some(why),
+                Ok(failed) => tree.and_then(|t| failed.get(&t)),
+            };
+            match why {
+                Some(why) => Err(ActionError::Other(why.clone())),
+                None => Ok(s),
+            }
+        })
+        .collect()
 }
 
 /// Fewest items worth a thread of their own in [`in_parallel`].
@@ -600,14 +701,11 @@ fn run(
             }
         }
         Action::WriteFile { path, .. } => {
-            let (full, content, meta) = prepare_write(
-                host,
-                &root.accounts()?,
-                desired,
-                path,
-                &mut BTreeSet::new(),
-                dirs,
-            )?;
+            let (full, content, meta) = prepare_write(host, &root.accounts()?, desired, path)?;
+            create_parents(host, path, &mut BTreeSet::new(), dirs)?;
+            if let Some(p) = full.parent() {
+                dirs.insert(p.to_path_buf());
+            }
             let file = placed(path, sysroot::write_atomic(&full, content, meta))?;
             remember(digests, desired, path, file);
         }
@@ -719,10 +817,10 @@ mod tests {
         let mut out = Vec::new();
         for e in fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(temp_files(&p));
-            } else if p.to_string_lossy().ends_with(".kiln-tmp") {
+            if p.to_string_lossy().ends_with(".kiln-tmp") {
                 out.push(p);
+            } else if p.is_dir() {
+                out.extend(temp_files(&p));
             }
         }
         out
@@ -806,7 +904,7 @@ mod tests {
     fn recovery_removes_the_temporary_files_of_an_interrupted_batch() {
         let (t, host) = host_tree();
         let store = StateStore::new(&host.sysroot);
-        let actions: Vec<Action> = ["/srv/a", "/srv/b"]
+        let actions: Vec<Action> = ["/srv/a", "/srv/b", "/srv/new/deep/c"]
             .into_iter()
             .map(|p| Action::WriteFile {
                 path: p.into(),
@@ -824,11 +922,17 @@ mod tests {
             uid: 0,
             gid: 0,
         };
-        // A crash between the batch's sync and its renames: the staged files stay behind.
+        // A crash between the batch's sync and its renames: the staged files and the new
+        // directory's tree stay behind.
         for p in ["srv/a", "srv/b"] {
             std::mem::forget(Staged::write(&t.path().join(p), b"new", meta).unwrap());
         }
-        assert_eq!(temp_files(t.path()).len(), 2);
+        let tree = sysroot::StagedTree::create(&t.path().join("srv/new")).unwrap();
+        fs::create_dir(tree.inside("/deep")).unwrap();
+        let c = t.path().join("srv/new/deep/c");
+        std::mem::forget(Staged::write_at(tree.inside("/deep/c"), &c, true, b"new", meta).unwrap());
+        std::mem::forget(tree);
+        assert_eq!(temp_files(t.path()).len(), 3);
 
         assert_eq!(store.recover().unwrap(), Some(journal));
         assert_eq!(temp_files(t.path()), Vec::<PathBuf>::new());

@@ -104,6 +104,8 @@ impl Meta {
 pub struct Staged {
     temp: PathBuf,
     target: PathBuf,
+    /// Written inside a [`StagedTree`]: the tree's rename, not the file's, puts it in place.
+    in_tree: bool,
     /// [`written_stamp`] of the file once written: commit tells whether anything wrote to
     /// it since.
     written: Option<WrittenStamp>,
@@ -116,6 +118,18 @@ impl Staged {
     /// or with [`sync_filesystems`] for many files at once) before it commits.
     pub fn write(target: &Path, content: &[u8], meta: Meta) -> io::Result<(Staged, File)> {
         let temp = temp_path(target).ok_or_else(|| io::Error::other("path has no parent"))?;
+        Staged::write_at(temp, target, false, content, meta)
+    }
+
+    /// Writes `content` for `target` at `temp`: beside it ([`Staged::write`]), or inside a
+    /// [`StagedTree`] (`in_tree`) whose rename puts it in place.
+    pub fn write_at(
+        temp: PathBuf,
+        target: &Path,
+        in_tree: bool,
+        content: &[u8],
+        meta: Meta,
+    ) -> io::Result<(Staged, File)> {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -125,6 +139,7 @@ impl Staged {
         let mut staged = Staged {
             temp,
             target: target.to_path_buf(),
+            in_tree,
             written: None,
             committed: false,
         };
@@ -139,11 +154,14 @@ impl Staged {
         &self.temp
     }
 
-    /// Renames the file into place. Its directory still needs a sync for the rename to last.
-    /// Returns the file's metadata as placed (the rename moved its change time) when it is
-    /// still the file kiln wrote, unmodified since: same inode, size and modification time.
+    /// Renames the file into place (a file in a tree is there once its [`StagedTree`] is
+    /// committed). Its directory still needs a sync for the rename to last. Returns the
+    /// file's metadata as placed (the rename moved its change time) when it is still the file
+    /// kiln wrote, unmodified since: same inode, size and modification time.
     pub fn commit(mut self) -> io::Result<Option<fs::Metadata>> {
-        fs::rename(&self.temp, &self.target)?;
+        if !self.in_tree {
+            fs::rename(&self.temp, &self.target)?;
+        }
         self.committed = true;
         let placed = fs::symlink_metadata(&self.target)?;
         Ok((self.written == Some(written_stamp(&placed))).then_some(placed))
@@ -162,6 +180,72 @@ impl Drop for Staged {
         if !self.committed {
             let _ = fs::remove_file(&self.temp);
         }
+    }
+}
+
+/// A directory that does not exist yet, built under its temporary name (see [`temp_path`])
+/// with everything a batch writes inside it: those files need no temporary names of their
+/// own, and the whole tree appears at once with one rename. Dropped without
+/// [`StagedTree::commit`], it removes the tree.
+#[derive(Debug)]
+pub struct StagedTree {
+    temp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagedTree {
+    /// Creates the empty tree for directory `target`, replacing a tree left by a crash.
+    pub fn create(target: &Path) -> io::Result<StagedTree> {
+        let temp = temp_path(target).ok_or_else(|| io::Error::other("path has no parent"))?;
+        remove_staged_tree(&temp)?;
+        fs::create_dir(&temp)?;
+        Ok(StagedTree {
+            temp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Where `host_rel` (a path relative to the tree's target) is written inside the tree.
+    pub fn inside(&self, rel: &str) -> PathBuf {
+        self.temp.join(rel.trim_start_matches('/'))
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the tree into place, never over anything that appeared there since the plan.
+    /// Its parent directory still needs a sync for the rename to last.
+    pub fn commit(&mut self) -> io::Result<()> {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &self.temp,
+            nix::fcntl::AT_FDCWD,
+            &self.target,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedTree {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = remove_staged_tree(&self.temp);
+        }
+    }
+}
+
+/// Removes the [`StagedTree`] at `temp` if there is one (never following a symlink there).
+pub fn remove_staged_tree(temp: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(temp) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(temp),
+        Ok(_) => Ok(()),
+        Err(e) if absent(&e) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -203,9 +287,8 @@ pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
 pub fn sync_filesystems<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> io::Result<()> {
     let mut synced = BTreeSet::new();
     for d in dirs {
-        let dir = File::open(d)?;
-        if synced.insert(dir.metadata()?.dev()) {
-            nix::unistd::syncfs(&dir)?;
+        if synced.insert(fs::metadata(d)?.dev()) {
+            nix::unistd::syncfs(File::open(d)?)?;
         }
     }
     Ok(())
@@ -287,6 +370,39 @@ impl AccountDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_tree_appears_whole_and_never_over_what_appeared_meanwhile() {
+        let t = tempfile::tempdir().unwrap();
+        let meta = Meta {
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+        };
+        let target = t.path().join("srv");
+        let mut tree = StagedTree::create(&target).unwrap();
+        fs::create_dir(tree.inside("/bench")).unwrap();
+        let file = target.join("bench/f");
+        let (staged, _) =
+            Staged::write_at(tree.inside("/bench/f"), &file, true, b"F\n", meta).unwrap();
+        assert!(!target.exists(), "nothing shows before the commit");
+        tree.commit().unwrap();
+        assert!(staged.commit().unwrap().is_some(), "placed as written");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "F\n");
+        assert_eq!(fs::metadata(&file).unwrap().mode() & 0o7777, 0o640);
+        assert!(!t.path().join(".srv.kiln-tmp").exists());
+
+        // Something made the directory after the plan: the tree goes, the directory stays.
+        let other = t.path().join("opt");
+        let mut tree = StagedTree::create(&other).unwrap();
+        fs::write(tree.inside("/x"), "x").unwrap();
+        fs::create_dir(&other).unwrap();
+        let err = tree.commit().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        drop(tree);
+        assert!(!t.path().join(".opt.kiln-tmp").exists());
+        assert_eq!(fs::read_dir(&other).unwrap().count(), 0);
+    }
 
     #[test]
     fn resolves_owners_by_name_and_id() {
