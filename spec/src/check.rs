@@ -2,6 +2,8 @@
 //! that every unknown field, wrong type and bad enum value is reported at once with its path
 //! (serde alone stops at the first). Understands the subset of JSON Schema schemars emits.
 
+use std::fmt::Write as _;
+
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -25,7 +27,7 @@ fn parse_all<T: DeserializeOwned>(
     validate: impl Fn(&T) -> Result<(), ValidationErrors>,
 ) -> Result<T, ParseAll> {
     let mut errs = ValidationErrors::default();
-    check(schema, schema, &doc, "", &mut errs);
+    check(schema, schema, &doc, &mut String::new(), &mut errs);
     if errs.is_empty() {
         let typed: T = serde_json::from_value(doc).map_err(|e| ParseAll::Shape(e.to_string()))?;
         return match validate(&typed) {
@@ -299,7 +301,9 @@ fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
     }
 }
 
-fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut ValidationErrors) {
+/// Checks `v` against `schema`; `path` is where `v` sits, one buffer grown and cut back on the
+/// way down (a config may hold thousands of entries: no string per field).
+fn check(root: &Value, schema: &Value, v: &Value, path: &mut String, errs: &mut ValidationErrors) {
     let schema = resolve(root, schema);
     if schema == &Value::Bool(false) {
         errs.push(at(path), "is not allowed here");
@@ -396,30 +400,38 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut Validat
                 }
             }
             for (k, item) in map {
-                let p = join(path, k);
-                if let Some(s) = props.and_then(|ps| ps.get(k)) {
-                    check(root, s, item, &p, errs);
-                    continue;
+                let len = path.len();
+                if len > 0 {
+                    path.push('.');
                 }
-                match schema.get("additionalProperties") {
-                    Some(Value::Bool(false)) => {
+                path.push_str(k);
+                match (
+                    props.and_then(|ps| ps.get(k)),
+                    schema.get("additionalProperties"),
+                ) {
+                    (Some(s), _) => check(root, s, item, path, errs),
+                    (None, Some(Value::Bool(false))) => {
                         let known: Vec<&str> = props
                             .map(|ps| ps.keys().map(String::as_str).collect())
                             .unwrap_or_default();
                         errs.push(
-                            p,
+                            path.clone(),
                             format!("unknown field (known here: {})", known.join(", ")),
                         );
                     }
-                    Some(s @ Value::Object(_)) => check(root, s, item, &p, errs),
-                    _ => {}
+                    (None, Some(s @ Value::Object(_))) => check(root, s, item, path, errs),
+                    (None, _) => {}
                 }
+                path.truncate(len);
             }
         }
         Value::Array(items) => {
             if let Some(s) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
-                    check(root, s, item, &format!("{path}[{i}]"), errs);
+                    let len = path.len();
+                    write!(path, "[{i}]").expect("writing to a String");
+                    check(root, s, item, path, errs);
+                    path.truncate(len);
                 }
             }
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
@@ -556,7 +568,7 @@ mod tests {
         let doc =
             json!({"size": "8 gigs", "mode": "c", "ports": [80, 0, "x"], "extra": 1, "name2": 0});
         let mut errs = ValidationErrors::default();
-        check(&schema, &schema, &doc, "", &mut errs);
+        check(&schema, &schema, &doc, &mut String::new(), &mut errs);
         let got: Vec<String> = errs
             .0
             .iter()

@@ -259,28 +259,37 @@ impl NodeSpec {
                 );
             }
         }
-        let mut paths = BTreeMap::new();
-        for (i, f) in self.files.iter().enumerate() {
-            let p = format!("{at}.files[{i}]");
-            check_path(&f.path, &format!("{p}.path"), errs);
-            check_mode(&f.mode, &format!("{p}.mode"), errs);
-            check_owner(f.owner.as_deref(), &format!("{p}.owner"), errs);
-            if let Some(first) = paths.insert(f.path.as_str(), p.clone()) {
+        // A config may list thousands of files: field paths are formatted for problems only.
+        let mut declared: BTreeMap<&str, (&str, usize)> = BTreeMap::new();
+        let entries = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| ("files", i, &f.path, &f.mode, &f.owner))
+            .chain(
+                self.directories
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| ("directories", i, &d.path, &d.mode, &d.owner)),
+            );
+        for (list, i, path, mode, owner) in entries {
+            let field = |name: &str| format!("{at}.{list}[{i}].{name}");
+            if let Some(why) = path_problem(path) {
+                errs.push(field("path"), why);
+            }
+            if parse_mode(mode).is_none() {
                 errs.push(
-                    format!("{p}.path"),
-                    format!("{} is already declared by {first}", f.path),
+                    field("mode"),
+                    format!("{mode:?} is not an octal mode like \"0644\""),
                 );
             }
-        }
-        for (i, d) in self.directories.iter().enumerate() {
-            let p = format!("{at}.directories[{i}]");
-            check_path(&d.path, &format!("{p}.path"), errs);
-            check_mode(&d.mode, &format!("{p}.mode"), errs);
-            check_owner(d.owner.as_deref(), &format!("{p}.owner"), errs);
-            if let Some(first) = paths.insert(d.path.as_str(), p.clone()) {
+            if let Some(why) = owner.as_deref().and_then(owner_problem) {
+                errs.push(field("owner"), why);
+            }
+            if let Some((first, j)) = declared.insert(path, (list, i)) {
                 errs.push(
-                    format!("{p}.path"),
-                    format!("{} is already declared by {first}", d.path),
+                    field("path"),
+                    format!("{path} is already declared by {at}.{first}[{j}]"),
                 );
             }
         }
@@ -531,46 +540,37 @@ fn merge_keyed<T: Clone>(into: &mut Vec<T>, from: &[T], key: impl Fn(&T) -> Stri
     }
 }
 
-fn check_path(path: &str, at: &str, errs: &mut ValidationErrors) {
+/// Why `path` cannot be a managed file or directory, if it cannot.
+fn path_problem(path: &str) -> Option<String> {
     if !path.starts_with('/') || path == "/" {
-        errs.push(at, format!("{path:?} must be an absolute path below /"));
+        Some(format!("{path:?} must be an absolute path below /"))
     } else if path.split('/').any(|c| c == ".." || c == ".")
         || path.contains("//")
         || path.ends_with('/')
     {
-        errs.push(
-            at,
-            format!("{path:?} must be a normalised path (no ., .., // or trailing /)"),
-        );
+        Some(format!(
+            "{path:?} must be a normalised path (no ., .., // or trailing /)"
+        ))
     } else if ["/proc", "/sys", "/dev", "/run/kiln", "/var/lib/kiln/agent"]
         .iter()
-        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        .any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
     {
-        errs.push(
-            at,
-            format!("{path} is in a tree kiln does not manage as files"),
-        );
+        Some(format!("{path} is in a tree kiln does not manage as files"))
+    } else {
+        None
     }
 }
 
-fn check_mode(mode: &str, at: &str, errs: &mut ValidationErrors) {
-    if parse_mode(mode).is_none() {
-        errs.push(at, format!("{mode:?} is not an octal mode like \"0644\""));
-    }
-}
-
-fn check_owner(owner: Option<&str>, at: &str, errs: &mut ValidationErrors) {
-    let Some(o) = owner else { return };
-    let ok = match o.split_once(':') {
+/// Why `owner` is not `user[:group]`, if it is not.
+fn owner_problem(owner: &str) -> Option<String> {
+    let ok = match owner.split_once(':') {
         Some((u, g)) => is_user_or_id(u) && is_user_or_id(g),
-        None => is_user_or_id(o),
+        None => is_user_or_id(owner),
     };
-    if !ok {
-        errs.push(
-            at,
-            format!("{o:?} is not `user:group` (names or numeric ids)"),
-        );
-    }
+    (!ok).then(|| format!("{owner:?} is not `user:group` (names or numeric ids)"))
 }
 
 fn is_user_or_id(s: &str) -> bool {
@@ -680,6 +680,56 @@ spec:
                 "spec.units[0].name",
                 "spec.network.vlans[0].id",
                 "spec.network.vlans[0].addresses[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_file_and_directory_problem_names_its_entry() {
+        let bad = GOOD.replace(
+            "    - {path: /etc/motd, content: \"hello\\n\", mode: \"0644\"}\n",
+            "    - {path: etc/motd, content: \"\"}
+    - {path: /proc/sys/x, content: \"\", owner: \"a:b:c\"}
+    - {path: /process/ok, content: \"\"}
+    - {path: /srv/a/../b, content: \"\", mode: \"rw\"}
+    - {path: /srv/data, content: \"\"}
+",
+        );
+        let Err(SpecError::Invalid { errors, .. }) = NodeConfig::from_yaml(&bad) else {
+            panic!("expected validation errors")
+        };
+        let got: Vec<(&str, &str)> = errors
+            .0
+            .iter()
+            .map(|e| (e.path.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "spec.files[0].path",
+                    "\"etc/motd\" must be an absolute path below /"
+                ),
+                (
+                    "spec.files[1].path",
+                    "/proc/sys/x is in a tree kiln does not manage as files"
+                ),
+                (
+                    "spec.files[1].owner",
+                    "\"a:b:c\" is not `user:group` (names or numeric ids)"
+                ),
+                (
+                    "spec.files[3].path",
+                    "\"/srv/a/../b\" must be a normalised path (no ., .., // or trailing /)"
+                ),
+                (
+                    "spec.files[3].mode",
+                    "\"rw\" is not an octal mode like \"0644\""
+                ),
+                (
+                    "spec.directories[0].path",
+                    "/srv/data is already declared by spec.files[4]"
+                ),
             ]
         );
     }
