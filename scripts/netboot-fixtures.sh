@@ -10,7 +10,9 @@ kernel_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: li
 [ -n "$kernel_pkg" ] || { echo "netboot-fixtures: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
 kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '/Candidate:/ {print $2}')
 busybox=/bin/busybox
-[ -x "$busybox" ] && "$busybox" --list | grep -qx poweroff \
+# grep reads the whole list: with -q it could exit at the match and busybox die of SIGPIPE,
+# which pipefail reports as a failure.
+[ -x "$busybox" ] && "$busybox" --list | grep -x poweroff > /dev/null \
   || { echo "netboot-fixtures: needs busybox-static (scripts/install-deps.sh)" >&2; exit 1; }
 busybox_ver=$(dpkg-query -W -f='${Version}' busybox-static)
 self_hash=$(sha256sum "$0" | cut -c1-12)
