@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::desired::{Desired, digest};
 use crate::host::Host;
-use crate::plan::{Action, DigestCache, ManagedPath, ManagedUser, Record};
+use crate::plan::{Action, DigestCache, ManagedPath, ManagedUser, Record, ancestors};
 use crate::sysroot::{self, AccountDb, Meta, Staged, Sysroot};
 
 /// `KILN_AGENT_FAILPOINT=apply-abort-after:N` aborts the process after the N-th action of an
@@ -148,10 +148,8 @@ impl StateStore {
                     Err(e) => tracing::warn!("removing {}: {e}", temp.display()),
                 }
                 // A new directory above a write may have been staged as a tree.
-                let mut cur = path.as_str();
-                while let Some(i) = cur.rfind('/') {
-                    cur = &cur[..i];
-                    if cur.is_empty() || !trees.insert(cur) {
+                for dir in ancestors(path) {
+                    if !trees.insert(dir) {
                         break;
                     }
                 }
@@ -211,15 +209,10 @@ impl Failpoint {
 /// that exists or that an earlier walk of the same pass went through (`examined`): a pass
 /// over many files in a few directories looks at each directory once.
 fn missing_ancestors(root: &Sysroot, path: &str, examined: &mut BTreeSet<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = path;
-    while let Some(i) = cur.rfind('/') {
-        cur = &cur[..i];
-        if cur.is_empty() || !examined.insert(cur.to_string()) || root.path(cur).exists() {
-            break;
-        }
-        out.push(cur.to_string());
-    }
+    let mut out: Vec<String> = ancestors(path)
+        .take_while(|d| examined.insert(d.to_string()) && !root.path(d).exists())
+        .map(String::from)
+        .collect();
     out.reverse();
     out
 }
@@ -489,20 +482,14 @@ impl Trees {
         full: &Path,
         dirs: &mut BTreeSet<PathBuf>,
     ) -> io::Result<(PathBuf, Option<usize>)> {
-        let mut top = None;
-        let mut cur = path;
-        while let Some(i) = cur.rfind('/') {
-            cur = &cur[..i];
-            if cur.is_empty()
-                || *self
-                    .exists
-                    .entry(cur.to_string())
-                    .or_insert_with(|| root.path(cur).exists())
-            {
-                break;
-            }
-            top = Some(cur);
-        }
+        let exists = &mut self.exists;
+        let top = ancestors(path)
+            .take_while(|d| {
+                !*exists
+                    .entry(d.to_string())
+                    .or_insert_with(|| root.path(d).exists())
+            })
+            .last();
         let Some(top) = top else {
             if let Some(p) = full.parent() {
                 dirs.insert(p.to_path_buf());

@@ -327,7 +327,8 @@ pub(crate) fn needed_paths(desired: &Desired) -> BTreeSet<&str> {
         .collect()
 }
 
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+/// The directories above host path `path`, nearest first (`/` not included).
+pub(crate) fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     let mut cur = path;
     std::iter::from_fn(move || {
         let i = cur.rfind('/')?;
