@@ -767,6 +767,9 @@ fn run(
             host.services.control(verb, unit)?;
             record.units.entry(unit.clone()).or_default().started_hash = Some(hash.clone());
         }
+        Action::AdoptRunningUnit { unit, hash } => {
+            record.units.entry(unit.clone()).or_default().started_hash = Some(hash.clone());
+        }
         Action::StopUnit { unit } => host.services.control("stop", unit)?,
     }
     Ok(())

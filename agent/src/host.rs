@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use crate::desired::DesiredUser;
 use crate::sysroot::Sysroot;
@@ -28,11 +29,21 @@ pub trait Services: Send + Sync {
     /// Whether units can be started here (false on an offline tree).
     fn runtime(&self) -> bool;
     fn daemon_reload(&self) -> HostResult<()>;
-    fn is_enabled(&self, unit: &str) -> HostResult<bool>;
+    /// What the service manager says of each of `units`, in their order.
+    fn states(&self, units: &[&str]) -> HostResult<Vec<UnitStatus>>;
     fn set_enabled(&self, unit: &str, enabled: bool) -> HostResult<()>;
-    fn is_active(&self, unit: &str) -> HostResult<bool>;
     /// `start`, `restart` or `stop`.
     fn control(&self, verb: &str, unit: &str) -> HostResult<()>;
+}
+
+/// A unit as the service manager sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitStatus {
+    pub enabled: bool,
+    /// `None` where no service manager runs (offline tree).
+    pub active: Option<bool>,
+    /// When its main process last started (by the wall clock), if it runs one.
+    pub main_started: Option<SystemTime>,
 }
 
 pub trait Sysctls: Send + Sync {
@@ -163,23 +174,54 @@ impl Services for Systemctl {
         )
     }
 
-    fn is_enabled(&self, unit: &str) -> HostResult<bool> {
-        let flag = root_arg(&self.root);
-        let args = self.args(&flag, &["is-enabled", unit]);
+    fn states(&self, units: &[&str]) -> HostResult<Vec<UnitStatus>> {
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.runtime() {
+            // No manager to ask: the unit files say whether each is enabled.
+            let flag = root_arg(&self.root);
+            return units
+                .iter()
+                .map(|unit| {
+                    let args = self.args(&flag, &["is-enabled", unit]);
+                    let out = run("systemctl", &args, "systemd")?;
+                    Ok(UnitStatus {
+                        enabled: enabled_state(String::from_utf8_lossy(&out.stdout).trim()),
+                        ..UnitStatus::default()
+                    })
+                })
+                .collect();
+        }
+        // One question for all units: every systemctl run costs a process start, which an
+        // observation of a node with a few units would otherwise pay twice per unit.
+        let mut args = vec![
+            "show",
+            "--property=UnitFileState,ActiveState,ExecMainStartTimestampMonotonic",
+            "--",
+        ];
+        args.extend_from_slice(units);
         let out = run("systemctl", &args, "systemd")?;
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(state == "enabled" || state == "enabled-runtime")
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let states = parse_show(&listed, monotonic_to_wall);
+        if !out.status.success() || states.len() != units.len() {
+            return Err(HostError::Failed {
+                op: format!("systemctl {}", args.join(" ")),
+                reason: format!(
+                    "{} unit(s) asked, {} answered: {}",
+                    units.len(),
+                    states.len(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(states)
     }
 
     fn set_enabled(&self, unit: &str, enabled: bool) -> HostResult<()> {
         let flag = root_arg(&self.root);
         let args = self.args(&flag, &[if enabled { "enable" } else { "disable" }, unit]);
         check(run("systemctl", &args, "systemd")?, "systemctl", &args)
-    }
-
-    fn is_active(&self, unit: &str) -> HostResult<bool> {
-        let out = run("systemctl", &["is-active", unit], "systemd")?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim() == "active")
     }
 
     fn control(&self, verb: &str, unit: &str) -> HostResult<()> {
@@ -189,6 +231,53 @@ impl Services for Systemctl {
             &[verb, unit],
         )
     }
+}
+
+fn enabled_state(state: &str) -> bool {
+    state == "enabled" || state == "enabled-runtime"
+}
+
+/// `systemctl show` of several units: one block of `KEY=value` lines per unit, blank lines
+/// between them. `wall` turns a `CLOCK_MONOTONIC` time into the wall clock's.
+fn parse_show(listed: &str, wall: impl Fn(Duration) -> Option<SystemTime>) -> Vec<UnitStatus> {
+    listed
+        .split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut status = UnitStatus {
+                active: Some(false),
+                ..UnitStatus::default()
+            };
+            for (key, value) in block.lines().filter_map(|l| l.split_once('=')) {
+                match key {
+                    "UnitFileState" => status.enabled = enabled_state(value),
+                    // A unit on its way up counts as running: starting it would only
+                    // wait for it.
+                    "ActiveState" => {
+                        status.active = Some(matches!(value, "active" | "activating" | "reloading"))
+                    }
+                    "ExecMainStartTimestampMonotonic" => {
+                        status.main_started = value
+                            .parse()
+                            .ok()
+                            .filter(|&us| us > 0)
+                            .and_then(|us| wall(Duration::from_micros(us)))
+                    }
+                    _ => {}
+                }
+            }
+            status
+        })
+        .collect()
+}
+
+/// The wall-clock time of `since_boot` on `CLOCK_MONOTONIC` (systemd's timestamps), read
+/// against both clocks now.
+fn monotonic_to_wall(since_boot: Duration) -> Option<SystemTime> {
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now = SystemTime::now();
+    let elapsed = Duration::from(mono).checked_sub(since_boot)?;
+    now.checked_sub(elapsed)
 }
 
 #[derive(Debug)]
@@ -302,5 +391,68 @@ impl Accounts for ShadowTools {
         }
         a.push(name.into());
         self.exec("userdel", a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_show_answers_for_every_unit_in_order() {
+        // As systemd 252 prints it: its own property order, a blank line between units; a
+        // unit without a file and one that never ran come out too.
+        let listed = "ExecMainStartTimestampMonotonic=11381777\n\
+                      ActiveState=active\n\
+                      UnitFileState=enabled\n\
+                      \n\
+                      ExecMainStartTimestampMonotonic=0\n\
+                      ActiveState=inactive\n\
+                      UnitFileState=\n\
+                      \n\
+                      ExecMainStartTimestampMonotonic=0\n\
+                      ActiveState=activating\n\
+                      UnitFileState=enabled-runtime\n";
+        let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let states = parse_show(listed, |since_boot| Some(boot + since_boot));
+        assert_eq!(
+            states,
+            [
+                UnitStatus {
+                    enabled: true,
+                    active: Some(true),
+                    main_started: Some(boot + Duration::from_micros(11_381_777)),
+                },
+                UnitStatus {
+                    enabled: false,
+                    active: Some(false),
+                    main_started: None,
+                },
+                UnitStatus {
+                    enabled: true,
+                    active: Some(true),
+                    main_started: None,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_monotonic_time_lands_on_the_wall_clock_of_its_moment() {
+        let before = SystemTime::now();
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        let after = SystemTime::now();
+        let wall = monotonic_to_wall(Duration::from(mono)).unwrap();
+        // Read against the clocks later, it falls between the wall readings around it
+        // (give or take the clocks' rounding).
+        let rounding = Duration::from_micros(10);
+        assert!(
+            wall + rounding >= before && wall <= after + rounding,
+            "{wall:?}"
+        );
+        assert_eq!(
+            monotonic_to_wall(Duration::from(mono) + Duration::from_secs(3600)),
+            None
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{Desired, digest};
-use crate::host::Host;
+use crate::host::{Host, UnitStatus};
 use crate::sysroot::{AccountDb, Meta};
 
 /// What kiln created or took over, kept on disk so that removing something from the config
@@ -67,6 +67,8 @@ pub struct UnitState {
     pub enabled: bool,
     /// `None` where no service manager runs (offline tree).
     pub active: Option<bool>,
+    /// Its main process started after each of its desired files last changed.
+    pub started_after_its_files: bool,
 }
 
 /// The host as far as the desired state and the record are concerned.
@@ -106,6 +108,7 @@ pub enum Action {
     SetHostname { name: String },
     StartUnit { unit: String, hash: String },
     RestartUnit { unit: String, hash: String },
+    AdoptRunningUnit { unit: String, hash: String },
     StopUnit { unit: String },
     RemoveUser { name: String, remove_home: bool },
 }
@@ -143,6 +146,12 @@ impl fmt::Display for Action {
             Action::SetHostname { name } => write!(f, "set host name {name}"),
             Action::StartUnit { unit, .. } => write!(f, "start {unit}"),
             Action::RestartUnit { unit, .. } => write!(f, "restart {unit} (its files changed)"),
+            Action::AdoptRunningUnit { unit, .. } => {
+                write!(
+                    f,
+                    "adopt running {unit} (it started after its files last changed)"
+                )
+            }
             Action::StopUnit { unit } => write!(f, "stop {unit}"),
             Action::RemoveUser { name, .. } => write!(f, "remove user {name}"),
         }
@@ -150,6 +159,18 @@ impl fmt::Display for Action {
 }
 
 impl Action {
+    /// Whether this action changes the file or directory at `path`.
+    fn changes_path(&self, path: &str) -> bool {
+        match self {
+            Action::CreateDir { path: p }
+            | Action::WriteFile { path: p, .. }
+            | Action::SetMeta { path: p }
+            | Action::RemoveFile { path: p }
+            | Action::RemoveDir { path: p } => p == path,
+            _ => false,
+        }
+    }
+
     /// The resource this action converges, as `kind:id`.
     pub fn resource(&self) -> String {
         match self {
@@ -166,6 +187,7 @@ impl Action {
             | Action::EnableUnit { unit }
             | Action::StartUnit { unit, .. }
             | Action::RestartUnit { unit, .. }
+            | Action::AdoptRunningUnit { unit, .. }
             | Action::StopUnit { unit } => format!("unit:{unit}"),
             Action::SetSysctl { key, .. } | Action::RestoreSysctl { key, .. } => {
                 format!("sysctl:{key}")
@@ -204,6 +226,13 @@ struct FileStamp {
 }
 
 impl FileStamp {
+    /// When the file last changed: its ctime, which user space cannot set back.
+    fn changed(&self) -> Option<std::time::SystemTime> {
+        let (secs, nanos) = self.ctime;
+        let since_epoch = std::time::Duration::new(secs.try_into().ok()?, nanos.try_into().ok()?);
+        std::time::UNIX_EPOCH.checked_add(since_epoch)
+    }
+
     fn of(m: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
         FileStamp {
@@ -241,10 +270,15 @@ pub fn observe_cached(
         .chain(desired.dirs.keys())
         .chain(record.paths.keys())
         .collect();
+    // When each file last changed, for the units' files.
+    let mut changed: BTreeMap<&str, std::time::SystemTime> = BTreeMap::new();
     for p in paths {
         let Some(m) = root.stat(p)? else { continue };
         let state = if m.is_file() {
             let stamp = FileStamp::of(&m);
+            if let Some(t) = stamp.changed() {
+                changed.insert(p, t);
+            }
             let digest = match cache.0.get(p.as_str()) {
                 Some((s, d)) if *s == stamp => d.clone(),
                 _ => {
@@ -265,16 +299,42 @@ pub fn observe_cached(
         };
         a.paths.insert(p.clone(), state);
     }
-    let runtime = host.services.runtime();
-    for u in desired.units.keys().chain(record.units.keys()) {
-        // A unit whose file is not there yet is simply not enabled.
-        let enabled = host.services.is_enabled(u).unwrap_or(false);
-        let active = if runtime {
-            Some(host.services.is_active(u).unwrap_or(false))
-        } else {
-            None
+    let units: Vec<&str> = desired
+        .units
+        .keys()
+        .chain(record.units.keys())
+        .map(String::as_str)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let states = host.services.states(&units).unwrap_or_else(|e| {
+        // Planned as not enabled and not running: the actions that follow say what fails.
+        tracing::warn!("{e}");
+        let unknown = UnitStatus {
+            active: host.services.runtime().then_some(false),
+            ..UnitStatus::default()
         };
-        a.units.insert(u.clone(), UnitState { enabled, active });
+        vec![unknown; units.len()]
+    });
+    for (u, status) in units.into_iter().zip(states) {
+        let files = desired
+            .units
+            .get(u)
+            .map(|d| d.files.as_slice())
+            .unwrap_or_default();
+        let started_after_its_files = status.main_started.is_some_and(|started| {
+            files
+                .iter()
+                .all(|f| changed.get(f.as_str()).is_some_and(|&t| t < started))
+        });
+        a.units.insert(
+            u.to_string(),
+            UnitState {
+                enabled: status.enabled,
+                active: status.active,
+                started_after_its_files,
+            },
+        );
     }
     for k in desired.sysctls.keys().chain(record.sysctls.keys()) {
         a.sysctls
@@ -518,9 +578,26 @@ pub fn plan(desired: &Desired, actual: &Actual, record: &Record) -> Vec<Action> 
             Some(true)
                 if record.units.get(unit).and_then(|m| m.started_hash.as_ref()) != Some(&hash) =>
             {
-                out.push(Action::RestartUnit {
-                    unit: unit.clone(),
-                    hash,
+                // Kiln has no record of starting it with these files, but it started after
+                // they last changed (a node's first boot, the image's config in place): it
+                // runs them already, so kiln records them rather than restart it.
+                let runs_them = actual
+                    .units
+                    .get(unit)
+                    .is_some_and(|s| s.started_after_its_files)
+                    && !out
+                        .iter()
+                        .any(|a| u.files.iter().any(|f| a.changes_path(f)));
+                out.push(if runs_them {
+                    Action::AdoptRunningUnit {
+                        unit: unit.clone(),
+                        hash,
+                    }
+                } else {
+                    Action::RestartUnit {
+                        unit: unit.clone(),
+                        hash,
+                    }
                 })
             }
             Some(false) if active => out.push(Action::StopUnit { unit: unit.clone() }),
@@ -647,6 +724,7 @@ mod tests {
         let unit = |enabled, active| UnitState {
             enabled,
             active: Some(active),
+            started_after_its_files: false,
         };
         actual
             .units
@@ -668,6 +746,37 @@ mod tests {
             shown(&actual, &record),
             ["restart web.service (its files changed)"]
         );
+        // Started after its file last changed (the image's config at first boot): it runs
+        // that file already, unless this plan rewrites it.
+        let started_after = UnitState {
+            started_after_its_files: true,
+            ..unit(true, true)
+        };
+        actual.units.insert("web.service".into(), started_after);
+        assert_eq!(
+            shown(&actual, &record),
+            ["adopt running web.service (it started after its files last changed)"]
+        );
+        let mut stale = actual.clone();
+        stale.paths.insert(
+            "/etc/systemd/system/web.service".into(),
+            PathState::File {
+                digest: digest(&[b"[Service]\nOld=1\n"]),
+                meta: Meta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                },
+            },
+        );
+        assert_eq!(
+            shown(&stale, &record),
+            [
+                "rewrite file /etc/systemd/system/web.service",
+                "reload systemd units",
+                "restart web.service (its files changed)"
+            ]
+        );
         record.units.insert(
             "web.service".into(),
             ManagedUnit {
@@ -682,6 +791,7 @@ mod tests {
             UnitState {
                 enabled: false,
                 active: None,
+                started_after_its_files: false,
             },
         );
         assert_eq!(shown(&actual, &record), ["enable web.service"]);
