@@ -270,13 +270,21 @@ pub fn observe_cached(
         .chain(desired.dirs.keys())
         .chain(record.paths.keys())
         .collect();
-    // When each file last changed, for the units' files.
+    // When each unit's file last changed, noted from the same stat (units have a few files;
+    // the observation may cover thousands).
+    let unit_files: BTreeSet<&str> = desired
+        .units
+        .values()
+        .flat_map(|u| u.files.iter().map(String::as_str))
+        .collect();
     let mut changed: BTreeMap<&str, std::time::SystemTime> = BTreeMap::new();
     for p in paths {
         let Some(m) = root.stat(p)? else { continue };
         let state = if m.is_file() {
             let stamp = FileStamp::of(&m);
-            if let Some(t) = stamp.changed() {
+            if unit_files.contains(p.as_str())
+                && let Some(t) = stamp.changed()
+            {
                 changed.insert(p, t);
             }
             let digest = match cache.0.get(p.as_str()) {
