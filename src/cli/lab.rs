@@ -332,6 +332,13 @@ fn summary_text(s: &LabInstallSummary) -> String {
 const AGENT_READY: &str = "kiln-agent ready";
 
 /// A finished boot's split, from its console log.
+/// The agent's ready line, captures node and slot. The kernel may print into the middle of
+/// the line (a loaded run saw `slot=A[  41.2] …`), so it matches only a node name and a slot
+/// letter; a line cut before them is skipped for the journal's copy.
+fn agent_ready_line() -> Regex {
+    Regex::new(&format!(r"{AGENT_READY} node=([a-z0-9.-]+) slot=([AB])")).expect("static regex")
+}
+
 fn boot_split(console: &Path, marker: &str, seen_at: Duration) -> Option<BootSplit> {
     let text = std::fs::read(console).ok()?;
     BootSplit::from_console(&String::from_utf8_lossy(&text), marker, seen_at)
@@ -417,7 +424,7 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
         .nic(lab_nic())
         .serial_log(&boot_log)
         .spawn()?;
-    let ready = Regex::new(&format!(r"{AGENT_READY} node=(\S+) slot=(\S+)")).expect("static regex");
+    let ready = agent_ready_line();
     let line = node
         .wait_for_console(&ready, a.timeout)
         .context("waiting for the installed node's agent")?;
@@ -446,4 +453,39 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     // The node has nothing to save: stop it at once.
     let _ = node.quit();
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_survives_kernel_messages_printed_into_it() {
+        let ready = agent_ready_line();
+        let caps = |line: &str| {
+            ready
+                .captures(line)
+                .map(|c| (c[1].to_string(), c[2].to_string()))
+        };
+        let whole = ("kiln-5254004b494c".to_string(), "A".to_string());
+        assert_eq!(
+            caps("kiln-agent ready node=kiln-5254004b494c slot=A"),
+            Some(whole.clone())
+        );
+        assert_eq!(
+            caps(
+                "kiln-agent ready node=kiln-5254004b494c slot=A[   41.203] random: crng init done"
+            ),
+            Some(whole.clone())
+        );
+        assert_eq!(
+            caps("[   42.001] kiln-agent[311]: kiln-agent ready node=kiln-5254004b494c slot=A"),
+            Some(whole)
+        );
+        assert_eq!(
+            caps("kiln-agent ready node=kiln-52540[   41.203] virtio_net: x slot=B"),
+            None
+        );
+        assert_eq!(caps("kiln-agent ready node=kiln-1 slot=[   41.2] x"), None);
+    }
 }
