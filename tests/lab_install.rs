@@ -86,6 +86,25 @@ fn boots_only_from_its_own_disk(disk: &Path) {
     );
 }
 
+/// The lines of a console log a boot split is read from, for a failure message.
+fn split_lines(console: &str) -> String {
+    let text = std::fs::read(console).unwrap_or_default();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            [
+                "Run /init",
+                "systemd[1]: systemd ",
+                "kiln-install: ",
+                "kiln-agent ready",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn install_and_boot(firmware: &str) {
     let iso = test_iso();
     let dir = tempfile::tempdir().unwrap();
@@ -104,12 +123,16 @@ fn install_and_boot(firmware: &str) {
     // The test profile names hosts kiln-{mac}; the lab NIC is 52:54:00:4b:49:4c.
     assert_eq!(summary["node"], "kiln-5254004b494c");
     // Where each boot's time went, read from its console: every step took some time.
-    for boot in ["live_split", "installed_split"] {
+    for (boot, console) in [
+        ("live_split", "install_console"),
+        ("installed_split", "installed_console"),
+    ] {
         for step in ["firmware_loader", "kernel", "stage1", "userspace"] {
             let seconds = summary[boot][step].as_f64();
             assert!(
                 seconds.is_some_and(|s| s > 0.0),
-                "{boot}.{step} in {summary}"
+                "{boot}.{step} in {summary}\nthe console lines the split reads:\n{}",
+                split_lines(summary[console].as_str().unwrap_or_default())
             );
         }
     }

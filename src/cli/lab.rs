@@ -432,7 +432,7 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
     let caps = ready.captures(&line).expect("the line matched");
     // The console shows the line as the agent prints it and again, stamped by the kernel, from
     // the journal; the boot split reads the stamped copy, so give it a moment to arrive.
-    let stamped = Regex::new(&format!(r"^\[\s*[0-9.]+\] .*{AGENT_READY}")).expect("static regex");
+    let stamped = qemu::stamped_marker(AGENT_READY);
     if !stamped.is_match(&line) {
         let _ = node.wait_for_console(&stamped, Duration::from_secs(10));
     }

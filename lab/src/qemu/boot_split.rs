@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use regex::Regex;
 use serde::Serialize;
 
 use super::console::clean_console_line;
@@ -33,18 +34,15 @@ impl BootSplit {
         let mut systemd = None;
         for raw in console.lines() {
             let line = clean_console_line(raw);
-            let stamp = kernel_stamp(&line);
             if init.is_none() {
-                if line.contains("Run /init as init process") {
-                    init = stamp;
-                }
+                init = stamp_before(&line, "Run /init as init process");
                 continue;
             }
-            if systemd.is_none() && line.contains("systemd[1]: ") {
-                systemd = stamp;
+            if systemd.is_none() {
+                systemd = stamp_before(&line, "systemd[1]: ");
             }
-            if let (Some(init), Some(root_init), Some(at)) = (init, systemd, stamp)
-                && line.contains(marker)
+            if let (Some(init), Some(root_init)) = (init, systemd)
+                && let Some(at) = stamp_before(&line, marker)
             {
                 return Some(BootSplit {
                     firmware_loader: (seen_at.as_secs_f64() - at).max(0.0),
@@ -58,11 +56,37 @@ impl BootSplit {
     }
 }
 
-/// The kernel's timestamp at the start of a console line, in seconds.
-fn kernel_stamp(line: &str) -> Option<f64> {
-    let rest = line.strip_prefix('[')?;
-    let (stamp, _) = rest.split_once(']')?;
-    stamp.trim().parse().ok()
+/// A console line the kernel stamped ahead of `marker`, as [`BootSplit::from_console`] reads
+/// it: for waiting until that copy of a line has come out.
+pub fn stamped_marker(marker: &str) -> Regex {
+    Regex::new(&format!(
+        r"\[\s*[0-9]+\.[0-9]+\] .*{}",
+        regex::escape(marker)
+    ))
+    .expect("an escaped marker makes a valid regex")
+}
+
+/// The kernel's timestamp of the line that carries `keyword`, in seconds: the last stamp
+/// before it. Other writers share the serial line and may put their text ahead of the stamp
+/// (systemd's `[  OK  ] Started …` comes out at the moment the journal's copy of the agent's
+/// ready line does); a stamp after the keyword belongs to a kernel message behind it.
+fn stamp_before(line: &str, keyword: &str) -> Option<f64> {
+    let head = &line[..line.find(keyword)?];
+    head.rmatch_indices('[')
+        .find_map(|(i, _)| kernel_stamp(&head[i..]))
+}
+
+/// The kernel's timestamp at the start of `text` (`[   4.194890]`), in seconds.
+fn kernel_stamp(text: &str) -> Option<f64> {
+    let (stamp, _) = text.strip_prefix('[')?.split_once(']')?;
+    let stamp = stamp.trim_start();
+    let (secs, micros) = stamp.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits(secs) && digits(micros) {
+        stamp.parse().ok()
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -116,9 +140,43 @@ kiln-agent ready node=kiln-5254004b494c slot=A
     }
 
     #[test]
-    fn kernel_stamps_are_read_only_from_the_start_of_a_line() {
-        assert_eq!(kernel_stamp("[   19.010142] kiln[192]: x"), Some(19.010142));
-        assert_eq!(kernel_stamp("[  OK  ] Started"), None);
-        assert_eq!(kernel_stamp("kiln-agent ready [1.0]"), None);
+    fn a_marker_line_with_other_text_ahead_of_its_stamp_still_splits() {
+        // systemd wrote the start of its status line as the kernel printed the journal's copy.
+        let console = CONSOLE.replace(
+            "[   19.010142] kiln[192]",
+            "[\x1b[0;32m  OK  [   19.010142] kiln[192]",
+        );
+        assert_eq!(
+            BootSplit::from_console(&console, "kiln-agent ready", Duration::from_secs_f64(30.5)),
+            BootSplit::from_console(CONSOLE, "kiln-agent ready", Duration::from_secs_f64(30.5)),
+        );
+        let line = "[  OK  [   19.010142] kiln[192]: kiln-agent ready node=n slot=A";
+        assert!(stamped_marker("kiln-agent ready").is_match(line));
+    }
+
+    #[test]
+    fn a_line_takes_the_last_kernel_stamp_before_its_keyword() {
+        let ready = "kiln-agent ready";
+        assert_eq!(
+            stamp_before("[   19.010142] kiln[192]: kiln-agent ready", ready),
+            Some(19.010142)
+        );
+        assert_eq!(
+            stamp_before("[  OK  [   18.117284] kiln[191]: kiln-agent ready", ready),
+            Some(18.117284)
+        );
+        // A process's [pid] and systemd's [  OK  ] are not stamps.
+        assert_eq!(stamp_before("kiln[191]: kiln-agent ready", ready), None);
+        assert_eq!(
+            stamp_before("[  OK  ] Started kiln-agent ready", ready),
+            None
+        );
+        // A kernel message that came out behind the line.
+        assert_eq!(
+            stamp_before("kiln-agent ready slot=A[   41.203] random", ready),
+            None
+        );
+        assert!(!stamped_marker(ready).is_match("kiln-agent ready slot=A[   41.203] random"));
+        assert_eq!(stamp_before("[   19.010142] other", ready), None);
     }
 }

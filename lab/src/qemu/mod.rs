@@ -83,7 +83,7 @@ mod console;
 mod hardware;
 mod vm;
 
-pub use boot_split::BootSplit;
+pub use boot_split::{BootSplit, stamped_marker};
 pub use builder::VmBuilder;
 pub use console::{ConsoleLog, ConsolePattern};
 pub use hardware::{Accel, DirectBoot, Disk, DiskBus, Firmware, Nic};
