@@ -331,14 +331,14 @@ fn summary_text(s: &LabInstallSummary) -> String {
 /// The installed node's agent prints this once it has converged and serves its API.
 const AGENT_READY: &str = "kiln-agent ready";
 
-/// A finished boot's split, from its console log.
 /// The agent's ready line, captures node and slot. The kernel may print into the middle of
-/// the line (a loaded run saw `slot=A[  41.2] …`), so it matches only a node name and a slot
+/// the line (a loaded run read the slot as `A[`), so it matches only a node name and a slot
 /// letter; a line cut before them is skipped for the journal's copy.
 fn agent_ready_line() -> Regex {
     Regex::new(&format!(r"{AGENT_READY} node=([a-z0-9.-]+) slot=([AB])")).expect("static regex")
 }
 
+/// A finished boot's split, from its console log.
 fn boot_split(console: &Path, marker: &str, seen_at: Duration) -> Option<BootSplit> {
     let text = std::fs::read(console).ok()?;
     BootSplit::from_console(&String::from_utf8_lossy(&text), marker, seen_at)
