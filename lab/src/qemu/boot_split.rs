@@ -2,6 +2,7 @@
 //! lines (`[   4.19] …`, seconds since it started), which splits everything after the kernel
 //! starts; the wall clock at which the harness saw the marker gives the part before it.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use regex::Regex;
@@ -56,14 +57,15 @@ impl BootSplit {
     }
 }
 
+/// The kernel's stamp on a console line (`[   4.194890]`), seconds captured. A process's
+/// `[pid]` and systemd's `[  OK  ]` are not stamps.
+const STAMP: &str = r"\[\s*([0-9]+\.[0-9]+)\]";
+
 /// A console line the kernel stamped ahead of `marker`, as [`BootSplit::from_console`] reads
 /// it: for waiting until that copy of a line has come out.
 pub fn stamped_marker(marker: &str) -> Regex {
-    Regex::new(&format!(
-        r"\[\s*[0-9]+\.[0-9]+\] .*{}",
-        regex::escape(marker)
-    ))
-    .expect("an escaped marker makes a valid regex")
+    Regex::new(&format!("{STAMP}.*{}", regex::escape(marker)))
+        .expect("an escaped marker makes a valid regex")
 }
 
 /// The kernel's timestamp of the line that carries `keyword`, in seconds: the last stamp
@@ -71,22 +73,10 @@ pub fn stamped_marker(marker: &str) -> Regex {
 /// (systemd's `[  OK  ] Started …` comes out at the moment the journal's copy of the agent's
 /// ready line does); a stamp after the keyword belongs to a kernel message behind it.
 fn stamp_before(line: &str, keyword: &str) -> Option<f64> {
+    static STAMPS: OnceLock<Regex> = OnceLock::new();
     let head = &line[..line.find(keyword)?];
-    head.rmatch_indices('[')
-        .find_map(|(i, _)| kernel_stamp(&head[i..]))
-}
-
-/// The kernel's timestamp at the start of `text` (`[   4.194890]`), in seconds.
-fn kernel_stamp(text: &str) -> Option<f64> {
-    let (stamp, _) = text.strip_prefix('[')?.split_once(']')?;
-    let stamp = stamp.trim_start();
-    let (secs, micros) = stamp.split_once('.')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if digits(secs) && digits(micros) {
-        stamp.parse().ok()
-    } else {
-        None
-    }
+    let stamps = STAMPS.get_or_init(|| Regex::new(STAMP).expect("static regex"));
+    stamps.captures_iter(head).last()?[1].parse().ok()
 }
 
 #[cfg(test)]
