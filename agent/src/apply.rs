@@ -3,13 +3,16 @@
 //! 1. The journal (the list of actions) is written before anything changes.
 //! 2. Every path, account and unit kiln is about to create or take over is added to the
 //!    record, and adopted files are backed up, before the first change: after a crash the
-//!    record already owns whatever may exist, so nothing kiln made is left unmanaged.
+//!    record already owns whatever may exist, so nothing kiln made is left unmanaged. Two
+//!    flushes make the journal and the record durable together: their content, then names.
 //! 3. Actions run in order; each is idempotent. A run of file writes goes as one batch:
 //!    every file is written under a temporary name (in a directory that does not exist yet,
 //!    at its own name inside that directory built under a temporary name), all of them are
 //!    made durable together, and only then are the new directories and each file renamed
 //!    into place. A lone file is written to a temporary name, fsynced and renamed.
-//! 4. Touched directories are synced, the record drops what was removed, the journal goes.
+//! 4. One flush per file system makes the renames durable; then the record drops what was
+//!    removed and the journal goes, both durable with the next flush (so four flushes in all
+//!    for a batch, where the file system holds both the state and the files).
 //!
 //! A restart after a crash finds the journal, removes the temporary files and directories its
 //! writes may have left, reports the interrupted apply and simply plans again: the
@@ -89,23 +92,49 @@ impl StateStore {
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        let (staged, file) = self.stage_json(name, value)?;
+        file.sync_all()
+            .and_then(|()| staged.commit())
+            .map_err(io_err("writing", &path))?;
+        sysroot::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))
+    }
+
+    /// Writes `value` for `name` under its temporary name, flushing nothing: its content is
+    /// durable after the next [`StateStore::sync`], and only then is it committed, so a power
+    /// loss never leaves a renamed file whose content did not reach the disk.
+    fn stage_json<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(sysroot::Staged, fs::File), StateError> {
         fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
         let path = self.dir.join(name);
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        sysroot::write_atomic(
-            &path,
-            &bytes,
-            Meta {
-                mode: 0o600,
-                uid: 0,
-                gid: 0,
-            },
-        )
-        .map_err(io_err("writing", &path))?;
-        sysroot::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))
+        let meta = Meta {
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+        };
+        sysroot::Staged::write(&path, &bytes, meta).map_err(io_err("writing", &path))
+    }
+
+    /// Puts files staged by [`StateStore::stage_json`] in place.
+    fn commit(&self, staged: impl IntoIterator<Item = sysroot::Staged>) -> Result<(), StateError> {
+        for s in staged {
+            let path = s.temp().to_path_buf();
+            s.commit().map_err(io_err("renaming", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written under the state directory durable: one syncfs(2), one device
+    /// flush.
+    fn sync(&self) -> Result<(), StateError> {
+        sysroot::sync_filesystems([self.dir.as_path()]).map_err(io_err("syncing", &self.dir))
     }
 
     pub fn record(&self) -> Result<Record, StateError> {
@@ -120,10 +149,11 @@ impl StateStore {
         self.read_json(JOURNAL)
     }
 
-    fn clear_journal(&self) -> Result<(), StateError> {
+    /// Removes the journal; durable at the next sync of the state directory's file system.
+    fn remove_journal(&self) -> Result<(), StateError> {
         let path = self.dir.join(JOURNAL);
         match fs::remove_file(&path) {
-            Ok(()) => sysroot::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir)),
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("removing", &path)(e)),
         }
@@ -162,7 +192,8 @@ impl StateStore {
                 tracing::warn!("removing {}: {e}", temp.display());
             }
         }
-        self.clear_journal()?;
+        self.remove_journal()?;
+        self.sync()?;
         Ok(Some(j))
     }
 
@@ -237,7 +268,7 @@ pub fn apply(
         }
         return Ok(Outcome::default());
     }
-    store.write_json(
+    let journal = store.stage_json(
         JOURNAL,
         &Journal {
             started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -246,9 +277,19 @@ pub fn apply(
     )?;
     claim(host, store, &mut record, actions)?;
     // A repair of paths kiln already owns claims nothing new: no record write needed.
-    if record != stored {
-        store.save_record(&record)?;
-    }
+    let claiming = (record != stored)
+        .then(|| store.stage_json(RECORD, &record))
+        .transpose()?;
+    // Two flushes in all make the journal and the claimed record durable, content then names,
+    // before the first temporary file or change exists.
+    store.sync()?;
+    store.commit(
+        [Some(journal), claiming]
+            .into_iter()
+            .flatten()
+            .map(|(s, _)| s),
+    )?;
+    store.sync()?;
     let claimed = record.clone();
 
     let failpoint = Failpoint::from_env();
@@ -288,19 +329,26 @@ pub fn apply(
             finish(action, result.map(|p| remember(digests, desired, path, p)));
         }
     }
+    // The record that drops what was removed has its content made durable with the renames
+    // and unlinks, and goes in place after them; it and the journal's removal become durable
+    // with the next flush. A power loss leaves this record or the claimed one (which still
+    // owns paths that are gone: the next plan prunes them), and at worst a journal that makes
+    // the restart plan again for nothing.
+    let pruned = (record != claimed)
+        .then(|| store.stage_json(RECORD, &record))
+        .transpose()?;
     let dirs: Vec<&Path> = dirs
         .iter()
         .map(PathBuf::as_path)
         .filter(|d| d.exists())
+        .chain([store.dir.as_path()])
         .collect();
-    sysroot::sync_dirs(&dirs).map_err(io_err(
+    sysroot::sync_filesystems(dirs).map_err(io_err(
         "syncing the changed directories in",
         host.sysroot.root(),
     ))?;
-    if record != claimed {
-        store.save_record(&record)?;
-    }
-    store.clear_journal()?;
+    store.commit(pruned.map(|(s, _)| s))?;
+    store.remove_journal()?;
     Ok(outcome)
 }
 

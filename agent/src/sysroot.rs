@@ -272,15 +272,6 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Makes renames and unlinks in `dirs` durable: one directory is fsynced, several are made
-/// durable by [`sync_filesystems`].
-pub fn sync_dirs(dirs: &[&Path]) -> io::Result<()> {
-    match dirs {
-        [one] => sync_dir(one),
-        _ => sync_filesystems(dirs.iter().copied()),
-    }
-}
-
 /// Makes everything written on the filesystems of `dirs` durable with one syncfs(2) each: for
 /// many files, one writeback and one device flush instead of one per file. It also flushes
 /// whatever else is dirty on those filesystems.
