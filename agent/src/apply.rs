@@ -51,6 +51,13 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
 }
 
+/// Owner and mode of the agent's own state files: root's alone.
+const STATE_FILE_META: Meta = Meta {
+    mode: 0o600,
+    uid: 0,
+    gid: 0,
+};
+
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError + use<> {
     let path = path.to_path_buf();
     move |source| StateError::Io { op, path, source }
@@ -92,11 +99,8 @@ impl StateStore {
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
-        let path = self.dir.join(name);
-        let (staged, file) = self.stage_json(name, value)?;
-        file.sync_all()
-            .and_then(|()| staged.commit())
-            .map_err(io_err("writing", &path))?;
+        let (path, bytes) = self.json(name, value)?;
+        sysroot::write_atomic(&path, &bytes, STATE_FILE_META).map_err(io_err("writing", &path))?;
         sysroot::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))
     }
 
@@ -107,19 +111,24 @@ impl StateStore {
         &self,
         name: &str,
         value: &T,
-    ) -> Result<(sysroot::Staged, fs::File), StateError> {
+    ) -> Result<sysroot::Staged, StateError> {
+        let (path, bytes) = self.json(name, value)?;
+        sysroot::Staged::write(&path, &bytes, STATE_FILE_META)
+            .map(|(staged, _)| staged)
+            .map_err(io_err("writing", &path))
+    }
+
+    /// The path and bytes of state file `name` holding `value`.
+    fn json<T: Serialize>(&self, name: &str, value: &T) -> Result<(PathBuf, Vec<u8>), StateError> {
         fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
         let path = self.dir.join(name);
-        let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let meta = Meta {
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-        };
-        sysroot::Staged::write(&path, &bytes, meta).map_err(io_err("writing", &path))
+        match serde_json::to_vec_pretty(value) {
+            Ok(bytes) => Ok((path, bytes)),
+            Err(e) => Err(StateError::Corrupt {
+                path,
+                message: e.to_string(),
+            }),
+        }
     }
 
     /// Puts files staged by [`StateStore::stage_json`] in place.
@@ -283,12 +292,7 @@ pub fn apply(
     // Two flushes in all make the journal and the claimed record durable, content then names,
     // before the first temporary file or change exists.
     store.sync()?;
-    store.commit(
-        [Some(journal), claiming]
-            .into_iter()
-            .flatten()
-            .map(|(s, _)| s),
-    )?;
+    store.commit([Some(journal), claiming].into_iter().flatten())?;
     store.sync()?;
     let claimed = record.clone();
 
@@ -347,7 +351,7 @@ pub fn apply(
         "syncing the changed directories in",
         host.sysroot.root(),
     ))?;
-    store.commit(pruned.map(|(s, _)| s))?;
+    store.commit(pruned)?;
     store.remove_journal()?;
     Ok(outcome)
 }
