@@ -218,8 +218,8 @@ fn iso_is_hybrid_for_bios_and_uefi() {
             "menuentry \"Rescue\" {"
         ]
     );
-    // The install starts without a countdown; Esc as GRUB starts shows the menu.
-    assert!(cfg.contains("set default=0\nset timeout_style=hidden\nset timeout=0\n"));
+    // The install starts without a countdown; Esc on the keyboard as GRUB starts shows the menu.
+    assert!(cfg.contains("terminal_input console\nterminal_output console serial\nset timeout_style=hidden\nset timeout=0\nset default=0\n"));
     assert!(cfg.contains("kiln.install=auto"));
 }
 
