@@ -236,6 +236,12 @@ fn initramfs_holds_stage1_and_its_modules() {
         .spawn()
         .unwrap();
     let mut stdin = cpio.stdin.take().unwrap();
+    // The EHCI-before-companions order travels with the modules (stage-1 loads in waves).
+    let softdep = b"softdep ohci_pci pre: ehci_pci\n";
+    assert!(
+        raw.stdout.windows(softdep.len()).any(|w| w == softdep),
+        "the initramfs's modules.softdep keeps ohci_pci after ehci_pci"
+    );
     let writer = std::thread::spawn(move || stdin.write_all(&raw.stdout));
     let mut listing = String::new();
     cpio.stdout
@@ -266,7 +272,9 @@ fn initramfs_holds_stage1_and_its_modules() {
             "{module} in the initramfs"
         );
     }
-    assert!(names.iter().any(|n| n.ends_with("/modules.dep")));
+    for index in ["/modules.dep", "/modules.softdep"] {
+        assert!(names.iter().any(|n| n.ends_with(index)), "{index}");
+    }
 }
 
 #[test]

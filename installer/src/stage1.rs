@@ -2,8 +2,9 @@
 //! initramfs.
 //!
 //! It mounts the kernel filesystems, loads the kernel modules shipped in the initramfs (in
-//! dependency order, from its `modules.dep`), finds the root image named by the kernel command
-//! line, stacks a writable overlay on it and hands over to systemd with `switch_root`.
+//! dependency waves, from its `modules.dep` and `modules.softdep`), finds the root image named
+//! by the kernel command line, stacks a writable overlay on it and hands over to systemd with
+//! `switch_root`.
 //!
 //! Root sources, chosen by [`root_source`]:
 //! - `kiln.root=live:LABEL`: the ISO9660 medium with that volume label (CD or USB stick),
@@ -379,31 +380,61 @@ fn load_modules() -> Result<(), Stage1Error> {
         .to_string_lossy()
         .into_owned();
     let dir = Path::new(MODULES_DIR).join(&release);
-    let dep_path = dir.join("modules.dep");
-    let text = match fs::read_to_string(&dep_path) {
-        Ok(t) => t,
-        // Everything the boot needs is built into this kernel.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(format!("reading {}", dep_path.display()))(e)),
-    };
-    let deps = ModulesDep::parse(&text)?;
-    let names: Vec<String> = deps.names().map(str::to_string).collect();
-    let order = deps.load_order(names.iter().map(String::as_str))?;
-    let mut loaded = 0;
-    for rel in &order {
-        let path = dir.join(rel);
-        let file = fs::File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
-            Ok(()) => loaded += 1,
-            // Already there (loaded as another module's dependency by the kernel itself).
-            Err(nix::errno::Errno::EEXIST) => {}
-            // No matching hardware is not an error for a driver.
-            Err(nix::errno::Errno::ENODEV) => {}
-            Err(e) => say(&format!("warning: loading {}: {e}", module_name(rel))),
+    let read = |name: &str| {
+        let path = dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
         }
+    };
+    // Without a modules.dep everything the boot needs is built into this kernel.
+    let Some(text) = read("modules.dep")? else {
+        return Ok(());
+    };
+    let deps =
+        ModulesDep::parse(&text)?.with_softdeps(&read("modules.softdep")?.unwrap_or_default());
+    let names: Vec<String> = deps.names().map(str::to_string).collect();
+    let mut loaded = 0;
+    // Each module takes tens of milliseconds to load under emulation: the modules of one wave
+    // need nothing of each other and load side by side.
+    for wave in deps.load_waves(names.iter().map(String::as_str))? {
+        loaded += std::thread::scope(|s| {
+            let loads: Vec<_> = wave
+                .iter()
+                .map(|rel| {
+                    let path = dir.join(rel);
+                    s.spawn(move || load_module(&path))
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|l| l.join().expect("a module load panicked"))
+                .try_fold(0, |n, l| l.map(|done| n + usize::from(done)))
+        })?;
     }
     say(&format!("loaded {loaded} kernel modules"));
     Ok(())
+}
+
+/// Loads one module file: whether the kernel took it now (not already there, not for absent
+/// hardware).
+fn load_module(path: &Path) -> Result<bool, Stage1Error> {
+    let file = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+        Ok(()) => Ok(true),
+        // Already there (loaded as another module's dependency by the kernel itself).
+        Err(nix::errno::Errno::EEXIST) => Ok(false),
+        // No matching hardware is not an error for a driver.
+        Err(nix::errno::Errno::ENODEV) => Ok(false),
+        Err(e) => {
+            say(&format!(
+                "warning: loading {}: {e}",
+                module_name(&path.to_string_lossy())
+            ));
+            Ok(false)
+        }
+    }
 }
 
 /// The mount point of the read-only root image and the directory for the overlay's writes.

@@ -11,6 +11,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use kiln_exec::ToolError;
+use kiln_spec::kmod::module_name;
 
 use crate::error::{BuildError, Result};
 use crate::progress::{LDD, ZSTD};
@@ -91,6 +92,22 @@ pub fn subset_modules_dep(full: &str, keep: &BTreeSet<String>) -> String {
     out
 }
 
+/// The lines of a `modules.softdep` for modules named in `keep` (paths, as in `modules.dep`).
+pub fn subset_softdep(full: &str, keep: &BTreeSet<String>) -> String {
+    let names: BTreeSet<String> = keep.iter().map(|p| module_name(p)).collect();
+    let mut out = String::new();
+    for line in full.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("softdep"), Some(name)) = (words.next(), words.next())
+            && names.contains(&module_name(name))
+        {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// What an archive entry is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -109,14 +126,15 @@ pub struct Entry {
 }
 
 /// Every entry of the initramfs, parents before children. `modules` are paths relative to
-/// `module_dir` (the rootfs's `/usr/lib/modules/<release>`).
+/// `module_dir` (the rootfs's `/usr/lib/modules/<release>`); `indexes` are the module index
+/// files written beside them (file name, content).
 pub fn plan(
     init: &Path,
     libs: &[PathBuf],
     release: &str,
     module_dir: &Path,
     modules: &BTreeSet<String>,
-    modules_dep: &str,
+    indexes: &[(&str, &str)],
 ) -> Vec<Entry> {
     let mut files: Vec<Entry> = vec![
         Entry {
@@ -145,11 +163,13 @@ pub fn plan(
             source: Source::File(module_dir.join(m)),
         });
     }
-    files.push(Entry {
-        path: format!("{mdir}/modules.dep"),
-        mode: 0o644,
-        source: Source::Data(modules_dep.as_bytes().to_vec()),
-    });
+    for (name, content) in indexes {
+        files.push(Entry {
+            path: format!("{mdir}/{name}"),
+            mode: 0o644,
+            source: Source::Data(content.as_bytes().to_vec()),
+        });
+    }
     // Mount points stage-1 uses, and every parent directory of a file.
     let mut dirs: BTreeSet<String> = ["proc", "sys", "dev", "run", "newroot"]
         .map(String::from)
@@ -279,6 +299,24 @@ mod tests {
     }
 
     #[test]
+    fn softdep_subset() {
+        let full = "# Soft dependencies extracted from modules themselves.\n\
+                    softdep ohci_pci pre: ehci_pci\n\
+                    softdep ext4 pre: crypto-crc32c\n\
+                    softdep cifs gcm\n";
+        let keep: BTreeSet<String> = [
+            "kernel/drivers/usb/host/ohci-pci.ko",
+            "kernel/fs/ext4/ext4.ko",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            subset_softdep(full, &keep),
+            "softdep ohci_pci pre: ehci_pci\nsoftdep ext4 pre: crypto-crc32c\n"
+        );
+    }
+
+    #[test]
     fn plan_matches_golden() {
         let modules: BTreeSet<String> =
             ["kernel/drivers/cdrom/cdrom.ko", "kernel/fs/isofs/isofs.ko"]
@@ -292,7 +330,13 @@ mod tests {
             "6.1.0-9-amd64",
             Path::new("/rootfs/usr/lib/modules/6.1.0-9-amd64"),
             &modules,
-            "kernel/fs/isofs/isofs.ko: kernel/drivers/cdrom/cdrom.ko\nkernel/drivers/cdrom/cdrom.ko:\n",
+            &[
+                (
+                    "modules.dep",
+                    "kernel/fs/isofs/isofs.ko: kernel/drivers/cdrom/cdrom.ko\nkernel/drivers/cdrom/cdrom.ko:\n",
+                ),
+                ("modules.softdep", "softdep isofs pre: cdrom\n"),
+            ],
         );
         crate::golden::check("initramfs.txt", &listing(&entries));
     }
@@ -302,7 +346,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("payload");
         std::fs::write(&f, b"#!init").unwrap();
-        let entries = plan(&f, &[], "r", d.path(), &BTreeSet::new(), "");
+        let entries = plan(
+            &f,
+            &[],
+            "r",
+            d.path(),
+            &BTreeSet::new(),
+            &[("modules.dep", "")],
+        );
         let out = d.path().join("initrd.img");
         write(&entries, &out).unwrap();
         let raw = std::process::Command::new("zstd")

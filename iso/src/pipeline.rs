@@ -432,14 +432,27 @@ fn build_initramfs(init: &Path, kernel: &rootfs::Kernel, out: &Path) -> Result<u
     let builtin = trim::builtin_names(&read("modules.builtin")?);
     let modules: BTreeSet<String> = trim::modules_to_keep(&deps, &builtin, STAGE1_MODULES)?;
     let libs = initramfs::shared_libraries(init)?;
-    let subset = initramfs::subset_modules_dep(&full_dep, &modules);
+    let dep = initramfs::subset_modules_dep(&full_dep, &modules);
+    // depmod writes a modules.softdep beside every modules.dep; a hand-made tree may lack it.
+    let softdep_path = kernel.modules.join("modules.softdep");
+    let full_softdep = match std::fs::read_to_string(&softdep_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(BuildError::io(format!(
+                "reading {}",
+                softdep_path.display()
+            ))(e));
+        }
+    };
+    let softdep = initramfs::subset_softdep(&full_softdep, &modules);
     let entries = initramfs::plan(
         init,
         &libs,
         &kernel.release,
         &kernel.modules,
         &modules,
-        &subset,
+        &[("modules.dep", &dep), ("modules.softdep", &softdep)],
     );
     tracing::debug!("initramfs:\n{}", initramfs::listing(&entries));
     initramfs::write(&entries, out)?;

@@ -1,7 +1,8 @@
-//! Kernel module dependencies from `modules.dep` (pure): stage-1 loads its modules in this
-//! order, and the image build picks the modules its initramfs needs with it.
+//! Kernel module dependencies from `modules.dep` and `modules.softdep` (pure): stage-1 loads
+//! its modules in dependency waves, and the image build picks the modules its initramfs needs
+//! with them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModulesDepError {
@@ -19,10 +20,14 @@ pub fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
-/// A parsed `modules.dep`: module name → (file path, paths of the modules it needs).
+/// A parsed `modules.dep`: module name → (file path, paths of the modules it needs), with the
+/// `pre:` soft dependencies of `modules.softdep` where given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModulesDep {
     modules: BTreeMap<String, (String, Vec<String>)>,
+    /// Module name → names of modules that must load before it when they load at all
+    /// (`softdep ohci_pci pre: ehci_pci`: the kernel warns when EHCI comes after its companions).
+    soft_pre: BTreeMap<String, Vec<String>>,
 }
 
 impl ModulesDep {
@@ -47,7 +52,31 @@ impl ModulesDep {
             let deps = deps.split_whitespace().map(str::to_string).collect();
             modules.insert(module_name(path), (path.to_string(), deps));
         }
-        Ok(Self { modules })
+        Ok(Self {
+            modules,
+            soft_pre: BTreeMap::new(),
+        })
+    }
+
+    /// Adds the `pre:` soft dependencies of a `modules.softdep` (as depmod writes it). Other
+    /// lines and `post:` lists do not order a load and are skipped.
+    pub fn with_softdeps(mut self, text: &str) -> Self {
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some("softdep"), Some(name)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let pre = words
+                .skip_while(|w| *w != "pre:")
+                .skip(1)
+                .take_while(|w| *w != "post:")
+                .map(module_name);
+            self.soft_pre
+                .entry(module_name(name))
+                .or_default()
+                .extend(pre);
+        }
+        self
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -69,6 +98,65 @@ impl ModulesDep {
             self.visit(&name.replace('-', "_"), &mut seen, &mut order)?;
         }
         Ok(order)
+    }
+
+    /// Module files to load for `wanted`, in waves: a module's dependencies (and its soft `pre:`
+    /// dependencies that load at all) are all in earlier waves, so one wave's modules may load
+    /// at the same time. Within a wave, files keep [`Self::load_order`]'s order.
+    pub fn load_waves<'a>(
+        &self,
+        wanted: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Vec<String>>, ModulesDepError> {
+        let order = self.load_order(wanted)?;
+        let loading: HashSet<String> = order.iter().map(|p| module_name(p)).collect();
+        let mut waves: Vec<Vec<String>> = Vec::new();
+        let mut wave_of = HashMap::new();
+        for path in order {
+            let wave = self.wave(&module_name(&path), &loading, &mut wave_of, &mut Vec::new());
+            if waves.len() <= wave {
+                waves.resize_with(wave + 1, Vec::new);
+            }
+            waves[wave].push(path);
+        }
+        Ok(waves)
+    }
+
+    /// The wave `name` loads in: one after the latest of what it waits for. `path` holds the
+    /// modules being resolved, so a soft dependency cycle (which depmod does not rule out)
+    /// cannot recurse forever.
+    fn wave(
+        &self,
+        name: &str,
+        loading: &HashSet<String>,
+        wave_of: &mut HashMap<String, usize>,
+        path: &mut Vec<String>,
+    ) -> usize {
+        if let Some(w) = wave_of.get(name) {
+            return *w;
+        }
+        if path.iter().any(|p| p == name) {
+            return 0;
+        }
+        path.push(name.to_string());
+        let hard = self
+            .modules
+            .get(name)
+            .map(|(_, deps)| deps.iter().map(|d| module_name(d)).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let soft = self.soft_pre.get(name).into_iter().flatten().cloned();
+        let before: Vec<String> = hard
+            .into_iter()
+            .chain(soft)
+            .filter(|d| loading.contains(d))
+            .collect();
+        let wave = before
+            .iter()
+            .map(|d| self.wave(d, loading, wave_of, path) + 1)
+            .max()
+            .unwrap_or(0);
+        path.pop();
+        wave_of.insert(name.to_string(), wave);
+        wave
     }
 
     fn visit(
@@ -127,6 +215,62 @@ kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kerne
             deps.load_order(["nope"]),
             Err(ModulesDepError::UnknownModule(n)) if n == "nope"
         ));
+    }
+
+    #[test]
+    fn waves_load_dependencies_and_soft_predecessors_first() {
+        let deps = ModulesDep::parse(&format!(
+            "{DEP}kernel/drivers/usb/host/ehci-pci.ko:\n\
+             kernel/drivers/usb/host/ohci-pci.ko:\n\
+             kernel/drivers/usb/host/uhci-hcd.ko:\n"
+        ))
+        .unwrap()
+        .with_softdeps(
+            "# Soft dependencies extracted from modules themselves.\n\
+             softdep ohci_pci pre: ehci_pci\n\
+             softdep uhci_hcd pre: ehci_pci post: nothing_loaded\n\
+             softdep ext4 pre: crypto-crc32c\n\
+             softdep cifs gcm\n",
+        );
+        let waves = deps
+            .load_waves([
+                "uhci_hcd",
+                "ohci_pci",
+                "ehci_pci",
+                "usb-storage",
+                "sr_mod",
+                "isofs",
+            ])
+            .unwrap();
+        assert_eq!(
+            waves,
+            [
+                vec![
+                    "kernel/drivers/usb/host/ehci-pci.ko",
+                    "kernel/drivers/scsi/scsi_common.ko",
+                    "kernel/drivers/cdrom/cdrom.ko",
+                ],
+                vec![
+                    "kernel/drivers/usb/host/uhci-hcd.ko",
+                    "kernel/drivers/usb/host/ohci-pci.ko",
+                    "kernel/drivers/scsi/scsi_mod.ko",
+                    "kernel/fs/isofs/isofs.ko",
+                ],
+                vec![
+                    "kernel/drivers/usb/storage/usb-storage.ko",
+                    "kernel/drivers/scsi/sr_mod.ko",
+                ],
+            ]
+        );
+        // Without ehci_pci in the load, its companions wait for nothing.
+        let waves = deps.load_waves(["ohci_pci"]).unwrap();
+        assert_eq!(waves, [vec!["kernel/drivers/usb/host/ohci-pci.ko"]]);
+        // A soft cycle still loads everything, once.
+        let cyclic = ModulesDep::parse("a.ko:\nb.ko:\n")
+            .unwrap()
+            .with_softdeps("softdep a pre: b\nsoftdep b pre: a\n");
+        let all: Vec<String> = cyclic.load_waves(["a", "b"]).unwrap().concat();
+        assert_eq!(all.len(), 2);
     }
 
     #[test]
