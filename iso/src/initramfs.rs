@@ -11,7 +11,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use kiln_exec::ToolError;
-use kiln_spec::kmod::module_name;
+use kiln_spec::kmod::{module_name, softdep_line};
 
 use crate::error::{BuildError, Result};
 use crate::progress::{LDD, ZSTD};
@@ -97,8 +97,7 @@ pub fn subset_softdep(full: &str, keep: &BTreeSet<String>) -> String {
     let names: BTreeSet<String> = keep.iter().map(|p| module_name(p)).collect();
     let mut out = String::new();
     for line in full.lines() {
-        let mut words = line.split_whitespace();
-        if let (Some("softdep"), Some(name)) = (words.next(), words.next())
+        if let Some((name, _)) = softdep_line(line)
             && names.contains(&module_name(name))
         {
             out.push_str(line);

@@ -20,6 +20,15 @@ pub fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
+/// A `modules.softdep` line's module name and the words after it; None for other lines.
+pub fn softdep_line(line: &str) -> Option<(&str, std::str::SplitWhitespace<'_>)> {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("softdep"), Some(name)) => Some((name, words)),
+        _ => None,
+    }
+}
+
 /// A parsed `modules.dep`: module name → (file path, paths of the modules it needs), with the
 /// `pre:` soft dependencies of `modules.softdep` where given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,8 +71,7 @@ impl ModulesDep {
     /// lines and `post:` lists do not order a load and are skipped.
     pub fn with_softdeps(mut self, text: &str) -> Self {
         for line in text.lines() {
-            let mut words = line.split_whitespace();
-            let (Some("softdep"), Some(name)) = (words.next(), words.next()) else {
+            let Some((name, words)) = softdep_line(line) else {
                 continue;
             };
             let pre = words
@@ -141,17 +149,13 @@ impl ModulesDep {
         let hard = self
             .modules
             .get(name)
-            .map(|(_, deps)| deps.iter().map(|d| module_name(d)).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let soft = self.soft_pre.get(name).into_iter().flatten().cloned();
-        let before: Vec<String> = hard
             .into_iter()
+            .flat_map(|(_, deps)| deps.iter().map(|d| module_name(d)));
+        let soft = self.soft_pre.get(name).into_iter().flatten().cloned();
+        let wave = hard
             .chain(soft)
             .filter(|d| loading.contains(d))
-            .collect();
-        let wave = before
-            .iter()
-            .map(|d| self.wave(d, loading, wave_of, path) + 1)
+            .map(|d| self.wave(&d, loading, wave_of, path) + 1)
             .max()
             .unwrap_or(0);
         path.pop();
