@@ -21,13 +21,54 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (unit, golden, integration, end to end)"
+# Two lanes side by side, so the tests that leave a core idle (one booting guest, a host-side
+# API server) lend it to the other lane: the tests that boot QEMU guests, which also build and
+# share the lab images under $KILN_CACHE, run in one lane; everything else in the other.
+vm_tests=(bmc_ipmi build_image ceph_node fleet_rollout lab_ceph lab_disk_safety lab_install
+  lab_kubernetes lab_rack pxe_qemu)
+host_tests=()
+for f in tests/*.rs; do
+  t=$(basename "$f" .rs)
+  [[ " ${vm_tests[*]} " == *" $t "* ]] || host_tests+=("$t")
+done
+threads="${KILN_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-run
 test_log="$KILN_CACHE/last-test-run.log"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${KILN_TEST_THREADS:-2}" 2>&1 \
-  | tee "$test_log"
+host_log="$KILN_CACHE/last-test-run.host.log"
+vm_log="$KILN_CACHE/last-test-run.vm.log"
+host_lane() {
+  local status=0
+  cargo test --workspace --exclude kiln --locked --no-fail-fast -- --test-threads="$threads" \
+    || status=$?
+  cargo test -p kiln --locked --no-fail-fast --bins "${host_tests[@]/#/--test=}" \
+    -- --test-threads="$threads" || status=$?
+  return "$status"
+}
+host_lane > "$host_log" 2>&1 &
+host_pid=$!
+echo "host-side tests (${host_tests[*]} and every other package) run beside this lane; their"
+echo "output follows it (and is in $host_log)"
+vm_status=0
+cargo test -p kiln --locked --no-fail-fast "${vm_tests[@]/#/--test=}" \
+  -- --test-threads="$threads" 2>&1 | tee "$vm_log" || vm_status=$?
+host_status=0
+wait "$host_pid" || host_status=$?
+step "host-side tests (ran beside the lane above)"
+cat "$host_log"
+cat "$vm_log" "$host_log" > "$test_log"
+
+# One closing line for the whole suite (cargo prints one result line per test binary).
+summary() {
+  awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+       END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$test_log"
+}
+if [ "$vm_status" != 0 ] || [ "$host_status" != 0 ]; then
+  summary
+  echo "tests failed (lane status: VM $vm_status, host $host_status)" >&2
+  exit 1
+fi
 
 step "fuzzing every network parser briefly"
 scripts/fuzz.sh
 
-# One closing line for the whole suite (cargo prints one result line per test binary).
-awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
-     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$test_log"
+summary

@@ -1,10 +1,17 @@
 //! End to end, on real firmware (OVMF and SeaBIOS) under QEMU: the `test` profile ISO installs
 //! onto a blank virtual disk with `kiln lab install`, the installed disk boots until the node
 //! agent is ready, the disk's GPT is exactly kiln's layout, and a second install onto the now
-//! used disk without wipe consent refuses and leaves every byte as it was. On BIOS, a clone of
-//! the installed disk (another kiln disk in the same machine, found first) is booted beside
-//! it: the node runs from, and writes to, only the disk it was installed to. Then each node
-//! goes through the A/B upgrade run of [`lab_support::upgrade`].
+//! used disk without wipe consent refuses and leaves every byte as it was. Then each firmware's
+//! node has a day-2 run of its own:
+//! - BIOS: a local override goes on the node's `KILN_STATE` (a new host name, a sysctl, a script
+//!   and a systemd unit) and the node boots beside a clone of its disk (another kiln disk in
+//!   the same machine, found first). The node runs from, and writes to, only the disk it was
+//!   installed to; its agent applies all of the override: the running system shows the host
+//!   name and sysctl value, the unit runs, `kiln node status` on the node reports every
+//!   resource Ready, and the agent's record on the disk lists what it now manages.
+//! - UEFI: the A/B upgrade run of [`lab_support::upgrade`], with power cuts. The rack's rolling
+//!   upgrade (`fleet_rollout`) takes a BIOS node through an upgrade and a build that cannot
+//!   boot, so each boot loader's counting is exercised once.
 
 mod lab_support;
 
@@ -12,9 +19,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
+use kiln_agent::plan::Record;
+use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
 use kiln_spec::layout::{self, PartitionRole, Slot};
-use lab_support::{disk_fingerprint, lab_install, sgdisk_field, test_iso, text, upgrade};
+use lab_support::{
+    StateMount, console_lines, disk_fingerprint, lab_install, sgdisk_field, test_iso, text, upgrade,
+};
+
+/// The lab NIC of `kiln lab install`: the node keeps its identity across boots.
+const LAB_MAC: &str = "52:54:00:4b:49:4c";
+const NEW_HOSTNAME: &str = "lab-agent-node";
+const SWAPPINESS: &str = "13";
+const PROBE_UNIT: &str = "kiln-lab-probe.service";
+const PROBE_SCRIPT: &str = "/usr/local/bin/kiln-lab-probe";
 
 /// `sgdisk -i N`: (name, type GUID).
 fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
@@ -27,11 +44,55 @@ fn sgdisk_partition(disk: &Path, n: u32) -> (String, String) {
     )
 }
 
-/// Boots a machine holding a clone of the installed `disk` (new GPT GUIDs, first in device
-/// order and first in boot order) and `disk` itself: stage-1 must take the slot and
-/// `KILN_STATE` from `disk`, the one named on the kernel command line, and leave the clone
-/// untouched.
-fn boots_only_from_its_own_disk(disk: &Path) {
+/// The override: the probe prints what the running system sees, then (once the agent's API is
+/// up, after its first converge) the agent's own status, line by line, to the console.
+fn override_yaml() -> String {
+    format!(
+        r#"apiVersion: kiln.dev/v1alpha1
+kind: NodeConfig
+spec:
+  hostname: {NEW_HOSTNAME}
+  sysctls:
+    vm.swappiness: "{SWAPPINESS}"
+  files:
+    - path: {PROBE_SCRIPT}
+      mode: "0755"
+      content: |
+        #!/bin/sh
+        echo "kiln-lab-probe: hostname=$(cat /proc/sys/kernel/hostname) swappiness=$(cat /proc/sys/vm/swappiness)" > /dev/console
+        until /usr/bin/kiln node status > /run/kiln-lab-status 2>&1; do sleep 1; done
+        sed 's/^/kiln-lab-status: /' /run/kiln-lab-status > /dev/console
+        echo kiln-lab-status-end > /dev/console
+        exec sleep infinity
+  units:
+    - name: {PROBE_UNIT}
+      enabled: true
+      started: true
+      content: |
+        [Unit]
+        Description=kiln lab probe
+
+        [Service]
+        ExecStart={PROBE_SCRIPT}
+
+        [Install]
+        WantedBy=multi-user.target
+"#
+    )
+}
+
+/// Writes the local override onto the installed `disk`, as root would have on the node, then
+/// boots a machine holding a clone of `disk` (new GPT GUIDs, first in device order and first in
+/// boot order) and `disk` itself: stage-1 must take the slot and `KILN_STATE` from `disk`, the
+/// one named on the kernel command line, and leave the clone untouched; the agent applies the
+/// override.
+fn boots_from_its_own_disk_and_applies_an_override(disk: &Path) {
+    {
+        let state = StateMount::new(disk);
+        let path = state.upper(kiln_agent::controllers::OVERRIDE_CONFIG);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, override_yaml()).unwrap();
+    }
     let dir = disk.parent().unwrap();
     let clone = dir.join("clone.raw");
     let out = Command::new("cp")
@@ -49,6 +110,7 @@ fn boots_only_from_its_own_disk(disk: &Path) {
     assert!(out.status.success(), "sgdisk -G: {}", text(&out));
     let (clone_before, disk_before) = (disk_fingerprint(&clone), disk_fingerprint(disk));
 
+    let console = dir.join("two-disks-console.log");
     let mut vm = Vm::builder()
         .name(format!("two-kiln-disks-{}", std::process::id()))
         .firmware(Firmware::Bios)
@@ -56,11 +118,12 @@ fn boots_only_from_its_own_disk(disk: &Path) {
         .disk(Disk::new(&clone).bootindex(1).serial("clone"))
         .disk(Disk::new(disk).bootindex(2).serial("kiln-lab-disk"))
         .nic(Nic::User {
-            mac: "52:54:00:4b:49:4c".into(),
+            mac: LAB_MAC.into(),
             hostfwd: Vec::new(),
             bootindex: None,
             isolated: true,
         })
+        .serial_log(&console)
         .work_dir(dir.join("two-disks-vm"))
         .spawn()
         .expect("starting QEMU");
@@ -71,7 +134,8 @@ fn boots_only_from_its_own_disk(disk: &Path) {
         found.contains("on /dev/vdb"),
         "slot A taken from the wrong disk: {found}"
     );
-    vm.wait_for_console("kiln-agent ready", Duration::from_secs(600))
+    // The probe reports the agent's status last (it needs the agent's API).
+    vm.wait_for_console("kiln-lab-status-end", Duration::from_secs(600))
         .unwrap_or_else(|e| panic!("the node boots with two kiln disks: {e}"));
     let _ = vm.quit();
     assert_eq!(
@@ -84,6 +148,104 @@ fn boots_only_from_its_own_disk(disk: &Path) {
         disk_before,
         "the node kept no state on its own disk"
     );
+    agent_applied_the_override(&console_lines(&console), disk);
+}
+
+/// What the node's console and its disk show of the override once its agent converged.
+fn agent_applied_the_override(lines: &[String], disk: &Path) {
+    let log = lines.join("\n");
+    // Only the slot letter: other writers to the console may continue the line without a break.
+    let ready = Regex::new(r"kiln-agent ready node=(\S+) slot=([AB])").unwrap();
+    let caps = lines
+        .iter()
+        .find_map(|l| ready.captures(l))
+        .unwrap_or_else(|| panic!("no `kiln-agent ready` line on the console:\n{log}"));
+    assert_eq!((&caps[1], &caps[2]), (NEW_HOSTNAME, "A"), "{}", &caps[0]);
+
+    // What the running system saw, from the unit the agent installed and started.
+    let probe = format!("kiln-lab-probe: hostname={NEW_HOSTNAME} swappiness={SWAPPINESS}");
+    assert!(
+        lines.iter().any(|l| l.contains(&probe)),
+        "no {probe:?} on the console:\n{log}"
+    );
+
+    // The agent's status, as `kiln node status` printed it on the node.
+    let status: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once("kiln-lab-status: ").map(|(_, s)| s))
+        .collect();
+    let status_text = status.join("\n");
+    eprintln!("kiln node status on the node:\n{status_text}");
+    assert!(
+        status
+            .iter()
+            .any(|l| l.starts_with(&format!("node {NEW_HOSTNAME}  slot A"))),
+        "{status_text}"
+    );
+    assert!(
+        status.iter().any(|l| l.starts_with("config: valid")
+            && l.contains(kiln_agent::controllers::OVERRIDE_CONFIG)),
+        "{status_text}"
+    );
+    for (condition, expected) in [("Ready", "True"), ("Failed", "False")] {
+        let value = status.iter().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(condition))
+                .then(|| words.next())
+                .flatten()
+        });
+        assert_eq!(value, Some(expected), "{condition}:\n{status_text}");
+    }
+    for resource in [
+        "hostname".to_string(),
+        "sysctl:vm.swappiness".to_string(),
+        format!("unit:{PROBE_UNIT}"),
+        format!("file:{PROBE_SCRIPT}"),
+    ] {
+        let state = status
+            .iter()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(resource.as_str())).then(|| words.next())
+            })
+            .flatten()
+            .unwrap_or_else(|| panic!("no resource {resource} in the status:\n{status_text}"));
+        assert_eq!(state, "Ready", "{resource}:\n{status_text}");
+    }
+
+    // What the agent persisted: its record of managed resources, and the files it wrote.
+    let state = StateMount::new(disk);
+    let record_path = state.upper(&format!("{}/record.json", kiln_agent::sysroot::STATE_DIR));
+    let record: Record = serde_json::from_slice(
+        &std::fs::read(&record_path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", record_path.display())),
+    )
+    .unwrap();
+    assert!(record.sysctls.contains_key("vm.swappiness"), "{record:#?}");
+    assert!(
+        record
+            .units
+            .get(PROBE_UNIT)
+            .is_some_and(|u| u.enabled_by_kiln),
+        "{record:#?}"
+    );
+    for path in [
+        PROBE_SCRIPT.to_string(),
+        format!("/etc/systemd/system/{PROBE_UNIT}"),
+        kiln_agent::desired::SYSCTL_FILE.to_string(),
+    ] {
+        assert!(record.paths.contains_key(&path), "{path}: {record:#?}");
+    }
+    let sysctl_file =
+        std::fs::read_to_string(state.upper(kiln_agent::desired::SYSCTL_FILE)).unwrap();
+    assert!(
+        sysctl_file
+            .lines()
+            .any(|l| l.replace(' ', "") == format!("vm.swappiness={SWAPPINESS}")),
+        "{sysctl_file}"
+    );
+    let hostname = std::fs::read_to_string(state.upper("/etc/hostname")).unwrap();
+    assert_eq!(hostname.trim(), NEW_HOSTNAME);
 }
 
 /// The lines of a console log a boot split is read from, for a failure message.
@@ -206,12 +368,11 @@ fn install_and_boot(firmware: &str) {
     );
     // systemd-boot counts boots by renaming entries on the ESP it booted from, so only a
     // BIOS boot leaves the clone it boots through byte-identical.
-    if firmware == "bios" {
-        boots_only_from_its_own_disk(&disk);
+    match firmware {
+        "bios" => boots_from_its_own_disk_and_applies_an_override(&disk),
+        // Day 2 on the same disk: upgrades, power cuts, an image that cannot boot.
+        _ => upgrade::upgrade_and_fall_back(&disk),
     }
-    // Day 2 on the same disk: upgrades, power cuts (on UEFI), an image that cannot boot.
-    let fw: Firmware = firmware.parse().unwrap();
-    upgrade::upgrade_and_fall_back(&disk, fw, fw == Firmware::Uefi);
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! The A/B upgrade run of the install tier, on real firmware (OVMF with systemd-boot, SeaBIOS
-//! with GRUB): a node installed from the signed `test` ISO (v1) upgrades itself with
-//! `kiln node upgrade` from a media disk.
+//! The A/B upgrade run of the install tier, on real firmware (OVMF with systemd-boot): a node
+//! installed from the signed `test` ISO (v1) upgrades itself with `kiln node upgrade` from a
+//! media disk.
 //!
 //! One machine, one run of boots:
 //! 1. v1 in slot A: the agent blesses generation 1; an unsigned bundle and one whose manifest
@@ -19,8 +19,9 @@
 //!    builds) goes into slot A.
 //! 7. v3 in slot A, blessed, with B as its fallback; its dry run of an unsigned build is taken.
 //!
-//! The same run on BIOS (GRUB counting tries in its `grubenv`), without the power cuts. The
-//! boot menu's entries are read back from the disk image at the end.
+//! The boot menu's entries are read back from the disk image at the end. GRUB's counting (its
+//! `grubenv`) goes through the rack's rolling upgrade on a BIOS node instead (`fleet_rollout`):
+//! one long run per boot loader.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -220,9 +221,8 @@ fn make_media(v2: &Path, others: &[(&str, PathBuf)], key: &Path, dir: &Path) -> 
     image
 }
 
-/// The kiln entries of an installed disk image's boot menu, as file names (systemd-boot's
-/// entry files; GRUB's `grubenv` holds the same entries).
-fn boot_entries(disk: &Path, firmware: Firmware) -> Vec<String> {
+/// The kiln entries of an installed disk image's boot menu: systemd-boot's entry files.
+fn boot_entries(disk: &Path) -> Vec<String> {
     let first: u64 = sgdisk_field(disk, 2, "First sector:")
         .split_whitespace()
         .next()
@@ -230,27 +230,17 @@ fn boot_entries(disk: &Path, firmware: Firmware) -> Vec<String> {
         .parse()
         .unwrap();
     let image = format!("{}@@{}", disk.display(), first * 512);
-    let mtools = |args: &[&str]| {
-        let out = run(Command::new(args[0])
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .args(["-i", &image])
-            .args(&args[1..]));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let mut names: Vec<String> = match firmware {
-        Firmware::Uefi => mtools(&["mdir", "-b", "::/loader/entries"])
-            .lines()
-            .filter_map(|l| l.trim().rsplit('/').next().map(str::to_string))
-            .filter(|n| !n.is_empty())
-            .collect(),
-        Firmware::Bios => {
-            let env = mtools(&["mtype", "::/grub/grubenv"]);
-            kiln_spec::boot::grubenv_entries(&kiln_spec::boot::parse_grubenv(&env))
-                .iter()
-                .map(|e| e.file_name())
-                .collect()
-        }
-    };
+    let out = run(Command::new("mdir").env("MTOOLS_SKIP_CHECK", "1").args([
+        "-i",
+        &image,
+        "-b",
+        "::/loader/entries",
+    ]));
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().rsplit('/').next().map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
     names.sort();
     names
 }
@@ -314,11 +304,10 @@ pub fn bundles() -> &'static Bundles {
     })
 }
 
-/// The whole run on the machine whose installed disk is `disk`, with `firmware`; with
-/// `power_cuts`, QEMU is also killed in the middle of the slot write and during the new slot's
-/// first boot.
-pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) {
-    let name = firmware.to_string();
+/// The whole run on the UEFI machine whose installed disk is `disk`; QEMU is also killed in the
+/// middle of the slot write and during the new slot's first boot.
+pub fn upgrade_and_fall_back(disk: &Path) {
+    let name = "uefi";
     let dir = tempfile::tempdir().unwrap();
     {
         let state = StateMount::new(disk);
@@ -342,7 +331,7 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         consoles.push(console.clone());
         Vm::builder()
             .name(format!("kiln-lab-upgrade-{name}-{}", std::process::id()))
-            .firmware(firmware)
+            .firmware(Firmware::Uefi)
             .memory_mib(2048)
             .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
             .disk(Disk::new(media).serial(MEDIA_SERIAL).read_only(true))
@@ -365,21 +354,17 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         t
     };
     let mut node = power_on();
-    let mut write_start = wait(&mut node, "kiln-lab-upgrade: v1 attempt 0", 600);
-    if power_cuts {
-        // Power fails while the root image goes into slot B.
-        wait(&mut node, "written 30% of the root image", 300);
-        node.kill();
-        node = power_on();
-        write_start = wait(&mut node, "kiln-lab-upgrade: v1 attempt 1", 600);
-    }
+    wait(&mut node, "kiln-lab-upgrade: v1 attempt 0", 600);
+    // Power fails while the root image goes into slot B.
+    wait(&mut node, "written 30% of the root image", 300);
+    node.kill();
+    node = power_on();
+    let write_start = wait(&mut node, "kiln-lab-upgrade: v1 attempt 1", 600);
     let written = wait(&mut node, "kiln-lab-upgrade: v2 exit", 600);
-    if power_cuts {
-        // And again while the new slot boots for the first time.
-        wait(&mut node, "kiln-stage1: found KILN_B", 300);
-        node.kill();
-        node = power_on();
-    }
+    // And again while the new slot boots for the first time.
+    wait(&mut node, "kiln-stage1: found KILN_B", 300);
+    node.kill();
+    node = power_on();
     let blessed = wait(
         &mut node,
         "kiln-lab-status: boot: booted B (generation 2, good)",
@@ -393,17 +378,12 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
     let v3_blessed = wait(&mut node, "kiln-lab-upgrade: done", 900);
     let _ = node.quit();
     eprintln!(
-        "{name}: upgrade to v2: {:.0} s write; {:.0} s from the reboot to slot B blessed{}; \
-         rollback from the unbootable image: {:.0} s and from the unhealthy one: {:.0} s, \
+        "{name}: upgrade to v2: {:.0} s write; {:.0} s from the reboot to slot B blessed (one \
+         boot cut short); rollback from the unbootable image: {:.0} s and from the unhealthy one: {:.0} s, \
          each from the upgrade's answer to slot B blessed; upgrade to v3: {:.0} s from the \
          upgrade's answer to slot A blessed",
         written - write_start,
         blessed - written,
-        if power_cuts {
-            " (one boot cut short)"
-        } else {
-            ""
-        },
         fell_back - bad_written,
         rolled_back - unhealthy_written,
         v3_blessed - v3_written,
@@ -430,16 +410,14 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         !tampered.starts_with('0') && tampered.contains("not signed by any of the trusted keys"),
         "{tampered}"
     );
-    if power_cuts {
-        // After the cut write: slot A, good, nothing staged.
-        let second = &logs[1];
-        assert!(second.contains("kiln-stage1: found KILN_A"), "{second}");
-        assert!(
-            second.contains("kiln-lab-status: boot: booted A (generation 1, good)")
-                && !second.contains("kiln-lab-status:   staged"),
-            "{second}"
-        );
-    }
+    // After the cut write: slot A, good, nothing staged.
+    let second = &logs[1];
+    assert!(second.contains("kiln-stage1: found KILN_A"), "{second}");
+    assert!(
+        second.contains("kiln-lab-status: boot: booted A (generation 1, good)")
+            && !second.contains("kiln-lab-status:   staged"),
+        "{second}"
+    );
     let upgraded = said(&all, "kiln-lab-upgrade: v2 exit ");
     assert!(upgraded.starts_with("0:"), "{upgraded}");
     // Slot B runs v2, blessed, with A as its fallback.
@@ -531,8 +509,5 @@ pub fn upgrade_and_fall_back(disk: &Path, firmware: Firmware, power_cuts: bool) 
         unsigned.starts_with("0:") && unsigned.contains(kiln_installer::upgrade::UNSIGNED),
         "{unsigned}"
     );
-    assert_eq!(
-        boot_entries(disk, firmware),
-        ["kiln-2-b.conf", "kiln-5-a.conf"]
-    );
+    assert_eq!(boot_entries(disk), ["kiln-2-b.conf", "kiln-5-a.conf"]);
 }

@@ -604,10 +604,12 @@ fn machines_deleted_or_edited_mid_rollout_are_followed() {
 
 #[test]
 fn a_rollout_of_many_simulated_machines_through_the_api_server_reports_its_cost() {
+    // A thousand machines keep the suite's share of CI small; the README's measurement names
+    // its own scale (5,000) through the variable.
     let count: usize = std::env::var("KILN_CONTROLLER_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
+        .unwrap_or(1000);
     let cluster = TestCluster::shared();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt.block_on(cluster.client());
