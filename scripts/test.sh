@@ -32,16 +32,21 @@ for f in tests/*.rs; do
   [[ " ${vm_tests[*]} " == *" $t "* ]] || host_tests+=("$t")
 done
 threads="${KILN_TEST_THREADS:-2}"
-cargo test --workspace --locked --no-run
+# Each selection unifies its dependencies' features on its own, so each is built (once, then
+# cached) before the lanes start, rather than one lane waiting on the other's build.
+host_packages=(cargo test --workspace --exclude kiln --locked --no-fail-fast)
+host_root=(cargo test -p kiln --locked --no-fail-fast --bins "${host_tests[@]/#/--test=}")
+vm_lane=(cargo test -p kiln --locked --no-fail-fast "${vm_tests[@]/#/--test=}")
+"${host_packages[@]}" --no-run
+"${host_root[@]}" --no-run
+"${vm_lane[@]}" --no-run
 test_log="$KILN_CACHE/last-test-run.log"
 host_log="$KILN_CACHE/last-test-run.host.log"
 vm_log="$KILN_CACHE/last-test-run.vm.log"
 host_lane() {
   local status=0
-  cargo test --workspace --exclude kiln --locked --no-fail-fast -- --test-threads="$threads" \
-    || status=$?
-  cargo test -p kiln --locked --no-fail-fast --bins "${host_tests[@]/#/--test=}" \
-    -- --test-threads="$threads" || status=$?
+  "${host_packages[@]}" -- --test-threads="$threads" || status=$?
+  "${host_root[@]}" -- --test-threads="$threads" || status=$?
   return "$status"
 }
 host_lane > "$host_log" 2>&1 &
@@ -49,8 +54,7 @@ host_pid=$!
 echo "host-side tests (${host_tests[*]} and every other package) run beside this lane; their"
 echo "output follows it (and is in $host_log)"
 vm_status=0
-cargo test -p kiln --locked --no-fail-fast "${vm_tests[@]/#/--test=}" \
-  -- --test-threads="$threads" 2>&1 | tee "$vm_log" || vm_status=$?
+"${vm_lane[@]}" -- --test-threads="$threads" 2>&1 | tee "$vm_log" || vm_status=$?
 host_status=0
 wait "$host_pid" || host_status=$?
 step "host-side tests (ran beside the lane above)"

@@ -23,13 +23,15 @@ use kiln_agent::plan::Record;
 use kiln_lab::qemu::{Disk, Firmware, Nic, Regex, Vm};
 use kiln_spec::layout::{self, PartitionRole, Slot};
 use lab_support::{
-    StateMount, console_lines, disk_fingerprint, lab_install, sgdisk_field, test_iso, text, upgrade,
+    StateMount, console_lines, disk_fingerprint, lab_install, probe_unit, sgdisk_field, test_iso,
+    text, upgrade,
 };
 
 /// The lab NIC of `kiln lab install`: the node keeps its identity across boots.
 const LAB_MAC: &str = "52:54:00:4b:49:4c";
 const NEW_HOSTNAME: &str = "lab-agent-node";
 const SWAPPINESS: &str = "13";
+/// What [`probe_unit`] makes of the name `kiln-lab-probe`.
 const PROBE_UNIT: &str = "kiln-lab-probe.service";
 const PROBE_SCRIPT: &str = "/usr/local/bin/kiln-lab-probe";
 
@@ -64,21 +66,8 @@ spec:
         sed 's/^/kiln-lab-status: /' /run/kiln-lab-status > /dev/console
         echo kiln-lab-status-end > /dev/console
         exec sleep infinity
-  units:
-    - name: {PROBE_UNIT}
-      enabled: true
-      started: true
-      content: |
-        [Unit]
-        Description=kiln lab probe
-
-        [Service]
-        ExecStart={PROBE_SCRIPT}
-
-        [Install]
-        WantedBy=multi-user.target
 "#
-    )
+    ) + &probe_unit("kiln-lab-probe", "kiln lab probe")
 }
 
 /// Writes the local override onto the installed `disk`, as root would have on the node, then

@@ -36,7 +36,7 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     let inotify = Inotify::init()?;
     let watches = inotify.watches();
-    let dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>> = Arc::default();
+    let dirs: WatchedDirs = Arc::default();
     let (tx, rx) = mpsc::channel();
     let root_for_events = root.clone();
     *shared
@@ -47,9 +47,10 @@ pub fn spawn(
     {
         let dirs = dirs.clone();
         let shared = shared.clone();
+        let trigger = trigger.clone();
         std::thread::Builder::new()
             .name("kiln-watch-set".into())
-            .spawn(move || update_loop(root, watches, dirs, shared, rx))?;
+            .spawn(move || update_loop(root, watches, dirs, shared, rx, trigger, controller))?;
     }
     std::thread::Builder::new()
         .name("kiln-watch".into())
@@ -80,12 +81,19 @@ fn wanted_dirs(root: &Sysroot, managed: &BTreeSet<String>) -> BTreeSet<PathBuf> 
     out
 }
 
+type WatchedDirs = Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>>;
+
+/// Keeps the watches on the wanted directories. A directory watched only now may have changed
+/// before its watch existed (one the controller just made, edited straight away): each new
+/// watch wakes the controller once more, so it looks again with the watch in place.
 fn update_loop(
     root: Sysroot,
     mut watches: Watches,
-    dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>>,
+    dirs: WatchedDirs,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<()>,
+    trigger: Trigger,
+    controller: &'static str,
 ) {
     let mut current: BTreeMap<PathBuf, WatchDescriptor> = BTreeMap::new();
     while rx.recv().is_ok() {
@@ -94,35 +102,54 @@ fn update_loop(
             Ok(m) => m.clone(),
             Err(_) => return,
         };
-        let wanted = wanted_dirs(&root, &managed);
-        let Ok(mut map) = dirs.lock() else { return };
-        current.retain(|dir, wd| {
-            let keep = wanted.contains(dir) && dir.is_dir();
-            if !keep {
-                let _ = watches.remove(wd.clone());
-                map.remove(wd);
-            }
-            keep
-        });
-        for dir in wanted {
-            if current.contains_key(&dir) {
-                continue;
-            }
-            match watches.add(&dir, mask()) {
-                Ok(wd) => {
-                    map.insert(wd.clone(), dir.clone());
-                    current.insert(dir, wd);
-                }
-                Err(e) => tracing::warn!("watching {}: {e}", dir.display()),
-            }
+        match sync_watches(&root, &mut watches, &mut current, &dirs, &managed) {
+            Some(true) => trigger.wake(controller),
+            Some(false) => {}
+            None => return,
         }
     }
+}
+
+/// Watches the directories `managed` wants and drops the others: whether a watch was added
+/// (`None` when the shared map is poisoned).
+fn sync_watches(
+    root: &Sysroot,
+    watches: &mut Watches,
+    current: &mut BTreeMap<PathBuf, WatchDescriptor>,
+    dirs: &WatchedDirs,
+    managed: &BTreeSet<String>,
+) -> Option<bool> {
+    let wanted = wanted_dirs(root, managed);
+    let mut map = dirs.lock().ok()?;
+    current.retain(|dir, wd| {
+        let keep = wanted.contains(dir) && dir.is_dir();
+        if !keep {
+            let _ = watches.remove(wd.clone());
+            map.remove(wd);
+        }
+        keep
+    });
+    let mut added = false;
+    for dir in wanted {
+        if current.contains_key(&dir) {
+            continue;
+        }
+        match watches.add(&dir, mask()) {
+            Ok(wd) => {
+                map.insert(wd.clone(), dir.clone());
+                current.insert(dir, wd);
+                added = true;
+            }
+            Err(e) => tracing::warn!("watching {}: {e}", dir.display()),
+        }
+    }
+    Some(added)
 }
 
 fn event_loop(
     root: Sysroot,
     mut inotify: Inotify,
-    dirs: Arc<std::sync::Mutex<BTreeMap<WatchDescriptor, PathBuf>>>,
+    dirs: WatchedDirs,
     shared: Arc<Shared>,
     trigger: Trigger,
     controller: &'static str,
@@ -210,5 +237,33 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(wanted, expected);
+    }
+
+    #[test]
+    fn says_when_a_directory_is_watched_anew() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("etc/app")).unwrap();
+        let root = Sysroot::new(t.path());
+        let inotify = Inotify::init().unwrap();
+        let mut watches = inotify.watches();
+        let mut current = BTreeMap::new();
+        let dirs = WatchedDirs::default();
+        let mut managed: BTreeSet<String> = ["/etc/app/a.conf".to_string()].into();
+        let mut sync = |managed: &BTreeSet<String>| {
+            sync_watches(&root, &mut watches, &mut current, &dirs, managed).unwrap()
+        };
+        assert!(sync(&managed), "the first watch");
+        assert!(!sync(&managed), "nothing new");
+        // The controller made a directory for a new path: it is watched, and said so.
+        managed.insert("/etc/new/b.conf".into());
+        assert!(sync(&managed), "/etc, the nearest existing directory");
+        std::fs::create_dir(t.path().join("etc/new")).unwrap();
+        assert!(sync(&managed), "/etc/new, once it exists");
+        assert!(!sync(&managed));
+        let watched: BTreeSet<PathBuf> = dirs.lock().unwrap().values().cloned().collect();
+        assert_eq!(
+            watched,
+            [t.path().join("etc/app"), t.path().join("etc/new")].into()
+        );
     }
 }

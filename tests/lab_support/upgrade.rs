@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 
 use kiln_lab::qemu::{Disk, Firmware, Nic, Vm};
 
-use super::{KILN, StateMount, console_lines, sgdisk_field, test_signing_key, text};
+use super::{KILN, StateMount, console_lines, probe_unit, sgdisk_field, test_signing_key, text};
 
-const PROBE_UNIT: &str = "kiln-lab-upgrade.service";
 const PROBE_SCRIPT: &str = "/usr/local/bin/kiln-lab-upgrade";
 const MEDIA_SERIAL: &str = "kiln-upgrades";
 
@@ -92,21 +91,8 @@ spec:
           say "back on B after v3"
         fi
         exec sleep infinity
-  units:
-    - name: {PROBE_UNIT}
-      enabled: true
-      started: true
-      content: |
-        [Unit]
-        Description=kiln lab upgrade probe
-
-        [Service]
-        ExecStart={PROBE_SCRIPT}
-
-        [Install]
-        WantedBy=multi-user.target
 "#
-    )
+    ) + &probe_unit("kiln-lab-upgrade", "kiln lab upgrade probe")
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
