@@ -21,54 +21,55 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (unit, golden, integration, end to end)"
-# Two lanes side by side, so the tests that leave a core idle (one booting guest, a host-side
-# API server) lend it to the other lane: the tests that boot QEMU guests, which also build and
-# share the lab images under $KILN_CACHE, run in one lane; everything else in the other.
-vm_tests=(bmc_ipmi build_image ceph_node fleet_rollout lab_ceph lab_disk_safety lab_install
-  lab_kubernetes lab_rack pxe_qemu)
-host_tests=()
+# Two lanes side by side: a booting guest or a host-side API server leaves part of the two
+# cores idle, which the other lane takes. The rack lane holds the tests that share the signed
+# lab install image, its upgrade builds and the virtual rack (all under $KILN_CACHE); the other
+# lane runs every other package's tests and the rest of the root package's, the guests that
+# build their own images (the live ISO, Ceph's hypervisor, the Kubernetes nodes) among them.
+rack_tests=(bmc_ipmi fleet_rollout lab_ceph lab_disk_safety lab_install lab_rack pxe_qemu)
+other_tests=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)
-  [[ " ${vm_tests[*]} " == *" $t "* ]] || host_tests+=("$t")
+  [[ " ${rack_tests[*]} " == *" $t "* ]] || other_tests+=("$t")
 done
 threads="${KILN_TEST_THREADS:-2}"
 # Each selection unifies its dependencies' features on its own, so each is built (once, then
 # cached) before the lanes start, rather than one lane waiting on the other's build.
-host_packages=(cargo test --workspace --exclude kiln --locked --no-fail-fast)
-host_root=(cargo test -p kiln --locked --no-fail-fast --bins "${host_tests[@]/#/--test=}")
-vm_lane=(cargo test -p kiln --locked --no-fail-fast "${vm_tests[@]/#/--test=}")
-"${host_packages[@]}" --no-run
-"${host_root[@]}" --no-run
-"${vm_lane[@]}" --no-run
+other_packages=(cargo test --workspace --exclude kiln --locked --no-fail-fast)
+other_root=(cargo test -p kiln --locked --no-fail-fast --bins "${other_tests[@]/#/--test=}")
+rack_lane=(cargo test -p kiln --locked --no-fail-fast "${rack_tests[@]/#/--test=}")
+"${other_packages[@]}" --no-run
+"${other_root[@]}" --no-run
+"${rack_lane[@]}" --no-run
 test_log="$KILN_CACHE/last-test-run.log"
-host_log="$KILN_CACHE/last-test-run.host.log"
-vm_log="$KILN_CACHE/last-test-run.vm.log"
-host_lane() {
+other_log="$KILN_CACHE/last-test-run.other.log"
+rack_log="$KILN_CACHE/last-test-run.rack.log"
+other_lane() {
   local status=0
-  "${host_packages[@]}" -- --test-threads="$threads" || status=$?
-  "${host_root[@]}" -- --test-threads="$threads" || status=$?
+  "${other_packages[@]}" -- --test-threads="$threads" || status=$?
+  "${other_root[@]}" -- --test-threads="$threads" || status=$?
   return "$status"
 }
-host_lane > "$host_log" 2>&1 &
-host_pid=$!
-echo "host-side tests (${host_tests[*]} and every other package) run beside this lane; their"
-echo "output follows it (and is in $host_log)"
-vm_status=0
-"${vm_lane[@]}" -- --test-threads="$threads" 2>&1 | tee "$vm_log" || vm_status=$?
-host_status=0
-wait "$host_pid" || host_status=$?
-step "host-side tests (ran beside the lane above)"
-cat "$host_log"
-cat "$vm_log" "$host_log" > "$test_log"
+other_lane > "$other_log" 2>&1 &
+other_pid=$!
+echo "every other package's tests and ${other_tests[*]} run beside this lane; their output"
+echo "follows it (and is in $other_log)"
+rack_status=0
+"${rack_lane[@]}" -- --test-threads="$threads" 2>&1 | tee "$rack_log" || rack_status=$?
+other_status=0
+wait "$other_pid" || other_status=$?
+step "the other lane (ran beside the one above)"
+cat "$other_log"
+cat "$rack_log" "$other_log" > "$test_log"
 
 # One closing line for the whole suite (cargo prints one result line per test binary).
 summary() {
   awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
        END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$test_log"
 }
-if [ "$vm_status" != 0 ] || [ "$host_status" != 0 ]; then
+if [ "$rack_status" != 0 ] || [ "$other_status" != 0 ]; then
   summary
-  echo "tests failed (lane status: VM $vm_status, host $host_status)" >&2
+  echo "tests failed (lane status: rack $rack_status, other $other_status)" >&2
   exit 1
 fi
 
