@@ -25,8 +25,9 @@ step "tests (unit, golden, integration, end to end)"
 # cores idle, which the other lane takes. The rack lane holds the tests that share the signed
 # lab install image, its upgrade builds and the virtual rack (all under $KILN_CACHE); the other
 # lane runs every other package's tests and the rest of the root package's, the guests that
-# build their own images (the live ISO, Ceph's hypervisor, the Kubernetes nodes) among them.
-rack_tests=(bmc_ipmi fleet_rollout lab_ceph lab_disk_safety lab_install lab_rack pxe_qemu)
+# build their own images (the live ISO, Ceph's hypervisor, the Ceph and Kubernetes nodes) among
+# them.
+rack_tests=(bmc_ipmi fleet_rollout lab_disk_safety lab_install lab_rack pxe_qemu)
 other_tests=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)

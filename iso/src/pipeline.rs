@@ -270,13 +270,19 @@ fn installed_packages(root: &Path) -> Result<Vec<manifest::Package>> {
     Ok(manifest::parse_dpkg_status(&status))
 }
 
-/// Step 5: The rootfs tree into `rootfs.squashfs`; the tree is removed.
+/// Step 5: The rootfs tree into `rootfs.squashfs` (Python's bytecode caches stamped for its
+/// file times); the tree is removed.
 fn squashfs(dirs: &Dirs, rep: &mut Reporter) -> Result<()> {
     let t = Instant::now();
     let pb = rep.bar("squashfs", 100);
+    let stamped = squashfs::restamp_bytecode(&dirs.root)?;
     squashfs::mksquashfs(&dirs.root, &dirs.pxe.join("rootfs.squashfs"), &pb)?;
     std::fs::remove_dir_all(&dirs.root).map_err(BuildError::io("removing the rootfs tree"))?;
-    rep.done(&pb, "squashfs", t, "zstd");
+    let note = match stamped {
+        0 => "zstd".to_string(),
+        n => format!("zstd, {n} Python bytecode caches stamped with the image's time"),
+    };
+    rep.done(&pb, "squashfs", t, note);
     Ok(())
 }
 
