@@ -20,7 +20,6 @@ use kiln_spec::NodeConfig;
 use lab_support::{StateMount, build_iso, console_lines, lab_install, prefixed, probe_unit, text};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lab-ceph.yaml");
-const LAB_MAC: &str = "52:54:00:4b:49:4c";
 /// QEMU's user network gives the node this address.
 const NODE_ADDRESS: &str = "10.0.2.15";
 
@@ -99,12 +98,7 @@ fn an_installed_node_makes_a_ceph_cluster_of_its_data_disks() {
     }
     let console = dir.path().join("console.log");
     let mut vm: Vm = vm
-        .nic(Nic::User {
-            mac: LAB_MAC.into(),
-            hostfwd: vec![],
-            bootindex: None,
-            isolated: true,
-        })
+        .nic(Nic::lab(Vec::new()))
         .serial_log(&console)
         .spawn()
         .unwrap();

@@ -27,8 +27,6 @@ use lab_support::{
     text, upgrade,
 };
 
-/// The lab NIC of `kiln lab install`: the node keeps its identity across boots.
-const LAB_MAC: &str = "52:54:00:4b:49:4c";
 const NEW_HOSTNAME: &str = "lab-agent-node";
 const SWAPPINESS: &str = "13";
 /// What [`probe_unit`] makes of the name `kiln-lab-probe`.
@@ -106,12 +104,7 @@ fn boots_from_its_own_disk_and_applies_an_override(disk: &Path) {
         .memory_mib(2048)
         .disk(Disk::new(&clone).bootindex(1).serial("clone"))
         .disk(Disk::new(disk).bootindex(2).serial("kiln-lab-disk"))
-        .nic(Nic::User {
-            mac: LAB_MAC.into(),
-            hostfwd: Vec::new(),
-            bootindex: None,
-            isolated: true,
-        })
+        .nic(Nic::lab(Vec::new()))
         .serial_log(&console)
         .work_dir(dir.join("two-disks-vm"))
         .spawn()
@@ -271,7 +264,7 @@ fn install_and_boot(firmware: &str) {
         .unwrap_or_else(|e| panic!("summary is not JSON ({e}):\n{}", text(&out)));
     assert_eq!(summary["slot"], "A");
     assert_eq!(summary["firmware"], firmware);
-    // The test profile names hosts kiln-{mac}; the lab NIC is 52:54:00:4b:49:4c.
+    // The test profile names hosts kiln-{mac}; `Nic::lab` is 52:54:00:4b:49:4c.
     assert_eq!(summary["node"], "kiln-5254004b494c");
     // Where each boot's time went, read from its console: every step took some time.
     for (boot, console) in [

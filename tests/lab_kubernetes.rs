@@ -35,8 +35,6 @@ use lab_support::{
     KILN, StateMount, build_iso, console_lines, lab_install, prefixed, probe_unit, text,
 };
 
-/// The lab NIC of `kiln lab install`: each node keeps it (each has its own user network).
-const LAB_MAC: &str = "52:54:00:4b:49:4c";
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/lab-kubernetes.yaml"
@@ -251,14 +249,9 @@ fn boot(node: &Node, disk: &Path, console: &Path, hostfwd: Vec<String>, cluster:
         .memory_mib(2560)
         .nice(node.nice)
         .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
-        .nic(Nic::User {
-            mac: LAB_MAC.into(),
-            hostfwd,
-            bootindex: None,
-            // Before its cluster address is up, a node's packets for the other would take the
-            // default route out through QEMU to the host's network.
-            isolated: true,
-        })
+        // Isolated: before its cluster address is up, a node's packets for the other would
+        // take the default route out through QEMU to the host's network.
+        .nic(Nic::lab(hostfwd))
         .extra_args([
             "-netdev".to_string(),
             format!("socket,id=cluster,{cluster}"),

@@ -130,19 +130,6 @@ pub struct LabInstallArgs {
     output: OutputArgs,
 }
 
-/// The lab node's NIC (user-mode network, isolated: nothing it sends leaves QEMU): its MAC
-/// names the host (`kiln-{mac}`).
-const LAB_MAC: &str = "52:54:00:4b:49:4c";
-
-fn lab_nic() -> Nic {
-    Nic::User {
-        mac: LAB_MAC.into(),
-        hostfwd: Vec::new(),
-        bootindex: None,
-        isolated: true,
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum FirmwareArg {
     Bios,
@@ -382,7 +369,7 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
         .memory_mib(a.memory)
         .cdrom(&a.iso, Some(1))
         .disk(Disk::new(&a.disk).bootindex(2).serial("kiln-lab-disk"))
-        .nic(lab_nic())
+        .nic(Nic::lab(Vec::new()))
         .no_reboot(true)
         .serial_log(&install_log)
         .spawn()?;
@@ -421,7 +408,7 @@ fn lab_install(a: &LabInstallArgs) -> anyhow::Result<LabInstallSummary> {
         .firmware(firmware)
         .memory_mib(a.memory)
         .disk(Disk::new(&a.disk).bootindex(1).serial("kiln-lab-disk"))
-        .nic(lab_nic())
+        .nic(Nic::lab(Vec::new()))
         .serial_log(&boot_log)
         .spawn()?;
     let ready = agent_ready_line();

@@ -321,12 +321,7 @@ pub fn upgrade_and_fall_back(disk: &Path) {
             .memory_mib(2048)
             .disk(Disk::new(disk).bootindex(1).serial("kiln-lab-disk"))
             .disk(Disk::new(media).serial(MEDIA_SERIAL).read_only(true))
-            .nic(Nic::User {
-                mac: "52:54:00:4b:49:4c".into(),
-                hostfwd: Vec::new(),
-                bootindex: None,
-                isolated: true,
-            })
+            .nic(Nic::lab(Vec::new()))
             .serial_log(console)
             .spawn()
             .unwrap()

@@ -157,6 +157,23 @@ pub enum Nic {
     },
 }
 
+/// The MAC of `kiln lab install`'s node: the `test` profile names the host after it
+/// (`kiln-5254004b494c`), and each later boot of the installed disk keeps that identity.
+const LAB_MAC: &str = "52:54:00:4b:49:4c";
+
+impl Nic {
+    /// The lab node's NIC: QEMU's user-mode network, isolated (nothing it sends leaves QEMU),
+    /// with [`LAB_MAC`] and the `hostfwd` entries given.
+    pub fn lab(hostfwd: Vec<String>) -> Nic {
+        Nic::User {
+            mac: LAB_MAC.into(),
+            hostfwd,
+            bootindex: None,
+            isolated: true,
+        }
+    }
+}
+
 /// Direct kernel boot, bypassing the firmware's boot devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectBoot {
