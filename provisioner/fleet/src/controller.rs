@@ -662,12 +662,15 @@ pub async fn run_replica<G, S>(
 where
     S: Future<Output = Result<G, String>>,
 {
-    let secs = config.lease.as_secs().max(2);
+    let secs = config.lease.as_secs().max(3);
+    // Renewed once a third of the lease has passed (as Kubernetes' own leader election
+    // does), so a leader whose API server answers late for up to two thirds of it keeps
+    // the lead rather than handing a live rollout over.
     let manager = LeaseManagerBuilder::new(client.clone(), lease_name(&config.rollout))
         .with_namespace(&config.namespace)
         .with_identity(&config.identity)
         .with_duration(secs)
-        .with_grace((secs / 3).max(1))
+        .with_grace(secs * 2 / 3)
         .with_field_manager(FIELD_MANAGER)
         .build()
         .await?;
