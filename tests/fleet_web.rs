@@ -129,16 +129,12 @@ impl Rack {
     }
 
     fn report(&self, name: &str, node: &mut NodeProgress, r: Report) {
-        self.store
-            .add_report(
-                name,
-                &StoredReport {
-                    at_ms: now_ms(),
-                    report: r.clone(),
-                },
-            )
-            .unwrap();
-        self.step(node, &[Observation::Report(r)]);
+        let kept = StoredReport {
+            at_ms: now_ms(),
+            report: r,
+        };
+        self.store.add_report(name, &kept).unwrap();
+        self.step(node, &[Observation::Report(kept)]);
     }
 
     /// The boot chain a PXE client walks, as the netboot services record it.

@@ -21,7 +21,7 @@ use kiln_fleet::stage::{
     self, BmcAction, BmcOutcome, Command as StageCommand, Limits, Load, NodeProgress, Observation,
     Stage, StepInput,
 };
-use kiln_fleet::store::Snapshot;
+use kiln_fleet::store::{Snapshot, StoredReport};
 use kiln_netboot::trace::{EventKind, Trace};
 use kiln_spec::enrol::{Phase, Report};
 use kiln_spec::exposition::to_text_format;
@@ -71,7 +71,10 @@ fn drive(
                 report.slot = Some("A".into());
             }
             now_ms += after_secs * 1000;
-            inbox.push(Observation::Report(report));
+            inbox.push(Observation::Report(StoredReport {
+                at_ms: now_ms,
+                report,
+            }));
         }
     }
 }

@@ -766,17 +766,27 @@ where
             ReplicaEnd::Stopped
         }
     };
-    if matches!(end, ReplicaEnd::Finished(_))
-        && let Err(e) = holder.release(&driven).await
-    {
-        tracing::warn!(
-            "the rollout is over, but its finalizer ({}) is still on some Machines: {e}",
-            crate::follow::FINALIZER
+    if let ReplicaEnd::Finished(nodes) = &end {
+        let count = |stage| nodes.iter().filter(|(_, p)| p.stage == stage).count();
+        tracing::info!(
+            rollout = %config.rollout,
+            ready = count(Stage::Ready),
+            failed = count(Stage::Failed),
+            held_back = count(Stage::Pending),
+            "the rollout is over; letting go of its Machines"
         );
+        if let Err(e) = holder.release(&driven).await {
+            tracing::warn!(
+                "the rollout is over, but its finalizer ({}) is still on some Machines: {e}",
+                crate::follow::FINALIZER
+            );
+        }
     }
     // Closing the channel releases the Lease (when still held).
     drop(leading);
+    tracing::debug!(identity = %config.identity, "releasing the Lease");
     let _ = lease_task.await;
+    tracing::debug!(identity = %config.identity, "the Lease is released");
     Ok(end)
 }
 

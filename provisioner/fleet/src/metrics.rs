@@ -264,7 +264,10 @@ mod tests {
     }
 
     fn report(phase: Phase) -> Observation {
-        Observation::Report(Report::new(phase, None))
+        Observation::Report(crate::store::StoredReport {
+            at_ms: 0,
+            report: Report::new(phase, None),
+        })
     }
 
     fn auth_failure() -> BmcOutcome {

@@ -202,7 +202,7 @@ impl Enrolment for Shared {
         if let Err(e) = self.store.add_report(node, &stored) {
             tracing::error!(node, "storing a phone-home report: {e}");
         }
-        self.observe(node, Observation::Report(report.clone()));
+        self.observe(node, Observation::Report(stored));
     }
 }
 
@@ -688,6 +688,19 @@ impl Rollout {
             .map(|t| (t.name.clone(), resume(snapshot.node(&t.name), opts, now)))
             .collect();
         store.put_nodes(&resumed)?;
+        // Reports kept but not yet applied when the last run stopped are news to this one.
+        let mut kept: BTreeMap<&str, Vec<&StoredReport>> = BTreeMap::new();
+        for (node, r) in &snapshot.reports {
+            kept.entry(node.as_str()).or_default().push(r);
+        }
+        let unapplied: Vec<(String, StoredReport)> = resumed
+            .iter()
+            .flat_map(|(node, p)| {
+                p.unapplied(kept.remove(node.as_str()).unwrap_or_default())
+                    .into_iter()
+                    .map(|r| (node.clone(), r.clone()))
+            })
+            .collect();
         let mut nodes = BTreeMap::new();
         let mut stages = BTreeMap::new();
         for (t, (_, progress)) in targets.iter().zip(resumed) {
@@ -728,6 +741,10 @@ impl Rollout {
         });
         let mut runtime = Runtime::new();
         shared.inbox.connect(runtime.trigger(), INBOX);
+        for (node, r) in unapplied {
+            tracing::info!(node, phase = ?r.report.phase, "applying a report the last run kept");
+            shared.inbox.post(&node, Observation::Report(r));
+        }
         let actuator = actuator(shared.clone());
         runtime
             .register(Box::new(Inbox {
@@ -779,10 +796,12 @@ impl Rollout {
 
 #[cfg(test)]
 mod tests {
+    use kiln_spec::enrol::Phase;
+
     use super::*;
 
-    #[test]
-    fn the_bmc_actuator_counts_each_operation_in_the_rollouts_metrics() {
+    /// A state directory, options and the one node `node-01` of a rollout.
+    fn one_node() -> (tempfile::TempDir, RolloutOptions, [Target; 1]) {
         let dir = tempfile::tempdir().unwrap();
         let opts = RolloutOptions {
             limits: Limits::default(),
@@ -798,6 +817,81 @@ mod tests {
             macs: vec!["52:54:00:00:00:01".into()],
             bmc: None,
         }];
+        (dir, opts, targets)
+    }
+
+    /// Answers every BMC action at once, as done.
+    struct AnsweringBmcs(Arc<Shared>);
+
+    impl Actuator for AnsweringBmcs {
+        fn start(&self, node: &str, action: BmcAction) {
+            self.0
+                .bmc_result(node, action, BmcOutcome::Done { note: None });
+        }
+    }
+
+    #[test]
+    fn a_report_kept_by_a_run_that_died_before_applying_it_is_applied_by_the_next() {
+        let (dir, opts, targets) = one_node();
+        let node = targets[0].name.as_str();
+        // The last run committed the node as rebooting after its install, then kept the
+        // agent's report and died before its engine applied it.
+        let start = now_ms();
+        let kept = |phase, at_ms| {
+            let mut report = Report::new(phase, None);
+            report.image_sha256 = Some(opts.image_sha256.clone());
+            Observation::Report(StoredReport { at_ms, report })
+        };
+        let mut progress = NodeProgress::new(start);
+        let limits = Limits::default();
+        for (at, obs) in [
+            (start + 1, None),
+            (
+                start + 2,
+                Some(Observation::Bmc {
+                    action: BmcAction::NetbootOnce,
+                    outcome: BmcOutcome::Done { note: None },
+                }),
+            ),
+            (start + 3, Some(kept(Phase::InstallerStarted, start + 3))),
+            (start + 4, Some(kept(Phase::Installed, start + 4))),
+        ] {
+            let input = StepInput {
+                now_ms: at,
+                limits: &limits,
+                load: Load::default(),
+                bmc_busy: false,
+                netboot_hint: None,
+            };
+            stage::step(&mut progress, obs.as_slice(), input);
+        }
+        assert_eq!(progress.stage, Stage::Rebooting);
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        store.put_nodes(&[(node.into(), progress)]).unwrap();
+        let Observation::Report(ready) = kept(Phase::AgentReady, start + 5) else {
+            unreachable!()
+        };
+        store.add_report(node, &ready).unwrap();
+
+        let rollout = Rollout::new(&targets, &opts, Box::new(store), None, |shared| {
+            Arc::new(AnsweringBmcs(shared)) as Arc<dyn Actuator>
+        })
+        .unwrap();
+        // A hang guard only: without the kept report the node would wait for its deadline.
+        let stop = rollout.stopper();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(60));
+            stop.stop();
+        });
+        let end = rollout.run(Duration::from_millis(50));
+        assert_eq!(end[0].1.stage, Stage::Ready, "{:?}", end[0].1.history);
+        assert_eq!(end[0].1.installs, 1);
+        assert_eq!(end[0].1.reports_through_ms, Some(start + 5));
+    }
+
+    #[test]
+    fn the_bmc_actuator_counts_each_operation_in_the_rollouts_metrics() {
+        let (dir, opts, targets) = one_node();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mut actuator = None;
         let store = Box::new(crate::store::Store::open(dir.path()).unwrap());

@@ -9,9 +9,11 @@
 
 use std::time::Duration;
 
-use kiln_spec::enrol::{Phase, Report};
+use kiln_spec::enrol::Phase;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::store::StoredReport;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -116,16 +118,13 @@ pub enum Observation {
         action: BmcAction,
         outcome: BmcOutcome,
     },
-    Report(Report),
+    /// A phone-home report, as it was kept when it came.
+    Report(StoredReport),
     /// An operator asked to try a failed node again; `by` says who (kept in its history).
-    Retry {
-        by: String,
-    },
+    Retry { by: String },
     /// The node left the rollout (its Machine was deleted): it fails where it stands and is
     /// never acted on again.
-    Withdrawn {
-        why: String,
-    },
+    Withdrawn { why: String },
 }
 
 /// Where a node failed and why; `S` is the stage type (the rollout's, or the upgrade's).
@@ -177,6 +176,11 @@ pub struct NodeProgress {
     /// Set by `agent-ready` while the boot device is still being switched to disk.
     #[serde(default)]
     pub agent_ready: bool,
+    /// When the newest report applied to this node came: a provisioner that takes the
+    /// rollout over applies the reports kept after it (its predecessor may have died between
+    /// keeping a report and committing what it changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_through_ms: Option<u64>,
 }
 
 impl NodeProgress {
@@ -198,7 +202,21 @@ impl NodeProgress {
             slot: None,
             image_sha256: None,
             agent_ready: false,
+            reports_through_ms: Some(now_ms),
         }
+    }
+
+    /// The reports among `kept` that came after the newest one applied, oldest first.
+    pub fn unapplied<'a>(
+        &self,
+        kept: impl IntoIterator<Item = &'a StoredReport>,
+    ) -> Vec<&'a StoredReport> {
+        // Progress kept before this was recorded: what came after its stage began.
+        let through = self.reports_through_ms.unwrap_or(self.since_ms);
+        let mut later: Vec<&StoredReport> =
+            kept.into_iter().filter(|r| r.at_ms > through).collect();
+        later.sort_by_key(|r| r.at_ms);
+        later
     }
 
     fn enter(&mut self, stage: Stage, now_ms: u64, note: Option<String>) {
@@ -434,6 +452,9 @@ pub fn step(
 }
 
 fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64) {
+    if let Observation::Report(r) = obs {
+        node.reports_through_ms = Some(node.reports_through_ms.map_or(r.at_ms, |t| t.max(r.at_ms)));
+    }
     match obs {
         Observation::Retry { by } => {
             if let Some(f) = node.failure.clone().filter(|_| node.stage == Stage::Failed) {
@@ -484,7 +505,7 @@ fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64
                 }
             }
         }
-        Observation::Report(r) => {
+        Observation::Report(StoredReport { report: r, .. }) => {
             node.last_phase = Some(r.phase);
             match r.phase {
                 Phase::InstallerStarted => {
@@ -545,6 +566,8 @@ fn observe(node: &mut NodeProgress, obs: &Observation, limits: &Limits, now: u64
 
 #[cfg(test)]
 mod tests {
+    use kiln_spec::enrol::Report;
+
     use super::*;
 
     fn input(now_ms: u64, limits: &Limits) -> StepInput<'_> {
@@ -564,8 +587,12 @@ mod tests {
         }
     }
 
+    fn kept(report: Report) -> Observation {
+        Observation::Report(StoredReport { at_ms: 0, report })
+    }
+
     fn report(phase: Phase) -> Observation {
-        Observation::Report(Report::new(phase, None))
+        kept(Report::new(phase, None))
     }
 
     fn stages(n: &NodeProgress) -> Vec<Stage> {
@@ -596,7 +623,7 @@ mod tests {
         let mut ready = Report::new(Phase::AgentReady, None);
         ready.slot = Some("A".into());
         // The agent may come up before the BMC has answered.
-        step(&mut n, &[Observation::Report(ready)], input(7, &l));
+        step(&mut n, &[kept(ready)], input(7, &l));
         assert_eq!(n.stage, Stage::Rebooting);
         step(&mut n, &[done(BmcAction::BootFromDisk)], input(8, &l));
         assert_eq!(n.stage, Stage::Ready);
@@ -817,7 +844,7 @@ mod tests {
             &[
                 done(BmcAction::NetbootOnce),
                 report(Phase::InstallerStarted),
-                Observation::Report(Report::new(
+                kept(Report::new(
                     Phase::Failed,
                     Some("refusing to erase /dev/vda".to_string()),
                 )),

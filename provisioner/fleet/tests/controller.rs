@@ -318,10 +318,25 @@ impl Replica {
     }
 
     fn wait(&self, limit: Duration) -> ReplicaEnd {
-        self.end
-            .recv_timeout(limit)
-            .expect("the replica did not finish in time")
-            .unwrap_or_else(|e| panic!("the replica failed: {e}"))
+        match self.end.recv_timeout(limit) {
+            Ok(end) => end.unwrap_or_else(|e| panic!("the replica failed: {e}")),
+            Err(_) => {
+                // What it still waits on, as it sees it.
+                let unfinished: Vec<(String, Stage)> = self
+                    .shared
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .and_then(|s| s.snapshot().ok())
+                    .map(|snapshot| snapshot.nodes)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, p)| !p.stage.is_done())
+                    .map(|(node, p)| (node, p.stage))
+                    .collect();
+                panic!("the replica did not finish in {limit:?}; not done yet: {unfinished:?}")
+            }
+        }
     }
 }
 

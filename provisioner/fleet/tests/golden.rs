@@ -48,16 +48,12 @@ impl Rack {
         let limits = Limits::default();
         let mut p = NodeProgress::new(1_000);
         for (at, obs) in story {
-            let obs = obs.as_slice();
-            if let [Observation::Report(r)] = obs {
-                self.snapshot.reports.push((
-                    name.to_string(),
-                    StoredReport {
-                        at_ms: *at,
-                        report: r.clone(),
-                    },
-                ));
+            let mut obs = obs.clone();
+            if let Some(Observation::Report(r)) = &mut obs {
+                r.at_ms = *at;
+                self.snapshot.reports.push((name.to_string(), r.clone()));
             }
+            let obs = obs.as_slice();
             let input = StepInput {
                 now_ms: *at,
                 limits: &limits,
@@ -96,7 +92,10 @@ fn report(phase: Phase, message: Option<&str>) -> Option<Observation> {
     if phase == Phase::AgentReady {
         r.slot = Some("A".into());
     }
-    Some(Observation::Report(r))
+    Some(Observation::Report(StoredReport {
+        at_ms: 0,
+        report: r,
+    }))
 }
 
 fn rack() -> Snapshot {
