@@ -22,7 +22,7 @@ use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use crate::crd::{Machine, MachineStatus, PASSWORD_KEY, RolloutResource, RolloutStatus};
 use crate::metrics::FleetMetrics;
 use crate::rollout::{Actuator, Rollout, RolloutError, RolloutOptions, Shared, Target};
-use crate::stage::{Limits, NodeProgress, Stage};
+use crate::stage::{Failure, Limits, NodeProgress, Stage, StageEntry};
 use crate::store::{RolloutInfo, RolloutStore, Snapshot, StoreError, StoredReport};
 
 /// The field manager of everything the controller writes.
@@ -314,13 +314,19 @@ impl KubeStore {
     }
 
     /// An Event on the Machine for its stage change, as `kubectl describe machine` shows it.
-    async fn stage_event(&self, reference: &ObjectReference, from: Stage, to: &NodeProgress) {
+    async fn stage_event(
+        &self,
+        reference: &ObjectReference,
+        from: Stage,
+        to: &StageEntry,
+        failure: Option<&Failure>,
+    ) {
         let mut note = format!("{from} → {}", to.stage);
-        if let Some(why) = to.history.last().and_then(|e| e.note.as_deref()) {
+        if let Some(why) = to.note.as_deref() {
             note.push_str(": ");
             note.push_str(why);
         }
-        if let Some(f) = to.failure.as_ref().filter(|_| to.stage == Stage::Failed) {
+        if let Some(f) = failure {
             note = format!("{} failed: {}", f.stage, f.reason);
         }
         // An Event's note is at most 1 kB.
@@ -403,8 +409,14 @@ impl RolloutStore for KubeStore {
                 };
                 match &mut c.status {
                     Some(s) => {
-                        if s.progress.stage != progress.stage {
-                            changes.push((c.reference.clone(), s.progress.stage, progress.clone()));
+                        for (left, entered) in
+                            crate::stage::stage_changes(&s.progress.history, &progress.history)
+                        {
+                            let failure = progress
+                                .failure
+                                .clone()
+                                .filter(|_| entered.stage == Stage::Failed);
+                            changes.push((c.reference.clone(), left.stage, entered, failure));
                         }
                         s.progress = progress.clone();
                     }
@@ -427,8 +439,8 @@ impl RolloutStore for KubeStore {
                 .try_collect::<Vec<()>>()
                 .await?;
             futures::stream::iter(&changes)
-                .for_each_concurrent(self.concurrency, |(reference, from, to)| {
-                    self.stage_event(reference, *from, to)
+                .for_each_concurrent(self.concurrency, |(reference, from, to, failure)| {
+                    self.stage_event(reference, *from, to, failure.as_ref())
                 })
                 .await;
             self.write_rollout_status().await;

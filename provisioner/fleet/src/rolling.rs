@@ -22,8 +22,8 @@ use crate::remote::{CHANGE_TIMEOUT, NodeApi, READ_TIMEOUT};
 use crate::rollout::{now_ms, open_event_log};
 use crate::store::{Store, StoreError, UpgradeInfo};
 use crate::upgrade::{
-    self, NodeUpgrade, SlotTarget, UpgradeAction, UpgradeInput, UpgradeLimits, UpgradeObservation,
-    UpgradeStage,
+    self, NodeUpgrade, SlotTarget, UpgradeAction, UpgradeEntry, UpgradeInput, UpgradeLimits,
+    UpgradeObservation, UpgradeStage,
 };
 
 const CONTROLLER: &str = "fleet-upgrade";
@@ -249,13 +249,15 @@ impl Controller for UpgradeController {
                 unavailable = unavailable + usize::from(run.progress.stage.is_active())
                     - usize::from(before.stage.is_active());
                 halted |= run.progress.stage == UpgradeStage::Failed;
-                if run.progress.stage != before.stage {
+                for (left, entered) in
+                    crate::stage::stage_changes(&before.history, &run.progress.history)
+                {
                     announce(
                         &self.shared,
                         name,
-                        &before,
+                        &left,
+                        &entered,
                         &run.progress,
-                        now,
                         self.started_ms,
                     );
                 }
@@ -270,32 +272,33 @@ impl Controller for UpgradeController {
     }
 }
 
-/// One progress line per stage change on stderr, and one JSON event per change.
+/// One progress line per stage change on stderr, and one JSON event per change: from `left`
+/// into `entered`, the node now being `after`.
 fn announce(
     shared: &UpgradeShared,
     node: &str,
-    before: &NodeUpgrade,
+    left: &UpgradeEntry,
+    entered: &UpgradeEntry,
     after: &NodeUpgrade,
-    now: u64,
     started: u64,
 ) {
-    let took = now.saturating_sub(before.since_ms) as f64 / 1000.0;
-    let note = after.history.last().and_then(|e| e.note.clone());
+    let took = entered.at_ms.saturating_sub(left.at_ms) as f64 / 1000.0;
+    let note = entered.note.clone();
     eprintln!(
         "[{:>7.1}s] {node:<16} {} → {} ({took:.1}s){}",
-        now.saturating_sub(started) as f64 / 1000.0,
-        before.stage,
-        after.stage,
+        entered.at_ms.saturating_sub(started) as f64 / 1000.0,
+        left.stage,
+        entered.stage,
         note.as_deref()
             .map(|n| format!(": {n}"))
             .unwrap_or_default()
     );
     if let Some(f) = &shared.events {
         let line = serde_json::json!({
-            "atMs": now,
+            "atMs": entered.at_ms,
             "node": node,
-            "from": before.stage,
-            "stage": after.stage,
+            "from": left.stage,
+            "stage": entered.stage,
             "secondsInPrevious": took,
             "note": note,
             "failure": after.failure,

@@ -19,7 +19,8 @@ use kiln_spec::inventory::{NodeRole, SecretRef};
 use crate::mailbox::Mailbox;
 use crate::metrics::FleetMetrics;
 use crate::stage::{
-    self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage, StepInput,
+    self, BmcAction, BmcOutcome, Command, Limits, Load, NodeProgress, Observation, Stage,
+    StageEntry, StepInput,
 };
 use crate::store::{MachineInfo, RolloutInfo, RolloutStore, Snapshot, StoreError, StoredReport};
 use crate::webhook::Webhook;
@@ -507,15 +508,8 @@ impl Controller for RolloutController {
                 .write()
                 .expect("stages lock")
                 .insert(name.clone(), after.stage);
-            if after.stage != before.progress.stage {
-                announce(
-                    &self.shared,
-                    name,
-                    &before.progress,
-                    after,
-                    now,
-                    self.started_ms,
-                );
+            for (left, entered) in stage::stage_changes(&before.progress.history, &after.history) {
+                announce(&self.shared, name, &left, &entered, after, self.started_ms);
             }
         }
         {
@@ -538,35 +532,35 @@ impl Controller for RolloutController {
     }
 }
 
-/// One progress line per stage change on stderr, and one JSON event per change.
+/// One progress line per stage change on stderr, and one JSON event per change: from `left`
+/// into `entered`, the node now being `after`.
 fn announce(
     shared: &Shared,
     node: &str,
-    before: &NodeProgress,
+    left: &StageEntry,
+    entered: &StageEntry,
     after: &NodeProgress,
-    now: u64,
     started: u64,
 ) {
-    let took = now.saturating_sub(before.since_ms) as f64 / 1000.0;
-    let note = after
-        .history
-        .last()
-        .and_then(|e| e.note.clone())
+    let took = entered.at_ms.saturating_sub(left.at_ms) as f64 / 1000.0;
+    let note = entered
+        .note
+        .as_deref()
         .map(|n| format!(": {n}"))
         .unwrap_or_default();
     eprintln!(
         "[{:>7.1}s] {node:<16} {} → {} ({took:.1}s){note}",
-        now.saturating_sub(started) as f64 / 1000.0,
-        before.stage,
-        after.stage,
+        entered.at_ms.saturating_sub(started) as f64 / 1000.0,
+        left.stage,
+        entered.stage,
     );
     shared.event(serde_json::json!({
-        "atMs": now,
+        "atMs": entered.at_ms,
         "node": node,
-        "from": before.stage,
-        "stage": after.stage,
+        "from": left.stage,
+        "stage": entered.stage,
         "secondsInPrevious": took,
-        "note": after.history.last().and_then(|e| e.note.clone()),
+        "note": entered.note,
         "failure": after.failure,
         "slot": after.slot,
         "imageSha256": after.image_sha256,

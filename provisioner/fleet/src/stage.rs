@@ -146,6 +146,32 @@ pub struct StageEntry<S = Stage> {
     pub note: Option<String>,
 }
 
+/// Each stage change from one state of a node's history to a later one, oldest first, as
+/// (the entry left, the entry entered): one per entry `after` gained, so a stage passed
+/// through within one step (several reports taken at once) is told too. A history that does
+/// not continue `before` (another rollout's) is told as its one change, if any.
+pub fn stage_changes<S: Clone + PartialEq>(
+    before: &[StageEntry<S>],
+    after: &[StageEntry<S>],
+) -> Vec<(StageEntry<S>, StageEntry<S>)> {
+    if after.len() >= before.len() && after.starts_with(before) {
+        let start = before.len().max(1);
+        return after
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .zip(&after[start - 1..])
+            .map(|(entered, left)| (left.clone(), entered.clone()))
+            .collect();
+    }
+    match (before.last(), after.last()) {
+        (Some(left), Some(entered)) if left.stage != entered.stage => {
+            vec![(left.clone(), entered.clone())]
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// A node's rollout progress: what the store keeps and `kiln fleet status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -593,6 +619,45 @@ mod tests {
 
     fn report(phase: Phase) -> Observation {
         kept(Report::new(phase, None))
+    }
+
+    #[test]
+    fn each_stage_passed_through_in_one_step_is_a_change_of_its_own() {
+        let l = Limits::default();
+        let mut n = NodeProgress::new(0);
+        step(&mut n, &[done(BmcAction::NetbootOnce)], input(1, &l));
+        step(&mut n, &[done(BmcAction::NetbootOnce)], input(2, &l));
+        let before = n.clone();
+        // The installer's reports, taken in one pass.
+        step(
+            &mut n,
+            &[
+                report(Phase::InstallerStarted),
+                report(Phase::Installing),
+                report(Phase::Installed),
+            ],
+            input(3, &l),
+        );
+        let told: Vec<(Stage, Stage)> = stage_changes(&before.history, &n.history)
+            .into_iter()
+            .map(|(left, entered)| (left.stage, entered.stage))
+            .collect();
+        assert_eq!(
+            told,
+            [
+                (Stage::Netbooting, Stage::Installing),
+                (Stage::Installing, Stage::Rebooting)
+            ]
+        );
+        assert!(stage_changes(&n.history, &n.history).is_empty());
+        // Another rollout's history: its one change.
+        let fresh = NodeProgress::new(4);
+        let told = stage_changes(&n.history, &fresh.history);
+        assert_eq!(told.len(), 1);
+        assert_eq!(
+            (told[0].0.stage, told[0].1.stage),
+            (Stage::Rebooting, Stage::Pending)
+        );
     }
 
     fn stages(n: &NodeProgress) -> Vec<Stage> {
