@@ -796,9 +796,7 @@ where
     }
     // Closing the channel releases the Lease (when still held).
     drop(leading);
-    tracing::debug!(identity = %config.identity, "releasing the Lease");
     let _ = lease_task.await;
-    tracing::debug!(identity = %config.identity, "the Lease is released");
     Ok(end)
 }
 

@@ -834,7 +834,7 @@ mod tests {
         let kept = |phase, at_ms| {
             let mut report = Report::new(phase, None);
             report.image_sha256 = Some(opts.image_sha256.clone());
-            Observation::Report(StoredReport { at_ms, report })
+            StoredReport { at_ms, report }
         };
         let mut progress = NodeProgress::new(start);
         let limits = Limits::default();
@@ -847,8 +847,17 @@ mod tests {
                     outcome: BmcOutcome::Done { note: None },
                 }),
             ),
-            (start + 3, Some(kept(Phase::InstallerStarted, start + 3))),
-            (start + 4, Some(kept(Phase::Installed, start + 4))),
+            (
+                start + 3,
+                Some(Observation::Report(kept(
+                    Phase::InstallerStarted,
+                    start + 3,
+                ))),
+            ),
+            (
+                start + 4,
+                Some(Observation::Report(kept(Phase::Installed, start + 4))),
+            ),
         ] {
             let input = StepInput {
                 now_ms: at,
@@ -862,10 +871,9 @@ mod tests {
         assert_eq!(progress.stage, Stage::Rebooting);
         let store = crate::store::Store::open(dir.path()).unwrap();
         store.put_nodes(&[(node.into(), progress)]).unwrap();
-        let Observation::Report(ready) = kept(Phase::AgentReady, start + 5) else {
-            unreachable!()
-        };
-        store.add_report(node, &ready).unwrap();
+        store
+            .add_report(node, &kept(Phase::AgentReady, start + 5))
+            .unwrap();
 
         let rollout = Rollout::new(&targets, &opts, Box::new(store), None, |shared| {
             Arc::new(AnsweringBmcs(shared)) as Arc<dyn Actuator>
